@@ -1,0 +1,244 @@
+"""ActivationCache: recorded activations, with TransformerLens's shorthand and residual-stream algebra."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .hooks import unknown_hook_message
+
+_ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "result", "attn_scores", "pattern"}
+_MLP = {"pre", "pre_linear", "post"}
+_BLOCK = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
+_ALIASES = {"attn": "pattern", "mlp_pre": "pre", "mlp_post": "post", "scores": "attn_scores"}
+
+
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None, n_layers: int | None = None) -> str:
+    """TransformerLens-style shorthand to a full hook name.
+
+    ``act_name("resid_post", 3) == "blocks.3.hook_resid_post"``, ``act_name("pattern", 0) ==
+    "blocks.0.attn.hook_pattern"``, ``act_name("normalized", 2, "ln1") == "blocks.2.ln1.hook_normalized"``,
+    ``act_name("normalized", layer_type="ln_final")``. Negative layers count from the end.
+    """
+    if name.startswith(("blocks.", "hook_", "ln_final.")):
+        return name
+    name = _ALIASES.get(name, name)
+    if name in ("embed", "pos_embed"):
+        return f"hook_{name}"
+    if name in ("normalized", "ln_final") and (layer_type == "ln_final" or name == "ln_final"):
+        return "ln_final.hook_normalized"
+    if layer is None:
+        raise KeyError(f"{name!r} needs a layer index, e.g. cache[{name!r}, 0]")
+    if layer < 0 and n_layers is not None:
+        layer += n_layers
+    if name in _BLOCK:
+        return f"blocks.{layer}.hook_{name}"
+    if name in _ATTN:
+        return f"blocks.{layer}.attn.hook_{name}"
+    if name in _MLP:
+        return f"blocks.{layer}.mlp.hook_{name}"
+    if name == "normalized":
+        if layer_type not in ("ln1", "ln2"):
+            raise KeyError("'normalized' needs a layer type: cache['normalized', L, 'ln1'] or 'ln2'")
+        return f"blocks.{layer}.{layer_type}.hook_normalized"
+    raise KeyError(
+        f"unknown activation shorthand {name!r}; use one of "
+        f"{sorted(_BLOCK | _ATTN | _MLP | {'embed', 'pos_embed', 'normalized'})} or a full hook name"
+    )
+
+
+class ActivationCache:
+    """Activations by hook name. ``cache["resid_post", 3]`` and ``cache["blocks.3.hook_resid_post"]`` agree.
+
+    Built by :meth:`HookedModel.run_with_cache`; it keeps a reference to the model for the
+    residual-stream helpers (norm scales, ``W_O``).
+    """
+
+    def __init__(self, store: dict[str, torch.Tensor], model, has_batch_dim: bool = True):
+        self.store = store
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    # ---- dict-like ----------------------------------------------------------------
+    def _key(self, key) -> str:
+        n = self.model.cfg.n_layers
+        if isinstance(key, tuple):
+            return act_name(*key, n_layers=n)
+        return act_name(key, n_layers=n)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        name = self._key(key)
+        if name not in self.store:
+            if name in self.model.hook_names:
+                raise KeyError(
+                    f"{name!r} was not recorded in this cache; add it to names_filter in run_with_cache "
+                    f"(recorded: {len(self.store)} hook points)"
+                )
+            raise KeyError(unknown_hook_message(name, self.model.hook_names))
+        return self.store[name]
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self._key(key) in self.store
+        except KeyError:
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def keys(self):
+        return self.store.keys()
+
+    def values(self):
+        return self.store.values()
+
+    def items(self):
+        return self.store.items()
+
+    def to(self, device) -> "ActivationCache":
+        return ActivationCache({k: v.to(device) for k, v in self.store.items()}, self.model, self.has_batch_dim)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """For a batch of one: drop the batch axis from every activation."""
+        if not self.has_batch_dim:
+            return self
+        for k, v in self.store.items():
+            if v.shape[0] != 1:
+                raise ValueError(f"remove_batch_dim needs batch size 1; {k} has batch {v.shape[0]}")
+        return ActivationCache({k: v[0] for k, v in self.store.items()}, self.model, has_batch_dim=False)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self.store)} hook points: {', '.join(list(self.store)[:4])}{', ...' if len(self.store) > 4 else ''})"
+
+    # ---- residual stream ------------------------------------------------------------
+    def _n(self, layer: int | None) -> int:
+        n = self.model.cfg.n_layers
+        if layer is None:
+            return n
+        if layer < 0:
+            layer += n
+        if not 0 <= layer <= n:
+            raise ValueError(f"layer must be in 0..{n}, got {layer}")
+        return layer
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice=None, return_labels: bool = False):
+        """The residual stream entering each block below ``layer`` (``None``: all, plus the final one).
+
+        Returns ``[component, batch, pos, d_model]`` (and labels like ``"3_pre"``, ``"3_mid"``,
+        ``"final_post"``). ``apply_ln`` applies the final norm's frozen-scale linear map (see
+        :meth:`apply_ln_to_stack`) to every component, as the logit lens does.
+        """
+        n = self._n(layer)
+        comps, labels = [], []
+        for i in range(n):
+            comps.append(self["resid_pre", i])
+            labels.append(f"{i}_pre")
+            if incl_mid:
+                comps.append(self["resid_mid", i])
+                labels.append(f"{i}_mid")
+        if layer is None or n == self.model.cfg.n_layers:
+            comps.append(self["resid_post", self.model.cfg.n_layers - 1])
+            labels.append("final_post")
+        stack = _slice_pos(torch.stack(comps), pos_slice, self.has_batch_dim)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice,
+                                           per_component=True)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(self, layer: int | None = None, mode: str = "all", apply_ln: bool = False,
+                        incl_embeds: bool = True, pos_slice=None, return_labels: bool = False):
+        """Split the residual stream entering ``layer`` into what wrote it.
+
+        ``resid_pre[layer] = embed (+ pos_embed) + sum_{l<layer} (attn_out[l] + mlp_out[l])``.
+        Returns ``[component, batch, pos, d_model]``; ``mode`` is ``"all"``, ``"attn"`` or ``"mlp"``.
+        """
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+        n = self._n(layer)
+        comps, labels = [], []
+        if incl_embeds:
+            comps.append(self["embed"])
+            labels.append("embed")
+            if "hook_pos_embed" in self.model.hook_names:
+                comps.append(self["pos_embed"])
+                labels.append("pos_embed")
+        for i in range(n):
+            if mode in ("all", "attn"):
+                comps.append(self["attn_out", i])
+                labels.append(f"{i}_attn_out")
+            if mode in ("all", "mlp"):
+                comps.append(self["mlp_out", i])
+                labels.append(f"{i}_mlp_out")
+        stack = _slice_pos(torch.stack(comps), pos_slice, self.has_batch_dim)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def stack_head_results(self, layer: int | None = None, apply_ln: bool = False, pos_slice=None,
+                           return_labels: bool = False):
+        """Per-head outputs of every layer below ``layer``: ``[layer*head, batch, pos, d_model]``, labels ``"L3H5"``.
+
+        Uses the recorded ``attn.hook_result`` where present, otherwise computes it from ``attn.hook_z``
+        (``result_h = z_h @ W_O[h]``, with Gemma's post-norm scale frozen; see ``HookedModel.head_results``).
+        """
+        n = self._n(layer)
+        comps, labels = [], []
+        for i in range(n):
+            if ("result", i) in self:
+                r = self["result", i]
+            elif ("z", i) in self:
+                z = self["z", i]
+                r = self.model.head_results(i, z if self.has_batch_dim else z[None])
+                r = r if self.has_batch_dim else r[0]
+            else:
+                raise KeyError(f"stack_head_results needs blocks.{i}.attn.hook_z or hook_result in the cache")
+            comps.append(r.movedim(-2, 0))
+            labels += [f"L{i}H{h}" for h in range(r.shape[-2])]
+        stack = _slice_pos(torch.cat(comps), pos_slice, self.has_batch_dim)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def ln_scale(self, layer: int | None = None, mlp_input: bool = False, pos_slice=None) -> torch.Tensor:
+        """The frozen norm scale ``[batch, pos, 1]`` of the final norm (``layer=None``) or block ``layer``'s ln1/ln2."""
+        model = self.model
+        if layer is None or layer == model.cfg.n_layers:
+            norm, resid = model.ln_final, self["resid_post", model.cfg.n_layers - 1]
+        elif mlp_input:
+            norm = model.ln2(layer)
+            resid = self["resid_pre" if model.cfg.parallel_residual else "resid_mid", layer]
+        else:
+            norm, resid = model.ln1(layer), self["resid_pre", layer]
+        return norm, _slice_pos(resid, pos_slice, self.has_batch_dim, stacked=False)
+
+    def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
+                          pos_slice=None, per_component: bool = False) -> torch.Tensor:
+        """Pass each component of a residual decomposition through a norm with its scale frozen.
+
+        ``out_i = center(x_i) * scale(resid) * gain`` where ``resid`` is the cached full residual at
+        that norm (the final norm for ``layer=None``, else block ``layer``'s ln1, or ln2 with
+        ``mlp_input``). Unlike TransformerLens (which folds the gain into the weights) the gain is
+        applied; the norm bias is not (it is a constant, separate term). So the components sum to
+        ``norm(resid) - bias`` exactly. ``per_component=True`` uses each component's own scale
+        instead (the logit lens: each entry is a full residual stream).
+        """
+        norm, resid = self.ln_scale(layer, mlp_input, pos_slice)
+        if per_component:
+            return norm.apply_frozen(residual_stack, norm.scale(residual_stack))
+        return norm.apply_frozen(residual_stack, norm.scale(resid))
+
+
+def _slice_pos(x: torch.Tensor, pos_slice, has_batch_dim: bool, stacked: bool = True) -> torch.Tensor:
+    if pos_slice is None:
+        return x
+    axis = (1 if stacked else 0) + (1 if has_batch_dim else 0)
+    if isinstance(pos_slice, int):
+        pos_slice = slice(pos_slice, pos_slice + 1) if pos_slice != -1 else slice(-1, None)
+    idx = [slice(None)] * x.dim()
+    idx[axis] = pos_slice if isinstance(pos_slice, slice) else torch.as_tensor(list(pos_slice))
+    return x[tuple(idx)]

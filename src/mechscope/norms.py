@@ -1,0 +1,68 @@
+"""Normalisation layers as frozen-scale linear maps.
+
+Every norm mechscope supports is linear in its input once the per-position scale is fixed:
+
+    norm(x) = center(x) * scale(x) * gain + bias
+
+with ``center`` the mean subtraction (LayerNorm only), ``scale = 1/sqrt(var + eps)``
+(LayerNorm) or ``1/sqrt(mean(x^2) + eps)`` (RMSNorm), ``gain = w`` (or ``1 + w`` for Gemma),
+and ``bias`` only for LayerNorm. Freezing ``scale`` from the actual forward pass is the
+standard linearisation used by direct logit attribution (Elhage et al. 2021, "A Mathematical
+Framework for Transformer Circuits"): the parts of a residual stream then pass through the
+norm separately, and their images sum to the norm's output (minus ``bias``) exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class NormSpec:
+    kind: str  # "layernorm" | "rms" | "rms_plus_one"
+    module: torch.nn.Module
+
+    @property
+    def eps(self) -> float:
+        for attr in ("eps", "variance_epsilon", "epsilon"):
+            if hasattr(self.module, attr):
+                return float(getattr(self.module, attr))
+        raise AttributeError(f"cannot find epsilon on {type(self.module).__name__}")
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """``[d_model]``: the multiplicative weight actually applied."""
+        w = self.module.weight
+        return (1.0 + w.float()).to(w.dtype) if self.kind == "rms_plus_one" else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``[d_model]`` or None: the additive bias (LayerNorm only)."""
+        return getattr(self.module, "bias", None) if self.kind == "layernorm" else None
+
+    def center(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean subtraction over ``d_model`` for LayerNorm; identity for RMSNorm."""
+        return x - x.mean(-1, keepdim=True) if self.kind == "layernorm" else x
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., 1]``: the per-position factor the norm multiplies by, computed in fp32."""
+        xf = x.float()
+        if self.kind == "layernorm":
+            var = xf.var(-1, keepdim=True, unbiased=False)
+        else:
+            var = xf.pow(2).mean(-1, keepdim=True)
+        return torch.rsqrt(var + self.eps)
+
+    def apply_frozen(self, parts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Linear part of the norm with a frozen scale: ``center(parts) * scale * gain``.
+
+        ``parts`` is ``[..., d_model]``; ``scale`` broadcasts against it (``[..., 1]``).
+        The bias is not added: it is a separate, constant term.
+        """
+        out = self.center(parts.float()) * scale.float() * self.gain.float()
+        return out.to(parts.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)

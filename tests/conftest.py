@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (slow tier)."""
+    import mechscope
+
+    return mechscope.load("smollm2-135m")

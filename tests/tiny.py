@@ -1,0 +1,50 @@
+"""Tiny randomly initialised HF models, one per supported architecture (the first test tier)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+V = 97  # vocabulary size
+
+_COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               max_position_embeddings=64)
+
+CONFIGS = {
+    "gpt2": lambda: T.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                        num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+                                        use_parallel_residual=True),
+    "gpt_neox_seq": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                            num_attention_heads=4, max_position_embeddings=64,
+                                            use_parallel_residual=False),
+    "llama": lambda: T.LlamaConfig(**_COMMON, num_key_value_heads=2),
+    "mistral": lambda: T.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=4),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON, num_key_value_heads=2),
+    "qwen3": lambda: T.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8),
+    "phi3": lambda: T.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                     query_pre_attn_scalar=8),
+    "gemma3": lambda: T.Gemma3TextConfig(**_COMMON, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                         query_pre_attn_scalar=8),
+}
+ARCHS = list(CONFIGS)
+SLIDING = {"mistral": 4, "gemma2": 4, "gemma3": 4}
+
+
+def tiny_hf(arch: str, attn_implementation: str = "sdpa", seed: int = 0):
+    """A tiny random ``*ForCausalLM`` of ``arch``; norm weights randomised so norms are not identities."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[arch]()
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.05 * torch.randn_like(p))
+    return model
