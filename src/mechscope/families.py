@@ -186,3 +186,33 @@ def get_path(root, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _first(*vals):
+    for v in vals:
+        if v is not None:
+            return v
+    return None
+
+
+def dims_from_config(config) -> dict:
+    """The model's sizes from an HF config alone (no weights): used before loading and by the wrapper."""
+    fam = family_for(config)
+    c = config
+    n_heads = _first(getattr(c, "num_attention_heads", None), getattr(c, "n_head", None))
+    d_model = _first(getattr(c, "hidden_size", None), getattr(c, "n_embd", None))
+    return dict(
+        family=fam.name,
+        n_layers=_first(getattr(c, "num_hidden_layers", None), getattr(c, "n_layer", None)),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=_first(getattr(c, "num_key_value_heads", None), n_heads),
+        d_head=_first(getattr(c, "head_dim", None), d_model // n_heads),
+        d_mlp=_first(getattr(c, "intermediate_size", None), getattr(c, "n_inner", None), 4 * d_model),
+        d_vocab=c.vocab_size,
+        n_ctx=_first(getattr(c, "max_position_embeddings", None), getattr(c, "n_positions", None), 2048),
+        tied_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        gated_mlp=fam.mlp_gate is not None,
+        learned_pos=fam.pos_embed is not None,
+        post_norms=fam.attn_post_norm is not None,
+    )

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import attention as _attn
-from .families import Family, family_for, get_path
+from .families import Family, dims_from_config, family_for, get_path
 from .hooks import HookManager, HookPoint, StopForward, split_name
 from .norms import NormSpec
 
@@ -87,48 +87,37 @@ class ModelConfig:
         return asdict(self)
 
 
-def _first(*vals):
-    for v in vals:
-        if v is not None:
-            return v
-    return None
-
-
 def _build_config(hf, fam: Family, name: str, tokenizer) -> ModelConfig:
     c = hf.config
-    n_heads = _first(getattr(c, "num_attention_heads", None), getattr(c, "n_head", None))
-    d_model = _first(getattr(c, "hidden_size", None), getattr(c, "n_embd", None))
-    n_kv = _first(getattr(c, "num_key_value_heads", None), n_heads)
-    d_head = _first(getattr(c, "head_dim", None), d_model // n_heads)
-    d_mlp = _first(getattr(c, "intermediate_size", None), getattr(c, "n_inner", None), 4 * d_model)
+    dims = dims_from_config(c)
     embed = get_path(hf, fam.embed)
     scale = getattr(embed, "scalar_embed_scale", None)
-    parallel = bool(getattr(c, "use_parallel_residual", fam.parallel_residual))
     bos_default = False
     if tokenizer is not None and tokenizer.bos_token_id is not None:
         ids = tokenizer("a").input_ids
         bos_default = bool(ids) and ids[0] == tokenizer.bos_token_id
     p = next(hf.parameters())
+    act = next((getattr(c, a) for a in ("hidden_activation", "hidden_act", "activation_function")
+                if getattr(c, a, None) is not None), None)
     return ModelConfig(
         model_name=name,
         model_type=c.model_type,
         family=fam.name,
         n_layers=len(get_path(hf, fam.layers)),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        d_head=d_head,
-        d_mlp=d_mlp,
+        d_model=dims["d_model"],
+        n_heads=dims["n_heads"],
+        n_kv_heads=dims["n_kv_heads"],
+        d_head=dims["d_head"],
+        d_mlp=dims["d_mlp"],
         d_vocab=get_path(hf, fam.unembed).weight.shape[0],
-        n_ctx=_first(getattr(c, "max_position_embeddings", None), getattr(c, "n_positions", None), 2048),
-        act_fn=str(_first(getattr(c, "hidden_activation", None), getattr(c, "hidden_act", None),
-                          getattr(c, "activation_function", None))),
+        n_ctx=dims["n_ctx"],
+        act_fn=str(act),
         normalization=fam.norm,
         positional="rotary" if fam.rotary else "learned",
-        parallel_residual=parallel,
-        gated_mlp=fam.mlp_gate is not None,
+        parallel_residual=bool(getattr(c, "use_parallel_residual", fam.parallel_residual)),
+        gated_mlp=dims["gated_mlp"],
         qk_norm=fam.qk_norm,
-        post_norms=fam.attn_post_norm is not None,
+        post_norms=dims["post_norms"],
         attn_softcap=getattr(c, "attn_logit_softcapping", None),
         final_softcap=getattr(c, "final_logit_softcapping", None),
         sliding_window=getattr(c, "sliding_window", None),

