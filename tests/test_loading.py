@@ -60,3 +60,13 @@ def test_gguf_conversion_is_atomic(tmp_path, monkeypatch):
     target = loading.converted_gguf_dir(fake)
     assert not target.exists()
     assert not list(target.parent.glob("*.tmp-*"))
+
+
+def test_device_map_passes_through(tmp_path):
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "m")
+    model = mechscope.load(str(tmp_path / "m"), device_map={"": "cpu"})
+    assert getattr(model.hf, "hf_device_map", None) == {"": "cpu"}
+    toks = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(toks), hf(input_ids=toks).logits)

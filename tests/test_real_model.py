@@ -95,3 +95,14 @@ def test_gemma3_when_installed():
     # post-norm model: per-head results (frozen post-norm scale) still sum to attn_out
     torch.testing.assert_close(cache["result", 3].sum(-2), cache["attn_out", 3], atol=1e-4, rtol=1e-4)
     assert model.to_str_tokens(logits[0, -1].argmax()[None])[0].strip() != ""
+
+
+def test_gguf_file_path_loads_through_cache(smollm):
+    from mechscope.loading import alias_gguf
+
+    path = alias_gguf("smollm2-135m")
+    model = mechscope.load(str(path))
+    assert model.cfg.n_layers == 30 and model.cfg.n_kv_heads == 3
+    toks = smollm.to_tokens("Hello world")
+    with torch.no_grad():
+        assert torch.equal(model(toks), smollm(toks))
