@@ -62,11 +62,21 @@ def test_gguf_conversion_is_atomic(tmp_path, monkeypatch):
     assert not list(target.parent.glob("*.tmp-*"))
 
 
-def test_device_map_passes_through(tmp_path):
+def test_device_map_passes_through(tmp_path, monkeypatch):
+    import transformers
+
     hf = tiny_hf("llama")
     hf.save_pretrained(tmp_path / "m")
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     model = mechscope.load(str(tmp_path / "m"), device_map={"": "cpu"})
-    assert getattr(model.hf, "hf_device_map", None) == {"": "cpu"}
+    assert seen["device_map"] == {"": "cpu"}
     toks = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(model(toks), hf(input_ids=toks).logits)
