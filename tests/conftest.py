@@ -1,6 +1,8 @@
 import os
 import sys
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: hub look-ups must fail fast
+
 import pytest
 import torch
 
