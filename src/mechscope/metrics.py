@@ -1,0 +1,122 @@
+"""Metrics for patching, ablation and attribution. Functions of logits ``[batch, pos, d_vocab]``.
+
+Answer positions: by default the last position of each prompt. With right padding pass the
+``attention_mask`` so that the last *real* token of each row is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def answer_logits(logits: torch.Tensor, pos: int | torch.Tensor = -1,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, d_vocab]``: the logits at the answer position of each prompt.
+
+    ``pos`` is an int (same for every row) or a ``[batch]`` tensor; with ``attention_mask`` (right
+    padding) and ``pos=-1`` it is each row's last unmasked position.
+    """
+    b = logits.shape[0]
+    if attention_mask is not None and isinstance(pos, int) and pos == -1:
+        pos = attention_mask.long().sum(-1) - 1
+    if isinstance(pos, int):
+        return logits[:, pos]
+    return logits[torch.arange(b, device=logits.device), pos.to(logits.device)]
+
+
+def _ids(x, b: int, device) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device)
+    if t.dim() == 0:
+        t = t.expand(b)
+    if t.shape[0] != b:
+        raise ValueError(f"expected one answer per prompt ({b}), got {t.shape[0]}")
+    return t.long()
+
+
+def logit_diff(logits: torch.Tensor, correct, incorrect, pos: int | torch.Tensor = -1,
+               attention_mask: torch.Tensor | None = None, mean: bool = False) -> torch.Tensor:
+    """``logit[correct] - logit[incorrect]`` at the answer position: ``[batch]`` (or its mean).
+
+    ``correct``/``incorrect``: an id, a ``[batch]`` tensor, or ``[batch, k]`` for several
+    answers per prompt (their logits are averaged).
+    """
+    a = answer_logits(logits, pos, attention_mask)
+    b = a.shape[0]
+
+    def pick(ids):
+        t = torch.as_tensor(ids, device=a.device).long()
+        if t.dim() == 2:
+            if t.shape[0] != b:
+                raise ValueError(f"expected {b} rows of answers, got {t.shape[0]}")
+            return a.gather(1, t).mean(-1)
+        return a.gather(1, _ids(t, b, a.device)[:, None])[:, 0]
+
+    d = pick(correct) - pick(incorrect)
+    return d.mean() if mean else d
+
+
+def normalized_metric(value: torch.Tensor, clean: torch.Tensor | float, corrupted: torch.Tensor | float) -> torch.Tensor:
+    """``(value - corrupted) / (clean - corrupted)``: 0 at the corrupted run, 1 at the clean run.
+
+    Raises when clean and corrupted give the same value (the task has no signal to recover).
+    """
+    clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
+    gap = clean - corrupted
+    if bool((gap.abs() < 1e-8).any()):
+        raise ValueError(f"clean ({clean.tolist()}) and corrupted ({corrupted.tolist()}) metrics are equal: "
+                         "nothing to normalise against; check that the corruption changes the answer")
+    return (value - corrupted) / gap
+
+
+def token_prob(logits: torch.Tensor, target, pos: int | torch.Tensor = -1,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(logits)[target]`` at the answer position: ``[batch]``."""
+    a = answer_logits(logits, pos, attention_mask).float()
+    t = _ids(target, a.shape[0], a.device)
+    return torch.softmax(a, -1).gather(1, t[:, None])[:, 0]
+
+
+def token_rank(logits: torch.Tensor, target, pos: int | torch.Tensor = -1,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of ``target`` at the answer position (0 = top-1): ``[batch]``."""
+    a = answer_logits(logits, pos, attention_mask)
+    t = _ids(target, a.shape[0], a.device)
+    return (a > a.gather(1, t[:, None])).sum(-1)
+
+
+def kl_div(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(ref || p) = sum ref_p (log ref_p - log p)`` per position: ``[...]`` (last axis summed)."""
+    if logits.shape != ref_logits.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and reference {tuple(ref_logits.shape)} differ in shape")
+    lp = torch.log_softmax(logits.float(), -1)
+    lr = torch.log_softmax(ref_logits.float(), -1)
+    return (lr.exp() * (lr - lp)).sum(-1)
+
+
+def repeated_tokens(n_tokens: int, batch: int = 1, vocab_low: int = 100, vocab_high: int = 20000,
+                    seed: int = 0, bos: int | None = None) -> torch.Tensor:
+    """Random tokens repeated twice, ``[batch, (1 +) 2 * n_tokens]``: the induction test input.
+
+    (Olsson et al. 2022, "In-context Learning and Induction Heads".)
+    """
+    g = torch.Generator().manual_seed(seed)
+    half = torch.randint(vocab_low, vocab_high, (batch, n_tokens), generator=g)
+    toks = torch.cat([half, half], dim=1)
+    if bos is not None:
+        toks = torch.cat([torch.full((batch, 1), bos), toks], dim=1)
+    return toks
+
+
+def induction_loss(logits: torch.Tensor, tokens: torch.Tensor, n_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token loss over the second copy of a repeated sequence: ``[batch]``.
+
+    The sequence is ``[prefix?] A A`` with ``len(A) = n_tokens`` (default: half the length). Only
+    predictions of tokens 2..n of the second copy count (the first token of the copy cannot be
+    predicted by induction).
+    """
+    L = tokens.shape[1]
+    n = n_tokens or L // 2
+    start = L - n  # first token of the second copy
+    logp = torch.log_softmax(logits[:, start:-1].float(), -1)
+    nll = -logp.gather(-1, tokens[:, start + 1:, None])[..., 0]
+    return nll.mean(-1)

@@ -1,0 +1,49 @@
+"""Metrics: checked against direct computations, padding, and the real model's induction."""
+
+import pytest
+import torch
+
+from mechscope import metrics as M
+
+
+def test_logit_diff_and_padding():
+    logits = torch.randn(3, 5, 11)
+    d = M.logit_diff(logits, torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    assert torch.allclose(d, logits[torch.arange(3), -1, [1, 2, 3]] - logits[torch.arange(3), -1, [4, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    dm = M.logit_diff(logits, 1, 4, attention_mask=mask)
+    assert torch.allclose(dm, logits[torch.arange(3), [2, 4, 3], 1] - logits[torch.arange(3), [2, 4, 3], 4])
+    multi = M.logit_diff(logits, torch.tensor([[1, 2]] * 3), torch.tensor([4, 4, 4]))
+    assert torch.allclose(multi, logits[:, -1, 1:3].mean(-1) - logits[:, -1, 4])
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        M.logit_diff(logits, torch.tensor([1, 2]), 3)
+
+
+def test_normalized_metric_endpoints():
+    assert float(M.normalized_metric(torch.tensor(3.0), 3.0, -1.0)) == 1.0
+    assert float(M.normalized_metric(torch.tensor(-1.0), 3.0, -1.0)) == 0.0
+    with pytest.raises(ValueError, match="nothing to normalise"):
+        M.normalized_metric(torch.tensor(1.0), 2.0, 2.0)
+
+
+def test_prob_rank_kl():
+    logits = torch.tensor([[[0.0, 2.0, 1.0]]])
+    p = M.token_prob(logits, 2)
+    assert torch.allclose(p, torch.softmax(logits[0, 0], -1)[2:3])
+    assert M.token_rank(logits, 1).item() == 0 and M.token_rank(logits, 0).item() == 2
+    assert torch.allclose(M.kl_div(logits, logits), torch.zeros(1, 1), atol=1e-7)
+    other = torch.tensor([[[1.0, 0.0, 0.0]]])
+    assert M.kl_div(other, logits).item() > 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.kl_div(logits, logits[..., :2])
+
+
+@pytest.mark.slow
+def test_induction_loss_drops_on_real_model(smollm):
+    toks = M.repeated_tokens(30, batch=2, seed=0)
+    with torch.no_grad():
+        logits = smollm(toks)
+    second = M.induction_loss(logits, toks)
+    logp = torch.log_softmax(logits[:, :29].float(), -1)
+    first = -logp.gather(-1, toks[:, 1:30, None])[..., 0].mean(-1)
+    assert (first > 8).all() and (second < 4).all(), (first, second)
