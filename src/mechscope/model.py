@@ -440,6 +440,65 @@ class HookedModel(torch.nn.Module):
             return logits, loss
         raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
 
+    @contextmanager
+    def _from_layer(self, layer: int):
+        """Temporarily make HF's decoder loop start at block ``layer`` (fed through ``inputs_embeds``)."""
+        parent_path, _, attr = self.family.layers.rpartition(".")
+        parent = get_path(self.hf, parent_path) if parent_path else self.hf
+        cfgs = {id(c): c for c in (self.hf.config, getattr(parent, "config", None)) if c is not None}
+        saved_types = {k: getattr(c, "layer_types", None) for k, c in cfgs.items()}
+        handles = []
+        if self._pos_embed is not None:  # positions are already in the residual stream
+            handles.append(self._pos_embed.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
+        setattr(parent, attr, torch.nn.ModuleList(list(self._layers)[layer:]))
+        try:
+            for k, c in cfgs.items():
+                if saved_types[k] is not None:
+                    c.layer_types = list(saved_types[k])[layer:]
+            yield
+        finally:
+            setattr(parent, attr, self._layers)
+            for k, c in cfgs.items():
+                if saved_types[k] is not None:
+                    c.layer_types = saved_types[k]
+            for h in handles:
+                h.remove()
+
+    def run_from(
+        self,
+        layer: int,
+        resid: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Run blocks ``layer..n_layers-1`` (HF's own loop, masks and rotary) from a residual stream.
+
+        ``resid`` ``[batch, pos, d_model]`` is the stream entering block ``layer`` (``hook_resid_pre``).
+        With ``past_key_values`` (an HF cache holding earlier positions) only the new positions are run;
+        pass their ``position_ids``. Returns logits ``[batch, pos, d_vocab]`` (the last ``logits_to_keep``
+        positions only, when it is positive). Hooks on the blocks run fire
+        as usual; hooks on earlier blocks and on the embedding do not.
+        """
+        if not 0 <= layer <= self.cfg.n_layers:
+            raise ValueError(f"layer must be in 0..{self.cfg.n_layers}, got {layer}")
+        b, t = resid.shape[:2]
+        if resid.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"resid must be [batch, pos, {self.cfg.d_model}], got {tuple(resid.shape)}")
+        if position_ids is None:
+            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(start, start + t, device=resid.device).expand(b, t)
+        kwargs = dict(inputs_embeds=resid, position_ids=position_ids, use_cache=past_key_values is not None)
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        with self._from_layer(layer):
+            return self.hf(**kwargs).logits
+
     def run_with_hooks(self, input, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only (removed even if it raises)."""
         with self.hooks(fwd_hooks, bwd_hooks):
