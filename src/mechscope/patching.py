@@ -228,6 +228,22 @@ def _write(act: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, job: _Job, 
         act[rows, job.pos - p0, job.head] = src[:, job.pos, job.head]
 
 
+def _is_noop(job: _Job, base, src, n_resid: int) -> bool:
+    """Would this patch write exactly the values already there?"""
+    if job.name is None:
+        name = f"blocks.{job.start}.hook_resid_pre" if job.start < n_resid else f"blocks.{n_resid - 1}.hook_resid_post"
+    else:
+        name = job.name
+    a, b = base[name], src[name]
+    if name.endswith(("hook_pattern", "hook_attn_scores")):
+        idx = (slice(None), job.head if job.head is not None else slice(None),
+               job.pos if job.pos is not None else slice(None))
+    else:
+        idx = (slice(None), job.pos if job.pos is not None else slice(None)) + \
+              ((job.head,) if job.head is not None else ())
+    return torch.equal(a[idx], b[idx])
+
+
 def _kv_names(model):
     k = "attn.hook_rot_k" if "blocks.0.attn.hook_rot_k" in model.hook_names else "attn.hook_k"
     return [f"blocks.{l}.{k}" for l in range(model.cfg.n_layers)], [f"blocks.{l}.attn.hook_v" for l in range(model.cfg.n_layers)]
@@ -275,32 +291,30 @@ def _rows_budget(model, P: int, n_prompts: int, keep_all: bool) -> int:
     return rows - rows % n_prompts
 
 
-def _plan(jobs: list[_Job], per_chunk: int, P: int, overhead: float) -> list[list[_Job]]:
-    """Group jobs (same start block) into chunks, trading batch size against prefix reuse.
+def _plan(jobs: list[_Job], per_chunk: int, P: int, L: int, overhead: float) -> list[list[_Job]]:
+    """Group jobs into batched passes, trading batch size against skipped blocks and reused prefixes.
 
-    Cost of a chunk = overhead + jobs * (P - min p0); minimised by dynamic programming over the jobs
-    sorted by p0 (descending), with at most ``per_chunk`` jobs per chunk.
+    A pass starts at the lowest block of its jobs and recomputes from the lowest ``p0``; its cost is
+    ``(L - start) * (overhead + jobs * (P - p0))`` in token-layers (``overhead``: the fixed cost of
+    running one block once, in token-layers). Minimised by dynamic programming over the jobs sorted by
+    (start, -p0), with at most ``per_chunk`` jobs per pass.
     """
-    chunks = []
-    by_start: dict[int, list[_Job]] = {}
-    for j in jobs:
-        by_start.setdefault(j.start, []).append(j)
-    for start in sorted(by_start):
-        js = sorted(by_start[start], key=lambda j: -j.p0)
-        m = len(js)
-        best = [0.0] + [float("inf")] * m
-        cut = [0] * (m + 1)
-        for e in range(1, m + 1):
-            for s in range(max(0, e - per_chunk), e):
-                cost = best[s] + overhead + (e - s) * (P - js[e - 1].p0)
-                if cost < best[e]:
-                    best[e], cut[e] = cost, s
-        e, parts = m, []
-        while e > 0:
-            parts.append(js[cut[e]:e])
-            e = cut[e]
-        chunks += parts[::-1]
-    return chunks
+    js = sorted(jobs, key=lambda j: (j.start, -j.p0))
+    m = len(js)
+    best = [0.0] + [float("inf")] * m
+    cut = [0] * (m + 1)
+    for e in range(1, m + 1):
+        p0 = P
+        for s in range(e - 1, max(0, e - per_chunk) - 1, -1):
+            p0 = min(p0, js[s].p0)
+            cost = best[s] + (L - max(js[s].start, 0)) * (overhead + (e - s) * (P - p0))
+            if cost < best[e]:
+                best[e], cut[e] = cost, s
+    e, parts = m, []
+    while e > 0:
+        parts.append(js[cut[e]:e])
+        e = cut[e]
+    return parts[::-1]
 
 
 @torch.no_grad()
@@ -319,7 +333,8 @@ def patch(
     batch_size: int | None = None,
     reuse_prefix: bool = True,
     last_position_only: bool | None = None,
-    overhead_tokens: float = 48.0,
+    overhead_tokens: float = 40.0,
+    skip_identical: bool = True,
 ) -> PatchResult:
     """Activation patching over a grid of sites; see the module docstring.
 
@@ -331,6 +346,8 @@ def patch(
     ``fn(base_act, source_act, hook) -> act``).
     ``direction``: ``"denoise"`` (clean into corrupted) or ``"noise"`` (corrupted into clean).
     ``batch_size``: patched prompts per forward pass (default: from free memory).
+    ``skip_identical``: a patch whose source values equal the base values bit for bit (e.g. every
+    position before the first token where the prompts differ) is not run; its value is the base run's.
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -344,10 +361,11 @@ def patch(
     knames, vnames = _kv_names(model)
     site_names = sorted({j.name for j in jobs if j.name is not None})
     input_names = sorted({f"blocks.{j.start}.hook_resid_pre" for j in jobs if 0 <= j.start < model.cfg.n_layers})
-    base_names = sorted(set(input_names) | set(knames) | set(vnames) | {f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"})
+    base_names = sorted(set(input_names) | set(knames) | set(vnames) | set(site_names) |
+                        {f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"})
     src_resid = sorted({f"blocks.{j.start}.hook_resid_pre" if j.start < model.cfg.n_layers else
                         f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" for j in jobs if j.name is None})
-    base_logits, base = model.run_with_cache(base_t, names_filter=base_names)
+    base_logits, base = model.run_with_cache(base_t, names_filter=sorted(set(base_names) | set(src_resid)))
     src_logits, src = model.run_with_cache(src_t, names_filter=sorted(set(site_names) | set(src_resid)))
     clean_logits, corr_logits = (src_logits, base_logits) if direction == "denoise" else (base_logits, src_logits)
     clean_value = _check_metric_value(metric(clean_logits), N)
@@ -359,7 +377,19 @@ def patch(
     for j in jobs:
         if not can_reuse:
             j.p0 = 0
-    chunks = _plan(jobs, per_chunk, P, overhead_tokens)
+    # a patch that writes bit-identical values changes nothing: its value is the base run's, exactly
+    base_value = _check_metric_value(metric(base_logits), N)
+    values: dict[tuple, torch.Tensor] = {}
+    if fn is None and skip_identical:
+        live = []
+        for j in jobs:
+            if _is_noop(j, base, src, n_resid=model.cfg.n_layers):
+                values[j.key] = base_value
+            else:
+                live.append(j)
+    else:
+        live = jobs
+    chunks = _plan(live, per_chunk, P, model.cfg.n_layers, overhead_tokens)
     n_resid = model.cfg.n_layers
 
     def resid_in(start):  # what enters block `start` (or the final norm)
@@ -370,22 +400,22 @@ def patch(
     def src_resid_in(start):
         return src[f"blocks.{start}.hook_resid_pre"] if start < n_resid else src[f"blocks.{n_resid - 1}.hook_resid_post"]
 
-    values: dict[tuple, torch.Tensor] = {}
     token_layers = 0
     for chunk in chunks:
-        start = chunk[0].start
+        start = min(j.start for j in chunk)
         p0 = min(j.p0 for j in chunk)
         J = len(chunk)
         x = resid_in(start)[:, p0:].repeat(J, 1, 1) if start >= 0 else None  # [J*N, P-p0, d]
         rows_of = [torch.arange(i * N, (i + 1) * N, device=model.device) for i in range(J)]
         hooks = []
-        for i, job in enumerate(chunk):
-            if job.name is None:
-                _write(x, src_resid_in(start), rows_of[i], job, p0, fn, None)
         by_name: dict[str, list[int]] = {}
         for i, job in enumerate(chunk):
-            if job.name is not None:
-                by_name.setdefault(job.name, []).append(i)
+            if job.name is None and job.start == start:
+                _write(x, src_resid_in(start), rows_of[i], job, p0, fn, None)
+            else:  # patched later in the pass, through a hook
+                name = job.name or (f"blocks.{job.start}.hook_resid_pre" if job.start < n_resid
+                                    else f"blocks.{n_resid - 1}.hook_resid_post")
+                by_name.setdefault(name, []).append(i)
         for name, idxs in by_name.items():
             def hook(act, h, _idxs=idxs):
                 act = act.clone()
@@ -406,6 +436,7 @@ def patch(
             logits = torch.cat([base_logits[:, :p0].repeat(J, 1, 1), logits], dim=1)
         for i, job in enumerate(chunk):
             values[job.key] = _check_metric_value(metric(logits[i * N:(i + 1) * N]), N)
+    floor = sum(N * (P - j.p0) * (n_resid - max(j.start, 0)) for j in live)
     shape = tuple(len(labels[a]) for a in axes)
     per_prompt = None
     first = next(iter(values.values()))
@@ -422,7 +453,8 @@ def patch(
     naive = len(jobs) * N * P * n_resid
     return PatchResult(site_label, direction, grid, axes, labels, float(clean_value.mean()), float(corr_value.mean()),
                        per_prompt, stats={"forward_passes": len(chunks), "patches": len(jobs),
-                                          "token_layers": token_layers,
+                                          "skipped_identical": len(jobs) - len(live),
+                                          "token_layers": token_layers, "floor_token_layers": floor,
                                           "naive_token_layers": naive, "last_position_only": keep_last})
 
 
