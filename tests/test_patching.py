@@ -89,3 +89,12 @@ def test_result_outputs(tmp_path):
     png = res.plot(tmp_path / "p.png")
     assert png.stat().st_size > 1000
     assert "<table" in res.to_html()
+
+
+def test_reads_last_only_probe():
+    from mechscope.patching import reads_last_only
+
+    last = torch.randn(2, 1, 11)
+    assert reads_last_only(metric, last, 7)
+    assert not reads_last_only(all_positions_metric, last, 7)
+    assert not reads_last_only(lambda lg: lg[:, -2, 0], last, 7)

@@ -400,16 +400,19 @@ class HookedModel(torch.nn.Module):
         stop_at_layer: int | None = None,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
+        logits_to_keep: int = 0,
     ):
         """Run HF's forward pass. ``input`` is text, a list of texts, or tokens ``[batch, pos]``.
 
         Returns logits ``[batch, pos, d_vocab]`` (``return_type="logits"``), the mean next-token loss
         (``"loss"``), both, or nothing. With ``stop_at_layer=L`` the layers from L on are not run and the
-        residual stream entering block L (``[batch, pos, d_model]``) is returned.
-        Padded batches: pass ``attention_mask``; text lists are padded and masked automatically.
+        residual stream entering block L (``[batch, pos, d_model]``) is returned. ``logits_to_keep=k``
+        computes the logits of the last ``k`` positions only. Padded batches: pass ``attention_mask``; text lists are padded and masked automatically.
         """
         tokens, attention_mask = self._prepare(input, attention_mask, prepend_bos, padding_side)
         kwargs = {"input_ids": tokens}
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

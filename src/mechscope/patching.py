@@ -14,8 +14,9 @@ The engine gives the same numbers as one forward pass per patch (:func:`patch_na
   (:meth:`HookedModel.run_from`), instead of re-running the blocks before it;
 - for a patch at position ``p``, reuses the base run's keys and values for positions ``< p``
   (they cannot change under a causal mask) and computes only positions ``>= p``;
-- computes only the last position's logits when the metric reads nothing else (detected by
-  evaluating the metric both ways on the clean and corrupted runs).
+- computes only the last position's logits when the metric reads nothing else (detected exactly:
+  the metric stays finite when every earlier position is NaN, see :func:`reads_last_only`);
+- does not run patches that write bit-identical values (e.g. before the first differing token).
 """
 
 from __future__ import annotations
@@ -264,17 +265,22 @@ def _prefix_cache(model, cache, p0: int, rows: int):
     return c
 
 
-def _last_only(metric, *logit_sets) -> bool:
-    """True when the metric gives the same value from the last position's logits alone."""
+def reads_last_only(metric, last_logits: torch.Tensor, n_pos: int, max_elements: int = 50_000_000) -> bool:
+    """True when ``metric`` reads only the last position: it stays finite with every earlier position NaN.
+
+    ``last_logits`` is ``[batch, 1, d_vocab]``. Exact, and needs only the last position's logits.
+    """
+    N, _, V = last_logits.shape
+    if N * n_pos * V > max_elements:
+        return False
+    probe = torch.full((N, n_pos, V), float("nan"), dtype=last_logits.dtype, device=last_logits.device)
+    probe[:, -1:] = last_logits
     try:
-        for lg in logit_sets:
-            a = torch.as_tensor(metric(lg)).float()
-            b = torch.as_tensor(metric(lg[:, -1:])).float()
-            if a.shape != b.shape or not torch.allclose(a, b, atol=1e-6, rtol=1e-6):
-                return False
-        return True
+        a = torch.as_tensor(metric(probe)).float()
+        b = torch.as_tensor(metric(last_logits)).float()
     except (IndexError, RuntimeError, ValueError):
         return False
+    return bool(torch.isfinite(a).all()) and a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
 def _rows_budget(model, P: int, n_prompts: int, keep_all: bool) -> int:
@@ -370,7 +376,10 @@ def patch(
     clean_logits, corr_logits = (src_logits, base_logits) if direction == "denoise" else (base_logits, src_logits)
     clean_value = _check_metric_value(metric(clean_logits), N)
     corr_value = _check_metric_value(metric(corr_logits), N)
-    keep_last = _last_only(metric, clean_logits, corr_logits) if last_position_only is None else last_position_only
+    if last_position_only is None:
+        keep_last = all(reads_last_only(metric, lg[:, -1:], P) for lg in (clean_logits, corr_logits))
+    else:
+        keep_last = last_position_only
     rows_per = batch_size * N if batch_size else _rows_budget(model, P, N, not keep_last)
     per_chunk = max(1, rows_per // N)
     can_reuse = reuse_prefix
