@@ -1,0 +1,90 @@
+"""Ablation (zero, mean, resample) and the bootstrap statistics behind its CIs."""
+
+import pytest
+import torch
+
+from mechscope import HookedModel
+from mechscope.ablation import ablate, ablate_each, parse_components, replacement_values
+from mechscope.validation import bootstrap_ci, cohens_d, cohens_d_independent, paired_bootstrap
+from tiny import V, tiny_hf
+
+TOKENS = torch.randint(0, V, (6, 7), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedModel(tiny_hf("llama"))
+
+
+def metric(logits):
+    return logits[:, -1, 3] - logits[:, -1, 5]
+
+
+def test_parse_components(model):
+    comps = parse_components(model, ["L1H2", "L0N7", "L2.attn", "L1"])
+    assert [str(c) for c in comps] == ["L1H2", "L0N7", "L2.attn", "L1.attn", "L1.mlp"]
+    assert comps[0].hook == "blocks.1.attn.hook_z"
+    for bad, msg in (("L9H0", "layer 9"), ("L1H9", "head 9"), ("head3", "cannot read")):
+        with pytest.raises(ValueError, match=msg):
+            parse_components(model, [bad])
+
+
+def test_zero_head_ablation_equals_weight_edit(model):
+    res = ablate(model, TOKENS, metric, "L1H2", method="zero")
+    W = model._attn_module(1).o_proj.weight
+    saved = W.detach().clone()
+    with torch.no_grad():
+        W[:, 2 * 8:3 * 8] = 0
+        want = metric(model(TOKENS))
+        W.copy_(saved)
+    torch.testing.assert_close(res.ablated, want)
+    torch.testing.assert_close(res.baseline, metric(model(TOKENS)).detach())
+    assert res.effect.low <= res.effect.value <= res.effect.high
+
+
+def test_mean_and_resample_values(model):
+    comps = parse_components(model, ["L0N3", "L2.mlp"])
+    ref = torch.randint(0, V, (10, 7), generator=torch.Generator().manual_seed(4))
+    _, cache = model.run_with_cache(ref, names_filter=["blocks.0.mlp.hook_post", "blocks.2.hook_mlp_out"])
+    vals = replacement_values(model, comps, TOKENS, "mean", reference=ref)
+    torch.testing.assert_close(vals[comps[0]][0], cache["post", 0][:, :, 3].mean(0))
+    torch.testing.assert_close(vals[comps[1]][3], cache["mlp_out", 2].mean(0))
+    short = replacement_values(model, comps, TOKENS, "mean", reference=ref[:, :4])  # other length: global mean
+    assert short[comps[1]].shape == (6, 7, 32)
+    # resample from the batch itself never picks the prompt itself
+    _, own = model.run_with_cache(TOKENS, names_filter="blocks.2.hook_mlp_out")
+    for seed in range(5):
+        r = replacement_values(model, comps[1:], TOKENS, "resample", seed=seed)[comps[1]]
+        for i in range(6):
+            assert not torch.equal(r[i], own["mlp_out", 2][i])
+            assert any(torch.equal(r[i], own["mlp_out", 2][j]) for j in range(6))
+
+
+def test_ablate_each_and_errors(model, tmp_path):
+    res = ablate_each(model, TOKENS, metric, ["L0", "L2H1"], method="mean")
+    assert [r.components for r in res] == [["L0.attn"], ["L0.mlp"], ["L2H1"]]
+    assert "distinguishable" in res[0].summary()
+    assert res[0].plot(tmp_path / "a.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="one value per prompt"):
+        ablate(model, TOKENS, lambda lg: lg[:, -1, 3].mean(), "L0H0")
+    with pytest.raises(ValueError, match="method"):
+        ablate(model, TOKENS, metric, "L0H0", method="noise")
+
+
+def test_bootstrap_and_effect_sizes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, generator=g) + 1.0
+    est = bootstrap_ci(x)
+    assert est.low < float(x.mean()) < est.high and est.excludes(0.0)
+    assert bootstrap_ci(x) == est  # seeded
+    noise = bootstrap_ci(torch.randn(200, generator=g))
+    assert not noise.excludes(0.0)
+    wide = bootstrap_ci(x[:10])
+    assert wide.high - wide.low > est.high - est.low
+    assert bootstrap_ci([2.0]).low == 2.0
+    a, b = torch.randn(50, generator=g) + 0.5, torch.randn(50, generator=g)
+    assert paired_bootstrap(a, b).value == pytest.approx(float((a - b).mean()))
+    assert cohens_d(a, b) == pytest.approx(float((a - b).mean() / (a - b).std()))
+    assert cohens_d_independent(a + 10, a) > 5
+    with pytest.raises(ValueError, match="zero spread"):
+        cohens_d(torch.ones(5))
