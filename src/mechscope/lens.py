@@ -123,3 +123,170 @@ def logit_lens(model, tokens, targets=None, k: int = 5, prepend_bos: bool | None
         res.target_probs = torch.stack(t_probs, dim=1)
         res.target_ranks = torch.stack(t_ranks, dim=1)
     return res
+
+
+# ------------------------------------------------------------------------------ tuned lens
+class TunedLens(torch.nn.Module):
+    """One affine translator per layer: ``h -> h + A_l h + b_l``, read through the final norm and unembedding.
+
+    Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the Tuned Lens".
+    Translators start at the identity (``A = 0, b = 0``: the logit lens) and are trained to minimise
+    ``KL(p_final || p_lens)``. Layer ``l`` reads the residual stream after ``l`` blocks (``l = 0``: the
+    embedding), for ``l < n_layers``.
+    """
+
+    def __init__(self, n_layers: int, d_model: int, model_name: str = ""):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model))
+        self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model))
+        self.model_name = model_name
+
+    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``[..., d_model]`` -> ``[..., d_model]``: ``h + h A_l + b_l``."""
+        return h + h @ self.weight[layer] + self.bias[layer]
+
+    def logits(self, model, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return model.unembed(model.ln_final(self.translate(layer, h)))
+
+    def save(self, path: str | Path) -> Path:
+        """Safetensors with the translators and a JSON header (model name, sizes); written atomically."""
+        from safetensors.torch import save
+
+        meta = {"format": "mechscope-tuned-lens", "model_name": self.model_name,
+                "n_layers": str(self.weight.shape[0]), "d_model": str(self.weight.shape[1])}
+        data = save({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()},
+                    metadata=meta)
+        return viz.atomic_write(path, data)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "TunedLens":
+        """Load translators saved by :meth:`save` (safetensors only); checks the sizes against ``model``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            w, b = f.get_tensor("weight"), f.get_tensor("bias")
+        lens = cls(w.shape[0], w.shape[1], meta.get("model_name", ""))
+        if model is not None and (w.shape[0] != model.cfg.n_layers or w.shape[1] != model.cfg.d_model):
+            raise ValueError(f"tuned lens {path} has {w.shape[0]} layers x d_model {w.shape[1]}; the model has "
+                             f"{model.cfg.n_layers} x {model.cfg.d_model}")
+        with torch.no_grad():
+            lens.weight.copy_(w)
+            lens.bias.copy_(b)
+        if model is not None:
+            lens.to(model.device)
+        return lens
+
+
+@dataclass
+class LensComparison:
+    """Per-layer KL(final || lens) in nats on held-out tokens, for the logit lens and the tuned lens."""
+
+    logit_lens_kl: torch.Tensor  # [layer]
+    tuned_lens_kl: torch.Tensor  # [layer]
+    n_tokens: int
+
+    def summary(self) -> str:
+        lines = [f"KL(final || lens) per layer, nats, on {self.n_tokens} held-out tokens",
+                 f"{'layer':>6} {'logit lens':>11} {'tuned lens':>11}"]
+        for l, (a, b) in enumerate(zip(self.logit_lens_kl.tolist(), self.tuned_lens_kl.tolist())):
+            lines.append(f"{l:>6} {a:11.3f} {b:11.3f}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def plot(self, path: str | Path = "lens_kl.png") -> Path:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.logit_lens_kl.numpy(), label="logit lens", marker="o", ms=3)
+        ax.plot(self.tuned_lens_kl.numpy(), label="tuned lens", marker="o", ms=3)
+        ax.set_xlabel("layer (blocks applied)")
+        ax.set_ylabel("KL(final || lens), nats")
+        ax.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        return viz.atomic_write(path, buf.getvalue())
+
+    def to_html(self) -> str:
+        grid = torch.stack([self.logit_lens_kl, self.tuned_lens_kl])
+        return viz.heatmap_html(grid, ["logit lens", "tuned lens"], [str(i) for i in range(grid.shape[1])],
+                                title="KL(final || lens) by layer") + f"<pre>{viz.esc(self.summary())}</pre>"
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+def _kl(final_logits, lens_logits):
+    lp, lq = torch.log_softmax(final_logits.float(), -1), torch.log_softmax(lens_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _residuals(model, tokens):
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{l}.hook_resid_pre" for l in range(n)])
+    return logits, [cache["resid_pre", l] for l in range(n)]
+
+
+@torch.no_grad()
+def compare_lenses(model, lens: TunedLens, tokens: torch.Tensor) -> LensComparison:
+    """KL to the final distribution at every layer for the logit lens and ``lens``, on ``tokens`` ``[n, pos]``."""
+    logits, resid = _residuals(model, tokens)
+    ll, tl = [], []
+    for l, h in enumerate(resid):
+        ll.append(_kl(logits, model.unembed(model.ln_final(h))).mean())
+        tl.append(_kl(logits, lens.logits(model, l, h)).mean())
+    return LensComparison(torch.stack(ll).cpu(), torch.stack(tl).cpu(), tokens.numel())
+
+
+def train_tuned_lens(model, corpus=None, n_steps: int = 100, seq_len: int = 64, batch: int = 4, lr: float = 1e-3,
+                     seed: int = 0, held_out_seqs: int = 8, progress: bool = True):
+    """Train a :class:`TunedLens` on text and compare it with the logit lens on held-out text.
+
+    ``corpus``: an iterable of texts (default: the standard library's docstrings, train split) or
+    a token tensor ``[n, seq_len]``. Returns ``(lens, comparison)``; the comparison is computed on
+    the held-out split (the test docstrings, or the last ``held_out_seqs`` rows of a tensor).
+    """
+    from . import corpus as C
+
+    torch.manual_seed(seed)
+    if isinstance(corpus, torch.Tensor):
+        train, test = corpus[:-held_out_seqs], corpus[-held_out_seqs:]
+    else:
+        train = C.pack(model, corpus if corpus is not None else C.default_corpus("train"), seq_len,
+                       n_seqs=n_steps * batch)
+        test = C.pack(model, C.default_corpus("test") if corpus is None else iter(()), seq_len,
+                      n_seqs=held_out_seqs) if corpus is None else train[-held_out_seqs:]
+    if len(train) == 0:
+        raise ValueError("no training sequences")
+    lens = TunedLens(model.cfg.n_layers, model.cfg.d_model, model.cfg.model_name).to(model.device)
+    opt = torch.optim.Adam(lens.parameters(), lr=lr)
+    params = [p for p in model.hf.parameters() if p.requires_grad]
+    for p in params:  # no gradients into the model
+        p.requires_grad_(False)
+    it = range(n_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="tuned lens", leave=False)
+    try:
+        for step in it:
+            rows = torch.randint(0, len(train), (batch,))
+            toks = train[rows].to(model.device)
+            logits, resid = _residuals(model, toks)
+            loss = sum(_kl(logits, lens.logits(model, l, h)).mean() for l, h in enumerate(resid)) / len(resid)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return lens, compare_lenses(model, lens, test.to(model.device))

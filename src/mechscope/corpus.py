@@ -1,0 +1,110 @@
+"""Text corpora: the offline default (the Python standard library's docstrings), files, JSONL, HF datasets.
+
+The default corpus is real English prose that exists on every machine with Python and that nobody
+on this project wrote: the docstrings of the standard library, read with :mod:`ast` (nothing is
+imported or executed), in a fixed order. Texts are split into train and held-out parts by a hash of
+their source file, so evaluation never sees training text.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+
+def _held_out(key: str, fraction: float) -> bool:
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+def stdlib_docstrings(split: str = "train", held_out: float = 0.1, min_chars: int = 200) -> Iterator[str]:
+    """Docstrings (modules, classes, functions) of the standard library, in sorted file order.
+
+    ``split``: ``"train"``, ``"test"`` (about ``held_out`` of the files) or ``"all"``.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if "site-packages" in rel or "test" in rel.split("/")[0]:
+            continue
+        if split != "all" and _held_out(rel, held_out) != (split == "test"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    yield doc
+
+
+def text_files(paths: Iterable[str | Path], split: str = "all", held_out: float = 0.1) -> Iterator[str]:
+    """Plain-text files, one text per file (files are split into train/test by a hash of their path)."""
+    for p in paths:
+        p = Path(p)
+        if split != "all" and _held_out(str(p), held_out) != (split == "test"):
+            continue
+        yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def jsonl(path: str | Path, field: str = "text", split: str = "all", held_out: float = 0.1) -> Iterator[str]:
+    """The ``field`` of each line of a JSON-lines file (lines are split by a hash of their number)."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            if split != "all" and _held_out(f"{path}:{i}", held_out) != (split == "test"):
+                continue
+            rec = json.loads(line)
+            if field not in rec:
+                raise KeyError(f"{path}:{i + 1} has no field {field!r} (fields: {sorted(rec)})")
+            yield str(rec[field])
+
+
+def hf_dataset(name: str, split: str = "train", field: str = "text", **kwargs) -> Iterator[str]:
+    """A Hugging Face ``datasets`` dataset by name or local path (needs the hub, or its cache)."""
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise ImportError("pip install datasets to read Hugging Face datasets") from e
+    ds = datasets.load_dataset(name, split=split, streaming=True, **kwargs)
+    for rec in ds:
+        yield str(rec[field])
+
+
+def default_corpus(split: str = "train") -> Iterator[str]:
+    """The offline default: :func:`stdlib_docstrings`."""
+    return stdlib_docstrings(split)
+
+
+def pack(model, texts: Iterable[str], seq_len: int, n_seqs: int | None = None, prepend_bos: bool | None = None,
+         ) -> torch.Tensor:
+    """Tokenize ``texts``, join them with EOS, and cut the stream into rows ``[n, seq_len]``.
+
+    With BOS-using models each row starts with BOS (``seq_len`` includes it). Stops after ``n_seqs``.
+    """
+    tok = model.tokenizer
+    bos = prepend_bos if prepend_bos is not None else model.cfg.default_prepend_bos
+    body = seq_len - (1 if bos else 0)
+    sep = tok.eos_token_id if tok.eos_token_id is not None else model.pad_token_id
+    rows, buf = [], []
+    for text in texts:
+        buf += tok(text, add_special_tokens=False).input_ids + [sep]
+        while len(buf) >= body:
+            row, buf = buf[:body], buf[body:]
+            rows.append(([tok.bos_token_id] if bos else []) + row)
+            if n_seqs is not None and len(rows) >= n_seqs:
+                return torch.tensor(rows, dtype=torch.long)
+    if not rows:
+        raise ValueError(f"the corpus is shorter than one sequence of {seq_len} tokens")
+    return torch.tensor(rows, dtype=torch.long)
