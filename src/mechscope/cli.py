@@ -15,6 +15,12 @@ EXAMPLES = {
     "estimate": "mechscope estimate --batch 8 --seq-len 512 --cache all\n  mechscope estimate --model gemma3-270m --sae-width 16384",
     "lens": "mechscope lens \"The capital of France is\" --target \" Paris\"\n  mechscope lens \"1 2 3 4\" --png lens.png --html lens.html",
     "demo": "mechscope demo\n  mechscope demo --out demo-report",
+    "dla": "mechscope dla \"The capital of France is\" --answer \" Paris\" --wrong \" London\" --png dla.png",
+    "patch": "mechscope patch --task ioi --site resid_pre --png ioi.png\n  mechscope patch --clean \"The capital of France is\" "
+             "--corrupted \"The capital of Poland is\" --answer \" Paris\" --wrong \" Warsaw\" --site z",
+    "attrib": "mechscope attrib --task ioi --site z --per-position --json",
+    "ablate": "mechscope ablate --task ioi L9H3 L10H1 --method mean\n  mechscope ablate --task factual L3 --method resample",
+    "tuned-lens": "mechscope tuned-lens --steps 100 --out lens.safetensors",
 }
 
 
@@ -75,32 +81,102 @@ def cmd_lens(args):
 
 
 def cmd_demo(args):
-    from .compute import env, estimate_memory
-    from .lens import logit_lens
-    from .viz import atomic_write, esc, page
+    from .workflows import demo_investigation
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    e = env()
-    print(e.summary(), "\n", flush=True)
     model = _load(args)
-    print(f"loaded {model!r} in {time.time() - t0:.1f} s\n", flush=True)
-    est = estimate_memory(model, batch=8, seq_len=128, cache_names="all")
-    print("memory estimate (batch 8 x 128 tokens, full cache):")
-    print(est.summary(), "\n")
-    prompt = "The capital of France is"
-    res = logit_lens(model, prompt, targets=[" Paris"])
-    print(res.summary())
-    png = res.plot(out / "logit_lens.png")
-    body = (f"<h3>environment</h3><pre>{esc(e.summary())}</pre>"
-            f"<h3>model</h3><pre>{esc(repr(model))}</pre>"
-            f"<h3>memory estimate</h3><pre>{esc(est.summary())}</pre>"
-            f"<h3>logit lens: {esc(prompt)!s}</h3><img src='{png.name}' style='max-width:100%'>"
-            f"{res.to_html()}")
-    report = atomic_write(out / "report.html", page("mechscope demo", body))
-    summary = f"\nreport: {report.resolve()}  ({time.time() - t0:.1f} s)"
-    return {"report": str(report), "logit_lens": res.to_dict()}, summary
+    print(f"loaded {model!r} in {time.time() - t0:.1f} s", flush=True)
+    rep = demo_investigation(model, args.out)
+    path = Path(args.out) / "report.html"
+    return {"report": str(path), "sections": [s.title for s in rep.sections]}, ""
+
+
+def _task(args, model):
+    """(clean, corrupted, metric, dataset) from --task or from --clean/--corrupted/--answer/--wrong."""
+    from . import datasets as D
+    from .metrics import logit_diff
+
+    if args.task:
+        makers = {"ioi": lambda: D.ioi(model, args.n, seed=args.seed), "factual": lambda: D.factual(model, args.n),
+                  "greater-than": lambda: D.greater_than(model, args.n, seed=args.seed),
+                  "induction": lambda: D.induction(model, args.n, seed=args.seed)}
+        ds = makers[args.task]()
+        return ds.clean, ds.corrupted, ds.metric, ds
+    if not (args.clean and args.corrupted and args.answer):
+        raise ValueError("give --task, or --clean, --corrupted and --answer (and usually --wrong)")
+    a = model.to_single_token(args.answer)
+    b = model.to_single_token(args.wrong) if args.wrong else None
+
+    def metric(logits):
+        if b is None:
+            return logits[:, -1, a]
+        return logit_diff(logits, a, b)
+
+    return args.clean, args.corrupted, metric, None
+
+
+def _write_outputs(args, res, title):
+    from .viz import atomic_write, page
+
+    if getattr(args, "png", None):
+        res.plot(args.png)
+    if getattr(args, "html", None):
+        atomic_write(args.html, page(title, res.to_html()))
+
+
+def cmd_dla(args):
+    from .attribution import direct_logit_attribution
+
+    model = _load(args)
+    res = direct_logit_attribution(model, args.prompt, args.answer, args.wrong)
+    _write_outputs(args, res, "direct logit attribution")
+    return {"components": dict(zip(res.components, res.values.tolist())), "heads": res.heads.tolist(),
+            "target": res.target, "error": res.error, "neurons": res.neurons}, res.summary()
+
+
+def cmd_patch(args):
+    from .patching import patch
+
+    model = _load(args)
+    clean, corr, metric, _ = _task(args, model)
+    res = patch(model, clean, corr, metric, site=args.site, direction=args.direction, per_position=args.per_position)
+    _write_outputs(args, res, "activation patching")
+    return {"values": res.values.tolist(), "normalized": res.normalized().tolist(), "axes": res.axes,
+            "clean": res.clean_value, "corrupted": res.corrupted_value, "stats": res.stats}, res.summary()
+
+
+def cmd_attrib(args):
+    from .attribution import attribution_patch
+
+    model = _load(args)
+    clean, corr, metric, _ = _task(args, model)
+    res = attribution_patch(model, clean, corr, metric, sites=(args.site,), direction=args.direction,
+                            per_position=args.per_position)[args.site]
+    _write_outputs(args, res, "attribution patching")
+    return {"values": res.values.tolist(), "normalized": res.normalized().tolist(), "axes": res.axes}, res.summary()
+
+
+def cmd_ablate(args):
+    from .ablation import ablate
+
+    model = _load(args)
+    clean, _, metric, _ = _task(args, model)
+    res = ablate(model, clean, metric, args.components, method=args.method, seed=args.seed)
+    _write_outputs(args, res, "ablation")
+    e = res.effect
+    return {"effect": e.value, "ci": [e.low, e.high], "baseline": res.baseline.tolist(),
+            "ablated": res.ablated.tolist()}, res.summary()
+
+
+def cmd_tuned_lens(args):
+    from .lens import train_tuned_lens
+
+    model = _load(args)
+    lens, cmp = train_tuned_lens(model, n_steps=args.steps, seq_len=args.seq_len, batch=args.batch)
+    path = lens.save(args.out)
+    _write_outputs(args, cmp, "tuned lens")
+    return {"path": str(path), "logit_lens_kl": cmp.logit_lens_kl.tolist(),
+            "tuned_lens_kl": cmp.tuned_lens_kl.tolist()}, cmp.summary() + f"\nsaved {path}"
 
 
 COMMANDS = {
@@ -108,6 +184,11 @@ COMMANDS = {
     "info": (cmd_info, "the model card: architecture, sizes, hook names"),
     "estimate": (cmd_estimate, "memory needed for a run, before loading, with advice"),
     "lens": (cmd_lens, "logit lens over a prompt"),
+    "dla": (cmd_dla, "direct logit attribution of an answer (layers, heads, neurons)"),
+    "patch": (cmd_patch, "activation patching over layers x positions or heads"),
+    "attrib": (cmd_attrib, "attribution patching: first-order estimate of every patch"),
+    "ablate": (cmd_ablate, "zero/mean/resample ablation of heads, neurons or layers, with a CI"),
+    "tuned-lens": (cmd_tuned_lens, "train a tuned lens on the default corpus and compare with the logit lens"),
     "demo": (cmd_demo, "the demo investigation on the default model; writes an HTML report"),
 }
 
@@ -141,6 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--html", default=None)
         if name == "demo":
             p.add_argument("--out", default="mechscope-demo", help="folder for report.html and its PNGs")
+        if name == "dla":
+            p.add_argument("prompt")
+            p.add_argument("--answer", required=True, help="the answer token, e.g. ' Paris'")
+            p.add_argument("--wrong", default=None, help="a contrasting token: attribute the logit difference")
+        if name in ("patch", "attrib", "ablate"):
+            p.add_argument("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None)
+            p.add_argument("--n", type=int, default=8, help="prompts from the task generator")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--clean", default=None)
+            p.add_argument("--corrupted", default=None)
+            p.add_argument("--answer", default=None)
+            p.add_argument("--wrong", default=None)
+        if name in ("patch", "attrib"):
+            p.add_argument("--site", default="resid_pre",
+                           help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|z|q|k|v|pattern")
+            p.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+            p.add_argument("--per-position", action="store_true", help="head sites: one patch per position")
+        if name == "ablate":
+            p.add_argument("components", nargs="+", help="L3H5 (head), L3N100 (neuron), L3.attn, L3.mlp, L3")
+            p.add_argument("--method", default="zero", choices=["zero", "mean", "resample"])
+        if name == "tuned-lens":
+            p.add_argument("--steps", type=int, default=100)
+            p.add_argument("--seq-len", type=int, default=64)
+            p.add_argument("--batch", type=int, default=4)
+            p.add_argument("--out", default="tuned_lens.safetensors")
+        if name in ("dla", "patch", "attrib", "ablate", "tuned-lens"):
+            p.add_argument("--png", default=None, help="write a PNG picture here")
+            p.add_argument("--html", default=None, help="write an offline HTML page here")
     return parser
 
 
