@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-tl clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_hooks.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_load.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_memory.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_patching.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_attribution.py
+
+# TransformerLens in its own venv, for bench/bench_transformerlens.py only (never a package dependency)
+bench-tl: $(STAMP)
+	test -x bench/.venv-tl/bin/python || $(PYTHON) -m venv bench/.venv-tl
+	bench/.venv-tl/bin/python -m pip install -q "$(TORCH)" "transformer-lens==4.3.*"
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_transformerlens.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
