@@ -21,6 +21,8 @@ EXAMPLES = {
     "attrib": "mechscope attrib --task ioi --site z --per-position --json",
     "ablate": "mechscope ablate --task ioi L9H3 L10H1 --method mean\n  mechscope ablate --task factual L3 --method resample",
     "tuned-lens": "mechscope tuned-lens --steps 100 --out lens.safetensors",
+    "heads": "mechscope heads\n  mechscope heads --html heads.html --json",
+    "head": "mechscope head 18.6\n  mechscope head L17H4 --out head.html",
 }
 
 
@@ -179,6 +181,38 @@ def cmd_tuned_lens(args):
             "tuned_lens_kl": cmp.tuned_lens_kl.tolist()}, cmp.summary() + f"\nsaved {path}"
 
 
+def cmd_heads(args):
+    from .heads import detect_heads
+    from .viz import atomic_write, page
+
+    model = _load(args)
+    det = detect_heads(model)
+    if args.html:
+        atomic_write(args.html, page("head detectors", "".join(d.to_html() for d in det.values())))
+    text = "\n\n".join(d.summary() for d in det.values())
+    return {k: {"scores": v.scores.tolist(), "top": v.top(5)} for k, v in det.items()}, text
+
+
+def _parse_head(spec: str) -> tuple[int, int]:
+    import re
+
+    m = re.fullmatch(r"L?(\d+)[.H](\d+)", spec.strip())
+    if not m:
+        raise ValueError(f"cannot read head {spec!r}; write LAYER.HEAD (e.g. 18.6) or L18H6")
+    return int(m.group(1)), int(m.group(2))
+
+
+def cmd_head(args):
+    from .heads import head_report
+
+    layer, head = _parse_head(args.head)
+    model = _load(args)
+    rep = head_report(model, layer, head)
+    path = rep.write(args.out or f"head_L{layer}H{head}.html")
+    return {"head": rep.name, "scores": rep.scores, "ov_self_rate": rep.ov_self_rate, "report": str(path)}, \
+        rep.summary() + f"\nreport: {path}"
+
+
 COMMANDS = {
     "env": (cmd_env, "the device, its memory and dtype support"),
     "info": (cmd_info, "the model card: architecture, sizes, hook names"),
@@ -189,6 +223,8 @@ COMMANDS = {
     "attrib": (cmd_attrib, "attribution patching: first-order estimate of every patch"),
     "ablate": (cmd_ablate, "zero/mean/resample ablation of heads, neurons or layers, with a CI"),
     "tuned-lens": (cmd_tuned_lens, "train a tuned lens on the default corpus and compare with the logit lens"),
+    "heads": (cmd_heads, "head detectors: previous-token, duplicate-token, induction, sink, copying"),
+    "head": (cmd_head, "what does this head do? an HTML report for one head (LAYER.HEAD)"),
     "demo": (cmd_demo, "the demo investigation on the default model; writes an HTML report"),
 }
 
@@ -247,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seq-len", type=int, default=64)
             p.add_argument("--batch", type=int, default=4)
             p.add_argument("--out", default="tuned_lens.safetensors")
+        if name == "heads":
+            p.add_argument("--html", default=None, help="write the heatmaps as an offline HTML page")
+        if name == "head":
+            p.add_argument("head", help="LAYER.HEAD, e.g. 18.6 (or L18H6)")
+            p.add_argument("--out", default=None, help="HTML report path (default head_L{l}H{h}.html)")
         if name in ("dla", "patch", "attrib", "ablate", "tuned-lens"):
             p.add_argument("--png", default=None, help="write a PNG picture here")
             p.add_argument("--html", default=None, help="write an offline HTML page here")

@@ -1,0 +1,217 @@
+"""Head detectors and "what does this head do?".
+
+Each detector returns a :class:`~mechscope.circuits.HeadScores` ``[layer, head]``:
+
+- previous-token: mean attention from position ``i`` to ``i - 1``;
+- duplicate-token: on ``[prefix] A A`` (A random, length n), attention from ``A2[i]`` to ``A1[i]``;
+- induction: attention from ``A2[i]`` to ``A1[i + 1]``, the token after the earlier copy
+  (Olsson et al. 2022);
+- attention sink: mean attention to position 0 (the BOS token where the model uses one);
+- copying: the eigenvalue copying score of ``W_E W_V W_O W_U`` (+1 copies, -1 suppresses).
+
+All attention scores are means over query positions and prompts, in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import viz
+from .circuits import HeadScores, copying_scores, full_OV
+
+
+def repeated_tokens(model, n: int = 20, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """``[batch, prefix + 2n]`` random tokens repeated twice, with the model's BOS when it uses one; and ``prefix``."""
+    from .metrics import repeated_tokens as rep
+
+    V = model.cfg.d_vocab
+    bos = None
+    if model.cfg.default_prepend_bos and model.tokenizer is not None:
+        bos = model.tokenizer.bos_token_id
+    toks = rep(n, batch, vocab_low=min(100, V // 4), vocab_high=V - 1, seed=seed, bos=bos)
+    return toks.to(model.device), (1 if bos is not None else 0)
+
+
+@torch.no_grad()
+def _patterns(model, tokens) -> torch.Tensor:
+    """``[layer, batch, head, q, k]`` attention patterns."""
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    return torch.stack([cache["pattern", l] for l in range(model.cfg.n_layers)]).float()
+
+
+def _offset_score(pat: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Mean of ``pat[..., q, k]`` over the (q, k) pairs, over batch: ``[layer, head]``."""
+    return pat[..., queries, keys].mean(-1).mean(1)
+
+
+def previous_token_scores(model, tokens=None, seed: int = 0) -> HeadScores:
+    toks = tokens if tokens is not None else repeated_tokens(model, seed=seed)[0]
+    pat = _patterns(model, toks)
+    q = torch.arange(1, toks.shape[1])
+    return HeadScores("previous-token", _offset_score(pat, q, q - 1).cpu(), "attention from i to i-1")
+
+
+def _repeat_layout(toks, n, prefix):
+    if toks.shape[1] != prefix + 2 * n:
+        raise ValueError(f"tokens must be [prefix={prefix}] + 2 x {n} repeated tokens, got length {toks.shape[1]}")
+
+
+def duplicate_token_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
+    if tokens is None:
+        tokens, prefix = repeated_tokens(model, n, seed=seed)
+    prefix = prefix or 0
+    _repeat_layout(tokens, n, prefix)
+    pat = _patterns(model, tokens)
+    q = torch.arange(prefix + n, prefix + 2 * n)
+    return HeadScores("duplicate-token", _offset_score(pat, q, q - n).cpu(), "attention to the earlier copy")
+
+
+def induction_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
+    if tokens is None:
+        tokens, prefix = repeated_tokens(model, n, seed=seed)
+    prefix = prefix or 0
+    _repeat_layout(tokens, n, prefix)
+    pat = _patterns(model, tokens)
+    q = torch.arange(prefix + n, prefix + 2 * n)
+    return HeadScores("induction", _offset_score(pat, q, q - n + 1).cpu(), "attention to the token after the earlier copy")
+
+
+def sink_scores(model, tokens=None, seed: int = 0) -> HeadScores:
+    toks = tokens if tokens is not None else repeated_tokens(model, seed=seed)[0]
+    pat = _patterns(model, toks)
+    q = torch.arange(1, toks.shape[1])
+    return HeadScores("attention sink", _offset_score(pat, q, torch.zeros_like(q)).cpu(), "attention to position 0")
+
+
+def copying_head_scores(model) -> HeadScores:
+    return HeadScores("copying", copying_scores(model).cpu(), "eigenvalue score of W_E W_V W_O W_U")
+
+
+def detect_heads(model, n: int = 20, batch: int = 8, seed: int = 0) -> dict[str, HeadScores]:
+    """Every detector on one batch of repeated random tokens (one forward pass for the attention ones).
+
+    ``n`` is capped so that ``[BOS] A A`` fits the model's context.
+    """
+    n = max(2, min(n, (model.cfg.n_ctx - 1) // 2))
+    toks, prefix = repeated_tokens(model, n, batch, seed)
+    pat = _patterns(model, toks)
+    q_all = torch.arange(1, toks.shape[1])
+    q2 = torch.arange(prefix + n, prefix + 2 * n)
+    return {
+        "previous-token": HeadScores("previous-token", _offset_score(pat, q_all, q_all - 1).cpu(), "attention from i to i-1"),
+        "duplicate-token": HeadScores("duplicate-token", _offset_score(pat, q2, q2 - n).cpu(), "attention to the earlier copy"),
+        "induction": HeadScores("induction", _offset_score(pat, q2, q2 - n + 1).cpu(), "attention to the token after the earlier copy"),
+        "attention sink": HeadScores("attention sink", _offset_score(pat, q_all, torch.zeros_like(q_all)).cpu(), "attention to position 0"),
+        "copying": copying_head_scores(model),
+    }
+
+
+@dataclass
+class HeadReport:
+    """Everything mechscope can say about one head, as text and as an offline HTML page."""
+
+    layer: int
+    head: int
+    scores: dict[str, tuple[float, int]]  # detector -> (score, rank among all heads)
+    n_heads_total: int
+    patterns: list[tuple[list[str], torch.Tensor]]  # (tokens, [q, k]) per prompt
+    ov_top: list[tuple[str, list[str]]]  # input token -> top output tokens
+    ov_self_rate: float
+    offsets: torch.Tensor  # mean attention by query-key distance 0..k
+    ablation: object | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    def summary(self) -> str:
+        lines = [f"head {self.name}"]
+        for k, (v, r) in self.scores.items():
+            lines.append(f"  {k:16s} {v:+.3f}   rank {r} of {self.n_heads_total}")
+        lines.append("  attention by distance (0 = self): " +
+                     ", ".join(f"{d}:{float(x):.2f}" for d, x in enumerate(self.offsets)))
+        lines.append(f"  OV circuit: the input token is among its own top-5 outputs for {self.ov_self_rate:.0%} "
+                     f"of {len(self.ov_top)} sampled tokens")
+        for t, outs in self.ov_top[:5]:
+            lines.append(f"    {t!r:>14} -> {', '.join(repr(o) for o in outs)}")
+        if self.ablation is not None:
+            lines.append("  " + self.ablation.summary().replace("\n", "\n  "))
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def to_html(self) -> str:
+        body = f"<pre>{viz.esc(self.summary())}</pre>"
+        for toks, pat in self.patterns:
+            body += viz.heatmap_html(pat, toks, toks, title=f"attention pattern of {self.name} (rows: queries)")
+        rows = "".join(f"<tr><td>{viz.esc(repr(t))}</td><td>{viz.esc(', '.join(repr(o) for o in outs))}</td></tr>"
+                       for t, outs in self.ov_top)
+        body += f"<h3>OV circuit: top output tokens</h3><table class='ms-heat'>{rows}</table>"
+        return body
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def write(self, path: str | Path) -> Path:
+        return viz.atomic_write(path, viz.page(f"head {self.name}", self.to_html()))
+
+    def plot(self, path: str | Path = "head.png") -> Path:
+        toks, pat = self.patterns[0]
+        return viz.heatmap_png(pat, toks, toks, path, title=f"{self.name} attention", xlabel="key", ylabel="query")
+
+
+@torch.no_grad()
+def head_report(model, layer: int, head: int, prompts: list[str] | None = None, n_ov_tokens: int = 50,
+                ablation_seqs: int = 8, seed: int = 0) -> HeadReport:
+    """Answer "what does this head do?": patterns, detector scores with ranks, OV outputs, positional
+    preference, and the effect of mean-ablating it on held-out text loss (with a CI)."""
+    c = model.cfg
+    if not (0 <= layer < c.n_layers and 0 <= head < c.n_heads):
+        raise ValueError(f"no head L{layer}H{head}: layers 0..{c.n_layers - 1}, heads 0..{c.n_heads - 1}")
+    det = detect_heads(model, seed=seed)
+    scores = {k: (float(v.scores[layer, head]), v.rank(layer, head)) for k, v in det.items()}
+    patterns = []
+    texts = prompts
+    if texts is None and model.tokenizer is not None:
+        from . import corpus
+
+        texts = ["When Mary and John went to the store, John gave a drink to"]
+        texts += [t[:300] for _, t in zip(range(2), corpus.default_corpus("test"))]
+    toks_list = [model.to_tokens(t) for t in texts] if texts else [repeated_tokens(model, 10, 1, seed)[0]]
+    dist = torch.zeros(9)
+    for toks in toks_list:
+        _, cache = model.run_with_cache(toks, names_filter=f"blocks.{layer}.attn.hook_pattern")
+        pat = cache["pattern", layer][0, head].float().cpu()
+        strs = model.to_str_tokens(toks[0]) if model.tokenizer is not None else [str(int(t)) for t in toks[0]]
+        patterns.append((strs, pat))
+        P = pat.shape[0]
+        for d in range(min(9, P)):
+            dist[d] += pat.diagonal(-d).mean()
+    dist /= len(toks_list)
+    # OV circuit on a sample of tokens
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randint(min(100, c.d_vocab // 4), c.d_vocab - 1, (n_ov_tokens,), generator=g).to(model.device)
+    ov = full_OV(model, layer, head)
+    rows = (ov.A[sample] @ ov.B)  # [n, d_vocab]
+    top = rows.topk(5, dim=-1).indices
+    self_rate = float((top == sample[:, None]).any(-1).float().mean())
+    name = (lambda i: model.to_str_tokens(torch.tensor([int(i)]))[0]) if model.tokenizer is not None else str
+    ov_top = [(name(t), [name(o) for o in outs]) for t, outs in zip(sample.tolist(), top.tolist())]
+    abl = None
+    if model.tokenizer is not None and ablation_seqs:
+        from . import corpus
+        from .ablation import ablate
+        from .model import lm_loss
+
+        held = corpus.pack(model, corpus.default_corpus("test"), 64, n_seqs=2 * ablation_seqs)
+        ref, evalset = held[:ablation_seqs], held[ablation_seqs:]
+
+        def per_seq_loss(logits):
+            return lm_loss(logits, evalset.to(logits.device), per_token=True).mean(-1)
+
+        abl = ablate(model, evalset, per_seq_loss, [f"L{layer}H{head}"], method="mean", reference=ref, seed=seed)
+    return HeadReport(layer, head, scores, c.n_layers * c.n_heads, patterns, ov_top, self_rate, dist, abl)
