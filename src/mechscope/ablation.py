@@ -102,25 +102,14 @@ class AblationResult:
 
     def plot(self, path: str | Path = "ablation.png") -> Path:
         """Per-prompt metric before and after the ablation."""
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = viz.figure(figsize=(6, 4))
         n = len(self.baseline)
         for i in range(n):
             ax.plot([0, 1], [float(self.baseline[i]), float(self.ablated[i])], color="#999", lw=0.8)
         ax.boxplot([self.baseline.numpy(), self.ablated.numpy()], positions=[0, 1], widths=0.3)
         ax.set_xticks([0, 1], ["clean", f"{self.method}-ablated"])
         ax.set_title(f"effect {self.effect.value:+.3f} [{self.effect.low:+.3f}, {self.effect.high:+.3f}]")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return viz.atomic_write(path, buf.getvalue())
+        return viz.save_figure(fig, path)
 
     def to_html(self) -> str:
         rows = torch.stack([self.baseline, self.ablated])

@@ -66,14 +66,7 @@ class DLAResult:
 
     def plot(self, path: str | Path = "dla.png") -> Path:
         """Bar chart of the components and a layer x head heatmap, side by side, as a PNG."""
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+        fig, (a, b) = viz.figure(1, 2, figsize=(13, 4.5))
         v = self.values.numpy()
         a.bar(range(len(v)), v, color=["#c33" if x < 0 else "#36c" for x in v])
         step = max(1, len(v) // 24)
@@ -85,11 +78,7 @@ class DLAResult:
         b.set_ylabel("layer")
         b.set_title("per-head DLA")
         fig.colorbar(im, ax=b)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return viz.atomic_write(path, buf.getvalue())
+        return viz.save_figure(fig, path)
 
     def to_html(self) -> str:
         L, H = self.heads.shape

@@ -47,43 +47,52 @@ def _offset_score(pat: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) 
     return pat[..., queries, keys].mean(-1).mean(1)
 
 
+_DESCRIPTIONS = {
+    "previous-token": "attention from i to i-1",
+    "duplicate-token": "attention to the earlier copy",
+    "induction": "attention to the token after the earlier copy",
+    "attention sink": "attention to position 0",
+}
+
+
+def _attention_scores(model, tokens, n: int | None, prefix: int) -> dict[str, HeadScores]:
+    """The attention detectors from one forward pass; the repeat-based ones need ``tokens = [prefix] A A``."""
+    pat = _patterns(model, tokens)
+    q_all = torch.arange(1, tokens.shape[1])
+    raw = {"previous-token": _offset_score(pat, q_all, q_all - 1),
+           "attention sink": _offset_score(pat, q_all, torch.zeros_like(q_all))}
+    if n is not None:
+        if tokens.shape[1] != prefix + 2 * n:
+            raise ValueError(f"tokens must be [prefix={prefix}] + 2 x {n} repeated tokens, got length {tokens.shape[1]}")
+        q2 = torch.arange(prefix + n, prefix + 2 * n)
+        raw["duplicate-token"] = _offset_score(pat, q2, q2 - n)
+        raw["induction"] = _offset_score(pat, q2, q2 - n + 1)
+    return {k: HeadScores(k, v.cpu(), _DESCRIPTIONS[k]) for k, v in raw.items()}
+
+
+def _repeated(model, tokens, n, prefix, seed):
+    if tokens is None:
+        n = max(2, min(n, (model.cfg.n_ctx - 1) // 2))
+        tokens, prefix = repeated_tokens(model, n, seed=seed)
+    return tokens, n, prefix or 0
+
+
 def previous_token_scores(model, tokens=None, seed: int = 0) -> HeadScores:
     toks = tokens if tokens is not None else repeated_tokens(model, seed=seed)[0]
-    pat = _patterns(model, toks)
-    q = torch.arange(1, toks.shape[1])
-    return HeadScores("previous-token", _offset_score(pat, q, q - 1).cpu(), "attention from i to i-1")
-
-
-def _repeat_layout(toks, n, prefix):
-    if toks.shape[1] != prefix + 2 * n:
-        raise ValueError(f"tokens must be [prefix={prefix}] + 2 x {n} repeated tokens, got length {toks.shape[1]}")
-
-
-def duplicate_token_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
-    if tokens is None:
-        tokens, prefix = repeated_tokens(model, n, seed=seed)
-    prefix = prefix or 0
-    _repeat_layout(tokens, n, prefix)
-    pat = _patterns(model, tokens)
-    q = torch.arange(prefix + n, prefix + 2 * n)
-    return HeadScores("duplicate-token", _offset_score(pat, q, q - n).cpu(), "attention to the earlier copy")
-
-
-def induction_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
-    if tokens is None:
-        tokens, prefix = repeated_tokens(model, n, seed=seed)
-    prefix = prefix or 0
-    _repeat_layout(tokens, n, prefix)
-    pat = _patterns(model, tokens)
-    q = torch.arange(prefix + n, prefix + 2 * n)
-    return HeadScores("induction", _offset_score(pat, q, q - n + 1).cpu(), "attention to the token after the earlier copy")
+    return _attention_scores(model, toks, None, 0)["previous-token"]
 
 
 def sink_scores(model, tokens=None, seed: int = 0) -> HeadScores:
     toks = tokens if tokens is not None else repeated_tokens(model, seed=seed)[0]
-    pat = _patterns(model, toks)
-    q = torch.arange(1, toks.shape[1])
-    return HeadScores("attention sink", _offset_score(pat, q, torch.zeros_like(q)).cpu(), "attention to position 0")
+    return _attention_scores(model, toks, None, 0)["attention sink"]
+
+
+def duplicate_token_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
+    return _attention_scores(model, *_repeated(model, tokens, n, prefix, seed))["duplicate-token"]
+
+
+def induction_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
+    return _attention_scores(model, *_repeated(model, tokens, n, prefix, seed))["induction"]
 
 
 def copying_head_scores(model) -> HeadScores:
@@ -97,16 +106,9 @@ def detect_heads(model, n: int = 20, batch: int = 8, seed: int = 0) -> dict[str,
     """
     n = max(2, min(n, (model.cfg.n_ctx - 1) // 2))
     toks, prefix = repeated_tokens(model, n, batch, seed)
-    pat = _patterns(model, toks)
-    q_all = torch.arange(1, toks.shape[1])
-    q2 = torch.arange(prefix + n, prefix + 2 * n)
-    return {
-        "previous-token": HeadScores("previous-token", _offset_score(pat, q_all, q_all - 1).cpu(), "attention from i to i-1"),
-        "duplicate-token": HeadScores("duplicate-token", _offset_score(pat, q2, q2 - n).cpu(), "attention to the earlier copy"),
-        "induction": HeadScores("induction", _offset_score(pat, q2, q2 - n + 1).cpu(), "attention to the token after the earlier copy"),
-        "attention sink": HeadScores("attention sink", _offset_score(pat, q_all, torch.zeros_like(q_all)).cpu(), "attention to position 0"),
-        "copying": copying_head_scores(model),
-    }
+    out = _attention_scores(model, toks, n, prefix)
+    order = ["previous-token", "duplicate-token", "induction", "attention sink"]
+    return {**{k: out[k] for k in order}, "copying": copying_head_scores(model)}
 
 
 @dataclass

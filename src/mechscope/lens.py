@@ -196,24 +196,13 @@ class LensComparison:
     __str__ = summary
 
     def plot(self, path: str | Path = "lens_kl.png") -> Path:
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = viz.figure(figsize=(6, 4))
         ax.plot(self.logit_lens_kl.numpy(), label="logit lens", marker="o", ms=3)
         ax.plot(self.tuned_lens_kl.numpy(), label="tuned lens", marker="o", ms=3)
         ax.set_xlabel("layer (blocks applied)")
         ax.set_ylabel("KL(final || lens), nats")
         ax.legend()
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return viz.atomic_write(path, buf.getvalue())
+        return viz.save_figure(fig, path)
 
     def to_html(self) -> str:
         grid = torch.stack([self.logit_lens_kl, self.tuned_lens_kl])

@@ -93,6 +93,29 @@ def page(title: str, body: str) -> str:
             f"<style>{PAGE_CSS}</style></head><body><h2>{esc(title)}</h2>{body}</body></html>")
 
 
+def figure(*args, **kwargs):
+    """A matplotlib figure and axes on the non-interactive Agg backend: ``fig, ax = figure(figsize=(6, 4))``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, render to PNG, close, and write atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
 def heatmap_png(
     values: torch.Tensor,
     row_labels: Sequence[str],
@@ -105,16 +128,9 @@ def heatmap_png(
     ylabel: str = "",
 ) -> Path:
     """Save a ``[rows, cols]`` heatmap with token labels on the axes as a PNG (written atomically)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     v = values.detach().float().cpu().numpy()
     rows, cols = v.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * cols + 2), max(3, 0.32 * rows + 1.5)))
+    fig, ax = figure(figsize=(max(4, 0.9 * cols + 2), max(3, 0.32 * rows + 1.5)))
     kw = {}
     if diverging:
         m = float(abs(v).max()) or 1.0
@@ -132,8 +148,4 @@ def heatmap_png(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
