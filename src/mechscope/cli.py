@@ -21,6 +21,8 @@ EXAMPLES = {
     "attrib": "mechscope attrib --task ioi --site z --per-position --json",
     "ablate": "mechscope ablate --task ioi L9H3 L10H1 --method mean\n  mechscope ablate --task factual L3 --method resample",
     "tuned-lens": "mechscope tuned-lens --steps 100 --out lens.safetensors",
+    "init": "mechscope init ioi-circuit",
+    "runs": "mechscope runs\n  mechscope runs --root my-project/runs --json",
     "heads": "mechscope heads\n  mechscope heads --html heads.html --json",
     "head": "mechscope head 18.6\n  mechscope head L17H4 --out head.html",
 }
@@ -213,6 +215,22 @@ def cmd_head(args):
         rep.summary() + f"\nreport: {path}"
 
 
+def cmd_init(args):
+    from .project import init_project
+
+    path = init_project(args.name, args.root)
+    return {"path": str(path)}, f"created {path}: edit README.md (question, hypothesis, falsification, validation plan)"
+
+
+def cmd_runs(args):
+    from .project import list_runs, runs_table
+
+    recs = list_runs(args.root)
+    if not recs:
+        return [], f"no runs under {args.root}/"
+    return recs, runs_table(recs)
+
+
 COMMANDS = {
     "env": (cmd_env, "the device, its memory and dtype support"),
     "info": (cmd_info, "the model card: architecture, sizes, hook names"),
@@ -223,6 +241,8 @@ COMMANDS = {
     "attrib": (cmd_attrib, "attribution patching: first-order estimate of every patch"),
     "ablate": (cmd_ablate, "zero/mean/resample ablation of heads, neurons or layers, with a CI"),
     "tuned-lens": (cmd_tuned_lens, "train a tuned lens on the default corpus and compare with the logit lens"),
+    "init": (cmd_init, "scaffold a research project (README with hypothesis and validation plan, folders)"),
+    "runs": (cmd_runs, "list and compare experiment records (runs/*/run.json)"),
     "heads": (cmd_heads, "head detectors: previous-token, duplicate-token, induction, sink, copying"),
     "head": (cmd_head, "what does this head do? an HTML report for one head (LAYER.HEAD)"),
     "demo": (cmd_demo, "the demo investigation on the default model; writes an HTML report"),
@@ -242,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
         p.set_defaults(func=fn)
-        if name != "env":
+        if name not in ("env", "init", "runs"):
             _add_model(p)
         if name == "info":
             p.add_argument("--hooks", action="store_true", help="list the hook points")
@@ -283,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seq-len", type=int, default=64)
             p.add_argument("--batch", type=int, default=4)
             p.add_argument("--out", default="tuned_lens.safetensors")
+        if name == "init":
+            p.add_argument("name")
+            p.add_argument("--root", default=".")
+        if name == "runs":
+            p.add_argument("--root", default="runs")
         if name == "heads":
             p.add_argument("--html", default=None, help="write the heatmaps as an offline HTML page")
         if name == "head":

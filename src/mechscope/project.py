@@ -1,0 +1,186 @@
+"""Research projects and experiment records.
+
+:func:`init_project` scaffolds a project whose README states the question, the hypothesis with
+what would falsify it, and the validation plan. :class:`Run` records one experiment in
+``runs/<time>-<name>/run.json``: the config, seeds, git commit, package versions, device, metrics
+and artifact paths. The record is written atomically at the start (status ``running``), on every
+``save()``, and at the end (``finished``, or ``failed`` with the error when the block raised),
+so a crash leaves a record marked failed, never a missing or half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .viz import atomic_write
+
+README = """# {name}
+
+## Research question
+What does the model compute, and how? (one sentence)
+
+## Hypothesis
+The mechanism we expect, stated so that an experiment could show it wrong.
+
+## What would falsify it
+The result that would make us drop the hypothesis (e.g. patching the proposed components
+recovers less than half of the metric on held-out prompts).
+
+## Validation plan
+- Causal evidence: activation patching and ablation, not only attention patterns or DLA.
+- Held-out prompts: search on one split (`dataset.split()`), confirm on the other.
+- Several seeds: `mechscope.validation.across_seeds`.
+- Effect sizes with bootstrap CIs; a baseline of random components of the same size.
+- Alternative explanations to rule out: ...
+
+## Layout
+- `configs/`: experiment configs (JSON)
+- `experiments/`: scripts, one per question
+- `results/`: figures and tables that go into the write-up
+- `notebooks/`: exploration
+- `runs/`: records written by `mechscope.project.Run` (list them with `mechscope runs`)
+"""
+
+INSTRUCTIONS = """# Working in this project
+
+For people and assistants alike:
+- Every experiment runs inside `with mechscope.project.Run(name, config, seeds) as run:` and logs
+  its metrics (`run.log(...)`) and figures (`run.artifact(path)`); nothing is reported without a
+  run record.
+- State the hypothesis and what would falsify it before running; update README.md when it changes.
+- Claims need causal evidence on held-out prompts, several seeds, CIs, and a random baseline.
+- Do not edit files under runs/ by hand.
+"""
+
+
+def init_project(name: str, root: str | Path = ".") -> Path:
+    """Create ``root/name`` with README.md, AGENTS.md and the configs/experiments/results/notebooks/runs folders."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"project name must be a plain folder name, got {name!r}")
+    path = Path(root) / name
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; choose another name")
+    for sub in ("configs", "experiments", "results", "notebooks", "runs"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub / ".gitkeep").touch()
+    atomic_write(path / "README.md", README.format(name=name))
+    atomic_write(path / "AGENTS.md", INSTRUCTIONS)
+    atomic_write(path / "configs" / "example.json", json.dumps({"model": "smollm2-135m", "task": "ioi", "n": 32,
+                                                                "seeds": [0, 1, 2]}, indent=2) + "\n")
+    return path
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mechscope", "torch", "transformers", "numpy", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Run:
+    """One experiment's record. Use as a context manager::
+
+        with Run("ioi-patching", config={"n": 32}, seeds=[0]) as run:
+            run.log(faithfulness=0.83)
+            run.artifact("results/ioi.png")
+    """
+
+    def __init__(self, name: str, config: dict | None = None, seeds=None, root: str | Path = "runs",
+                 notes: str = ""):
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+        self.dir = Path(root) / f"{stamp}-{safe}"
+        self.path = self.dir / "run.json"
+        cwd = Path.cwd()
+        commit = _git("rev-parse", "HEAD", cwd=cwd)
+        dirty = _git("status", "--porcelain", cwd=cwd)
+        from .compute import env
+
+        e = env()
+        self.record = {
+            "name": name, "status": "created", "config": config or {}, "seeds": list(seeds or []),
+            "notes": notes, "git": {"commit": commit, "dirty": bool(dirty) if dirty is not None else None},
+            "versions": _versions(), "device": {"device": e.device, "name": e.device_name,
+                                                "total_memory": e.total_memory},
+            "started": datetime.now(timezone.utc).isoformat(), "finished": None, "duration_s": None,
+            "metrics": {}, "artifacts": [], "error": None,
+        }
+        self._t0 = None
+
+    def save(self) -> Path:
+        return atomic_write(self.path, json.dumps(self.record, indent=2, default=str) + "\n")
+
+    def log(self, **metrics) -> None:
+        """Record metrics (numbers, lists, or small dicts); saved at once."""
+        for k, v in metrics.items():
+            if hasattr(v, "tolist"):
+                v = v.tolist()
+            self.record["metrics"][k] = v
+        self.save()
+
+    def artifact(self, path: str | Path) -> None:
+        self.record["artifacts"].append(str(path))
+        self.save()
+
+    def __enter__(self) -> "Run":
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self._t0 = time.time()
+        self.record["status"] = "running"
+        self.save()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.record["finished"] = datetime.now(timezone.utc).isoformat()
+        self.record["duration_s"] = round(time.time() - self._t0, 3)
+        if exc_type is None:
+            self.record["status"] = "finished"
+        else:
+            self.record["status"] = "failed"
+            self.record["error"] = {"type": exc_type.__name__, "message": str(exc),
+                                    "traceback": traceback.format_exception(exc_type, exc, tb)[-3:]}
+        self.save()
+        return False
+
+
+def list_runs(root: str | Path = "runs") -> list[dict]:
+    """Every run record under ``root``, oldest first (unreadable records are reported, not skipped silently)."""
+    out = []
+    for p in sorted(Path(root).glob("*/run.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            rec = {"name": p.parent.name, "status": f"unreadable: {e}", "metrics": {}}
+        rec["path"] = str(p.parent)
+        out.append(rec)
+    return out
+
+
+def runs_table(records: list[dict]) -> str:
+    """A plain-text comparison: one row per run, one column per metric that is a number."""
+    keys = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
+    head = f"{'run':40} {'status':9} " + " ".join(f"{k[:14]:>14}" for k in keys)
+    lines = [head]
+    for r in records:
+        vals = " ".join(f"{r['metrics'][k]:>14.4g}" if isinstance(r["metrics"].get(k), (int, float)) else f"{'-':>14}"
+                        for k in keys)
+        lines.append(f"{Path(r['path']).name[:40]:40} {r.get('status', '?')[:9]:9} {vals}")
+    return "\n".join(lines)
