@@ -116,6 +116,12 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+def line_with_band(ax, x, y, low, high, label: str = "") -> None:
+    """A line with a shaded confidence band (e.g. a bootstrap CI) on matplotlib axes."""
+    ax.plot(x, y, marker="o", ms=3, label=label)
+    ax.fill_between(x, low, high, alpha=0.25)
+
+
 def heatmap_png(
     values: torch.Tensor,
     row_labels: Sequence[str],
