@@ -88,3 +88,32 @@ def test_bootstrap_and_effect_sizes():
     assert cohens_d_independent(a + 10, a) > 5
     with pytest.raises(ValueError, match="zero spread"):
         cohens_d(torch.ones(5))
+
+
+def test_across_seeds_and_shuffles():
+    from mechscope.validation import across_seeds, shuffled_labels
+
+    agg = across_seeds(lambda s: float(s) * 2, seeds=[1, 2, 3], name="x")
+    assert float(agg.mean) == 4.0 and abs(float(agg.std) - 2.0) < 1e-9 and "3 seeds" in agg.summary()
+    grid = across_seeds(lambda s: torch.full((2, 3), float(s)))
+    assert grid.values.shape == (3, 2, 3)
+    with pytest.raises(ValueError, match="shape"):
+        across_seeds(lambda s: torch.zeros(s + 1))
+    lab = torch.tensor([[0, 1, -1], [1, 1, 0]])
+    sh = shuffled_labels(lab, 0)
+    assert sh[0, 2] == -1 and sorted(sh[sh >= 0].tolist()) == sorted(lab[lab >= 0].tolist())
+
+
+def test_random_components_and_baseline(model):
+    from mechscope.validation import compare_to_random, random_components
+
+    r = random_components(model, 5, "head", exclude=["L0H0"], seed=1)
+    assert len(set(r)) == 5 and "L0H0" not in r
+    assert random_components(model, 5, "head", seed=1) != random_components(model, 5, "head", seed=2)
+    assert len(random_components(model, 3, "neuron")) == 3
+    with pytest.raises(ValueError, match="only"):
+        random_components(model, 99, "head")
+    cmp = compare_to_random(model, TOKENS, metric, ["L2H1", "L2H3"], method="zero", n_random=3)
+    assert len(cmp.random_effects) == 3 and "random sets" in cmp.summary()
+    with pytest.raises(ValueError, match="one kind"):
+        compare_to_random(model, TOKENS, metric, ["L2H1", "L0N3"])

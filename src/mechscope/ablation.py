@@ -98,7 +98,7 @@ class AblationResult:
                 f"  metric: {float(self.baseline.mean()):+.4f} -> {float(self.ablated.mean()):+.4f}\n"
                 f"  effect: {self.effect}  ({verdict})")
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def plot(self, path: str | Path = "ablation.png") -> Path:
         """Per-prompt metric before and after the ablation."""

@@ -62,7 +62,7 @@ class DLAResult:
         lines += [f"  {'L%dN%d' % (l, n):>12} {v:+8.4f}" for l, n, v in self.neurons[:k]]
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def plot(self, path: str | Path = "dla.png") -> Path:
         """Bar chart of the components and a layer x head heatmap, side by side, as a PNG."""

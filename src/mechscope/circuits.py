@@ -190,7 +190,7 @@ class HeadScores:
         head = f"{self.name} scores" + (f" ({self.description})" if self.description else "")
         return head + "\n" + "\n".join(f"  {n:>7} {v:+.3f}" for n, v in self.top(k))
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def plot(self, path: str | Path | None = None) -> Path:
         L, H = self.scores.shape

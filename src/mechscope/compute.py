@@ -54,7 +54,7 @@ class EnvReport:
         ]
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,7 +168,7 @@ class MemoryEstimate:
         lines += [f"advice        {a}" for a in self.advice]
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def to_dict(self) -> dict:
         d = asdict(self)

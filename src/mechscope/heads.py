@@ -144,7 +144,7 @@ class HeadReport:
             lines.append("  " + self.ablation.summary().replace("\n", "\n  "))
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def to_html(self) -> str:
         body = f"<pre>{viz.esc(self.summary())}</pre>"

@@ -49,7 +49,7 @@ class LogitLensResult:
             lines.append(row)
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def _cells(self):
         return [[s[0] for s in row] for row in self.top_strs]
@@ -193,7 +193,7 @@ class LensComparison:
             lines.append(f"{l:>6} {a:11.3f} {b:11.3f}")
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def plot(self, path: str | Path = "lens_kl.png") -> Path:
         fig, ax = viz.figure(figsize=(6, 4))

@@ -72,6 +72,15 @@ class PatchResult:
             raise ValueError("clean and corrupted metrics are equal: the corruption does not change the metric")
         return (self.values - self.corrupted_value) / gap
 
+    def ci(self, key: tuple, level: float = 0.95):
+        """Bootstrap CI over prompts of the normalised value at ``key`` (needs a per-prompt metric)."""
+        from .validation import bootstrap_ci
+
+        if self.per_prompt is None:
+            return None
+        gap = self.clean_value - self.corrupted_value
+        return bootstrap_ci((self.per_prompt[key] - self.corrupted_value) / gap, level=level)
+
     def _flat(self):
         v = self.normalized()
         idx = torch.nonzero(torch.ones_like(v, dtype=torch.bool))
@@ -89,12 +98,22 @@ class PatchResult:
                  f"over {' x '.join(self.axes)}",
                  f"metric: clean {self.clean_value:.4f}, corrupted {self.corrupted_value:.4f}",
                  f"top {k} by normalised effect (0 = corrupted, 1 = clean):"]
-        lines += [f"  {name:40s} {val:+.3f}" for name, val in self.top(k)]
+        v = self.normalized()
+        order = v.flatten().abs().argsort(descending=True)[:k]
+        for i in order:
+            key = tuple(int(x) for x in torch.unravel_index(i, v.shape))
+            name = " ".join(f"{a}={self.labels[a][j]}" for a, j in zip(self.axes, key))
+            row = f"  {name:40s} {float(v[key]):+.3f}"
+            est = self.ci(key)
+            if est is not None:
+                row += f"  95% CI [{est.low:+.3f}, {est.high:+.3f}] over {est.n} prompts"
+                row += "" if est.excludes(0.0) else "  (not distinguishable from 0)"
+            lines.append(row)
         if self.stats:
             lines.append("engine: " + ", ".join(f"{k}={v}" for k, v in self.stats.items()))
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def _grid(self):
         v = self.normalized()

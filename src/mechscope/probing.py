@@ -146,7 +146,7 @@ class ProbeSweep:
             lines.append(f"best: {self.hooks[b]}, selectivity {s}: the probe {verdict}")
         return "\n".join(lines)
 
-    __str__ = summary
+    __str__ = __repr__ = summary
 
     def plot(self, path: str | Path = "probe.png") -> Path:
         x = list(range(len(self.hooks)))
@@ -175,13 +175,14 @@ class ProbeSweep:
 
 @torch.no_grad()
 def probe_sweep(model, tokens: torch.Tensor, labels: torch.Tensor, hooks=None, kind: str = "logistic",
-                control: bool = True, held_out: float = 0.25, seed: int = 0, l2: float = 1e-3, task: str = "",
+                control: bool | str = True, held_out: float = 0.25, seed: int = 0, l2: float = 1e-3, task: str = "",
                 batch_size: int = 16) -> ProbeSweep:
     """Probe ``labels [n, pos]`` (``-1`` = ignore) from each hook's activations on ``tokens [n, pos]``.
 
     ``hooks`` defaults to every ``blocks.L.hook_resid_post``. Sequences are split into train and
     held-out; scores carry bootstrap CIs over held-out examples, and with ``control`` the
-    Hewitt & Liang control task is fit on the same split (selectivity with a paired CI).
+    Hewitt & Liang control task is fit on the same split (selectivity with a paired CI);
+    ``control="shuffled"`` uses shuffled labels instead (:func:`mechscope.validation.shuffled_labels`).
     """
     if tokens.shape != labels.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must have the same shape")
@@ -199,7 +200,14 @@ def probe_sweep(model, tokens: torch.Tensor, labels: torch.Tensor, hooks=None, k
         _, cache = model.run_with_cache(tokens[s:s + batch_size].to(model.device), names_filter=hooks, device="cpu")
         for h in hooks:
             acts[h].append(cache[h].float())
-    ctrl = control_labels(tokens, labels, seed) if control and kind == "logistic" else None
+    if control == "shuffled":
+        from .validation import shuffled_labels
+
+        ctrl = shuffled_labels(labels, seed)
+    elif control and kind == "logistic":
+        ctrl = control_labels(tokens, labels, seed)
+    else:
+        ctrl = None
     mask = labels >= 0
 
     def split(x, idx):

@@ -155,3 +155,84 @@ def heatmap_png(
     ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax)
     return save_figure(fig, path)
+
+
+def _json_for_script(obj) -> str:
+    """JSON that is safe inside a <script> element (no '</' can close it)."""
+    import json
+
+    return json.dumps(obj).replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+_VIEWER_JS = """
+(function(){
+  var root = document.getElementById(%(id)s), data = %(data)s;
+  var sel = root.querySelector('select'), box = root.querySelector('.ms-toks'), info = root.querySelector('.ms-info');
+  data.heads.forEach(function(h, i){ var o = document.createElement('option'); o.value = i; o.textContent = h; sel.appendChild(o); });
+  var spans = data.tokens.map(function(t, i){
+    var s = document.createElement('span'); s.textContent = t; s.className = 'ms-tok'; s.dataset.i = i; box.appendChild(s); return s; });
+  var pinned = -1;
+  function show(q){
+    var row = data.pattern[+sel.value][q];
+    spans.forEach(function(s, k){ var w = k < row.length ? row[k] : 0;
+      s.style.background = 'rgba(220,60,40,' + Math.min(1, w).toFixed(3) + ')';
+      s.style.outline = k === q ? '2px solid #36c' : 'none'; s.title = 'attention ' + w.toFixed(3); });
+    info.textContent = 'query ' + q + ' (' + JSON.stringify(data.tokens[q]) + '), head ' + data.heads[+sel.value];
+  }
+  spans.forEach(function(s){ s.addEventListener('mouseenter', function(){ if (pinned < 0) show(+s.dataset.i); });
+    s.addEventListener('click', function(){ pinned = pinned === +s.dataset.i ? -1 : +s.dataset.i; show(+s.dataset.i); }); });
+  sel.addEventListener('change', function(){ show(pinned >= 0 ? pinned : data.tokens.length - 1); });
+  show(data.tokens.length - 1);
+})();
+"""
+
+
+def attention_viewer(str_tokens, pattern: torch.Tensor, head_names=None, title: str = "attention") -> str:
+    """An interactive, offline attention viewer: pick a head, hover (or click to pin) a query token, and the
+    key tokens are shaded by attention. ``pattern`` is ``[head, q, k]``. Tokens are placed with
+    ``textContent`` (never parsed as HTML); the JavaScript is inline."""
+    import uuid
+
+    pat = pattern.detach().float().cpu()
+    if pat.dim() == 2:
+        pat = pat[None]
+    if pat.shape[-1] != len(str_tokens) or pat.shape[-2] != len(str_tokens):
+        raise ValueError(f"pattern {tuple(pat.shape)} does not match {len(str_tokens)} tokens")
+    heads = [str(h) for h in (head_names or range(pat.shape[0]))]
+    uid = "ms-att-" + uuid.uuid4().hex[:8]
+    data = {"tokens": [str(t) for t in str_tokens], "heads": heads,
+            "pattern": [[[round(float(x), 4) for x in row] for row in h] for h in pat]}
+    js = _VIEWER_JS % {"id": _json_for_script(uid), "data": _json_for_script(data)}
+    return (f"<div id='{uid}' class='ms-att'><h3>{esc(title)}</h3><label>head <select></select></label> "
+            f"<span class='ms-info'></span><div class='ms-toks' style='line-height:1.9;margin-top:.5em'></div>"
+            f"<style>.ms-tok{{padding:1px 2px;margin:1px;border-radius:3px;cursor:pointer;white-space:pre;"
+            f"border:1px solid #eee}}</style><script>{js}</script></div>")
+
+
+def heatmap_plotly(values: torch.Tensor, row_labels, col_labels, title: str = "", include_js: bool = True,
+                   diverging: bool = False) -> str:
+    """An interactive plotly heatmap as an HTML fragment, with plotly.js inlined (works offline).
+
+    Pass ``include_js=False`` for every heatmap after the first on one page.
+    """
+    import plotly.graph_objects as go
+
+    v = values.detach().float().cpu()
+    uniq = lambda labels: [f"{i}: {l}" for i, l in enumerate(labels)]  # noqa: E731 - plotly merges equal labels
+    kw = dict(colorscale="RdBu", reversescale=True, zmid=0) if diverging else dict(colorscale="Blues")
+    fig = go.Figure(go.Heatmap(z=v.tolist(), x=uniq(col_labels), y=uniq(row_labels), **kw))
+    fig.update_layout(title=title, yaxis=dict(autorange="reversed"), height=max(300, 22 * v.shape[0] + 120))
+    return fig.to_html(full_html=False, include_plotlyjs=bool(include_js))
+
+
+def histogram_png(values, path: str | os.PathLike, title: str = "", bins: int = 50, log_y: bool = False,
+                  xlabel: str = "") -> Path:
+    """A histogram of ``values`` as a PNG (e.g. feature activations or densities)."""
+    v = torch.as_tensor(values).detach().float().cpu().flatten().numpy()
+    fig, ax = figure(figsize=(6, 3.5))
+    ax.hist(v, bins=bins, color="#36c")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    return save_figure(fig, path)
