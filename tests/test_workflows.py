@@ -14,13 +14,15 @@ def test_demo_investigation_writes_report(smollm, tmp_path):
 
     rep = demo_investigation(smollm, tmp_path, n_prompts=4)
     html = (tmp_path / "report.html").read_text()
-    assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5."]
-    for png in ("logit_lens.png", "dla.png", "ioi_resid.png", "ioi_heads.png"):
+    assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7."]
+    for png in ("logit_lens.png", "dla.png", "ioi_resid.png", "ioi_heads.png", "induction.png", "probe.png"):
         assert (tmp_path / png).stat().st_size > 5000 and png in html
     assert "<script" not in html and "http" not in html  # offline, no CDN
     assert "&#x27; Paris&#x27;" in html or "&#x27;Paris&#x27;" in html or "Paris" in html
-    causal = rep.sections[-1].text
+    causal = rep.sections[4].text
     assert "matter more than random heads" in causal, causal
+    assert rep.metrics["induction_top_minus_random"] > 1.0
+    assert "beats its control task" in rep.sections[6].text
 
 
 def test_technique_commands(capsys, monkeypatch, smollm, tmp_path):

@@ -21,6 +21,7 @@ EXAMPLES = {
     "attrib": "mechscope attrib --task ioi --site z --per-position --json",
     "ablate": "mechscope ablate --task ioi L9H3 L10H1 --method mean\n  mechscope ablate --task factual L3 --method resample",
     "tuned-lens": "mechscope tuned-lens --steps 100 --out lens.safetensors",
+    "probe": "mechscope probe --layers 0 10 20 27 --png probe.png",
     "init": "mechscope init ioi-circuit",
     "runs": "mechscope runs\n  mechscope runs --root my-project/runs --json",
     "heads": "mechscope heads\n  mechscope heads --html heads.html --json",
@@ -90,9 +91,16 @@ def cmd_demo(args):
     t0 = time.time()
     model = _load(args)
     print(f"loaded {model!r} in {time.time() - t0:.1f} s", flush=True)
-    rep = demo_investigation(model, args.out)
+    from .project import Run
+
+    with Run("demo", config={"model": model.cfg.model_name, "out": args.out}, seeds=[0],
+             root=Path(args.out) / "runs") as run:
+        rep = demo_investigation(model, args.out)
+        run.log(**rep.metrics)
+        run.artifact(Path(args.out) / "report.html")
     path = Path(args.out) / "report.html"
-    return {"report": str(path), "sections": [s.title for s in rep.sections]}, ""
+    return {"report": str(path), "sections": [s.title for s in rep.sections], "run": str(run.path)}, \
+        f"run record: {run.path}"
 
 
 def _task(args, model):
@@ -215,6 +223,22 @@ def cmd_head(args):
         rep.summary() + f"\nreport: {path}"
 
 
+def cmd_probe(args):
+    from . import corpus
+    from .probing import next_token_continues_word, probe_sweep
+
+    model = _load(args)
+    toks = corpus.pack(model, corpus.default_corpus("test"), args.seq_len, n_seqs=args.n)
+    layers = args.layers or list(range(0, model.cfg.n_layers, max(1, model.cfg.n_layers // 6)))
+    res = probe_sweep(model, toks, next_token_continues_word(model, toks),
+                      hooks=[f"blocks.{l}.hook_resid_post" for l in layers], task="next token continues the word",
+                      control="shuffled" if args.shuffled else True)
+    _write_outputs(args, res, "probe")
+    return {"hooks": res.hooks, "scores": [e.value for e in res.scores],
+            "control": [e.value for e in res.control] if res.control else None,
+            "selectivity": [e.value for e in res.selectivity] if res.selectivity else None}, res.summary()
+
+
 def cmd_init(args):
     from .project import init_project
 
@@ -241,6 +265,7 @@ COMMANDS = {
     "attrib": (cmd_attrib, "attribution patching: first-order estimate of every patch"),
     "ablate": (cmd_ablate, "zero/mean/resample ablation of heads, neurons or layers, with a CI"),
     "tuned-lens": (cmd_tuned_lens, "train a tuned lens on the default corpus and compare with the logit lens"),
+    "probe": (cmd_probe, "linear probes per layer for a context-dependent property, with a control task"),
     "init": (cmd_init, "scaffold a research project (README with hypothesis and validation plan, folders)"),
     "runs": (cmd_runs, "list and compare experiment records (runs/*/run.json)"),
     "heads": (cmd_heads, "head detectors: previous-token, duplicate-token, induction, sink, copying"),
@@ -303,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seq-len", type=int, default=64)
             p.add_argument("--batch", type=int, default=4)
             p.add_argument("--out", default="tuned_lens.safetensors")
+        if name == "probe":
+            p.add_argument("--layers", type=int, nargs="*", default=None)
+            p.add_argument("--n", type=int, default=32, help="sequences from the held-out corpus")
+            p.add_argument("--seq-len", type=int, default=64)
+            p.add_argument("--shuffled", action="store_true", help="shuffled-label control instead of per-type labels")
         if name == "init":
             p.add_argument("name")
             p.add_argument("--root", default=".")
@@ -313,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "head":
             p.add_argument("head", help="LAYER.HEAD, e.g. 18.6 (or L18H6)")
             p.add_argument("--out", default=None, help="HTML report path (default head_L{l}H{h}.html)")
-        if name in ("dla", "patch", "attrib", "ablate", "tuned-lens"):
+        if name in ("dla", "patch", "attrib", "ablate", "tuned-lens", "probe"):
             p.add_argument("--png", default=None, help="write a PNG picture here")
             p.add_argument("--html", default=None, help="write an offline HTML page here")
     return parser

@@ -3,7 +3,8 @@
 :func:`demo_investigation` is what ``make demo`` runs on the default model: the environment and
 a memory estimate, a logit lens and DLA on a factual prompt, IOI activation patching (residual
 stream, then heads), attribution patching checked against true patching, and the causal check
-of the top heads against random heads of the same number, with CIs over held-out prompts.
+of the top heads against random heads of the same number, with CIs over held-out prompts; the
+induction heads with their ablation evidence over seeds; and a linear probe against its control task.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Report:
 
     title: str
     sections: list[Section] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
 
     def add(self, section: Section, echo: bool = True) -> None:
         self.sections.append(section)
@@ -106,6 +108,43 @@ def demo_investigation(model, out: str | Path = "mechscope-demo", n_prompts: int
             f"baseline, {k} random heads ({', '.join(rand)}):\n{a_rand.summary()}\n"
             f"difference (top - random) in effect: {diff}  => {verdict}")
     rep.add(Section("5. causal check on held-out prompts", text))
+    metrics = {"ioi_top_heads": top, "ioi_top_effect": a_top.effect.value, "ioi_random_effect": a_rand.effect.value,
+               "ioi_top_minus_random": diff.value, "attribution_vs_patching_r": r, "dla_paris_london": dla.target}
+
+    # 6. induction heads, with the causal check against random heads over seeds
+    from .heads import induction_scores, repeated_tokens
+    from .metrics import induction_loss
+    from .validation import across_seeds, compare_to_random
+
+    ind = induction_scores(model, seed=seed)
+    ind.plot(out / "induction.png")
+    top_ind = [n for n, _ in ind.top(4)]
+
+    def check(s):
+        toks, _ = repeated_tokens(model, 20, 8, seed=100 + s)
+        ref = repeated_tokens(model, 20, 8, seed=1000 + s)[0]
+        return compare_to_random(model, toks, lambda lg: induction_loss(lg, toks, 20), top_ind, method="mean",
+                                 n_random=3, reference=ref, seed=s)
+
+    checks = [check(s) for s in range(3)]
+    agg = across_seeds(lambda s: checks[s].difference.value, seeds=range(3), name="loss increase, top - random")
+    text = f"{ind.summary(6)}\n\nseed 0:\n{checks[0].summary()}\n\n{agg.summary()}"
+    rep.add(Section("6. induction heads and their ablation evidence", text, ind.to_html(), ["induction.png"]))
+    metrics.update(induction_heads=top_ind, induction_top_minus_random=float(agg.mean))
+
+    # 7. a probe for a context-dependent property, against its control task
+    from . import corpus
+    from .probing import next_token_continues_word, probe_sweep
+
+    toks = corpus.pack(model, corpus.default_corpus("test"), 64, n_seqs=32)
+    n = model.cfg.n_layers
+    layers = sorted({0, n // 3, 2 * n // 3, n - 3})
+    probe = probe_sweep(model, toks, next_token_continues_word(model, toks),
+                        hooks=[f"blocks.{l}.hook_resid_post" for l in layers], task="next token continues the word")
+    probe.plot(out / "probe.png")
+    rep.add(Section("7. linear probe with a control task", probe.summary(), probe.to_html(), ["probe.png"]))
+    metrics["probe_best_selectivity"] = probe.selectivity[probe.best].value
     path = rep.write(out)
     print(f"\nreport: {path.resolve()}  ({time.time() - t0:.1f} s)")
+    rep.metrics = metrics
     return rep
