@@ -21,6 +21,7 @@ EXAMPLES = {
     "attrib": "mechscope attrib --task ioi --site z --per-position --json",
     "ablate": "mechscope ablate --task ioi L9H3 L10H1 --method mean\n  mechscope ablate --task factual L3 --method resample",
     "tuned-lens": "mechscope tuned-lens --steps 100 --out lens.safetensors",
+    "circuit": "mechscope circuit --task ioi --n 16 --png circuit.png\n  mechscope circuit --task factual --threshold 0.1",
     "probe": "mechscope probe --layers 0 10 20 27 --png probe.png",
     "init": "mechscope init ioi-circuit",
     "runs": "mechscope runs\n  mechscope runs --root my-project/runs --json",
@@ -223,6 +224,21 @@ def cmd_head(args):
         rep.summary() + f"\nreport: {path}"
 
 
+def cmd_circuit(args):
+    from .circuit import find_circuit
+
+    model = _load(args)
+    _, _, _, ds = _task(args, model)
+    if ds is None:
+        raise ValueError("circuit discovery needs a task dataset: pass --task")
+    res = find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps)
+    _write_outputs(args, res, "circuit")
+    f = res.faithfulness
+    return {"nodes": res.nodes, "edges": res.edges, "faithfulness": [f.value, f.low, f.high],
+            "random_faithfulness": [e.value for e in res.random_faithfulness],
+            "knockout": [res.knockout.value, res.knockout.low, res.knockout.high]}, res.summary()
+
+
 def cmd_probe(args):
     from . import corpus
     from .probing import next_token_continues_word, probe_sweep
@@ -265,6 +281,7 @@ COMMANDS = {
     "attrib": (cmd_attrib, "attribution patching: first-order estimate of every patch"),
     "ablate": (cmd_ablate, "zero/mean/resample ablation of heads, neurons or layers, with a CI"),
     "tuned-lens": (cmd_tuned_lens, "train a tuned lens on the default corpus and compare with the logit lens"),
+    "circuit": (cmd_circuit, "find a circuit for a task: patching, EAP edges, faithfulness vs random circuits"),
     "probe": (cmd_probe, "linear probes per layer for a context-dependent property, with a control task"),
     "init": (cmd_init, "scaffold a research project (README with hypothesis and validation plan, folders)"),
     "runs": (cmd_runs, "list and compare experiment records (runs/*/run.json)"),
@@ -307,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("prompt")
             p.add_argument("--answer", required=True, help="the answer token, e.g. ' Paris'")
             p.add_argument("--wrong", default=None, help="a contrasting token: attribute the logit difference")
-        if name in ("patch", "attrib", "ablate"):
+        if name == "circuit":
+            p.add_argument("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|")
+            p.add_argument("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)")
+        if name in ("patch", "attrib", "ablate", "circuit"):
             p.add_argument("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None)
             p.add_argument("--n", type=int, default=8, help="prompts from the task generator")
             p.add_argument("--seed", type=int, default=0)
@@ -343,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "head":
             p.add_argument("head", help="LAYER.HEAD, e.g. 18.6 (or L18H6)")
             p.add_argument("--out", default=None, help="HTML report path (default head_L{l}H{h}.html)")
-        if name in ("dla", "patch", "attrib", "ablate", "tuned-lens", "probe"):
+        if name in ("dla", "patch", "attrib", "ablate", "tuned-lens", "probe", "circuit"):
             p.add_argument("--png", default=None, help="write a PNG picture here")
             p.add_argument("--html", default=None, help="write an offline HTML page here")
     return parser
