@@ -95,7 +95,8 @@ def test_head_report_on_tiny(tmp_path):
     rep = head_report(model, 1, 0, ablation_seqs=0)
     assert set(rep.scores) >= {"induction", "previous-token", "copying"}
     assert all(1 <= r <= 12 for _, r in rep.scores.values())
-    assert len(rep.ov_top) == 50 and rep.offsets.shape == (9,)
+    assert len(rep.ov_top) == 50 and rep.offsets.shape == (9,) and len(rep.qk_top) == 10
+    assert "QK circuit" in rep.summary()
     html = rep.write(tmp_path / "h.html").read_text()
     assert "L1H0" in html and "<script" not in html
     with pytest.raises(ValueError, match="no head"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import viz
-from .circuits import HeadScores, copying_scores, full_OV
+from .circuits import HeadScores, copying_scores, full_OV, full_QK
 
 
 def repeated_tokens(model, n: int = 20, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
@@ -123,6 +123,7 @@ class HeadReport:
     ov_top: list[tuple[str, list[str]]]  # input token -> top output tokens
     ov_self_rate: float
     offsets: torch.Tensor  # mean attention by query-key distance 0..k
+    qk_top: list[tuple[str, list[str]]] = field(default_factory=list)  # query token -> preferred key tokens
     ablation: object | None = None
     extra: dict = field(default_factory=dict)
 
@@ -140,6 +141,10 @@ class HeadReport:
                      f"of {len(self.ov_top)} sampled tokens")
         for t, outs in self.ov_top[:5]:
             lines.append(f"    {t!r:>14} -> {', '.join(repr(o) for o in outs)}")
+        if self.qk_top:
+            lines.append("  QK circuit (content part, no rotary): keys a query token prefers")
+            for t, keys in self.qk_top[:5]:
+                lines.append(f"    {t!r:>14} -> {', '.join(repr(k) for k in keys)}")
         if self.ablation is not None:
             lines.append("  " + self.ablation.summary().replace("\n", "\n  "))
         return "\n".join(lines)
@@ -153,6 +158,9 @@ class HeadReport:
         rows = "".join(f"<tr><td>{viz.esc(repr(t))}</td><td>{viz.esc(', '.join(repr(o) for o in outs))}</td></tr>"
                        for t, outs in self.ov_top)
         body += f"<h3>OV circuit: top output tokens</h3><table class='ms-heat'>{rows}</table>"
+        rows = "".join(f"<tr><td>{viz.esc(repr(t))}</td><td>{viz.esc(', '.join(repr(k) for k in ks))}</td></tr>"
+                       for t, ks in self.qk_top)
+        body += f"<h3>QK circuit (content part): preferred key tokens</h3><table class='ms-heat'>{rows}</table>"
         return body
 
     def _repr_html_(self) -> str:
@@ -203,6 +211,9 @@ def head_report(model, layer: int, head: int, prompts: list[str] | None = None, 
     self_rate = float((top == sample[:, None]).any(-1).float().mean())
     name = (lambda i: model.to_str_tokens(torch.tensor([int(i)]))[0]) if model.tokenizer is not None else str
     ov_top = [(name(t), [name(o) for o in outs]) for t, outs in zip(sample.tolist(), top.tolist())]
+    qk = full_QK(model, layer, head)
+    keys = (qk.A[sample[:10]] @ qk.B).topk(5, dim=-1).indices  # [10, 5]: preferred key tokens
+    qk_top = [(name(t), [name(k) for k in ks]) for t, ks in zip(sample[:10].tolist(), keys.tolist())]
     abl = None
     if model.tokenizer is not None and ablation_seqs:
         from . import corpus
@@ -216,4 +227,4 @@ def head_report(model, layer: int, head: int, prompts: list[str] | None = None, 
             return lm_loss(logits, evalset.to(logits.device), per_token=True).mean(-1)
 
         abl = ablate(model, evalset, per_seq_loss, [f"L{layer}H{head}"], method="mean", reference=ref, seed=seed)
-    return HeadReport(layer, head, scores, c.n_layers * c.n_heads, patterns, ov_top, self_rate, dist, abl)
+    return HeadReport(layer, head, scores, c.n_layers * c.n_heads, patterns, ov_top, self_rate, dist, qk_top, abl)
