@@ -1,0 +1,224 @@
+"""Sparse autoencoders: ReLU + L1, TopK, BatchTopK and JumpReLU.
+
+All four share ``x_hat = f(x) @ W_dec + b_dec`` with ``f(x) = act(pre)``,
+``pre = (x - b_dec) @ W_enc + b_enc``, decoder rows at unit norm, ``W_enc`` initialised as
+``W_dec^T``, and ``b_dec`` initialised at the geometric median (or mean) of the data.
+
+- ``relu`` (SAELens "standard"): ``f = relu(pre)``; loss ``||x - x_hat||^2 + λ Σ_i f_i ||W_dec,i||``
+  (L1 weighted by decoder norm; Bricken et al. 2023, Conerly et al. 2024), λ warmed up linearly.
+- ``topk`` (Gao et al. 2024): keep the ``k`` largest ``relu(pre)`` per example; AuxK loss: the
+  ``k_aux`` largest pre-activations among dead latents reconstruct the residual error, weighted 1/32.
+- ``batchtopk`` (Bussmann et al. 2024): keep the ``k x batch`` largest over the whole batch during
+  training; at inference a single learned threshold ``θ`` (a running mean of the smallest kept
+  activation) gives a JumpReLU, which is how it is saved.
+- ``jumprelu`` (Rajamanoharan et al. 2024): ``f = pre · H(pre - θ)`` with per-latent ``θ = exp(log θ)``
+  kept in fp32; straight-through gradients for ``θ`` through a rectangle kernel of width
+  ``bandwidth``; loss ``||x - x_hat||^2 + λ L0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    """Everything that defines an SAE and how it was trained (saved in ``cfg.json``)."""
+
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    hook_name: str = ""
+    model_name: str = ""
+    k: int = 32
+    l1_coefficient: float = 5.0
+    l1_warmup_steps: int = 0
+    k_aux: int | None = None
+    aux_coefficient: float = 1 / 32
+    l0_coefficient: float = 1e-3
+    jumprelu_init_threshold: float = 1e-3
+    jumprelu_bandwidth: float = 1e-3
+    normalize_activations: str = "none"  # "none" | "expected_average_only_in"
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.normalize_activations not in ("none", "expected_average_only_in"):
+            raise ValueError("normalize_activations must be 'none' or 'expected_average_only_in'")
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre · H(pre - θ)``; gradient for θ through a rectangle kernel (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        rect = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
+        g_pre = grad * (pre > threshold)
+        g_thr = (-(threshold / bw) * rect * grad).sum(0)
+        return g_pre, g_thr, None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - θ)`` with the same straight-through gradient for θ (for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        rect = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
+        return torch.zeros_like(pre), (-(1.0 / bw) * rect * grad).sum(0), None
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder over ``[..., d_in]`` activations; see the module docstring for the maths."""
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(torch.tensor(cfg.jumprelu_init_threshold).log())))
+        # BatchTopK's inference threshold, and the input scale of "expected_average_only_in"
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    # ------------------------------------------------------------------ maths
+    def scale_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.input_scale
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d_sae]``: ``(scale·x - b_dec) @ W_enc + b_enc``."""
+        return (self.scale_in(x) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return torch.relu(pre)
+        if arch == "topk" or (arch == "batchtopk" and not training and self.threshold < 0):
+            r = torch.relu(pre)
+            vals, idx = r.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(r).scatter(-1, idx, vals)
+        if arch == "batchtopk":
+            r = torch.relu(pre)
+            if not training:  # inference: the learned global threshold
+                return r * (r > self.threshold)
+            flat = r.reshape(-1)
+            n = min(flat.numel(), self.cfg.k * r.reshape(-1, r.shape[-1]).shape[0])
+            vals, idx = flat.topk(n)
+            return torch.zeros_like(flat).scatter(0, idx, vals).reshape(r.shape)
+        thr = self.log_threshold.float().exp()
+        return _JumpReLU.apply(pre, thr.to(pre.dtype), self.cfg.jumprelu_bandwidth)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]`` feature activations (inference mode)."""
+        return self.activate(self.pre_acts(x), training=False)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """``[..., d_sae] -> [..., d_in]`` in the raw activation space: ``(f @ W_dec + b_dec) / scale``."""
+        return (f @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+    @torch.no_grad()
+    def init_b_dec(self, x: torch.Tensor, method: str = "geometric_median", iters: int = 50) -> None:
+        """Set ``b_dec`` to the geometric median (Weiszfeld iterations) or the mean of ``scale·x`` ``[n, d_in]``."""
+        x = self.scale_in(x.float())
+        m = x.mean(0)
+        if method == "geometric_median":
+            for _ in range(iters):
+                w = 1.0 / (x - m).norm(dim=-1).clamp(min=1e-6)
+                m = (w[:, None] * x).sum(0) / w.sum()
+        elif method != "mean":
+            raise ValueError("method must be 'geometric_median' or 'mean'")
+        self.b_dec.copy_(m)
+
+    @torch.no_grad()
+    def fit_input_scale(self, x: torch.Tensor) -> None:
+        """``expected_average_only_in``: scale inputs so that ``E||scale·x||^2 = d_in`` (Anthropic, April 2024)."""
+        if self.cfg.normalize_activations == "expected_average_only_in":
+            self.input_scale.fill_(float((self.cfg.d_in / x.float().pow(2).sum(-1).mean()).sqrt()))
+
+    def training_loss(self, x: torch.Tensor, step: int = 0, dead_mask: torch.Tensor | None = None) -> dict:
+        """Loss terms on a batch ``[n, d_in]`` (computed in the scaled space). Returns a dict with ``loss``."""
+        cfg = self.cfg
+        xs = self.scale_in(x)
+        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        f = self.activate(pre, training=True)
+        recon = f @ self.W_dec + self.b_dec
+        err = xs - recon
+        mse = err.pow(2).sum(-1).mean()
+        out = {"mse": mse, "feature_acts": f}
+        if cfg.architecture == "relu":
+            warm = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+            l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+            out["l1"] = l1
+            out["loss"] = mse + warm * cfg.l1_coefficient * l1
+        elif cfg.architecture == "jumprelu":
+            thr = self.log_threshold.float().exp()
+            l0 = _Step.apply(pre, thr.to(pre.dtype), cfg.jumprelu_bandwidth).sum(-1).mean()
+            out["l0_penalty"] = l0
+            out["loss"] = mse + cfg.l0_coefficient * l0
+        else:
+            out["loss"] = mse
+            if cfg.architecture == "batchtopk":
+                with torch.no_grad():  # running estimate of the inference threshold
+                    kept = f[f > 0]
+                    if kept.numel():
+                        m = kept.min()
+                        self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
+            if dead_mask is not None and bool(dead_mask.any()):
+                k_aux = cfg.k_aux or cfg.d_in // 2
+                dead_pre = torch.relu(pre).masked_fill(~dead_mask, 0.0)
+                kk = min(k_aux, int(dead_mask.sum()))
+                vals, idx = dead_pre.topk(kk, dim=-1)
+                aux_f = torch.zeros_like(dead_pre).scatter(-1, idx, vals)
+                aux_recon = aux_f @ self.W_dec
+                aux = (err.detach() - aux_recon).pow(2).sum(-1).mean()
+                out["aux"] = aux
+                out["loss"] = mse + cfg.aux_coefficient * aux
+        return out
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Keep decoder rows on the unit sphere: drop the gradient component along each row."""
+        if self.W_dec.grad is not None:
+            g = self.W_dec.grad
+            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec

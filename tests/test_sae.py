@@ -1,0 +1,163 @@
+"""SAEs: the four architectures learn a planted dictionary; resume is exact; SAELens format round trips."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mechscope import HookedModel
+from mechscope.sae import (SAE, SAEConfig, SAETrainingError, TrainConfig, check_fits, evaluate_sae, harvest,
+                           load_sae, save_sae, splice_hook, train_sae)
+from tiny import V, tiny_hf
+
+
+def planted(n=4000, d=16, atoms=48, active=3, seed=0):
+    """Activations that are sparse sums of unit directions (a known dictionary), scaled up."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(atoms, d, generator=g)
+    D /= D.norm(dim=-1, keepdim=True)
+    idx = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
+    coef = torch.rand(n, active, generator=g) * 3 + 0.5
+    x = (coef[..., None] * D[idx]).sum(1)
+    return 7.0 * x + 2.0  # an offset and a scale, as real activations have
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_architectures_learn(arch, tmp_path):
+    acts = planted()
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, k=3, l1_coefficient=0.3, l0_coefficient=0.05,
+                    normalize_activations="expected_average_only_in", jumprelu_init_threshold=0.05,
+                    jumprelu_bandwidth=0.05)
+    sae = train_sae(acts, cfg, TrainConfig(steps=600, batch_size=256, lr=3e-3, log_every=100,
+                                           checkpoint_every=1000, dead_window=20_000), out=tmp_path, progress=False)
+    x = acts[:500]
+    f = sae.encode(x)
+    ev = 1 - (x - sae.decode(f)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert ev > 0.7, (arch, float(ev))
+    l0 = float((f > 0).sum(-1).float().mean())
+    assert l0 < 20, (arch, l0)
+    if arch == "topk":
+        assert l0 <= 3
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5, rtol=0)
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [100, 200, 300, 400, 500, 600]
+    assert {"l0", "mse", "explained_variance", "dead", "dense", "log10_density_hist"} <= set(log[0])
+    if arch == "jumprelu":
+        assert abs(log[-1]["l0"] - log[0]["l0"]) > 0.5, "the JumpReLU thresholds did not move L0"
+    if arch == "batchtopk":
+        assert float(sae.threshold) > 0  # inference uses the learned threshold
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    acts = planted(n=2000)
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture="topk", k=3)
+    tc = TrainConfig(steps=120, batch_size=64, lr=1e-3, log_every=10, checkpoint_every=20)
+    full = train_sae(acts, cfg, tc, out=tmp_path / "a", progress=False)
+    stop = int(torch.randint(21, 119, (1,), generator=torch.Generator().manual_seed(7)))
+    train_sae(acts, cfg, tc, out=tmp_path / "b", progress=False, stop_after=stop)  # "killed" at a random step
+    resumed = train_sae(acts, cfg, tc, out=tmp_path / "b", resume=True, progress=False)
+    for name, p in full.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(10, 121, 10))
+
+
+def test_nan_stops_and_keeps_checkpoint(tmp_path):
+    acts = planted(n=1000)
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture="relu")
+    tc = TrainConfig(steps=50, batch_size=64, checkpoint_every=10, log_every=10)
+    train_sae(acts, cfg, tc, out=tmp_path, progress=False, stop_after=20)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    bad = acts.clone()
+    bad[:] = float("nan")
+    with pytest.raises(SAETrainingError, match="non-finite loss"):
+        train_sae(bad, cfg, tc, out=tmp_path, resume=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_saelens_round_trip_reconstructs_raw_activations(arch, tmp_path):
+    acts = planted(n=1500)
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture=arch, k=4, hook_name="blocks.1.hook_resid_post",
+                    normalize_activations="expected_average_only_in")
+    sae = train_sae(acts, cfg, TrainConfig(steps=60, batch_size=128), progress=False)
+    assert float(sae.input_scale) != 1.0
+    path = save_sae(sae, tmp_path / "sae", log10_density=torch.zeros(32))
+    raw = json.loads((path / "cfg.json").read_text())
+    assert raw["normalize_activations"] == "none" and raw["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert raw["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
+    again = load_sae(path)
+    x = acts[:200]
+    torch.testing.assert_close(again(x), sae(x), atol=1e-4, rtol=1e-4)
+    assert (path / "sparsity.safetensors").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_loads_a_folder_written_from_the_spec(tmp_path):
+    """Built by hand from SAELens's format description, independently of save_sae."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 32, 20
+    w = {"W_enc": torch.randn(d_in, d_sae, generator=g), "W_dec": torch.randn(d_sae, d_in, generator=g),
+         "b_enc": torch.randn(d_sae, generator=g), "b_dec": torch.randn(d_in, generator=g),
+         "threshold": torch.rand(d_sae, generator=g)}
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"hook_name": "blocks.2.hook_resid_post", "model_name": "tiny", "sae_lens_version": "6.54.0"}}))
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    sae = load_sae(tmp_path)
+    x = torch.randn(5, d_in, generator=g)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    f = torch.relu(pre) * (pre > w["threshold"])
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), f @ w["W_dec"] + w["b_dec"])
+    model = HookedModel(tiny_hf("llama"))
+    check_fits(sae, model)
+    sae.cfg.hook_name = "blocks.2.mlp.hook_post"
+    with pytest.raises(ValueError, match="d_in=32"):
+        check_fits(sae, model)
+    sae.cfg.hook_name = "blocks.2.hook_resid_pots"
+    with pytest.raises(KeyError, match="Did you mean"):
+        check_fits(sae, model)
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 1, "d_sae": 1}))
+    with pytest.raises(ValueError, match="unsupported SAE architecture"):
+        load_sae(tmp_path)
+
+
+def test_harvest_stops_early_and_splicing():
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (4, 9))
+    ran = []
+    h = model._layers[2].register_forward_hook(lambda *a: ran.append(1))
+    acts = harvest(model, "blocks.1.hook_resid_post", toks, batch_size=2)
+    h.remove()
+    assert not ran, "blocks above the hook ran"
+    _, cache = model.run_with_cache(toks, names_filter="blocks.1.hook_resid_post")
+    torch.testing.assert_close(acts, cache["resid_post", 1].reshape(-1, 32))
+    cfg = SAEConfig(d_in=32, d_sae=64, architecture="topk", k=8, hook_name="blocks.1.hook_resid_post")
+    sae = train_sae(acts, cfg, TrainConfig(steps=50, batch_size=32), progress=False)
+    with torch.no_grad():
+        same = model.run_with_hooks(toks, fwd_hooks=[("blocks.1.hook_resid_post", splice_hook(sae, True))])
+    torch.testing.assert_close(same, model(toks).detach(), atol=1e-4, rtol=1e-4)
+    ev = evaluate_sae(model, sae, toks)
+    import math
+
+    assert all(math.isfinite(v) for v in (ev.ce_clean, ev.ce_sae, ev.ce_zero, ev.explained_variance))
+    assert 0 <= ev.dead_fraction <= 1 and "recovered" in ev.summary() and ev.l0 <= 8
+
+
+@pytest.mark.slow
+def test_topk_sae_on_default_model(smollm):
+    """A short TopK run on a middle-layer residual stream of SmolLM2 already reconstructs and recovers CE."""
+    from mechscope import corpus
+
+    hook = "blocks.15.hook_resid_post"
+    train_toks = corpus.pack(smollm, corpus.default_corpus("train"), 64, n_seqs=64)
+    test_toks = corpus.pack(smollm, corpus.default_corpus("test"), 64, n_seqs=8)
+    acts = harvest(smollm, hook, train_toks)
+    cfg = SAEConfig(d_in=576, d_sae=2304, architecture="topk", k=32, hook_name=hook, model_name="smollm2-135m",
+                    normalize_activations="expected_average_only_in")
+    sae = train_sae(acts, cfg, TrainConfig(steps=300, batch_size=256, lr=1e-3), progress=False)
+    ev = evaluate_sae(smollm, sae, test_toks)
+    assert ev.ce_zero > ev.ce_sae > ev.ce_clean, ev.summary()
+    assert ev.explained_variance > 0.5 and ev.ce_recovered > 0.5, ev.summary()
