@@ -161,3 +161,54 @@ def test_topk_sae_on_default_model(smollm):
     ev = evaluate_sae(smollm, sae, test_toks)
     assert ev.ce_zero > ev.ce_sae > ev.ce_clean, ev.summary()
     assert ev.explained_variance > 0.5 and ev.ce_recovered > 0.5, ev.summary()
+
+
+def test_features_dashboards_search_and_interventions(tmp_path):
+    import re
+
+    from mechscope.sae.features import (ablate_features_hook, feature_stats, logit_effects, steer_hook,
+                                        write_dashboards)
+
+    model = HookedModel(tiny_hf("llama"))
+
+    class Tok:  # token ids as strings, with HTML-hostile pieces
+        bos_token_id = None
+
+        def decode(self, ids):
+            return "".join("<b>" if int(i) == 3 else f"t{int(i)}" for i in ids)
+
+    model.tokenizer = Tok()
+    toks = torch.randint(0, V, (12, 10), generator=torch.Generator().manual_seed(0))
+    toks[:, 4] = 3
+    acts = harvest(model, "blocks.1.hook_resid_post", toks)
+    sae = train_sae(acts, SAEConfig(d_in=32, d_sae=48, architecture="topk", k=4, hook_name="blocks.1.hook_resid_post"),
+                    TrainConfig(steps=40, batch_size=32), progress=False)
+    stats = feature_stats(model, sae, toks, n_top=5, batch_size=4)
+    f = sae.encode(acts)
+    torch.testing.assert_close(stats.density, (f > 0).float().mean(0))  # streamed = all at once
+    torch.testing.assert_close(stats.max_act, f.amax(0))
+    i = next(iter(stats.top))
+    assert abs(stats.top[i][0].activation - float(f[:, i].max().detach())) < 1e-5
+    assert len(stats.top[i]) <= 5 and all(len(x.tokens) <= 11 for x in stats.top[i])
+    top, bot = logit_effects(model, sae, i, k=3)
+    assert len(top) == 3 and top[0][1] >= bot[0][1]
+    index = write_dashboards(model, sae, stats, tmp_path / "dash")
+    page = (tmp_path / "dash" / f"feature_{i}.html").read_text()
+    assert "&lt;b&gt;" in page  # the hostile token (in every window) is escaped...
+    assert not re.findall(r"<b>(?![0-9.+-]+</b>)", page)  # ...and every real <b> holds an activation value
+    assert "<script" not in page and index.name == "index.html" and f"feature_{i}.html" in index.read_text()
+    # ablating every feature leaves only the error term; steering adds the decoder row
+    got = {}
+
+    def grab(a, h):
+        got["x"] = a.detach()
+
+    with model.hooks([("blocks.1.hook_resid_post", ablate_features_hook(sae, range(48))),
+                      ("blocks.1.hook_resid_post", grab)]):
+        model(toks[:2])
+    _, cache = model.run_with_cache(toks[:2], names_filter="blocks.1.hook_resid_post")
+    x = cache["resid_post", 1]
+    torch.testing.assert_close(got["x"], x - (sae(x) - sae.b_dec / sae.input_scale), atol=1e-4, rtol=1e-4)
+    with model.hooks([("blocks.1.hook_resid_post", steer_hook(sae, i, 3.0)), ("blocks.1.hook_resid_post", grab)]):
+        model(toks[:2])
+    torch.testing.assert_close(got["x"], x + 3.0 * sae.W_dec[i].detach() / sae.input_scale)

@@ -1,0 +1,235 @@
+"""Reading SAE features: max-activating examples, histograms, logit effects, dashboards, search, interventions.
+
+In the spirit of sae_vis and Neuronpedia, a feature dashboard shows its firing density, a
+histogram of its nonzero activations, the top and bottom tokens of ``W_dec[i] @ W_U`` (its direct
+logit effect, through the unembedding only), the top activating contexts and samples from
+activation quantiles, each with about 5 tokens of context and per-token activations. Examples
+are gathered in one streaming pass over the corpus, keeping only a fixed number per feature, so
+memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import viz
+from .model import SAE
+
+
+@dataclass
+class Example:
+    activation: float
+    tokens: list[str]  # the context window
+    acts: list[float]  # per-token activation of the feature in the window
+    center: int  # index of the max token in the window
+
+
+@dataclass
+class FeatureStats:
+    """What one pass over a corpus says about every feature (streamed; bounded memory)."""
+
+    n_tokens: int
+    fire_count: torch.Tensor  # [d_sae]
+    max_act: torch.Tensor  # [d_sae]
+    top: dict[int, list[Example]]
+    quantile_samples: dict[int, list[Example]]
+    hist: dict[int, torch.Tensor]  # feature -> histogram counts of nonzero activations
+    hist_edges: dict[int, torch.Tensor]
+
+    @property
+    def density(self) -> torch.Tensor:
+        return self.fire_count.float() / max(self.n_tokens, 1)
+
+
+@torch.no_grad()
+def feature_stats(model, sae: SAE, tokens: torch.Tensor, features=None, n_top: int = 20, context: int = 5,
+                  batch_size: int = 8, n_bins: int = 30, seed: int = 0) -> FeatureStats:
+    """One streaming pass over ``tokens [n, pos]``: density and max for all features; top examples,
+    quantile samples and activation histograms for ``features`` (default: the 20 densest live ones
+    after a first batch)."""
+    from .train import harvest
+
+    hook = sae.cfg.hook_name
+    d = sae.cfg.d_sae
+    fire = torch.zeros(d, dtype=torch.long)
+    maxa = torch.zeros(d)
+    n_tok = 0
+    heaps: dict[int, list] = {}
+    pool: dict[int, list] = {}
+    values: dict[int, list[torch.Tensor]] = {}
+    g = torch.Generator().manual_seed(seed)
+    counter = 0
+    P = tokens.shape[1]
+    for s in range(0, tokens.shape[0], batch_size):
+        toks = tokens[s:s + batch_size]
+        acts = harvest(model, hook, toks, batch_size, skip_first=0)
+        f = sae.encode(acts).reshape(toks.shape[0], P, d)
+        fire += (f > 0).sum((0, 1))
+        maxa = torch.maximum(maxa, f.amax((0, 1)))
+        n_tok += toks.numel()
+        if features is None:
+            live = torch.nonzero(fire > 0).flatten()
+            features = live[fire[live].argsort(descending=True)][:20].tolist()
+        for i in features:
+            fi = f[..., i]
+            nz = fi[fi > 0]
+            values.setdefault(i, []).append(nz.float())
+            k = min(n_top, int((fi > 0).sum()))
+            if k == 0:
+                continue
+            vals, idx = fi.flatten().topk(k)
+            for v, j in zip(vals.tolist(), idx.tolist()):
+                b, p = divmod(j, P)
+                counter += 1
+                lo, hi = max(0, p - context), min(P, p + context + 1)
+                item = (v, counter, s + b, p, fi[b, lo:hi].tolist())
+                h = heaps.setdefault(i, [])
+                if len(h) < n_top:
+                    heapq.heappush(h, item)
+                elif v > h[0][0]:
+                    heapq.heapreplace(h, item)
+            # a uniform sample of firing positions, for the quantile view (reservoir-like, bounded)
+            pos = torch.nonzero(fi > 0)
+            take = pos[torch.randperm(len(pos), generator=g)[:5]]
+            pool.setdefault(i, []).extend(
+                (float(fi[b, p]), s + int(b), int(p), fi[b, max(0, p - context):min(P, p + context + 1)].tolist())
+                for b, p in take.tolist())
+            pool[i] = pool[i][-200:]
+    strs_cache: dict[int, list[str]] = {}
+
+    def strs(row):
+        if row not in strs_cache:
+            strs_cache[row] = model.to_str_tokens(tokens[row])
+        return strs_cache[row]
+
+    def example(v, row, p, window_acts):
+        lo = max(0, p - context)
+        return Example(v, strs(row)[lo:lo + len(window_acts)], window_acts, p - lo)
+
+    top = {i: [example(v, row, p, w) for v, _, row, p, w in sorted(heaps.get(i, []), reverse=True)] for i in features}
+    qs = {}
+    hist, edges = {}, {}
+    for i in features:
+        allv = torch.cat(values.get(i, [torch.zeros(0)]))
+        if allv.numel():
+            e = torch.linspace(0, float(allv.max()), n_bins + 1)
+            hist[i], edges[i] = torch.histc(allv, bins=n_bins, min=0, max=float(allv.max())), e
+        samples = sorted(pool.get(i, []))
+        picks = [samples[int(q * (len(samples) - 1))] for q in torch.linspace(0, 1, 10).tolist()] if samples else []
+        qs[i] = [example(v, row, p, w) for v, row, p, w in picks]
+    return FeatureStats(n_tok, fire, maxa, top, qs, hist, edges)
+
+
+@torch.no_grad()
+def logit_effects(model, sae: SAE, feature: int, k: int = 10) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """Top and bottom ``k`` tokens of ``W_dec[feature] @ W_U`` (direct effect through the unembedding only)."""
+    eff = (sae.W_dec[feature].float() / sae.input_scale.float()) @ model.W_U.float().cpu()
+    top, bot = eff.topk(k), (-eff).topk(k)
+    name = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
+    return ([(name(i), float(v)) for v, i in zip(top.values, top.indices)],
+            [(name(i), float(-v)) for v, i in zip(bot.values, bot.indices)])
+
+
+def _example_html(ex: Example) -> str:
+    m = max(ex.acts + [1e-9])
+    spans = []
+    for j, (t, a) in enumerate(zip(ex.tokens, ex.acts)):
+        style = f"background:rgba(255,120,0,{min(1.0, a / m):.2f});"
+        if j == ex.center:
+            style += "border-bottom:2px solid #000;"
+        spans.append(f"<span class='ms-tok' style='{style}' title='{viz.esc(f'{a:.3f}')}'>{viz.esc(t)}</span>")
+    return f"<div class='ms-ex'><b>{ex.activation:.3f}</b> {''.join(spans)}</div>"
+
+
+def dashboard_html(model, sae: SAE, stats: FeatureStats, feature: int) -> str:
+    """One feature's dashboard as an HTML fragment (every token escaped)."""
+    dens = float(stats.density[feature])
+    top, bot = logit_effects(model, sae, feature)
+    parts = [f"<h2>feature {feature}</h2><p>fires on {dens:.3%} of {stats.n_tokens} tokens; "
+             f"max activation {float(stats.max_act[feature]):.3f}</p>"]
+    if feature in stats.hist:
+        h, e = stats.hist[feature], stats.hist_edges[feature]
+        bars = "".join(f"<div title='{float(e[j]):.2f}-{float(e[j + 1]):.2f}: {int(c)}' style='display:inline-block;"
+                       f"width:8px;margin-right:1px;background:#36c;height:{int(100 * float(c) / max(float(h.max()), 1))}px'>"
+                       f"</div>" for j, c in enumerate(h))
+        parts.append(f"<h3>activation histogram (nonzero)</h3><div style='display:flex;align-items:flex-end;"
+                     f"height:105px'>{bars}</div>")
+    row = lambda xs: "".join(f"<tr><td>{viz.esc(repr(t))}</td><td>{v:+.3f}</td></tr>" for t, v in xs)  # noqa: E731
+    parts.append(f"<h3>logit effect (W_dec @ W_U)</h3><table class='ms-heat'><tr><th>promoted</th><th></th></tr>"
+                 f"{row(top)}</table><table class='ms-heat'><tr><th>suppressed</th><th></th></tr>{row(bot)}</table>")
+    parts.append("<h3>top activations</h3>" + "".join(_example_html(x) for x in stats.top.get(feature, [])))
+    parts.append("<h3>samples across activation quantiles</h3>" +
+                 "".join(_example_html(x) for x in stats.quantile_samples.get(feature, [])))
+    return "".join(parts)
+
+
+def write_dashboards(model, sae: SAE, stats: FeatureStats, folder: str | Path) -> Path:
+    """An HTML page per feature in ``stats.top`` plus ``index.html`` (offline; written atomically)."""
+    folder = Path(folder)
+    css = "<style>.ms-tok{white-space:pre;padding:0 1px}.ms-ex{margin:3px 0;font-family:monospace}</style>"
+    rows = []
+    for i in stats.top:
+        viz.atomic_write(folder / f"feature_{i}.html", viz.page(f"feature {i}", css + dashboard_html(model, sae, stats, i)))
+        best = stats.top[i][0] if stats.top[i] else None
+        snippet = viz.esc("".join(best.tokens)) if best else ""
+        rows.append(f"<tr><td><a href='feature_{i}.html'>{i}</a></td><td>{float(stats.density[i]):.3%}</td>"
+                    f"<td>{float(stats.max_act[i]):.3f}</td><td style='white-space:pre'>{snippet}</td></tr>")
+    index = (f"<p>{viz.esc(sae.cfg.architecture)} SAE on {viz.esc(sae.cfg.hook_name)}, {sae.cfg.d_sae} features; "
+             f"{int((stats.fire_count == 0).sum())} never fired on {stats.n_tokens} tokens</p>"
+             "<table class='ms-heat'><tr><th>feature</th><th>density</th><th>max</th><th>top context</th></tr>"
+             + "".join(rows) + "</table>")
+    return viz.atomic_write(folder / "index.html", viz.page("SAE features", index))
+
+
+@torch.no_grad()
+def top_features(model, sae: SAE, text: str, k: int = 10) -> list[tuple[int, float]]:
+    """The features with the largest summed activation on ``text``."""
+    from .train import harvest
+
+    f = sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(text), skip_first=0))
+    tot = f.sum(0)
+    v, i = tot.topk(k)
+    return [(int(a), float(b)) for a, b in zip(i, v)]
+
+
+@torch.no_grad()
+def separating_features(model, sae: SAE, texts_a: list[str], texts_b: list[str], k: int = 10):
+    """Features whose mean activation differs most between two sets of texts: ``[(feature, mean_a - mean_b)]``."""
+    from .train import harvest
+
+    def mean_acts(texts):
+        return torch.stack([sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(t), skip_first=0)).mean(0)
+                            for t in texts]).mean(0)
+
+    diff = mean_acts(texts_a) - mean_acts(texts_b)
+    idx = diff.abs().topk(k).indices
+    return [(int(i), float(diff[i])) for i in idx]
+
+
+def ablate_features_hook(sae: SAE, features):
+    """A hook that removes ``features``' contributions and keeps the SAE's error term:
+    ``x - sum_i f_i(x) W_dec[i] / scale``."""
+    feats = torch.as_tensor(list(features), dtype=torch.long)
+
+    @torch.no_grad()
+    def hook(act, h):
+        f = sae.encode(act.float())
+        removed = f[..., feats] @ sae.W_dec[feats] / sae.input_scale
+        return (act.float() - removed).to(act.dtype)
+
+    return hook
+
+
+def steer_hook(sae: SAE, feature: int, coefficient: float):
+    """A hook adding ``coefficient * W_dec[feature]`` (in raw activation units) at every position;
+    use it in ``run_with_hooks`` or ``generate(fwd_hooks=...)``."""
+    direction = (sae.W_dec[feature] / sae.input_scale).detach()
+
+    def hook(act, h):
+        return act + coefficient * direction.to(act.device, act.dtype)
+
+    return hook
