@@ -212,3 +212,48 @@ def test_features_dashboards_search_and_interventions(tmp_path):
     with model.hooks([("blocks.1.hook_resid_post", steer_hook(sae, i, 3.0)), ("blocks.1.hook_resid_post", grab)]):
         model(toks[:2])
     torch.testing.assert_close(got["x"], x + 3.0 * sae.W_dec[i].detach() / sae.input_scale)
+
+
+def test_disk_shards_are_atomic_and_resumable(tmp_path):
+    from mechscope.sae import harvest_to_disk, load_shards
+
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (10, 6), generator=torch.Generator().manual_seed(1))
+    folder = harvest_to_disk(model, "blocks.0.hook_resid_post", toks[:6], tmp_path / "acts", seqs_per_shard=4)
+    (folder / "shard_00009.safetensors").write_bytes(b"half a shard")  # a crash leftover, not in the manifest
+    harvest_to_disk(model, "blocks.0.hook_resid_post", toks, folder, seqs_per_shard=4)  # resumes at row 6
+    acts = load_shards(folder)
+    torch.testing.assert_close(acts, harvest(model, "blocks.0.hook_resid_post", toks))
+    with pytest.raises(ValueError, match="holds activations"):
+        harvest_to_disk(model, "blocks.1.hook_resid_post", toks, folder)
+
+
+def test_shuffle_buffer_mixes_and_keeps_every_row():
+    from mechscope.sae import shuffled_batches
+
+    chunks = [torch.full((10, 1), float(i)) for i in range(10)]
+    batches = list(shuffled_batches(chunks, batch_size=5, buffer_size=40))
+    rows = torch.cat(batches).flatten()
+    assert sorted(rows.tolist()) == sorted(torch.cat(chunks).flatten().tolist())
+    assert len(set(batches[0].flatten().tolist())) > 1  # a batch mixes chunks
+
+
+def test_resampling_revives_dead_latents_and_sweep():
+    from mechscope.sae import resample_dead, train_sae_sweep
+
+    acts = planted(n=2000)
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture="relu", l1_coefficient=1.0)
+    sae = SAE(cfg)
+    sae.fit_input_scale(acts)
+    opt = torch.optim.Adam(sae.parameters())
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e3  # eight latents that can never fire
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:8] = True
+    assert not (sae.encode(acts[:256])[:, :8] > 0).any()
+    assert resample_dead(sae, acts[:256], dead, opt) == 8
+    assert (sae.encode(acts[:256])[:, :8] > 0).any()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(32), atol=1e-5, rtol=0)
+    a, b = train_sae_sweep(acts, [cfg, SAEConfig(d_in=16, d_sae=32, architecture="topk", k=3)],
+                           TrainConfig(steps=20, batch_size=64), progress=False)
+    assert a.cfg.architecture == "relu" and b.cfg.architecture == "topk"

@@ -73,6 +73,47 @@ class TrainConfig:
     dead_window: int = 100_000  # tokens
     dense_threshold: float = 0.1
     b_dec_init: str = "geometric_median"
+    resample_every: int = 0  # ReLU SAEs: resample dead latents every this many steps (0: never)
+    wandb_project: str | None = None  # log to Weights & Biases when given (needs `pip install wandb`)
+
+
+@torch.no_grad()
+def resample_dead(sae: SAE, x: torch.Tensor, dead: torch.Tensor, opt, seed: int = 0) -> int:
+    """Re-initialise dead latents toward badly reconstructed inputs (after Bricken et al. 2023).
+
+    Inputs are drawn with probability proportional to their squared error; each dead latent's decoder
+    row becomes the normalised error direction, its encoder column that direction scaled to 0.2 x the
+    mean live encoder norm, its bias 0, and its Adam moments are reset. Returns how many were resampled.
+    """
+    idx = torch.nonzero(dead).flatten()
+    if len(idx) == 0:
+        return 0
+    xs = sae.scale_in(x)
+    err = xs - (sae.activate(sae.pre_acts(x)) @ sae.W_dec + sae.b_dec)
+    w = err.pow(2).sum(-1)
+    if float(w.sum()) <= 0:
+        return 0
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.multinomial(w, len(idx), replacement=True, generator=g)
+    dirs = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    live = ~dead
+    scale = 0.2 * (sae.W_enc[:, live].norm(dim=0).mean() if bool(live.any()) else 1.0)
+    sae.W_dec[idx] = dirs
+    sae.W_enc[:, idx] = dirs.T * scale
+    sae.b_enc[idx] = 0.0
+    for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][sl] = 0.0
+    return len(idx)
+
+
+def train_sae_sweep(acts: torch.Tensor, cfgs: list[SAEConfig], train: TrainConfig | None = None,
+                    out: str | Path | None = None, progress: bool = True) -> list[SAE]:
+    """Train several SAE configs on one harvest, each seeing the same batches in the same order."""
+    return [train_sae(acts, c, train, None if out is None else Path(out) / f"sae_{i}", progress=progress)
+            for i, c in enumerate(cfgs)]
 
 
 def _ev(x, x_hat):
@@ -132,6 +173,13 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = No
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"SAE {cfg.architecture}", initial=start, total=train.steps)
+    run = None
+    if train.wandb_project:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("wandb_project was given but wandb is not installed: pip install wandb") from e
+        run = wandb.init(project=train.wandb_project, config={**cfg.to_dict(), **train.__dict__})
     done = 0
     for step in it:
         idx = torch.randint(0, acts.shape[0], (train.batch_size,), generator=gen)
@@ -149,6 +197,10 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = No
         opt.step()
         sae.set_decoder_norm_to_unit()
         f = terms["feature_acts"].detach()
+        if cfg.architecture == "relu" and train.resample_every and (step + 1) % train.resample_every == 0 \
+                and dead is not None:
+            resample_dead(sae, x, dead, opt, seed=train.seed + step)
+            last_fired[dead] = seen  # give resampled latents a fresh window
         fired = (f > 0).any(0)
         seen += x.shape[0]
         last_fired[fired] = seen
@@ -167,11 +219,15 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = No
                        "log10_density_hist": hist.tolist()}
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            if run is not None:
+                run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=step + 1)
         if out is not None and (step + 1) % train.checkpoint_every == 0:
             _save_checkpoint(out, sae, opt, gen, step + 1, last_fired, fired_count, seen)
         done += 1
         if stop_after is not None and done >= stop_after:
             break
+    if run is not None:
+        run.finish()
     sae.extra_state = {"seen": seen, "log10_density": torch.log10((fired_count.float() / max(seen, 1)).clamp(min=1e-10))}
     return sae
 
