@@ -133,7 +133,7 @@ def test_harvest_stops_early_and_splicing():
     h.remove()
     assert not ran, "blocks above the hook ran"
     _, cache = model.run_with_cache(toks, names_filter="blocks.1.hook_resid_post")
-    torch.testing.assert_close(acts, cache["resid_post", 1].reshape(-1, 32))
+    torch.testing.assert_close(acts, cache["resid_post", 1][:, 1:].reshape(-1, 32))  # first position skipped
     cfg = SAEConfig(d_in=32, d_sae=64, architecture="topk", k=8, hook_name="blocks.1.hook_resid_post")
     sae = train_sae(acts, cfg, TrainConfig(steps=50, batch_size=32), progress=False)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_features_dashboards_search_and_interventions(tmp_path):
     model.tokenizer = Tok()
     toks = torch.randint(0, V, (12, 10), generator=torch.Generator().manual_seed(0))
     toks[:, 4] = 3
-    acts = harvest(model, "blocks.1.hook_resid_post", toks)
+    acts = harvest(model, "blocks.1.hook_resid_post", toks, skip_first=0)
     sae = train_sae(acts, SAEConfig(d_in=32, d_sae=48, architecture="topk", k=4, hook_name="blocks.1.hook_resid_post"),
                     TrainConfig(steps=40, batch_size=32), progress=False)
     stats = feature_stats(model, sae, toks, n_top=5, batch_size=4)

@@ -21,6 +21,9 @@ EXAMPLES = {
     "attrib": "mechscope attrib --task ioi --site z --per-position --json",
     "ablate": "mechscope ablate --task ioi L9H3 L10H1 --method mean\n  mechscope ablate --task factual L3 --method resample",
     "tuned-lens": "mechscope tuned-lens --steps 100 --out lens.safetensors",
+    "sae": "mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae\n"
+           "  mechscope sae eval my-sae/sae\n  mechscope sae features my-sae/sae --text \"The capital of France is\"\n"
+           "  mechscope sae dashboard my-sae/sae --out my-sae/dashboard",
     "circuit": "mechscope circuit --task ioi --n 16 --png circuit.png\n  mechscope circuit --task factual --threshold 0.1",
     "probe": "mechscope probe --layers 0 10 20 27 --png probe.png",
     "init": "mechscope init ioi-circuit",
@@ -224,6 +227,43 @@ def cmd_head(args):
         rep.summary() + f"\nreport: {path}"
 
 
+def cmd_sae(args):
+    from . import corpus
+    from .sae import SAEConfig, TrainConfig, evaluate_sae, harvest, load_sae, save_sae, train_sae
+    from .sae.features import feature_stats, top_features, write_dashboards
+
+    model = _load(args)
+    test = corpus.pack(model, corpus.default_corpus("test"), args.seq_len, n_seqs=args.eval_seqs)
+    if args.action == "train":
+        out = Path(args.out)
+        toks = corpus.pack(model, corpus.default_corpus("train"), args.seq_len, n_seqs=args.seqs)
+        print(f"harvesting {args.hook} on {toks.numel()} tokens", flush=True)
+        acts = harvest(model, args.hook, toks)
+        cfg = SAEConfig(d_in=acts.shape[1], d_sae=args.width or 8 * acts.shape[1], architecture=args.arch, k=args.k,
+                        hook_name=args.hook, model_name=model.cfg.model_name,
+                        normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
+        sae = train_sae(acts, cfg, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr),
+                        out=out / "train", resume=args.resume)
+        path = save_sae(sae, out / "sae", log10_density=sae.extra_state["log10_density"])
+        ev = evaluate_sae(model, sae, test)
+        return {"path": str(path), "l0": ev.l0, "explained_variance": ev.explained_variance,
+                "ce_recovered": ev.ce_recovered, "dead_fraction": ev.dead_fraction}, f"saved {path}\n{ev.summary()}"
+    sae = load_sae(args.path, model)
+    if args.action == "eval":
+        ev = evaluate_sae(model, sae, test)
+        return {"l0": ev.l0, "explained_variance": ev.explained_variance, "mse": ev.mse, "ce_clean": ev.ce_clean,
+                "ce_sae": ev.ce_sae, "ce_zero": ev.ce_zero, "ce_recovered": ev.ce_recovered,
+                "dead_fraction": ev.dead_fraction}, ev.summary()
+    if args.action == "features":
+        if not args.text:
+            raise ValueError("give --text to list the features that fire most on it")
+        feats = top_features(model, sae, args.text, k=args.k)
+        return {"features": feats}, "\n".join(f"feature {i:6d}  total activation {v:.3f}" for i, v in feats)
+    stats = feature_stats(model, sae, test, n_top=20)
+    index = write_dashboards(model, sae, stats, args.out)
+    return {"index": str(index), "features": list(stats.top)}, f"dashboards for {len(stats.top)} features: {index}"
+
+
 def cmd_circuit(args):
     from .circuit import find_circuit
 
@@ -281,6 +321,7 @@ COMMANDS = {
     "attrib": (cmd_attrib, "attribution patching: first-order estimate of every patch"),
     "ablate": (cmd_ablate, "zero/mean/resample ablation of heads, neurons or layers, with a CI"),
     "tuned-lens": (cmd_tuned_lens, "train a tuned lens on the default corpus and compare with the logit lens"),
+    "sae": (cmd_sae, "sparse autoencoders: train, eval, features, dashboard"),
     "circuit": (cmd_circuit, "find a circuit for a task: patching, EAP edges, faithfulness vs random circuits"),
     "probe": (cmd_probe, "linear probes per layer for a context-dependent property, with a control task"),
     "init": (cmd_init, "scaffold a research project (README with hypothesis and validation plan, folders)"),
@@ -324,6 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("prompt")
             p.add_argument("--answer", required=True, help="the answer token, e.g. ' Paris'")
             p.add_argument("--wrong", default=None, help="a contrasting token: attribute the logit difference")
+        if name == "sae":
+            p.add_argument("action", choices=["train", "eval", "features", "dashboard"])
+            p.add_argument("path", nargs="?", default=None, help="an SAE folder (SAELens format) for eval/features/dashboard")
+            p.add_argument("--hook", default="blocks.15.hook_resid_post")
+            p.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
+            p.add_argument("--width", type=int, default=None, help="number of latents (default 8 x d_in)")
+            p.add_argument("--k", type=int, default=32, help="TopK/BatchTopK k; with 'features': how many to list")
+            p.add_argument("--l1", type=float, default=5.0)
+            p.add_argument("--steps", type=int, default=1000)
+            p.add_argument("--batch", type=int, default=1024)
+            p.add_argument("--lr", type=float, default=3e-4)
+            p.add_argument("--seqs", type=int, default=256, help="training sequences from the corpus")
+            p.add_argument("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation")
+            p.add_argument("--seq-len", type=int, default=128)
+            p.add_argument("--out", default="sae-run")
+            p.add_argument("--resume", action="store_true")
+            p.add_argument("--text", default=None)
         if name == "circuit":
             p.add_argument("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|")
             p.add_argument("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)")

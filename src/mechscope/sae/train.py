@@ -35,19 +35,20 @@ class SAETrainingError(RuntimeError):
 
 
 @torch.no_grad()
-def harvest(model, hook_name: str, tokens: torch.Tensor, batch_size: int = 8, skip_first: int | None = None,
+def harvest(model, hook_name: str, tokens: torch.Tensor, batch_size: int = 8, skip_first: int = 1,
             ) -> torch.Tensor:
-    """Activations at ``hook_name`` for ``tokens [n, pos]`` as ``[n * kept_pos, width]`` (fp32, CPU).
+    """Activations at ``hook_name`` for ``tokens [n, pos]`` as ``[n * (pos - skip_first), width]`` (fp32, CPU).
 
-    The forward pass stops after the hooked block. ``skip_first`` positions are dropped (default: 1
-    when the model uses BOS, whose activations are outliers).
+    The forward pass stops after the hooked block. The first ``skip_first`` positions are dropped:
+    the first token of a sequence (BOS or not) is an attention sink whose residual norm is tens of
+    times larger than the rest, which would dominate the reconstruction loss and the variance.
     """
     model.manager.check(hook_name)
     layer, _ = split_name(hook_name)
     stop = None if layer is None or hook_name.startswith("ln_final") else layer + 1
     if stop is not None and stop > model.cfg.n_layers:
         stop = None
-    skip = (1 if model.cfg.default_prepend_bos else 0) if skip_first is None else skip_first
+    skip = skip_first
     out = []
     for s in range(0, tokens.shape[0], batch_size):
         got = {}
@@ -258,27 +259,41 @@ class SAEEval:
 
 
 @torch.no_grad()
-def splice_hook(sae: SAE, use_error_term: bool = False):
+def splice_hook(sae: SAE, use_error_term: bool = False, skip_first: int = 1):
     """A forward hook replacing the activation by the SAE's reconstruction (plus the error term if asked:
-    then the output is unchanged, but features can be edited through further hooks)."""
+    then the output is unchanged, but features can be edited through further hooks). The first
+    ``skip_first`` positions, which the SAE was not trained on, are left as they are."""
     def hook(act, h):
         shape = act.shape
         x = act.reshape(*shape[:2], -1) if act.dim() > 3 else act
         recon = sae(x.float())
         if use_error_term:
             recon = recon + (x.float() - recon)
-        return recon.to(act.dtype).reshape(shape)
+        recon = recon.to(act.dtype)
+        if skip_first:
+            recon = torch.cat([x[:, :skip_first], recon[:, skip_first:]], dim=1)
+        return recon.reshape(shape)
 
     return hook
 
 
+def _zero_after_first(act, hook):
+    out = torch.zeros_like(act)
+    out[:, :1] = act[:, :1]
+    return out
+
+
 @torch.no_grad()
 def evaluate_sae(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> SAEEval:
-    """L0, MSE, explained variance and CE loss recovered (against zero-ablation) on held-out ``tokens``."""
+    """L0, MSE, explained variance and CE loss recovered (against zero-ablation) on held-out ``tokens``.
+
+    All positions but the first (the attention sink, see :func:`harvest`) are measured, spliced and
+    zero-ablated.
+    """
     from ..model import lm_loss
 
     hook = sae.cfg.hook_name
-    acts = harvest(model, hook, tokens, batch_size, skip_first=0)
+    acts = harvest(model, hook, tokens, batch_size)
     f = sae.encode(acts)
     recon = sae.decode(f)
     ev = float(_ev(acts, recon))
@@ -290,6 +305,6 @@ def evaluate_sae(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> 
         t = tokens[s:s + batch_size].to(model.device)
         ce["clean"].append(lm_loss(model(t), t))
         ce["sae"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, splice_hook(sae))]), t))
-        ce["zero"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, lambda a, h: torch.zeros_like(a))]), t))
+        ce["zero"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, _zero_after_first)]), t))
     m = {k: float(torch.stack(v).mean()) for k, v in ce.items()}
     return SAEEval(l0, mse, ev, dead, m["clean"], m["sae"], m["zero"])
