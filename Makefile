@@ -39,6 +39,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_memory.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_patching.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_attribution.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
 
 # TransformerLens in its own venv, for bench/bench_transformerlens.py only (never a package dependency)
 bench-tl: $(STAMP)

@@ -14,7 +14,7 @@ def test_demo_investigation_writes_report(smollm, tmp_path):
 
     rep = demo_investigation(smollm, tmp_path, n_prompts=4)
     html = (tmp_path / "report.html").read_text()
-    assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7."]
+    assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8."]
     for png in ("logit_lens.png", "dla.png", "ioi_resid.png", "ioi_heads.png", "induction.png", "probe.png"):
         assert (tmp_path / png).stat().st_size > 5000 and png in html
     assert "<script" not in html and "http" not in html  # offline, no CDN
@@ -23,6 +23,8 @@ def test_demo_investigation_writes_report(smollm, tmp_path):
     assert "matter more than random heads" in causal, causal
     assert rep.metrics["induction_top_minus_random"] > 1.0
     assert "beats its control task" in rep.sections[6].text
+    assert (tmp_path / "features" / "index.html").exists() and (tmp_path / "sae" / "cfg.json").exists()
+    assert rep.metrics["sae_ce_recovered"] > 0.3
 
 
 def test_technique_commands(capsys, monkeypatch, smollm, tmp_path):

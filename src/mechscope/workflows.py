@@ -4,7 +4,8 @@
 a memory estimate, a logit lens and DLA on a factual prompt, IOI activation patching (residual
 stream, then heads), attribution patching checked against true patching, and the causal check
 of the top heads against random heads of the same number, with CIs over held-out prompts; the
-induction heads with their ablation evidence over seeds; and a linear probe against its control task.
+induction heads with their ablation evidence over seeds; a linear probe against its control task;
+and a short SAE run with its metrics and feature dashboards.
 """
 
 from __future__ import annotations
@@ -144,6 +145,27 @@ def demo_investigation(model, out: str | Path = "mechscope-demo", n_prompts: int
     probe.plot(out / "probe.png")
     rep.add(Section("7. linear probe with a control task", probe.summary(), probe.to_html(), ["probe.png"]))
     metrics["probe_best_selectivity"] = probe.selectivity[probe.best].value
+
+    # 8. a short SAE run on a middle-layer residual stream, its metrics and feature dashboards
+    from .sae import SAEConfig, TrainConfig, evaluate_sae, harvest, save_sae, train_sae
+    from .sae.features import feature_stats, write_dashboards
+
+    hook = f"blocks.{n // 2}.hook_resid_post"
+    acts = harvest(model, hook, corpus.pack(model, corpus.default_corpus("train"), 64, n_seqs=64))
+    cfg = SAEConfig(d_in=acts.shape[1], d_sae=4 * acts.shape[1], architecture="topk", k=32, hook_name=hook,
+                    model_name=model.cfg.model_name, normalize_activations="expected_average_only_in")
+    sae = train_sae(acts, cfg, TrainConfig(steps=200, batch_size=256, lr=1e-3, log_every=50, checkpoint_every=1000),
+                    out=out / "sae_train", progress=False)
+    save_sae(sae, out / "sae", log10_density=sae.extra_state["log10_density"])
+    ev = evaluate_sae(model, sae, toks[:8])
+    stats = feature_stats(model, sae, toks[8:24], n_top=10)
+    write_dashboards(model, sae, stats, out / "features")
+    links = "".join(f"<li><a href='features/feature_{i}.html'>feature {i}</a></li>" for i in list(stats.top)[:10])
+    text = (f"TopK SAE, {cfg.d_sae} latents, k=32, on {hook}, trained on {acts.shape[0]} tokens for 200 steps "
+            f"(a CPU-sized run: see bench/bench_sae.py for a longer one)\n{ev.summary()}")
+    rep.add(Section("8. a short SAE run and its features", text,
+                    f"<p><a href='features/index.html'>all feature dashboards</a></p><ul>{links}</ul>"))
+    metrics.update(sae_l0=ev.l0, sae_explained_variance=ev.explained_variance, sae_ce_recovered=ev.ce_recovered)
     path = rep.write(out)
     print(f"\nreport: {path.resolve()}  ({time.time() - t0:.1f} s)")
     rep.metrics = metrics

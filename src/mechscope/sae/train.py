@@ -3,6 +3,8 @@
 Metrics (conventional definitions, after SAELens's bug history; see ``shared/NOTES.md``):
 
 - explained variance ``= 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2`` (mean over the batch, not 0);
+  evaluation also reports it over typical tokens only (norm <= 5x the median), because a few
+  massive-activation tokens (attention sinks, separators) can dominate both sums;
 - MSE ``= mean over examples of ||x - x_hat||^2`` (divided once);
 - L0 = active latents per example; dead = no activation in the last ``dead_window`` tokens;
   dense = firing on more than 10% of tokens;
@@ -244,14 +246,17 @@ class SAEEval:
     ce_clean: float
     ce_sae: float
     ce_zero: float
+    explained_variance_typical: float = float("nan")
+    n_outliers: int = 0
 
     @property
     def ce_recovered(self) -> float:
         return (self.ce_zero - self.ce_sae) / (self.ce_zero - self.ce_clean)
 
     def summary(self) -> str:
-        return (f"L0 {self.l0:.1f}, explained variance {self.explained_variance:.3f}, MSE {self.mse:.4g}, "
-                f"dead {self.dead_fraction:.1%}\nCE loss: clean {self.ce_clean:.4f}, with SAE {self.ce_sae:.4f} "
+        return (f"L0 {self.l0:.1f}, explained variance {self.explained_variance:.3f} (typical tokens "
+                f"{self.explained_variance_typical:.3f}; {self.n_outliers} tokens with norm > 5x median excluded), "
+                f"MSE {self.mse:.4g}, dead {self.dead_fraction:.1%}\nCE loss: clean {self.ce_clean:.4f}, with SAE {self.ce_sae:.4f} "
                 f"(+{self.ce_sae - self.ce_clean:.4f}), zero-ablated {self.ce_zero:.4f}; recovered "
                 f"{self.ce_recovered:.3f}")
 
@@ -297,6 +302,9 @@ def evaluate_sae(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> 
     f = sae.encode(acts)
     recon = sae.decode(f)
     ev = float(_ev(acts, recon))
+    norms = acts.norm(dim=-1)
+    typical = norms <= 5 * norms.median()  # massive-activation tokens (sinks, separators) dominate variance
+    ev_typ = float(_ev(acts[typical], recon[typical]))
     mse = float((acts - recon).pow(2).sum(-1).mean())
     l0 = float((f > 0).sum(-1).float().mean())
     dead = float(((f > 0).sum(0) == 0).float().mean())
@@ -307,4 +315,4 @@ def evaluate_sae(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> 
         ce["sae"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, splice_hook(sae))]), t))
         ce["zero"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, _zero_after_first)]), t))
     m = {k: float(torch.stack(v).mean()) for k, v in ce.items()}
-    return SAEEval(l0, mse, ev, dead, m["clean"], m["sae"], m["zero"])
+    return SAEEval(l0, mse, ev, dead, m["clean"], m["sae"], m["zero"], ev_typ, int((~typical).sum()))
