@@ -52,3 +52,9 @@ def test_cli_init_and_runs(tmp_path, capsys):
     assert main(["runs", "--root", str(tmp_path / "proj" / "runs"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["metrics"]["acc"] == 0.9
     assert main(["init", "proj", "--root", str(tmp_path)]) == 2
+    capsys.readouterr()
+    out = tmp_path / "r.html"
+    assert main(["report", "--root", str(tmp_path / "proj" / "runs"), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert "acc" in html and "finished" in html and "<script" not in html
+    assert main(["report", "--root", str(tmp_path / "nothing")]) == 2

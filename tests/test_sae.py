@@ -257,3 +257,25 @@ def test_resampling_revives_dead_latents_and_sweep():
     a, b = train_sae_sweep(acts, [cfg, SAEConfig(d_in=16, d_sae=32, architecture="topk", k=3)],
                            TrainConfig(steps=20, batch_size=64), progress=False)
     assert a.cfg.architecture == "relu" and b.cfg.architecture == "topk"
+
+
+@pytest.mark.slow
+def test_feature_search_and_steering_during_generate(smollm):
+    from mechscope.sae.features import separating_features, steer_hook, top_features
+
+    hook = "blocks.10.hook_resid_post"
+    from mechscope import corpus
+
+    acts = harvest(smollm, hook, corpus.pack(smollm, corpus.default_corpus("train"), 64, n_seqs=16))
+    sae = train_sae(acts, SAEConfig(d_in=576, d_sae=1152, architecture="topk", k=16, hook_name=hook,
+                                    normalize_activations="expected_average_only_in"),
+                    TrainConfig(steps=60, batch_size=256, lr=1e-3), progress=False)
+    feats = top_features(smollm, sae, "The capital of France is", k=5)
+    assert len(feats) == 5 and feats[0][1] >= feats[-1][1] > 0
+    sep = separating_features(smollm, sae, ["def f(x):\n    return x", "import os\nprint(1)"],
+                              ["The cat sat on the mat.", "She went to the market."], k=5)
+    assert len(sep) == 5 and abs(sep[0][1]) >= abs(sep[-1][1])
+    plain = smollm.generate("The capital of France is", max_new_tokens=5)
+    steered = smollm.generate("The capital of France is", max_new_tokens=5,
+                              fwd_hooks=[(hook, steer_hook(sae, sep[0][0], 200.0))])
+    assert steered != plain and not smollm.manager._entries

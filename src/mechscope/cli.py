@@ -27,6 +27,7 @@ EXAMPLES = {
     "circuit": "mechscope circuit --task ioi --n 16 --png circuit.png\n  mechscope circuit --task factual --threshold 0.1",
     "probe": "mechscope probe --layers 0 10 20 27 --png probe.png",
     "init": "mechscope init ioi-circuit",
+    "report": "mechscope report --root runs --out runs.html\n  mechscope report --root mechscope-demo/runs",
     "runs": "mechscope runs\n  mechscope runs --root my-project/runs --json",
     "heads": "mechscope heads\n  mechscope heads --html heads.html --json",
     "head": "mechscope head 18.6\n  mechscope head L17H4 --out head.html",
@@ -302,6 +303,17 @@ def cmd_init(args):
     return {"path": str(path)}, f"created {path}: edit README.md (question, hypothesis, falsification, validation plan)"
 
 
+def cmd_report(args):
+    from .project import list_runs, runs_report
+    from .viz import atomic_write
+
+    recs = list_runs(args.root)
+    if not recs:
+        raise FileNotFoundError(f"no run records under {args.root}/ (runs/<time>-<name>/run.json)")
+    path = atomic_write(args.out, runs_report(recs))
+    return {"report": str(path), "runs": len(recs)}, f"report of {len(recs)} runs: {path}"
+
+
 def cmd_runs(args):
     from .project import list_runs, runs_table
 
@@ -326,6 +338,7 @@ COMMANDS = {
     "probe": (cmd_probe, "linear probes per layer for a context-dependent property, with a control task"),
     "init": (cmd_init, "scaffold a research project (README with hypothesis and validation plan, folders)"),
     "runs": (cmd_runs, "list and compare experiment records (runs/*/run.json)"),
+    "report": (cmd_report, "an offline HTML report comparing experiment records"),
     "heads": (cmd_heads, "head detectors: previous-token, duplicate-token, induction, sink, copying"),
     "head": (cmd_head, "what does this head do? an HTML report for one head (LAYER.HEAD)"),
     "demo": (cmd_demo, "the demo investigation on the default model; writes an HTML report"),
@@ -345,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
         p.set_defaults(func=fn)
-        if name not in ("env", "init", "runs"):
+        if name not in ("env", "init", "runs", "report"):
             _add_model(p)
         if name == "info":
             p.add_argument("--hooks", action="store_true", help="list the hook points")
@@ -414,8 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "init":
             p.add_argument("name")
             p.add_argument("--root", default=".")
-        if name == "runs":
+        if name in ("runs", "report"):
             p.add_argument("--root", default="runs")
+        if name == "report":
+            p.add_argument("--out", default="runs.html")
         if name == "heads":
             p.add_argument("--html", default=None, help="write the heatmaps as an offline HTML page")
         if name == "head":

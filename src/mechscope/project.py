@@ -184,3 +184,22 @@ def runs_table(records: list[dict]) -> str:
                         for k in keys)
         lines.append(f"{Path(r['path']).name[:40]:40} {r.get('status', '?')[:9]:9} {vals}")
     return "\n".join(lines)
+
+
+def runs_report(records: list[dict], title: str = "experiment records") -> str:
+    """An offline HTML page comparing run records: status, config, seeds, commit and numeric metrics."""
+    from .viz import esc, page
+
+    keys = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
+    head = "".join(f"<th>{esc(k)}</th>" for k in ["run", "status", "seeds", "commit"] + keys)
+    rows = []
+    for r in records:
+        commit = (r.get("git") or {}).get("commit") or ""
+        cells = [Path(r["path"]).name, r.get("status", "?"), r.get("seeds", []), commit[:10]]
+        cells += [f"{r['metrics'][k]:.4g}" if isinstance(r.get("metrics", {}).get(k), (int, float)) else ""
+                  for k in keys]
+        rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    details = "".join(f"<h3>{esc(Path(r['path']).name)}</h3><pre>{esc(json.dumps(r, indent=2, default=str))}</pre>"
+                      for r in records)
+    return page(title, f"<table class='ms-heat'><tr>{head}</tr>{''.join(rows)}</table>{details}")
+
