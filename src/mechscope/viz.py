@@ -147,9 +147,12 @@ def heatmap_png(
     ax.set_xticks(range(cols), [repr(c)[1:-1] for c in col_labels], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(rows), list(row_labels), fontsize=8)
     if cell_text is not None:
+        norm = im.norm
         for i in range(rows):
             for j in range(cols):
-                ax.text(j, i, repr(cell_text[i][j])[1:-1], ha="center", va="center", fontsize=6)
+                dark = abs(float(norm(v[i, j])) - (0.5 if diverging else 0.0)) > (0.3 if diverging else 0.6)
+                ax.text(j, i, repr(cell_text[i][j])[1:-1], ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
