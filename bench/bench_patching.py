@@ -11,7 +11,8 @@ import torch
 
 import mechscope
 from mechscope.metrics import logit_diff
-from mechscope.patching import patch, patch_naive
+from mechscope.patching import patch_naive
+from _engine_timing import time_engine
 
 torch.set_grad_enabled(False)
 
@@ -25,13 +26,7 @@ def main():
     metric = lambda lg: logit_diff(lg, mary, john)  # noqa: E731
     P = model.to_tokens(CLEAN).shape[1]
     L = model.cfg.n_layers
-    patch(model, CLEAN, CORR, metric, layers=[0], positions=[0])  # warm-up
-    t = time.perf_counter()
-    fast = patch(model, CLEAN, CORR, metric, site="resid_pre")
-    t_fast = time.perf_counter() - t
-    t = time.perf_counter()
-    every = patch(model, CLEAN, CORR, metric, site="resid_pre", skip_identical=False)
-    t_every = time.perf_counter() - t
+    fast, t_fast, every, t_every = time_engine(model, CLEAN, CORR, metric)
     t = time.perf_counter()
     slow = patch_naive(model, CLEAN, CORR, metric, site="resid_pre")
     t_slow = time.perf_counter() - t

@@ -12,14 +12,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import mechscope
 from mechscope.metrics import logit_diff
-from mechscope.patching import patch
+from _engine_timing import time_engine
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORR = "When Mary and John went to the store, Mary gave a drink to"
@@ -69,13 +68,7 @@ def main():
             print("TransformerLens run failed:\n" + out.stderr[-3000:])
             return
         tl = json.loads(out.stdout.strip().splitlines()[-1])
-        patch(model, clean, corr, metric, layers=[0], positions=[0])  # warm-up
-        t = time.perf_counter()
-        ours = patch(model, clean, corr, metric, site="resid_pre")
-        t_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        every = patch(model, clean, corr, metric, site="resid_pre", skip_identical=False)
-        t_every = time.perf_counter() - t
+        ours, t_ours, every, t_every = time_engine(model, clean, corr, metric)
     diff = float((ours.values - torch.tensor(tl["values"])).abs().max())
     P = clean.shape[1]
     print(f"resid_pre patching sweep, GPT-2 architecture at SmolLM2-135M size, 30 layers x {P} positions")
