@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from . import viz
+from .patching import equal_length_tokens
 from .validation import Estimate, bootstrap_ci
 
 _SPEC = re.compile(r"^L(\d+)(?:H(\d+)|N(\d+)|\.(attn|mlp))?$")
@@ -120,16 +121,6 @@ class AblationResult:
         return self.to_html()
 
 
-def _tokens(model, x):
-    if isinstance(x, torch.Tensor):
-        return (x if x.dim() == 2 else x[None]).to(model.device)
-    toks, mask = model.tokenize(x)
-    if not bool(mask.all()):
-        raise ValueError("ablation needs prompts of one token length (the metric reads fixed positions); "
-                         f"got lengths {mask.sum(-1).tolist()}")
-    return toks
-
-
 def _select(act: torch.Tensor, comp: Component):
     """Index of the component's slice in its hook activation ``[batch, pos, ...]``."""
     if comp.kind in ("head", "neuron"):
@@ -144,7 +135,7 @@ def replacement_values(model, comps: list[Component], tokens: torch.Tensor, meth
     names = sorted({c.hook for c in comps})
     if method == "zero":
         return {c: None for c in comps}
-    ref = tokens if reference is None else _tokens(model, reference)
+    ref = tokens if reference is None else equal_length_tokens(model, reference, "ablation")
     with torch.no_grad():
         _, cache = model.run_with_cache(ref, names_filter=names)
     out = {}
@@ -194,7 +185,7 @@ def ablation_hooks(model, comps: list[Component], values: dict) -> list:
 def ablate(model, tokens, metric, components, method: str = "zero", reference=None, seed: int = 0,
            n_boot: int = 2000) -> AblationResult:
     """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after."""
-    toks = _tokens(model, tokens)
+    toks = equal_length_tokens(model, tokens, "ablation")
     comps = parse_components(model, components)
     values = replacement_values(model, comps, toks, method, reference, seed)
     base = torch.as_tensor(metric(model(toks))).float().cpu()

@@ -169,21 +169,21 @@ def direct_logit_attribution(
         vals.append(contrib(at(cache["pos_embed"])))
     heads, head_bias, neuron_vals, mlp_bias = [], [], [], []
     fam = model.family
+    W_outs, b_outs = model.W_out.float(), model.b_out.float()  # stacked once, not per layer
     for l in range(n):
         comps += [f"L{l}.attn", f"L{l}.mlp"]
         vals += [contrib(at(cache["attn_out", l])), contrib(at(cache["mlp_out", l]))]
         z = cache["z", l][rows, p][:, None]  # [N, 1, head, d_head]
         res = model.head_results(l, z)[:, 0].float()  # [N, head, d_model]
         heads.append(contrib(res))
-        bias = model._b_O(l).float().expand(N, -1)
-        if fam.attn_post_norm:
-            o = torch.einsum("nhd,hdm->nm", z[:, 0].float(), model.W_O_layer(l).float()) + bias
-            pn = model._norm_spec(model._sub(l, fam.attn_post_norm))
-            bias = bias * pn.scale(o) * pn.gain.float()
-        head_bias.append(contrib(bias))
+        o = None
+        if fam.attn_post_norm:  # the norm's input, from which its frozen scale is read
+            o = torch.einsum("nhd,hdm->nm", z[:, 0].float(), model.W_O_layer(l).float()) + model._b_O(l).float()
+        bias = model._result_bias(l, o, res).float()
+        head_bias.append(contrib(bias.expand(N, -1)))
         post = at(cache["post", l])  # [N, d_mlp]
-        W_out = model.W_out[l].float()  # [d_mlp, d]
-        b_out = model.b_out[l].float().expand(N, -1)
+        W_out = W_outs[l]  # [d_mlp, d]
+        b_out = b_outs[l].expand(N, -1)
         if fam.mlp_post_norm:
             pn = model._norm_spec(model._sub(l, fam.mlp_post_norm))
             k = pn.scale(post @ W_out + b_out) * pn.gain.float()  # [N, d]: the frozen post-norm

@@ -247,13 +247,13 @@ def train_tuned_lens(model, corpus=None, n_steps: int = 100, seq_len: int = 64, 
     from . import corpus as C
 
     torch.manual_seed(seed)
-    if isinstance(corpus, torch.Tensor):
-        train, test = corpus[:-held_out_seqs], corpus[-held_out_seqs:]
-    else:
-        train = C.pack(model, corpus if corpus is not None else C.default_corpus("train"), seq_len,
-                       n_seqs=n_steps * batch)
-        test = C.pack(model, C.default_corpus("test") if corpus is None else iter(()), seq_len,
-                      n_seqs=held_out_seqs) if corpus is None else train[-held_out_seqs:]
+    if corpus is None:  # the standard library's docstrings, split by file
+        train = C.pack(model, C.default_corpus("train"), seq_len, n_seqs=n_steps * batch)
+        test = C.pack(model, C.default_corpus("test"), seq_len, n_seqs=held_out_seqs)
+    else:  # the last rows are held out and never trained on
+        rows = corpus if isinstance(corpus, torch.Tensor) else C.pack(model, corpus, seq_len,
+                                                                       n_seqs=n_steps * batch + held_out_seqs)
+        train, test = rows[:-held_out_seqs], rows[-held_out_seqs:]
     if len(train) == 0:
         raise ValueError("no training sequences")
     lens = TunedLens(model.cfg.n_layers, model.cfg.d_model, model.cfg.model_name).to(model.device)

@@ -142,18 +142,21 @@ class PatchResult:
 
 
 # ---------------------------------------------------------------------------------- inputs
+def equal_length_tokens(model, x, purpose: str = "patching") -> torch.Tensor:
+    """Text, texts or tokens -> ``[batch, pos]`` on the model's device; a clear error when texts differ in length
+    (techniques that read fixed positions cannot use padded batches)."""
+    if isinstance(x, torch.Tensor):
+        return (x[None] if x.dim() == 1 else x).to(model.device)
+    tokens, mask = model.tokenize(x)
+    if not bool(mask.all()):
+        raise ValueError(f"{purpose} needs prompts of one token length within a batch (it reads fixed positions); "
+                         f"got lengths {mask.sum(-1).tolist()}")
+    return tokens
+
+
 def prompt_pair(model, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens for a clean/corrupted pair (text or tokens); an error showing both when lengths differ."""
-    def toks(x):
-        if isinstance(x, torch.Tensor):
-            return x[None] if x.dim() == 1 else x
-        tokens, mask = model.tokenize(x)
-        if not bool(mask.all()):
-            lens = mask.sum(-1).tolist()
-            raise ValueError(f"patching needs prompts of one token length within a batch; got lengths {lens}")
-        return tokens
-
-    a, b = toks(clean).to(model.device), toks(corrupted).to(model.device)
+    a, b = equal_length_tokens(model, clean), equal_length_tokens(model, corrupted)
     if a.shape != b.shape:
         def show(t):
             return model.to_str_tokens(t[0]) if model.tokenizer is not None else t[0].tolist()
@@ -401,9 +404,8 @@ def patch(
         keep_last = last_position_only
     rows_per = batch_size * N if batch_size else _rows_budget(model, P, N, not keep_last)
     per_chunk = max(1, rows_per // N)
-    can_reuse = reuse_prefix
-    for j in jobs:
-        if not can_reuse:
+    if not reuse_prefix:
+        for j in jobs:
             j.p0 = 0
     # a patch that writes bit-identical values changes nothing: its value is the base run's, exactly
     base_value = _check_metric_value(metric(base_logits), N)
@@ -494,9 +496,8 @@ def patch_naive(model, clean, corrupted, metric: Metric, site="resid_pre", direc
     N, P = clean_t.shape
     base_t, src_t = (corr_t, clean_t) if direction == "denoise" else (clean_t, corr_t)
     jobs, axes, labels = _jobs(model, site, layers, positions, heads, per_position, P)
-    _, src = model.run_with_cache(src_t)
-    if any(j.name and j.name.endswith("hook_result") for j in jobs):
-        _, src = model.run_with_cache(src_t, names_filter=lambda n: True)
+    wants_result = any(j.name and j.name.endswith("hook_result") for j in jobs)
+    _, src = model.run_with_cache(src_t, names_filter=(lambda n: True) if wants_result else None)
     clean_value = metric(model(clean_t))
     corr_value = metric(model(corr_t))
     grid = torch.zeros(tuple(len(labels[a]) for a in axes))
