@@ -49,6 +49,44 @@ def test_architectures_learn(arch, tmp_path):
         assert float(sae.threshold) > 0  # inference uses the learned threshold
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_kernels_match_dense_gradients(arch, with_dead):
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=24, d_sae=96, architecture=arch, k=5, k_aux=12,
+                    normalize_activations="expected_average_only_in")
+    x = planted(n=200, d=24)
+    grads, outs = [], []
+    for sparse in (False, True):
+        sae = SAE(cfg, seed=3)
+        sae.fit_input_scale(x)
+        sae.init_b_dec(x, "mean")
+        with torch.no_grad():  # break the W_enc = W_dec^T symmetry so that the test sees both paths
+            sae.W_enc.add_(0.1 * torch.randn(sae.W_enc.shape, generator=torch.Generator().manual_seed(1)))
+        dead = (torch.arange(96) % 3 == 0) if with_dead else None
+        out = sae.training_loss(x, dead_mask=dead, sparse=sparse)
+        out["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+        outs.append(out)
+    d, s = outs
+    torch.testing.assert_close(s["loss"], d["loss"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s["recon"], d["recon"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(s["fires"], d["fires"]) and float(s["l0"]) == pytest.approx(float(d["l0"]))
+    assert ("aux" in s) == with_dead
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+        assert grads[0][name].abs().sum() > 0, name  # every parameter gets a gradient, in both paths
+
+
+def test_sparse_and_dense_training_agree(tmp_path):
+    acts = planted(n=2000)
+    cfg = SAEConfig(d_in=16, d_sae=48, architecture="topk", k=3)
+    saes = [train_sae(acts, cfg, TrainConfig(steps=60, batch_size=128, lr=1e-3, sparse=sp, dead_window=2000),
+                      progress=False) for sp in (False, True)]
+    for name, p in saes[0].state_dict().items():
+        torch.testing.assert_close(saes[1].state_dict()[name], p, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_resume_after_interruption_is_exact(tmp_path):
     acts = planted(n=2000)
     cfg = SAEConfig(d_in=16, d_sae=32, architecture="topk", k=3)

@@ -31,6 +31,7 @@ EXAMPLES = {
     "runs": "mechscope runs\n  mechscope runs --root my-project/runs --json",
     "heads": "mechscope heads\n  mechscope heads --html heads.html --json",
     "head": "mechscope head 18.6\n  mechscope head L17H4 --out head.html",
+    "toy": "mechscope toy --out attn-only-2l\n  mechscope heads --model attn-only-2l",
 }
 
 
@@ -228,6 +229,18 @@ def cmd_head(args):
         rep.summary() + f"\nreport: {path}"
 
 
+def cmd_toy(args):
+    from .heads import detect_heads
+    from .toy import train_attn_only
+
+    run = train_attn_only(n_layers=args.layers, n_heads=args.heads, steps=args.steps, seed=args.seed, progress=True)
+    path = run.save(args.out)
+    det = detect_heads(run.model)
+    top = {k: det[k].top(3) for k in ("previous-token", "induction")}
+    text = run.summary() + "\n" + "\n".join(det[k].summary(3) for k in top) + f"\nsaved {path} (load it with --model {path})"
+    return {"path": str(path), "final_loss": run.losses[-1], "seconds": run.seconds, "top": top}, text
+
+
 def cmd_sae(args):
     from . import corpus
     from .sae import SAEConfig, TrainConfig, evaluate_sae, harvest, load_sae, save_sae, train_sae
@@ -341,6 +354,7 @@ COMMANDS = {
     "report": (cmd_report, "an offline HTML report comparing experiment records"),
     "heads": (cmd_heads, "head detectors: previous-token, duplicate-token, induction, sink, copying"),
     "head": (cmd_head, "what does this head do? an HTML report for one head (LAYER.HEAD)"),
+    "toy": (cmd_toy, "train the 2-layer attention-only toy (induction with a known answer) and save it"),
     "demo": (cmd_demo, "the demo investigation on the default model; writes an HTML report"),
 }
 
@@ -358,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
         p.set_defaults(func=fn)
-        if name not in ("env", "init", "runs", "report"):
+        if name not in ("env", "init", "runs", "report", "toy"):
             _add_model(p)
         if name == "info":
             p.add_argument("--hooks", action="store_true", help="list the hook points")
@@ -431,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--root", default="runs")
         if name == "report":
             p.add_argument("--out", default="runs.html")
+        if name == "toy":
+            p.add_argument("--out", default="attn-only-toy", help="folder for the HF model and tokenizer")
+            p.add_argument("--layers", type=int, default=2)
+            p.add_argument("--heads", type=int, default=2)
+            p.add_argument("--steps", type=int, default=800)
+            p.add_argument("--seed", type=int, default=0)
         if name == "heads":
             p.add_argument("--html", default=None, help="write the heatmaps as an offline HTML page")
         if name == "head":

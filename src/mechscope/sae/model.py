@@ -176,16 +176,26 @@ class SAE(nn.Module):
         if self.cfg.normalize_activations == "expected_average_only_in":
             self.input_scale.fill_(float((self.cfg.d_in / x.float().pow(2).sum(-1).mean()).sqrt()))
 
-    def training_loss(self, x: torch.Tensor, step: int = 0, dead_mask: torch.Tensor | None = None) -> dict:
-        """Loss terms on a batch ``[n, d_in]`` (computed in the scaled space). Returns a dict with ``loss``."""
+    def training_loss(self, x: torch.Tensor, step: int = 0, dead_mask: torch.Tensor | None = None,
+                      sparse: bool = False) -> dict:
+        """Loss terms on a batch ``x [n, d_in]``, computed in the scaled space.
+
+        Returns ``loss``, ``mse`` and the other terms, plus ``recon`` ``[n, d_in]`` (detached),
+        ``fires`` ``[d_sae]`` (how many examples each latent fired on) and ``l0``. ``sparse=True``
+        computes TopK and BatchTopK with the sparse kernels of :mod:`mechscope.sae.kernels`
+        (same values and gradients, one dense matmul instead of five).
+        """
         cfg = self.cfg
+        if sparse and cfg.architecture in ("topk", "batchtopk"):
+            return self._sparse_training_loss(x, dead_mask)
         xs = self.scale_in(x)
         pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
         f = self.activate(pre, training=True)
         recon = f @ self.W_dec + self.b_dec
         err = xs - recon
         mse = err.pow(2).sum(-1).mean()
-        out = {"mse": mse, "feature_acts": f}
+        on = f.detach() > 0
+        out = {"mse": mse, "recon": recon.detach(), "fires": on.sum(0), "l0": on.sum(-1).float().mean()}
         if cfg.architecture == "relu":
             warm = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
             l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
@@ -199,21 +209,54 @@ class SAE(nn.Module):
         else:
             out["loss"] = mse
             if cfg.architecture == "batchtopk":
-                with torch.no_grad():  # running estimate of the inference threshold
-                    kept = f[f > 0]
-                    if kept.numel():
-                        m = kept.min()
-                        self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
+                self._update_threshold(f.detach()[on])
             if dead_mask is not None and bool(dead_mask.any()):
-                k_aux = cfg.k_aux or cfg.d_in // 2
                 dead_pre = torch.relu(pre).masked_fill(~dead_mask, 0.0)
-                kk = min(k_aux, int(dead_mask.sum()))
-                vals, idx = dead_pre.topk(kk, dim=-1)
-                aux_f = torch.zeros_like(dead_pre).scatter(-1, idx, vals)
-                aux_recon = aux_f @ self.W_dec
-                aux = (err.detach() - aux_recon).pow(2).sum(-1).mean()
-                out["aux"] = aux
-                out["loss"] = mse + cfg.aux_coefficient * aux
+                vals, idx = dead_pre.topk(self._k_aux(dead_mask), dim=-1)
+                aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ self.W_dec
+                self._add_aux(out, err, aux_recon)
+        return out
+
+    def _k_aux(self, dead_mask: torch.Tensor) -> int:
+        return min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+
+    def _add_aux(self, out: dict, err: torch.Tensor, aux_recon: torch.Tensor) -> None:
+        """AuxK (Gao et al. 2024): dead latents reconstruct the detached residual error, weighted ``aux_coefficient``."""
+        aux = (err.detach() - aux_recon).pow(2).sum(-1).mean()
+        out["aux"] = aux
+        out["loss"] = out["mse"] + self.cfg.aux_coefficient * aux
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        """BatchTopK's inference threshold: a running mean (0.99) of the smallest kept activation."""
+        if kept.numel():
+            m = kept.min()
+            self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
+
+    def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> dict:
+        from . import kernels as K
+
+        cfg = self.cfg
+        xs = self.scale_in(x)
+        xc = xs - self.b_dec
+        with torch.no_grad():
+            pre = xc @ self.W_enc + self.b_enc  # the one dense matmul
+        if cfg.architecture == "topk":
+            pattern, picked = K.select_topk(pre, cfg.k)
+        else:
+            pattern, picked = K.select_batch_topk(pre, cfg.k)
+            self._update_threshold(picked)
+        vals = K.sparse_latents(xc, self.W_enc, self.b_enc, pattern, picked)
+        recon = K.sparse_decode(vals, self.W_dec, pattern) + self.b_dec
+        err = xs - recon
+        mse = err.pow(2).sum(-1).mean()
+        fires = torch.bincount(pattern.cols, minlength=cfg.d_sae)
+        out = {"mse": mse, "loss": mse, "recon": recon.detach(), "fires": fires,
+               "l0": torch.tensor(pattern.cols.numel() / x.shape[0])}
+        if dead_mask is not None and bool(dead_mask.any()):
+            ap, apicked = K.select_topk(pre, self._k_aux(dead_mask), mask=dead_mask)
+            aux_vals = K.sparse_latents(xc, self.W_enc, self.b_enc, ap, apicked)
+            self._add_aux(out, err, K.sparse_decode(aux_vals, self.W_dec, ap))
         return out
 
     @torch.no_grad()

@@ -77,6 +77,7 @@ class TrainConfig:
     dense_threshold: float = 0.1
     b_dec_init: str = "geometric_median"
     resample_every: int = 0  # ReLU SAEs: resample dead latents every this many steps (0: never)
+    sparse: bool | None = None  # TopK/BatchTopK sparse kernels; None: on for float32/float64
     wandb_project: str | None = None  # log to Weights & Biases when given (needs `pip install wandb`)
 
 
@@ -183,12 +184,13 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = No
         except ImportError as e:
             raise ImportError("wandb_project was given but wandb is not installed: pip install wandb") from e
         run = wandb.init(project=train.wandb_project, config={**cfg.to_dict(), **train.__dict__})
+    sparse = train.sparse if train.sparse is not None else sae.W_enc.dtype in (torch.float32, torch.float64)
     done = 0
     for step in it:
         idx = torch.randint(0, acts.shape[0], (train.batch_size,), generator=gen)
         x = acts[idx]
         dead = (seen - last_fired) >= train.dead_window if seen >= train.dead_window else None
-        terms = sae.training_loss(x, step, dead)
+        terms = sae.training_loss(x, step, dead, sparse=sparse)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise SAETrainingError(f"non-finite loss ({float(loss.detach())}) at step {step}; the last good checkpoint "
@@ -199,23 +201,22 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = No
         sae.remove_parallel_grad()
         opt.step()
         sae.set_decoder_norm_to_unit()
-        f = terms["feature_acts"].detach()
         if cfg.architecture == "relu" and train.resample_every and (step + 1) % train.resample_every == 0 \
                 and dead is not None:
             resample_dead(sae, x, dead, opt, seed=train.seed + step)
             last_fired[dead] = seen  # give resampled latents a fresh window
-        fired = (f > 0).any(0)
+        fires = terms["fires"]
         seen += x.shape[0]
-        last_fired[fired] = seen
-        fired_count += (f > 0).sum(0)
+        last_fired[fires > 0] = seen
+        fired_count += fires
         if out is not None and (step + 1) % train.log_every == 0:
             with torch.no_grad():
                 xs = sae.scale_in(x)
-                recon = f @ sae.W_dec + sae.b_dec
+                recon = terms["recon"]
                 density = fired_count.float() / max(seen, 1)
                 hist = torch.histc(torch.log10(density.clamp(min=1e-10)), bins=20, min=-10, max=0)
                 rec = {"step": step + 1, "tokens": seen, "loss": float(loss), "mse": float(terms["mse"]),
-                       "explained_variance": float(_ev(xs, recon)), "l0": float((f > 0).sum(-1).float().mean()),
+                       "explained_variance": float(_ev(xs, recon)), "l0": float(terms["l0"]),
                        "l1": float(terms.get("l1", float("nan"))), "aux": float(terms.get("aux", 0.0)),
                        "dead": int(((seen - last_fired) >= train.dead_window).sum()) if seen >= train.dead_window else 0,
                        "dense": int((density > train.dense_threshold).sum()),
