@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast bench bench-tl clean
+.PHONY: install demo test test-fast bench bench-tl bench-saelens clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench-tl: $(STAMP)
 	test -x bench/.venv-tl/bin/python || $(PYTHON) -m venv bench/.venv-tl
 	bench/.venv-tl/bin/python -m pip install -q "$(TORCH)" "transformer-lens==4.3.*"
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_transformerlens.py
+
+# SAELens in its own venv (it pins transformer-lens 3.9), for the throughput reference in bench/bench_sae.py
+bench-saelens: $(STAMP)
+	test -x bench/.venv-saelens/bin/python || $(PYTHON) -m venv bench/.venv-saelens
+	bench/.venv-saelens/bin/python -m pip install -q "$(TORCH)" "sae-lens==6.54.*"
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -39,9 +39,53 @@ def test_edges_into_logits_sum_to_the_linear_change(arch):
     want = float(((cc[name] - g["x"].detach()) * g["x"].grad).sum() / CLEAN.shape[0])
     assert abs(into_logits - want) < 1e-4 * max(1.0, abs(want))
     # readers only read from earlier components
-    assert ("L2H0", "L1.attn_in") not in eap and ("L1H0", "L1.mlp_in") in eap and ("L1.mlp", "L1.attn_in") not in eap
+    q0 = "L1H0.q"
+    assert ("L2H0", q0) not in eap and ("L1H0", "L1.mlp_in") in eap and ("L1.mlp", q0) not in eap
+    assert ("L0H1", q0) in eap
     ig = edge_attribution(model, CLEAN, CORR, metric, ig_steps=3)
     assert set(ig) == set(eap)
+    # the per-head q/k/v readers split the attention block's gradient exactly
+    block = edge_attribution(model, CLEAN, CORR, metric, per_head=False)
+    c = model.cfg
+    kv = "G" if c.n_kv_heads != c.n_heads else "H"
+    for l in range(1, n):
+        per_head = [f"L{l}H{h}.q" for h in range(c.n_heads)]
+        per_head += [f"L{l}{kv}{g}.{s}" for g in range(c.n_kv_heads) for s in "kv"]
+        for u in ("embed", "L0H0", f"L{l - 1}.mlp"):
+            total = sum(eap[(u, r)] for r in per_head)
+            want = block[(u, f"L{l}.attn_in")]
+            assert abs(total - want) < 1e-4 * max(1.0, abs(want)), (arch, u, l, total, want)
+        assert any(abs(eap[("embed", r)]) > 1e-6 for r in per_head)
+
+
+def test_edge_attribution_finds_k_composition_in_the_toy_induction_model():
+    """In the attention-only toy, the previous-token head feeds the induction heads through their keys."""
+    from mechscope.heads import detect_heads
+    from mechscope.toy import train_attn_only
+
+    toy = train_attn_only(seed=0, steps=600)
+    model = toy.model
+    found = detect_heads(model)
+    prev = found["previous-token"].top(1)[0][0]
+    ind = found["induction"].top(1)[0][0]
+    g = torch.Generator().manual_seed(4)
+    n = 12
+    a = torch.randint(2, 64, (16, n), generator=g)
+    bos = torch.zeros(16, 1, dtype=torch.long)
+    clean = torch.cat([bos, a, a], 1)  # [BOS] A A
+    # corrupt the first copy: the queries (second copy) are unchanged, what they can match is not
+    corrupted = torch.cat([bos, torch.randint(2, 64, (16, n), generator=g), a], 1)
+
+    def metric(logits):  # log-prob of the clean repeat's next tokens, summed over the second copy
+        lp = logits[:, n + 1:-1].log_softmax(-1)
+        return lp.gather(-1, clean[:, n + 2:, None]).squeeze(-1).sum(-1)
+
+    eap = edge_attribution(model, clean, corrupted, metric, ig_steps=5)
+    h = int(ind.split("H")[1])
+    into = {r: eap[(prev, f"L1H{h}.{r}")] for r in "qkv"}
+    assert into["k"] > 0 and into["k"] > 10 * max(abs(into["q"]), abs(into["v"])), into
+    from_l0 = {u: eap[(u, f"L1H{h}.k")] for u in [f"L0H{x}" for x in range(model.cfg.n_heads)]}
+    assert max(from_l0, key=from_l0.get) == prev, from_l0
 
 
 def test_find_circuit_on_tiny_model(tmp_path):

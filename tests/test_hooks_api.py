@@ -121,3 +121,35 @@ def test_mismatched_mask_and_bad_tokens(model):
         model(torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="stop_at_layer"):
         model(TOKENS, stop_at_layer=9)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3", "gemma3"])
+def test_backward_hooks_fire_on_every_hook_point(arch):
+    """Every hook point that the logits depend on gets its gradient, including those fired on views
+    (q/k/v of separate or fused projections, fused gate/up), and the gradient matches a leaf patched in."""
+    from tiny import tiny_hf as make
+
+    m = HookedModel(make(arch, "eager"))
+    skip = {"hook_pos_embed"} if "hook_pos_embed" not in m.hook_names else set()
+    names = [n for n in m.hook_names if n not in skip and not n.endswith("hook_attn_scores")]
+    grads = {}
+
+    def save(g, hook):
+        grads[hook.name] = g.detach()
+
+    with m.hooks(bwd_hooks=[(n, save) for n in names]):
+        m(TOKENS)[:, -1, 5].sum().backward()
+    missing = [n for n in names if n not in grads]
+    assert not missing, missing
+    for name in ("blocks.1.attn.hook_q", "blocks.1.attn.hook_v", "blocks.1.mlp.hook_pre"):
+        leaf = {}
+
+        def make_leaf(act, hook):
+            leaf["x"] = act.detach().requires_grad_(True)
+            return leaf["x"]
+
+        m.run_with_hooks(TOKENS, fwd_hooks=[(name, make_leaf)])[:, -1, 5].sum().backward()
+        torch.testing.assert_close(leaf["x"].grad, grads[name], msg=name)
+    # logits are unchanged by backward hooks on view-based points
+    with m.hooks(bwd_hooks=[(n, save) for n in names]):
+        torch.testing.assert_close(m(TOKENS), m.hf(TOKENS).logits)

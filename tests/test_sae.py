@@ -162,6 +162,22 @@ def test_loads_a_folder_written_from_the_spec(tmp_path):
         load_sae(tmp_path)
 
 
+def test_harvest_drops_massive_activations():
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (4, 9))
+
+    def massive(act, hook):  # position 3 of sequence 1 becomes a 1000x-norm "sink"
+        act[1, 3] *= 1000.0
+        return act
+
+    with model.hooks([("blocks.1.hook_resid_post", massive)]):
+        kept = harvest(model, "blocks.1.hook_resid_post", toks, batch_size=4)
+        every = harvest(model, "blocks.1.hook_resid_post", toks, batch_size=4, max_norm_ratio=None)
+    assert every.shape[0] == 4 * 8 and kept.shape[0] == 4 * 8 - 1
+    dropped = 1 * 8 + 2  # row of (sequence 1, position 3) after the first position is skipped
+    torch.testing.assert_close(kept, torch.cat([every[:dropped], every[dropped + 1:]]))
+
+
 def test_harvest_stops_early_and_splicing():
     model = HookedModel(tiny_hf("llama"))
     toks = torch.randint(0, V, (4, 9))
@@ -198,7 +214,7 @@ def test_topk_sae_on_default_model(smollm):
     sae = train_sae(acts, cfg, TrainConfig(steps=300, batch_size=256, lr=1e-3), progress=False)
     ev = evaluate_sae(smollm, sae, test_toks)
     assert ev.ce_zero > ev.ce_sae > ev.ce_clean, ev.summary()
-    assert ev.explained_variance > 0.5 and ev.explained_variance_typical > 0.3 and ev.ce_recovered > 0.5, ev.summary()
+    assert ev.explained_variance_typical > 0.5 and ev.ce_recovered > 0.5, ev.summary()
 
 
 def test_features_dashboards_search_and_interventions(tmp_path):

@@ -6,13 +6,17 @@
 2. the layers that matter are the ones where it moves (reported as a window);
 3. every head (at ``hook_z``) and every MLP is patched;
 4. edge attribution patching (EAP; Syed et al. 2023) scores each edge from an upstream component
-   (the embedding, a head, an MLP) to a downstream reader (a layer's attention block, a layer's
-   MLP, the logits) as ``(out_u(clean) - out_u(corrupted)) . g_v``. ``g_v`` is the exact
-   gradient that flows through reader ``v``: in a sequential block,
-   ``dM/d resid_pre - dM/d resid_mid`` flows through the attention and
-   ``dM/d resid_mid - dM/d resid_post`` through the MLP, so one backward pass gives every edge
-   (with ``ig_steps > 0``, gradients are averaged along the path from corrupted to clean
-   embeddings: EAP-IG, Hanna et al. 2024);
+   (the embedding, a head, an MLP) to a downstream reader as ``(out_u(clean) - out_u(corrupted)) . g_v``,
+   where ``g_v`` is the exact gradient of the metric that flows into the residual stream through
+   reader ``v``. Readers are the query input of each head (``L5H3.q``), the key and value inputs
+   of each KV head (``L5H3.k``, ``L5H3.v``; under grouped-query attention one KV head serves a
+   group of query heads and is written ``L5G1.k``), each MLP (``L5.mlp_in``) and the logits.
+   One backward pass gives them all: the gradient at ``attn.hook_q/k/v`` of a head, mapped back
+   through that head's ``W_Q``/``W_K``/``W_V`` and the vector-Jacobian product of the pre-attention
+   norm, is the part of ``dM/d resid_pre`` that flows through that head's input; the parts add up
+   exactly to the attention block's share ``dM/d resid_pre - dM/d resid_mid`` (tested), and the
+   MLP's share is ``dM/d resid_mid - dM/d resid_post``. With ``ig_steps > 0`` the gradients are
+   averaged along the path from corrupted to clean embeddings (EAP-IG, Hanna et al. 2024);
 5. the circuit keeps the components whose patching effect passes a threshold, and the edges
    among them that pass an edge threshold;
 6. it is validated on held-out prompts: faithfulness (mean-ablate every head and MLP outside the
@@ -20,14 +24,14 @@
    the faithfulness of random circuits of the same size, all with bootstrap CIs;
 7. the result draws the circuit as a graph and prints its scores.
 
-Readers are whole attention blocks, not single heads: the gradient through one head's queries,
-keys and values is not separable in HF's forward pass without copying the residual stream per
-head. Parallel-residual models (GPT-NeoX) have no separate MLP input stream and are refused.
+Parallel-residual models (GPT-NeoX with ``use_parallel_residual``) have no separate MLP input
+stream and are refused.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +103,7 @@ class CircuitResult:
         fig, ax = viz.figure(figsize=(8, max(4, 0.45 * L + 2)))
         m = max([abs(s) for _, _, s in self.edges] + [1e-9])
         for u, v, s in self.edges:
-            tgt = "logits" if v == "logits" else _reader_node(v, by_layer)
+            tgt = "logits" if v == "logits" else _reader_node(v, by_layer, self.extra.get("n_groups", 1))
             if u not in pos or tgt not in pos:
                 continue
             (x0, y0), (x1, y1) = pos[u], pos[tgt]
@@ -122,29 +126,59 @@ class CircuitResult:
 
 
 def _layer(name: str) -> int:
+    """``embed`` -> -1; ``L5H3``, ``L5G1``, ``L5.mlp``, ``L5H3.q`` -> 5."""
     if name in ("embed",):
         return -1
-    return int(name[1:].split("H")[0].split(".")[0])
+    return int(re.match(r"L(\d+)", name).group(1))
 
 
-def _reader_node(reader: str, by_layer) -> str:
-    """Draw an edge into 'L5.attn' at the first circuit head of layer 5 (or the MLP for 'L5.mlp_in')."""
-    l = int(reader[1:].split(".")[0])
-    if reader.endswith("mlp_in"):
+def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
+    """The circuit node an edge into ``reader`` is drawn at: the head itself for ``L5H3.q``, the first
+    circuit head of the group for ``L5G1.k``, the first circuit head of the layer for ``L5.attn_in``,
+    the MLP for ``L5.mlp_in``."""
+    head, _, kind = reader.partition(".")
+    l = _layer(head)
+    if kind == "mlp_in":
         return f"L{l}.mlp"
-    heads = [n for n in by_layer.get(l, []) if "H" in n]
-    return heads[0] if heads else f"L{l}.mlp"
+    heads = sorted((n for n in by_layer.get(l, []) if "H" in n), key=lambda n: int(n.split("H")[1]))
+    if "G" in head:
+        g = int(head.split("G")[1])
+        heads = [n for n in heads if int(n.split("H")[1]) // n_groups == g]
+    elif "H" in head:
+        heads = [head] if head in by_layer.get(l, []) else []
+    return heads[0] if heads else None
 
 
-def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0) -> dict[tuple[str, str], float]:
+def head_readers(model, layer: int, head: int) -> list[str]:
+    """The EAP reader names of one query head: its query input and its KV head's key and value inputs."""
+    c = model.cfg
+    kv = f"L{layer}H{head}" if c.n_kv_heads == c.n_heads else f"L{layer}G{head // c.n_groups}"
+    return [f"L{layer}H{head}.q", f"{kv}.k", f"{kv}.v"]
+
+
+def _kv_names(model, layer: int) -> list[str]:
+    c = model.cfg
+    tag = "H" if c.n_kv_heads == c.n_heads else "G"
+    return [f"L{layer}{tag}{g}" for g in range(c.n_kv_heads)]
+
+
+def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0,
+                     per_head: bool = True) -> dict[tuple[str, str], float]:
     """EAP scores ``{(upstream, reader): score}`` (see the module docstring), summed over positions, mean over prompts.
 
-    Upstream: ``embed``, ``L{l}H{h}``, ``L{l}.mlp``. Readers: ``L{l}.attn_in``, ``L{l}.mlp_in``, ``logits``.
+    ``clean``, ``corrupted``: ``[batch, pos]`` token ids of equal shape. ``metric(logits) -> [batch]``.
+    Upstream: ``embed``, ``L{l}H{h}``, ``L{l}.mlp``. Readers: ``L{l}H{h}.q``, the KV heads'
+    ``L{l}H{g}.k``/``.v`` (``L{l}G{g}`` under grouped-query attention), ``L{l}.mlp_in`` and
+    ``logits``; with ``per_head=False`` one ``L{l}.attn_in`` per attention block instead of the
+    q/k/v readers. Score: ``sum_{pos} (out_u(clean) - out_u(corrupted)) . g_v`` averaged over prompts.
     """
     c = model.cfg
     if c.parallel_residual:
         raise ValueError("edge attribution needs a separate MLP input stream; parallel-residual models "
                          "(GPT-NeoX with use_parallel_residual) are not supported")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
+                         f"and {tuple(corrupted.shape)}")
     n = c.n_layers
     out_names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_names else [])
     out_names += [f"blocks.{l}.attn.hook_z" for l in range(n)] + [f"blocks.{l}.hook_mlp_out" for l in range(n)]
@@ -152,7 +186,10 @@ def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0) -> dict
         _, cc = model.run_with_cache(clean, names_filter=out_names)
         _, cx = model.run_with_cache(corrupted, names_filter=out_names)
     grad_names = [f"blocks.{l}.hook_{s}" for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
-    grads = {g: 0.0 for g in grad_names}
+    if per_head:
+        grad_names += [f"blocks.{l}.attn.hook_{s}" for l in range(n) for s in ("q", "k", "v")]
+        W = (model.W_Q, model.W_K_kv, model.W_V_kv)  # hoisted: each access rebuilds the stack
+    readers: dict[str, torch.Tensor] = {}
     steps = max(1, ig_steps)
     params = [p for p in model.hf.parameters() if p.requires_grad]
     emb_c = cc["embed"] + (cc["pos_embed"] if "hook_pos_embed" in model.hook_names else 0)
@@ -162,50 +199,88 @@ def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0) -> dict
             p.requires_grad_(False)
         for k in range(steps):
             alpha = (k + 0.5) / steps if ig_steps else 0.0
-            store = {}
+            store, resid = {}, {}
 
             def start(act, hook, _a=alpha):  # the graph starts at the residual stream entering block 0
-                x = (emb_x + _a * (emb_c - emb_x)).detach().requires_grad_(True)
-                return x
+                return (emb_x + _a * (emb_c - emb_x)).detach().requires_grad_(True)
+
+            def record(act, hook):
+                resid[hook.layer()] = act.detach()
 
             def keep(g, hook):
                 store[hook.name] = g.detach()
 
-            with torch.enable_grad(), model.hooks([("blocks.0.hook_resid_pre", start)],
-                                                  [(g, keep) for g in grad_names]):
+            fwd = [("blocks.0.hook_resid_pre", start)]
+            if per_head:
+                fwd += [(f"blocks.{l}.hook_resid_pre", record) for l in range(n)]
+            with torch.enable_grad(), model.hooks(fwd, [(g, keep) for g in grad_names]):
                 value = torch.as_tensor(metric(model(corrupted)))
                 value.sum().backward()
-            for g in grad_names:
-                grads[g] = grads[g] + store[g] / steps
+            for r, g in _reader_grads(model, store, resid, W if per_head else None).items():
+                readers[r] = readers.get(r, 0.0) + g / steps
     finally:
         for p in params:
             p.requires_grad_(True)
-    N = clean.shape[0]
-    return _edge_scores(model, cc, cx, grads, emb_c, emb_x, N)
+    return _edge_scores(model, cc, cx, readers, emb_c, emb_x, clean.shape[0])
+
+
+def _reader_grads(model, store: dict, resid: dict, W) -> dict[str, torch.Tensor]:
+    """``{reader: dM/d resid through that reader}`` ``[batch, pos, d_model]`` from one backward pass."""
+    n = model.cfg.n_layers
+    out = {}
+    for l in range(n):
+        g_pre, g_mid, g_post = (store[f"blocks.{l}.hook_{s}"] for s in ("resid_pre", "resid_mid", "resid_post"))
+        if W is None:
+            out[f"L{l}.attn_in"] = g_pre - g_mid
+        else:
+            out.update(_head_input_grads(model, l, store, resid[l], W))
+        out[f"L{l}.mlp_in"] = g_mid - g_post
+    out["logits"] = store[f"blocks.{n - 1}.hook_resid_post"]
+    return out
+
+
+def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W) -> dict[str, torch.Tensor]:
+    """Per-head shares of ``dM/d resid_pre`` through the attention input: ``J_ln1ᵀ (g_q[h] W_Q[h]ᵀ)`` etc."""
+    W_Q, W_K, W_V = (w[l].to(resid_pre.dtype) for w in W)  # [head | kv_head, d_model, d_head]
+    g = {s: store[f"blocks.{l}.attn.hook_{s}"] for s in ("q", "k", "v")}  # [batch, pos, head | kv_head, d_head]
+    v = torch.cat([torch.einsum("bphe,hde->bphd", g["q"], W_Q), torch.einsum("bphe,hde->bphd", g["k"], W_K),
+                   torch.einsum("bphe,hde->bphd", g["v"], W_V)], dim=2)  # [batch, pos, readers, d_model]
+    x = resid_pre[:, :, None, :].expand(-1, -1, v.shape[2], -1).clone().requires_grad_(True)
+    ln1 = model._sub(l, model.family.ln1)
+    with torch.enable_grad():
+        (gx,) = torch.autograd.grad(ln1(x), x, v)  # the norm's vector-Jacobian product, one per reader
+    names = [f"L{l}H{h}.q" for h in range(model.cfg.n_heads)]
+    kv = _kv_names(model, l)
+    names += [f"{h}.k" for h in kv] + [f"{h}.v" for h in kv]
+    return {name: gx[:, :, i] for i, name in enumerate(names)}
 
 
 @torch.no_grad()
-def _edge_scores(model, cc, cx, grads, emb_c, emb_x, N) -> dict[tuple[str, str], float]:
+def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[str, str], float]:
+    """Every allowed (upstream, reader) pair as one matmul: ``U [n_up, B·P·D] @ R [n_read, B·P·D]ᵀ / N``."""
     c, n = model.cfg, model.cfg.n_layers
-    readers = {}
-    for l in range(n):
-        readers[f"L{l}.attn_in"] = grads[f"blocks.{l}.hook_resid_pre"] - grads[f"blocks.{l}.hook_resid_mid"]
-        readers[f"L{l}.mlp_in"] = grads[f"blocks.{l}.hook_resid_mid"] - grads[f"blocks.{l}.hook_resid_post"]
-    readers["logits"] = grads[f"blocks.{n - 1}.hook_resid_post"]
-    reader_layer = {r: (int(r[1:].split(".")[0]) if r != "logits" else n) for r in readers}
-    ups = {"embed": (emb_c - emb_x, -1)}
+    up_names, up_layer, deltas = ["embed"], [-1], [(emb_c - emb_x).float()]
     for l in range(n):
         res_c = model.head_results(l, cc["z", l])
         res_x = model.head_results(l, cx["z", l])
         for h in range(c.n_heads):
-            ups[f"L{l}H{h}"] = (res_c[:, :, h] - res_x[:, :, h], l)
-        ups[f"L{l}.mlp"] = (cc["mlp_out", l] - cx["mlp_out", l], l)
+            up_names.append(f"L{l}H{h}")
+            up_layer.append(l)
+            deltas.append((res_c[:, :, h] - res_x[:, :, h]).float())
+        up_names.append(f"L{l}.mlp")
+        up_layer.append(l)
+        deltas.append((cc["mlp_out", l] - cx["mlp_out", l]).float())
+    r_names = list(readers)
+    r_layer = [n if r == "logits" else _layer(r.split(".")[0]) for r in r_names]
+    U = torch.stack([d.reshape(-1) for d in deltas])  # [n_up, B·P·D]
+    R = torch.stack([readers[r].float().reshape(-1) for r in r_names])
+    S = (U @ R.T / N).tolist()
     scores = {}
-    for u, (delta, lu) in ups.items():
-        for r, g in readers.items():
-            lr = reader_layer[r]
-            if lu < lr or (r.endswith("mlp_in") and lu == lr and "H" in u):  # heads of layer l feed its MLP
-                scores[(u, r)] = float((delta.float() * g.float()).sum() / N)
+    for i, (u, lu) in enumerate(zip(up_names, up_layer)):
+        for j, (r, lr) in enumerate(zip(r_names, r_layer)):
+            # a reader reads the blocks before its own; a layer's MLP also reads that layer's heads
+            if lu < lr or (r.endswith("mlp_in") and lu == lr and "H" in u):
+                scores[(u, r)] = S[i][j]
     return scores
 
 
@@ -250,7 +325,12 @@ def find_circuit(model, dataset, metric=None, node_threshold: float = 0.05, edge
         raise ValueError(f"no component reaches |effect| >= {node_threshold}; lower node_threshold "
                          f"(largest: {ranked[0]} {node_scores[ranked[0]]:+.3f})")
     eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
-    keep_readers = {f"L{_layer(n)}.{'mlp_in' if n.endswith('mlp') else 'attn_in'}" for n in nodes} | {"logits"}
+    keep_readers = {"logits"}
+    for x in nodes:
+        if x.endswith("mlp"):
+            keep_readers.add(f"L{_layer(x)}.mlp_in")
+        else:
+            keep_readers.update(head_readers(model, _layer(x), int(x.split("H")[1])))
     cand = {(u, r): s for (u, r), s in eap.items() if (u in nodes or u == "embed") and r in keep_readers}
     top = max([abs(s) for s in cand.values()] + [1e-12])
     edges = [(u, r, s) for (u, r), s in cand.items() if abs(s) >= edge_threshold * top]
@@ -279,5 +359,5 @@ def find_circuit(model, dataset, metric=None, node_threshold: float = 0.05, edge
         rand.append(faithful(rh + rm))
     return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
                          faith, knockout, rand, len(all_comps),
-                         extra={"eap": eap, "n_search": len(search), "n_held_out": len(test),
+                         extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),
                                 "ablated_outside": "heads and MLPs" if ablate_mlps else "heads"})

@@ -99,6 +99,10 @@ class HookManager:
     def is_active(self, name: str) -> bool:
         return name in self._fwd or name in self._bwd
 
+    def has_backward(self, name: str) -> bool:
+        """Whether ``name`` has backward hooks: then a fired view must be put back into the graph."""
+        return name in self._bwd
+
     def point(self, name: str) -> HookPoint:
         p = self._points.get(name)
         if p is None:

@@ -286,6 +286,11 @@ class HookedModel(torch.nn.Module):
                 new_res = m.fire(n_result, res)
                 if new_res is not res and not torch.equal(new_res, res):
                     out = (new_res.sum(-2) + self._result_bias(layer, pre_norm, res)).to(out.dtype)
+                elif m.has_backward(n_result) and new_res.requires_grad:
+                    # same value, but the gradient flows through the per-head results (straight-through);
+                    # with a post-attention norm (Gemma 2/3) its scale is treated as a constant
+                    s = new_res.sum(-2).to(out.dtype)
+                    out = out.detach() + (s - s.detach())
             if m.is_active(n_out):
                 out = m.fire(n_out, out)
             if m.is_active(n_mid):
@@ -329,7 +334,7 @@ class HookedModel(torch.nn.Module):
         def hook(module, args, output):
             parts, merge = self._split_qkv(layer, output)
             new = [m.fire(f"{p}hook_{s}", t) if m.is_active(f"{p}hook_{s}") else t for s, t in zip("qkv", parts)]
-            if all(a is b for a, b in zip(new, parts)):
+            if all(a is b for a, b in zip(new, parts)) and not any(m.has_backward(f"{p}hook_{s}") for s in "qkv"):
                 return None
             return merge(*new)
 
@@ -344,7 +349,9 @@ class HookedModel(torch.nn.Module):
                 gate, up = output.chunk(2, dim=-1)
                 g2 = m.fire(p + "hook_pre", gate) if m.is_active(p + "hook_pre") else gate
                 u2 = m.fire(p + "hook_pre_linear", up) if m.is_active(p + "hook_pre_linear") else up
-                return None if (g2 is gate and u2 is up) else torch.cat([g2, u2], dim=-1)
+                if g2 is gate and u2 is up and not (m.has_backward(p + "hook_pre") or m.has_backward(p + "hook_pre_linear")):
+                    return None
+                return torch.cat([g2, u2], dim=-1)
 
             return [get_path(mlp, fam.mlp_gate).register_forward_hook(hook)]
         if fam.mlp_gate is None:
@@ -917,8 +924,8 @@ def _fire_output(manager: HookManager, name: str, view: tuple[int, int] | None =
         out = _out0(output)
         act = out.view(*out.shape[:-1], *view) if view else out
         new = manager.fire(name, act)
-        if new is act:
-            return None
+        if new is act and not (view and manager.has_backward(name)):
+            return None  # (a view carrying backward hooks must replace the output, or its hooks never run)
         return _with_out0(output, new.flatten(-2) if view else new)
 
     return hook

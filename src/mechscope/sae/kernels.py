@@ -98,10 +98,8 @@ def select_topk(pre: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> 
 
     Returns the pattern and the kept values ``[nnz]`` (no grad); non-positive picks are dropped.
     """
-    r = torch.relu(pre)
-    if mask is not None:
-        r = r.masked_fill(~mask, 0.0)
-    vals, idx = r.topk(k, dim=-1)
+    r = pre if mask is None else pre.masked_fill(~mask, 0.0)
+    vals, idx = r.topk(k, dim=-1)  # topk(relu(pre)) = relu(topk(pre)): relu is monotone
     B = pre.shape[0]
     rows = torch.arange(B, device=pre.device).repeat_interleave(k)
     keep = vals.reshape(-1) > 0
@@ -111,7 +109,7 @@ def select_topk(pre: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> 
 
 def select_batch_topk(pre: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]:
     """The ``k · batch`` largest positive entries of the whole batch ``pre [batch, d_sae]`` (Bussmann et al. 2024)."""
-    flat = torch.relu(pre).reshape(-1)
+    flat = pre.reshape(-1)
     vals, idx = flat.topk(min(flat.numel(), k * pre.shape[0]))
     keep = vals > 0
     pattern, order = Pattern.from_flat(idx[keep], tuple(pre.shape))

@@ -240,7 +240,7 @@ class SAE(nn.Module):
         xs = self.scale_in(x)
         xc = xs - self.b_dec
         with torch.no_grad():
-            pre = xc @ self.W_enc + self.b_enc  # the one dense matmul
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)  # the one dense matmul
         if cfg.architecture == "topk":
             pattern, picked = K.select_topk(pre, cfg.k)
         else:
