@@ -66,7 +66,7 @@ def feature_stats(model, sae: SAE, tokens: torch.Tensor, features=None, n_top: i
     P = tokens.shape[1]
     for s in range(0, tokens.shape[0], batch_size):
         toks = tokens[s:s + batch_size]
-        acts = harvest(model, hook, toks, batch_size, skip_first=0)
+        acts = harvest(model, hook, toks, batch_size, skip_first=0, max_norm_ratio=None)
         f = sae.encode(acts).reshape(toks.shape[0], P, d)
         fire += (f > 0).sum((0, 1))
         maxa = torch.maximum(maxa, f.amax((0, 1)))
@@ -190,7 +190,7 @@ def top_features(model, sae: SAE, text: str, k: int = 10) -> list[tuple[int, flo
     """The features with the largest summed activation on ``text``."""
     from .train import harvest
 
-    f = sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(text), skip_first=0))
+    f = sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(text), skip_first=0, max_norm_ratio=None))
     tot = f.sum(0)
     v, i = tot.topk(k)
     return [(int(a), float(b)) for a, b in zip(i, v)]
@@ -202,7 +202,7 @@ def separating_features(model, sae: SAE, texts_a: list[str], texts_b: list[str],
     from .train import harvest
 
     def mean_acts(texts):
-        return torch.stack([sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(t), skip_first=0)).mean(0)
+        return torch.stack([sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(t), skip_first=0, max_norm_ratio=None)).mean(0)
                             for t in texts]).mean(0)
 
     diff = mean_acts(texts_a) - mean_acts(texts_b)

@@ -85,7 +85,7 @@ class TrainConfig:
     dense_threshold: float = 0.1
     b_dec_init: str = "geometric_median"
     resample_every: int = 0  # ReLU SAEs: resample dead latents every this many steps (0: never)
-    sparse: bool | None = None  # TopK/BatchTopK sparse kernels; None: on for float32/float64
+    sparse: bool | None = None  # TopK/BatchTopK sparse kernels; None: on for float32/float64 on CPU
     wandb_project: str | None = None  # log to Weights & Biases when given (needs `pip install wandb`)
 
 
@@ -193,7 +193,8 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = No
         except ImportError as e:
             raise ImportError("wandb_project was given but wandb is not installed: pip install wandb") from e
         run = wandb.init(project=train.wandb_project, config={**cfg.to_dict(), **train.__dict__})
-    sparse = train.sparse if train.sparse is not None else sae.W_enc.dtype in (torch.float32, torch.float64)
+    sparse = train.sparse if train.sparse is not None else (
+        sae.W_enc.dtype in (torch.float32, torch.float64) and acts.device.type == "cpu")  # measured on CPU only
     done = 0
     for step in it:
         idx = torch.randint(0, acts.shape[0], (train.batch_size,), generator=gen)
