@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 def test_capital_and_ioi_top1(smollm):
     for prompt, answer in [("The capital of France is", " Paris"),
                            ("When Mary and John went to the store, John gave a drink to", " Mary")]:
-        probs = smollm(prompt)[0, -1].softmax(-1)
+        with torch.no_grad():
+            probs = smollm(prompt)[0, -1].softmax(-1)
         assert int(probs.argmax()) == smollm.to_single_token(answer), prompt
         assert float(probs.max()) > 0.5
 
