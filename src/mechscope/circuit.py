@@ -257,7 +257,7 @@ def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W) ->
 
 @torch.no_grad()
 def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[str, str], float]:
-    """Every allowed (upstream, reader) pair as one matmul: ``U [n_up, B·P·D] @ R [n_read, B·P·D]ᵀ / N``."""
+    """Every allowed (upstream, reader) pair as matmuls: ``sum_b U_b [n_up, P·D] @ R_b [n_read, P·D]ᵀ / N``."""
     c, n = model.cfg, model.cfg.n_layers
     up_names, up_layer, deltas = ["embed"], [-1], [(emb_c - emb_x).float()]
     for l in range(n):
@@ -272,9 +272,12 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
         deltas.append((cc["mlp_out", l] - cx["mlp_out", l]).float())
     r_names = list(readers)
     r_layer = [n if r == "logits" else _layer(r.split(".")[0]) for r in r_names]
-    U = torch.stack([d.reshape(-1) for d in deltas])  # [n_up, B·P·D]
-    R = torch.stack([readers[r].float().reshape(-1) for r in r_names])
-    S = (U @ R.T / N).tolist()
+    S = torch.zeros(len(up_names), len(r_names))
+    for b in range(N):  # one prompt at a time keeps memory at (n_up + n_read) x pos x d_model
+        U = torch.stack([d[b].reshape(-1) for d in deltas])  # [n_up, P·D]
+        R = torch.stack([readers[r][b].float().reshape(-1) for r in r_names])  # [n_read, P·D]
+        S += (U @ R.T).cpu()
+    S = (S / N).tolist()
     scores = {}
     for i, (u, lu) in enumerate(zip(up_names, up_layer)):
         for j, (r, lr) in enumerate(zip(r_names, r_layer)):

@@ -35,7 +35,7 @@ class Pattern:
         self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
     @classmethod
-    def from_flat(cls, flat_idx: torch.Tensor, shape: tuple[int, int]) -> "Pattern":
+    def from_flat(cls, flat_idx: torch.Tensor, shape: tuple[int, int]) -> tuple["Pattern", torch.Tensor]:
         """From indices into the row-major flattened matrix (any order); returns the pattern and the sort order."""
         order = flat_idx.argsort()
         flat = flat_idx[order]
