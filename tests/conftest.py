@@ -16,3 +16,11 @@ def smollm():
     import mechscope
 
     return mechscope.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """The attention-only toy (``train_attn_only`` defaults, seed 0), trained once for every test that needs it."""
+    from mechscope.toy import train_attn_only
+
+    return train_attn_only(seed=0)

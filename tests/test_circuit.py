@@ -58,12 +58,10 @@ def test_edges_into_logits_sum_to_the_linear_change(arch):
         assert any(abs(eap[("embed", r)]) > 1e-6 for r in per_head)
 
 
-def test_edge_attribution_finds_k_composition_in_the_toy_induction_model():
+def test_edge_attribution_finds_k_composition_in_the_toy_induction_model(toy):
     """In the attention-only toy, the previous-token head feeds the induction heads through their keys."""
     from mechscope.heads import detect_heads
-    from mechscope.toy import train_attn_only
 
-    toy = train_attn_only(seed=0, steps=600)
     model = toy.model
     found = detect_heads(model)
     prev = found["previous-token"].top(1)[0][0]

@@ -17,11 +17,6 @@ from mechscope.toy import periodic_sequences, toy_tokenizer, train_attn_only
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return train_attn_only(seed=0)
-
-
-@pytest.fixture(scope="module")
 def heads(toy):
     return detect_heads(toy.model)
 

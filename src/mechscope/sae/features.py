@@ -18,6 +18,14 @@ import torch
 
 from .. import viz
 from .model import SAE
+from .train import harvest
+
+
+
+def _token_acts(model, hook: str, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """``[n * pos, width]``: one row per token of ``tokens [n, pos]``, in order, none skipped or
+    dropped (unlike training harvests), so that rows map back to ``[n, pos]``."""
+    return harvest(model, hook, tokens, batch_size, skip_first=0, max_norm_ratio=None)
 
 
 @dataclass
@@ -51,8 +59,6 @@ def feature_stats(model, sae: SAE, tokens: torch.Tensor, features=None, n_top: i
     """One streaming pass over ``tokens [n, pos]``: density and max for all features; top examples,
     quantile samples and activation histograms for ``features`` (default: the 20 densest live ones
     after a first batch)."""
-    from .train import harvest
-
     hook = sae.cfg.hook_name
     d = sae.cfg.d_sae
     fire = torch.zeros(d, dtype=torch.long)
@@ -66,8 +72,7 @@ def feature_stats(model, sae: SAE, tokens: torch.Tensor, features=None, n_top: i
     P = tokens.shape[1]
     for s in range(0, tokens.shape[0], batch_size):
         toks = tokens[s:s + batch_size]
-        acts = harvest(model, hook, toks, batch_size, skip_first=0, max_norm_ratio=None)
-        f = sae.encode(acts).reshape(toks.shape[0], P, d)
+        f = sae.encode(_token_acts(model, hook, toks, batch_size)).reshape(toks.shape[0], P, d)
         fire += (f > 0).sum((0, 1))
         maxa = torch.maximum(maxa, f.amax((0, 1)))
         n_tok += toks.numel()
@@ -188,9 +193,7 @@ def write_dashboards(model, sae: SAE, stats: FeatureStats, folder: str | Path) -
 @torch.no_grad()
 def top_features(model, sae: SAE, text: str, k: int = 10) -> list[tuple[int, float]]:
     """The features with the largest summed activation on ``text``."""
-    from .train import harvest
-
-    f = sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(text), skip_first=0, max_norm_ratio=None))
+    f = sae.encode(_token_acts(model, sae.cfg.hook_name, model.to_tokens(text)))
     tot = f.sum(0)
     v, i = tot.topk(k)
     return [(int(a), float(b)) for a, b in zip(i, v)]
@@ -199,10 +202,8 @@ def top_features(model, sae: SAE, text: str, k: int = 10) -> list[tuple[int, flo
 @torch.no_grad()
 def separating_features(model, sae: SAE, texts_a: list[str], texts_b: list[str], k: int = 10):
     """Features whose mean activation differs most between two sets of texts: ``[(feature, mean_a - mean_b)]``."""
-    from .train import harvest
-
     def mean_acts(texts):
-        return torch.stack([sae.encode(harvest(model, sae.cfg.hook_name, model.to_tokens(t), skip_first=0, max_norm_ratio=None)).mean(0)
+        return torch.stack([sae.encode(_token_acts(model, sae.cfg.hook_name, model.to_tokens(t))).mean(0)
                             for t in texts]).mean(0)
 
     diff = mean_acts(texts_a) - mean_acts(texts_b)

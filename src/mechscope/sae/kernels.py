@@ -45,11 +45,6 @@ class Pattern:
         return torch.sparse_csr_tensor(self.crow, self.cols, values, self.shape, check_invariants=False)
 
 
-def _csr_t_mm(pattern: Pattern, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """``Sᵀ @ dense`` for ``S = csr(values)`` ``[r, c]``, ``dense [r, n]`` -> ``[c, n]``."""
-    return pattern.csr(values).t() @ dense
-
-
 class _GatherPre(torch.autograd.Function):
     """``vals[i] = (xc @ W_enc + b_enc)[rows[i], cols[i]]``, given those values precomputed (no grad)."""
 
@@ -63,9 +58,9 @@ class _GatherPre(torch.autograd.Function):
     def backward(ctx, g):
         xc, W_enc = ctx.saved_tensors
         p = ctx.pattern
-        G = p.csr(g.contiguous())
+        G = p.csr(g.contiguous())  # [batch, d_sae], the gradient of the kept pre-activations
         g_xc = G @ W_enc.T if ctx.needs_input_grad[0] else None
-        g_W = _csr_t_mm(p, g.contiguous(), xc).T if ctx.needs_input_grad[1] else None
+        g_W = (G.t() @ xc).T if ctx.needs_input_grad[1] else None
         g_b = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_add_(0, p.cols, g) \
             if ctx.needs_input_grad[2] else None
         return g_xc, g_W, g_b, None, None
@@ -89,7 +84,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # SDDMM: (g @ W_dec^T) at the pattern only
             zero = p.csr(torch.zeros_like(vals))
             g_vals = torch.sparse.sampled_addmm(zero, g, W_dec.T, beta=0.0).values()
-        g_W = _csr_t_mm(p, vals, g) if ctx.needs_input_grad[1] else None
+        g_W = p.csr(vals).t() @ g if ctx.needs_input_grad[1] else None  # F^T g
         return g_vals, g_W, None
 
 
