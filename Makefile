@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast bench bench-tl bench-saelens clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mechscope demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-fast: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)

@@ -2,7 +2,7 @@
 
 import time
 
-from mechscope.patching import patch
+from mechscope.techniques.patching import patch
 
 
 def time_engine(model, clean, corrupted, metric, site="resid_pre"):

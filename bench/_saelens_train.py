@@ -4,7 +4,6 @@ usage: python _saelens_train.py ACTS.safetensors D_SAE K STEPS BATCH SPARSE(0|1)
 Prints one JSON line: {"seconds_per_step": ..., "version": ...}.
 """
 
-import itertools
 import json
 import sys
 import time

@@ -10,9 +10,9 @@ import time
 import torch
 
 import mechscope
-from mechscope.attribution import attribution_patch
-from mechscope.metrics import logit_diff
-from mechscope.patching import patch
+from mechscope.analysis.metrics import logit_diff
+from mechscope.techniques.attribution_patching import attribution_patch
+from mechscope.techniques.patching import patch
 
 CLEAN = ["When Mary and John went to the store, John gave a drink to",
          "When Tom and James went to the park, James gave a ball to"]

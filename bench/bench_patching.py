@@ -10,9 +10,9 @@ import time
 import torch
 
 import mechscope
-from mechscope.metrics import logit_diff
-from mechscope.patching import patch_naive
 from _engine_timing import time_engine
+from mechscope.analysis.metrics import logit_diff
+from mechscope.techniques.patching import patch_naive
 
 torch.set_grad_enabled(False)
 

@@ -104,7 +104,7 @@ def main():
     print(f"  training: {steps} steps x {batch} = {steps * batch} token-samples "
           f"({steps * batch / acts.shape[0]:.1f} epochs) in {t_ours:.1f} s")
     print(f"  held-out ({test_toks.numel()} tokens): {ev.summary()}")
-    print(f"  goals: explained variance >= 0.7 at L0 ~ 32, CE recovered >= 0.8, dead < 10%")
+    print("  goals: explained variance >= 0.7 at L0 ~ 32, CE recovered >= 0.8, dead < 10%")
     print(f"  throughput (ms/step, batch {batch}; others timed over {n_base} steps):")
     print(f"    mechscope sparse kernels {1000 * t_step:7.1f}   {batch / t_step:9,.0f} tokens/s")
     print(f"    mechscope dense path     {1000 * t_dense:7.1f}   ratio {t_dense / t_step:.2f}x")

@@ -10,15 +10,14 @@ and loaded by both tools from there (TransformerBridge.boot_transformers on the 
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import mechscope
-from mechscope.metrics import logit_diff
 from _engine_timing import time_engine
+from mechscope.analysis.metrics import logit_diff
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORR = "When Mary and John went to the store, Mary gave a drink to"

@@ -21,6 +21,6 @@ def smollm():
 @pytest.fixture(scope="session")
 def toy():
     """The attention-only toy (``train_attn_only`` defaults, seed 0), trained once for every test that needs it."""
-    from mechscope.toy import train_attn_only
+    from mechscope.circuits.toy import train_attn_only
 
     return train_attn_only(seed=0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.ablation import ablate, ablate_each, parse_components, replacement_values
-from mechscope.validation import bootstrap_ci, cohens_d, cohens_d_independent, paired_bootstrap
+from mechscope.analysis.validation import bootstrap_ci, cohens_d, cohens_d_independent, paired_bootstrap
+from mechscope.techniques.ablation import ablate, ablate_each, parse_components, replacement_values
 from tiny import V, tiny_hf
 
 TOKENS = torch.randint(0, V, (6, 7), generator=torch.Generator().manual_seed(2))
@@ -31,7 +31,7 @@ def test_parse_components(model):
 
 def test_zero_head_ablation_equals_weight_edit(model):
     res = ablate(model, TOKENS, metric, "L1H2", method="zero")
-    W = model._attn_module(1).o_proj.weight
+    W = model.attn_module(1).o_proj.weight
     saved = W.detach().clone()
     with torch.no_grad():
         W[:, 2 * 8:3 * 8] = 0
@@ -91,7 +91,7 @@ def test_bootstrap_and_effect_sizes():
 
 
 def test_across_seeds_and_shuffles():
-    from mechscope.validation import across_seeds, shuffled_labels
+    from mechscope.analysis.validation import across_seeds, shuffled_labels
 
     agg = across_seeds(lambda s: float(s) * 2, seeds=[1, 2, 3], name="x")
     assert float(agg.mean) == 4.0 and abs(float(agg.std) - 2.0) < 1e-9 and "3 seeds" in agg.summary()
@@ -105,7 +105,7 @@ def test_across_seeds_and_shuffles():
 
 
 def test_random_components_and_baseline(model):
-    from mechscope.validation import compare_to_random, random_components
+    from mechscope.techniques.ablation import compare_to_random, random_components
 
     r = random_components(model, 5, "head", exclude=["L0H0"], seed=1)
     assert len(set(r)) == 5 and "L0H0" not in r

@@ -145,8 +145,8 @@ def test_zero_head_z_equals_zero_W_O_slice(cached):
             return z
 
         hooked = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])
-        o = model._attn_module(layer)
-        from mechscope.families import get_path
+        o = model.attn_module(layer)
+        from mechscope.core.families import get_path
         proj = get_path(o, model.family.o)
         saved = proj.weight.detach().clone()
         d = model.cfg.d_head

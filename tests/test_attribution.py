@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.attribution import direct_logit_attribution
+from mechscope.techniques.attribution import direct_logit_attribution
 from tiny import ARCHS, V, tiny_hf
 
 TOKENS = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(9))
@@ -62,9 +62,9 @@ def test_dla_on_real_model_padded_batch(smollm):
 
 
 def test_attribution_patching_is_first_order_and_correlates():
-    from mechscope.attribution import attribution_patch
-    from mechscope.metrics import logit_diff
-    from mechscope.patching import patch
+    from mechscope.analysis.metrics import logit_diff
+    from mechscope.techniques.attribution_patching import attribution_patch
+    from mechscope.techniques.patching import patch
 
     model = HookedModel(tiny_hf("llama"))
     clean = TOKENS[:2]
@@ -96,9 +96,9 @@ def test_attribution_patching_is_first_order_and_correlates():
 
 @pytest.mark.slow
 def test_attribution_patching_tracks_true_patching_on_ioi(smollm):
-    from mechscope.attribution import attribution_patch
-    from mechscope.metrics import logit_diff
-    from mechscope.patching import patch
+    from mechscope.analysis.metrics import logit_diff
+    from mechscope.techniques.attribution_patching import attribution_patch
+    from mechscope.techniques.patching import patch
 
     clean = ["When Mary and John went to the store, John gave a drink to",
              "When Tom and James went to the park, James gave a ball to"]

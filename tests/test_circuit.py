@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.circuit import edge_attribution, find_circuit
+from mechscope.circuits.discovery import edge_attribution, find_circuit
 from mechscope.datasets import TaskDataset
 from tiny import V, tiny_hf
 
@@ -60,7 +60,7 @@ def test_edges_into_logits_sum_to_the_linear_change(arch):
 
 def test_edge_attribution_finds_k_composition_in_the_toy_induction_model(toy):
     """In the attention-only toy, the previous-token head feeds the induction heads through their keys."""
-    from mechscope.heads import detect_heads
+    from mechscope.circuits.heads import detect_heads
 
     model = toy.model
     found = detect_heads(model)

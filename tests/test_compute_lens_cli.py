@@ -47,7 +47,6 @@ def test_estimate_advises_when_it_does_not_fit():
 
 
 def test_logit_lens_final_row_is_model_output():
-    import transformers
 
     model = HookedModel(tiny_hf("gpt2"))
     model.tokenizer = None

@@ -16,8 +16,9 @@ def blocks(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in FILES if blocks(p)], ids=lambda p: p.name)
 def test_code_blocks_run(path, smollm, monkeypatch):
-    import mechscope
     import torch
+
+    import mechscope
 
     monkeypatch.setattr(mechscope, "load", lambda *a, **k: smollm)  # reuse the session's model
     ns = {"torch": torch}

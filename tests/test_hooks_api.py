@@ -32,7 +32,7 @@ def test_hooks_removed_after_exception(model):
     with pytest.raises(RuntimeError, match="boom"):
         model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.hook_resid_pre", boom)])
     assert not model.manager._installed and not model.manager._entries
-    assert all(not b._forward_pre_hooks for b in model._layers)
+    assert all(not b._forward_pre_hooks for b in model.parts.layers)
     model(TOKENS)  # runs clean
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.lens import TunedLens, compare_lenses, train_tuned_lens
+from mechscope.techniques.lens import TunedLens, compare_lenses, train_tuned_lens
 from tiny import V, tiny_hf
 
 

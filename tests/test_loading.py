@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mechscope
-from mechscope.families import UnsupportedArchitectureError
+from mechscope.core.families import UnsupportedArchitectureError
 from tiny import tiny_hf
 
 

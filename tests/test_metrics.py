@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechscope import metrics as M
+from mechscope.analysis import metrics as M
 
 
 def test_logit_diff_and_padding():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.metrics import logit_diff
-from mechscope.patching import patch, patch_naive
+from mechscope.analysis.metrics import logit_diff
+from mechscope.techniques.patching import patch, patch_naive
 from tiny import V, tiny_hf
 
 G = torch.Generator().manual_seed(5)
@@ -92,7 +92,7 @@ def test_result_outputs(tmp_path):
 
 
 def test_reads_last_only_probe():
-    from mechscope.patching import reads_last_only
+    from mechscope.techniques.patching import reads_last_only
 
     last = torch.randn(2, 1, 11)
     assert reads_last_only(metric, last, 7)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mechscope import HookedModel
-from mechscope.probing import (control_labels, projection_ablation_hook, steering_hook, train_probe)
+from mechscope.techniques.probing import control_labels, train_probe
+from mechscope.techniques.steering import projection_ablation_hook, steering_hook
 from tiny import tiny_hf
 
 
@@ -54,7 +55,7 @@ def test_steering_and_projection_hooks():
 @pytest.mark.slow
 def test_real_probe_beats_control_task(smollm, tmp_path):
     from mechscope import corpus as C
-    from mechscope.probing import next_token_continues_word, probe_sweep
+    from mechscope.techniques.probing import next_token_continues_word, probe_sweep
 
     toks = C.pack(smollm, C.default_corpus("test"), 64, n_seqs=40)
     lab = next_token_continues_word(smollm, toks)

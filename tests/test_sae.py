@@ -7,8 +7,19 @@ import torch
 from safetensors.torch import save_file
 
 from mechscope import HookedModel
-from mechscope.sae import (SAE, SAEConfig, SAETrainingError, TrainConfig, check_fits, evaluate_sae, harvest,
-                           load_sae, save_sae, splice_hook, train_sae)
+from mechscope.sae import (
+    SAE,
+    SAEConfig,
+    SAETrainingError,
+    TrainConfig,
+    check_fits,
+    evaluate_sae,
+    harvest,
+    load_sae,
+    save_sae,
+    splice_hook,
+    train_sae,
+)
 from tiny import V, tiny_hf
 
 
@@ -182,7 +193,7 @@ def test_harvest_stops_early_and_splicing():
     model = HookedModel(tiny_hf("llama"))
     toks = torch.randint(0, V, (4, 9))
     ran = []
-    h = model._layers[2].register_forward_hook(lambda *a: ran.append(1))
+    h = model.parts.layers[2].register_forward_hook(lambda *a: ran.append(1))
     acts = harvest(model, "blocks.1.hook_resid_post", toks, batch_size=2)
     h.remove()
     assert not ran, "blocks above the hook ran"
@@ -220,8 +231,7 @@ def test_topk_sae_on_default_model(smollm):
 def test_features_dashboards_search_and_interventions(tmp_path):
     import re
 
-    from mechscope.sae.features import (ablate_features_hook, feature_stats, logit_effects, steer_hook,
-                                        write_dashboards)
+    from mechscope.sae.features import ablate_features_hook, feature_stats, logit_effects, steer_hook, write_dashboards
 
     model = HookedModel(tiny_hf("llama"))
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import mechscope
-from mechscope.ablation import ablate
-from mechscope.circuits import composition_scores
-from mechscope.heads import detect_heads, repeated_tokens
-from mechscope.metrics import induction_loss
-from mechscope.toy import periodic_sequences, toy_tokenizer, train_attn_only
+from mechscope.analysis.metrics import induction_loss
+from mechscope.circuits.heads import detect_heads, induction_tokens
+from mechscope.circuits.toy import periodic_sequences, toy_tokenizer, train_attn_only
+from mechscope.circuits.weights import composition_scores
+from mechscope.techniques.ablation import ablate
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_k_composition_joins_the_previous_token_head_to_an_induction_head(toy, h
 
 def test_ablating_the_induction_head_raises_loss_on_the_repeat(toy, heads):
     model = toy.model
-    toks, _ = repeated_tokens(model, 20, 16, seed=3)
-    ref, _ = repeated_tokens(model, 20, 16, seed=9)
+    toks, _ = induction_tokens(model, 20, 16, seed=3)
+    ref, _ = induction_tokens(model, 20, 16, seed=9)
     metric = lambda logits: induction_loss(logits, toks, 20)
     ind_head = heads["induction"].top(1)[0][0]
     res = ablate(model, toks, metric, [ind_head], method="mean", reference=ref)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from mechscope import viz
+from mechscope.analysis import viz
 
 EVIL = ["<script>alert(1)</script>", "a&b", '"q"', "</script><b>x"]
 
@@ -50,8 +50,8 @@ def test_pngs_and_bands(tmp_path):
 
 
 def test_result_reprs_are_summaries():
-    from mechscope.circuits import HeadScores
-    from mechscope.validation import across_seeds
+    from mechscope.analysis.validation import across_seeds
+    from mechscope.circuits.weights import HeadScores
 
     hs = HeadScores("induction", torch.rand(3, 4))
     assert repr(hs).startswith("induction scores") and "tensor(" not in repr(hs)

@@ -6,7 +6,7 @@
   ``attention (2 d_model n_heads d_head + 2 d_model n_kv_heads d_head) + MLP ((3 if gated else 2) d_model d_mlp)``;
 - forward activations (no grad): the logits ``batch x pos x d_vocab`` in fp32, plus one layer's
   transients (residual copies, MLP hidden, and the attention pattern if eager);
-- the activation cache: the sum of the recorded hook shapes (see :func:`hook_numel`);
+- the activation cache: the sum of the recorded hook shapes (:func:`mechscope.core.hookpoints.numel`);
 - SAE training (optional): parameters, gradients and two Adam moments in fp32, plus one batch's
   latents.
 
@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from .families import dims_from_config
+from .core.errors import InputError
+from .core.families import dims_from_config, hook_names_from_config
+from .core.hookpoints import numel
+from .core.model import HookedModel
+from .core.result import Result
+from .core.types import NameFilter
 
 GiB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
-@dataclass
-class EnvReport:
+@dataclass(repr=False)
+class EnvReport(Result):
     """The device mechscope will use, its memory, and what dtypes it handles well."""
 
     device: str
@@ -53,11 +58,6 @@ class EnvReport:
             f"versions      torch {self.torch_version}, transformers {self.transformers_version}, python {self.python}",
         ]
         return "\n".join(lines)
-
-    __str__ = __repr__ = summary
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def env() -> EnvReport:
@@ -92,7 +92,7 @@ def env() -> EnvReport:
 
 
 def count_params(dims: dict) -> int:
-    """Parameter count from :func:`mechscope.families.dims_from_config` (biases and norms included roughly)."""
+    """Parameter count from :func:`mechscope.core.families.dims_from_config` (biases and norms included roughly)."""
     m, h, kv, d, f, V = (dims[k] for k in ("d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"))
     attn = m * h * d * 2 + m * kv * d * 2
     mlp = m * f * (3 if dims["gated_mlp"] else 2)
@@ -106,25 +106,8 @@ def count_params(dims: dict) -> int:
     return total
 
 
-def hook_numel(suffix: str, dims: dict, batch: int, seq: int) -> int:
-    """Elements of one hook point's activation, by the end of its name (``"hook_pattern"``, ...)."""
-    m, h, kv, d, f = (dims[k] for k in ("d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp"))
-    bs = batch * seq
-    if suffix.endswith(("hook_pattern", "hook_attn_scores")):
-        return batch * h * seq * seq
-    if suffix.endswith(("hook_q", "hook_rot_q", "hook_z")):
-        return bs * h * d
-    if suffix.endswith(("hook_k", "hook_v", "hook_rot_k")):
-        return bs * kv * d
-    if suffix.endswith("hook_result"):
-        return bs * h * m
-    if suffix.endswith(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")):
-        return bs * f
-    return bs * m
-
-
-@dataclass
-class MemoryEstimate:
+@dataclass(repr=False)
+class MemoryEstimate(Result):
     """Bytes needed for a run, and advice on dtype, batch size and device placement."""
 
     n_params: int
@@ -168,28 +151,21 @@ class MemoryEstimate:
         lines += [f"advice        {a}" for a in self.advice]
         return "\n".join(lines)
 
-    __str__ = __repr__ = summary
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(total=self.total, fits=self.fits)
-        return d
+    def _dict_extra(self) -> dict:
+        return {"total": self.total, "fits": self.fits}
 
 
-def _dims_of(model_or_config) -> tuple[dict, list[str] | None]:
-    from .model import HookedModel
-
+def _dims_of(model_or_config) -> tuple[dict, list[str]]:
     if isinstance(model_or_config, HookedModel):
         c = model_or_config.cfg
         dims = dims_from_config(model_or_config.hf.config)
         dims.update(n_layers=c.n_layers, d_vocab=c.d_vocab, tied_embeddings=c.tied_embeddings)
         return dims, model_or_config.hook_names
-    if isinstance(model_or_config, str):
-        return dims_from_config(config_for(model_or_config)), None
-    return dims_from_config(model_or_config), None
+    config = config_for(model_or_config) if isinstance(model_or_config, str) else model_or_config
+    return dims_from_config(config), hook_names_from_config(config)
 
 
-def config_for(name: str):
+def config_for(name: str) -> "PretrainedConfig":  # noqa: F821
     """An HF config for a model name or path, without loading weights (GGUF: read from its metadata)."""
     from pathlib import Path
 
@@ -206,15 +182,11 @@ def config_for(name: str):
     return AutoConfig.from_pretrained(str(where))
 
 
-def _synthetic_names(dims: dict) -> list[str]:
-    per = ["hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-           "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-           "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre",
-           "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
-    if dims["gated_mlp"]:
-        per.append("mlp.hook_pre_linear")
-    return ["hook_embed"] + [f"blocks.{l}.{p}" for l in range(dims["n_layers"]) for p in per] + \
-        ["ln_final.hook_normalized"]
+def _dtype_name(dtype) -> str:
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(str(dtype), str(dtype).replace("torch.", ""))
+    if name not in _DTYPE_BYTES:
+        raise InputError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPE_BYTES)}")
+    return name
 
 
 def _select(names: list[str], cache_names) -> list[str]:
@@ -230,11 +202,11 @@ def _select(names: list[str], cache_names) -> list[str]:
 
 
 def estimate_memory(
-    model_or_config,
+    model_or_config: object,
     dtype: str | torch.dtype = "float32",
     batch: int = 1,
     seq_len: int = 128,
-    cache_names=None,
+    cache_names: NameFilter | None = None,
     cache_dtype: str | torch.dtype | None = None,
     sae_width: int | None = None,
     sae_batch: int = 4096,
@@ -249,12 +221,10 @@ def estimate_memory(
     :func:`env`.
     """
     dims, names = _dims_of(model_or_config)
-    dtype = str(dtype).replace("torch.", "")
-    nbytes = _DTYPE_BYTES[dtype]
-    cbytes = _DTYPE_BYTES[str(cache_dtype or dtype).replace("torch.", "")]
+    dtype, cache_dtype = (_dtype_name(x) for x in (dtype, cache_dtype or dtype))
+    nbytes, cbytes = _DTYPE_BYTES[dtype], _DTYPE_BYTES[cache_dtype]
     n_params = count_params(dims)
     weights = n_params * nbytes
-    names = names or _synthetic_names(dims)
     sel = _select(names, cache_names)
 
     def acts_for(b: int) -> int:
@@ -264,7 +234,7 @@ def estimate_memory(
         return logits + layer
 
     def cache_for(b: int) -> int:
-        return sum(hook_numel(n, dims, b, seq_len) for n in sel) * cbytes
+        return sum(numel(n, dims, b, seq_len) for n in sel) * cbytes
 
     sae = 0
     if sae_width:

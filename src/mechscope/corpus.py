@@ -17,6 +17,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .core.errors import InputError, UnknownNameError
+from .core.model import HookedModel
+
 
 def _held_out(key: str, fraction: float) -> bool:
     h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
@@ -29,7 +32,7 @@ def stdlib_docstrings(split: str = "train", held_out: float = 0.1, min_chars: in
     ``split``: ``"train"``, ``"test"`` (about ``held_out`` of the files) or ``"all"``.
     """
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        raise InputError(f"split must be 'train', 'test' or 'all', got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
         rel = str(path.relative_to(root))
@@ -67,7 +70,7 @@ def jsonl(path: str | Path, field: str = "text", split: str = "all", held_out: f
                 continue
             rec = json.loads(line)
             if field not in rec:
-                raise KeyError(f"{path}:{i + 1} has no field {field!r} (fields: {sorted(rec)})")
+                raise UnknownNameError(f"{path}:{i + 1} has no field {field!r} (fields: {sorted(rec)})")
             yield str(rec[field])
 
 
@@ -87,7 +90,7 @@ def default_corpus(split: str = "train") -> Iterator[str]:
     return stdlib_docstrings(split)
 
 
-def pack(model, texts: Iterable[str], seq_len: int, n_seqs: int | None = None, prepend_bos: bool | None = None,
+def pack(model: HookedModel, texts: Iterable[str], seq_len: int, n_seqs: int | None = None, prepend_bos: bool | None = None,
          ) -> torch.Tensor:
     """Tokenize ``texts``, join them with EOS, and cut the stream into rows ``[n, seq_len]``.
 
@@ -106,5 +109,5 @@ def pack(model, texts: Iterable[str], seq_len: int, n_seqs: int | None = None, p
             if n_seqs is not None and len(rows) >= n_seqs:
                 return torch.tensor(rows, dtype=torch.long)
     if not rows:
-        raise ValueError(f"the corpus is shorter than one sequence of {seq_len} tokens")
+        raise InputError(f"the corpus is shorter than one sequence of {seq_len} tokens")
     return torch.tensor(rows, dtype=torch.long)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from . import metrics as M
+from .analysis import metrics as M
+from .core.errors import InputError
+from .core.model import HookedModel
+from .core.result import Result
 
 NAMES = ["Mary", "John", "Tom", "James", "Anna", "Paul", "Sarah", "David", "Emma", "Mark", "Laura", "Peter",
          "Alice", "Kevin", "Lisa", "Daniel", "Jessica", "Michael", "Kate", "Robert", "Jane", "George", "Amy",
@@ -46,8 +49,8 @@ CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spa
 FACT_TEMPLATES = ["The capital of {S} is", "{S}'s capital city is", "The capital city of {S} is"]
 
 
-@dataclass
-class TaskDataset:
+@dataclass(repr=False)
+class TaskDataset(Result):
     """Clean/corrupted pairs ``[n, pos]`` of equal token length, answers, and a per-prompt metric."""
 
     name: str
@@ -70,7 +73,7 @@ class TaskDataset:
             return self.metric_fn(self, logits)
         return M.logit_diff(logits, self.answers.to(logits.device), self.wrong.to(logits.device))
 
-    def subset(self, idx) -> "TaskDataset":
+    def subset(self, idx: Sequence[int] | torch.Tensor) -> TaskDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
         pick = lambda xs: [xs[int(i)] for i in idx]  # noqa: E731
         return TaskDataset(self.name, self.clean[idx], self.corrupted[idx],
@@ -79,10 +82,10 @@ class TaskDataset:
                            pick(self.texts), pick(self.corrupted_texts), pick(self.meta) if self.meta else [],
                            self.metric_fn, self.seed)
 
-    def split(self, held_out: float = 0.5, seed: int | None = None) -> tuple["TaskDataset", "TaskDataset"]:
+    def split(self, held_out: float = 0.5, seed: int | None = None) -> tuple[TaskDataset, TaskDataset]:
         """A random (train, held-out) split; use the held-out part to confirm what the train part found."""
         if not 0 < held_out < 1:
-            raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
+            raise InputError(f"held_out must be a fraction in (0, 1), got {held_out}")
         n = len(self)
         g = torch.Generator().manual_seed(self.seed if seed is None else seed)
         perm = torch.randperm(n, generator=g)
@@ -93,7 +96,7 @@ class TaskDataset:
         return (f"{self.name}: {len(self)} pairs of {self.clean.shape[1]} tokens\n"
                 f"  clean:     {self.texts[0]!r}\n  corrupted: {self.corrupted_texts[0]!r}")
 
-    __str__ = summary
+    _skip_in_dict = ("metric_fn",)
 
 
 def _single(model, words: list[str], space: bool = True) -> list[str]:
@@ -109,7 +112,7 @@ def _single(model, words: list[str], space: bool = True) -> list[str]:
 def _encode(model, texts: list[str]) -> torch.Tensor:
     toks, mask = model.tokenize(texts)
     if not bool(mask.all()):
-        raise ValueError("internal: prompts of unequal length")  # pragma: no cover
+        raise InputError("internal: prompts of unequal length")  # pragma: no cover
     return toks
 
 
@@ -119,7 +122,8 @@ def _modal_length(model, texts: list[str]) -> list[int]:
     return [i for i, n in enumerate(lens) if n == mode]
 
 
-def ioi(model, n: int = 32, seed: int = 0, corruption: str = "s2_flip", templates=None) -> TaskDataset:
+def ioi(model: HookedModel, n: int = 32, seed: int = 0, corruption: str = "s2_flip",
+        templates: Sequence[str] | None = None) -> TaskDataset:
     """Indirect object identification: "When A and B went to the X, B gave a Y to" -> " A".
 
     ABBA and BABA orders alternate. ``corruption``: ``"s2_flip"`` (the second mention of the
@@ -127,10 +131,10 @@ def ioi(model, n: int = 32, seed: int = 0, corruption: str = "s2_flip", template
     no name is repeated). Answers are the IO name, wrong answers the S name.
     """
     if corruption not in ("s2_flip", "abc"):
-        raise ValueError(f"corruption must be 's2_flip' or 'abc', got {corruption!r}")
+        raise InputError(f"corruption must be 's2_flip' or 'abc', got {corruption!r}")
     names, places, objects = _single(model, NAMES), _single(model, PLACES), _single(model, OBJECTS)
     if len(names) < 3 or not places or not objects:
-        raise ValueError(f"too few single-token names/places/objects for this tokenizer ({len(names)} names)")
+        raise InputError(f"too few single-token names/places/objects for this tokenizer ({len(names)} names)")
     rng = random.Random(seed)
     templates = templates or IOI_TEMPLATES
     rows = []
@@ -162,7 +166,8 @@ def ioi(model, n: int = 32, seed: int = 0, corruption: str = "s2_flip", template
 
 
 @torch.no_grad()
-def factual(model, n: int | None = None, seed: int = 0, verify: bool = True, template: str | None = None) -> TaskDataset:
+def factual(model: HookedModel, n: int | None = None, seed: int = 0, verify: bool = True,
+            template: str | None = None) -> TaskDataset:
     """Capital-city recall: "The capital of France is" -> " Paris"; corrupted: another country.
 
     With ``verify`` only the countries whose capital the model ranks first are kept (so the clean
@@ -178,7 +183,7 @@ def factual(model, n: int | None = None, seed: int = 0, verify: bool = True, tem
         top = model(toks)[:, -1].argmax(-1)
         pairs = [p for p, t in zip(pairs, top.tolist()) if t == model.to_single_token(" " + p[1])]
     if len(pairs) < 2:
-        raise ValueError(f"fewer than two capital pairs work for this model/tokenizer ({len(pairs)})")
+        raise InputError(f"fewer than two capital pairs work for this model/tokenizer ({len(pairs)})")
     rng = random.Random(seed)
     rng.shuffle(pairs)
     if n is not None:
@@ -194,7 +199,7 @@ def factual(model, n: int | None = None, seed: int = 0, verify: bool = True, tem
     )
 
 
-def induction(model, n: int = 16, length: int = 20, seed: int = 0, bos: bool | None = None) -> TaskDataset:
+def induction(model: HookedModel, n: int = 16, length: int = 20, seed: int = 0, bos: bool | None = None) -> TaskDataset:
     """Random tokens repeated twice: ``[BOS] A A``; corrupted: ``[BOS] A B`` with B fresh random tokens.
 
     The metric is minus the loss on the second half (higher = better induction).
@@ -218,7 +223,7 @@ def induction(model, n: int = 16, length: int = 20, seed: int = 0, bos: bool | N
                        [f"<{length} random tokens, then {length} others>"] * n, metric_fn=metric, seed=seed)
 
 
-def greater_than(model, n: int = 32, seed: int = 0, century: int = 17) -> TaskDataset:
+def greater_than(model: HookedModel, n: int = 32, seed: int = 0, century: int = 17) -> TaskDataset:
     """"The war lasted from the year 17YY to the year 17" -> a year after YY (Hanna et al. 2023).
 
     The corrupted prompt uses YY = 01, so every continuation is "greater". The metric is the

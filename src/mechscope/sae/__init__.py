@@ -1,11 +1,19 @@
-"""Sparse autoencoders: architectures, training with monitoring, SAELens format, evaluation."""
+"""Sparse autoencoders, as three separate parts plus reading them.
 
+- :mod:`.data`: :func:`harvest` (the only code that runs the LM), activation sources and shards;
+- :mod:`.model` and :mod:`.kernels`: the four architectures and their sparse training kernels;
+- :mod:`.train`: the trainer, which never sees the LM; :func:`fit_sae` returns a :class:`TrainResult`;
+- :mod:`.evaluate`: held-out quality with the SAE spliced in;
+- :mod:`.io`: the SAELens on-disk format; :mod:`.features`: dashboards, search and steering.
+"""
+
+from .data import ActivationSource, TensorSource, harvest, harvest_to_disk, load_shards, shuffled_batches
+from .evaluate import SAEEval, evaluate_sae, splice_hook
 from .io import check_fits, load_sae, save_sae
-from .model import ARCHITECTURES, SAE, SAEConfig
-from .data import harvest_to_disk, load_shards, shuffled_batches
-from .train import (SAEEval, SAETrainingError, TrainConfig, evaluate_sae, harvest, resample_dead, splice_hook,
-                    train_sae, train_sae_sweep)
+from .model import ARCHITECTURES, SAE, LossTerms, SAEConfig
+from .train import SAETrainingError, TrainConfig, TrainResult, fit_sae, resample_dead, train_sae, train_sae_sweep
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEEval", "SAETrainingError", "TrainConfig", "check_fits",
-           "evaluate_sae", "harvest", "harvest_to_disk", "load_sae", "load_shards", "resample_dead", "shuffled_batches",
-           "train_sae_sweep", "save_sae", "splice_hook", "train_sae"]
+__all__ = ["ARCHITECTURES", "ActivationSource", "LossTerms", "SAE", "SAEConfig", "SAEEval", "SAETrainingError",
+           "TensorSource", "TrainConfig", "TrainResult", "check_fits", "evaluate_sae", "fit_sae", "harvest",
+           "harvest_to_disk", "load_sae", "load_shards", "resample_dead", "save_sae", "shuffled_batches",
+           "splice_hook", "train_sae", "train_sae_sweep"]

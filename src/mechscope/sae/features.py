@@ -11,18 +11,21 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from .. import viz
+from ..analysis import viz
+from ..core.files import atomic_write
+from ..core.model import HookedModel
+from ..core.result import Result
+from .data import harvest
 from .model import SAE
-from .train import harvest
 
 
-
-def _token_acts(model, hook: str, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def _token_acts(model: HookedModel, hook: str, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """``[n * pos, width]``: one row per token of ``tokens [n, pos]``, in order, none skipped or
     dropped (unlike training harvests), so that rows map back to ``[n, pos]``."""
     return harvest(model, hook, tokens, batch_size, skip_first=0, max_norm_ratio=None)
@@ -36,8 +39,8 @@ class Example:
     center: int  # index of the max token in the window
 
 
-@dataclass
-class FeatureStats:
+@dataclass(repr=False)
+class FeatureStats(Result):
     """What one pass over a corpus says about every feature (streamed; bounded memory)."""
 
     n_tokens: int
@@ -48,13 +51,26 @@ class FeatureStats:
     hist: dict[int, torch.Tensor]  # feature -> histogram counts of nonzero activations
     hist_edges: dict[int, torch.Tensor]
 
+    _skip_in_dict = ("hist", "hist_edges", "quantile_samples")
+
     @property
     def density(self) -> torch.Tensor:
         return self.fire_count.float() / max(self.n_tokens, 1)
 
+    def summary(self) -> str:
+        fired = int((self.fire_count > 0).sum())
+        lines = [f"{fired} of {self.fire_count.numel()} features fired on {self.n_tokens} tokens; "
+                 f"examples kept for {len(self.top)}"]
+        for i, ex in list(self.top.items())[:10]:
+            ctx = "".join(ex[0].tokens) if ex else ""
+            lines.append(f"  feature {i:6d}  density {float(self.density[i]):.3%}  max {float(self.max_act[i]):.3f}  "
+                         f"{ctx!r}")
+        return "\n".join(lines)
+
 
 @torch.no_grad()
-def feature_stats(model, sae: SAE, tokens: torch.Tensor, features=None, n_top: int = 20, context: int = 5,
+def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: Sequence[int] | None = None, n_top: int = 20,
+                  context: int = 5,
                   batch_size: int = 8, n_bins: int = 30, seed: int = 0) -> FeatureStats:
     """One streaming pass over ``tokens [n, pos]``: density and max for all features; top examples,
     quantile samples and activation histograms for ``features`` (default: the 20 densest live ones
@@ -130,7 +146,8 @@ def feature_stats(model, sae: SAE, tokens: torch.Tensor, features=None, n_top: i
 
 
 @torch.no_grad()
-def logit_effects(model, sae: SAE, feature: int, k: int = 10) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+def logit_effects(model: HookedModel, sae: SAE, feature: int,
+                  k: int = 10) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """Top and bottom ``k`` tokens of ``W_dec[feature] @ W_U`` (direct effect through the unembedding only)."""
     eff = (sae.W_dec[feature].float() / sae.input_scale.float()) @ model.W_U.float().cpu()
     top, bot = eff.topk(k), (-eff).topk(k)
@@ -150,7 +167,7 @@ def _example_html(ex: Example) -> str:
     return f"<div class='ms-ex'><b>{ex.activation:.3f}</b> {''.join(spans)}</div>"
 
 
-def dashboard_html(model, sae: SAE, stats: FeatureStats, feature: int) -> str:
+def dashboard_html(model: HookedModel, sae: SAE, stats: FeatureStats, feature: int) -> str:
     """One feature's dashboard as an HTML fragment (every token escaped)."""
     dens = float(stats.density[feature])
     top, bot = logit_effects(model, sae, feature)
@@ -172,13 +189,13 @@ def dashboard_html(model, sae: SAE, stats: FeatureStats, feature: int) -> str:
     return "".join(parts)
 
 
-def write_dashboards(model, sae: SAE, stats: FeatureStats, folder: str | Path) -> Path:
+def write_dashboards(model: HookedModel, sae: SAE, stats: FeatureStats, folder: str | Path) -> Path:
     """An HTML page per feature in ``stats.top`` plus ``index.html`` (offline; written atomically)."""
     folder = Path(folder)
     css = "<style>.ms-tok{white-space:pre;padding:0 1px}.ms-ex{margin:3px 0;font-family:monospace}</style>"
     rows = []
     for i in stats.top:
-        viz.atomic_write(folder / f"feature_{i}.html", viz.page(f"feature {i}", css + dashboard_html(model, sae, stats, i)))
+        atomic_write(folder / f"feature_{i}.html", viz.page(f"feature {i}", css + dashboard_html(model, sae, stats, i)))
         best = stats.top[i][0] if stats.top[i] else None
         snippet = viz.esc("".join(best.tokens)) if best else ""
         rows.append(f"<tr><td><a href='feature_{i}.html'>{i}</a></td><td>{float(stats.density[i]):.3%}</td>"
@@ -187,11 +204,11 @@ def write_dashboards(model, sae: SAE, stats: FeatureStats, folder: str | Path) -
              f"{int((stats.fire_count == 0).sum())} never fired on {stats.n_tokens} tokens</p>"
              "<table class='ms-heat'><tr><th>feature</th><th>density</th><th>max</th><th>top context</th></tr>"
              + "".join(rows) + "</table>")
-    return viz.atomic_write(folder / "index.html", viz.page("SAE features", index))
+    return atomic_write(folder / "index.html", viz.page("SAE features", index))
 
 
 @torch.no_grad()
-def top_features(model, sae: SAE, text: str, k: int = 10) -> list[tuple[int, float]]:
+def top_features(model: HookedModel, sae: SAE, text: str, k: int = 10) -> list[tuple[int, float]]:
     """The features with the largest summed activation on ``text``."""
     f = sae.encode(_token_acts(model, sae.cfg.hook_name, model.to_tokens(text)))
     tot = f.sum(0)
@@ -200,7 +217,8 @@ def top_features(model, sae: SAE, text: str, k: int = 10) -> list[tuple[int, flo
 
 
 @torch.no_grad()
-def separating_features(model, sae: SAE, texts_a: list[str], texts_b: list[str], k: int = 10):
+def separating_features(model: HookedModel, sae: SAE, texts_a: list[str], texts_b: list[str],
+                        k: int = 10) -> list[tuple[int, float]]:
     """Features whose mean activation differs most between two sets of texts: ``[(feature, mean_a - mean_b)]``."""
     def mean_acts(texts):
         return torch.stack([sae.encode(_token_acts(model, sae.cfg.hook_name, model.to_tokens(t))).mean(0)
@@ -211,7 +229,7 @@ def separating_features(model, sae: SAE, texts_a: list[str], texts_b: list[str],
     return [(int(i), float(diff[i])) for i in idx]
 
 
-def ablate_features_hook(sae: SAE, features):
+def ablate_features_hook(sae: SAE, features: Sequence[int]) -> Callable:
     """A hook that removes ``features``' contributions and keeps the SAE's error term:
     ``x - sum_i f_i(x) W_dec[i] / scale``."""
     feats = torch.as_tensor(list(features), dtype=torch.long)
@@ -225,7 +243,7 @@ def ablate_features_hook(sae: SAE, features):
     return hook
 
 
-def steer_hook(sae: SAE, feature: int, coefficient: float):
+def steer_hook(sae: SAE, feature: int, coefficient: float) -> Callable:
     """A hook adding ``coefficient * W_dec[feature]`` (in raw activation units) at every position;
     use it in ``run_with_hooks`` or ``generate(fwd_hooks=...)``."""
     direction = (sae.W_dec[feature] / sae.input_scale).detach()

@@ -15,14 +15,15 @@ threshold, as SAELens does. The folder is written under a temporary name and ren
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.errors import InputError, NotFoundError
+from ..core.files import atomic_dir
+from ..core.hookpoints import spec
+from ..core.model import HookedModel
 from .model import SAE, SAEConfig
 
 SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
@@ -40,56 +41,33 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
         out["threshold"] = sae.log_threshold.float().exp()
     elif arch == "batchtopk":
         if float(sae.threshold) < 0:
-            raise ValueError("this BatchTopK SAE has no inference threshold yet: train it before saving")
+            raise InputError("this BatchTopK SAE has no inference threshold yet: train it before saving")
         out["threshold"] = torch.full((sae.cfg.d_sae,), float(sae.threshold))
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
 def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = None) -> Path:
     """Write ``sae`` to folder ``path`` in SAELens's format (atomically; an existing folder is replaced)."""
+    c = sae.cfg
+    cfg = {
+        "architecture": SAVED_ARCH[c.architecture], "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype,
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"hook_name": c.hook_name, "model_name": c.model_name, "saved_by": "mechscope",
+                     "mechscope_config": c.to_dict(), "input_scale_folded": float(sae.input_scale)},
+    }
+    if c.architecture == "topk":
+        cfg["k"] = c.k
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
-        c = sae.cfg
-        cfg = {
-            "architecture": SAVED_ARCH[c.architecture], "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype,
-            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-            "reshape_activations": "none",
-            "metadata": {"hook_name": c.hook_name, "model_name": c.model_name, "saved_by": "mechscope",
-                         "mechscope_config": c.to_dict(), "input_scale_folded": float(sae.input_scale)},
-        }
-        if c.architecture == "topk":
-            cfg["k"] = c.k
+    with atomic_dir(path) as tmp:
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2))
         save_file(saelens_tensors(sae), str(tmp / "sae_weights.safetensors"))
         if log10_density is not None:
             save_file({"sparsity": log10_density.detach().float().cpu().contiguous()}, str(tmp / "sparsity.safetensors"))
-        if path.exists():
-            old = path.with_name(path.name + f".old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
-def _hook_width(model, hook_name: str) -> int:
-    c = model.cfg
-    if hook_name.endswith(("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")):
-        return c.d_mlp
-    if hook_name.endswith(("hook_z", "hook_q", "hook_rot_q")):
-        return c.n_heads * c.d_head
-    if hook_name.endswith(("hook_k", "hook_v", "hook_rot_k")):
-        return c.n_kv_heads * c.d_head
-    return c.d_model
-
-
-def load_sae(path: str | Path, model=None) -> SAE:
+def load_sae(path: str | Path, model: HookedModel | None = None) -> SAE:
     """Load an SAE folder in SAELens's format (v6, or older with a top-level ``hook_name``).
 
     With ``model``, checks that the hook exists (suggesting the nearest names) and that ``d_in``
@@ -97,13 +75,13 @@ def load_sae(path: str | Path, model=None) -> SAE:
     """
     path = Path(path)
     if not (path / "cfg.json").exists() or not (path / "sae_weights.safetensors").exists():
-        raise FileNotFoundError(f"{path} is not an SAE folder: it needs cfg.json and sae_weights.safetensors")
+        raise NotFoundError(f"{path} is not an SAE folder: it needs cfg.json and sae_weights.safetensors")
     raw = json.loads((path / "cfg.json").read_text())
     arch = raw.get("architecture", "standard")
     if arch not in LOADED_ARCH:
-        raise ValueError(f"unsupported SAE architecture {arch!r} in {path}; supported: {sorted(LOADED_ARCH)}")
+        raise InputError(f"unsupported SAE architecture {arch!r} in {path}; supported: {sorted(LOADED_ARCH)}")
     if raw.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{path} asks for normalize_activations={raw['normalize_activations']!r} at run time; "
+        raise InputError(f"{path} asks for normalize_activations={raw['normalize_activations']!r} at run time; "
                          "mechscope loads SAEs whose normalisation is folded into the weights ('none')")
     meta = raw.get("metadata") or {}
     hook = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
@@ -115,28 +93,28 @@ def load_sae(path: str | Path, model=None) -> SAE:
                 "b_dec": (cfg.d_in,)}
     for name, shape in expected.items():
         if name not in w:
-            raise ValueError(f"{path}/sae_weights.safetensors has no {name!r} (has {sorted(w)})")
+            raise InputError(f"{path}/sae_weights.safetensors has no {name!r} (has {sorted(w)})")
         if tuple(w[name].shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(w[name].shape)}, expected {shape} from cfg.json")
+            raise InputError(f"{name} has shape {tuple(w[name].shape)}, expected {shape} from cfg.json")
     sae = SAE(cfg)
     with torch.no_grad():
         for name in expected:
             getattr(sae, name).copy_(w[name])
         if arch == "jumprelu":
             if "threshold" not in w:
-                raise ValueError(f"{path}: a jumprelu SAE needs a 'threshold' tensor")
+                raise InputError(f"{path}: a jumprelu SAE needs a 'threshold' tensor")
             sae.log_threshold.copy_(w["threshold"].float().clamp(min=1e-12).log())
     if model is not None:
         check_fits(sae, model)
     return sae
 
 
-def check_fits(sae: SAE, model) -> None:
+def check_fits(sae: SAE, model: HookedModel) -> None:
     """Raise a clear error when the SAE's hook is unknown to ``model`` or its ``d_in`` does not match."""
     hook = sae.cfg.hook_name
     if not hook:
-        raise ValueError("the SAE does not say which hook it reads (cfg hook_name is empty)")
+        raise InputError("the SAE does not say which hook it reads (cfg hook_name is empty)")
     model.manager.check(hook)
-    width = _hook_width(model, hook)
+    width = spec(hook).width(model.cfg.to_dict())
     if width != sae.cfg.d_in:
-        raise ValueError(f"the SAE has d_in={sae.cfg.d_in} but {hook} of {model.cfg.model_name} has width {width}")
+        raise InputError(f"the SAE has d_in={sae.cfg.d_in} but {hook} of {model.cfg.model_name} has width {width}")

@@ -111,7 +111,8 @@ def select_batch_topk(pre: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]
     return pattern, vals[keep][order]
 
 
-def sparse_latents(xc: torch.Tensor, W_enc, b_enc, pattern: Pattern, picked: torch.Tensor) -> torch.Tensor:
+def sparse_latents(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pattern: Pattern,
+                   picked: torch.Tensor) -> torch.Tensor:
     """The kept latent values ``[nnz]`` with gradients to ``xc``, ``W_enc`` and ``b_enc``."""
     return _GatherPre.apply(xc, W_enc, b_enc, picked, pattern)
 

@@ -18,12 +18,40 @@ All four share ``x_hat = f(x) @ W_dec + b_dec`` with ``f(x) = act(pre)``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
+from ..core.errors import InputError
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class LossTerms:
+    """The terms of one training step. ``loss`` is what is minimised; ``recon`` ``[n, d_in]`` (detached,
+    in the scaled space), ``fires`` ``[d_sae]`` (examples each latent fired on) and ``l0`` feed the
+    monitoring. ``l1`` (ReLU), ``l0_penalty`` (JumpReLU) and ``aux`` (AuxK) are None where unused.
+    ``terms["mse"]`` and ``"aux" in terms`` read the fields by name."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    recon: torch.Tensor
+    fires: torch.Tensor
+    l0: torch.Tensor
+    l1: torch.Tensor | None = None
+    l0_penalty: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = getattr(self, name, None) if name in {f.name for f in fields(self)} else None
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: str) -> bool:
+        return getattr(self, name, None) is not None
 
 
 @dataclass
@@ -49,11 +77,11 @@ class SAEConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            raise InputError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.normalize_activations not in ("none", "expected_average_only_in"):
-            raise ValueError("normalize_activations must be 'none' or 'expected_average_only_in'")
+            raise InputError("normalize_activations must be 'none' or 'expected_average_only_in'")
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+            raise InputError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,7 +195,7 @@ class SAE(nn.Module):
                 w = 1.0 / (x - m).norm(dim=-1).clamp(min=1e-6)
                 m = (w[:, None] * x).sum(0) / w.sum()
         elif method != "mean":
-            raise ValueError("method must be 'geometric_median' or 'mean'")
+            raise InputError("method must be 'geometric_median' or 'mean'")
         self.b_dec.copy_(m)
 
     @torch.no_grad()
@@ -177,11 +205,8 @@ class SAE(nn.Module):
             self.input_scale.fill_(float((self.cfg.d_in / x.float().pow(2).sum(-1).mean()).sqrt()))
 
     def training_loss(self, x: torch.Tensor, step: int = 0, dead_mask: torch.Tensor | None = None,
-                      sparse: bool = False) -> dict:
-        """Loss terms on a batch ``x [n, d_in]``, computed in the scaled space.
-
-        Returns ``loss``, ``mse`` and the other terms, plus ``recon`` ``[n, d_in]`` (detached),
-        ``fires`` ``[d_sae]`` (how many examples each latent fired on) and ``l0``. ``sparse=True``
+                      sparse: bool = False) -> LossTerms:
+        """The :class:`LossTerms` of a batch ``x [n, d_in]``, computed in the scaled space. ``sparse=True``
         computes TopK and BatchTopK with the sparse kernels of :mod:`mechscope.sae.kernels`
         (same values and gradients, one dense matmul instead of five).
         """
@@ -195,19 +220,16 @@ class SAE(nn.Module):
         err = xs - recon
         mse = err.pow(2).sum(-1).mean()
         on = f.detach() > 0
-        out = {"mse": mse, "recon": recon.detach(), "fires": on.sum(0), "l0": on.sum(-1).float().mean()}
+        out = LossTerms(mse, mse, recon.detach(), on.sum(0), on.sum(-1).float().mean())
         if cfg.architecture == "relu":
             warm = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
-            l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
-            out["l1"] = l1
-            out["loss"] = mse + warm * cfg.l1_coefficient * l1
+            out.l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+            out.loss = mse + warm * cfg.l1_coefficient * out.l1
         elif cfg.architecture == "jumprelu":
             thr = self.log_threshold.float().exp()
-            l0 = _Step.apply(pre, thr.to(pre.dtype), cfg.jumprelu_bandwidth).sum(-1).mean()
-            out["l0_penalty"] = l0
-            out["loss"] = mse + cfg.l0_coefficient * l0
+            out.l0_penalty = _Step.apply(pre, thr.to(pre.dtype), cfg.jumprelu_bandwidth).sum(-1).mean()
+            out.loss = mse + cfg.l0_coefficient * out.l0_penalty
         else:
-            out["loss"] = mse
             if cfg.architecture == "batchtopk":
                 self._update_threshold(f.detach()[on])
             if dead_mask is not None and bool(dead_mask.any()):
@@ -220,11 +242,10 @@ class SAE(nn.Module):
     def _k_aux(self, dead_mask: torch.Tensor) -> int:
         return min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
 
-    def _add_aux(self, out: dict, err: torch.Tensor, aux_recon: torch.Tensor) -> None:
+    def _add_aux(self, out: LossTerms, err: torch.Tensor, aux_recon: torch.Tensor) -> None:
         """AuxK (Gao et al. 2024): dead latents reconstruct the detached residual error, weighted ``aux_coefficient``."""
-        aux = (err.detach() - aux_recon).pow(2).sum(-1).mean()
-        out["aux"] = aux
-        out["loss"] = out["mse"] + self.cfg.aux_coefficient * aux
+        out.aux = (err.detach() - aux_recon).pow(2).sum(-1).mean()
+        out.loss = out.mse + self.cfg.aux_coefficient * out.aux
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
@@ -233,7 +254,7 @@ class SAE(nn.Module):
             m = kept.min()
             self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
 
-    def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> dict:
+    def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> LossTerms:
         from . import kernels as K
 
         cfg = self.cfg
@@ -251,8 +272,7 @@ class SAE(nn.Module):
         err = xs - recon
         mse = err.pow(2).sum(-1).mean()
         fires = torch.bincount(pattern.cols, minlength=cfg.d_sae)
-        out = {"mse": mse, "loss": mse, "recon": recon.detach(), "fires": fires,
-               "l0": torch.tensor(pattern.cols.numel() / x.shape[0])}
+        out = LossTerms(mse, mse, recon.detach(), fires, torch.tensor(pattern.cols.numel() / x.shape[0]))
         if dead_mask is not None and bool(dead_mask.any()):
             ap, apicked = K.select_topk(pre, self._k_aux(dead_mask), mask=dead_mask)
             aux_vals = K.sparse_latents(xc, self.W_enc, self.b_enc, ap, apicked)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import InputError
+from ..core.types import Answer
+
 
 def answer_logits(logits: torch.Tensor, pos: int | torch.Tensor = -1,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,11 +32,11 @@ def _ids(x, b: int, device) -> torch.Tensor:
     if t.dim() == 0:
         t = t.expand(b)
     if t.shape[0] != b:
-        raise ValueError(f"expected one answer per prompt ({b}), got {t.shape[0]}")
+        raise InputError(f"expected one answer per prompt ({b}), got {t.shape[0]}")
     return t.long()
 
 
-def logit_diff(logits: torch.Tensor, correct, incorrect, pos: int | torch.Tensor = -1,
+def logit_diff(logits: torch.Tensor, correct: Answer, incorrect: Answer, pos: int | torch.Tensor = -1,
                attention_mask: torch.Tensor | None = None, mean: bool = False) -> torch.Tensor:
     """``logit[correct] - logit[incorrect]`` at the answer position: ``[batch]`` (or its mean).
 
@@ -47,7 +50,7 @@ def logit_diff(logits: torch.Tensor, correct, incorrect, pos: int | torch.Tensor
         t = torch.as_tensor(ids, device=a.device).long()
         if t.dim() == 2:
             if t.shape[0] != b:
-                raise ValueError(f"expected {b} rows of answers, got {t.shape[0]}")
+                raise InputError(f"expected {b} rows of answers, got {t.shape[0]}")
             return a.gather(1, t).mean(-1)
         return a.gather(1, _ids(t, b, a.device)[:, None])[:, 0]
 
@@ -63,12 +66,12 @@ def normalized_metric(value: torch.Tensor, clean: torch.Tensor | float, corrupte
     clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
     gap = clean - corrupted
     if bool((gap.abs() < 1e-8).any()):
-        raise ValueError(f"clean ({clean.tolist()}) and corrupted ({corrupted.tolist()}) metrics are equal: "
+        raise InputError(f"clean ({clean.tolist()}) and corrupted ({corrupted.tolist()}) metrics are equal: "
                          "nothing to normalise against; check that the corruption changes the answer")
     return (value - corrupted) / gap
 
 
-def token_prob(logits: torch.Tensor, target, pos: int | torch.Tensor = -1,
+def token_prob(logits: torch.Tensor, target: Answer, pos: int | torch.Tensor = -1,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(logits)[target]`` at the answer position: ``[batch]``."""
     a = answer_logits(logits, pos, attention_mask).float()
@@ -76,7 +79,7 @@ def token_prob(logits: torch.Tensor, target, pos: int | torch.Tensor = -1,
     return torch.softmax(a, -1).gather(1, t[:, None])[:, 0]
 
 
-def token_rank(logits: torch.Tensor, target, pos: int | torch.Tensor = -1,
+def token_rank(logits: torch.Tensor, target: Answer, pos: int | torch.Tensor = -1,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Rank of ``target`` at the answer position (0 = top-1): ``[batch]``."""
     a = answer_logits(logits, pos, attention_mask)
@@ -87,10 +90,18 @@ def token_rank(logits: torch.Tensor, target, pos: int | torch.Tensor = -1,
 def kl_div(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """``KL(ref || p) = sum ref_p (log ref_p - log p)`` per position: ``[...]`` (last axis summed)."""
     if logits.shape != ref_logits.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and reference {tuple(ref_logits.shape)} differ in shape")
+        raise InputError(f"logits {tuple(logits.shape)} and reference {tuple(ref_logits.shape)} differ in shape")
     lp = torch.log_softmax(logits.float(), -1)
     lr = torch.log_softmax(ref_logits.float(), -1)
     return (lr.exp() * (lr - lp)).sum(-1)
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2`` for ``x``, ``x_hat`` ``[n, d]``: a scalar.
+
+    The mean is taken over the batch, not zero (the conventional definition; SAELens #443, #659).
+    """
+    return 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
 def repeated_tokens(n_tokens: int, batch: int = 1, vocab_low: int = 100, vocab_high: int = 20000,

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from . import viz
+from ..analysis import viz
+from ..core.errors import InputError
+from ..core.model import HookedModel
+from ..core.result import Result
 
 
 class FactoredMatrix:
@@ -28,7 +32,7 @@ class FactoredMatrix:
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor):
         if A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"inner sizes differ: A {tuple(A.shape)} @ B {tuple(B.shape)}")
+            raise InputError(f"inner sizes differ: A {tuple(A.shape)} @ B {tuple(B.shape)}")
         self.A, self.B = A, B
 
     @property
@@ -53,7 +57,7 @@ class FactoredMatrix:
     def BA(self) -> torch.Tensor:
         """``B @ A`` ``[..., k, k]``: shares the nonzero eigenvalues of ``A @ B``."""
         if self.A.shape[-2] != self.B.shape[-1]:
-            raise ValueError("BA needs a square product")
+            raise InputError("BA needs a square product")
         return self.B @ self.A
 
     def __matmul__(self, other) -> "FactoredMatrix":
@@ -68,7 +72,7 @@ class FactoredMatrix:
         """The nonzero eigenvalues (complex) ``[..., k]``, from the small ``B @ A``."""
         return torch.linalg.eigvals(self.BA.double())
 
-    def svd(self):
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U [..., m, k], S [..., k], Vh [..., k, n])`` with ``A @ B == U diag(S) Vh``, from QR of the factors."""
         Qa, Ra = torch.linalg.qr(self.A.double())
         Qb, Rb = torch.linalg.qr(self.B.transpose(-1, -2).double())
@@ -81,7 +85,7 @@ class FactoredMatrix:
         b = self.B.double() @ self.B.transpose(-1, -2).double()
         return (a * b.transpose(-1, -2)).sum((-1, -2)).clamp(min=0).sqrt()
 
-    def row_chunks(self, chunk: int = 4096):
+    def row_chunks(self, chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, rows [..., chunk, n])`` of the full product, a block of rows at a time."""
         m = self.A.shape[-2]
         for s in range(0, m, chunk):
@@ -92,7 +96,7 @@ class FactoredMatrix:
 
 
 @torch.no_grad()
-def OV(model, layer: int | None = None) -> FactoredMatrix:
+def OV(model: HookedModel, layer: int | None = None) -> FactoredMatrix:
     """``W_V W_O`` per head: ``[layer, head, d_model, d_model]`` (or ``[head, ...]`` for one layer).
 
     Under grouped-query attention ``W_V`` is the KV head each query head reads.
@@ -104,7 +108,7 @@ def OV(model, layer: int | None = None) -> FactoredMatrix:
 
 
 @torch.no_grad()
-def QK(model, layer: int | None = None) -> FactoredMatrix:
+def QK(model: HookedModel, layer: int | None = None) -> FactoredMatrix:
     """``W_Q W_K^T`` per head: ``[layer, head, d_model, d_model]``; the content part (see module docstring)."""
     W_Q, W_K = model.W_Q.float(), model.W_K.float()
     if layer is not None:
@@ -113,21 +117,21 @@ def QK(model, layer: int | None = None) -> FactoredMatrix:
 
 
 @torch.no_grad()
-def full_OV(model, layer: int, head: int) -> FactoredMatrix:
+def full_OV(model: HookedModel, layer: int, head: int) -> FactoredMatrix:
     """``W_E W_V W_O W_U`` ``[d_vocab, d_vocab]`` for one head: token in -> logits out (kept factored)."""
     return FactoredMatrix(model.W_E.float() @ model.W_V[layer, head].float(),
                           model.W_O[layer, head].float() @ model.W_U.float())
 
 
 @torch.no_grad()
-def full_QK(model, layer: int, head: int) -> FactoredMatrix:
+def full_QK(model: HookedModel, layer: int, head: int) -> FactoredMatrix:
     """``W_E W_Q W_K^T W_E^T`` ``[d_vocab, d_vocab]``: query token x key token scores (content part)."""
     W_E = model.W_E.float()
     return FactoredMatrix(W_E @ model.W_Q[layer, head].float(), model.W_K[layer, head].float().T @ W_E.T)
 
 
 @torch.no_grad()
-def copying_scores(model) -> torch.Tensor:
+def copying_scores(model: HookedModel) -> torch.Tensor:
     """``[layer, head]`` eigenvalue copying score ``sum(λ) / sum(|λ|)`` of ``W_E W_V W_O W_U`` (Elhage et al. 2021).
 
     Near +1: the head copies the tokens it attends to into the logits; near -1: it suppresses them
@@ -142,7 +146,7 @@ def copying_scores(model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def composition_scores(model, mode: str = "K") -> torch.Tensor:
+def composition_scores(model: HookedModel, mode: str = "K") -> torch.Tensor:
     """``[layer1, head1, layer2, head2]`` composition of writer head 1 into reader head 2 (zero unless layer1 < layer2).
 
     ``score = ||W_OV1 M2||_F / (||W_OV1||_F ||M2||_F)`` with ``M2 = W_QK2`` (Q-composition),
@@ -150,7 +154,7 @@ def composition_scores(model, mode: str = "K") -> torch.Tensor:
     matrices of this size give a baseline around ``sqrt(d_head / d_model)``.
     """
     if mode not in ("Q", "K", "V"):
-        raise ValueError(f"mode must be 'Q', 'K' or 'V', got {mode!r}")
+        raise InputError(f"mode must be 'Q', 'K' or 'V', got {mode!r}")
     ov = OV(model)
     right = {"Q": QK(model), "K": QK(model).T, "V": OV(model)}[mode]
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -167,8 +171,8 @@ def composition_scores(model, mode: str = "K") -> torch.Tensor:
     return out
 
 
-@dataclass
-class HeadScores:
+@dataclass(repr=False)
+class HeadScores(Result):
     """A ``[layer, head]`` score with a name; ``top(k)`` lists the highest-scoring heads."""
 
     name: str
@@ -190,7 +194,8 @@ class HeadScores:
         head = f"{self.name} scores" + (f" ({self.description})" if self.description else "")
         return head + "\n" + "\n".join(f"  {n:>7} {v:+.3f}" for n, v in self.top(k))
 
-    __str__ = __repr__ = summary
+    def _dict_extra(self) -> dict:
+        return {"top": self.top(5)}
 
     def plot(self, path: str | Path | None = None) -> Path:
         L, H = self.scores.shape
@@ -198,11 +203,7 @@ class HeadScores:
                                path or f"{self.name.replace(' ', '_')}.png", title=f"{self.name} score",
                                diverging=bool((self.scores < 0).any()), xlabel="head", ylabel="layer")
 
-    def to_html(self) -> str:
+    def _html_body(self) -> str:
         L, H = self.scores.shape
         return viz.heatmap_html(self.scores, [str(l) for l in range(L)], [str(h) for h in range(H)],
-                                title=f"{self.name} score (layer x head)",
-                                diverging=bool((self.scores < 0).any())) + f"<pre>{viz.esc(self.summary())}</pre>"
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
+                                title=f"{self.name} score (layer x head)", diverging=bool((self.scores < 0).any()))

@@ -2,50 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import ItemsView, Iterator, KeysView, ValuesView
 
 import torch
 
-from .hooks import unknown_hook_message
-
-_ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "result", "attn_scores", "pattern"}
-_MLP = {"pre", "pre_linear", "post"}
-_BLOCK = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
-_ALIASES = {"attn": "pattern", "mlp_pre": "pre", "mlp_post": "post", "scores": "attn_scores"}
-
-
-def act_name(name: str, layer: int | None = None, layer_type: str | None = None, n_layers: int | None = None) -> str:
-    """TransformerLens-style shorthand to a full hook name.
-
-    ``act_name("resid_post", 3) == "blocks.3.hook_resid_post"``, ``act_name("pattern", 0) ==
-    "blocks.0.attn.hook_pattern"``, ``act_name("normalized", 2, "ln1") == "blocks.2.ln1.hook_normalized"``,
-    ``act_name("normalized", layer_type="ln_final")``. Negative layers count from the end.
-    """
-    if name.startswith(("blocks.", "hook_", "ln_final.")):
-        return name
-    name = _ALIASES.get(name, name)
-    if name in ("embed", "pos_embed"):
-        return f"hook_{name}"
-    if name in ("normalized", "ln_final") and (layer_type == "ln_final" or name == "ln_final"):
-        return "ln_final.hook_normalized"
-    if layer is None:
-        raise KeyError(f"{name!r} needs a layer index, e.g. cache[{name!r}, 0]")
-    if layer < 0 and n_layers is not None:
-        layer += n_layers
-    if name in _BLOCK:
-        return f"blocks.{layer}.hook_{name}"
-    if name in _ATTN:
-        return f"blocks.{layer}.attn.hook_{name}"
-    if name in _MLP:
-        return f"blocks.{layer}.mlp.hook_{name}"
-    if name == "normalized":
-        if layer_type not in ("ln1", "ln2"):
-            raise KeyError("'normalized' needs a layer type: cache['normalized', L, 'ln1'] or 'ln2'")
-        return f"blocks.{layer}.{layer_type}.hook_normalized"
-    raise KeyError(
-        f"unknown activation shorthand {name!r}; use one of "
-        f"{sorted(_BLOCK | _ATTN | _MLP | {'embed', 'pos_embed', 'normalized'})} or a full hook name"
-    )
+from .errors import InputError, UnknownNameError
+from .hookpoints import act_name, unknown_hook_message
+from .types import Device, PosSlice
 
 
 class ActivationCache:
@@ -71,11 +34,11 @@ class ActivationCache:
         name = self._key(key)
         if name not in self.store:
             if name in self.model.hook_names:
-                raise KeyError(
+                raise UnknownNameError(
                     f"{name!r} was not recorded in this cache; add it to names_filter in run_with_cache "
                     f"(recorded: {len(self.store)} hook points)"
                 )
-            raise KeyError(unknown_hook_message(name, self.model.hook_names))
+            raise UnknownNameError(unknown_hook_message(name, self.model.hook_names))
         return self.store[name]
 
     def __contains__(self, key) -> bool:
@@ -90,16 +53,16 @@ class ActivationCache:
     def __len__(self) -> int:
         return len(self.store)
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         return self.store.keys()
 
-    def values(self):
+    def values(self) -> ValuesView[torch.Tensor]:
         return self.store.values()
 
-    def items(self):
+    def items(self) -> ItemsView[str, torch.Tensor]:
         return self.store.items()
 
-    def to(self, device) -> "ActivationCache":
+    def to(self, device: Device) -> "ActivationCache":
         return ActivationCache({k: v.to(device) for k, v in self.store.items()}, self.model, self.has_batch_dim)
 
     def remove_batch_dim(self) -> "ActivationCache":
@@ -108,11 +71,12 @@ class ActivationCache:
             return self
         for k, v in self.store.items():
             if v.shape[0] != 1:
-                raise ValueError(f"remove_batch_dim needs batch size 1; {k} has batch {v.shape[0]}")
+                raise InputError(f"remove_batch_dim needs batch size 1; {k} has batch {v.shape[0]}")
         return ActivationCache({k: v[0] for k, v in self.store.items()}, self.model, has_batch_dim=False)
 
     def __repr__(self) -> str:
-        return f"ActivationCache({len(self.store)} hook points: {', '.join(list(self.store)[:4])}{', ...' if len(self.store) > 4 else ''})"
+        more = ", ..." if len(self.store) > 4 else ""
+        return f"ActivationCache({len(self.store)} hook points: {', '.join(list(self.store)[:4])}{more})"
 
     # ---- residual stream ------------------------------------------------------------
     def _n(self, layer: int | None) -> int:
@@ -122,11 +86,12 @@ class ActivationCache:
         if layer < 0:
             layer += n
         if not 0 <= layer <= n:
-            raise ValueError(f"layer must be in 0..{n}, got {layer}")
+            raise InputError(f"layer must be in 0..{n}, got {layer}")
         return layer
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice=None, return_labels: bool = False):
+                          pos_slice: PosSlice = None,
+                          return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """The residual stream entering each block below ``layer`` (``None``: all, plus the final one).
 
         Returns ``[component, batch, pos, d_model]`` (and labels like ``"3_pre"``, ``"3_mid"``,
@@ -151,14 +116,15 @@ class ActivationCache:
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer: int | None = None, mode: str = "all", apply_ln: bool = False,
-                        incl_embeds: bool = True, pos_slice=None, return_labels: bool = False):
+                        incl_embeds: bool = True, pos_slice: PosSlice = None,
+                        return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """Split the residual stream entering ``layer`` into what wrote it.
 
         ``resid_pre[layer] = embed (+ pos_embed) + sum_{l<layer} (attn_out[l] + mlp_out[l])``.
         Returns ``[component, batch, pos, d_model]``; ``mode`` is ``"all"``, ``"attn"`` or ``"mlp"``.
         """
         if mode not in ("all", "attn", "mlp"):
-            raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+            raise InputError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         n = self._n(layer)
         comps, labels = [], []
         if incl_embeds:
@@ -179,8 +145,8 @@ class ActivationCache:
             stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def stack_head_results(self, layer: int | None = None, apply_ln: bool = False, pos_slice=None,
-                           return_labels: bool = False):
+    def stack_head_results(self, layer: int | None = None, apply_ln: bool = False, pos_slice: PosSlice = None,
+                           return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """Per-head outputs of every layer below ``layer``: ``[layer*head, batch, pos, d_model]``, labels ``"L3H5"``.
 
         Uses the recorded ``attn.hook_result`` where present, otherwise computes it from ``attn.hook_z``
@@ -196,7 +162,7 @@ class ActivationCache:
                 r = self.model.head_results(i, z if self.has_batch_dim else z[None])
                 r = r if self.has_batch_dim else r[0]
             else:
-                raise KeyError(f"stack_head_results needs blocks.{i}.attn.hook_z or hook_result in the cache")
+                raise UnknownNameError(f"stack_head_results needs blocks.{i}.attn.hook_z or hook_result in the cache")
             comps.append(r.movedim(-2, 0))
             labels += [f"L{i}H{h}" for h in range(r.shape[-2])]
         stack = _slice_pos(torch.cat(comps), pos_slice, self.has_batch_dim)
@@ -204,8 +170,14 @@ class ActivationCache:
             stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def ln_scale(self, layer: int | None = None, mlp_input: bool = False, pos_slice=None) -> torch.Tensor:
-        """The frozen norm scale ``[batch, pos, 1]`` of the final norm (``layer=None``) or block ``layer``'s ln1/ln2."""
+    def ln_scale(self, layer: int | None = None, mlp_input: bool = False, pos_slice: PosSlice = None) -> torch.Tensor:
+        """The frozen norm scale ``[batch, pos, 1]`` of the final norm (``layer=None``) or block ``layer``'s ln1/ln2
+        (``mlp_input``): ``1 / sqrt(var + eps)`` of the cached residual stream that enters that norm."""
+        norm, resid = self._norm_input(layer, mlp_input, pos_slice)
+        return norm.scale(resid)
+
+    def _norm_input(self, layer: int | None, mlp_input: bool, pos_slice):
+        """(the norm, the cached residual stream entering it) for the final norm or block ``layer``'s ln1/ln2."""
         model = self.model
         if layer is None or layer == model.cfg.n_layers:
             norm, resid = model.ln_final, self["resid_post", model.cfg.n_layers - 1]
@@ -217,7 +189,7 @@ class ActivationCache:
         return norm, _slice_pos(resid, pos_slice, self.has_batch_dim, stacked=False)
 
     def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
-                          pos_slice=None, per_component: bool = False) -> torch.Tensor:
+                          pos_slice: PosSlice = None, per_component: bool = False) -> torch.Tensor:
         """Pass each component of a residual decomposition through a norm with its scale frozen.
 
         ``out_i = center(x_i) * scale(resid) * gain`` where ``resid`` is the cached full residual at
@@ -227,7 +199,7 @@ class ActivationCache:
         ``norm(resid) - bias`` exactly. ``per_component=True`` uses each component's own scale
         instead (the logit lens: each entry is a full residual stream).
         """
-        norm, resid = self.ln_scale(layer, mlp_input, pos_slice)
+        norm, resid = self._norm_input(layer, mlp_input, pos_slice)
         if per_component:
             return norm.apply_frozen(residual_stack, norm.scale(residual_stack))
         return norm.apply_frozen(residual_stack, norm.scale(resid))

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InputError
+from .hookpoints import hook_names
+from .types import HFConfig
+
 # How the query, key and value projections are stored.
 #   "separate": three Linear modules (q, k, v);
 #   "concat":   one fused module whose output is [q | k | v] (GPT-2 Conv1D, Phi-3);
@@ -31,11 +35,11 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]
-    # relative to the *ForCausalLM module
-    layers: str
-    embed: str
-    final_norm: str
-    unembed: str
+    # relative to the *ForCausalLM module (defaults: the Llama layout most families share)
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    unembed: str = "lm_head"
     pos_embed: str | None = None
     # relative to a decoder layer
     attn: str = "self_attn"
@@ -65,95 +69,20 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        layers="transformer.h",
-        embed="transformer.wte",
-        pos_embed="transformer.wpe",
-        final_norm="transformer.ln_f",
-        unembed="lm_head",
-        attn="attn",
-        ln1="ln_1",
-        ln2="ln_2",
-        qkv_layout="concat",
-        qkv="c_attn",
-        o="c_proj",
-        mlp_gate=None,
-        mlp_in="c_fc",
-        mlp_out="c_proj",
-        conv1d=True,
-        norm="layernorm",
-        rotary=False,
-    ),
-    Family(
-        name="gpt_neox",
-        model_types=("gpt_neox",),
-        layers="gpt_neox.layers",
-        embed="gpt_neox.embed_in",
-        final_norm="gpt_neox.final_layer_norm",
-        unembed="lm_head",
-        attn="attention",
-        qkv_layout="neox",
-        qkv="query_key_value",
-        o="dense",
-        mlp_gate=None,
-        mlp_in="dense_h_to_4h",
-        mlp_out="dense_4h_to_h",
-        norm="layernorm",
-        parallel_residual=True,
-    ),
-    Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-    ),
-    Family(
-        name="qwen3",
-        model_types=("qwen3",),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-        qk_norm=True,
-    ),
-    Family(
-        name="phi3",
-        model_types=("phi3",),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-        qkv_layout="concat",
-        qkv="qkv_proj",
-        mlp_gate="gate_up_proj",
-        mlp_in="gate_up_proj",
-        mlp_gate_up_fused=True,
-    ),
-    Family(
-        name="gemma",
-        model_types=("gemma",),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-        norm="rms_plus_one",
-    ),
-    Family(
-        name="gemma2",
-        model_types=("gemma2", "gemma3_text", "gemma3"),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-        ln2="pre_feedforward_layernorm",
-        attn_post_norm="post_attention_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-        norm="rms_plus_one",
-    ),
+    Family("gpt2", ("gpt2",), layers="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe",
+           final_norm="transformer.ln_f", attn="attn", ln1="ln_1", ln2="ln_2", qkv_layout="concat", qkv="c_attn",
+           o="c_proj", mlp_gate=None, mlp_in="c_fc", mlp_out="c_proj", conv1d=True, norm="layernorm", rotary=False),
+    Family("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in",
+           final_norm="gpt_neox.final_layer_norm", attn="attention", qkv_layout="neox", qkv="query_key_value",
+           o="dense", mlp_gate=None, mlp_in="dense_h_to_4h", mlp_out="dense_4h_to_h", norm="layernorm",
+           parallel_residual=True),
+    Family("llama", ("llama", "mistral", "qwen2")),
+    Family("qwen3", ("qwen3",), qk_norm=True),
+    Family("phi3", ("phi3",), qkv_layout="concat", qkv="qkv_proj", mlp_gate="gate_up_proj", mlp_in="gate_up_proj",
+           mlp_gate_up_fused=True),
+    Family("gemma", ("gemma",), norm="rms_plus_one"),
+    Family("gemma2", ("gemma2", "gemma3_text", "gemma3"), ln2="pre_feedforward_layernorm",
+           attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm", norm="rms_plus_one"),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -164,11 +93,11 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
 
 
-class UnsupportedArchitectureError(ValueError):
-    pass
+class UnsupportedArchitectureError(InputError):
+    """The model type has no family row; the message lists the supported types."""
 
 
-def family_for(config) -> Family:
+def family_for(config: HFConfig) -> Family:
     """The :class:`Family` for an HF config; a clear error naming the supported types otherwise."""
     model_type = getattr(config, "model_type", None)
     fam = _BY_TYPE.get(model_type)
@@ -180,7 +109,7 @@ def family_for(config) -> Family:
     return fam
 
 
-def get_path(root, path: str):
+def get_path(root: object, path: str) -> object:
     """Follow a dotted attribute path (``"model.layers"``) from ``root``."""
     obj = root
     for part in path.split("."):
@@ -195,7 +124,7 @@ def _first(*vals):
     return None
 
 
-def dims_from_config(config) -> dict:
+def dims_from_config(config: HFConfig) -> dict:
     """The model's sizes from an HF config alone (no weights): used before loading and by the wrapper."""
     fam = family_for(config)
     c = config
@@ -215,4 +144,16 @@ def dims_from_config(config) -> dict:
         gated_mlp=fam.mlp_gate is not None,
         learned_pos=fam.pos_embed is not None,
         post_norms=fam.attn_post_norm is not None,
+        rot=fam.rotary or fam.qk_norm,
     )
+
+
+def facts_from_config(config: HFConfig) -> dict:
+    """The model facts the hook-point registry keys on (``learned_pos``, ``rot``, ``gated``), from a config."""
+    d = dims_from_config(config)
+    return {"learned_pos": d["learned_pos"], "rot": d["rot"], "gated": d["gated_mlp"]}
+
+
+def hook_names_from_config(config: HFConfig) -> list[str]:
+    """The hook names a model of this config will have, before any weights are loaded."""
+    return hook_names(dims_from_config(config)["n_layers"], facts_from_config(config))

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from . import viz
-from .validation import Estimate, bootstrap_ci, paired_bootstrap
+from ..analysis import viz
+from ..analysis.validation import Estimate, bootstrap_ci, paired_bootstrap, shuffled_labels
+from ..core.errors import InputError
+from ..core.model import HookedModel
+from ..core.result import Result
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Probe:
         p = self.predict(X)
         return (p == y).float() if self.kind == "logistic" else -(p - y.float()) ** 2
 
-    def score(self, X, y) -> float:
+    def score(self, X: torch.Tensor, y: torch.Tensor) -> float:
         """Accuracy (logistic) or R^2 (ridge)."""
         if self.kind == "logistic":
             return float(self.correct(X, y).mean())
@@ -59,7 +63,7 @@ class Probe:
         """
         w = self.weight[:, 1] - self.weight[:, 0] if self.kind == "logistic" and self.n_classes == 2 else self.weight[:, 0]
         if self.kind == "logistic" and self.n_classes != 2:
-            raise ValueError("a direction is defined for binary logistic probes and ridge probes only")
+            raise InputError("a direction is defined for binary logistic probes and ridge probes only")
         v = w / self.std
         return v / v.norm()
 
@@ -68,9 +72,9 @@ def train_probe(X: torch.Tensor, y: torch.Tensor, kind: str = "logistic", l2: fl
                 ) -> Probe:
     """Fit a probe on ``X [n, d]``, ``y [n]`` (class ids for logistic, values for ridge)."""
     if kind not in ("logistic", "ridge"):
-        raise ValueError(f"kind must be 'logistic' or 'ridge', got {kind!r}")
+        raise InputError(f"kind must be 'logistic' or 'ridge', got {kind!r}")
     if X.shape[0] != y.shape[0]:
-        raise ValueError(f"X has {X.shape[0]} examples but y has {y.shape[0]}")
+        raise InputError(f"X has {X.shape[0]} examples but y has {y.shape[0]}")
     X = X.detach().float().cpu()
     y = y.detach().cpu()
     mean, std = X.mean(0), X.std(0).clamp(min=1e-6)
@@ -111,8 +115,8 @@ def control_labels(tokens: torch.Tensor, labels: torch.Tensor, seed: int = 0) ->
     return out
 
 
-@dataclass
-class ProbeSweep:
+@dataclass(repr=False)
+class ProbeSweep(Result):
     """Held-out probe scores per hook point, with CIs over held-out examples, and the control task."""
 
     hooks: list[str]
@@ -124,6 +128,8 @@ class ProbeSweep:
     n_train: int = 0
     n_test: int = 0
     task: str = ""
+
+    _skip_in_dict = ("probes",)
 
     @property
     def best(self) -> int:
@@ -146,8 +152,6 @@ class ProbeSweep:
             lines.append(f"best: {self.hooks[b]}, selectivity {s}: the probe {verdict}")
         return "\n".join(lines)
 
-    __str__ = __repr__ = summary
-
     def plot(self, path: str | Path = "probe.png") -> Path:
         x = list(range(len(self.hooks)))
         fig, ax = viz.figure(figsize=(7, 4))
@@ -160,21 +164,19 @@ class ProbeSweep:
         ax.set_title(f"probe{': ' + self.task if self.task else ''} (95% CI)")
         return viz.save_figure(fig, path)
 
-    def to_html(self) -> str:
+    def _html_body(self) -> str:
         rows = [torch.tensor([e.value for e in self.scores])]
         names = ["task"]
         if self.control:
             rows += [torch.tensor([e.value for e in self.control]), torch.tensor([e.value for e in self.selectivity])]
             names += ["control", "selectivity"]
         return viz.heatmap_html(torch.stack(rows), names, [str(i) for i in range(len(self.hooks))],
-                                title="probe scores by hook point") + f"<pre>{viz.esc(self.summary())}</pre>"
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
+                                title="probe scores by hook point")
 
 
 @torch.no_grad()
-def probe_sweep(model, tokens: torch.Tensor, labels: torch.Tensor, hooks=None, kind: str = "logistic",
+def probe_sweep(model: HookedModel, tokens: torch.Tensor, labels: torch.Tensor, hooks: Sequence[str] | None = None,
+                kind: str = "logistic",
                 control: bool | str = True, held_out: float = 0.25, seed: int = 0, l2: float = 1e-3, task: str = "",
                 batch_size: int = 16) -> ProbeSweep:
     """Probe ``labels [n, pos]`` (``-1`` = ignore) from each hook's activations on ``tokens [n, pos]``.
@@ -185,12 +187,12 @@ def probe_sweep(model, tokens: torch.Tensor, labels: torch.Tensor, hooks=None, k
     ``control="shuffled"`` uses shuffled labels instead (:func:`mechscope.validation.shuffled_labels`).
     """
     if tokens.shape != labels.shape:
-        raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must have the same shape")
+        raise InputError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must have the same shape")
     hooks = hooks or [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     model.manager.resolve(hooks)
     n = tokens.shape[0]
     if n < 4:
-        raise ValueError("probing needs at least 4 sequences (some are held out)")
+        raise InputError("probing needs at least 4 sequences (some are held out)")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     k = max(1, round(n * held_out))
@@ -201,8 +203,6 @@ def probe_sweep(model, tokens: torch.Tensor, labels: torch.Tensor, hooks=None, k
         for h in hooks:
             acts[h].append(cache[h].float())
     if control == "shuffled":
-        from .validation import shuffled_labels
-
         ctrl = shuffled_labels(labels, seed)
     elif control and kind == "logistic":
         ctrl = control_labels(tokens, labels, seed)
@@ -231,28 +231,7 @@ def probe_sweep(model, tokens: torch.Tensor, labels: torch.Tensor, hooks=None, k
                       int(mask[train_idx].sum()), int(mask[test_idx].sum()), task)
 
 
-def steering_hook(direction: torch.Tensor, alpha: float):
-    """A forward hook adding ``alpha * direction`` at every position: ``x + alpha d``."""
-    d = direction.detach()
-
-    def hook(act, h):
-        return act + alpha * d.to(act.device, act.dtype)
-
-    return hook
-
-
-def projection_ablation_hook(direction: torch.Tensor):
-    """A forward hook removing the component along ``direction``: ``x - (x . d) d`` (``d`` normalised)."""
-    d = (direction / direction.norm()).detach()
-
-    def hook(act, h):
-        dd = d.to(act.device, act.dtype)
-        return act - (act @ dd)[..., None] * dd
-
-    return hook
-
-
-def next_token_continues_word(model, tokens: torch.Tensor) -> torch.Tensor:
+def next_token_continues_word(model: HookedModel, tokens: torch.Tensor) -> torch.Tensor:
     """Labels ``[n, pos]``: 1 when the *next* token starts without whitespace (it continues the current word
     or punctuation), 0 when it starts a new word; the last position is ignored (-1). A context-dependent
     property for probing the default model."""

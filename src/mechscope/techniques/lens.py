@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 
-from . import viz
+from ..analysis import viz
+from ..analysis.metrics import kl_div
+from ..core.errors import InputError
+from ..core.files import atomic_write
+from ..core.model import HookedModel
+from ..core.result import Result
 
 
-@dataclass
-class LogitLensResult:
+@dataclass(repr=False)
+class LogitLensResult(Result):
     """Top-k predictions and target statistics at every ``[layer, pos]``.
 
     ``top_ids``/``top_probs``: ``[layer, pos, k]``; ``target_probs``/``target_ranks``:
@@ -49,23 +55,17 @@ class LogitLensResult:
             lines.append(row)
         return "\n".join(lines)
 
-    __str__ = __repr__ = summary
-
     def _cells(self):
         return [[s[0] for s in row] for row in self.top_strs]
 
-    def to_html(self) -> str:
+    def _html_body(self) -> str:
         """An offline HTML heatmap (layer x position) of the top-1 probability, labelled with the top token."""
         body = viz.heatmap_html(self.top_probs[..., 0], self.layer_labels, self.str_tokens,
                                 title="logit lens: top-1 token and its probability", cell_text=self._cells())
         for t, name in enumerate(self.targets):
             body += viz.heatmap_html(self.target_probs[t], self.layer_labels, self.str_tokens,
                                      title=f"p({name!r}) by layer and position")
-        body += f"<pre>{viz.esc(self.summary())}</pre>"
         return body
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
 
     def plot(self, path: str | Path = "logit_lens.png") -> Path:
         """Save a PNG heatmap (layer x position), each cell labelled with its top-1 token."""
@@ -84,7 +84,8 @@ class LogitLensResult:
 
 
 @torch.no_grad()
-def logit_lens(model, tokens, targets=None, k: int = 5, prepend_bos: bool | None = None) -> LogitLensResult:
+def logit_lens(model: HookedModel, tokens: str | torch.Tensor, targets: Sequence[str | int] | None = None, k: int = 5,
+               prepend_bos: bool | None = None) -> LogitLensResult:
     """Logit lens over one prompt (text or tokens ``[1, pos]``).
 
     ``targets``: answer strings (each one token, e.g. ``" Paris"``) or ids; their probability and
@@ -95,7 +96,7 @@ def logit_lens(model, tokens, targets=None, k: int = 5, prepend_bos: bool | None
     if tokens.dim() == 1:
         tokens = tokens[None]
     if tokens.shape[0] != 1:
-        raise ValueError(f"logit_lens takes one prompt; got a batch of {tokens.shape[0]}")
+        raise InputError(f"logit_lens takes one prompt; got a batch of {tokens.shape[0]}")
     n = model.cfg.n_layers
     names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     _, cache = model.run_with_cache(tokens, names_filter=names)
@@ -145,7 +146,7 @@ class TunedLens(torch.nn.Module):
         """``[..., d_model]`` -> ``[..., d_model]``: ``h + h A_l + b_l``."""
         return h + h @ self.weight[layer] + self.bias[layer]
 
-    def logits(self, model, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, model: HookedModel, layer: int, h: torch.Tensor) -> torch.Tensor:
         return model.unembed(model.ln_final(self.translate(layer, h)))
 
     def save(self, path: str | Path) -> Path:
@@ -156,10 +157,10 @@ class TunedLens(torch.nn.Module):
                 "n_layers": str(self.weight.shape[0]), "d_model": str(self.weight.shape[1])}
         data = save({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()},
                     metadata=meta)
-        return viz.atomic_write(path, data)
+        return atomic_write(path, data)
 
     @classmethod
-    def load(cls, path: str | Path, model=None) -> "TunedLens":
+    def load(cls, path: str | Path, model: HookedModel | None = None) -> "TunedLens":
         """Load translators saved by :meth:`save` (safetensors only); checks the sizes against ``model``."""
         from safetensors import safe_open
 
@@ -168,7 +169,7 @@ class TunedLens(torch.nn.Module):
             w, b = f.get_tensor("weight"), f.get_tensor("bias")
         lens = cls(w.shape[0], w.shape[1], meta.get("model_name", ""))
         if model is not None and (w.shape[0] != model.cfg.n_layers or w.shape[1] != model.cfg.d_model):
-            raise ValueError(f"tuned lens {path} has {w.shape[0]} layers x d_model {w.shape[1]}; the model has "
+            raise InputError(f"tuned lens {path} has {w.shape[0]} layers x d_model {w.shape[1]}; the model has "
                              f"{model.cfg.n_layers} x {model.cfg.d_model}")
         with torch.no_grad():
             lens.weight.copy_(w)
@@ -178,8 +179,8 @@ class TunedLens(torch.nn.Module):
         return lens
 
 
-@dataclass
-class LensComparison:
+@dataclass(repr=False)
+class LensComparison(Result):
     """Per-layer KL(final || lens) in nats on held-out tokens, for the logit lens and the tuned lens."""
 
     logit_lens_kl: torch.Tensor  # [layer]
@@ -193,8 +194,6 @@ class LensComparison:
             lines.append(f"{l:>6} {a:11.3f} {b:11.3f}")
         return "\n".join(lines)
 
-    __str__ = __repr__ = summary
-
     def plot(self, path: str | Path = "lens_kl.png") -> Path:
         fig, ax = viz.figure(figsize=(6, 4))
         ax.plot(self.logit_lens_kl.numpy(), label="logit lens", marker="o", ms=3)
@@ -204,18 +203,10 @@ class LensComparison:
         ax.legend()
         return viz.save_figure(fig, path)
 
-    def to_html(self) -> str:
+    def _html_body(self) -> str:
         grid = torch.stack([self.logit_lens_kl, self.tuned_lens_kl])
         return viz.heatmap_html(grid, ["logit lens", "tuned lens"], [str(i) for i in range(grid.shape[1])],
-                                title="KL(final || lens) by layer") + f"<pre>{viz.esc(self.summary())}</pre>"
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-
-def _kl(final_logits, lens_logits):
-    lp, lq = torch.log_softmax(final_logits.float(), -1), torch.log_softmax(lens_logits.float(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+                                title="KL(final || lens) by layer")
 
 
 def _residuals(model, tokens):
@@ -226,25 +217,26 @@ def _residuals(model, tokens):
 
 
 @torch.no_grad()
-def compare_lenses(model, lens: TunedLens, tokens: torch.Tensor) -> LensComparison:
+def compare_lenses(model: HookedModel, lens: TunedLens, tokens: torch.Tensor) -> LensComparison:
     """KL to the final distribution at every layer for the logit lens and ``lens``, on ``tokens`` ``[n, pos]``."""
     logits, resid = _residuals(model, tokens)
     ll, tl = [], []
     for l, h in enumerate(resid):
-        ll.append(_kl(logits, model.unembed(model.ln_final(h))).mean())
-        tl.append(_kl(logits, lens.logits(model, l, h)).mean())
+        ll.append(kl_div(model.unembed(model.ln_final(h)), logits).mean())
+        tl.append(kl_div(lens.logits(model, l, h), logits).mean())
     return LensComparison(torch.stack(ll).cpu(), torch.stack(tl).cpu(), tokens.numel())
 
 
-def train_tuned_lens(model, corpus=None, n_steps: int = 100, seq_len: int = 64, batch: int = 4, lr: float = 1e-3,
-                     seed: int = 0, held_out_seqs: int = 8, progress: bool = True):
+def train_tuned_lens(model: HookedModel, corpus: Iterable[str] | torch.Tensor | None = None, n_steps: int = 100,
+                     seq_len: int = 64, batch: int = 4, lr: float = 1e-3,
+                     seed: int = 0, held_out_seqs: int = 8, progress: bool = True) -> tuple["TunedLens", "LensComparison"]:
     """Train a :class:`TunedLens` on text and compare it with the logit lens on held-out text.
 
     ``corpus``: an iterable of texts (default: the standard library's docstrings, train split) or
     a token tensor ``[n, seq_len]``. Returns ``(lens, comparison)``; the comparison is computed on
     the held-out split (the test docstrings, or the last ``held_out_seqs`` rows of a tensor).
     """
-    from . import corpus as C
+    from .. import corpus as C
 
     torch.manual_seed(seed)
     if corpus is None:  # the standard library's docstrings, split by file
@@ -255,7 +247,7 @@ def train_tuned_lens(model, corpus=None, n_steps: int = 100, seq_len: int = 64, 
                                                                        n_seqs=n_steps * batch + held_out_seqs)
         train, test = rows[:-held_out_seqs], rows[-held_out_seqs:]
     if len(train) == 0:
-        raise ValueError("no training sequences")
+        raise InputError("no training sequences")
     lens = TunedLens(model.cfg.n_layers, model.cfg.d_model, model.cfg.model_name).to(model.device)
     opt = torch.optim.Adam(lens.parameters(), lr=lr)
     params = [p for p in model.hf.parameters() if p.requires_grad]
@@ -267,11 +259,11 @@ def train_tuned_lens(model, corpus=None, n_steps: int = 100, seq_len: int = 64, 
 
         it = tqdm(it, desc="tuned lens", leave=False)
     try:
-        for step in it:
+        for _ in it:
             rows = torch.randint(0, len(train), (batch,))
             toks = train[rows].to(model.device)
             logits, resid = _residuals(model, toks)
-            loss = sum(_kl(logits, lens.logits(model, l, h)).mean() for l, h in enumerate(resid)) / len(resid)
+            loss = sum(kl_div(lens.logits(model, l, h), logits).mean() for l, h in enumerate(resid)) / len(resid)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -10,79 +10,35 @@ has the prompts' length, else over all positions; Wang et al. 2022 use this for 
 (the activation of another prompt, chosen at random without choosing the prompt itself;
 Chan et al. 2022, "Causal scrubbing").
 
-Components are written ``"L3H5"`` (head 5 of layer 3, at ``attn.hook_z``), ``"L3N100"`` (neuron
-100 at ``mlp.hook_post``), ``"L3.attn"`` (``hook_attn_out``), ``"L3.mlp"`` (``hook_mlp_out``) or
-``"L3"`` (both of layer 3's outputs).
+Components are :class:`~mechscope.core.components.Component` or their strings: ``"L3H5"`` (head 5
+of layer 3, at ``attn.hook_z``), ``"L3N100"`` (neuron 100 at ``mlp.hook_post``), ``"L3.attn"``
+(``hook_attn_out``), ``"L3.mlp"`` (``hook_mlp_out``) or ``"L3"`` (both of layer 3's outputs).
+:func:`compare_to_random` ablates random components of the same kind and number as a baseline.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import viz
-from .patching import equal_length_tokens
-from .validation import Estimate, bootstrap_ci
+from ..analysis import viz
+from ..analysis.validation import Estimate, bootstrap_ci, paired_bootstrap
+from ..core.components import Component, parse_components
+from ..core.errors import InputError
+from ..core.model import HookedModel
+from ..core.result import Result
+from ..core.types import ComponentSpecs, Metric, TextOrTokens
+from .inputs import equal_length_tokens
 
-_SPEC = re.compile(r"^L(\d+)(?:H(\d+)|N(\d+)|\.(attn|mlp))?$")
-
-
-@dataclass(frozen=True)
-class Component:
-    layer: int
-    kind: str  # head | neuron | attn | mlp
-    index: int | None = None
-
-    @property
-    def hook(self) -> str:
-        suffix = {"head": "attn.hook_z", "neuron": "mlp.hook_post", "attn": "hook_attn_out",
-                  "mlp": "hook_mlp_out"}[self.kind]
-        return f"blocks.{self.layer}.{suffix}"
-
-    def __str__(self) -> str:
-        return {"head": f"L{self.layer}H{self.index}", "neuron": f"L{self.layer}N{self.index}",
-                "attn": f"L{self.layer}.attn", "mlp": f"L{self.layer}.mlp"}[self.kind]
+__all__ = ["AblationResult", "BaselineComparison", "Component", "ablate", "ablate_each", "ablation_hooks",
+           "compare_to_random", "parse_components", "random_components", "replacement_values"]
 
 
-def parse_components(model, specs) -> list[Component]:
-    """``"L3H5"``, ``"L3N100"``, ``"L3.attn"``, ``"L3.mlp"``, ``"L3"`` (or Component objects) -> components."""
-    if isinstance(specs, (str, Component)):
-        specs = [specs]
-    out = []
-    c = model.cfg
-    for s in specs:
-        if isinstance(s, Component):
-            out.append(s)
-            continue
-        m = _SPEC.match(s.strip())
-        if not m:
-            raise ValueError(f"cannot read component {s!r}; write L3H5 (head), L3N100 (neuron), L3.attn, L3.mlp or L3")
-        layer = int(m.group(1))
-        if not 0 <= layer < c.n_layers:
-            raise ValueError(f"{s!r}: layer {layer} out of range 0..{c.n_layers - 1}")
-        if m.group(2) is not None:
-            h = int(m.group(2))
-            if not 0 <= h < c.n_heads:
-                raise ValueError(f"{s!r}: head {h} out of range 0..{c.n_heads - 1}")
-            out.append(Component(layer, "head", h))
-        elif m.group(3) is not None:
-            n = int(m.group(3))
-            if not 0 <= n < c.d_mlp:
-                raise ValueError(f"{s!r}: neuron {n} out of range 0..{c.d_mlp - 1}")
-            out.append(Component(layer, "neuron", n))
-        elif m.group(4) is not None:
-            out.append(Component(layer, m.group(4)))
-        else:
-            out += [Component(layer, "attn"), Component(layer, "mlp")]
-    return out
-
-
-@dataclass
-class AblationResult:
+@dataclass(repr=False)
+class AblationResult(Result):
     """Per-prompt metric with and without the ablation, and the effect with its CI."""
 
     components: list[str]
@@ -99,7 +55,8 @@ class AblationResult:
                 f"  metric: {float(self.baseline.mean()):+.4f} -> {float(self.ablated.mean()):+.4f}\n"
                 f"  effect: {self.effect}  ({verdict})")
 
-    __str__ = __repr__ = summary
+    def _dict_extra(self) -> dict:
+        return {"ci": [self.effect.low, self.effect.high]}
 
     def plot(self, path: str | Path = "ablation.png") -> Path:
         """Per-prompt metric before and after the ablation."""
@@ -112,13 +69,10 @@ class AblationResult:
         ax.set_title(f"effect {self.effect.value:+.3f} [{self.effect.low:+.3f}, {self.effect.high:+.3f}]")
         return viz.save_figure(fig, path)
 
-    def to_html(self) -> str:
+    def _html_body(self) -> str:
         rows = torch.stack([self.baseline, self.ablated])
         return viz.heatmap_html(rows, ["clean", "ablated"], [str(i) for i in range(rows.shape[1])],
-                                title="metric per prompt") + f"<pre>{viz.esc(self.summary())}</pre>"
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
+                                title="metric per prompt")
 
 
 def _select(act: torch.Tensor, comp: Component):
@@ -128,8 +82,8 @@ def _select(act: torch.Tensor, comp: Component):
     return (slice(None), slice(None))
 
 
-def replacement_values(model, comps: list[Component], tokens: torch.Tensor, method: str,
-                       reference=None, seed: int = 0) -> dict[Component, torch.Tensor]:
+def replacement_values(model: HookedModel, comps: list[Component], tokens: torch.Tensor, method: str,
+                       reference: TextOrTokens | None = None, seed: int = 0) -> dict[Component, torch.Tensor]:
     """What each component is replaced with, shaped like its slice for ``tokens`` ``[batch, pos, ...]``."""
     N, P = tokens.shape
     names = sorted({c.hook for c in comps})
@@ -143,9 +97,9 @@ def replacement_values(model, comps: list[Component], tokens: torch.Tensor, meth
     if method == "resample":
         M = ref.shape[0]
         if ref.shape[1] != P:
-            raise ValueError(f"resample ablation needs reference prompts of the same length ({P}), got {ref.shape[1]}")
+            raise InputError(f"resample ablation needs reference prompts of the same length ({P}), got {ref.shape[1]}")
         if M < 2 and reference is None:
-            raise ValueError("resample ablation needs at least two prompts (or a reference set)")
+            raise InputError("resample ablation needs at least two prompts (or a reference set)")
         pick = torch.randint(0, M - 1 if reference is None else M, (N,), generator=g)
         if reference is None:  # never resample a prompt from itself
             pick = pick + (pick >= torch.arange(N)).long()
@@ -160,10 +114,10 @@ def replacement_values(model, comps: list[Component], tokens: torch.Tensor, meth
             else:
                 out[c] = a.mean((0, 1), keepdim=True).expand(N, P, *a.shape[2:])
         return out
-    raise ValueError(f"method must be 'zero', 'mean' or 'resample', got {method!r}")
+    raise InputError(f"method must be 'zero', 'mean' or 'resample', got {method!r}")
 
 
-def ablation_hooks(model, comps: list[Component], values: dict) -> list:
+def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> list:
     """Forward hooks that write the replacement values into each component's slice."""
     by_hook: dict[str, list[Component]] = {}
     for c in comps:
@@ -182,7 +136,8 @@ def ablation_hooks(model, comps: list[Component], values: dict) -> list:
 
 
 @torch.no_grad()
-def ablate(model, tokens, metric, components, method: str = "zero", reference=None, seed: int = 0,
+def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
+           reference: TextOrTokens | None = None, seed: int = 0,
            n_boot: int = 2000) -> AblationResult:
     """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after."""
     toks = equal_length_tokens(model, tokens, "ablation")
@@ -192,14 +147,75 @@ def ablate(model, tokens, metric, components, method: str = "zero", reference=No
     with model.hooks(ablation_hooks(model, comps, values)):
         abl = torch.as_tensor(metric(model(toks))).float().cpu()
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
-        raise ValueError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
+        raise InputError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
                          f"got shape {tuple(base.shape)}")
     return AblationResult([str(c) for c in comps], method, base, abl, bootstrap_ci(abl - base, n_boot=n_boot, seed=seed))
 
 
 @torch.no_grad()
-def ablate_each(model, tokens, metric, components, method: str = "zero", reference=None, seed: int = 0,
+def ablate_each(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
+                reference: TextOrTokens | None = None, seed: int = 0,
                 n_boot: int = 1000) -> list[AblationResult]:
     """Ablate each component on its own; results in the order given."""
     return [ablate(model, tokens, metric, [c], method, reference, seed, n_boot)
             for c in parse_components(model, components)]
+
+
+def random_components(model: HookedModel, k: int, kind: str = "head", exclude: Sequence[str] = (), seed: int = 0) -> list[str]:
+    """``k`` random components of one kind (``head``, ``neuron``, ``attn``, ``mlp``), none of ``exclude``."""
+    import random
+
+    c = model.cfg
+    pool = {"head": [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)],
+            "attn": [f"L{l}.attn" for l in range(c.n_layers)], "mlp": [f"L{l}.mlp" for l in range(c.n_layers)]}
+    if kind == "neuron":
+        rng = random.Random(seed)
+        out, ex = [], set(exclude)
+        while len(out) < k:
+            name = f"L{rng.randrange(c.n_layers)}N{rng.randrange(c.d_mlp)}"
+            if name not in ex and name not in out:
+                out.append(name)
+        return out
+    if kind not in pool:
+        raise InputError(f"kind must be 'head', 'neuron', 'attn' or 'mlp', got {kind!r}")
+    cand = [x for x in pool[kind] if x not in set(exclude)]
+    if k > len(cand):
+        raise InputError(f"asked for {k} random {kind}s but only {len(cand)} are available")
+    return random.Random(seed).sample(cand, k)
+
+
+@dataclass(repr=False)
+class BaselineComparison(Result):
+    """The ablation effect of a set of components against random sets of the same size and kind."""
+
+    components: list[str]
+    effect: Estimate
+    random_effects: list[Estimate]
+    difference: Estimate  # per-prompt (target effect - mean random effect), paired
+
+    def summary(self) -> str:
+        rnd = ", ".join(f"{e.value:+.3f}" for e in self.random_effects)
+        verdict = ("larger than for random components" if self.difference.excludes(0.0)
+                   else "NOT distinguishable from random components")
+        return (f"ablating {len(self.components)} components: effect {self.effect}\n"
+                f"  {len(self.random_effects)} random sets of the same size: {rnd}\n"
+                f"  difference {self.difference}: the effect is {verdict}")
+
+
+def compare_to_random(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs,
+                      method: str = "mean", n_random: int = 5,
+                      reference: TextOrTokens | None = None, seed: int = 0) -> BaselineComparison:
+    """Ablate ``components`` and ``n_random`` random sets of the same size and kind; compare per prompt."""
+    comps = parse_components(model, components)
+    kinds = {c.kind for c in comps}
+    if len(kinds) != 1 or kinds == {"attn", "mlp"}:
+        raise InputError("compare_to_random needs components of one kind (all heads, all neurons, ...)")
+    kind = kinds.pop()
+    target = ablate(model, tokens, metric, comps, method, reference, seed)
+    rand_res = [ablate(model, tokens, metric, random_components(model, len(comps), kind, [str(c) for c in comps],
+                                                               seed + 1 + i), method, reference, seed)
+                for i in range(n_random)]
+    t_eff = target.ablated - target.baseline
+    r_eff = torch.stack([r.ablated - r.baseline for r in rand_res]).mean(0)
+    return BaselineComparison([str(c) for c in comps], target.effect, [r.effect for r in rand_res],
+                              paired_bootstrap(t_eff, r_eff, seed=seed))

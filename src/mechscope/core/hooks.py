@@ -11,24 +11,19 @@ hooks it did not add (TransformerLens #1636), so user hooks added with :meth:`ad
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .errors import InputError, InputTypeError, UnknownNameError
+from .hookpoints import split_name, unknown_hook_message
+from .types import HookList, NameFilter
+
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 NameOrFilter = "str | Callable[[str], bool]"
-
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def split_name(name: str) -> tuple[int | None, str]:
-    """``"blocks.3.attn.hook_z"`` -> ``(3, "attn.hook_z")``; top-level names give ``(None, name)``."""
-    m = _LAYER_RE.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
 @dataclass
@@ -48,6 +43,24 @@ class StopForward(Exception):
     def __init__(self, value: torch.Tensor):
         super().__init__("forward stopped early")
         self.value = value
+
+
+@dataclass
+class PassState:
+    """What one hook site hands to a later one within a single forward pass.
+
+    ``resid_pre[L]``: the (possibly edited) stream entering block L, written by the block's
+    pre-hook and read when ``hook_resid_mid`` is computed as ``resid_pre + attn_out``.
+    ``z[L]``: the attention output per head, written by the attention function and read when
+    ``hook_result`` is computed at the attention output. Cleared when the last hook is removed.
+    """
+
+    resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)
+    z: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.resid_pre.clear()
+        self.z.clear()
 
 
 @dataclass
@@ -76,10 +89,10 @@ class HookManager:
         self._points: dict[str, HookPoint] = {}
         self._installed: dict[object, tuple[list, int]] = {}
         self.active_by_layer: dict[int, set[str]] = {}
-        self.stash: dict[tuple, torch.Tensor] = {}
+        self.state = PassState()
 
     # ---- resolution -------------------------------------------------------------------
-    def resolve(self, name_or_filter) -> list[str]:
+    def resolve(self, name_or_filter: NameFilter) -> list[str]:
         """Expand a name, a list of names, or a predicate into valid hook names."""
         if callable(name_or_filter):
             return [n for n in self.hook_names if name_or_filter(n)]
@@ -93,7 +106,7 @@ class HookManager:
 
     def check(self, name: str) -> None:
         if name not in self._known:
-            raise KeyError(unknown_hook_message(name, self.hook_names))
+            raise UnknownNameError(unknown_hook_message(name, self.hook_names))
 
     # ---- state --------------------------------------------------------------------------
     def is_active(self, name: str) -> bool:
@@ -160,14 +173,14 @@ class HookManager:
         self._rebuild()
         self._release(self._groups(removed))
         if not self._entries:
-            self.stash.clear()
+            self.state.clear()
             self._points.clear()
 
     def remove_all(self) -> None:
         self.remove(list(self._entries))
 
     @contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+    def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = ()) -> Iterator[None]:
         """Attach ``[(name_or_filter, fn), ...]`` for the duration of the block."""
         entries = self.make_entries(fwd_hooks, "fwd") + self.make_entries(bwd_hooks, "bwd")
         self.add(entries)
@@ -176,11 +189,11 @@ class HookManager:
         finally:
             self.remove(entries)
 
-    def make_entries(self, hooks, direction: str) -> list[_Entry]:
+    def make_entries(self, hooks: HookList, direction: str) -> list[_Entry]:
         out = []
         for item in hooks:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
-                raise TypeError(
+                raise InputTypeError(
                     f"each {direction} hook must be a (name_or_filter, fn) pair with a callable fn, got {item!r}"
                 )
             for name in self.resolve(item[0]):
@@ -197,9 +210,9 @@ class HookManager:
                 out = fn(act, point)
                 if out is not None:
                     if not isinstance(out, torch.Tensor):
-                        raise TypeError(f"hook on {name} returned {type(out).__name__}; return a Tensor or None")
+                        raise InputTypeError(f"hook on {name} returned {type(out).__name__}; return a Tensor or None")
                     if out.shape != act.shape:
-                        raise ValueError(
+                        raise InputError(
                             f"hook on {name} returned shape {tuple(out.shape)}, but the activation has shape "
                             f"{tuple(act.shape)}; a hook must return a tensor of the same shape"
                         )
@@ -217,14 +230,3 @@ class HookManager:
 
             act.register_hook(on_grad)
         return act
-
-
-def unknown_hook_message(name: str, valid: list[str], n: int = 5) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
-    if not close:
-        _, rest = split_name(name)
-        close = [v for v in valid if v.endswith(rest.split(".")[-1])][:n]
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"unknown hook point {name!r}.{hint} See model.hook_names for all {len(valid)} hook points."

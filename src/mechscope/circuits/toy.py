@@ -23,14 +23,18 @@ from pathlib import Path
 
 import torch
 
-from .model import HookedModel
+from ..core.errors import InputError
+from ..core.files import atomic_dir
+from ..core.model import HookedModel
+from ..core.result import Result
 
 BOS, UNK, FIRST_TOKEN = 0, 1, 2
 
 
 def periodic_sequences(batch: int, n_ctx: int, d_vocab: int, periods: tuple[int, int],
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[batch, n_ctx]`` rows ``[BOS] s s s ...``: ``s`` uniform over ``t2..t{d_vocab-1}``, ``len(s)`` uniform in ``periods`` (inclusive).
+    """``[batch, n_ctx]`` rows ``[BOS] s s s ...``: ``s`` uniform over ``t2..t{d_vocab-1}``,
+    ``len(s)`` uniform in ``periods`` (inclusive).
 
     ``x[b, 1 + t] = s_b[t mod p_b]``; every token after the first period is predictable by induction.
     """
@@ -41,8 +45,9 @@ def periodic_sequences(batch: int, n_ctx: int, d_vocab: int, periods: tuple[int,
     return torch.cat([torch.full((batch, 1), BOS), seg.gather(1, idx)], 1)
 
 
-def toy_tokenizer(d_vocab: int):
-    """A word-level tokenizer for the toy vocabulary: ``<bos>`` (0), ``<unk>`` (1), ``t2`` ... ``t{d_vocab-1}``; BOS is prepended."""
+def toy_tokenizer(d_vocab: int) -> "PreTrainedTokenizerFast":  # noqa: F821
+    """A word-level tokenizer for the toy vocabulary: ``<bos>`` (0), ``<unk>`` (1), ``t2`` ... ``t{d_vocab-1}``;
+    BOS is prepended."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -54,14 +59,16 @@ def toy_tokenizer(d_vocab: int):
                                    eos_token="<bos>", pad_token="<bos>")
 
 
-@dataclass
-class ToyRun:
+@dataclass(repr=False)
+class ToyRun(Result):
     """A trained toy model, its per-step training loss and the settings it was trained with."""
 
     model: HookedModel
     losses: list[float]
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    _skip_in_dict = ("model", "losses")
 
     def summary(self) -> str:
         c = self.config
@@ -72,14 +79,59 @@ class ToyRun:
                 f"  {c['steps']} steps in {self.seconds:.1f} s; loss {first:.3f} -> {last:.3f} "
                 f"(the first period of each sequence cannot be predicted)")
 
-    __str__ = __repr__ = summary
+    def _dict_extra(self) -> dict:
+        return {"final_loss": self.losses[-1] if self.losses else None}
 
     def save(self, path: str | Path) -> Path:
         """Write the HF model and tokenizer to ``path`` (safetensors); ``mechscope.load(path)`` reads it back."""
         path = Path(path)
-        self.model.hf.save_pretrained(path)
-        self.model.tokenizer.save_pretrained(path)
+        with atomic_dir(path) as tmp:
+            self.model.hf.save_pretrained(tmp)
+            self.model.tokenizer.save_pretrained(tmp)
         return path
+
+
+def _attn_only_neox(n_layers: int, n_heads: int, d_model: int, d_vocab: int, n_ctx: int):
+    """A stock HF GPT-NeoX (sequential residual, full rotary) whose MLPs are zero and frozen."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=d_vocab, hidden_size=d_model, num_hidden_layers=n_layers,
+                        num_attention_heads=n_heads, intermediate_size=1, max_position_embeddings=n_ctx,
+                        rotary_pct=1.0, use_parallel_residual=False, hidden_dropout=0.0, attention_dropout=0.0,
+                        tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=BOS)
+    hf = GPTNeoXForCausalLM(cfg)
+    for layer in hf.gpt_neox.layers:  # attention only: each MLP is zero and never trained
+        for p in layer.mlp.parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+    return hf
+
+
+def _fit(hf, steps: int, batch: int, n_ctx: int, d_vocab: int, periods, lr: float, weight_decay: float, seed: int,
+         progress: bool) -> list[float]:
+    """AdamW on the next-token loss of periodic sequences; returns the loss of every step."""
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    hf.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="train_attn_only")
+    for _ in range(steps):
+        x = periodic_sequences(batch, n_ctx, d_vocab, periods, gen)
+        loss = hf(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    return losses
 
 
 def train_attn_only(n_layers: int = 2, n_heads: int = 2, d_model: int = 64, d_vocab: int = 64,
@@ -97,49 +149,19 @@ def train_attn_only(n_layers: int = 2, n_heads: int = 2, d_model: int = 64, d_vo
     three layer-0 heads attend to the previous token and every layer-1 head is an induction head.
     ``n_layers=1`` cannot form an induction head (there is no earlier head to compose with).
     """
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     if n_layers < 1 or n_heads < 1 or d_model % n_heads or (d_model // n_heads) % 2:
-        raise ValueError(f"need n_layers >= 1 and an even d_head = d_model / n_heads; got n_layers={n_layers}, "
+        raise InputError(f"need n_layers >= 1 and an even d_head = d_model / n_heads; got n_layers={n_layers}, "
                          f"d_model={d_model}, n_heads={n_heads}")
     if d_vocab < 8:
-        raise ValueError(f"d_vocab must be at least 8 (two special tokens and the random ones), got {d_vocab}")
+        raise InputError(f"d_vocab must be at least 8 (two special tokens and the random ones), got {d_vocab}")
     periods = tuple(periods or (4, (n_ctx - 1) // 2))
     if not 1 <= periods[0] <= periods[1] or 2 * periods[1] > n_ctx - 1:
-        raise ValueError(f"periods must satisfy 1 <= low <= high and 2 * high <= n_ctx - 1 = {n_ctx - 1} "
+        raise InputError(f"periods must satisfy 1 <= low <= high and 2 * high <= n_ctx - 1 = {n_ctx - 1} "
                          f"(each sequence holds at least two periods); got {periods}")
     torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=d_vocab, hidden_size=d_model, num_hidden_layers=n_layers,
-                        num_attention_heads=n_heads, intermediate_size=1, max_position_embeddings=n_ctx,
-                        rotary_pct=1.0, use_parallel_residual=False, hidden_dropout=0.0, attention_dropout=0.0,
-                        tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=BOS)
-    hf = GPTNeoXForCausalLM(cfg)
-    for layer in hf.gpt_neox.layers:  # attention only: each MLP is zero and never trained
-        for p in layer.mlp.parameters():
-            p.data.zero_()
-            p.requires_grad_(False)
-    params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    hf.train()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="train_attn_only")
+    hf = _attn_only_neox(n_layers, n_heads, d_model, d_vocab, n_ctx)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        x = periodic_sequences(batch, n_ctx, d_vocab, periods, gen)
-        loss = hf(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
+    losses = _fit(hf, steps, batch, n_ctx, d_vocab, periods, lr, weight_decay, seed, progress)
     seconds = time.perf_counter() - t0
     hf.eval()
     model = HookedModel(hf, toy_tokenizer(d_vocab), name=f"attn-only-{n_layers}L")

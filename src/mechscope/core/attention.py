@@ -29,8 +29,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
+from .hookpoints import NEEDS_ATTN_FN
+
 OWNER_ATTR = "_mechscope_owner"
-ATTN_INTERNAL = ("attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z")
 IMPLEMENTATIONS = {"sdpa": "mechscope_sdpa", "eager": "mechscope_eager"}
 
 
@@ -68,7 +69,7 @@ def _make(base: str):
         owner = getattr(module, OWNER_ATTR, None)
         active = owner.manager.active_by_layer.get(owner.layer) if owner is not None else None
         base_fn = sdpa_attention_forward if base == "sdpa" else _family_eager(module)
-        if not active or not (active & _INTERNAL_SET or "attn.hook_result" in active):
+        if not active or not active & NEEDS_ATTN_FN:
             return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         fire, prefix = owner.manager.fire, f"blocks.{owner.layer}."
         if "attn.hook_rot_q" in active:
@@ -97,14 +98,13 @@ def _make(base: str):
         if "attn.hook_z" in active:
             out = fire(prefix + "attn.hook_z", out)
         if "attn.hook_result" in active:
-            owner.manager.stash[("z", owner.layer)] = out
+            owner.manager.state.z[owner.layer] = out
         return out, weights
 
     attention.__name__ = f"mechscope_{base}_attention"
     return attention
 
 
-_INTERNAL_SET = set(ATTN_INTERNAL)
 _REGISTERED = False
 
 

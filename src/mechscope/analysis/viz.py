@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..core.errors import InputError
+from ..core.files import atomic_write
 
-def esc(s) -> str:
+
+def esc(s: object) -> str:
     """HTML-escape any token or string, quotes included."""
     return html.escape(str(s), quote=True)
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _color(v: float, vmin: float, vmax: float, diverging: bool) -> str:
@@ -93,7 +80,7 @@ def page(title: str, body: str) -> str:
             f"<style>{PAGE_CSS}</style></head><body><h2>{esc(title)}</h2>{body}</body></html>")
 
 
-def figure(*args, **kwargs):
+def figure(*args, **kwargs) -> tuple:
     """A matplotlib figure and axes on the non-interactive Agg backend: ``fig, ax = figure(figsize=(6, 4))``."""
     import matplotlib
 
@@ -103,7 +90,7 @@ def figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig: object, path: str | os.PathLike) -> Path:
     """Lay out, render to PNG, close, and write atomically."""
     import io
 
@@ -116,7 +103,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
-def line_with_band(ax, x, y, low, high, label: str = "") -> None:
+def line_with_band(ax: object, x: Sequence[float], y: Sequence[float], low: Sequence[float], high: Sequence[float],
+                   label: str = "") -> None:
     """A line with a shaded confidence band (e.g. a bootstrap CI) on matplotlib axes."""
     ax.plot(x, y, marker="o", ms=3, label=label)
     ax.fill_between(x, low, high, alpha=0.25)
@@ -171,9 +159,11 @@ _VIEWER_JS = """
 (function(){
   var root = document.getElementById(%(id)s), data = %(data)s;
   var sel = root.querySelector('select'), box = root.querySelector('.ms-toks'), info = root.querySelector('.ms-info');
-  data.heads.forEach(function(h, i){ var o = document.createElement('option'); o.value = i; o.textContent = h; sel.appendChild(o); });
+  data.heads.forEach(function(h, i){
+    var o = document.createElement('option'); o.value = i; o.textContent = h; sel.appendChild(o); });
   var spans = data.tokens.map(function(t, i){
-    var s = document.createElement('span'); s.textContent = t; s.className = 'ms-tok'; s.dataset.i = i; box.appendChild(s); return s; });
+    var s = document.createElement('span'); s.textContent = t; s.className = 'ms-tok'; s.dataset.i = i;
+    box.appendChild(s); return s; });
   var pinned = -1;
   function show(q){
     var row = data.pattern[+sel.value][q];
@@ -190,7 +180,8 @@ _VIEWER_JS = """
 """
 
 
-def attention_viewer(str_tokens, pattern: torch.Tensor, head_names=None, title: str = "attention") -> str:
+def attention_viewer(str_tokens: Sequence[str], pattern: torch.Tensor, head_names: Sequence[str] | None = None,
+                     title: str = "attention") -> str:
     """An interactive, offline attention viewer: pick a head, hover (or click to pin) a query token, and the
     key tokens are shaded by attention. ``pattern`` is ``[head, q, k]``. Tokens are placed with
     ``textContent`` (never parsed as HTML); the JavaScript is inline."""
@@ -200,7 +191,7 @@ def attention_viewer(str_tokens, pattern: torch.Tensor, head_names=None, title: 
     if pat.dim() == 2:
         pat = pat[None]
     if pat.shape[-1] != len(str_tokens) or pat.shape[-2] != len(str_tokens):
-        raise ValueError(f"pattern {tuple(pat.shape)} does not match {len(str_tokens)} tokens")
+        raise InputError(f"pattern {tuple(pat.shape)} does not match {len(str_tokens)} tokens")
     heads = [str(h) for h in (head_names or range(pat.shape[0]))]
     uid = "ms-att-" + uuid.uuid4().hex[:8]
     data = {"tokens": [str(t) for t in str_tokens], "heads": heads,
@@ -212,7 +203,8 @@ def attention_viewer(str_tokens, pattern: torch.Tensor, head_names=None, title: 
             f"border:1px solid #eee}}</style><script>{js}</script></div>")
 
 
-def heatmap_plotly(values: torch.Tensor, row_labels, col_labels, title: str = "", include_js: bool = True,
+def heatmap_plotly(values: torch.Tensor, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
+                   include_js: bool = True,
                    diverging: bool = False) -> str:
     """An interactive plotly heatmap as an HTML fragment, with plotly.js inlined (works offline).
 
@@ -228,7 +220,8 @@ def heatmap_plotly(values: torch.Tensor, row_labels, col_labels, title: str = ""
     return fig.to_html(full_html=False, include_plotlyjs=bool(include_js))
 
 
-def histogram_png(values, path: str | os.PathLike, title: str = "", bins: int = 50, log_y: bool = False,
+def histogram_png(values: torch.Tensor | Sequence[float], path: str | os.PathLike, title: str = "", bins: int = 50,
+                  log_y: bool = False,
                   xlabel: str = "") -> Path:
     """A histogram of ``values`` as a PNG (e.g. feature activations or densities)."""
     v = torch.as_tensor(values).detach().float().cpu().flatten().numpy()

@@ -31,16 +31,21 @@ stream and are refused.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import viz
-from .ablation import ablation_hooks, parse_components, replacement_values
-from .patching import PatchResult, patch
-from .validation import Estimate, bootstrap_ci
+from ..analysis import viz
+from ..analysis.validation import Estimate, bootstrap_ci
+from ..core.components import Component, all_heads, all_mlps, head_readers, kv_component, parse_components
+from ..core.errors import InputError
+from ..core.model import HookedModel
+from ..core.result import Result
+from ..core.types import Metric, TextOrTokens
+from ..datasets import TaskDataset
+from ..techniques.ablation import ablation_hooks, replacement_values
+from ..techniques.patching import PatchResult, patch
 
 
 def _ratio_ci(num: torch.Tensor, den: torch.Tensor, seed: int = 0) -> Estimate:
@@ -49,8 +54,8 @@ def _ratio_ci(num: torch.Tensor, den: torch.Tensor, seed: int = 0) -> Estimate:
     return bootstrap_ci(pairs, stat=lambda p: p[:, 0].mean() / p[:, 1].mean(), seed=seed)
 
 
-@dataclass
-class CircuitResult:
+@dataclass(repr=False)
+class CircuitResult(Result):
     """A circuit (components and edges) with the evidence behind it."""
 
     nodes: list[str]
@@ -66,6 +71,8 @@ class CircuitResult:
     random_faithfulness: list[Estimate]
     n_components: int
     extra: dict = field(default_factory=dict)
+
+    _skip_in_dict = ("extra",)
 
     def summary(self) -> str:
         rnd = ", ".join(f"{e.value:.2f}" for e in self.random_faithfulness)
@@ -87,8 +94,6 @@ class CircuitResult:
         for u, v, s in sorted(self.edges, key=lambda e: -abs(e[2]))[:12]:
             lines.append(f"    {u:>8} -> {v:<10} {s:+.3f}")
         return "\n".join(lines)
-
-    __str__ = __repr__ = summary
 
     def plot(self, path: str | Path = "circuit.png") -> Path:
         """The circuit as a graph: components placed by layer, edges drawn by EAP score (red +, blue -)."""
@@ -119,50 +124,34 @@ class CircuitResult:
         return viz.save_figure(fig, path)
 
     def to_html(self) -> str:
-        return (f"<pre>{viz.esc(self.summary())}</pre>" + self.resid.to_html() + self.heads.to_html())
+        return f"<pre>{viz.esc(self.summary())}</pre>" + self.resid.to_html() + self.heads.to_html()
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
+    def _dict_extra(self) -> dict:
+        return {"eap_edges_scored": len(self.extra.get("eap", {}))}
 
 
 def _layer(name: str) -> int:
     """``embed`` -> -1; ``L5H3``, ``L5G1``, ``L5.mlp``, ``L5H3.q`` -> 5."""
-    if name in ("embed",):
-        return -1
-    return int(re.match(r"L(\d+)", name).group(1))
+    return Component.parse(name).layer
 
 
 def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
     """The circuit node an edge into ``reader`` is drawn at: the head itself for ``L5H3.q``, the first
     circuit head of the group for ``L5G1.k``, the first circuit head of the layer for ``L5.attn_in``,
     the MLP for ``L5.mlp_in``."""
-    head, _, kind = reader.partition(".")
-    l = _layer(head)
-    if kind == "mlp_in":
-        return f"L{l}.mlp"
-    heads = sorted((n for n in by_layer.get(l, []) if "H" in n), key=lambda n: int(n.split("H")[1]))
-    if "G" in head:
-        g = int(head.split("G")[1])
-        heads = [n for n in heads if int(n.split("H")[1]) // n_groups == g]
-    elif "H" in head:
-        heads = [head] if head in by_layer.get(l, []) else []
-    return heads[0] if heads else None
+    r = Component.parse(reader)
+    if r.kind == "mlp":
+        return f"L{r.layer}.mlp"
+    heads = sorted((c for c in map(Component.parse, by_layer.get(r.layer, [])) if c.kind == "head"),
+                   key=lambda c: c.index)
+    if r.kind == "group":
+        heads = [c for c in heads if c.index // n_groups == r.index]
+    elif r.kind == "head":
+        heads = [c for c in heads if c.index == r.index]
+    return str(heads[0]) if heads else None
 
 
-def head_readers(model, layer: int, head: int) -> list[str]:
-    """The EAP reader names of one query head: its query input and its KV head's key and value inputs."""
-    c = model.cfg
-    kv = f"L{layer}H{head}" if c.n_kv_heads == c.n_heads else f"L{layer}G{head // c.n_groups}"
-    return [f"L{layer}H{head}.q", f"{kv}.k", f"{kv}.v"]
-
-
-def _kv_names(model, layer: int) -> list[str]:
-    c = model.cfg
-    tag = "H" if c.n_kv_heads == c.n_heads else "G"
-    return [f"L{layer}{tag}{g}" for g in range(c.n_kv_heads)]
-
-
-def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0,
+def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric, ig_steps: int = 0,
                      per_head: bool = True) -> dict[tuple[str, str], float]:
     """EAP scores ``{(upstream, reader): score}`` (see the module docstring), summed over positions, mean over prompts.
 
@@ -174,10 +163,10 @@ def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0,
     """
     c = model.cfg
     if c.parallel_residual:
-        raise ValueError("edge attribution needs a separate MLP input stream; parallel-residual models "
+        raise InputError("edge attribution needs a separate MLP input stream; parallel-residual models "
                          "(GPT-NeoX with use_parallel_residual) are not supported")
     if clean.shape != corrupted.shape:
-        raise ValueError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
+        raise InputError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
                          f"and {tuple(corrupted.shape)}")
     n = c.n_layers
     out_names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_names else [])
@@ -204,11 +193,11 @@ def edge_attribution(model, clean, corrupted, metric, ig_steps: int = 0,
             def start(act, hook, _a=alpha):  # the graph starts at the residual stream entering block 0
                 return (emb_x + _a * (emb_c - emb_x)).detach().requires_grad_(True)
 
-            def record(act, hook):
-                resid[hook.layer()] = act.detach()
+            def record(act, hook, _resid=resid):
+                _resid[hook.layer()] = act.detach()
 
-            def keep(g, hook):
-                store[hook.name] = g.detach()
+            def keep(g, hook, _store=store):
+                _store[hook.name] = g.detach()
 
             fwd = [("blocks.0.hook_resid_pre", start)]
             if per_head:
@@ -246,12 +235,11 @@ def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W) ->
     v = torch.cat([torch.einsum("bphe,hde->bphd", g["q"], W_Q), torch.einsum("bphe,hde->bphd", g["k"], W_K),
                    torch.einsum("bphe,hde->bphd", g["v"], W_V)], dim=2)  # [batch, pos, readers, d_model]
     x = resid_pre[:, :, None, :].expand(-1, -1, v.shape[2], -1).clone().requires_grad_(True)
-    ln1 = model._sub(l, model.family.ln1)
+    ln1 = model.ln1(l)
     with torch.enable_grad():
         (gx,) = torch.autograd.grad(ln1(x), x, v)  # the norm's vector-Jacobian product, one per reader
-    names = [f"L{l}H{h}.q" for h in range(model.cfg.n_heads)]
-    kv = _kv_names(model, l)
-    names += [f"{h}.k" for h in kv] + [f"{h}.v" for h in kv]
+    kv = [kv_component(model.cfg, l, g) for g in range(model.cfg.n_kv_heads)]
+    names = [f"L{l}H{h}.q" for h in range(model.cfg.n_heads)] + [f"{c}.k" for c in kv] + [f"{c}.v" for c in kv]
     return {name: gx[:, :, i] for i, name in enumerate(names)}
 
 
@@ -270,8 +258,9 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
         up_names.append(f"L{l}.mlp")
         up_layer.append(l)
         deltas.append((cc["mlp_out", l] - cx["mlp_out", l]).float())
+    up_head = [Component.parse(u).kind == "head" for u in up_names]
     r_names = list(readers)
-    r_layer = [n if r == "logits" else _layer(r.split(".")[0]) for r in r_names]
+    r_layer = [n if r == "logits" else _layer(r) for r in r_names]
     S = torch.zeros(len(up_names), len(r_names))
     for b in range(N):  # one prompt at a time keeps memory at (n_up + n_read) x pos x d_model
         U = torch.stack([d[b].reshape(-1) for d in deltas])  # [n_up, P·D]
@@ -282,7 +271,7 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
     for i, (u, lu) in enumerate(zip(up_names, up_layer)):
         for j, (r, lr) in enumerate(zip(r_names, r_layer)):
             # a reader reads the blocks before its own; a layer's MLP also reads that layer's heads
-            if lu < lr or (r.endswith("mlp_in") and lu == lr and "H" in u):
+            if lu < lr or (r.endswith("mlp_in") and lu == lr and up_head[i]):
                 scores[(u, r)] = S[i][j]
     return scores
 
@@ -294,9 +283,55 @@ def _ablated_metric(model, tokens, metric, comps, reference, seed) -> torch.Tens
         return torch.as_tensor(metric(model(tokens))).float().cpu()
 
 
-def find_circuit(model, dataset, metric=None, node_threshold: float = 0.05, edge_threshold: float = 0.05,
-                 ig_steps: int = 0, held_out: float = 0.5, n_random: int = 3, seed: int = 0,
-                 max_nodes: int = 30, ablate_mlps: bool = False) -> CircuitResult:
+def _locate(model, search, metric) -> tuple[PatchResult, PatchResult, PatchResult, tuple[int, int], list[int]]:
+    """Steps 1-3: residual-stream patching (where the information lives and moves), then heads and MLPs."""
+    c = model.cfg
+    resid = patch(model, search.clean, search.corrupted, metric, site="resid_pre")
+    rn = resid.normalized().abs()
+    positions = sorted({int(p) for p in torch.nonzero(rn.max(0).values > 0.1).flatten()})
+    moving = torch.nonzero((rn[:, -1] < 0.5) | (rn[:, :-1].max(-1).values > 0.1)).flatten()
+    window = (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else c.n_layers - 1)
+    heads = patch(model, search.clean, search.corrupted, metric, site="z")
+    mlps = patch(model, search.clean, search.corrupted, metric, site=[m.hook for m in all_mlps(c)])
+    return resid, heads, mlps, window, positions
+
+
+def _select_edges(model, eap: dict, nodes: list[str], edge_threshold: float) -> list[tuple[str, str, float]]:
+    """Edges among the circuit's nodes (from the embedding, into the logits) with |score| >= threshold x the largest."""
+    keep_readers = {"logits"}
+    for comp in map(Component.parse, nodes):
+        if comp.kind == "mlp":
+            keep_readers.add(str(Component(comp.layer, "mlp", port="in")))
+        else:
+            keep_readers.update(str(r) for r in head_readers(model.cfg, comp.layer, comp.index))
+    cand = {(u, r): s for (u, r), s in eap.items() if (u in nodes or u == "embed") and r in keep_readers}
+    top = max([abs(s) for s in cand.values()] + [1e-12])
+    return [(u, r, s) for (u, r), s in cand.items() if abs(s) >= edge_threshold * top]
+
+
+def _validate_circuit(model, test, metric, nodes: list[str], ablate_mlps: bool, n_random: int,
+                      seed: int) -> tuple[Estimate, Estimate, list[Estimate]]:
+    """Step 6 on held-out prompts: faithfulness, knockout, and random circuits of the same size."""
+    heads = [str(x) for x in all_heads(model.cfg)]
+    mlps = [str(x) for x in all_mlps(model.cfg)]
+    with torch.no_grad():
+        full = torch.as_tensor(metric(model(test.clean))).float().cpu()
+    ablatable = heads + mlps if ablate_mlps else heads
+
+    def faithful(circuit_nodes):
+        outside = parse_components(model, [x for x in ablatable if x not in set(circuit_nodes)])
+        return _ratio_ci(_ablated_metric(model, test.clean, metric, outside, test.corrupted, seed), full, seed)
+
+    knocked = _ablated_metric(model, test.clean, metric, parse_components(model, nodes), test.corrupted, seed)
+    n_heads = sum(Component.parse(x).kind == "head" for x in nodes)
+    rng = random.Random(seed)
+    rand = [faithful(rng.sample(heads, n_heads) + rng.sample(mlps, len(nodes) - n_heads)) for _ in range(n_random)]
+    return faithful(nodes), bootstrap_ci(knocked - full, seed=seed), rand
+
+
+def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, node_threshold: float = 0.05,
+                 edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 3,
+                 seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
     Components whose normalised patching effect reaches ``node_threshold`` (at most ``max_nodes``,
@@ -311,56 +346,19 @@ def find_circuit(model, dataset, metric=None, node_threshold: float = 0.05, edge
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
     m_test = metric or test.metric
     c = model.cfg
-    resid = patch(model, search.clean, search.corrupted, m_search, site="resid_pre")
-    rn = resid.normalized().abs()
-    positions = sorted({int(p) for p in torch.nonzero(rn.max(0).values > 0.1).flatten()})
-    moving = torch.nonzero((rn[:, -1] < 0.5) | (rn[:, :-1].max(-1).values > 0.1)).flatten()
-    window = (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else c.n_layers - 1)
-    heads = patch(model, search.clean, search.corrupted, m_search, site="z")
-    mlps = patch(model, search.clean, search.corrupted, m_search,
-                 site=[f"blocks.{l}.hook_mlp_out" for l in range(c.n_layers)])
+    resid, heads, mlps, window, positions = _locate(model, search, m_search)
     hv, mv = heads.normalized(), mlps.normalized()
-    node_scores = {f"L{l}H{h}": float(hv[l, h]) for l in range(c.n_layers) for h in range(c.n_heads)}
-    node_scores.update({f"L{l}.mlp": float(mv[l]) for l in range(c.n_layers)})
+    node_scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(c)}
+    node_scores.update({str(m): float(mv[m.layer]) for m in all_mlps(c)})
     ranked = sorted(node_scores, key=lambda k: -abs(node_scores[k]))
     nodes = [k for k in ranked if abs(node_scores[k]) >= node_threshold][:max_nodes]
     if not nodes:
-        raise ValueError(f"no component reaches |effect| >= {node_threshold}; lower node_threshold "
+        raise InputError(f"no component reaches |effect| >= {node_threshold}; lower node_threshold "
                          f"(largest: {ranked[0]} {node_scores[ranked[0]]:+.3f})")
     eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
-    keep_readers = {"logits"}
-    for x in nodes:
-        if x.endswith("mlp"):
-            keep_readers.add(f"L{_layer(x)}.mlp_in")
-        else:
-            keep_readers.update(head_readers(model, _layer(x), int(x.split("H")[1])))
-    cand = {(u, r): s for (u, r), s in eap.items() if (u in nodes or u == "embed") and r in keep_readers}
-    top = max([abs(s) for s in cand.values()] + [1e-12])
-    edges = [(u, r, s) for (u, r), s in cand.items() if abs(s) >= edge_threshold * top]
-
-    # validation on held-out prompts
-    all_comps = [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)] + \
-                [f"L{l}.mlp" for l in range(c.n_layers)]
-    with torch.no_grad():
-        full = torch.as_tensor(m_test(model(test.clean))).float().cpu()
-
-    ablatable = all_comps if ablate_mlps else [x for x in all_comps if "H" in x]
-
-    def faithful(circuit_nodes):
-        outside = parse_components(model, [x for x in ablatable if x not in set(circuit_nodes)])
-        return _ratio_ci(_ablated_metric(model, test.clean, m_test, outside, test.corrupted, seed), full, seed)
-
-    faith = faithful(nodes)
-    knocked = _ablated_metric(model, test.clean, m_test, parse_components(model, nodes), test.corrupted, seed)
-    knockout = bootstrap_ci(knocked - full, seed=seed)
-    n_heads = sum("H" in x for x in nodes)
-    rng = random.Random(seed)
-    rand = []
-    for _ in range(n_random):
-        rh = rng.sample([x for x in all_comps if "H" in x], n_heads)
-        rm = rng.sample([x for x in all_comps if x.endswith("mlp")], len(nodes) - n_heads)
-        rand.append(faithful(rh + rm))
+    edges = _select_edges(model, eap, nodes, edge_threshold)
+    faith, knockout, rand = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
     return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
-                         faith, knockout, rand, len(all_comps),
+                         faith, knockout, rand, len(node_scores),
                          extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),
                                 "ablated_outside": "heads and MLPs" if ablate_mlps else "heads"})

@@ -19,24 +19,30 @@ from pathlib import Path
 
 import torch
 
-from . import viz
-from .circuits import HeadScores, copying_scores, full_OV, full_QK
+from .. import corpus
+from ..analysis import viz
+from ..analysis.metrics import repeated_tokens
+from ..core.errors import InputError
+from ..core.files import atomic_write
+from ..core.model import HookedModel, lm_loss
+from ..core.result import Result
+from ..techniques.ablation import ablate
+from .weights import HeadScores, copying_scores, full_OV, full_QK
 
 
-def repeated_tokens(model, n: int = 20, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """``[batch, prefix + 2n]`` random tokens repeated twice, with the model's BOS when it uses one; and ``prefix``."""
-    from .metrics import repeated_tokens as rep
-
+def induction_tokens(model: HookedModel, n: int = 20, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """``[batch, prefix + 2n]`` random tokens repeated twice (:func:`~mechscope.analysis.metrics.repeated_tokens`),
+    with the model's BOS when it uses one; and ``prefix`` (0 or 1)."""
     V = model.cfg.d_vocab
     bos = None
     if model.cfg.default_prepend_bos and model.tokenizer is not None:
         bos = model.tokenizer.bos_token_id
-    toks = rep(n, batch, vocab_low=min(100, V // 4), vocab_high=V - 1, seed=seed, bos=bos)
+    toks = repeated_tokens(n, batch, vocab_low=min(100, V // 4), vocab_high=V - 1, seed=seed, bos=bos)
     return toks.to(model.device), (1 if bos is not None else 0)
 
 
 @torch.no_grad()
-def _patterns(model, tokens) -> torch.Tensor:
+def _patterns(model: HookedModel, tokens) -> torch.Tensor:
     """``[layer, batch, head, q, k]`` attention patterns."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
     return torch.stack([cache["pattern", l] for l in range(model.cfg.n_layers)]).float()
@@ -55,7 +61,7 @@ _DESCRIPTIONS = {
 }
 
 
-def _attention_scores(model, tokens, n: int | None, prefix: int) -> dict[str, HeadScores]:
+def _attention_scores(model: HookedModel, tokens, n: int | None, prefix: int) -> dict[str, HeadScores]:
     """The attention detectors from one forward pass; the repeat-based ones need ``tokens = [prefix] A A``."""
     pat = _patterns(model, tokens)
     q_all = torch.arange(1, tokens.shape[1])
@@ -63,56 +69,58 @@ def _attention_scores(model, tokens, n: int | None, prefix: int) -> dict[str, He
            "attention sink": _offset_score(pat, q_all, torch.zeros_like(q_all))}
     if n is not None:
         if tokens.shape[1] != prefix + 2 * n:
-            raise ValueError(f"tokens must be [prefix={prefix}] + 2 x {n} repeated tokens, got length {tokens.shape[1]}")
+            raise InputError(f"tokens must be [prefix={prefix}] + 2 x {n} repeated tokens, got length {tokens.shape[1]}")
         q2 = torch.arange(prefix + n, prefix + 2 * n)
         raw["duplicate-token"] = _offset_score(pat, q2, q2 - n)
         raw["induction"] = _offset_score(pat, q2, q2 - n + 1)
     return {k: HeadScores(k, v.cpu(), _DESCRIPTIONS[k]) for k, v in raw.items()}
 
 
-def _repeated(model, tokens, n, prefix, seed):
+def _repeated(model: HookedModel, tokens, n, prefix, seed):
     if tokens is None:
         n = max(2, min(n, (model.cfg.n_ctx - 1) // 2))
-        tokens, prefix = repeated_tokens(model, n, seed=seed)
+        tokens, prefix = induction_tokens(model, n, seed=seed)
     return tokens, n, prefix or 0
 
 
-def previous_token_scores(model, tokens=None, seed: int = 0) -> HeadScores:
-    toks = tokens if tokens is not None else repeated_tokens(model, seed=seed)[0]
+def previous_token_scores(model: HookedModel, tokens: torch.Tensor | None = None, seed: int = 0) -> HeadScores:
+    toks = tokens if tokens is not None else induction_tokens(model, seed=seed)[0]
     return _attention_scores(model, toks, None, 0)["previous-token"]
 
 
-def sink_scores(model, tokens=None, seed: int = 0) -> HeadScores:
-    toks = tokens if tokens is not None else repeated_tokens(model, seed=seed)[0]
+def sink_scores(model: HookedModel, tokens: torch.Tensor | None = None, seed: int = 0) -> HeadScores:
+    toks = tokens if tokens is not None else induction_tokens(model, seed=seed)[0]
     return _attention_scores(model, toks, None, 0)["attention sink"]
 
 
-def duplicate_token_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
+def duplicate_token_scores(model: HookedModel, tokens: torch.Tensor | None = None, n: int = 20, prefix: int | None = None,
+                           seed: int = 0) -> HeadScores:
     return _attention_scores(model, *_repeated(model, tokens, n, prefix, seed))["duplicate-token"]
 
 
-def induction_scores(model, tokens=None, n: int = 20, prefix: int | None = None, seed: int = 0) -> HeadScores:
+def induction_scores(model: HookedModel, tokens: torch.Tensor | None = None, n: int = 20, prefix: int | None = None,
+                     seed: int = 0) -> HeadScores:
     return _attention_scores(model, *_repeated(model, tokens, n, prefix, seed))["induction"]
 
 
-def copying_head_scores(model) -> HeadScores:
+def copying_head_scores(model: HookedModel) -> HeadScores:
     return HeadScores("copying", copying_scores(model).cpu(), "eigenvalue score of W_E W_V W_O W_U")
 
 
-def detect_heads(model, n: int = 20, batch: int = 8, seed: int = 0) -> dict[str, HeadScores]:
+def detect_heads(model: HookedModel, n: int = 20, batch: int = 8, seed: int = 0) -> dict[str, HeadScores]:
     """Every detector on one batch of repeated random tokens (one forward pass for the attention ones).
 
     ``n`` is capped so that ``[BOS] A A`` fits the model's context.
     """
     n = max(2, min(n, (model.cfg.n_ctx - 1) // 2))
-    toks, prefix = repeated_tokens(model, n, batch, seed)
+    toks, prefix = induction_tokens(model, n, batch, seed)
     out = _attention_scores(model, toks, n, prefix)
     order = ["previous-token", "duplicate-token", "induction", "attention sink"]
     return {**{k: out[k] for k in order}, "copying": copying_head_scores(model)}
 
 
-@dataclass
-class HeadReport:
+@dataclass(repr=False)
+class HeadReport(Result):
     """Everything mechscope can say about one head, as text and as an offline HTML page."""
 
     layer: int
@@ -149,8 +157,6 @@ class HeadReport:
             lines.append("  " + self.ablation.summary().replace("\n", "\n  "))
         return "\n".join(lines)
 
-    __str__ = __repr__ = summary
-
     def to_html(self) -> str:
         body = f"<pre>{viz.esc(self.summary())}</pre>"
         for toks, pat in self.patterns:
@@ -163,11 +169,9 @@ class HeadReport:
         body += f"<h3>QK circuit (content part): preferred key tokens</h3><table class='ms-heat'>{rows}</table>"
         return body
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
     def write(self, path: str | Path) -> Path:
-        return viz.atomic_write(path, viz.page(f"head {self.name}", self.to_html()))
+        """The report as one offline HTML page (written atomically)."""
+        return atomic_write(path, viz.page(f"head {self.name}", self.to_html()))
 
     def plot(self, path: str | Path = "head.png") -> Path:
         toks, pat = self.patterns[0]
@@ -175,23 +179,21 @@ class HeadReport:
 
 
 @torch.no_grad()
-def head_report(model, layer: int, head: int, prompts: list[str] | None = None, n_ov_tokens: int = 50,
+def head_report(model: HookedModel, layer: int, head: int, prompts: list[str] | None = None, n_ov_tokens: int = 50,
                 ablation_seqs: int = 8, seed: int = 0) -> HeadReport:
     """Answer "what does this head do?": patterns, detector scores with ranks, OV outputs, positional
     preference, and the effect of mean-ablating it on held-out text loss (with a CI)."""
     c = model.cfg
     if not (0 <= layer < c.n_layers and 0 <= head < c.n_heads):
-        raise ValueError(f"no head L{layer}H{head}: layers 0..{c.n_layers - 1}, heads 0..{c.n_heads - 1}")
+        raise InputError(f"no head L{layer}H{head}: layers 0..{c.n_layers - 1}, heads 0..{c.n_heads - 1}")
     det = detect_heads(model, seed=seed)
     scores = {k: (float(v.scores[layer, head]), v.rank(layer, head)) for k, v in det.items()}
     patterns = []
     texts = prompts
     if texts is None and model.tokenizer is not None:
-        from . import corpus
-
         texts = ["When Mary and John went to the store, John gave a drink to"]
         texts += [t[:300] for _, t in zip(range(2), corpus.default_corpus("test"))]
-    toks_list = [model.to_tokens(t) for t in texts] if texts else [repeated_tokens(model, 10, 1, seed)[0]]
+    toks_list = [model.to_tokens(t) for t in texts] if texts else [induction_tokens(model, 10, 1, seed)[0]]
     dist = torch.zeros(9)
     for toks in toks_list:
         _, cache = model.run_with_cache(toks, names_filter=f"blocks.{layer}.attn.hook_pattern")
@@ -216,10 +218,6 @@ def head_report(model, layer: int, head: int, prompts: list[str] | None = None, 
     qk_top = [(name(t), [name(k) for k in ks]) for t, ks in zip(sample[:10].tolist(), keys.tolist())]
     abl = None
     if model.tokenizer is not None and ablation_seqs:
-        from . import corpus
-        from .ablation import ablate
-        from .model import lm_loss
-
         held = corpus.pack(model, corpus.default_corpus("test"), 64, n_seqs=2 * ablation_seqs)
         ref, evalset = held[:ablation_seqs], held[ablation_seqs:]
 

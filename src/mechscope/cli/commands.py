@@ -1,0 +1,409 @@
+"""Every ``mechscope`` command, each defined once: its arguments, its examples and its handler."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+from ..analysis.viz import page
+from ..core.errors import InputError, NotFoundError
+from ..core.files import atomic_write
+from ..core.result import Result
+from .registry import Outcome, arg, command
+
+MODEL = (
+    arg("--model", default=None, help="alias, local HF folder, .gguf file or hub id (default: smollm2-135m)"),
+    arg("--dtype", default=None, help="float32 (default), bfloat16 or float16"),
+    arg("--device", default=None, help="cpu, cuda, ... (default: cuda if available)"),
+)
+TASK = (
+    arg("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None),
+    arg("--n", type=int, default=8, help="prompts from the task generator"),
+    arg("--seed", type=int, default=0),
+    arg("--clean", default=None),
+    arg("--corrupted", default=None),
+    arg("--answer", default=None),
+    arg("--wrong", default=None),
+)
+PICTURES = (
+    arg("--png", default=None, help="write a PNG picture here"),
+    arg("--html", default=None, help="write an offline HTML page here"),
+)
+SITE = (
+    arg("--site", default="resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|z|q|k|v|pattern"),
+    arg("--direction", default="denoise", choices=["denoise", "noise"]),
+    arg("--per-position", action="store_true", help="head sites: one patch per position"),
+)
+SAE_MODEL = MODEL + (arg("path", help="an SAE folder (SAELens format)"),
+                     arg("--eval-seqs", type=int, default=16, help="held-out sequences"),
+                     arg("--seq-len", type=int, default=128))
+
+
+def _load(args: argparse.Namespace):
+    import mechscope  # through the package attribute, so that tests and users can substitute `mechscope.load`
+
+    return mechscope.load(args.model or mechscope.DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+
+
+def _pictures(args: argparse.Namespace, res: Result, title: str) -> Result:
+    """Write ``--png`` and ``--html`` where given; return ``res``."""
+    if getattr(args, "png", None):
+        res.plot(args.png)
+    if getattr(args, "html", None):
+        atomic_write(args.html, page(title, res.to_html()))
+    return res
+
+
+def _task(args: argparse.Namespace, model):
+    """``(clean, corrupted, metric, dataset)`` from ``--task`` or from ``--clean/--corrupted/--answer/--wrong``."""
+    from .. import datasets as D
+    from ..analysis.metrics import logit_diff
+
+    if args.task:
+        makers = {"ioi": lambda: D.ioi(model, args.n, seed=args.seed), "factual": lambda: D.factual(model, args.n),
+                  "greater-than": lambda: D.greater_than(model, args.n, seed=args.seed),
+                  "induction": lambda: D.induction(model, args.n, seed=args.seed)}
+        ds = makers[args.task]()
+        return ds.clean, ds.corrupted, ds.metric, ds
+    if not (args.clean and args.corrupted and args.answer):
+        raise InputError("give --task, or --clean, --corrupted and --answer (and usually --wrong)")
+    a = model.to_single_token(args.answer)
+    b = model.to_single_token(args.wrong) if args.wrong else None
+
+    def metric(logits):
+        return logits[:, -1, a] if b is None else logit_diff(logits, a, b)
+
+    return args.clean, args.corrupted, metric, None
+
+
+# ---------------------------------------------------------------------------------- model and compute
+@command("env", "the device, its memory and dtype support", ("mechscope env", "mechscope env --json"))
+def env_cmd(args: argparse.Namespace) -> Result:
+    from ..compute import env
+
+    return env()
+
+
+@command("info", "the model card: architecture, sizes, hook names",
+         ("mechscope info", "mechscope info --model ./my-hf-folder --hooks"), MODEL,
+         arg("--hooks", action="store_true", help="list the hook points"))
+def info_cmd(args: argparse.Namespace) -> Result:
+    from ..core.hookpoints import table
+
+    model = _load(args)
+    d = {**model.cfg.to_dict(), "n_hook_points": len(model.hook_names)}
+    text = [repr(model), "", "config:"] + [f"  {k:20} {v}" for k, v in d.items() if k != "extra"]
+    if args.hooks:
+        d["hook_names"] = model.hook_names
+        per = [n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.0.")]
+        text += ["", "hook points (per block L):"] + [f"  blocks.L.{p}" for p in per]
+        text += ["top level:"] + [f"  {n}" for n in model.hook_names if not n.startswith("blocks.")]
+        text += ["", "meaning and shape (every family; see docs/hooks.md):", table()]
+    return Outcome("\n".join(text), d)
+
+
+@command("estimate", "memory needed for a run, before loading, with advice",
+         ("mechscope estimate --batch 8 --seq-len 512 --cache all",
+          "mechscope estimate --model gemma3-270m --sae-width 16384"), MODEL,
+         arg("--batch", type=int, default=1), arg("--seq-len", type=int, default=128),
+         arg("--cache", default=None, help="'all' or a comma list of hook names to cache"),
+         arg("--sae-width", type=int, default=None))
+def estimate_cmd(args: argparse.Namespace) -> Result:
+    from ..compute import estimate_memory
+    from ..loading import DEFAULT_MODEL
+
+    cache = args.cache if args.cache in (None, "all") else args.cache.split(",")
+    return estimate_memory(args.model or DEFAULT_MODEL, dtype=args.dtype or "float32", batch=args.batch,
+                           seq_len=args.seq_len, cache_names=cache, sae_width=args.sae_width)
+
+
+# ---------------------------------------------------------------------------------- techniques
+@command("lens", "logit lens over a prompt", ('mechscope lens "The capital of France is" --target " Paris"',
+                                               'mechscope lens "1 2 3 4" --png lens.png --html lens.html'),
+         MODEL, arg("prompt"), arg("--target", action="append", help="answer token to track (repeatable)"), PICTURES)
+def lens_cmd(args: argparse.Namespace) -> Result:
+    from ..techniques.lens import logit_lens
+
+    return _pictures(args, logit_lens(_load(args), args.prompt, targets=args.target or None), "logit lens")
+
+
+@command("dla", "direct logit attribution of an answer (layers, heads, neurons)",
+         ('mechscope dla "The capital of France is" --answer " Paris" --wrong " London" --png dla.png',),
+         MODEL, arg("prompt"), arg("--answer", required=True, help="the answer token, e.g. ' Paris'"),
+         arg("--wrong", default=None, help="a contrasting token: attribute the logit difference"), PICTURES)
+def dla_cmd(args: argparse.Namespace) -> Result:
+    from ..techniques.attribution import direct_logit_attribution
+
+    res = direct_logit_attribution(_load(args), args.prompt, args.answer, args.wrong)
+    return _pictures(args, res, "direct logit attribution")
+
+
+@command("patch", "activation patching over layers x positions or heads",
+         ("mechscope patch --task ioi --site resid_pre --png ioi.png",
+          'mechscope patch --clean "The capital of France is" --corrupted "The capital of Poland is" '
+          '--answer " Paris" --wrong " Warsaw" --site z'), MODEL, TASK, SITE, PICTURES)
+def patch_cmd(args: argparse.Namespace) -> Result:
+    from ..techniques.patching import patch
+
+    model = _load(args)
+    clean, corr, metric, _ = _task(args, model)
+    res = patch(model, clean, corr, metric, site=args.site, direction=args.direction, per_position=args.per_position)
+    return _pictures(args, res, "activation patching")
+
+
+@command("attrib", "attribution patching: first-order estimate of every patch",
+         ("mechscope attrib --task ioi --site z --per-position --json",), MODEL, TASK, SITE, PICTURES)
+def attrib_cmd(args: argparse.Namespace) -> Result:
+    from ..techniques.attribution_patching import attribution_patch
+
+    model = _load(args)
+    clean, corr, metric, _ = _task(args, model)
+    res = attribution_patch(model, clean, corr, metric, sites=(args.site,), direction=args.direction,
+                            per_position=args.per_position)[args.site]
+    return _pictures(args, res, "attribution patching")
+
+
+@command("ablate", "zero/mean/resample ablation of heads, neurons or layers, with a CI",
+         ("mechscope ablate --task ioi L9H3 L10H1 --method mean", "mechscope ablate --task factual L3 --method resample"),
+         MODEL, TASK, arg("components", nargs="+", help="L3H5 (head), L3N100 (neuron), L3.attn, L3.mlp, L3"),
+         arg("--method", default="zero", choices=["zero", "mean", "resample"]), PICTURES)
+def ablate_cmd(args: argparse.Namespace) -> Result:
+    from ..techniques.ablation import ablate
+
+    model = _load(args)
+    clean, _, metric, _ = _task(args, model)
+    return _pictures(args, ablate(model, clean, metric, args.components, method=args.method, seed=args.seed),
+                     "ablation")
+
+
+@command("tuned-lens", "train a tuned lens on the default corpus and compare with the logit lens",
+         ("mechscope tuned-lens --steps 100 --out lens.safetensors",), MODEL,
+         arg("--steps", type=int, default=100), arg("--seq-len", type=int, default=64),
+         arg("--batch", type=int, default=4), arg("--out", default="tuned_lens.safetensors"), PICTURES)
+def tuned_lens_cmd(args: argparse.Namespace) -> Result:
+    from ..techniques.lens import train_tuned_lens
+
+    lens, cmp = train_tuned_lens(_load(args), n_steps=args.steps, seq_len=args.seq_len, batch=args.batch)
+    path = lens.save(args.out)
+    _pictures(args, cmp, "tuned lens")
+    return Outcome(cmp.summary() + f"\nsaved {path}", {**cmp.to_dict(), "path": path})
+
+
+@command("probe", "linear probes per layer for a context-dependent property, with a control task",
+         ("mechscope probe --layers 0 10 20 27 --png probe.png",), MODEL,
+         arg("--layers", type=int, nargs="*", default=None), arg("--n", type=int, default=32,
+                                                                 help="sequences from the held-out corpus"),
+         arg("--seq-len", type=int, default=64),
+         arg("--shuffled", action="store_true", help="shuffled-label control instead of per-type labels"), PICTURES)
+def probe_cmd(args: argparse.Namespace) -> Result:
+    from .. import corpus
+    from ..techniques.probing import next_token_continues_word, probe_sweep
+
+    model = _load(args)
+    toks = corpus.pack(model, corpus.default_corpus("test"), args.seq_len, n_seqs=args.n)
+    layers = args.layers or list(range(0, model.cfg.n_layers, max(1, model.cfg.n_layers // 6)))
+    res = probe_sweep(model, toks, next_token_continues_word(model, toks),
+                      hooks=[f"blocks.{l}.hook_resid_post" for l in layers], task="next token continues the word",
+                      control="shuffled" if args.shuffled else True)
+    return _pictures(args, res, "probe")
+
+
+# ---------------------------------------------------------------------------------- circuits
+@command("heads", "head detectors: previous-token, duplicate-token, induction, sink, copying",
+         ("mechscope heads", "mechscope heads --html heads.html --json"), MODEL,
+         arg("--html", default=None, help="write the heatmaps as an offline HTML page"))
+def heads_cmd(args: argparse.Namespace) -> Result:
+    from ..circuits.heads import detect_heads
+
+    det = detect_heads(_load(args))
+    if args.html:
+        atomic_write(args.html, page("head detectors", "".join(d.to_html() for d in det.values())))
+    return Outcome("\n\n".join(d.summary() for d in det.values()), det)
+
+
+def parse_head(spec: str) -> tuple[int, int]:
+    """``"18.6"`` or ``"L18H6"`` -> ``(18, 6)``."""
+    m = re.fullmatch(r"L?(\d+)[.H](\d+)", spec.strip())
+    if not m:
+        raise InputError(f"cannot read head {spec!r}; write LAYER.HEAD (e.g. 18.6) or L18H6")
+    return int(m.group(1)), int(m.group(2))
+
+
+@command("head", "what does this head do? an HTML report for one head (LAYER.HEAD)",
+         ("mechscope head 18.6", "mechscope head L17H4 --out head.html"), MODEL,
+         arg("head", help="LAYER.HEAD, e.g. 18.6 (or L18H6)"),
+         arg("--out", default=None, help="HTML report path (default head_L{l}H{h}.html)"))
+def head_cmd(args: argparse.Namespace) -> Result:
+    from ..circuits.heads import head_report
+
+    layer, head = parse_head(args.head)
+    rep = head_report(_load(args), layer, head)
+    path = rep.write(args.out or f"head_L{layer}H{head}.html")
+    return Outcome(rep.summary() + f"\nreport: {path}", {**rep.to_dict(), "report": path})
+
+
+@command("circuit", "find a circuit for a task: patching, EAP edges, faithfulness vs random circuits",
+         ("mechscope circuit --task ioi --n 16 --png circuit.png", "mechscope circuit --task factual --threshold 0.1"),
+         MODEL, TASK, arg("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|"),
+         arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"), PICTURES)
+def circuit_cmd(args: argparse.Namespace) -> Result:
+    from ..circuits.discovery import find_circuit
+
+    model = _load(args)
+    _, _, _, ds = _task(args, model)
+    if ds is None:
+        raise InputError("circuit discovery needs a task dataset: pass --task")
+    return _pictures(args, find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps), "circuit")
+
+
+@command("toy", "train the 2-layer attention-only toy (induction with a known answer) and save it",
+         ("mechscope toy --out attn-only-2l", "mechscope heads --model attn-only-2l"),
+         arg("--out", default="attn-only-toy", help="folder for the HF model and tokenizer"),
+         arg("--layers", type=int, default=2), arg("--heads", type=int, default=2),
+         arg("--steps", type=int, default=800), arg("--seed", type=int, default=0))
+def toy_cmd(args: argparse.Namespace) -> Result:
+    from ..circuits.heads import detect_heads
+    from ..circuits.toy import train_attn_only
+
+    run = train_attn_only(n_layers=args.layers, n_heads=args.heads, steps=args.steps, seed=args.seed, progress=True)
+    path = run.save(args.out)
+    det = detect_heads(run.model)
+    top = {k: det[k].top(3) for k in ("previous-token", "induction")}
+    text = run.summary() + "\n" + "\n".join(det[k].summary(3) for k in top) + \
+        f"\nsaved {path} (load it with --model {path})"
+    return Outcome(text, {**run.to_dict(), "path": path, "top": top})
+
+
+# ---------------------------------------------------------------------------------- SAEs
+@command("sae train", "train an SAE on the default corpus, save it (SAELens format) and evaluate it",
+         ("mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae",),
+         MODEL, arg("--hook", default="blocks.15.hook_resid_post"),
+         arg("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"]),
+         arg("--width", type=int, default=None, help="number of latents (default 8 x d_in)"),
+         arg("--k", type=int, default=32, help="TopK/BatchTopK k"), arg("--l1", type=float, default=5.0),
+         arg("--steps", type=int, default=1000), arg("--batch", type=int, default=1024),
+         arg("--lr", type=float, default=3e-4), arg("--seqs", type=int, default=256, help="training sequences"),
+         arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
+         arg("--seq-len", type=int, default=128), arg("--out", default="sae-run"), arg("--resume", action="store_true"))
+def sae_train_cmd(args: argparse.Namespace) -> Result:
+    import sys
+
+    from .. import corpus
+    from ..sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
+
+    model = _load(args)
+    out = Path(args.out)
+    toks = corpus.pack(model, corpus.default_corpus("train"), args.seq_len, n_seqs=args.seqs)
+    print(f"harvesting {args.hook} on {toks.numel()} tokens", file=sys.stderr, flush=True)
+    acts = harvest(model, args.hook, toks)
+    cfg = SAEConfig(d_in=acts.shape[1], d_sae=args.width or 8 * acts.shape[1], architecture=args.arch, k=args.k,
+                    hook_name=args.hook, model_name=model.cfg.model_name,
+                    normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
+    run = fit_sae(acts, cfg, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr), out=out / "train",
+                  resume=args.resume)
+    path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
+    ev = evaluate_sae(model, run.sae, _held_out(args, model))
+    return Outcome(f"saved {path}\n{ev.summary()}", {**ev.to_dict(), "path": path, "training": run.to_dict()})
+
+
+def _held_out(args, model):
+    from .. import corpus
+
+    return corpus.pack(model, corpus.default_corpus("test"), args.seq_len, n_seqs=args.eval_seqs)
+
+
+def _load_sae(args):
+    from ..sae import load_sae
+
+    model = _load(args)
+    return model, load_sae(args.path, model)
+
+
+@command("sae eval", "evaluate a saved SAE on held-out text (L0, explained variance, CE loss recovered)",
+         ("mechscope sae eval my-sae/sae",), SAE_MODEL)
+def sae_eval_cmd(args: argparse.Namespace) -> Result:
+    from ..sae import evaluate_sae
+
+    model, sae = _load_sae(args)
+    return evaluate_sae(model, sae, _held_out(args, model))
+
+
+@command("sae features", "the features that fire most on a text",
+         ('mechscope sae features my-sae/sae --text "The capital of France is"',), SAE_MODEL,
+         arg("--text", required=True, help="the text to read"), arg("--k", type=int, default=32,
+                                                                     help="how many features to list"))
+def sae_features_cmd(args: argparse.Namespace) -> Result:
+    from ..sae.features import top_features
+
+    model, sae = _load_sae(args)
+    feats = top_features(model, sae, args.text, k=args.k)
+    return Outcome("\n".join(f"feature {i:6d}  total activation {v:.3f}" for i, v in feats), {"features": feats})
+
+
+@command("sae dashboard", "feature dashboards (offline HTML) for the densest features",
+         ("mechscope sae dashboard my-sae/sae --out my-sae/dashboard",), SAE_MODEL,
+         arg("--out", default="sae-dashboard", help="folder for index.html and one page per feature"))
+def sae_dashboard_cmd(args: argparse.Namespace) -> Result:
+    from ..sae.features import feature_stats, write_dashboards
+
+    model, sae = _load_sae(args)
+    stats = feature_stats(model, sae, _held_out(args, model), n_top=20)
+    index = write_dashboards(model, sae, stats, args.out)
+    return Outcome(f"dashboards for {len(stats.top)} features: {index}", {"index": index, "features": list(stats.top)})
+
+
+# ---------------------------------------------------------------------------------- projects and reports
+@command("init", "scaffold a research project (README with hypothesis and validation plan, folders)",
+         ("mechscope init ioi-circuit",), arg("name"), arg("--root", default="."))
+def init_cmd(args: argparse.Namespace) -> Result:
+    from ..project import init_project
+
+    path = init_project(args.name, args.root)
+    return Outcome(f"created {path}: edit README.md (question, hypothesis, falsification, validation plan)",
+                   {"path": path})
+
+
+@command("runs", "list and compare experiment records (runs/*/run.json)",
+         ("mechscope runs", "mechscope runs --root my-project/runs --json"), arg("--root", default="runs"))
+def runs_cmd(args: argparse.Namespace) -> Result:
+    from ..project import list_runs, runs_table
+
+    recs = list_runs(args.root)
+    return Outcome(runs_table(recs) if recs else f"no runs under {args.root}/", recs)
+
+
+@command("report", "an offline HTML report comparing experiment records",
+         ("mechscope report --root runs --out runs.html", "mechscope report --root mechscope-demo/runs"),
+         arg("--root", default="runs"), arg("--out", default="runs.html"))
+def report_cmd(args: argparse.Namespace) -> Result:
+    from ..project import list_runs, runs_report
+
+    recs = list_runs(args.root)
+    if not recs:
+        raise NotFoundError(f"no run records under {args.root}/ (runs/<time>-<name>/run.json)")
+    path = atomic_write(args.out, runs_report(recs))
+    return Outcome(f"report of {len(recs)} runs: {path}", {"report": path, "runs": len(recs)})
+
+
+@command("demo", "the demo investigation on the default model; writes an HTML report",
+         ("mechscope demo", "mechscope demo --out demo-report"), MODEL,
+         arg("--out", default="mechscope-demo", help="folder for report.html and its PNGs"))
+def demo_cmd(args: argparse.Namespace) -> Result:
+    import sys
+
+    from ..project import Run
+    from ..workflows import demo_investigation
+
+    t0 = time.time()
+    model = _load(args)
+    print(f"loaded {model!r} in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    with Run("demo", config={"model": model.cfg.model_name, "out": args.out}, seeds=[0],
+             root=Path(args.out) / "runs") as run:
+        rep = demo_investigation(model, args.out, echo=not args.json)
+        run.log(**rep.metrics)
+        run.artifact(Path(args.out) / "report.html")
+    return Outcome(f"run record: {run.path}", {"report": Path(args.out) / "report.html",
+                                                "sections": [s.title for s in rep.sections], "run": run.path,
+                                                "metrics": rep.metrics})

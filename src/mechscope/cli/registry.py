@@ -1,0 +1,69 @@
+"""How a CLI command is defined: once, with its arguments, examples and handler.
+
+A handler takes the parsed arguments and returns a :class:`~mechscope.core.result.Result`; the
+CLI prints ``result.summary()``, or with ``--json`` the generic ``result.to_dict()`` plus the
+command's arguments under ``"args"``. :class:`Outcome` wraps what is not a technique's result
+(paths written, lists of records).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..core.result import Result, jsonable
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One ``argparse`` argument: its flags (or positional name) and keyword options."""
+
+    flags: tuple[str, ...]
+    options: dict = field(default_factory=dict)
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(*self.flags, **self.options)
+
+
+def arg(*flags: str, **options) -> Arg:
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    examples: tuple[str, ...]
+    args: tuple[Arg, ...]
+    handler: Callable[[argparse.Namespace], Result]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, examples: tuple[str, ...], *args: Arg | tuple[Arg, ...]) -> Callable:
+    """Register the decorated handler as ``mechscope NAME``; ``args`` may mix single args and groups of them."""
+    flat: list[Arg] = []
+    for a in args:
+        flat += list(a) if isinstance(a, tuple) else [a]
+
+    def register(fn: Callable[[argparse.Namespace], Result]) -> Callable[[argparse.Namespace], Result]:
+        COMMANDS[name] = Command(name, help, tuple(examples), tuple(flat), fn)
+        return fn
+
+    return register
+
+
+@dataclass(repr=False)
+class Outcome(Result):
+    """A command's output that is not a technique result: the text to print and the JSON data."""
+
+    text: str
+    data: Any = None
+
+    def summary(self) -> str:
+        return self.text
+
+    def to_dict(self) -> Any:
+        return jsonable(self.data)

@@ -1,0 +1,70 @@
+"""The HF modules a family row points at, found once per model.
+
+:class:`ModelParts` is the only place that follows a :class:`~mechscope.core.families.Family`'s
+paths into the HF module tree. The hook sites, the weight views and the facade all read the
+model's structure through it, so none of them knows where a family keeps its modules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .families import Family, get_path
+from .norms import NormSpec
+
+#: the norms a block can have, by the name :meth:`ModelParts.norm` takes
+NORMS = ("ln1", "ln2", "attn_post", "mlp_post")
+
+
+class ModelParts:
+    """``layers``, ``embed``, ``pos_embed`` (or None), ``final_norm`` and ``unembed`` of an HF causal LM,
+    and the per-block modules (attention, MLP, norms, projections) by layer."""
+
+    def __init__(self, hf: torch.nn.Module, family: Family):
+        self.hf, self.family = hf, family
+        self.layers = get_path(hf, family.layers)
+        self.embed = get_path(hf, family.embed)
+        self.pos_embed = get_path(hf, family.pos_embed) if family.pos_embed else None
+        self.final_norm = get_path(hf, family.final_norm)
+        self.unembed = get_path(hf, family.unembed)
+
+    def sub(self, layer: int, path: str | None) -> torch.nn.Module | None:
+        """A module of block ``layer`` by its family path (``None`` -> ``None``)."""
+        return get_path(self.layers[layer], path) if path else None
+
+    def attn(self, layer: int) -> torch.nn.Module:
+        return self.sub(layer, self.family.attn)
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return self.sub(layer, self.family.mlp)
+
+    def attn_proj(self, layer: int, path: str) -> torch.nn.Module:
+        """A projection inside the attention module (``q_proj``, the fused ``c_attn``, ``o_proj`` ...)."""
+        return get_path(self.attn(layer), path)
+
+    def mlp_proj(self, layer: int, path: str) -> torch.nn.Module:
+        return get_path(self.mlp(layer), path)
+
+    def norm_module(self, layer: int, which: str) -> torch.nn.Module | None:
+        """Block ``layer``'s ``ln1``, ``ln2``, ``attn_post`` or ``mlp_post`` norm module (None if absent)."""
+        fam = self.family
+        paths = {"ln1": fam.ln1, "ln2": fam.ln2, "attn_post": fam.attn_post_norm, "mlp_post": fam.mlp_post_norm}
+        if which not in paths:
+            from .errors import InputError
+
+            raise InputError(f"unknown norm {which!r}; a block has {', '.join(NORMS)}")
+        return self.sub(layer, paths[which])
+
+    def norm(self, layer: int | None, which: str = "ln1") -> NormSpec | None:
+        """A block norm (or the final norm, ``layer=None``) as a frozen-scale linear map; None if absent."""
+        module = self.final_norm if layer is None else self.norm_module(layer, which)
+        return NormSpec(self.family.norm, module) if module is not None else None
+
+    def facts(self) -> dict:
+        """The registry's model facts read from the modules themselves (not the config):
+        ``learned_pos``, ``rot`` (rotary embeddings or q/k norms), ``gated`` (a gate projection)."""
+        names = [n for n, _ in self.hf.named_modules()]
+        rot = any(n.endswith(("rotary_emb", "q_norm", "q_layernorm")) for n in names)
+        mlp0 = self.mlp(0)
+        gated = self.family.mlp_gate is not None and hasattr(mlp0, self.family.mlp_gate.split(".")[0])
+        return {"learned_pos": self.pos_embed is not None, "rot": rot, "gated": gated}

@@ -1,0 +1,219 @@
+"""Hook sites: the PyTorch hooks on HF's modules that make the registry's hook points fire.
+
+A *group* is one PyTorch hook that serves one or more hook points (the registry's
+``HookSpec.groups``): ``pre`` (a forward pre-hook on the block: ``hook_resid_pre``), ``post``
+(``hook_resid_post``), ``ln1``/``ln2`` (the norms' outputs), ``qkv`` (the projections, split
+into heads), ``attn_out`` (``hook_attn_out``, ``hook_result``, ``hook_resid_mid``), ``mlp_in``
+(``hook_pre``/``hook_pre_linear``), ``mlp_post`` (the down projection's input), ``mlp_out``,
+and the top-level ``embed``, ``pos_embed``, ``ln_final``. Hooks inside attention fire from
+:mod:`mechscope.core.attention`. Groups are installed only while a hook point needs them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import attention as _attn
+from .config import ModelConfig
+from .hookpoints import block_name, spec, split_name
+from .hooks import HookManager, StopForward
+from .parts import ModelParts
+from .weights import Weights
+
+
+def _out0(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_out0(output, new):
+    return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+
+def fire_output(manager: HookManager, name: str, view: tuple[int, int] | None = None) -> Callable:
+    """A forward hook firing ``name`` on a module's output (optionally viewed as ``[.., head, d]``)."""
+
+    def hook(module, args, output):
+        if not manager.is_active(name):
+            return None
+        out = _out0(output)
+        act = out.view(*out.shape[:-1], *view) if view else out
+        new = manager.fire(name, act)
+        if new is act and not (view and manager.has_backward(name)):
+            return None  # (a view carrying backward hooks must replace the output, or its hooks never run)
+        return _with_out0(output, new.flatten(-2) if view else new)
+
+    return hook
+
+
+def fire_input(manager: HookManager, name: str) -> Callable:
+    """A forward pre-hook firing ``name`` on a module's first input."""
+
+    def hook(module, args):
+        if not manager.is_active(name):
+            return None
+        new = manager.fire(name, args[0])
+        return None if new is args[0] else (new,) + tuple(args[1:])
+
+    return hook
+
+
+def _raise_stop(module, args, kwargs):
+    raise StopForward(args[0] if args else kwargs["hidden_states"])
+
+
+class HookSites:
+    """Installs and removes the PyTorch hooks behind the hook points; owns the :class:`HookManager`."""
+
+    def __init__(self, parts: ModelParts, cfg: ModelConfig, weights: Weights, hook_names: list[str]):
+        self.parts, self.cfg, self.weights, self.family = parts, cfg, weights, parts.family
+        self.manager = HookManager(hook_names, self.groups_of, self.install)
+
+    def attach_attention(self) -> str:
+        """Route the model's attention through mechscope's function; returns the implementation's name."""
+        hf = self.parts.hf
+        _attn.register()
+        base = hf.config._attn_implementation
+        if base not in _attn.IMPLEMENTATIONS and base not in _attn.IMPLEMENTATIONS.values():
+            base = "sdpa"
+        impl = _attn.IMPLEMENTATIONS.get(base, base)
+        hf.set_attn_implementation(impl)
+        if hf.config._attn_implementation != impl:  # pragma: no cover - depends on transformers
+            hf.config._attn_implementation = impl
+        for layer in range(self.cfg.n_layers):
+            setattr(self.parts.attn(layer), _attn.OWNER_ATTR, _attn.Owner(self.manager, layer))
+        return impl
+
+    # ---- which groups a hook point needs -------------------------------------------------------
+    def groups_of(self, name: str) -> list:
+        """The groups serving hook point ``name``: ``[(kind, layer)]``, or ``[kind]`` at the top level."""
+        layer, _ = split_name(name)
+        kinds = spec(name).groups
+        return list(kinds) if layer is None else [(k, layer) for k in kinds]
+
+    def install(self, group: str | tuple[str, int]) -> list:
+        """Attach the PyTorch hooks of one group; return their handles."""
+        m, parts = self.manager, self.parts
+        if isinstance(group, str):
+            module = {"embed": parts.embed, "pos_embed": parts.pos_embed, "ln_final": parts.final_norm}[group]
+            name = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "ln_final": "ln_final.hook_normalized"}
+            return [module.register_forward_hook(fire_output(m, name[group]))]
+        kind, layer = group
+        if kind == "stop":
+            target = parts.layers[layer] if layer < self.cfg.n_layers else parts.final_norm
+            return [target.register_forward_pre_hook(_raise_stop, with_kwargs=True)]
+        if kind in ("qkv", "mlp_in", "attn_out", "pre"):
+            return getattr(self, f"_install_{kind}")(layer)
+        block = parts.layers[layer]
+        if kind == "post":
+            return [block.register_forward_hook(fire_output(m, block_name(layer, "hook_resid_post")))]
+        if kind in ("ln1", "ln2"):
+            module = parts.norm_module(layer, kind)
+            return [module.register_forward_hook(fire_output(m, block_name(layer, f"{kind}.hook_normalized")))]
+        if kind == "mlp_out":
+            post_norm = parts.norm_module(layer, "mlp_post")
+            site = post_norm if post_norm is not None else parts.mlp(layer)
+            return [site.register_forward_hook(fire_output(m, block_name(layer, "hook_mlp_out")))]
+        if kind == "mlp_post":
+            down = parts.mlp_proj(layer, self.family.mlp_out)
+            return [down.register_forward_pre_hook(fire_input(m, block_name(layer, "mlp.hook_post")))]
+        raise KeyError(group)  # pragma: no cover - every registry group is handled above
+
+    # ---- the residual stream ------------------------------------------------------------------
+    def _install_pre(self, layer: int) -> list:
+        m, name = self.manager, block_name(layer, "hook_resid_pre")
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = m.fire(name, x) if m.is_active(name) else x
+            m.state.resid_pre[layer] = new
+            if new is x:
+                return None
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return [self.parts.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)]
+
+    def _install_attn_out(self, layer: int) -> list:
+        """``hook_result`` (from the per-pass ``z``), ``hook_attn_out`` and ``hook_resid_mid``, in that order."""
+        m, weights = self.manager, self.weights
+        n_result, n_out, n_mid = (block_name(layer, s) for s in ("attn.hook_result", "hook_attn_out", "hook_resid_mid"))
+        post_norm = self.parts.norm_module(layer, "attn_post")
+
+        def hook(module, args, output):
+            out = orig = _out0(output)
+            if m.is_active(n_result):
+                pre_norm = args[0] if post_norm is not None else None
+                res = weights.head_results(layer, m.state.z.pop(layer), pre_norm_out=pre_norm)
+                new_res = m.fire(n_result, res)
+                if new_res is not res and not torch.equal(new_res, res):
+                    out = (new_res.sum(-2) + weights.result_bias(layer, pre_norm, res)).to(out.dtype)
+                elif m.has_backward(n_result) and new_res.requires_grad:
+                    # same value, but the gradient flows through the per-head results (straight-through);
+                    # with a post-attention norm (Gemma 2/3) its scale is treated as a constant
+                    s = new_res.sum(-2).to(out.dtype)
+                    out = out.detach() + (s - s.detach())
+            if m.is_active(n_out):
+                out = m.fire(n_out, out)
+            if m.is_active(n_mid):
+                pre = m.state.resid_pre[layer]
+                mid = pre + out
+                new_mid = m.fire(n_mid, mid)
+                if (m.has_backward(n_mid) and new_mid.requires_grad) or \
+                        (new_mid is not mid and not torch.equal(new_mid, mid)):
+                    out = new_mid - pre
+            return None if out is orig else _with_out0(output, out)
+
+        site = post_norm if post_norm is not None else self.parts.attn(layer)
+        return [site.register_forward_hook(hook)]
+
+    # ---- projections ------------------------------------------------------------------------------
+    def split_qkv(self, out: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable]:
+        """A fused projection's output -> ``(q [.., head, d], k [.., kv, d], v [.., kv, d])`` views, and a merger."""
+        c = self.cfg
+        lead = out.shape[:-1]
+        if self.family.qkv_layout == "neox":
+            x = out.view(*lead, c.n_heads, 3, c.d_head)
+            return (x[..., 0, :], x[..., 1, :], x[..., 2, :]), (
+                lambda q, k, v: torch.stack([q, k, v], dim=-2).reshape(*lead, -1))
+        sizes = [c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head]
+        q, k, v = out.split(sizes, dim=-1)
+        return (q.view(*lead, c.n_heads, c.d_head), k.view(*lead, c.n_kv_heads, c.d_head),
+                v.view(*lead, c.n_kv_heads, c.d_head)), (
+            lambda q, k, v: torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1))
+
+    def _install_qkv(self, layer: int) -> list:
+        fam, m, c = self.family, self.manager, self.cfg
+        names = [block_name(layer, f"attn.hook_{s}") for s in "qkv"]
+        if fam.qkv_layout == "separate":
+            return [self.parts.attn_proj(layer, path).register_forward_hook(fire_output(m, name, view=(n, c.d_head)))
+                    for name, path, n in zip(names, (fam.q, fam.k, fam.v), (c.n_heads, c.n_kv_heads, c.n_kv_heads))]
+
+        def hook(module, args, output):
+            parts, merge = self.split_qkv(output)
+            return self._fire_parts(names, parts, merge)
+
+        return [self.parts.attn_proj(layer, fam.qkv).register_forward_hook(hook)]
+
+    def _fire_parts(self, names: list[str], parts, merge):
+        """Fire each of ``names`` on its slice of a fused output; merge only when something may have changed."""
+        m = self.manager
+        new = [m.fire(n, t) if m.is_active(n) else t for n, t in zip(names, parts)]
+        if all(a is b for a, b in zip(new, parts)) and not any(m.has_backward(n) for n in names):
+            return None
+        return merge(*new)
+
+    def _install_mlp_in(self, layer: int) -> list:
+        fam, m = self.family, self.manager
+        pre, pre_linear = block_name(layer, "mlp.hook_pre"), block_name(layer, "mlp.hook_pre_linear")
+        if fam.mlp_gate_up_fused:  # Phi-3: one projection whose output is [gate | up]
+            def hook(module, args, output):
+                return self._fire_parts([pre, pre_linear], output.chunk(2, dim=-1), lambda g, u: torch.cat([g, u], -1))
+
+            return [self.parts.mlp_proj(layer, fam.mlp_gate).register_forward_hook(hook)]
+        if fam.mlp_gate is None:
+            return [self.parts.mlp_proj(layer, fam.mlp_in).register_forward_hook(fire_output(m, pre))]
+        return [self.parts.mlp_proj(layer, fam.mlp_gate).register_forward_hook(fire_output(m, pre)),
+                self.parts.mlp_proj(layer, fam.mlp_in).register_forward_hook(fire_output(m, pre_linear))]
