@@ -195,3 +195,22 @@ def test_public_functions_have_type_hints():
                 if bare or (f.returns is None and f.name != "__init__"):
                     missing.append(f"{path.relative_to(SRC)}:{f.name} {bare}")
     assert not missing, missing
+
+
+def test_bad_input_gets_mechscope_errors():
+    """A few bad inputs the redesign now names clearly (the wider bad-input suite is issue #15)."""
+    from mechscope.core.errors import InputError, InputTypeError
+    from mechscope.loading import parse_dtype
+    from mechscope.techniques.patching import patch
+
+    with pytest.raises(InputError, match="unsupported dtype 'float33'"):
+        parse_dtype("float33")
+    assert parse_dtype("bf16") is torch.bfloat16
+    model = mechscope.HookedModel(tiny_hf("llama"))
+    with pytest.raises(InputTypeError, match="input must be text"):
+        model(None)
+    toks = torch.randint(0, V, (1, 5))
+    with pytest.raises(InputError, match=r"heads \[42\] out of range: valid heads are 0..3"):
+        patch(model, toks, toks.flip(1), lambda lg: lg[:, -1, 0], site="z", heads=[42])
+    with pytest.raises(InputError, match=r"layers \[7\] out of range"):
+        patch(model, toks, toks.flip(1), lambda lg: lg[:, -1, 0], layers=[7])

@@ -205,12 +205,22 @@ class ActivationCache:
         return norm.apply_frozen(residual_stack, norm.scale(resid))
 
 
-def _slice_pos(x: torch.Tensor, pos_slice, has_batch_dim: bool, stacked: bool = True) -> torch.Tensor:
+def pos_index(pos_slice: PosSlice) -> slice | torch.Tensor | None:
+    """An int, slice or list of positions as an index (``-1`` keeps the last position as an axis)."""
     if pos_slice is None:
-        return x
-    axis = (1 if stacked else 0) + (1 if has_batch_dim else 0)
+        return None
     if isinstance(pos_slice, int):
-        pos_slice = slice(pos_slice, pos_slice + 1) if pos_slice != -1 else slice(-1, None)
+        return slice(pos_slice, pos_slice + 1) if pos_slice != -1 else slice(-1, None)
+    if isinstance(pos_slice, slice):
+        return pos_slice
+    return torch.as_tensor(list(pos_slice), dtype=torch.long)
+
+
+def _slice_pos(x: torch.Tensor, pos_slice: PosSlice, has_batch_dim: bool, stacked: bool = True) -> torch.Tensor:
+    """``x`` at the positions ``pos_slice`` (axis 1 of a stack ``[component, batch, pos, ...]``)."""
+    index = pos_index(pos_slice)
+    if index is None:
+        return x
     idx = [slice(None)] * x.dim()
-    idx[axis] = pos_slice if isinstance(pos_slice, slice) else torch.as_tensor(list(pos_slice))
+    idx[(1 if stacked else 0) + (1 if has_batch_dim else 0)] = index
     return x[tuple(idx)]

@@ -230,3 +230,15 @@ class HookManager:
 
             act.register_hook(on_grad)
         return act
+
+
+class HookHandle:
+    """Returned by :meth:`HookedModel.add_hook`; ``remove()`` detaches that hook only."""
+
+    def __init__(self, manager, entries):
+        self._manager, self._entries = manager, entries
+
+    def remove(self) -> None:
+        if self._entries:
+            self._manager.remove(self._entries)
+            self._entries = []

@@ -12,17 +12,16 @@ and with no hooks active the logits are HF's to the bit. The facade composes fou
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, ContextManager
 
 import torch
 
-from .cache import ActivationCache
+from .cache import ActivationCache, pos_index
 from .config import ModelConfig, build_config
 from .errors import InputError
 from .families import family_for
 from .hookpoints import hook_names
-from .hooks import StopForward
+from .hooks import HookHandle, StopForward
 from .parts import ModelParts
 from .sites import HookSites
 from .tokens import TokenOps, Tokens
@@ -140,30 +139,6 @@ class HookedModel(torch.nn.Module):
                 h.remove()
         raise RuntimeError("stop_at_layer did not stop the forward pass")  # pragma: no cover
 
-    @contextmanager
-    def _from_layer(self, layer: int):
-        """Temporarily make HF's decoder loop start at block ``layer`` (fed through ``inputs_embeds``)."""
-        parent_path, _, attr = self.family.layers.rpartition(".")
-        parent = self.hf.get_submodule(parent_path) if parent_path else self.hf
-        cfgs = {id(c): c for c in (self.hf.config, getattr(parent, "config", None)) if c is not None}
-        saved_types = {k: getattr(c, "layer_types", None) for k, c in cfgs.items()}
-        handles = []
-        if self.parts.pos_embed is not None:  # positions are already in the residual stream
-            handles.append(self.parts.pos_embed.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
-        setattr(parent, attr, torch.nn.ModuleList(list(self.parts.layers)[layer:]))
-        try:
-            for k, c in cfgs.items():
-                if saved_types[k] is not None:
-                    c.layer_types = list(saved_types[k])[layer:]
-            yield
-        finally:
-            setattr(parent, attr, self.parts.layers)
-            for k, c in cfgs.items():
-                if saved_types[k] is not None:
-                    c.layer_types = saved_types[k]
-            for h in handles:
-                h.remove()
-
     def run_from(self, layer: int, resid: torch.Tensor, position_ids: torch.Tensor | None = None,
                  past_key_values: object | None = None, attention_mask: torch.Tensor | None = None,
                  logits_to_keep: int = 0) -> torch.Tensor:
@@ -189,7 +164,7 @@ class HookedModel(torch.nn.Module):
             kwargs["past_key_values"] = past_key_values
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        with self._from_layer(layer):
+        with self.parts.starting_at(layer):
             return self.hf(**kwargs).logits
 
     def run_with_hooks(self, input: TextOrTokens, fwd_hooks: HookList = (), bwd_hooks: HookList = (), **kwargs) -> torch.Tensor:
@@ -212,7 +187,7 @@ class HookedModel(torch.nn.Module):
         else:
             names = self.manager.resolve(names_filter)
         store: dict[str, torch.Tensor] = {}
-        index = _pos_index(pos_slice)
+        index = pos_index(pos_slice)
 
         def save(act, hook):
             a = act.detach()
@@ -276,28 +251,6 @@ def _delegate(names: tuple[str, ...], part: str, as_property: bool) -> None:
 _delegate(WEIGHT_VIEWS, "weights", as_property=True)
 _delegate(WEIGHT_METHODS, "weights", as_property=False)
 _delegate(TOKEN_METHODS, "tokens", as_property=False)
-
-
-class HookHandle:
-    """Returned by :meth:`HookedModel.add_hook`; ``remove()`` detaches that hook only."""
-
-    def __init__(self, manager, entries):
-        self._manager, self._entries = manager, entries
-
-    def remove(self) -> None:
-        if self._entries:
-            self._manager.remove(self._entries)
-            self._entries = []
-
-
-def _pos_index(pos_slice):
-    if pos_slice is None:
-        return None
-    if isinstance(pos_slice, int):
-        return slice(pos_slice, pos_slice + 1) if pos_slice != -1 else slice(-1, None)
-    if isinstance(pos_slice, slice):
-        return pos_slice
-    return torch.as_tensor(list(pos_slice), dtype=torch.long)
 
 
 def lm_loss(logits: torch.Tensor, tokens: Tokens, attention_mask: torch.Tensor | None = None,

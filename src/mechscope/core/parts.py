@@ -7,6 +7,9 @@ model's structure through it, so none of them knows where a family keeps its mod
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from .families import Family, get_path
@@ -68,3 +71,28 @@ class ModelParts:
         mlp0 = self.mlp(0)
         gated = self.family.mlp_gate is not None and hasattr(mlp0, self.family.mlp_gate.split(".")[0])
         return {"learned_pos": self.pos_embed is not None, "rot": rot, "gated": gated}
+
+    @contextmanager
+    def starting_at(self, layer: int) -> Iterator[None]:
+        """Temporarily make HF's decoder loop start at block ``layer`` (fed through ``inputs_embeds``);
+        the layer list and ``config.layer_types`` are restored on exit, even on error."""
+        parent_path, _, attr = self.family.layers.rpartition(".")
+        parent = self.hf.get_submodule(parent_path) if parent_path else self.hf
+        cfgs = {id(c): c for c in (self.hf.config, getattr(parent, "config", None)) if c is not None}
+        saved_types = {k: getattr(c, "layer_types", None) for k, c in cfgs.items()}
+        handles = []
+        if self.pos_embed is not None:  # positions are already in the residual stream
+            handles.append(self.pos_embed.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
+        setattr(parent, attr, torch.nn.ModuleList(list(self.layers)[layer:]))
+        try:
+            for k, c in cfgs.items():
+                if saved_types[k] is not None:
+                    c.layer_types = list(saved_types[k])[layer:]
+            yield
+        finally:
+            setattr(parent, attr, self.layers)
+            for k, c in cfgs.items():
+                if saved_types[k] is not None:
+                    c.layer_types = saved_types[k]
+            for h in handles:
+                h.remove()
