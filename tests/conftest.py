@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_grad_enabled(True)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # n workers share the cores: one torch thread pool each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")

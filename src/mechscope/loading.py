@@ -178,26 +178,68 @@ def resolve(name: str) -> tuple[str, Path | str]:
     return "hub", name
 
 
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``None`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` -> a device that exists here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError(f"device {device!r} asked for, but this machine has no CUDA GPU "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"device {device!r} asked for, but there are only {n} GPU(s): cuda:0..cuda:{n - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device {device!r} asked for, but MPS is not available here; use device='cpu'")
+    return dev
+
+
+def _damaged_weights(folder: Path) -> str | None:
+    """The first weight file in ``folder`` that safetensors cannot read, with the reason (None if all read)."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - any failure to read is what we report
+            return f"{f} ({type(e).__name__}: {e})"
+    return None
+
+
 def load(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> HookedModel:
     """Load a causal LM and wrap it as a :class:`~mechscope.core.model.HookedModel` (no copy of the weights).
 
     ``device`` defaults to CUDA if available, else CPU; ``dtype`` defaults to float32 (exact
-    numbers; see :func:`mechscope.estimate_memory` for when bfloat16 is advisable). ``device_map``
-    passes through to accelerate (e.g. ``"auto"``) for models larger than one device; then
-    ``device`` is ignored. ``attn_implementation`` is ``"sdpa"`` (default) or ``"eager"``.
+    numbers; see :func:`mechscope.estimate_memory` for when bfloat16 is advisable).
+    ``device_map`` (``"auto"`` or ``{module path: device}``), ``max_memory`` (``{"cpu": "2GB", 0: "20GB"}``)
+    and ``offload_folder`` pass through to HF and accelerate for models larger than one device:
+    layers are split over the devices, and what does not fit is offloaded to CPU memory or to
+    disk (its weights stay on ``meta`` until that layer runs). Then ``device`` is ignored.
+    ``attn_implementation`` is ``"sdpa"`` (default) or ``"eager"``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    dtype = parse_dtype(dtype)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        device_map = "auto"
+    dev = parse_device(device) if device_map is None else None
     kind, where = resolve(name)
     if kind == "gguf":
         where = convert_gguf(Path(where))
-    dtype = parse_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(str(where))
     except OSError as e:
@@ -207,18 +249,25 @@ def load(
                 f"{name!r} is not a known alias ({known}), not a local path, and could not be fetched from the "
                 f"Hugging Face hub or found in its cache: {e}"
             ) from e
-        raise
+        raise NotFoundError(f"cannot read the config of {where}: {e}") from e
+    except ValueError as e:  # not JSON, or a model type transformers does not know
+        raise InputError(f"cannot read the config of {where}: {e}") from e
     family_for(config)  # fail before loading weights for unsupported architectures
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
-        kwargs["device_map"] = device_map
-    hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+    except Exception as e:  # noqa: BLE001 - name the damaged file when there is one; re-raise otherwise
+        bad = _damaged_weights(Path(where)) if kind != "hub" else None
+        if bad:
+            raise NotFoundError(f"the weights of {name!r} are damaged or incomplete: {bad}. Re-download or "
+                                f"re-save the model.") from e
+        raise
     if device_map is None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        hf = hf.to(device)
+        hf = hf.to(dev)
     tok = None
     tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if kind == "hub" or any((Path(where) / f).exists() for f in tok_files):

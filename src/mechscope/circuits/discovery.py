@@ -262,9 +262,10 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
     r_names = list(readers)
     r_layer = [n if r == "logits" else _layer(r) for r in r_names]
     S = torch.zeros(len(up_names), len(r_names))
+    dev = model.device  # layers may sit on different devices: meet on the first one
     for b in range(N):  # one prompt at a time keeps memory at (n_up + n_read) x pos x d_model
-        U = torch.stack([d[b].reshape(-1) for d in deltas])  # [n_up, P·D]
-        R = torch.stack([readers[r][b].float().reshape(-1) for r in r_names])  # [n_read, P·D]
+        U = torch.stack([d[b].reshape(-1).to(dev) for d in deltas])  # [n_up, P·D]
+        R = torch.stack([readers[r][b].float().reshape(-1).to(dev) for r in r_names])  # [n_read, P·D]
         S += (U @ R.T).cpu()
     S = (S / N).tolist()
     scores = {}

@@ -25,6 +25,7 @@ from ..analysis.metrics import repeated_tokens
 from ..core.errors import InputError
 from ..core.files import atomic_write
 from ..core.model import HookedModel, lm_loss
+from ..core.placement import stack_on
 from ..core.result import Result
 from ..techniques.ablation import ablate
 from .weights import HeadScores, copying_scores, full_OV, full_QK
@@ -45,7 +46,7 @@ def induction_tokens(model: HookedModel, n: int = 20, batch: int = 8, seed: int 
 def _patterns(model: HookedModel, tokens) -> torch.Tensor:
     """``[layer, batch, head, q, k]`` attention patterns."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-    return torch.stack([cache["pattern", l] for l in range(model.cfg.n_layers)]).float()
+    return stack_on([cache["pattern", l] for l in range(model.cfg.n_layers)]).float()
 
 
 def _offset_score(pat: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

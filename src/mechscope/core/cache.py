@@ -8,6 +8,7 @@ import torch
 
 from .errors import InputError, UnknownNameError
 from .hookpoints import act_name, unknown_hook_message
+from .placement import stack_on
 from .types import Device, PosSlice
 
 
@@ -109,7 +110,7 @@ class ActivationCache:
         if layer is None or n == self.model.cfg.n_layers:
             comps.append(self["resid_post", self.model.cfg.n_layers - 1])
             labels.append("final_post")
-        stack = _slice_pos(torch.stack(comps), pos_slice, self.has_batch_dim)
+        stack = _slice_pos(stack_on(comps), pos_slice, self.has_batch_dim)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice,
                                            per_component=True)
@@ -140,7 +141,7 @@ class ActivationCache:
             if mode in ("all", "mlp"):
                 comps.append(self["mlp_out", i])
                 labels.append(f"{i}_mlp_out")
-        stack = _slice_pos(torch.stack(comps), pos_slice, self.has_batch_dim)
+        stack = _slice_pos(stack_on(comps), pos_slice, self.has_batch_dim)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
@@ -165,7 +166,7 @@ class ActivationCache:
                 raise UnknownNameError(f"stack_head_results needs blocks.{i}.attn.hook_z or hook_result in the cache")
             comps.append(r.movedim(-2, 0))
             labels += [f"L{i}H{h}" for h in range(r.shape[-2])]
-        stack = _slice_pos(torch.cat(comps), pos_slice, self.has_batch_dim)
+        stack = _slice_pos(stack_on(comps, cat=True), pos_slice, self.has_batch_dim)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer=None if layer is None else n, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from .families import dims_from_config
 from .parts import ModelParts
+from .placement import device_map, execution_device
 from .types import HFTokenizer
 
 
@@ -40,6 +41,7 @@ class ModelConfig:
     default_prepend_bos: bool = False
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: dict | None = None  # module path -> device ("cpu", "disk", "cuda:1"), when split
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,7 +84,8 @@ def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelC
         embed_scale=float(scale) if scale is not None else 1.0,
         tied_embeddings=parts.unembed.weight is parts.embed.weight,
         default_prepend_bos=tokenizer_prepends_bos(tokenizer),
-        dtype=str(p.dtype).replace("torch.", ""), device=str(p.device),
+        dtype=str(p.dtype).replace("torch.", ""), device=str(execution_device(parts.embed)),
+        device_map={k: str(v) for k, v in device_map(hf).items()} if device_map(hf) else None,
     )
 
 

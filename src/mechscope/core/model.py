@@ -31,7 +31,8 @@ from .weights import Weights
 #: weight views served by :class:`~mechscope.core.weights.Weights` (each ``[layer, ...]`` unless noted there)
 WEIGHT_VIEWS = ("device", "dtype", "W_E", "W_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_K_kv", "W_V_kv", "W_O", "b_Q", "b_K",
                 "b_V", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out", "ln_final")
-WEIGHT_METHODS = ("W_O_layer", "b_O_layer", "head_results", "result_bias", "ln1", "ln2", "norm", "unembed")
+WEIGHT_METHODS = ("W_O_layer", "b_O_layer", "W_out_layer", "b_out_layer", "head_results", "result_bias", "ln1", "ln2",
+                  "norm", "unembed")
 TOKEN_METHODS = ("tokenize", "to_tokens", "to_str_tokens", "to_string", "to_single_token")
 
 
@@ -64,6 +65,14 @@ class HookedModel(torch.nn.Module):
     @tokenizer.setter
     def tokenizer(self, tokenizer: HFTokenizer) -> None:
         self.tokens.tokenizer = tokenizer
+
+    @property
+    def _cache_kwarg(self) -> str:
+        """The name HF's forward takes a KV cache under: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+        import inspect
+
+        params = inspect.signature(type(self.hf).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     @property
     def pad_token_id(self) -> int:
@@ -161,7 +170,7 @@ class HookedModel(torch.nn.Module):
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+            kwargs[self._cache_kwarg] = past_key_values
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         with self.parts.starting_at(layer):

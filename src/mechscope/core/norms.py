@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .placement import param
+
 
 @dataclass
 class NormSpec:
@@ -34,13 +36,13 @@ class NormSpec:
     @property
     def gain(self) -> torch.Tensor:
         """``[d_model]``: the multiplicative weight actually applied."""
-        w = self.module.weight
+        w = param(self.module)
         return (1.0 + w.float()).to(w.dtype) if self.kind == "rms_plus_one" else w
 
     @property
     def bias(self) -> torch.Tensor | None:
         """``[d_model]`` or None: the additive bias (LayerNorm only)."""
-        return getattr(self.module, "bias", None) if self.kind == "layernorm" else None
+        return param(self.module, "bias") if self.kind == "layernorm" else None
 
     def center(self, x: torch.Tensor) -> torch.Tensor:
         """Mean subtraction over ``d_model`` for LayerNorm; identity for RMSNorm."""
@@ -61,7 +63,7 @@ class NormSpec:
         ``parts`` is ``[..., d_model]``; ``scale`` broadcasts against it (``[..., 1]``).
         The bias is not added: it is a separate, constant term.
         """
-        out = self.center(parts.float()) * scale.float() * self.gain.float()
+        out = self.center(parts.float()) * scale.to(parts.device).float() * self.gain.to(parts.device).float()
         return out.to(parts.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

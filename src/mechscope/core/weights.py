@@ -15,11 +15,13 @@ import torch
 from .config import ModelConfig
 from .norms import NormSpec
 from .parts import ModelParts
+from .placement import execution_device, param
 
 
 def in_to_out(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
-    """A projection's weight as ``[d_in, d_out]`` (so that ``y = x @ W + b``)."""
-    return module.weight if conv1d else module.weight.T
+    """A projection's weight as ``[d_in, d_out]`` (so that ``y = x @ W + b``), loaded if it is offloaded."""
+    w = param(module)
+    return w if conv1d else w.T
 
 
 def _qkv_view(index: int, expand: bool, doc: str) -> property:
@@ -36,17 +38,19 @@ class Weights:
     # ---- helpers -----------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.parts.embed.weight.dtype
+        return self.parts.embed.weight.dtype  # (a meta tensor keeps its dtype)
 
     @property
     def device(self) -> torch.device:
-        return self.parts.embed.weight.device
+        """Where inputs go: the embedding's execution device (with a device_map, the first device)."""
+        return execution_device(self.parts.embed)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=self.dtype, device=self.device)
 
     def _stack(self, fn) -> torch.Tensor:
-        return torch.stack([fn(layer) for layer in range(self.cfg.n_layers)])
+        """``fn(layer)`` for every layer, stacked on the first device (layers may live on several)."""
+        return torch.stack([fn(layer).to(self.device) for layer in range(self.cfg.n_layers)])
 
     def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(self.cfg.n_groups, dim=1)
@@ -66,9 +70,9 @@ class Weights:
         if fam.qkv_layout == "separate":
             mods = [self.parts.attn_proj(layer, p) for p in (fam.q, fam.k, fam.v)]
             Ws = [heads(in_to_out(mod, fam.conv1d), n) for mod, n in zip(mods, (h, kv, kv))]
-            return (*Ws, *[bias_heads(mod.bias, n) for mod, n in zip(mods, (h, kv, kv))])
+            return (*Ws, *[bias_heads(param(mod, "bias"), n) for mod, n in zip(mods, (h, kv, kv))])
         mod = self.parts.attn_proj(layer, fam.qkv)
-        W, b = in_to_out(mod, fam.conv1d), mod.bias
+        W, b = in_to_out(mod, fam.conv1d), param(mod, "bias")
         if fam.qkv_layout == "neox":  # per head [q_h k_h v_h]
             W4 = W.reshape(m, h, 3, d)
             b3 = b.reshape(h, 3, d) if b is not None else None
@@ -87,8 +91,8 @@ class Weights:
 
     def b_O_layer(self, layer: int) -> torch.Tensor:
         """``[d_model]``: the output projection's bias (zeros where the model has none)."""
-        o = self.parts.attn_proj(layer, self.family.o)
-        return o.bias if o.bias is not None else self._zeros(self.cfg.d_model)
+        b = param(self.parts.attn_proj(layer, self.family.o), "bias")
+        return b if b is not None else self._zeros(self.cfg.d_model)
 
     def head_results(self, layer: int, z: torch.Tensor, pre_norm_out: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head contribution to ``hook_attn_out``: ``result[h] = z[h] @ W_O[h]`` ``[batch, pos, head, d_model]``.
@@ -148,12 +152,21 @@ class Weights:
         fam = self.family
         out_mod = self.parts.mlp_proj(layer, fam.mlp_out)
         in_mod = self.parts.mlp_proj(layer, fam.mlp_in)
-        W_out, W, b = in_to_out(out_mod, fam.conv1d), in_to_out(in_mod, fam.conv1d), in_mod.bias
+        W_out, W, b = in_to_out(out_mod, fam.conv1d), in_to_out(in_mod, fam.conv1d), param(in_mod, "bias")
+        b_out = param(out_mod, "bias")
         if fam.mlp_gate_up_fused:  # Phi-3: one module whose output is [gate | up]
             gate, up = W.chunk(2, dim=1)
-            return gate, up, W_out, b.chunk(2)[1] if b is not None else None, out_mod.bias
+            return gate, up, W_out, b.chunk(2)[1] if b is not None else None, b_out
         gate = in_to_out(self.parts.mlp_proj(layer, fam.mlp_gate), fam.conv1d) if fam.mlp_gate else None
-        return gate, W, W_out, b, out_mod.bias
+        return gate, W, W_out, b, b_out
+
+    def W_out_layer(self, layer: int) -> torch.Tensor:
+        """``[d_mlp, d_model]`` for one layer (no stack over layers)."""
+        return self.mlp(layer)[2]
+
+    def b_out_layer(self, layer: int) -> torch.Tensor:
+        """``[d_model]`` for one layer (zeros where the model has no bias)."""
+        return self._or_zeros(self.mlp(layer)[4], self.cfg.d_model)
 
     @property
     def W_in(self) -> torch.Tensor:
@@ -168,7 +181,7 @@ class Weights:
     @property
     def W_out(self) -> torch.Tensor:
         """``[layer, d_mlp, d_model]``: ``mlp_out = post @ W_out + b_out`` (before any post-norm)."""
-        return self._stack(lambda layer: self.mlp(layer)[2])
+        return self._stack(self.W_out_layer)
 
     @property
     def b_in(self) -> torch.Tensor:
@@ -178,7 +191,7 @@ class Weights:
     @property
     def b_out(self) -> torch.Tensor:
         """``[layer, d_model]`` (zeros where the model has no bias)."""
-        return self._stack(lambda layer: self._or_zeros(self.mlp(layer)[4], self.cfg.d_model))
+        return self._stack(self.b_out_layer)
 
     def _or_zeros(self, b: torch.Tensor | None, n: int) -> torch.Tensor:
         return b if b is not None else self._zeros(n)
@@ -187,7 +200,7 @@ class Weights:
     @property
     def W_E(self) -> torch.Tensor:
         """``[d_vocab, d_model]``, including Gemma's sqrt(d_model) scale, so ``hook_embed = W_E[tokens]``."""
-        w = self.parts.embed.weight
+        w = param(self.parts.embed)
         return w * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else w
 
     @property
@@ -195,17 +208,17 @@ class Weights:
         """``[n_ctx, d_model]`` learned position embeddings (GPT-2 only)."""
         if self.parts.pos_embed is None:
             raise AttributeError(f"{self.cfg.model_type} has no learned position embedding (it uses rotary)")
-        return self.parts.pos_embed.weight
+        return param(self.parts.pos_embed)
 
     @property
     def W_U(self) -> torch.Tensor:
         """``[d_model, d_vocab]``: ``logits = ln_final(resid) @ W_U + b_U`` (then soft-capping, Gemma 2)."""
-        return self.parts.unembed.weight.T
+        return param(self.parts.unembed).T
 
     @property
     def b_U(self) -> torch.Tensor:
         """``[d_vocab]`` (zeros where the model has no bias)."""
-        return self._or_zeros(getattr(self.parts.unembed, "bias", None), self.cfg.d_vocab)
+        return self._or_zeros(param(self.parts.unembed, "bias"), self.cfg.d_vocab)
 
     def unembed(self, normalized: torch.Tensor) -> torch.Tensor:
         """``[..., d_model] -> [..., d_vocab]``: the unembedding plus soft-capping where the model has it."""

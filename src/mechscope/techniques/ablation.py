@@ -129,7 +129,7 @@ def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> 
             for c in _cs:
                 idx = _select(act, c)
                 v = values[c]
-                act[idx] = 0.0 if v is None else v.to(act.dtype)
+                act[idx] = 0.0 if v is None else v.to(act.device, act.dtype)
             return act
         hooks.append((name, fn))
     return hooks

@@ -125,15 +125,22 @@ def _dla_inputs(model, tokens, attention_mask, pos: int):
     return cache, torch.arange(N), p
 
 
-def _layer_terms(model, cache, l: int, rows, p, at, contrib, W_out, b_out) -> tuple[torch.Tensor, ...]:
-    """Layer ``l``'s refinements: ``(per-head [N, head], head bias [N], per-neuron [N, d_mlp], MLP bias [N])``."""
+def _layer_terms(model, cache, l: int, rows, p, at, contrib) -> tuple[torch.Tensor, ...]:
+    """Layer ``l``'s refinements: ``(per-head [N, head], head bias [N], per-neuron [N, d_mlp], MLP bias [N])``.
+
+    Computed where layer ``l`` lives, then moved to the unembedding's device by ``at``/``contrib``.
+    """
     N = rows.shape[0]
-    z = cache["z", l][rows, p][:, None]  # [N, 1, head, d_head]
+    zl = cache["z", l]
+    z = zl[rows.to(zl.device), p.to(zl.device)][:, None]  # [N, 1, head, d_head]
     res = model.head_results(l, z)[:, 0].float()  # [N, head, d_model]
     o = None
     if model.norm(l, "attn_post") is not None:  # the post-norm's input, from which its frozen scale is read
         o = torch.einsum("nhd,hdm->nm", z[:, 0].float(), model.W_O_layer(l).float()) + model.b_O_layer(l).float()
     head_bias = contrib(model.result_bias(l, o, res).float().expand(N, -1))
+    res = res.to(at.device)
+    W_out = model.W_out_layer(l).float().to(at.device)  # [d_mlp, d_model], read one layer at a time
+    b_out = model.b_out_layer(l).float().to(at.device)
     post = at(cache["post", l])  # [N, d_mlp]
     b = b_out.expand(N, -1)
     post_norm = model.norm(l, "mlp_post")
@@ -163,8 +170,12 @@ def direct_logit_attribution(
     N, n = rows.shape[0], model.cfg.n_layers
     u, b_u, label = _answer_direction(model, answer, wrong, N)
 
+    dev = u.device  # where the unembedding lives: every term is moved there
+
     def at(x):  # [N, pos, ...] -> [N, ...] at each prompt's answer position
-        return x[rows, p.to(x.device)].float()
+        return x[rows.to(x.device), p.to(x.device)].float().to(dev)
+
+    at.device = dev
 
     norm = model.ln_final
     s = norm.scale(at(cache["resid_post", n - 1]))  # [N, 1]
@@ -173,18 +184,18 @@ def direct_logit_attribution(
         ue = ue - ue.mean(-1, keepdim=True)  # center(v) . w == v . (w - mean(w))
 
     def contrib(v):  # [N, ..., d] -> [N, ...]
+        v = v.to(dev)
         return (v * ue.view(N, *([1] * (v.dim() - 2)), -1)).sum(-1) * s.view((N,) + (1,) * (v.dim() - 2))
 
     comps, vals = ["embed"], [contrib(at(cache["embed"]))]
     if "hook_pos_embed" in model.hook_names:
         comps.append("pos_embed")
         vals.append(contrib(at(cache["pos_embed"])))
-    W_outs, b_outs = model.W_out.float(), model.b_out.float()  # stacked once, not per layer
     terms = []
     for l in range(n):
         comps += [f"L{l}.attn", f"L{l}.mlp"]
         vals += [contrib(at(cache["attn_out", l])), contrib(at(cache["mlp_out", l]))]
-        terms.append(_layer_terms(model, cache, l, rows, p, at, contrib, W_outs[l], b_outs[l]))
+        terms.append(_layer_terms(model, cache, l, rows, p, at, contrib))
     heads, head_bias, neuron_vals, mlp_bias = (torch.stack(t, 1).mean(0) for t in zip(*terms))
     const = b_u.clone() if norm.bias is None else b_u + (u * norm.bias.float()).sum(-1)
     comps.append("bias")

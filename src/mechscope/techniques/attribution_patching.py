@@ -59,8 +59,8 @@ def _site_grid(site: str, deltas: list[torch.Tensor], per_position: bool) -> tor
             e = d.sum(1)
         else:  # [N, pos, d_model]
             e = d.sum(-1)
-        per_layer.append(e.mean(0))
-    return torch.stack(per_layer).cpu()
+        per_layer.append(e.mean(0).cpu())
+    return torch.stack(per_layer)
 
 
 def _axes(site: str, grid: torch.Tensor, n_layers: int, P: int, per_position: bool) -> tuple[tuple, dict]:

@@ -428,6 +428,7 @@ def patch_naive(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens
 def _write(act: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, job: _Job, p0: int, fn, hook) -> None:
     """In place: patch ``act`` rows ``rows`` (one per prompt) with the source activation ``src`` [N, ...]."""
     pattern = hook is not None and hook.name.endswith(("hook_pattern", "hook_attn_scores"))
+    src, rows = src.to(act.device), rows.to(act.device)  # the hook's layer may sit on another device
     if fn is not None:
         act[rows] = fn(act[rows], src, hook)
         return
