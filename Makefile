@@ -30,11 +30,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
+# two workers (one torch thread each, tests/conftest.py): the many small tests are Python-bound
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
+
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	$(PYTEST)
 
 test-fast: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_hooks.py
@@ -43,6 +46,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_patching.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_attribution.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_big.py
 
 # TransformerLens in its own venv, for bench/bench_transformerlens.py only (never a package dependency)
 bench-tl: $(STAMP)

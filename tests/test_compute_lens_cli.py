@@ -16,6 +16,9 @@ def test_env_reports_memory():
     assert e.total_memory > 0 and 0 < e.free_memory <= e.total_memory
     assert e.device in ("cpu", "cuda", "mps")
     assert "GiB" in e.summary()
+    # bfloat16 computes on any CPU; the report says how fast, from a measurement, and says SLOWER when it is
+    assert e.bf16_supported and e.bf16_speed > 0 and e.fp16_speed > 0
+    assert ("bfloat16 yes" in e.summary()) and (("SLOWER" in e.summary()) == (min(e.bf16_speed, e.fp16_speed) < 0.8))
 
 
 def test_estimate_matches_parameter_count_and_scales():

@@ -15,8 +15,10 @@ The bench ``bench/bench_memory.py`` compares the estimate with the measured peak
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,7 @@ from .core.hookpoints import numel
 from .core.model import HookedModel
 from .core.result import Result
 from .core.types import NameFilter
+from .sizes import known_config, known_models, param_count
 
 GiB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -46,24 +49,72 @@ class EnvReport(Result):
     torch_version: str
     transformers_version: str
     python: str
+    bf16_speed: float = float("nan")  # matmul throughput relative to float32, measured on this device
+    fp16_speed: float = float("nan")
+    cpu_capability: str = ""
     extra: dict = field(default_factory=dict)
+
+    def _dtype_line(self, name: str, supported: bool, speed: float) -> str:
+        if not supported:
+            return f"{name} no"
+        verdict = "fast" if speed >= 1.2 else "about as fast" if speed >= 0.8 else "SLOWER"
+        return f"{name} yes, {speed:.2g}x float32 speed ({verdict}; a linear layer, measured)"
 
     def summary(self) -> str:
         lines = [
             f"device        {self.device} ({self.device_name})",
             f"memory        {self.free_memory / GiB:.1f} GiB free of {self.total_memory / GiB:.1f} GiB",
-            f"cpu cores     {self.cpu_count}",
-            f"dtypes        float32 yes, bfloat16 {'yes' if self.bf16_supported else 'slow/no'}, "
-            f"float16 {'yes' if self.fp16_supported else 'slow/no'}",
-            f"versions      torch {self.torch_version}, transformers {self.transformers_version}, python {self.python}",
+            f"cpu cores     {self.cpu_count}" + (f", {self.cpu_capability} kernels" if self.cpu_capability else ""),
+            f"dtypes        float32 yes; {self._dtype_line('bfloat16', self.bf16_supported, self.bf16_speed)}; "
+            f"{self._dtype_line('float16', self.fp16_supported, self.fp16_speed)}",
         ]
+        if self.bf16_supported and self.bf16_speed < 0.8:
+            lines.append("              bfloat16 halves the weights' memory here but computes slower than float32: "
+                         "use it to fit a model, not for speed")
+        lines.append(f"versions      torch {self.torch_version}, transformers {self.transformers_version}, "
+                     f"python {self.python}")
         return "\n".join(lines)
+
+
+@functools.cache
+def dtype_speed(device: str, dtype: torch.dtype, tokens: int = 256, d: int = 1024) -> float:
+    """Throughput of a linear layer in ``dtype`` relative to float32 on ``device``, measured here.
+
+    ``tokens x d`` inputs through a ``d x d`` weight (``F.linear``, the op a transformer's layers run),
+    best of 3. On CPUs without bf16 instructions (AVX2 only) torch falls back to slow kernels.
+    """
+    def best(dt):
+        a = torch.randn(tokens, d, device=device).to(dt)
+        b = torch.randn(d, d, device=device).to(dt)
+        times = []
+        for _ in range(4):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    return best(torch.float32) / max(best(dtype), 1e-9)
+
+
+def free_memory(device: torch.device | str | None = None) -> int:
+    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on CUDA, available system memory (psutil) elsewhere."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def env() -> EnvReport:
     """Detect the device (CUDA, then MPS, then CPU) and its total and free memory."""
     import transformers
 
+    capability = ""
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         dev, name = "cuda", torch.cuda.get_device_name()
@@ -75,8 +126,9 @@ def env() -> EnvReport:
         free, total = vm.available, vm.total
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             dev, name, bf16, fp16 = "mps", "Apple GPU (unified memory)", True, True
-        else:
-            dev, name, bf16, fp16 = "cpu", platform.processor() or platform.machine(), False, False
+        else:  # torch computes both on any CPU; how fast depends on AVX512-BF16/AMX (measured below)
+            dev, name, bf16, fp16 = "cpu", platform.processor() or platform.machine(), True, True
+            capability = torch.backends.cpu.get_cpu_capability()
     return EnvReport(
         device=dev,
         device_name=name,
@@ -88,22 +140,10 @@ def env() -> EnvReport:
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
         python=platform.python_version(),
+        bf16_speed=dtype_speed(dev, torch.bfloat16) if bf16 else float("nan"),
+        fp16_speed=dtype_speed(dev, torch.float16) if fp16 else float("nan"),
+        cpu_capability=capability,
     )
-
-
-def count_params(dims: dict) -> int:
-    """Parameter count from :func:`mechscope.core.families.dims_from_config` (biases and norms included roughly)."""
-    m, h, kv, d, f, V = (dims[k] for k in ("d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"))
-    attn = m * h * d * 2 + m * kv * d * 2
-    mlp = m * f * (3 if dims["gated_mlp"] else 2)
-    norms = m * (4 if dims["post_norms"] else 2)
-    per_layer = attn + mlp + norms
-    total = dims["n_layers"] * per_layer + V * m + m
-    if not dims["tied_embeddings"]:
-        total += V * m
-    if dims["learned_pos"]:
-        total += dims["n_ctx"] * m
-    return total
 
 
 @dataclass(repr=False)
@@ -155,23 +195,30 @@ class MemoryEstimate(Result):
         return {"total": self.total, "fits": self.fits}
 
 
-def _dims_of(model_or_config) -> tuple[dict, list[str]]:
+def _dims_of(model_or_config) -> tuple[dict, list[str], int]:
+    """``(sizes, hook names, exact parameter count)`` of a HookedModel, an HF config or a model name."""
     if isinstance(model_or_config, HookedModel):
         c = model_or_config.cfg
         dims = dims_from_config(model_or_config.hf.config)
         dims.update(n_layers=c.n_layers, d_vocab=c.d_vocab, tied_embeddings=c.tied_embeddings)
-        return dims, model_or_config.hook_names
+        n_params = sum(p.numel() for p in model_or_config.hf.parameters())  # (meta tensors know their size)
+        return dims, model_or_config.hook_names, n_params
     config = config_for(model_or_config) if isinstance(model_or_config, str) else model_or_config
-    return dims_from_config(config), hook_names_from_config(config)
+    return dims_from_config(config), hook_names_from_config(config), param_count(config)
 
 
 def config_for(name: str) -> "PretrainedConfig":  # noqa: F821
-    """An HF config for a model name or path, without loading weights (GGUF: read from its metadata)."""
+    """An HF config for a model name or path, without loading weights.
+
+    GGUF files are read from their metadata. A hub id is read from the local HF cache when it is
+    there; else from the offline size table (:mod:`mechscope.sizes`), which answers at once with no
+    network; else from the hub.
+    """
     from pathlib import Path
 
     from transformers import AutoConfig
 
-    from .loading import converted_gguf_dir, resolve
+    from .loading import ModelNotFoundError, converted_gguf_dir, resolve
 
     kind, where = resolve(name)
     if kind == "gguf":
@@ -179,7 +226,42 @@ def config_for(name: str) -> "PretrainedConfig":  # noqa: F821
         if (done / "config.json").exists():
             return AutoConfig.from_pretrained(str(done))
         return AutoConfig.from_pretrained(str(Path(where).parent), gguf_file=Path(where).name)
-    return AutoConfig.from_pretrained(str(where))
+    if kind == "dir":
+        return AutoConfig.from_pretrained(str(where))
+    try:
+        return AutoConfig.from_pretrained(str(where), local_files_only=True)
+    except OSError:
+        pass
+    known = known_config(name)
+    if known is not None:
+        return known
+    try:
+        return AutoConfig.from_pretrained(str(where))
+    except OSError as e:
+        raise ModelNotFoundError(
+            f"{name!r} is not in the Hugging Face cache, the hub cannot be reached, and it is not one of the "
+            f"{len(known_models())} models in mechscope's offline size table (e.g. {', '.join(known_models()[:4])}; "
+            f"mechscope.sizes.known_models() lists them all)") from e
+
+
+def forward_bytes(dims: dict, rows: int, seq: int, elt: int, logit_positions: int | None = None) -> int:
+    """Peak activation bytes of one no-grad forward pass over ``rows`` sequences of ``seq`` tokens.
+
+    ``rows x logit_positions x d_vocab`` logits in fp32 (``logit_positions`` defaults to ``seq``), one
+    layer's transients (residual copies, norms, q/k/v/o and the MLP hidden: ``6 d_model + 3 d_mlp``
+    per token) and one layer's attention scores (``heads x seq^2``), each in the model's dtype.
+    """
+    m, f, h, V = dims["d_model"], dims["d_mlp"], dims["n_heads"], dims["d_vocab"]
+    logits = rows * (seq if logit_positions is None else logit_positions) * V * 4
+    return logits + rows * seq * (6 * m + 3 * f) * elt + rows * h * seq * seq * elt
+
+
+def patching_bytes(dims: dict, rows: int, seq: int, elt: int, all_logits: bool = False) -> int:
+    """Peak bytes of one batched pass of the patching engine (:mod:`mechscope.techniques.patching`) over
+    ``rows`` patched sequences of ``seq`` tokens: the forward pass (last-position logits unless
+    ``all_logits``) plus the reused key/value prefix, ``layers x seq x 2 n_kv_heads d_head`` per row."""
+    kv = dims["n_layers"] * seq * 2 * dims["n_kv_heads"] * dims["d_head"] * elt
+    return forward_bytes(dims, rows, seq, elt, None if all_logits else 1) + rows * kv
 
 
 def _dtype_name(dtype) -> str:
@@ -210,28 +292,29 @@ def estimate_memory(
     cache_dtype: str | torch.dtype | None = None,
     sae_width: int | None = None,
     sae_batch: int = 4096,
+    patch_rows: int | None = None,
     available: int | None = None,
     device: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the memory of a run before it happens, and advise.
 
-    ``model_or_config``: a HookedModel, an HF config, or a model name/path (read without weights).
-    ``cache_names``: ``None`` (no cache), ``"all"`` (what ``run_with_cache`` records by default), a
-    list of hook names, or a predicate. ``available`` defaults to the free memory reported by
-    :func:`env`.
+    ``model_or_config``: a HookedModel, an HF config, or a model name/path (read without weights;
+    hub ids are answered offline from :mod:`mechscope.sizes` when they are not in the HF cache).
+    ``batch=0`` estimates the weights alone (a load). ``cache_names``: ``None`` (no cache),
+    ``"all"`` (what ``run_with_cache`` records by default), a list of hook names, or a predicate.
+    ``patch_rows``: a patching sweep passing that many patched prompts per forward pass (instead
+    of ``batch`` plain sequences). ``available`` defaults to the free memory reported by :func:`env`.
     """
-    dims, names = _dims_of(model_or_config)
+    dims, names, n_params = _dims_of(model_or_config)
     dtype, cache_dtype = (_dtype_name(x) for x in (dtype, cache_dtype or dtype))
     nbytes, cbytes = _DTYPE_BYTES[dtype], _DTYPE_BYTES[cache_dtype]
-    n_params = count_params(dims)
     weights = n_params * nbytes
     sel = _select(names, cache_names)
 
     def acts_for(b: int) -> int:
-        m, f, h, V = dims["d_model"], dims["d_mlp"], dims["n_heads"], dims["d_vocab"]
-        logits = b * seq_len * V * 4  # logits are upcast to fp32 by most consumers
-        layer = b * seq_len * (6 * m + 3 * f) * nbytes + b * h * seq_len * seq_len * nbytes
-        return logits + layer
+        if patch_rows:
+            return patching_bytes(dims, patch_rows, seq_len, nbytes) + forward_bytes(dims, b, seq_len, nbytes)
+        return forward_bytes(dims, b, seq_len, nbytes)
 
     def cache_for(b: int) -> int:
         return sum(numel(n, dims, b, seq_len) for n in sel) * cbytes
@@ -261,9 +344,13 @@ def _advise(est: MemoryEstimate, n_params: int) -> list[str]:
     advice = []
     if est.fits:
         advice.append(f"fits: batch up to {est.max_batch} at {est.seq_len} tokens")
-    elif est.weights <= 0.9 * est.available:
+    elif est.max_batch >= 1:
         advice.append(f"reduce the batch to {est.max_batch} or less, or cache fewer hook points "
                       f"(names_filter, pos_slice, device='cpu')")
+    elif est.weights <= 0.9 * est.available:
+        advice.append("even one sequence does not fit beside the weights" +
+                      (" and the SAE (train a narrower SAE, or harvest to disk first)" if est.sae_training else "") +
+                      ": shorten the sequences or use a larger device (see the GPU table: mechscope estimate)")
     if est.dtype == "float32":
         half = n_params * 2
         if not est.fits and half <= 0.9 * est.available:
@@ -274,3 +361,63 @@ def _advise(est: MemoryEstimate, n_params: int) -> list[str]:
         advice.append("the weights alone do not fit one device: load(..., device_map='auto') shards across "
                       "devices and offloads the rest to CPU/disk (slower)")
     return advice
+
+
+#: GPU memory classes a researcher rents (GB as sold): T4/V100-16, A10/L4/4090, A100-40, A6000/L40S, A100/H100, H200
+GPU_CLASSES_GB = (16, 24, 40, 48, 80, 141)
+
+
+@dataclass(repr=False)
+class GPUFit(Result):
+    """How many GPUs of each memory class a workload needs, per dtype (``rows``: one per workload x dtype).
+
+    Each row holds the workload, its dtype, the bytes it needs (:func:`estimate_memory`) and, per
+    class, the number of GPUs: ``ceil(bytes / (usable x class))`` with the layers split by
+    ``device_map="auto"``; ``usable`` (0.9) leaves room for the CUDA context and allocator slack.
+    """
+
+    model: str
+    n_params: int
+    seq_len: int
+    rows: list[dict]
+    classes_gb: tuple[int, ...] = GPU_CLASSES_GB
+    usable: float = 0.9
+
+    def summary(self) -> str:
+        head = f"{'workload':34} {'dtype':9} {'needs':>11}" + "".join(f" {c:>5}GB" for c in self.classes_gb)
+        lines = [f"GPUs needed for {self.model} ({self.n_params / 1e9:.2f} B parameters, {self.seq_len} tokens; "
+                 f"{self.usable:.0%} of each card usable; n = cards of that class, split with device_map='auto'):",
+                 head]
+        for r in self.rows:
+            cells = "".join(f" {n:>7}" for n in r["gpus"].values())
+            lines.append(f"{r['workload']:34} {r['dtype']:9} {r['bytes'] / 1e9:8.1f} GB{cells}")
+        lines.append("(more than 8 cards of a class means more than one node: see docs/scale.md)")
+        return "\n".join(lines)
+
+
+def gpu_fit(model_or_config: object, seq_len: int = 2048, batch: int = 8, sae_width: int | None = None,
+            patch_rows: int = 64, dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> GPUFit:
+    """Which GPUs a model fits, and how many, for inference, a full cache, a patching sweep and SAE training.
+
+    Workloads: inference (``batch`` sequences of ``seq_len``, no grad), a full activation cache of
+    one sequence, a patching sweep (``patch_rows`` patched prompts per pass) and, with
+    ``sae_width``, training an SAE of that width on one hook. Answers offline for the models of
+    :mod:`mechscope.sizes`.
+    """
+    if isinstance(model_or_config, str):
+        model_or_config = config_for(model_or_config)
+    name = getattr(getattr(model_or_config, "cfg", None), "model_name", None) or \
+        getattr(model_or_config, "_name_or_path", "") or "model"
+    work = [(f"inference (batch {batch})", dict(batch=batch)),
+            ("full activation cache (1 sequence)", dict(batch=1, cache_names="all")),
+            (f"patching sweep ({patch_rows} rows/pass)", dict(batch=0, patch_rows=patch_rows))]
+    if sae_width:
+        work.append((f"SAE training (width {sae_width})", dict(batch=8, sae_width=sae_width)))
+    rows, n_params = [], 0
+    for dtype in dtypes:
+        for label, kw in work:
+            est = estimate_memory(model_or_config, dtype=dtype, seq_len=seq_len, available=1, device="gpu", **kw)
+            n_params = est.n_params
+            gpus = {f"{c}GB": -(-est.total // int(0.9 * c * 1e9)) for c in GPU_CLASSES_GB}
+            rows.append({"workload": label, "dtype": dtype, "bytes": est.total, "gpus": gpus})
+    return GPUFit(str(name), n_params, seq_len, rows)

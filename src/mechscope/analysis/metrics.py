@@ -14,17 +14,18 @@ from ..core.types import Answer
 
 def answer_logits(logits: torch.Tensor, pos: int | torch.Tensor = -1,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[batch, d_vocab]``: the logits at the answer position of each prompt.
+    """``[batch, d_vocab]`` in float32: the logits at the answer position of each prompt.
 
     ``pos`` is an int (same for every row) or a ``[batch]`` tensor; with ``attention_mask`` (right
-    padding) and ``pos=-1`` it is each row's last unmasked position.
+    padding) and ``pos=-1`` it is each row's last unmasked position. Every metric computes in
+    float32, whatever the model's dtype (a bf16 logit difference would lose its low bits).
     """
     b = logits.shape[0]
     if attention_mask is not None and isinstance(pos, int) and pos == -1:
         pos = attention_mask.long().sum(-1) - 1
     if isinstance(pos, int):
-        return logits[:, pos]
-    return logits[torch.arange(b, device=logits.device), pos.to(logits.device)]
+        return logits[:, pos].float()
+    return logits[torch.arange(b, device=logits.device), pos.to(logits.device)].float()
 
 
 def _ids(x, b: int, device) -> torch.Tensor:

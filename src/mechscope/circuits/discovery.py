@@ -38,6 +38,8 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
+from ..batching import map_batches
+from ..compute import forward_bytes
 from ..core.components import Component, all_heads, all_mlps, head_readers, kv_component, parse_components
 from ..core.errors import InputError
 from ..core.model import HookedModel
@@ -45,6 +47,7 @@ from ..core.result import Result
 from ..core.types import Metric, TextOrTokens
 from ..datasets import TaskDataset
 from ..techniques.ablation import ablation_hooks, replacement_values
+from ..techniques.inputs import metric_on_rows
 from ..techniques.patching import PatchResult, patch
 
 
@@ -152,7 +155,7 @@ def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
 
 
 def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric, ig_steps: int = 0,
-                     per_head: bool = True) -> dict[tuple[str, str], float]:
+                     per_head: bool = True, batch_size: int | None = None) -> dict[tuple[str, str], float]:
     """EAP scores ``{(upstream, reader): score}`` (see the module docstring), summed over positions, mean over prompts.
 
     ``clean``, ``corrupted``: ``[batch, pos]`` token ids of equal shape. ``metric(logits) -> [batch]``.
@@ -160,6 +163,7 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
     ``L{l}H{g}.k``/``.v`` (``L{l}G{g}`` under grouped-query attention), ``L{l}.mlp_in`` and
     ``logits``; with ``per_head=False`` one ``L{l}.attn_in`` per attention block instead of the
     q/k/v readers. Score: ``sum_{pos} (out_u(clean) - out_u(corrupted)) . g_v`` averaged over prompts.
+    Prompts run in batches sized from free memory (``batch_size`` overrides; see :mod:`mechscope.batching`).
     """
     c = model.cfg
     if c.parallel_residual:
@@ -168,6 +172,24 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
     if clean.shape != corrupted.shape:
         raise InputError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
                          f"and {tuple(corrupted.shape)}")
+    N, P = clean.shape
+    elt = torch.finfo(model.dtype).bits // 8
+    per_prompt = 4 * forward_bytes(c.to_dict(), 1, P, elt)  # two cached runs, a forward with its graph, gradients
+
+    def run(s: int, e: int) -> dict:
+        return _eap_batch(model, clean[s:e], corrupted[s:e], metric, ig_steps, per_head, torch.arange(s, e), N)
+
+    sums: dict[tuple[str, str], float] = {}
+    for part in map_batches(run, N, batch_size, per_prompt, model.device, "edge attribution"):
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: v / N for k, v in sums.items()}
+
+
+def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, rows: torch.Tensor,
+               n_prompts: int) -> dict[tuple[str, str], float]:
+    """EAP score sums over the prompts ``rows`` (``clean``/``corrupted`` ``[b, pos]``) of a dataset of ``n_prompts``."""
+    c = model.cfg
     n = c.n_layers
     out_names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_names else [])
     out_names += [f"blocks.{l}.attn.hook_z" for l in range(n)] + [f"blocks.{l}.hook_mlp_out" for l in range(n)]
@@ -203,14 +225,14 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
             if per_head:
                 fwd += [(f"blocks.{l}.hook_resid_pre", record) for l in range(n)]
             with torch.enable_grad(), model.hooks(fwd, [(g, keep) for g in grad_names]):
-                value = torch.as_tensor(metric(model(corrupted)))
+                value = metric_on_rows(metric, model(corrupted), rows, n_prompts)
                 value.sum().backward()
             for r, g in _reader_grads(model, store, resid, W if per_head else None).items():
                 readers[r] = readers.get(r, 0.0) + g / steps
     finally:
         for p in params:
             p.requires_grad_(True)
-    return _edge_scores(model, cc, cx, readers, emb_c, emb_x, clean.shape[0])
+    return _edge_scores(model, cc, cx, readers, emb_c, emb_x, clean.shape[0])  # sums over this batch
 
 
 def _reader_grads(model, store: dict, resid: dict, W) -> dict[str, torch.Tensor]:
@@ -245,7 +267,7 @@ def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W) ->
 
 @torch.no_grad()
 def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[str, str], float]:
-    """Every allowed (upstream, reader) pair as matmuls: ``sum_b U_b [n_up, P·D] @ R_b [n_read, P·D]ᵀ / N``."""
+    """Every allowed (upstream, reader) pair as matmuls: ``sum_b U_b [n_up, P·D] @ R_b [n_read, P·D]ᵀ`` (summed over prompts)."""
     c, n = model.cfg, model.cfg.n_layers
     up_names, up_layer, deltas = ["embed"], [-1], [(emb_c - emb_x).float()]
     for l in range(n):
@@ -267,7 +289,7 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
         U = torch.stack([d[b].reshape(-1).to(dev) for d in deltas])  # [n_up, P·D]
         R = torch.stack([readers[r][b].float().reshape(-1).to(dev) for r in r_names])  # [n_read, P·D]
         S += (U @ R.T).cpu()
-    S = (S / N).tolist()
+    S = S.tolist()
     scores = {}
     for i, (u, lu) in enumerate(zip(up_names, up_layer)):
         for j, (r, lr) in enumerate(zip(r_names, r_layer)):

@@ -104,19 +104,25 @@ def info_cmd(args: argparse.Namespace) -> Result:
     return Outcome("\n".join(text), d)
 
 
-@command("estimate", "memory needed for a run, before loading, with advice",
+@command("estimate", "memory needed for a run before loading (offline for well-known hub ids), and which GPUs fit it",
          ("mechscope estimate --batch 8 --seq-len 512 --cache all",
+          "mechscope estimate --model meta-llama/Llama-3.1-8B --dtype bfloat16 --seq-len 1024 --sae-width 65536",
           "mechscope estimate --model gemma3-270m --sae-width 16384"), MODEL,
          arg("--batch", type=int, default=1), arg("--seq-len", type=int, default=128),
          arg("--cache", default=None, help="'all' or a comma list of hook names to cache"),
-         arg("--sae-width", type=int, default=None))
+         arg("--sae-width", type=int, default=None),
+         arg("--patch-rows", type=int, default=64, help="patched prompts per pass, for the GPU table's patching row"))
 def estimate_cmd(args: argparse.Namespace) -> Result:
-    from ..compute import estimate_memory
+    from ..compute import config_for, estimate_memory, gpu_fit
     from ..loading import DEFAULT_MODEL
 
     cache = args.cache if args.cache in (None, "all") else args.cache.split(",")
-    return estimate_memory(args.model or DEFAULT_MODEL, dtype=args.dtype or "float32", batch=args.batch,
-                           seq_len=args.seq_len, cache_names=cache, sae_width=args.sae_width)
+    config = config_for(args.model or DEFAULT_MODEL)
+    est = estimate_memory(config, dtype=args.dtype or "float32", batch=args.batch, seq_len=args.seq_len,
+                          cache_names=cache, sae_width=args.sae_width)
+    fit = gpu_fit(config, seq_len=args.seq_len, batch=max(1, args.batch), sae_width=args.sae_width,
+                  patch_rows=args.patch_rows)
+    return Outcome(f"{est.summary()}\n\n{fit.summary()}", {**est.to_dict(), "gpus": fit.to_dict()})
 
 
 # ---------------------------------------------------------------------------------- techniques

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Protocol
 import torch
 from safetensors.torch import load_file, save
 
+from ..batching import BatchState, map_batches
+from ..compute import forward_bytes
 from ..core.errors import InputError, NotFoundError
 from ..core.files import atomic_write
 from ..core.hookpoints import split_name
@@ -27,40 +29,44 @@ from ..core.model import HookedModel
 
 
 @torch.no_grad()
-def harvest(model: HookedModel, hook_name: str, tokens: torch.Tensor, batch_size: int = 8, skip_first: int = 1,
-            max_norm_ratio: float | None = 10.0) -> torch.Tensor:
+def harvest(model: HookedModel, hook_name: str, tokens: torch.Tensor, batch_size: int | None = None,
+            skip_first: int = 1, max_norm_ratio: float | None = 10.0, state: BatchState | None = None) -> torch.Tensor:
     """Activations at ``hook_name`` for ``tokens [n, pos]`` as ``[m, width]`` rows (fp32, CPU), ``m <= n * (pos - skip_first)``.
 
     The forward pass stops after the hooked block. The first ``skip_first`` positions are dropped:
     the first token of a sequence (BOS or not) is an attention sink whose residual norm is tens of
     times larger than the rest, which would dominate the reconstruction loss and the variance.
-    Rows whose norm exceeds ``max_norm_ratio`` x the batch median are dropped too: such "massive
-    activations" (Sun et al. 2024) also appear a token or two into a sequence when the first token
-    is a weak sink (measured on SmolLM2 layer 15: 0.05% of tokens, up to 160x the median norm,
-    together 13x the squared norm of all other tokens). ``None`` keeps every row.
+    Rows whose norm exceeds ``max_norm_ratio`` x their sequence's median are dropped too: such
+    "massive activations" (Sun et al. 2024) also appear a token or two into a sequence when the
+    first token is a weak sink (measured on SmolLM2 layer 15: 0.05% of tokens, up to 160x the
+    median norm, together 13x the squared norm of all other tokens). ``None`` keeps every row.
+    Sequences run in batches sized from free memory (``batch_size`` overrides); the rows do not
+    depend on the batch size.
     """
     model.manager.check(hook_name)
     layer, _ = split_name(hook_name)
     stop = None if layer is None or hook_name.startswith("ln_final") else layer + 1
     if stop is not None and stop > model.cfg.n_layers:
         stop = None
-    skip = skip_first
-    out = []
-    for s in range(0, tokens.shape[0], batch_size):
+
+    def run(s: int, e: int) -> torch.Tensor:
         got = {}
 
-        def grab(act, hook, _got=got):
-            _got["a"] = act.detach()
+        def grab(act, hook):
+            got["a"] = act.detach()
 
         with model.hooks([(hook_name, grab)]):
-            model(tokens[s:s + batch_size].to(model.device), stop_at_layer=stop)
-        a = got["a"][:, skip:]
-        a = a.reshape(-1, a.shape[-1]) if a.dim() == 3 else a.reshape(a.shape[0] * a.shape[1], -1)
-        if max_norm_ratio is not None and a.shape[0]:
-            n = a.float().norm(dim=-1)
-            a = a[n <= max_norm_ratio * n.median()]
-        out.append(a)
-    return torch.cat(out).float().cpu()
+            model(tokens[s:e].to(model.device), stop_at_layer=stop)
+        a = got["a"][:, skip_first:]
+        a = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
+        if max_norm_ratio is not None and a.shape[1]:
+            norms = a.float().norm(dim=-1)  # [b, pos]
+            a = a[norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values]
+        return a.reshape(-1, a.shape[-1]).float().cpu()
+
+    elt = torch.finfo(model.dtype).bits // 8
+    per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt, 0)
+    return torch.cat(map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state))
 
 
 
@@ -112,7 +118,7 @@ def _manifest(folder: Path) -> dict:
 
 
 def harvest_to_disk(model: HookedModel, hook_name: str, tokens: torch.Tensor, folder: str | Path, seqs_per_shard: int = 64,
-                    batch_size: int = 8) -> Path:
+                    batch_size: int | None = None) -> Path:
     """Harvest ``hook_name`` on ``tokens [n, pos]`` into shards of ``seqs_per_shard`` sequences (resumable)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 
 from ..analysis.metrics import explained_variance
+from ..batching import BatchState, map_batches
+from ..compute import forward_bytes
 from ..core.model import HookedModel, lm_loss
 from ..core.result import Result
 from .data import harvest
@@ -83,7 +85,7 @@ def _zero_after_first(act, hook):
 
 
 @torch.no_grad()
-def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> SAEEval:
+def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size: int | None = None) -> SAEEval:
     """L0, MSE, explained variance and CE loss recovered (against zero-ablation) on held-out ``tokens``.
 
     All positions but the first (the attention sink, see :func:`harvest`) are measured, spliced and
@@ -91,7 +93,8 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     whose norm exceeds 5x the median.
     """
     hook = sae.cfg.hook_name
-    acts = harvest(model, hook, tokens, batch_size, max_norm_ratio=None)
+    state = BatchState()
+    acts = harvest(model, hook, tokens, batch_size, max_norm_ratio=None, state=state)
     f = sae.encode(acts)
     recon = sae.decode(f)
     ev = float(explained_variance(acts, recon))
@@ -101,11 +104,15 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     mse = float((acts - recon).pow(2).sum(-1).mean())
     l0 = float((f > 0).sum(-1).float().mean())
     dead = float(((f > 0).sum(0) == 0).float().mean())
-    ce = {"clean": [], "sae": [], "zero": []}
-    for s in range(0, tokens.shape[0], batch_size):
-        t = tokens[s:s + batch_size].to(model.device)
-        ce["clean"].append(lm_loss(model(t), t))
-        ce["sae"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, splice_hook(sae))]), t))
-        ce["zero"].append(lm_loss(model.run_with_hooks(t, fwd_hooks=[(hook, _zero_after_first)]), t))
-    m = {k: float(torch.stack(v).mean()) for k, v in ce.items()}
+    def ce_sums(s: int, e: int) -> torch.Tensor:  # summed next-token losses: clean, SAE spliced in, zero-ablated
+        t = tokens[s:e].to(model.device)
+        runs = [model(t), model.run_with_hooks(t, fwd_hooks=[(hook, splice_hook(sae))]),
+                model.run_with_hooks(t, fwd_hooks=[(hook, _zero_after_first)])]
+        return torch.stack([lm_loss(lg, t, per_token=True).sum() for lg in runs]).cpu()
+
+    elt = torch.finfo(model.dtype).bits // 8
+    per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt)
+    sums = torch.stack(map_batches(ce_sums, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
+                                   state)).sum(0)
+    m = dict(zip(("clean", "sae", "zero"), (sums / (tokens.shape[0] * (tokens.shape[1] - 1))).tolist()))
     return SAEEval(l0, mse, ev, dead, m["clean"], m["sae"], m["zero"], ev_typ, int((~typical).sum()))

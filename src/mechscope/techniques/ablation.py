@@ -26,12 +26,14 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci, paired_bootstrap
+from ..batching import BatchState, map_batches
+from ..compute import forward_bytes
 from ..core.components import Component, parse_components
 from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.result import Result
 from ..core.types import ComponentSpecs, Metric, TextOrTokens
-from .inputs import equal_length_tokens
+from .inputs import batched_metric, equal_length_tokens
 
 __all__ = ["AblationResult", "BaselineComparison", "Component", "ablate", "ablate_each", "ablation_hooks",
            "compare_to_random", "parse_components", "random_components", "replacement_values"]
@@ -83,15 +85,15 @@ def _select(act: torch.Tensor, comp: Component):
 
 
 def replacement_values(model: HookedModel, comps: list[Component], tokens: torch.Tensor, method: str,
-                       reference: TextOrTokens | None = None, seed: int = 0) -> dict[Component, torch.Tensor]:
+                       reference: TextOrTokens | None = None, seed: int = 0,
+                       state: BatchState | None = None) -> dict[Component, torch.Tensor]:
     """What each component is replaced with, shaped like its slice for ``tokens`` ``[batch, pos, ...]``."""
     N, P = tokens.shape
     names = sorted({c.hook for c in comps})
     if method == "zero":
         return {c: None for c in comps}
     ref = tokens if reference is None else equal_length_tokens(model, reference, "ablation")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(ref, names_filter=names)
+    cache = _cached(model, ref, names, state=state)
     out = {}
     g = torch.Generator().manual_seed(seed)
     if method == "resample":
@@ -117,6 +119,24 @@ def replacement_values(model: HookedModel, comps: list[Component], tokens: torch
     raise InputError(f"method must be 'zero', 'mean' or 'resample', got {method!r}")
 
 
+def _cached(model: HookedModel, tokens: torch.Tensor, names: list[str], batch_size: int | None = None,
+            state: BatchState | None = None) -> dict:
+    """``{name: [n, ...]}`` activations of ``tokens`` at ``names``, recorded in memory-sized batches of prompts."""
+    def run(start, stop):
+        with torch.no_grad():
+            return model.run_with_cache(tokens[start:stop], names_filter=names)[1]
+
+    elt = torch.finfo(model.dtype).bits // 8
+    parts = map_batches(run, tokens.shape[0], batch_size, forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt),
+                        model.device, "ablation", state)
+    return {n: torch.cat([p[n].to(parts[0][n].device) for p in parts]) for n in names}
+
+
+def _rows(values: dict, start: int, stop: int) -> dict:
+    """The replacement values of the prompts ``start:stop``."""
+    return {c: None if v is None else v[start:stop] for c, v in values.items()}
+
+
 def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> list:
     """Forward hooks that write the replacement values into each component's slice."""
     by_hook: dict[str, list[Component]] = {}
@@ -138,17 +158,22 @@ def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> 
 @torch.no_grad()
 def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
            reference: TextOrTokens | None = None, seed: int = 0,
-           n_boot: int = 2000) -> AblationResult:
-    """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after."""
+           n_boot: int = 2000, batch_size: int | None = None) -> AblationResult:
+    """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after.
+
+    Prompts run in batches sized from free memory (``batch_size`` overrides; an out-of-memory error
+    halves the batch), which gives the same values as one batch.
+    """
     toks = equal_length_tokens(model, tokens, "ablation")
     comps = parse_components(model, components)
-    values = replacement_values(model, comps, toks, method, reference, seed)
-    base = torch.as_tensor(metric(model(toks))).float().cpu()
-    with model.hooks(ablation_hooks(model, comps, values)):
-        abl = torch.as_tensor(metric(model(toks))).float().cpu()
+    state = BatchState()  # one run: later passes start at a size that fit, and it warns once
+    values = replacement_values(model, comps, toks, method, reference, seed, state)
+    base = batched_metric(model, toks, metric, batch_size=batch_size, what="ablation", state=state)
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
         raise InputError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
                          f"got shape {tuple(base.shape)}")
+    abl = batched_metric(model, toks, metric, lambda s, e: ablation_hooks(model, comps, _rows(values, s, e)),
+                         batch_size=batch_size, what="ablation", state=state)
     return AblationResult([str(c) for c in comps], method, base, abl, bootstrap_ci(abl - base, n_boot=n_boot, seed=seed))
 
 

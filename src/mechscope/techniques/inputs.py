@@ -6,13 +6,15 @@ prompts of one token length within a batch; these helpers give a clear error whe
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from ..batching import BatchState, map_batches
+from ..compute import forward_bytes
 from ..core.errors import InputError, InputTypeError
 from ..core.model import HookedModel
-from ..core.types import Answer, TextOrTokens
+from ..core.types import Answer, HookList, Metric, TextOrTokens
 
 
 def equal_length_tokens(model: HookedModel, x: TextOrTokens, purpose: str = "patching") -> torch.Tensor:
@@ -75,3 +77,66 @@ def check_range(what: str, values: Sequence[int] | None, limit: int) -> list[int
     if bad:
         raise InputError(f"{what} {bad} out of range: valid {what} are 0..{limit - 1}")
     return out
+
+
+def reads_last_only(metric: Metric, last_logits: torch.Tensor, n_pos: int, max_elements: int = 50_000_000) -> bool:
+    """True when ``metric`` reads only the last position: it stays finite with every earlier position NaN.
+
+    ``last_logits`` is ``[batch, 1, d_vocab]``. Exact, and needs only the last position's logits.
+    """
+    N, _, V = last_logits.shape
+    if N * n_pos * V > max_elements:
+        return False
+    probe = torch.full((N, n_pos, V), float("nan"), dtype=last_logits.dtype, device=last_logits.device)
+    probe[:, -1:] = last_logits
+    try:
+        a = torch.as_tensor(metric(probe)).float()
+        b = torch.as_tensor(metric(last_logits)).float()
+    except (IndexError, RuntimeError, ValueError):
+        return False
+    return bool(torch.isfinite(a).all()) and a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def metric_on_rows(metric: Metric, logits: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``metric`` of a batch of prompts: ``[b]`` values for the prompts ``rows`` of a dataset of ``n``.
+
+    A task metric is a closure over the whole dataset (its answers, one per prompt), so the batch's
+    logits ``[b, pos, d_vocab]`` are placed at their rows of an ``n``-row tensor (differentiably;
+    the other rows are zero) and the metric's values at those rows are returned. Exact for any
+    metric that scores each prompt on its own row.
+    """
+    if logits.shape[0] == n:
+        return torch.as_tensor(metric(logits)).float()
+    full = logits.new_zeros((n,) + tuple(logits.shape[1:])).index_copy(0, rows.to(logits.device), logits)
+    v = torch.as_tensor(metric(full)).float()
+    if v.dim() != 1 or v.shape[0] != n:
+        raise InputError(f"this run is split into batches of prompts, so the metric must return one value per "
+                         f"prompt ([{n}]); got shape {tuple(v.shape)}. Pass batch_size={n} to run them at once.")
+    return v[rows.to(v.device)]
+
+
+def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
+                   hooks_for: Callable[[int, int], HookList] | None = None, batch_size: int | None = None,
+                   what: str = "forward passes", state: BatchState | None = None) -> torch.Tensor:
+    """``metric`` per prompt ``[n]`` for ``tokens [n, pos]``, run in memory-sized batches of prompts.
+
+    ``hooks_for(start, stop)`` gives the forward hooks for the prompts ``start:stop`` (e.g. ablation
+    values sliced to those rows). Only the last position's logits are kept when the metric reads
+    nothing else (detected exactly, see :func:`reads_last_only`).
+    """
+    n, P = tokens.shape
+    with torch.no_grad():
+        first = model(tokens[:1], logits_to_keep=1)
+    keep = 1 if reads_last_only(lambda lg: metric_on_rows(metric, lg, torch.zeros(1, dtype=torch.long), n), first,
+                                P) else 0
+    elt = torch.finfo(model.dtype).bits // 8
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        hooks = hooks_for(start, stop) if hooks_for is not None else ()
+        with torch.no_grad(), model.hooks(hooks):
+            logits = model(tokens[start:stop], logits_to_keep=keep)
+        return metric_on_rows(metric, logits, torch.arange(start, stop), n).cpu()
+
+    per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None)
+    parts = map_batches(run, n, batch_size, per, model.device, what, state)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one batch: the metric's own shape)

@@ -32,12 +32,13 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
+from ..batching import BatchState, map_batches
 from ..core.errors import InputError, UnknownNameError
 from ..core.hookpoints import PATCH_SITES, block_name, split_name
 from ..core.model import HookedModel
 from ..core.result import Result
 from ..core.types import Metric, TextOrTokens
-from .inputs import check_range, metric_value, prompt_pair
+from .inputs import check_range, metric_value, prompt_pair, reads_last_only
 
 #: patching sites by shorthand: (hook suffix, what a head index refers to); from the hook-point registry
 SITES = PATCH_SITES
@@ -325,14 +326,19 @@ def run_patches(model: HookedModel, plan: PatchPlan, metric: Metric, fn: Callabl
         else:
             live.append(j)
     chunks = _schedule(live, per_chunk, P, n, overhead_tokens)
-    token_layers = 0
-    for chunk in chunks:
+    token_layers, passes, state = 0, 0, BatchState()
+
+    def run(chunk: list[_Job]) -> int:  # one batched pass; returns its token-layers
         logits = _run_chunk(model, plan, runs, chunk, fn)
-        start, p0 = min(j.start for j in chunk), min(j.p0 for j in chunk)
-        token_layers += len(chunk) * N * (P - p0) * (n - max(start, 0))
         for i, job in enumerate(chunk):
             values[job.key] = metric_value(metric(logits[i * N:(i + 1) * N]), N)
-    stats = {"forward_passes": len(chunks), "patches": len(plan.jobs), "skipped_identical": len(plan.jobs) - len(live),
+        start, p0 = min(j.start for j in chunk), min(j.p0 for j in chunk)
+        return len(chunk) * N * (P - p0) * (n - max(start, 0))
+
+    for chunk in chunks:  # out of memory: the same jobs in passes of half the size (see mechscope.batching)
+        done = map_batches(lambda s, e, _c=chunk: run(_c[s:e]), len(chunk), len(chunk), what="patching", state=state)
+        token_layers, passes = token_layers + sum(done), passes + len(done)
+    stats = {"forward_passes": passes, "patches": len(plan.jobs), "skipped_identical": len(plan.jobs) - len(live),
              "token_layers": token_layers,
              "floor_token_layers": sum(N * (P - j.p0) * (n - max(j.start, 0)) for j in live),
              "naive_token_layers": len(plan.jobs) * N * P * n, "last_position_only": runs.keep_last}
@@ -475,34 +481,12 @@ def _prefix_cache(model, cache, p0: int, rows: int):
     return c
 
 
-def reads_last_only(metric: Metric, last_logits: torch.Tensor, n_pos: int, max_elements: int = 50_000_000) -> bool:
-    """True when ``metric`` reads only the last position: it stays finite with every earlier position NaN.
-
-    ``last_logits`` is ``[batch, 1, d_vocab]``. Exact, and needs only the last position's logits.
-    """
-    N, _, V = last_logits.shape
-    if N * n_pos * V > max_elements:
-        return False
-    probe = torch.full((N, n_pos, V), float("nan"), dtype=last_logits.dtype, device=last_logits.device)
-    probe[:, -1:] = last_logits
-    try:
-        a = torch.as_tensor(metric(probe)).float()
-        b = torch.as_tensor(metric(last_logits)).float()
-    except (IndexError, RuntimeError, ValueError):
-        return False
-    return bool(torch.isfinite(a).all()) and a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=1e-6)
-
-
 def _rows_budget(model, P: int, n_prompts: int, keep_all: bool) -> int:
-    from ..compute import env
+    from ..compute import free_memory, patching_bytes
 
-    c = model.cfg
     elt = torch.finfo(model.dtype).bits // 8
-    logits = (P if keep_all else 1) * c.d_vocab * 4 * 3
-    per_row = logits + P * (c.d_model * 24 + c.d_mlp * 4) * elt + c.n_heads * P * P * elt * 2
-    per_row += c.n_layers * P * c.n_kv_heads * c.d_head * 2 * elt
-    free = env().free_memory if model.device.type == "cpu" else torch.cuda.mem_get_info(model.device)[0]
-    rows = int(0.25 * free // max(per_row, 1))
+    per_row = patching_bytes(model.cfg.to_dict(), 1, P, elt, all_logits=keep_all)
+    rows = int(0.25 * free_memory(model.device) // max(per_row, 1))
     rows = max(n_prompts, min(rows, 256 * n_prompts))
     return rows - rows % n_prompts
 

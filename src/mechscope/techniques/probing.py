@@ -19,6 +19,8 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci, paired_bootstrap, shuffled_labels
+from ..batching import map_batches
+from ..compute import forward_bytes
 from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.result import Result
@@ -174,11 +176,23 @@ class ProbeSweep(Result):
                                 title="probe scores by hook point")
 
 
+def _activations(model: HookedModel, tokens: torch.Tensor, hooks: list[str], batch_size: int | None) -> dict:
+    """``{hook: [n, pos, d]}`` (fp32, CPU) for ``tokens [n, pos]``, in memory-sized batches of sequences."""
+    def run(s: int, e: int) -> dict:
+        _, cache = model.run_with_cache(tokens[s:e].to(model.device), names_filter=hooks, device="cpu")
+        return {h: cache[h].float() for h in hooks}
+
+    elt = torch.finfo(model.dtype).bits // 8
+    per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt) + len(hooks) * tokens.shape[1] * model.cfg.d_model * 4
+    parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "probe activations")
+    return {h: torch.cat([p[h] for p in parts]) for h in hooks}
+
+
 @torch.no_grad()
 def probe_sweep(model: HookedModel, tokens: torch.Tensor, labels: torch.Tensor, hooks: Sequence[str] | None = None,
                 kind: str = "logistic",
                 control: bool | str = True, held_out: float = 0.25, seed: int = 0, l2: float = 1e-3, task: str = "",
-                batch_size: int = 16) -> ProbeSweep:
+                batch_size: int | None = None) -> ProbeSweep:
     """Probe ``labels [n, pos]`` (``-1`` = ignore) from each hook's activations on ``tokens [n, pos]``.
 
     ``hooks`` defaults to every ``blocks.L.hook_resid_post``. Sequences are split into train and
@@ -197,11 +211,7 @@ def probe_sweep(model: HookedModel, tokens: torch.Tensor, labels: torch.Tensor, 
     perm = torch.randperm(n, generator=g)
     k = max(1, round(n * held_out))
     test_idx, train_idx = perm[:k], perm[k:]
-    acts = {h: [] for h in hooks}
-    for s in range(0, n, batch_size):
-        _, cache = model.run_with_cache(tokens[s:s + batch_size].to(model.device), names_filter=hooks, device="cpu")
-        for h in hooks:
-            acts[h].append(cache[h].float())
+    acts = _activations(model, tokens, hooks, batch_size)
     if control == "shuffled":
         ctrl = shuffled_labels(labels, seed)
     elif control and kind == "logistic":
@@ -215,7 +225,7 @@ def probe_sweep(model: HookedModel, tokens: torch.Tensor, labels: torch.Tensor, 
 
     scores, ctl, sel, probes = [], [], [], []
     for h in hooks:
-        A = torch.cat(acts[h])  # [n, pos, d]
+        A = acts[h]  # [n, pos, d]
         Xtr, Xte = split(A, train_idx), split(A, test_idx)
         ytr, yte = split(labels, train_idx), split(labels, test_idx)
         p = train_probe(Xtr, ytr, kind, l2)
