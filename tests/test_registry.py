@@ -8,7 +8,7 @@ import torch
 import mechscope
 from mechscope import HookedModel, estimate_memory
 from mechscope.core import hookpoints as H
-from mechscope.core.families import dims_from_config, hook_names_from_config
+from mechscope.core.config import describe, hook_names_from_config
 from tiny import ARCHS, V, tiny_hf
 
 TOKENS = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -30,7 +30,7 @@ def test_hook_names_equal_the_registry_prediction_from_config(arch, tmp_path):
 def test_sizes_and_widths_match_real_activations(arch):
     hf = tiny_hf(arch)
     model = HookedModel(hf)
-    dims = dims_from_config(hf.config)
+    dims = describe(hf.config).to_dict()
     _, cache = model.run_with_cache(TOKENS, names_filter=lambda n: True)
     B, P = TOKENS.shape
     for name in model.hook_names:

@@ -32,8 +32,44 @@ CONFIGS = {
                                          layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                          query_pre_attn_scalar=8),
 }
+_GENERIC = dict(_COMMON, num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _generic(model_type: str, **over):
+    """A tiny config of any Llama-shaped model type (the shared sizes above, plus ``over``)."""
+    return lambda: T.AutoConfig.for_model(model_type, **{**_GENERIC, **over})
+
+
+# model types whose tiny config needs nothing beyond the shared sizes
+for _t in ("smollm3", "helium", "ernie4_5", "seed_oss", "cwm", "exaone", "internlm3", "iquestcoder", "ministral",
+           "ministral3", "hunyuan_v1_dense", "arcee", "jais2", "starcoder2",
+           "glm", "glm4", "olmo", "olmo2", "olmo3", "exaone4", "apertus", "hyperclovax", "vaultgemma", "opt",
+           "biogpt", "persimmon"):
+    CONFIGS[_t] = _generic(_t)
+CONFIGS.update({
+    "granite": _generic("granite", embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=4.0,
+                        attention_multiplier=0.2),
+    "nemotron": _generic("nemotron", partial_rotary_factor=0.5),
+    "stablelm": _generic("stablelm", partial_rotary_factor=0.5, qk_layernorm=True),
+    "stablelm_par": _generic("stablelm", use_parallel_residual=True),
+    "phi": _generic("phi", partial_rotary_factor=0.5),
+    "cohere": _generic("cohere", logit_scale=0.5),
+    "cohere2": _generic("cohere2", logit_scale=0.25, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                              multi_query=True),
+    "gpt_bigcode_mha": lambda: T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                                  multi_query=False),
+    "gptj": lambda: T.GPTJConfig(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_positions=64, rotary_dim=4),
+    "falcon": lambda: T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     num_kv_heads=2, new_decoder_architecture=True, max_position_embeddings=64),
+    "falcon_mq": lambda: T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        multi_query=True, parallel_attn=True, max_position_embeddings=64),
+    "falcon_seq": lambda: T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         multi_query=False, parallel_attn=False, bias=True, max_position_embeddings=64),
+})
 ARCHS = list(CONFIGS)
-SLIDING = {"mistral": 4, "gemma2": 4, "gemma3": 4}
+SLIDING = {"mistral": 4, "gemma2": 4, "gemma3": 4, "cohere2": 4}
 
 
 def tiny_hf(arch: str, attn_implementation: str = "sdpa", seed: int = 0):

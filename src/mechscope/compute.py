@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .core.config import describe, hook_names_from_config
 from .core.errors import InputError
-from .core.families import dims_from_config, hook_names_from_config
 from .core.hookpoints import numel
 from .core.model import HookedModel
 from .core.result import Result
@@ -198,13 +198,10 @@ class MemoryEstimate(Result):
 def _dims_of(model_or_config) -> tuple[dict, list[str], int]:
     """``(sizes, hook names, exact parameter count)`` of a HookedModel, an HF config or a model name."""
     if isinstance(model_or_config, HookedModel):
-        c = model_or_config.cfg
-        dims = dims_from_config(model_or_config.hf.config)
-        dims.update(n_layers=c.n_layers, d_vocab=c.d_vocab, tied_embeddings=c.tied_embeddings)
         n_params = sum(p.numel() for p in model_or_config.hf.parameters())  # (meta tensors know their size)
-        return dims, model_or_config.hook_names, n_params
+        return model_or_config.cfg.to_dict(), model_or_config.hook_names, n_params
     config = config_for(model_or_config) if isinstance(model_or_config, str) else model_or_config
-    return dims_from_config(config), hook_names_from_config(config), param_count(config)
+    return describe(config).to_dict(), hook_names_from_config(config), param_count(config)
 
 
 def config_for(name: str) -> "PretrainedConfig":  # noqa: F821

@@ -18,8 +18,7 @@ import functools
 import json
 from importlib.resources import files
 
-import torch
-
+from .core.parts import meta_model
 from .core.types import HFConfig
 
 # hub-id endings that name a fine-tune with the base model's shapes
@@ -85,17 +84,6 @@ def known_config(name: str) -> HFConfig | None:
     return config_from_row(row) if row is not None else None
 
 
-@functools.lru_cache(maxsize=64)
-def _count(config_json: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = json.loads(config_json)
-    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    with torch.device("meta"):  # (eager: some families refuse sdpa, and attention has no parameters anyway)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    return sum({id(p): p.numel() for p in model.parameters()}.values())
-
-
 def param_count(config: HFConfig) -> int:
     """Exact parameter count of the causal LM a config describes (tied weights counted once)."""
-    return _count(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    return sum(p.numel() for p in meta_model(config).parameters())

@@ -12,6 +12,7 @@ computation here (the only way to see the pattern)::
 
     scores  = softcap(q k^T * scaling) + mask        # hook_attn_scores [batch, head, q, k]
     pattern = softmax(scores)                        # hook_pattern     [batch, head, q, k]
+                                                     #   (gpt-oss: softmax over [scores, sink], sink dropped)
     z       = pattern @ v                            # hook_z           [batch, q, head, d_head]
 
 Masked entries of ``hook_attn_scores`` hold the dtype's most negative number (HF's additive
@@ -64,6 +65,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
 
 
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """``softmax([scores, sink])`` without the sink's column, in HF's order of operations (its rows sum to < 1)."""
+    s = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], -1)
+    combined = torch.cat([scores, s.to(scores.dtype)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+
+
 def _make(base: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         owner = getattr(module, OWNER_ATTR, None)
@@ -87,7 +96,11 @@ def _make(base: str):
                 scores = torch.tanh(scores / softcap) * softcap
             scores = scores + _additive_mask(attention_mask, query.shape[2], k.shape[2], scores.dtype, scores.device)
             scores = fire(prefix + "attn.hook_attn_scores", scores)
-            pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            sinks = kwargs.get("s_aux")
+            if sinks is not None:  # gpt-oss: a learned logit per head joins each softmax, then is dropped
+                pattern = _softmax_with_sinks(scores, sinks)
+            else:
+                pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
             pattern = fire(prefix + "attn.hook_pattern", pattern)
             if dropout and module.training:
                 pattern = torch.nn.functional.dropout(pattern, p=dropout, training=True)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .families import dims_from_config
-from .parts import ModelParts
+import torch
+
+from .families import dims_from_config, family_for
+from .hookpoints import hook_names
+from .parts import ModelParts, meta_model
 from .placement import device_map, execution_device
-from .types import HFTokenizer
+from .types import HFConfig, HFTokenizer
 
 
 @dataclass
@@ -38,6 +41,9 @@ class ModelConfig:
     layer_types: list[str] | None = None
     embed_scale: float = 1.0
     tied_embeddings: bool = False
+    embed_multiplier: float = 1.0  # applied to the embedding module's output outside it (Granite)
+    residual_scale: float = 1.0  # attention and MLP outputs are scaled by it before the residual add (Granite)
+    logit_scale: float = 1.0  # logits = lm_head(x) * logit_scale (Cohere; Granite: 1 / logits_scaling)
     default_prepend_bos: bool = False
     dtype: str = "float32"
     device: str = "cpu"
@@ -61,12 +67,37 @@ def tokenizer_prepends_bos(tokenizer: HFTokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def _out_features(module: torch.nn.Module, conv1d: bool) -> int:
+    w = module.weight
+    return int(w.shape[1] if conv1d else w.shape[0])
+
+
+def _module_sizes(parts: ModelParts, dims: dict) -> dict:
+    """KV heads and the MLP width as the modules have them (Falcon's config misstates the KV heads)."""
+    fam, d, h = parts.family, dims["d_head"], dims["n_heads"]
+    if fam.qkv_layout == "separate":
+        kv = _out_features(parts.attn_proj(0, fam.k), fam.conv1d) // d
+    else:
+        kv = (_out_features(parts.attn_proj(0, fam.qkv), fam.conv1d) // d - h) // 2
+    mlp_in = _out_features(parts.mlp_proj(0, fam.mlp_in), fam.conv1d)
+    return {"n_kv_heads": kv, "d_mlp": mlp_in // 2 if fam.mlp_gate_up_fused else mlp_in}
+
+
+def _multiplier(config: HFConfig, attr: str | None) -> float:
+    v = getattr(config, attr, None) if attr else None
+    return float(v) if v is not None else 1.0
+
+
 def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelConfig:
     """A :class:`ModelConfig` from the HF config, with the sizes the loaded modules actually have."""
     hf, fam = parts.hf, parts.family
     c = hf.config
     dims = dims_from_config(c)
-    scale = getattr(parts.embed, "scalar_embed_scale", None)
+    dims.update(_module_sizes(parts, dims))
+    scale = getattr(parts.embed, "scalar_embed_scale", None)  # a scaled embedding module (Gemma, BioGPT)
+    if scale is None and isinstance(getattr(parts.embed, "embed_scale", None), (int, float)):
+        scale = parts.embed.embed_scale
+    embed_mult = _multiplier(c, fam.embed_multiplier)
     p = next(hf.parameters())
     act = next((getattr(c, a) for a in ("hidden_activation", "hidden_act", "activation_function")
                 if getattr(c, a, None) is not None), None)
@@ -75,13 +106,16 @@ def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelC
         d_model=dims["d_model"], n_heads=dims["n_heads"], n_kv_heads=dims["n_kv_heads"], d_head=dims["d_head"],
         d_mlp=dims["d_mlp"], d_vocab=parts.unembed.weight.shape[0], n_ctx=dims["n_ctx"], act_fn=str(act),
         normalization=fam.norm, positional="rotary" if fam.rotary else "learned",
-        parallel_residual=bool(getattr(c, "use_parallel_residual", fam.parallel_residual)),
+        parallel_residual=bool(getattr(c, fam.parallel_attr, fam.parallel_residual) if fam.parallel_attr
+                               else fam.parallel_residual),
         gated_mlp=dims["gated_mlp"], qk_norm=fam.qk_norm, post_norms=dims["post_norms"],
         attn_softcap=getattr(c, "attn_logit_softcapping", None),
         final_softcap=getattr(c, "final_logit_softcapping", None),
         sliding_window=getattr(c, "sliding_window", None),
         layer_types=list(getattr(c, "layer_types", None) or []) or None,
-        embed_scale=float(scale) if scale is not None else 1.0,
+        embed_scale=(float(scale) if scale is not None else 1.0) * embed_mult, embed_multiplier=embed_mult,
+        residual_scale=_multiplier(c, fam.residual_multiplier),
+        logit_scale=_multiplier(c, fam.logit_multiplier) / _multiplier(c, fam.logit_divisor),
         tied_embeddings=parts.unembed.weight is parts.embed.weight,
         default_prepend_bos=tokenizer_prepends_bos(tokenizer),
         dtype=str(p.dtype).replace("torch.", ""), device=str(execution_device(parts.embed)),
@@ -89,3 +123,19 @@ def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelC
     )
 
 
+
+
+def describe(config: HFConfig) -> ModelConfig:
+    """The :class:`ModelConfig` of a model from its HF config alone (its module tree built on ``meta``)."""
+    hf = meta_model(config)
+    return build_config(ModelParts(hf, family_for(config)), getattr(config, "_name_or_path", "") or "?", None)
+
+
+def facts_from_config(config: HFConfig) -> dict:
+    """The facts the hook-point registry keys on (learned positions, rotary, gated MLP, which norms), from a config."""
+    return ModelParts(meta_model(config), family_for(config)).facts()
+
+
+def hook_names_from_config(config: HFConfig) -> list[str]:
+    """The hook names a model of this config will have, before any weights are loaded."""
+    return hook_names(describe(config).n_layers, facts_from_config(config))

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-from .hookpoints import hook_names
 from .types import HFConfig
 
 # How the query, key and value projections are stored.
@@ -31,7 +30,14 @@ NORM_KINDS = ("layernorm", "rms", "rms_plus_one")
 
 @dataclass(frozen=True)
 class Family:
-    """Where one architecture family keeps its parts (see module docstring for path roots)."""
+    """Where one architecture family keeps its parts, and the facts that differ (see the module docstring).
+
+    A path may list alternatives, ``"ln_attn|input_layernorm"``: the first that exists in the model is
+    used (Falcon's two layouts). ``ln1``/``ln2`` are None where the block has no such norm: OLMo-2
+    normalises only the sublayers' outputs (``attn_post_norm``/``mlp_post_norm``), and a parallel
+    block with one shared norm (GPT-J, Phi, Cohere) has no ``ln2``. ``mlp = ""`` means the MLP's
+    projections sit on the decoder layer itself (OPT, BioGPT).
+    """
 
     name: str
     model_types: tuple[str, ...]
@@ -44,10 +50,10 @@ class Family:
     # relative to a decoder layer
     attn: str = "self_attn"
     mlp: str = "mlp"
-    ln1: str = "input_layernorm"
-    ln2: str = "post_attention_layernorm"
-    attn_post_norm: str | None = None  # Gemma 2/3: norm applied to the attention output
-    mlp_post_norm: str | None = None  # Gemma 2/3: norm applied to the MLP output
+    ln1: str | None = "input_layernorm"
+    ln2: str | None = "post_attention_layernorm"
+    attn_post_norm: str | None = None  # Gemma 2/3, OLMo-2: norm applied to the attention output
+    mlp_post_norm: str | None = None  # Gemma 2/3, OLMo-2: norm applied to the MLP output
     # relative to the attention module
     qkv_layout: str = "separate"
     q: str = "q_proj"
@@ -58,29 +64,89 @@ class Family:
     # relative to the MLP module
     mlp_gate: str | None = "gate_proj"  # None for non-gated MLPs
     mlp_in: str = "up_proj"  # the up projection (non-gated: the only input projection)
-    mlp_gate_up_fused: bool = False  # Phi-3: one module whose output is [gate | up]
+    mlp_gate_up_fused: bool = False  # Phi-3, GLM: one module whose output is [gate | up]
     mlp_out: str = "down_proj"
     # facts
     conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
     norm: str = "rms"
+    norm_eps: float | None = None  # for norms that keep their epsilon in code, not as an attribute (OLMo)
     rotary: bool = True
-    parallel_residual: bool = False  # may be overridden by config.use_parallel_residual
+    parallel_residual: bool = False  # attention and MLP read the same input and add to the same stream
+    parallel_attr: str | None = "use_parallel_residual"  # a config attribute that overrides parallel_residual
     qk_norm: bool = False
+    # scalars read from the config (attribute names), applied outside any module
+    embed_multiplier: str | None = None  # embeddings x it (Granite: embedding_multiplier)
+    residual_multiplier: str | None = None  # sublayer outputs x it before the residual add (Granite)
+    logit_multiplier: str | None = None  # logits = lm_head(x) x it (Cohere: logit_scale)
+    logit_divisor: str | None = None  # logits = lm_head(x) / it (Granite: logits_scaling)
+    attn_sinks: bool = False  # a learned per-head logit in each softmax's denominator (gpt-oss)
+    attn_fn: bool = True  # attention runs through transformers' attention interface (Falcon: its own code)
+    flat_mlp: bool = False  # the MLP sees [batch * pos, d_model] rows (OPT)
+    inplace_mlp_out: bool = False  # the block adds attention into the MLP's output tensor in place (Falcon)
 
+
+#: the Llama layout with LayerNorm instead of RMSNorm (StableLM, StarCoder2, Jais2, Persimmon ...)
+_LN = dict(norm="layernorm")
 
 FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("gpt2",), layers="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe",
            final_norm="transformer.ln_f", attn="attn", ln1="ln_1", ln2="ln_2", qkv_layout="concat", qkv="c_attn",
            o="c_proj", mlp_gate=None, mlp_in="c_fc", mlp_out="c_proj", conv1d=True, norm="layernorm", rotary=False),
+    Family("gpt_bigcode", ("gpt_bigcode",), layers="transformer.h", embed="transformer.wte",
+           pos_embed="transformer.wpe", final_norm="transformer.ln_f", attn="attn", ln1="ln_1", ln2="ln_2",
+           qkv_layout="concat", qkv="c_attn", o="c_proj", mlp_gate=None, mlp_in="c_fc", mlp_out="c_proj",
+           norm="layernorm", rotary=False),
     Family("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in",
            final_norm="gpt_neox.final_layer_norm", attn="attention", qkv_layout="neox", qkv="query_key_value",
            o="dense", mlp_gate=None, mlp_in="dense_h_to_4h", mlp_out="dense_4h_to_h", norm="layernorm",
            parallel_residual=True),
-    Family("llama", ("llama", "mistral", "qwen2")),
-    Family("qwen3", ("qwen3",), qk_norm=True),
+    Family("gptj", ("gptj",), layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
+           attn="attn", ln1="ln_1", ln2=None, o="out_proj", mlp_gate=None, mlp_in="fc_in", mlp_out="fc_out",
+           norm="layernorm", parallel_residual=True, parallel_attr=None),
+    Family("falcon", ("falcon",), layers="transformer.h", embed="transformer.word_embeddings",
+           final_norm="transformer.ln_f", attn="self_attention", ln1="ln_attn|input_layernorm",
+           ln2="ln_mlp|post_attention_layernorm", qkv_layout="falcon", qkv="query_key_value", o="dense",
+           mlp_gate=None, mlp_in="dense_h_to_4h", mlp_out="dense_4h_to_h", norm="layernorm",
+           parallel_residual=True, parallel_attr="parallel_attn", attn_fn=False, inplace_mlp_out=True),
+    Family("opt", ("opt",), layers="model.decoder.layers", embed="model.decoder.embed_tokens",
+           pos_embed="model.decoder.embed_positions", final_norm="model.decoder.final_layer_norm",
+           ln1="self_attn_layer_norm", ln2="final_layer_norm", o="out_proj", mlp="", mlp_gate=None, mlp_in="fc1",
+           mlp_out="fc2", norm="layernorm", rotary=False, flat_mlp=True),
+    Family("biogpt", ("biogpt",), layers="biogpt.layers", embed="biogpt.embed_tokens",
+           pos_embed="biogpt.embed_positions", final_norm="biogpt.layer_norm", unembed="output_projection",
+           ln1="self_attn_layer_norm", ln2="final_layer_norm", o="out_proj", mlp="", mlp_gate=None, mlp_in="fc1",
+           mlp_out="fc2", norm="layernorm", rotary=False),
+    Family("llama", ("llama", "mistral", "qwen2", "smollm3", "helium", "ernie4_5", "seed_oss", "cwm", "exaone",
+                     "internlm3", "iquestcoder", "ministral", "ministral3")),
+    Family("llama_qk_norm", ("qwen3",), qk_norm=True),
+    Family("hunyuan_dense", ("hunyuan_v1_dense",), qk_norm=True),
+    Family("granite", ("granite",), embed_multiplier="embedding_multiplier",
+           residual_multiplier="residual_multiplier", logit_divisor="logits_scaling"),
+    Family("llama_ungated", ("arcee",), mlp_gate=None),
+    Family("nemotron", ("nemotron",), mlp_gate=None, norm="layernorm_plus_one"),
+    Family("jais2", ("jais2",), mlp_gate=None, **_LN),
+    Family("stablelm", ("stablelm",), **_LN),
+    Family("starcoder2", ("starcoder2",), mlp_gate=None, mlp_in="c_fc", mlp_out="c_proj", **_LN),
+    Family("persimmon", ("persimmon",), final_norm="model.final_layernorm", qkv_layout="neox",
+           qkv="query_key_value", o="dense", mlp_gate=None, mlp_in="dense_h_to_4h", mlp_out="dense_4h_to_h",
+           qk_norm=True, **_LN),
+    Family("phi", ("phi",), final_norm="model.final_layernorm", ln2=None, o="dense", mlp_gate=None, mlp_in="fc1",
+           mlp_out="fc2", norm="layernorm", parallel_residual=True, parallel_attr=None),
     Family("phi3", ("phi3",), qkv_layout="concat", qkv="qkv_proj", mlp_gate="gate_up_proj", mlp_in="gate_up_proj",
            mlp_gate_up_fused=True),
+    Family("glm", ("glm",), mlp_gate="gate_up_proj", mlp_in="gate_up_proj", mlp_gate_up_fused=True),
+    Family("glm4", ("glm4",), mlp_gate="gate_up_proj", mlp_in="gate_up_proj", mlp_gate_up_fused=True,
+           attn_post_norm="post_self_attn_layernorm", mlp_post_norm="post_mlp_layernorm"),
+    Family("cohere", ("cohere", "cohere2"), ln2=None, norm="layernorm", parallel_residual=True, parallel_attr=None,
+           logit_multiplier="logit_scale"),
+    Family("olmo", ("olmo",), norm="layernorm", norm_eps=1e-5),
+    Family("olmo2", ("olmo2", "olmo3", "exaone4"), ln1=None, ln2=None, attn_post_norm="post_attention_layernorm",
+           mlp_post_norm="post_feedforward_layernorm", qk_norm=True),
+    Family("apertus", ("apertus",), ln1="attention_layernorm", ln2="feedforward_layernorm", mlp_gate=None,
+           qk_norm=True),
+    Family("hyperclovax", ("hyperclovax",), attn_post_norm="post_norm1", mlp_post_norm="post_norm2"),
     Family("gemma", ("gemma",), norm="rms_plus_one"),
+    Family("vaultgemma", ("vaultgemma",), ln2="pre_feedforward_layernorm", norm="rms_plus_one"),
     Family("gemma2", ("gemma2", "gemma3_text", "gemma3"), ln2="pre_feedforward_layernorm",
            attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm", norm="rms_plus_one"),
 )
@@ -109,11 +175,30 @@ def family_for(config: HFConfig) -> Family:
     return fam
 
 
+def find_path(root: object, path: str | None) -> object | None:
+    """Follow a dotted attribute path (``"model.layers"``) from ``root``; ``"a|b"`` takes the first that exists.
+
+    ``""`` is ``root`` itself; a missing path (or ``None``) gives None.
+    """
+    if path is None:
+        return None
+    for alt in path.split("|"):
+        obj = root
+        for part in alt.split(".") if alt else ():
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
 def get_path(root: object, path: str) -> object:
-    """Follow a dotted attribute path (``"model.layers"``) from ``root``."""
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
+    """:func:`find_path`, with a clear error naming the path when the model has no such module."""
+    obj = find_path(root, path)
+    if obj is None:
+        raise UnsupportedArchitectureError(f"{type(root).__name__} has no module at {path!r}; its family row does not "
+                                           f"match this model (see docs/hooks.md, 'adding a family')")
     return obj
 
 
@@ -137,7 +222,8 @@ def dims_from_config(config: HFConfig) -> dict:
         n_heads=n_heads,
         n_kv_heads=_first(getattr(c, "num_key_value_heads", None), n_heads),
         d_head=_first(getattr(c, "head_dim", None), d_model // n_heads),
-        d_mlp=_first(getattr(c, "intermediate_size", None), getattr(c, "n_inner", None), 4 * d_model),
+        d_mlp=_first(*(getattr(c, a, None) for a in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")),
+                     4 * d_model),
         d_vocab=c.vocab_size,
         n_ctx=_first(getattr(c, "max_position_embeddings", None), getattr(c, "n_positions", None), 2048),
         tied_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
@@ -146,14 +232,3 @@ def dims_from_config(config: HFConfig) -> dict:
         post_norms=fam.attn_post_norm is not None,
         rot=fam.rotary or fam.qk_norm,
     )
-
-
-def facts_from_config(config: HFConfig) -> dict:
-    """The model facts the hook-point registry keys on (``learned_pos``, ``rot``, ``gated``), from a config."""
-    d = dims_from_config(config)
-    return {"learned_pos": d["learned_pos"], "rot": d["rot"], "gated": d["gated_mlp"]}
-
-
-def hook_names_from_config(config: HFConfig) -> list[str]:
-    """The hook names a model of this config will have, before any weights are loaded."""
-    return hook_names(dims_from_config(config)["n_layers"], facts_from_config(config))

@@ -51,8 +51,11 @@ _WIDTHS = {
 @dataclass(frozen=True)
 class HookSpec:
     """One hook point. ``groups``: the PyTorch hook groups that must be installed for it to fire
-    (empty: it fires inside the attention function). ``needs``: the model fact it exists under
-    (``learned_pos``, ``rot``: rotary or q/k norms, ``gated``), or None for every model."""
+    (empty: it fires inside the attention function). ``needs``: the model facts it exists under
+    (``learned_pos``, ``rot``: rotary or q/k norms, ``gated``, ``ln1``/``ln2``: the block has that
+    norm, ``attn_fn``: attention runs through transformers' attention interface), all of them.
+    ``groups_outside_attn``: the groups serving it when the family's attention is its own code
+    (Falcon), where only ``hook_z`` (the output projection's input) and ``hook_result`` remain."""
 
     suffix: str
     short: str
@@ -61,7 +64,8 @@ class HookSpec:
     width_rule: str = "d_model"
     groups: tuple[str, ...] = ()
     in_attention: bool = False
-    needs: str | None = None
+    needs: tuple[str, ...] = ()
+    groups_outside_attn: tuple[str, ...] | None = None  # the groups for a family whose attention is its own code
     patch: bool = False
     attrib: bool = False
     head_axis: str | None = None  # "head" | "kv_head" when patching indexes heads
@@ -88,11 +92,11 @@ HOOK_SPECS: tuple[HookSpec, ...] = (
     _spec("hook_embed", "embed", "token embedding (Gemma: times sqrt(d_model))", "[batch, pos, d_model]",
           groups=("embed",), top_level=True),
     _spec("hook_pos_embed", "pos_embed", "learned position embedding (GPT-2 only)", "[batch, pos, d_model]",
-          groups=("pos_embed",), needs="learned_pos", top_level=True),
+          groups=("pos_embed",), needs=("learned_pos",), top_level=True),
     _spec("hook_resid_pre", "resid_pre", "residual stream entering the block", "[batch, pos, d_model]",
           groups=("pre",), patch=True, attrib=True),
     _spec("ln1.hook_normalized", "normalized", "output of the pre-attention norm", "[batch, pos, d_model]",
-          groups=("ln1",), layer_type="ln1"),
+          groups=("ln1",), needs=("ln1",), layer_type="ln1"),
     _spec("attn.hook_q", "q", "query projection ln1 @ W_Q + b_Q, before q-norm and rotary",
           "[batch, pos, head, d_head]", "heads", groups=("qkv",), patch=True, attrib=True, head_axis="head"),
     _spec("attn.hook_k", "k", "key projection, before k-norm and rotary (one per KV head)",
@@ -101,27 +105,28 @@ HOOK_SPECS: tuple[HookSpec, ...] = (
     _spec("attn.hook_v", "v", "value projection (one per KV head)", "[batch, pos, kv_head, d_head]", "kv_heads",
           groups=("qkv",), patch=True, attrib=True, head_axis="kv_head"),
     _spec("attn.hook_rot_q", "rot_q", "the query attention uses (after q-norm and rotary)",
-          "[batch, pos, head, d_head]", "heads", in_attention=True, needs="rot"),
+          "[batch, pos, head, d_head]", "heads", in_attention=True, needs=("rot", "attn_fn")),
     _spec("attn.hook_rot_k", "rot_k", "the key attention uses (after k-norm and rotary)",
-          "[batch, pos, kv_head, d_head]", "kv_heads", in_attention=True, needs="rot"),
+          "[batch, pos, kv_head, d_head]", "kv_heads", in_attention=True, needs=("rot", "attn_fn")),
     _spec("attn.hook_attn_scores", "attn_scores", "scaled (soft-capped) scores plus the additive mask",
-          "[batch, head, q_pos, k_pos]", "pattern", in_attention=True),
+          "[batch, head, q_pos, k_pos]", "pattern", in_attention=True, needs=("attn_fn",)),
     _spec("attn.hook_pattern", "pattern", "softmax of the scores", "[batch, head, q_pos, k_pos]", "pattern",
-          in_attention=True, patch=True, attrib=True, head_axis="head"),
+          in_attention=True, needs=("attn_fn",), patch=True, attrib=True, head_axis="head"),
     _spec("attn.hook_z", "z", "pattern @ v, per query head", "[batch, pos, head, d_head]", "heads",
-          in_attention=True, patch=True, attrib=True, head_axis="head"),
+          in_attention=True, patch=True, attrib=True, head_axis="head", groups_outside_attn=("z_in",)),
     _spec("attn.hook_result", "result", "per-head contribution to hook_attn_out (post-norm scale frozen)",
-          "[batch, pos, head, d_model]", "heads_model", groups=("attn_out",), in_attention=True),
+          "[batch, pos, head, d_model]", "heads_model", groups=("attn_out",), in_attention=True,
+          groups_outside_attn=("attn_out", "z_in")),
     _spec("hook_attn_out", "attn_out", "what attention adds to the residual stream", "[batch, pos, d_model]",
           groups=("attn_out",), patch=True, attrib=True),
     _spec("hook_resid_mid", "resid_mid", "resid_pre + attn_out", "[batch, pos, d_model]",
           groups=("pre", "attn_out"), patch=True, attrib=True),
     _spec("ln2.hook_normalized", "normalized", "output of the pre-MLP norm", "[batch, pos, d_model]",
-          groups=("ln2",), layer_type="ln2"),
+          groups=("ln2",), needs=("ln2",), layer_type="ln2"),
     _spec("mlp.hook_pre", "pre", "MLP pre-activation (gated MLPs: the gate projection)", "[batch, pos, d_mlp]",
           "d_mlp", groups=("mlp_in",)),
     _spec("mlp.hook_pre_linear", "pre_linear", "gated MLPs only: the up projection", "[batch, pos, d_mlp]",
-          "d_mlp", groups=("mlp_in",), needs="gated"),
+          "d_mlp", groups=("mlp_in",), needs=("gated",)),
     _spec("mlp.hook_post", "post", "the neurons: input of the down projection", "[batch, pos, d_mlp]", "d_mlp",
           groups=("mlp_post",), attrib=True),
     _spec("hook_mlp_out", "mlp_out", "what the MLP adds to the residual stream", "[batch, pos, d_model]",
@@ -159,7 +164,7 @@ def spec(name: str) -> HookSpec:
 def hook_names(n_layers: int, facts: Mapping) -> list[str]:
     """Every hook name of a model, in forward order. ``facts``: ``learned_pos``, ``rot``, ``gated`` (bools)."""
     def has(s: HookSpec) -> bool:
-        return s.needs is None or bool(facts[s.needs])
+        return all(bool(facts.get(f, True)) for f in s.needs)
 
     top = [s for s in HOOK_SPECS if s.top_level and has(s)]
     names = [s.suffix for s in top if s.suffix != "ln_final.hook_normalized"]

@@ -90,6 +90,20 @@ class HookedModel(torch.nn.Module):
         """HF's MLP module of block ``layer``."""
         return self.parts.mlp(layer)
 
+    def attn_input(self, layer: int) -> str:
+        """The hook point holding what block ``layer``'s attention projections read: its ``ln1`` output, or the
+        residual stream itself where the block normalises only outputs (OLMo-2)."""
+        name = f"blocks.{layer}.ln1.hook_normalized"
+        return name if name in self.manager._known else f"blocks.{layer}.hook_resid_pre"
+
+    def mlp_input(self, layer: int) -> str:
+        """The hook point holding what block ``layer``'s MLP reads: its ``ln2`` output; in a parallel block
+        with one shared norm, the attention's input; where the block has no pre-MLP norm, ``hook_resid_mid``."""
+        name = f"blocks.{layer}.ln2.hook_normalized"
+        if name in self.manager._known:
+            return name
+        return self.attn_input(layer) if self.cfg.parallel_residual else f"blocks.{layer}.hook_resid_mid"
+
     # ---- hooks -------------------------------------------------------------------------------
     def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = ()) -> ContextManager[None]:
         """Context manager: ``with model.hooks([(name_or_filter, fn)]): ...``. Removed on exit, even on error."""
@@ -166,6 +180,8 @@ class HookedModel(torch.nn.Module):
         if position_ids is None:
             start = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(start, start + t, device=resid.device).expand(b, t)
+        if self.cfg.embed_multiplier != 1.0:  # the model multiplies inputs_embeds itself (Granite): undo it
+            resid = resid / self.cfg.embed_multiplier
         kwargs = dict(inputs_embeds=resid, position_ids=position_ids, use_cache=past_key_values is not None)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep

@@ -23,35 +23,46 @@ from .placement import param
 
 @dataclass
 class NormSpec:
-    kind: str  # "layernorm" | "rms" | "rms_plus_one"
+    kind: str  # "layernorm" | "layernorm_plus_one" (Nemotron) | "rms" | "rms_plus_one" (Gemma)
     module: torch.nn.Module
+    default_eps: float | None = None  # for norms whose epsilon lives in code, not on the module (OLMo)
+
+    @property
+    def centers(self) -> bool:
+        """Whether the norm subtracts the mean (the LayerNorm kinds)."""
+        return self.kind.startswith("layernorm")
 
     @property
     def eps(self) -> float:
         for attr in ("eps", "variance_epsilon", "epsilon"):
-            if hasattr(self.module, attr):
+            if getattr(self.module, attr, None) is not None:
                 return float(getattr(self.module, attr))
+        if self.default_eps is not None:
+            return self.default_eps
         raise AttributeError(f"cannot find epsilon on {type(self.module).__name__}")
 
     @property
     def gain(self) -> torch.Tensor:
-        """``[d_model]``: the multiplicative weight actually applied."""
+        """``[d_model]``: the multiplicative weight actually applied (ones for a norm without weights: OLMo)."""
         w = param(self.module)
-        return (1.0 + w.float()).to(w.dtype) if self.kind == "rms_plus_one" else w
+        if w is None:
+            shape = getattr(self.module, "normalized_shape", None) or (self.module.hidden_size,)
+            return torch.ones(tuple(shape)[-1])
+        return (1.0 + w.float()).to(w.dtype) if self.kind.endswith("plus_one") else w
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """``[d_model]`` or None: the additive bias (LayerNorm only)."""
-        return param(self.module, "bias") if self.kind == "layernorm" else None
+        """``[d_model]`` or None: the additive bias (LayerNorm kinds only)."""
+        return param(self.module, "bias") if self.centers else None
 
     def center(self, x: torch.Tensor) -> torch.Tensor:
         """Mean subtraction over ``d_model`` for LayerNorm; identity for RMSNorm."""
-        return x - x.mean(-1, keepdim=True) if self.kind == "layernorm" else x
+        return x - x.mean(-1, keepdim=True) if self.centers else x
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., 1]``: the per-position factor the norm multiplies by, computed in fp32."""
         xf = x.float()
-        if self.kind == "layernorm":
+        if self.centers:
             var = xf.var(-1, keepdim=True, unbiased=False)
         else:
             var = xf.pow(2).mean(-1, keepdim=True)

@@ -7,13 +7,16 @@ model's structure through it, so none of them knows where a family keeps its mod
 
 from __future__ import annotations
 
+import copy
+import json
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-from .families import Family, get_path
+from .families import Family, family_for, find_path, get_path
 from .norms import NormSpec
+from .types import HFConfig
 
 #: the norms a block can have, by the name :meth:`ModelParts.norm` takes
 NORMS = ("ln1", "ln2", "attn_post", "mlp_post")
@@ -32,14 +35,21 @@ class ModelParts:
         self.unembed = get_path(hf, family.unembed)
 
     def sub(self, layer: int, path: str | None) -> torch.nn.Module | None:
-        """A module of block ``layer`` by its family path (``None`` -> ``None``)."""
-        return get_path(self.layers[layer], path) if path else None
+        """A module of block ``layer`` by its family path: ``""`` is the block itself, and a path the model
+        does not have (or ``None``) gives None."""
+        return find_path(self.layers[layer], path)
 
     def attn(self, layer: int) -> torch.nn.Module:
-        return self.sub(layer, self.family.attn)
+        return get_path(self.layers[layer], self.family.attn)
 
     def mlp(self, layer: int) -> torch.nn.Module:
-        return self.sub(layer, self.family.mlp)
+        """Block ``layer``'s MLP module (the block itself where its projections sit on it: OPT)."""
+        return get_path(self.layers[layer], self.family.mlp)
+
+    def mlp_out_site(self, layer: int) -> torch.nn.Module:
+        """The module whose output is the MLP's contribution (before any post-norm): the MLP, or its down
+        projection where the MLP is no module of its own."""
+        return self.mlp(layer) if self.family.mlp else self.mlp_proj(layer, self.family.mlp_out)
 
     def attn_proj(self, layer: int, path: str) -> torch.nn.Module:
         """A projection inside the attention module (``q_proj``, the fused ``c_attn``, ``o_proj`` ...)."""
@@ -61,16 +71,18 @@ class ModelParts:
     def norm(self, layer: int | None, which: str = "ln1") -> NormSpec | None:
         """A block norm (or the final norm, ``layer=None``) as a frozen-scale linear map; None if absent."""
         module = self.final_norm if layer is None else self.norm_module(layer, which)
-        return NormSpec(self.family.norm, module) if module is not None else None
+        return NormSpec(self.family.norm, module, self.family.norm_eps) if module is not None else None
 
     def facts(self) -> dict:
         """The registry's model facts read from the modules themselves (not the config):
         ``learned_pos``, ``rot`` (rotary embeddings or q/k norms), ``gated`` (a gate projection)."""
         names = [n for n, _ in self.hf.named_modules()]
-        rot = any(n.endswith(("rotary_emb", "q_norm", "q_layernorm")) for n in names)
+        rot = self.family.rotary or any(n.endswith(("rotary_emb", "q_norm", "q_layernorm")) for n in names)
         mlp0 = self.mlp(0)
         gated = self.family.mlp_gate is not None and hasattr(mlp0, self.family.mlp_gate.split(".")[0])
-        return {"learned_pos": self.pos_embed is not None, "rot": rot, "gated": gated}
+        return {"learned_pos": self.pos_embed is not None, "rot": rot, "gated": gated,
+                "ln1": self.norm_module(0, "ln1") is not None, "ln2": self.norm_module(0, "ln2") is not None,
+                "attn_fn": self.family.attn_fn}
 
     @contextmanager
     def starting_at(self, layer: int) -> Iterator[None]:
@@ -96,3 +108,23 @@ class ModelParts:
                     c.layer_types = saved_types[k]
             for h in handles:
                 h.remove()
+
+
+_META: dict[str, torch.nn.Module] = {}
+
+
+def meta_model(config: HFConfig) -> torch.nn.Module:
+    """The causal LM a config describes, built on PyTorch's ``meta`` device (no memory; cached per config).
+
+    Everything mechscope says about a model before loading it (hook names, sizes, parameter count)
+    reads this module tree, the same way it reads a loaded model's.
+    """
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in _META:
+        from transformers import AutoModelForCausalLM
+
+        family_for(config)  # a clear error for an unsupported type before building anything
+        config = copy.deepcopy(config)  # from_config sets the attention implementation on the config it is given
+        with torch.device("meta"):  # (eager: some families refuse sdpa, and attention has no parameters anyway)
+            _META[key] = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return _META[key]

@@ -31,30 +31,51 @@ def _with_out0(output, new):
     return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
 
-def fire_output(manager: HookManager, name: str, view: tuple[int, int] | None = None) -> Callable:
-    """A forward hook firing ``name`` on a module's output (optionally viewed as ``[.., head, d]``)."""
+def fire_output(manager: HookManager, name: str, view: tuple[int, int] | None = None, scale: float = 1.0,
+                rows: Callable[[], tuple[int, int]] | None = None, copy: bool = False) -> Callable:
+    """A forward hook firing ``name`` on a module's output (optionally viewed as ``[.., head, d]``).
+
+    With ``scale`` (a multiplier the model applies outside the module: Granite's residual and
+    embedding multipliers) the hook point sees ``output * scale`` and a change is written back
+    divided by it, so the hook point holds what actually reaches the residual stream. ``rows()``
+    gives ``(batch, pos)`` for a module that sees ``[batch * pos, d]`` rows (OPT's MLP). ``copy``
+    passes a copy downstream, for a model that later edits the output in place (Falcon's MLP).
+    """
 
     def hook(module, args, output):
         if not manager.is_active(name):
             return None
         out = _out0(output)
-        act = out.view(*out.shape[:-1], *view) if view else out
+        act = out.view(*rows(), -1) if rows is not None and out.dim() == 2 else out
+        act = act.view(*act.shape[:-1], *view) if view else act
+        act = act * scale if scale != 1.0 else act
         new = manager.fire(name, act)
-        if new is act and not (view and manager.has_backward(name)):
-            return None  # (a view carrying backward hooks must replace the output, or its hooks never run)
-        return _with_out0(output, new.flatten(-2) if view else new)
+        derived = view or scale != 1.0 or act is not out
+        if copy and new is act:
+            return _with_out0(output, out.clone())
+        if new is act and not (derived and manager.has_backward(name)):
+            return None  # (a derived tensor carrying backward hooks must replace the output, or its hooks never run)
+        new = new / scale if scale != 1.0 else new
+        return _with_out0(output, new.reshape(out.shape))
 
     return hook
 
 
-def fire_input(manager: HookManager, name: str) -> Callable:
-    """A forward pre-hook firing ``name`` on a module's first input."""
+def fire_input(manager: HookManager, name: str, view: tuple[int, int] | None = None,
+               rows: Callable[[], tuple[int, int]] | None = None, also: Callable | None = None) -> Callable:
+    """A forward pre-hook firing ``name`` on a module's first input (optionally viewed as ``[.., head, d]``;
+    ``rows`` as in :func:`fire_output`). ``also(act)`` sees the (possibly edited) input afterwards."""
 
     def hook(module, args):
-        if not manager.is_active(name):
+        x = args[0]
+        act = x.view(*rows(), -1) if rows is not None and x.dim() == 2 else x
+        act = act.view(*act.shape[:-1], *view) if view else act
+        new = manager.fire(name, act) if manager.is_active(name) else act
+        if also is not None:
+            also(new)
+        if new is act and not ((view or act is not x) and manager.has_backward(name)):
             return None
-        new = manager.fire(name, args[0])
-        return None if new is args[0] else (new,) + tuple(args[1:])
+        return (new.reshape(x.shape),) + tuple(args[1:])
 
     return hook
 
@@ -73,6 +94,8 @@ class HookSites:
     def attach_attention(self) -> str:
         """Route the model's attention through mechscope's function; returns the implementation's name."""
         hf = self.parts.hf
+        if not self.family.attn_fn:  # its attention is its own code: leave it as it is (hook_z fires at o_proj)
+            return hf.config._attn_implementation
         _attn.register()
         base = hf.config._attn_implementation
         if base not in _attn.IMPLEMENTATIONS and base not in _attn.IMPLEMENTATIONS.values():
@@ -89,8 +112,17 @@ class HookSites:
     def groups_of(self, name: str) -> list:
         """The groups serving hook point ``name``: ``[(kind, layer)]``, or ``[kind]`` at the top level."""
         layer, _ = split_name(name)
-        kinds = spec(name).groups
+        s = spec(name)
+        kinds = s.groups_outside_attn if (not self.family.attn_fn and s.groups_outside_attn) else s.groups
+        if self.family.flat_mlp and set(kinds) & {"ln2", "mlp_in", "mlp_post", "mlp_out"}:
+            kinds = ("pre",) + tuple(kinds)  # the block's input gives (batch, pos) to view the MLP's rows
         return list(kinds) if layer is None else [(k, layer) for k in kinds]
+
+    def _rows(self, layer: int) -> Callable[[], tuple[int, int]] | None:
+        """``(batch, pos)`` of the pass through block ``layer``, for a family whose MLP sees flat rows."""
+        if not self.family.flat_mlp:
+            return None
+        return lambda: tuple(self.manager.state.resid_pre[layer].shape[:2])
 
     def install(self, group: str | tuple[str, int]) -> list:
         """Attach the PyTorch hooks of one group; return their handles."""
@@ -98,27 +130,44 @@ class HookSites:
         if isinstance(group, str):
             module = {"embed": parts.embed, "pos_embed": parts.pos_embed, "ln_final": parts.final_norm}[group]
             name = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "ln_final": "ln_final.hook_normalized"}
-            return [module.register_forward_hook(fire_output(m, name[group]))]
+            scale = self.cfg.embed_multiplier if group == "embed" else 1.0
+            return [module.register_forward_hook(fire_output(m, name[group], scale=scale))]
         kind, layer = group
         if kind == "stop":
             target = parts.layers[layer] if layer < self.cfg.n_layers else parts.final_norm
             return [target.register_forward_pre_hook(_raise_stop, with_kwargs=True)]
-        if kind in ("qkv", "mlp_in", "attn_out", "pre"):
+        if kind in ("qkv", "mlp_in", "attn_out", "pre", "z_in"):
             return getattr(self, f"_install_{kind}")(layer)
         block = parts.layers[layer]
         if kind == "post":
             return [block.register_forward_hook(fire_output(m, block_name(layer, "hook_resid_post")))]
+        rows = self._rows(layer)
         if kind in ("ln1", "ln2"):
             module = parts.norm_module(layer, kind)
-            return [module.register_forward_hook(fire_output(m, block_name(layer, f"{kind}.hook_normalized")))]
+            return [module.register_forward_hook(fire_output(m, block_name(layer, f"{kind}.hook_normalized"),
+                                                             rows=rows if kind == "ln2" else None))]
         if kind == "mlp_out":
             post_norm = parts.norm_module(layer, "mlp_post")
-            site = post_norm if post_norm is not None else parts.mlp(layer)
-            return [site.register_forward_hook(fire_output(m, block_name(layer, "hook_mlp_out")))]
+            site = post_norm if post_norm is not None else parts.mlp_out_site(layer)
+            return [site.register_forward_hook(fire_output(m, block_name(layer, "hook_mlp_out"),
+                                                           scale=self.cfg.residual_scale, rows=rows,
+                                                           copy=self.family.inplace_mlp_out))]
         if kind == "mlp_post":
             down = parts.mlp_proj(layer, self.family.mlp_out)
-            return [down.register_forward_pre_hook(fire_input(m, block_name(layer, "mlp.hook_post")))]
+            return [down.register_forward_pre_hook(fire_input(m, block_name(layer, "mlp.hook_post"), rows=rows))]
         raise KeyError(group)  # pragma: no cover - every registry group is handled above
+
+    def _install_z_in(self, layer: int) -> list:
+        """``hook_z`` on the output projection's input, for a family whose attention is its own code (Falcon)."""
+        m, c = self.manager, self.cfg
+        name, n_result = block_name(layer, "attn.hook_z"), block_name(layer, "attn.hook_result")
+
+        def keep(z):
+            if m.is_active(n_result):
+                m.state.z[layer] = z
+
+        hook = fire_input(m, name, view=(c.n_heads, c.d_head), also=keep)
+        return [self.parts.attn_proj(layer, self.family.o).register_forward_pre_hook(hook)]
 
     # ---- the residual stream ------------------------------------------------------------------
     def _install_pre(self, layer: int) -> list:
@@ -138,12 +187,13 @@ class HookSites:
 
     def _install_attn_out(self, layer: int) -> list:
         """``hook_result`` (from the per-pass ``z``), ``hook_attn_out`` and ``hook_resid_mid``, in that order."""
-        m, weights = self.manager, self.weights
+        m, weights, r = self.manager, self.weights, self.cfg.residual_scale
         n_result, n_out, n_mid = (block_name(layer, s) for s in ("attn.hook_result", "hook_attn_out", "hook_resid_mid"))
         post_norm = self.parts.norm_module(layer, "attn_post")
 
         def hook(module, args, output):
-            out = orig = _out0(output)
+            orig = _out0(output)
+            out = orig * r if r != 1.0 else orig  # what attention adds to the residual stream
             if m.is_active(n_result):
                 pre_norm = args[0] if post_norm is not None else None
                 res = weights.head_results(layer, m.state.z.pop(layer), pre_norm_out=pre_norm)
@@ -164,6 +214,10 @@ class HookSites:
                 if (m.has_backward(n_mid) and new_mid.requires_grad) or \
                         (new_mid is not mid and not torch.equal(new_mid, mid)):
                     out = new_mid - pre
+            if r != 1.0:
+                if torch.equal(out, orig * r) and not (m.has_backward(n_out) or m.has_backward(n_result)):
+                    return None
+                out = out / r
             return None if out is orig else _with_out0(output, out)
 
         site = post_norm if post_norm is not None else self.parts.attn(layer)
@@ -174,10 +228,12 @@ class HookSites:
         """A fused projection's output -> ``(q [.., head, d], k [.., kv, d], v [.., kv, d])`` views, and a merger."""
         c = self.cfg
         lead = out.shape[:-1]
-        if self.family.qkv_layout == "neox":
-            x = out.view(*lead, c.n_heads, 3, c.d_head)
-            return (x[..., 0, :], x[..., 1, :], x[..., 2, :]), (
-                lambda q, k, v: torch.stack([q, k, v], dim=-2).reshape(*lead, -1))
+        if self.family.qkv_layout in ("neox", "falcon"):  # per KV head [q_1 .. q_g, k, v] (GPT-NeoX: g = 1)
+            g = c.n_groups
+            x = out.view(*lead, c.n_kv_heads, g + 2, c.d_head)
+            return (x[..., :g, :].flatten(-3, -2), x[..., g, :], x[..., g + 1, :]), (
+                lambda q, k, v: torch.cat([q.view(*lead, c.n_kv_heads, g, c.d_head), k[..., None, :], v[..., None, :]],
+                                          dim=-2).reshape(*lead, -1))
         sizes = [c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head]
         q, k, v = out.split(sizes, dim=-1)
         return (q.view(*lead, c.n_heads, c.d_head), k.view(*lead, c.n_kv_heads, c.d_head),
@@ -213,7 +269,8 @@ class HookSites:
                 return self._fire_parts([pre, pre_linear], output.chunk(2, dim=-1), lambda g, u: torch.cat([g, u], -1))
 
             return [self.parts.mlp_proj(layer, fam.mlp_gate).register_forward_hook(hook)]
+        rows = self._rows(layer)
         if fam.mlp_gate is None:
-            return [self.parts.mlp_proj(layer, fam.mlp_in).register_forward_hook(fire_output(m, pre))]
-        return [self.parts.mlp_proj(layer, fam.mlp_gate).register_forward_hook(fire_output(m, pre)),
-                self.parts.mlp_proj(layer, fam.mlp_in).register_forward_hook(fire_output(m, pre_linear))]
+            return [self.parts.mlp_proj(layer, fam.mlp_in).register_forward_hook(fire_output(m, pre, rows=rows))]
+        return [self.parts.mlp_proj(layer, fam.mlp_gate).register_forward_hook(fire_output(m, pre, rows=rows)),
+                self.parts.mlp_proj(layer, fam.mlp_in).register_forward_hook(fire_output(m, pre_linear, rows=rows))]

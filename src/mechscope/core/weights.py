@@ -73,26 +73,35 @@ class Weights:
             return (*Ws, *[bias_heads(param(mod, "bias"), n) for mod, n in zip(mods, (h, kv, kv))])
         mod = self.parts.attn_proj(layer, fam.qkv)
         W, b = in_to_out(mod, fam.conv1d), param(mod, "bias")
-        if fam.qkv_layout == "neox":  # per head [q_h k_h v_h]
-            W4 = W.reshape(m, h, 3, d)
-            b3 = b.reshape(h, 3, d) if b is not None else None
-            Ws = [W4[:, :, i].permute(1, 0, 2) for i in range(3)]
-            return (*Ws, *[b3[:, i] if b3 is not None else bias_heads(None, h) for i in range(3)])
+        if fam.qkv_layout in ("neox", "falcon"):  # per KV head [q_1 .. q_g, k, v] (GPT-NeoX: g = 1)
+            g = c.n_groups
+            W4 = W.reshape(m, kv, g + 2, d)
+            Ws = [W4[:, :, :g].reshape(m, h, d).permute(1, 0, 2), W4[:, :, g].permute(1, 0, 2),
+                  W4[:, :, g + 1].permute(1, 0, 2)]
+            if b is None:
+                return (*Ws, bias_heads(None, h), bias_heads(None, kv), bias_heads(None, kv))
+            b4 = b.reshape(kv, g + 2, d)
+            return (*Ws, b4[:, :g].reshape(h, d), b4[:, g], b4[:, g + 1])
         sizes = [h * d, kv * d, kv * d]
         Ws = [heads(w, n) for w, n in zip(W.split(sizes, dim=1), (h, kv, kv))]
         bs = [bias_heads(x, n) for x, n in zip(b.split(sizes) if b is not None else (None,) * 3, (h, kv, kv))]
         return (*Ws, *bs)
 
+    def _scaled(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` times the residual multiplier (Granite), so that the views map into the residual stream."""
+        r = self.cfg.residual_scale
+        return w * r if r != 1.0 else w
+
     def W_O_layer(self, layer: int) -> torch.Tensor:
-        """``[head, d_head, d_model]`` for one layer."""
+        """``[head, d_head, d_model]`` for one layer (times the residual multiplier, where the model has one)."""
         c = self.cfg
         o = self.parts.attn_proj(layer, self.family.o)
-        return in_to_out(o, self.family.conv1d).reshape(c.n_heads, c.d_head, c.d_model)
+        return self._scaled(in_to_out(o, self.family.conv1d).reshape(c.n_heads, c.d_head, c.d_model))
 
     def b_O_layer(self, layer: int) -> torch.Tensor:
         """``[d_model]``: the output projection's bias (zeros where the model has none)."""
         b = param(self.parts.attn_proj(layer, self.family.o), "bias")
-        return b if b is not None else self._zeros(self.cfg.d_model)
+        return self._scaled(b) if b is not None else self._zeros(self.cfg.d_model)
 
     def head_results(self, layer: int, z: torch.Tensor, pre_norm_out: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head contribution to ``hook_attn_out``: ``result[h] = z[h] @ W_O[h]`` ``[batch, pos, head, d_model]``.
@@ -161,12 +170,13 @@ class Weights:
         return gate, W, W_out, b, b_out
 
     def W_out_layer(self, layer: int) -> torch.Tensor:
-        """``[d_mlp, d_model]`` for one layer (no stack over layers)."""
-        return self.mlp(layer)[2]
+        """``[d_mlp, d_model]`` for one layer (times the residual multiplier, where the model has one)."""
+        return self._scaled(self.mlp(layer)[2])
 
     def b_out_layer(self, layer: int) -> torch.Tensor:
         """``[d_model]`` for one layer (zeros where the model has no bias)."""
-        return self._or_zeros(self.mlp(layer)[4], self.cfg.d_model)
+        b = self.mlp(layer)[4]
+        return self._scaled(b) if b is not None else self._zeros(self.cfg.d_model)
 
     @property
     def W_in(self) -> torch.Tensor:
@@ -210,19 +220,24 @@ class Weights:
             raise AttributeError(f"{self.cfg.model_type} has no learned position embedding (it uses rotary)")
         return param(self.parts.pos_embed)
 
+    def _logit_scaled(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.logit_scale
+        return w * s if s != 1.0 else w
+
     @property
     def W_U(self) -> torch.Tensor:
-        """``[d_model, d_vocab]``: ``logits = ln_final(resid) @ W_U + b_U`` (then soft-capping, Gemma 2)."""
-        return param(self.parts.unembed).T
+        """``[d_model, d_vocab]``: ``logits = ln_final(resid) @ W_U + b_U`` (then soft-capping, Gemma 2); the logit
+        multiplier of Cohere and Granite is folded in."""
+        return self._logit_scaled(param(self.parts.unembed).T)
 
     @property
     def b_U(self) -> torch.Tensor:
         """``[d_vocab]`` (zeros where the model has no bias)."""
-        return self._or_zeros(param(self.parts.unembed, "bias"), self.cfg.d_vocab)
+        return self._logit_scaled(self._or_zeros(param(self.parts.unembed, "bias"), self.cfg.d_vocab))
 
     def unembed(self, normalized: torch.Tensor) -> torch.Tensor:
-        """``[..., d_model] -> [..., d_vocab]``: the unembedding plus soft-capping where the model has it."""
-        logits = self.parts.unembed(normalized)
+        """``[..., d_model] -> [..., d_vocab]``: the unembedding, logit multiplier and soft-capping, as the model has them."""
+        logits = self._logit_scaled(self.parts.unembed(normalized))
         cap = self.cfg.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

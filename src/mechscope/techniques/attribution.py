@@ -180,7 +180,7 @@ def direct_logit_attribution(
     norm = model.ln_final
     s = norm.scale(at(cache["resid_post", n - 1]))  # [N, 1]
     ue = u * norm.gain.float()  # [N, d]
-    if norm.kind == "layernorm":
+    if norm.centers:
         ue = ue - ue.mean(-1, keepdim=True)  # center(v) . w == v . (w - mean(w))
 
     def contrib(v):  # [N, ..., d] -> [N, ...]
