@@ -32,6 +32,8 @@ def test_dla_is_exact(arch):
         mlp = res.values[res.components.index(f"L{l}.mlp")]
         torch.testing.assert_close(res.heads[l].sum() + res.head_bias[l], attn, atol=1e-4, rtol=1e-4)
         neurons = res.extra["neuron_contributions"][l].sum() + res.extra["mlp_bias"][l]
+        if l in (model.cfg.moe_layers or []):  # an MoE block: its experts (+ the shared expert) make up the MLP term
+            neurons = neurons + res.extra["expert_contributions"][l].sum()
         torch.testing.assert_close(neurons, mlp, atol=1e-4, rtol=1e-4)
 
 

@@ -76,7 +76,11 @@ def tiny_hf(arch: str, attn_implementation: str = "sdpa", seed: int = 0):
     """A tiny random ``*ForCausalLM`` of ``arch``; norm weights randomised so norms are not identities."""
     torch.manual_seed(seed)
     cfg = CONFIGS[arch]()
-    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+    try:
+        model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+    except ValueError:  # a family that refuses sdpa (Gemma 2, gpt-oss, Flint, VaultGemma): HF's eager, as load() does
+        torch.manual_seed(seed)
+        model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln" in name:
@@ -84,3 +88,23 @@ def tiny_hf(arch: str, attn_implementation: str = "sdpa", seed: int = 0):
             elif name.endswith("bias"):
                 p.add_(0.05 * torch.randn_like(p))
     return model
+
+_MOE = dict(_GENERIC, num_experts_per_tok=2, moe_intermediate_size=24)
+MOE_CONFIGS = {
+    "mixtral": _generic("mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": _generic("olmoe", num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: T.AutoConfig.for_model("qwen3_moe", **{**_MOE, "num_experts": 4, "decoder_sparse_step": 1,
+                                                                 "mlp_only_layers": [], "norm_topk_prob": True}),
+    "qwen2_moe": lambda: T.AutoConfig.for_model("qwen2_moe", **{**_MOE, "num_experts": 4, "decoder_sparse_step": 1,
+                                                                 "mlp_only_layers": [],
+                                                                 "shared_expert_intermediate_size": 40}),
+    "gpt_oss": _generic("gpt_oss", num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "mellum": lambda: T.AutoConfig.for_model("mellum", **{**_MOE, "num_experts": 4}),
+    "flint": lambda: T.AutoConfig.for_model("flint", **{**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 40}),
+    "granitemoe": _generic("granitemoe", num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+                           residual_multiplier=0.5, logits_scaling=3.0),
+}
+CONFIGS.update(MOE_CONFIGS)
+ARCHS = list(CONFIGS)
+SLIDING["gpt_oss"] = 4

@@ -16,11 +16,13 @@ from . import datasets
 from .analysis.metrics import induction_loss, kl_div, logit_diff, normalized_metric, token_prob, token_rank
 from .analysis.validation import Estimate, across_seeds, bootstrap_ci, cohens_d, paired_bootstrap, shuffled_labels
 from .circuits.discovery import CircuitResult, edge_attribution, find_circuit
+from .circuits.experts import expert_report
 from .circuits.heads import detect_heads, head_report, induction_scores
 from .circuits.toy import train_attn_only
 from .circuits.weights import OV, QK, FactoredMatrix, composition_scores, copying_scores
 from .compute import env, estimate_memory
 from .core.cache import ActivationCache
+from .core.check import check
 from .core.components import Component, parse_components
 from .core.config import ModelConfig
 from .core.errors import InputError, MechscopeError, NotFoundError, UnknownNameError
@@ -38,7 +40,7 @@ from .techniques.attribution_patching import attribution_patch
 from .techniques.lens import logit_lens, train_tuned_lens
 from .techniques.patching import patch
 from .techniques.probing import probe_sweep, train_probe
-from .techniques.steering import projection_ablation_hook, steering_hook
+from .techniques.steering import expert_routing_hook, projection_ablation_hook, steering_hook
 from .workflows import demo_investigation
 
 __version__ = "0.2.0"
@@ -46,7 +48,7 @@ __version__ = "0.2.0"
 __all__ = [
     # core
     "ActivationCache", "Component", "HOOK_SPECS", "HookPoint", "HookedModel", "ModelConfig", "Result",
-    "act_name", "lm_loss", "parse_components", "supported_model_types",
+    "act_name", "check", "lm_loss", "parse_components", "supported_model_types",
     # errors
     "InputError", "MechscopeError", "ModelNotFoundError", "NotFoundError", "UnknownNameError",
     "UnsupportedArchitectureError",
@@ -56,11 +58,12 @@ __all__ = [
     "Estimate", "across_seeds", "bootstrap_ci", "cohens_d", "induction_loss", "kl_div", "logit_diff",
     "normalized_metric", "paired_bootstrap", "shuffled_labels", "token_prob", "token_rank",
     # techniques
-    "ablate", "attribution_patch", "compare_to_random", "datasets", "direct_logit_attribution", "logit_lens",
+    "ablate", "attribution_patch", "compare_to_random", "datasets", "direct_logit_attribution", "expert_routing_hook",
+    "logit_lens",
     "patch", "probe_sweep", "projection_ablation_hook", "steering_hook", "train_probe", "train_tuned_lens",
     # circuits
     "CircuitResult", "FactoredMatrix", "OV", "QK", "composition_scores", "copying_scores", "detect_heads",
-    "edge_attribution", "find_circuit", "head_report", "induction_scores", "train_attn_only",
+    "edge_attribution", "expert_report", "find_circuit", "head_report", "induction_scores", "train_attn_only",
     # SAEs
     "SAE", "SAEConfig", "TrainConfig", "evaluate_sae", "fit_sae", "harvest", "load_sae", "save_sae", "train_sae",
     # workflows

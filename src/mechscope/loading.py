@@ -252,7 +252,7 @@ def load(
         raise NotFoundError(f"cannot read the config of {where}: {e}") from e
     except ValueError as e:  # not JSON, or a model type transformers does not know
         raise InputError(f"cannot read the config of {where}: {e}") from e
-    family_for(config)  # fail before loading weights for unsupported architectures
+    _family_before_loading(config)  # fail before loading weights for architectures mechscope cannot hook
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -275,4 +275,39 @@ def load(
             tok = AutoTokenizer.from_pretrained(str(where))
         except (OSError, ValueError):
             tok = None
-    return HookedModel(hf, tok, name=name)
+    model = HookedModel(hf, tok, name=name)
+    if model.inferred:
+        _accept_inferred(model)
+    return model
+
+
+def _family_before_loading(config) -> None:
+    """The table's row, or a row inferred on a weightless copy; a clear error before any weight is read."""
+    from .core.families import UnsupportedArchitectureError
+    from .core.infer import infer_family
+    from .core.parts import meta_model
+
+    try:
+        family_for(config)
+    except UnsupportedArchitectureError:
+        infer_family(meta_model(config), getattr(config, "model_type", "?"))
+
+
+def _accept_inferred(model: HookedModel) -> None:
+    """Run the identity suite on a model whose row was inferred: warn and keep it, or refuse it clearly."""
+    import warnings
+
+    from .core.check import check
+    from .core.families import UnsupportedArchitectureError
+    from .core.infer import family_source
+
+    report = check(model, interventions=False)
+    row = family_source(model.family)
+    if not report.ok:
+        raise UnsupportedArchitectureError(
+            f"model type {model.cfg.model_type!r} has no family row; the row inferred from its modules, {row}, fails "
+            f"mechscope's identity suite: {', '.join(report.failed)}. Write its row by hand (docs/hooks.md, 'adding a "
+            f"family').\n{report.summary()}")
+    warnings.warn(f"mechscope: model type {model.cfg.model_type!r} has no family row; it was inferred from the module "
+                  f"tree and passes the identity suite (mechscope.check). To make it permanent, add to FAMILIES in "
+                  f"mechscope/core/families.py: {row}", UserWarning, stacklevel=3)

@@ -256,10 +256,13 @@ def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W) ->
     g = {s: store[f"blocks.{l}.attn.hook_{s}"] for s in ("q", "k", "v")}  # [batch, pos, head | kv_head, d_head]
     v = torch.cat([torch.einsum("bphe,hde->bphd", g["q"], W_Q), torch.einsum("bphe,hde->bphd", g["k"], W_K),
                    torch.einsum("bphe,hde->bphd", g["v"], W_V)], dim=2)  # [batch, pos, readers, d_model]
-    x = resid_pre[:, :, None, :].expand(-1, -1, v.shape[2], -1).clone().requires_grad_(True)
     ln1 = model.ln1(l)
-    with torch.enable_grad():
-        (gx,) = torch.autograd.grad(ln1(x), x, v)  # the norm's vector-Jacobian product, one per reader
+    if ln1 is None:  # attention reads the residual stream itself (OLMo-2): the map is the identity
+        gx = v
+    else:
+        x = resid_pre[:, :, None, :].expand(-1, -1, v.shape[2], -1).clone().requires_grad_(True)
+        with torch.enable_grad():
+            (gx,) = torch.autograd.grad(ln1(x), x, v)  # the norm's vector-Jacobian product, one per reader
     kv = [kv_component(model.cfg, l, g) for g in range(model.cfg.n_kv_heads)]
     names = [f"L{l}H{h}.q" for h in range(model.cfg.n_heads)] + [f"{c}.k" for c in kv] + [f"{c}.v" for c in kv]
     return {name: gx[:, :, i] for i, name in enumerate(names)}

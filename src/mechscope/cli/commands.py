@@ -237,6 +237,30 @@ def parse_head(spec: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+@command("check", "the identity suite on a loaded model: exact hooks, residual identities, live hook points",
+         ("mechscope check", "mechscope check --model ./my-hf-folder --no-interventions --json"), MODEL,
+         arg("--no-interventions", action="store_true", help="skip editing every hook point (faster)"))
+def check_cmd(args: argparse.Namespace) -> Result:
+    from ..core.check import check
+
+    return check(_load(args), interventions=not args.no_interventions, progress=True)
+
+
+@command("expert", "what does this expert do? routing, logit effect and ablation effect (LAYER.EXPERT)",
+         ("mechscope expert 3.5 --model ./olmoe-folder", "mechscope expert L3E5 --json"), MODEL,
+         arg("expert", help="LAYER.EXPERT, e.g. 3.5 (or L3E5)"), arg("--n", type=int, default=16,
+                                                                    help="held-out sequences"))
+def expert_cmd(args: argparse.Namespace) -> Result:
+    from ..circuits.experts import expert_report
+    from ..core.components import Component
+
+    spec = args.expert.strip()
+    comp = Component.parse(spec if spec.startswith("L") else "L{}E{}".format(*spec.split(".", 1)))
+    if comp.kind != "expert":
+        raise InputError(f"cannot read expert {args.expert!r}; write LAYER.EXPERT (e.g. 3.5) or L3E5")
+    return expert_report(_load(args), comp.layer, comp.index, n_seqs=args.n)
+
+
 @command("head", "what does this head do? an HTML report for one head (LAYER.HEAD)",
          ("mechscope head 18.6", "mechscope head L17H4 --out head.html"), MODEL,
          arg("head", help="LAYER.HEAD, e.g. 18.6 (or L18H6)"),

@@ -7,6 +7,7 @@ written          meaning                                     hook it acts on
 ``L5H3``         head 3 of layer 5                           ``attn.hook_z``
 ``L5G1``         KV head (group) 1 of layer 5 (GQA)           ``attn.hook_k/v``
 ``L5N100``       neuron 100 of layer 5's MLP                 ``mlp.hook_post``
+``L5E3``         expert 3 of layer 5's mixture of experts    ``mlp.hook_expert_out``
 ``L5.attn``      layer 5's attention output                  ``hook_attn_out``
 ``L5.mlp``       layer 5's MLP output                        ``hook_mlp_out``
 ``L5``           both outputs of layer 5 (see :meth:`Component.expand`)
@@ -31,12 +32,12 @@ if TYPE_CHECKING:
     from .model import HookedModel
 from .types import ComponentSpecs
 
-_RE = re.compile(r"^L(\d+)(?:([HGN])(\d+))?(?:\.(attn|mlp|q|k|v|attn_in|mlp_in))?$")
-_INDEXED = {"H": "head", "G": "group", "N": "neuron"}
+_RE = re.compile(r"^L(\d+)(?:([HGNE])(\d+))?(?:\.(attn|mlp|q|k|v|attn_in|mlp_in))?$")
+_INDEXED = {"H": "head", "G": "group", "N": "neuron", "E": "expert"}
 _LETTER = {v: k for k, v in _INDEXED.items()}
 _HOOK = {"head": "attn.hook_z", "neuron": "mlp.hook_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out",
-         "embed": "hook_embed"}
-FORMS = "embed, logits, L3H5 (head), L3G1 (KV group), L3N100 (neuron), L3.attn, L3.mlp, L3 (both), " \
+         "embed": "hook_embed", "expert": "mlp.hook_expert_out"}
+FORMS = "embed, logits, L3H5 (head), L3G1 (KV group), L3N100 (neuron), L3E2 (expert), L3.attn, L3.mlp, L3 (both), " \
         "readers L3H5.q / L3H5.k / L3G1.v / L3.attn_in / L3.mlp_in"
 
 
@@ -66,7 +67,7 @@ class Component:
         layer, letter, idx, tail = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if letter:
             kind = _INDEXED[letter]
-            if tail in ("attn", "mlp", "attn_in", "mlp_in") or (tail and kind == "neuron") or \
+            if tail in ("attn", "mlp", "attn_in", "mlp_in") or (tail and kind in ("neuron", "expert")) or \
                     (kind == "group" and tail == "q"):
                 raise InputError(f"cannot read component {spec!r}; write one of: {FORMS}")
             return cls(layer, kind, int(idx), tail)
@@ -112,7 +113,12 @@ class Component:
             return self
         if not 0 <= self.layer < cfg.n_layers:
             raise InputError(f"{str(self)!r}: layer {self.layer} out of range 0..{cfg.n_layers - 1}")
-        limit = {"head": cfg.n_heads, "group": cfg.n_kv_heads, "neuron": cfg.d_mlp}.get(self.kind)
+        if self.kind == "expert" and self.layer not in (cfg.moe_layers or []):
+            raise InputError(f"{str(self)!r}: block {self.layer} has no mixture of experts"
+                             + (f" (its MoE blocks are {cfg.moe_layers})" if cfg.moe_layers else ""))
+        if self.kind == "neuron" and self.layer in (cfg.moe_layers or []):
+            raise InputError(f"{str(self)!r}: block {self.layer} is a mixture of experts; name an expert (L{self.layer}E0)")
+        limit = {"head": cfg.n_heads, "group": cfg.n_kv_heads, "neuron": cfg.d_mlp, "expert": cfg.n_experts}.get(self.kind)
         if limit is not None and not 0 <= self.index < limit:
             raise InputError(f"{str(self)!r}: {self.kind} {self.index} out of range 0..{limit - 1}")
         return self

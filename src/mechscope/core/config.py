@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .families import dims_from_config, family_for
+from .families import dims_from_config
 from .hookpoints import hook_names
+from .infer import resolve_family
 from .parts import ModelParts, meta_model
 from .placement import device_map, execution_device
 from .types import HFConfig, HFTokenizer
@@ -41,6 +42,11 @@ class ModelConfig:
     layer_types: list[str] | None = None
     embed_scale: float = 1.0
     tied_embeddings: bool = False
+    n_experts: int = 0  # mixture of experts: routed experts per MoE block (0: a dense MLP)
+    top_k: int = 0  # experts each token is routed to
+    d_expert: int = 0  # one expert's hidden width (d_mlp is the dense MLPs' width, where there are any)
+    moe_routing: str | None = None
+    moe_layers: list[int] | None = None  # the MoE blocks (all of them, or after some dense ones)
     embed_multiplier: float = 1.0  # applied to the embedding module's output outside it (Granite)
     residual_scale: float = 1.0  # attention and MLP outputs are scaled by it before the residual add (Granite)
     logit_scale: float = 1.0  # logits = lm_head(x) * logit_scale (Cohere; Granite: 1 / logits_scaling)
@@ -79,8 +85,19 @@ def _module_sizes(parts: ModelParts, dims: dict) -> dict:
         kv = _out_features(parts.attn_proj(0, fam.k), fam.conv1d) // d
     else:
         kv = (_out_features(parts.attn_proj(0, fam.qkv), fam.conv1d) // d - h) // 2
-    mlp_in = _out_features(parts.mlp_proj(0, fam.mlp_in), fam.conv1d)
-    return {"n_kv_heads": kv, "d_mlp": mlp_in // 2 if fam.mlp_gate_up_fused else mlp_in}
+    out = {"n_kv_heads": kv}
+    moe = parts.moe_layers()
+    dense = [layer for layer in range(len(parts.layers)) if layer not in moe]
+    if moe:  # one expert's width, read from the experts' down projection [E, ., .]
+        router, down = parts.moe_part(moe[0], "router"), parts.moe_part(moe[0], "experts").down_proj
+        out.update(d_expert=int(down.shape[2] if down.shape[1] == dims["d_model"] else down.shape[1]),
+                   n_experts=int(router.weight.shape[0]), moe_layers=moe,
+                   top_k=int(getattr(router, "top_k", 0) or parts.hf.config.num_experts_per_tok))
+        out["d_mlp"] = out["d_expert"]
+    if dense:
+        mlp_in = _out_features(parts.mlp_proj(dense[0], fam.mlp_in), fam.conv1d)
+        out["d_mlp"] = mlp_in // 2 if fam.mlp_gate_up_fused else mlp_in
+    return out
 
 
 def _multiplier(config: HFConfig, attr: str | None) -> float:
@@ -92,7 +109,7 @@ def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelC
     """A :class:`ModelConfig` from the HF config, with the sizes the loaded modules actually have."""
     hf, fam = parts.hf, parts.family
     c = hf.config
-    dims = dims_from_config(c)
+    dims = dims_from_config(c, fam)
     dims.update(_module_sizes(parts, dims))
     scale = getattr(parts.embed, "scalar_embed_scale", None)  # a scaled embedding module (Gemma, BioGPT)
     if scale is None and isinstance(getattr(parts.embed, "embed_scale", None), (int, float)):
@@ -104,7 +121,10 @@ def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelC
     return ModelConfig(
         model_name=name, model_type=c.model_type, family=fam.name, n_layers=len(parts.layers),
         d_model=dims["d_model"], n_heads=dims["n_heads"], n_kv_heads=dims["n_kv_heads"], d_head=dims["d_head"],
-        d_mlp=dims["d_mlp"], d_vocab=parts.unembed.weight.shape[0], n_ctx=dims["n_ctx"], act_fn=str(act),
+        d_mlp=dims["d_mlp"], n_experts=dims.get("n_experts", 0), top_k=dims.get("top_k", 0),
+        d_expert=dims.get("d_expert", 0), moe_layers=dims.get("moe_layers"),
+        moe_routing=fam.moe_routing if dims.get("n_experts") else None, d_vocab=parts.unembed.weight.shape[0],
+        n_ctx=dims["n_ctx"], act_fn=str(act),
         normalization=fam.norm, positional="rotary" if fam.rotary else "learned",
         parallel_residual=bool(getattr(c, fam.parallel_attr, fam.parallel_residual) if fam.parallel_attr
                                else fam.parallel_residual),
@@ -125,15 +145,19 @@ def build_config(parts: ModelParts, name: str, tokenizer: HFTokenizer) -> ModelC
 
 
 
+def _meta_parts(config: HFConfig) -> ModelParts:
+    hf = meta_model(config)
+    return ModelParts(hf, resolve_family(hf)[0])
+
+
 def describe(config: HFConfig) -> ModelConfig:
     """The :class:`ModelConfig` of a model from its HF config alone (its module tree built on ``meta``)."""
-    hf = meta_model(config)
-    return build_config(ModelParts(hf, family_for(config)), getattr(config, "_name_or_path", "") or "?", None)
+    return build_config(_meta_parts(config), getattr(config, "_name_or_path", "") or "?", None)
 
 
 def facts_from_config(config: HFConfig) -> dict:
     """The facts the hook-point registry keys on (learned positions, rotary, gated MLP, which norms), from a config."""
-    return ModelParts(meta_model(config), family_for(config)).facts()
+    return _meta_parts(config).facts()
 
 
 def hook_names_from_config(config: HFConfig) -> list[str]:

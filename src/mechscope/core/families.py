@@ -83,6 +83,13 @@ class Family:
     attn_fn: bool = True  # attention runs through transformers' attention interface (Falcon: its own code)
     flat_mlp: bool = False  # the MLP sees [batch * pos, d_model] rows (OPT)
     inplace_mlp_out: bool = False  # the block adds attention into the MLP's output tensor in place (Falcon)
+    # mixture of experts (paths relative to the MLP module): a router returning (logits, weights, indices)
+    # and an experts module called as experts(x [T, d], indices [T, k], weights [T, k])
+    moe_router: str | None = None
+    moe_experts: str = "experts"
+    moe_shared: str | None = None  # an expert every token uses (Qwen2-MoE, Flint)
+    moe_shared_gate: str | None = None  # a sigmoid gate on the shared expert's output (Qwen2-MoE)
+    moe_routing: str = "softmax_topk"  # softmax_topk (renormalised when the router says so) | topk_softmax | sigmoid_topk
 
 
 #: the Llama layout with LayerNorm instead of RMSNorm (StableLM, StarCoder2, Jais2, Persimmon ...)
@@ -145,6 +152,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("apertus", ("apertus",), ln1="attention_layernorm", ln2="feedforward_layernorm", mlp_gate=None,
            qk_norm=True),
     Family("hyperclovax", ("hyperclovax",), attn_post_norm="post_norm1", mlp_post_norm="post_norm2"),
+    Family("mixtral", ("mixtral",), moe_router="gate", mlp_gate=None),
+    Family("qwen_moe", ("qwen3_moe", "olmoe", "mellum"), moe_router="gate", mlp_gate=None, qk_norm=True),
+    Family("qwen2_moe", ("qwen2_moe",), moe_router="gate", mlp_gate=None, moe_shared="shared_expert",
+           moe_shared_gate="shared_expert_gate"),
+    Family("flint", ("flint",), moe_router="gate", mlp_gate=None, moe_shared="shared_expert", moe_routing="sigmoid_topk",
+           qk_norm=True, attn_sinks=True),
+    Family("gpt_oss", ("gpt_oss",), moe_router="router", mlp_gate=None, moe_routing="topk_softmax", attn_sinks=True),
+    Family("granitemoe", ("granitemoe",), mlp="block_sparse_moe", moe_router="router", mlp_gate=None,
+           moe_routing="topk_softmax", embed_multiplier="embedding_multiplier",
+           residual_multiplier="residual_multiplier", logit_divisor="logits_scaling"),
     Family("gemma", ("gemma",), norm="rms_plus_one"),
     Family("vaultgemma", ("vaultgemma",), ln2="pre_feedforward_layernorm", norm="rms_plus_one"),
     Family("gemma2", ("gemma2", "gemma3_text", "gemma3"), ln2="pre_feedforward_layernorm",
@@ -209,9 +226,9 @@ def _first(*vals):
     return None
 
 
-def dims_from_config(config: HFConfig) -> dict:
-    """The model's sizes from an HF config alone (no weights): used before loading and by the wrapper."""
-    fam = family_for(config)
+def dims_from_config(config: HFConfig, family: Family | None = None) -> dict:
+    """The model's sizes from an HF config alone (no weights); ``family`` defaults to the table's row."""
+    fam = family or family_for(config)
     c = config
     n_heads = _first(getattr(c, "num_attention_heads", None), getattr(c, "n_head", None))
     d_model = _first(getattr(c, "hidden_size", None), getattr(c, "n_embd", None))

@@ -45,6 +45,10 @@ _WIDTHS = {
     "heads": lambda d: d["n_heads"] * d["d_head"],
     "kv_heads": lambda d: d["n_kv_heads"] * d["d_head"],
     "heads_model": lambda d: d["n_heads"] * d["d_model"],
+    "experts": lambda d: d["n_experts"],
+    "top_k": lambda d: d["top_k"],
+    "top_k_model": lambda d: d["top_k"] * d["d_model"],
+    "one": lambda d: 1,
 }
 
 
@@ -124,11 +128,28 @@ HOOK_SPECS: tuple[HookSpec, ...] = (
     _spec("ln2.hook_normalized", "normalized", "output of the pre-MLP norm", "[batch, pos, d_model]",
           groups=("ln2",), needs=("ln2",), layer_type="ln2"),
     _spec("mlp.hook_pre", "pre", "MLP pre-activation (gated MLPs: the gate projection)", "[batch, pos, d_mlp]",
-          "d_mlp", groups=("mlp_in",)),
+          "d_mlp", groups=("mlp_in",), needs=("dense_mlp",)),
     _spec("mlp.hook_pre_linear", "pre_linear", "gated MLPs only: the up projection", "[batch, pos, d_mlp]",
-          "d_mlp", groups=("mlp_in",), needs=("gated",)),
+          "d_mlp", groups=("mlp_in",), needs=("dense_mlp", "gated")),
     _spec("mlp.hook_post", "post", "the neurons: input of the down projection", "[batch, pos, d_mlp]", "d_mlp",
-          groups=("mlp_post",), attrib=True),
+          groups=("mlp_post",), needs=("dense_mlp",), attrib=True),
+    _spec("mlp.hook_router_logits", "router_logits", "MoE: the router's logits over the experts (editing them "
+          "re-routes the token)", "[batch, pos, expert]", "experts", groups=("router",), needs=("moe",), patch=True,
+          head_axis="expert"),
+    _spec("mlp.hook_router_probs", "router_probs", "MoE: the router's distribution over experts (softmax, or sigmoid "
+          "for sigmoid routers; editing it re-routes)", "[batch, pos, expert]", "experts", groups=("router",),
+          needs=("moe",)),
+    _spec("mlp.hook_expert_indices", "expert_indices", "MoE: the experts chosen for each token (long)",
+          "[batch, pos, top_k]", "top_k", groups=("router",), needs=("moe",)),
+    _spec("mlp.hook_expert_weights", "expert_weights", "MoE: the weight of each chosen expert", "[batch, pos, top_k]",
+          "top_k", groups=("router",), needs=("moe",)),
+    _spec("mlp.hook_expert_out", "expert_out", "MoE: each chosen expert's output before it is weighted; "
+          "mlp_out = sum_k weight_k expert_out_k (+ the shared expert)", "[batch, pos, top_k, d_model]", "top_k_model",
+          groups=("experts",), needs=("moe",)),
+    _spec("mlp.hook_shared_expert_out", "shared_expert_out", "MoE: the shared expert's output (before its gate, "
+          "where it has one)", "[batch, pos, d_model]", groups=("shared_expert",), needs=("moe", "shared_expert")),
+    _spec("mlp.hook_shared_expert_gate", "shared_expert_gate", "MoE: the shared expert's gate logit (its output is "
+          "scaled by sigmoid of it)", "[batch, pos, 1]", "one", groups=("shared_gate",), needs=("moe", "shared_gate")),
     _spec("hook_mlp_out", "mlp_out", "what the MLP adds to the residual stream", "[batch, pos, d_model]",
           groups=("mlp_out",), patch=True, attrib=True),
     _spec("hook_resid_post", "resid_post", "residual stream leaving the block", "[batch, pos, d_model]",
@@ -162,15 +183,17 @@ def spec(name: str) -> HookSpec:
 
 
 def hook_names(n_layers: int, facts: Mapping) -> list[str]:
-    """Every hook name of a model, in forward order. ``facts``: ``learned_pos``, ``rot``, ``gated`` (bools)."""
-    def has(s: HookSpec) -> bool:
-        return all(bool(facts.get(f, True)) for f in s.needs)
+    """Every hook name of a model, in forward order. ``facts``: bools such as ``learned_pos``, ``rot``,
+    ``gated``, ``moe``; ``facts["layers"]`` (when blocks differ, e.g. dense before MoE) overrides them per block."""
+    def has(s: HookSpec, f: Mapping) -> bool:
+        return all(bool(f.get(x, True)) for x in s.needs)
 
-    top = [s for s in HOOK_SPECS if s.top_level and has(s)]
+    top = [s for s in HOOK_SPECS if s.top_level and has(s, facts)]
     names = [s.suffix for s in top if s.suffix != "ln_final.hook_normalized"]
-    per_block = [s.suffix for s in BLOCK_SPECS if has(s)]
+    layers = facts.get("layers")
     for layer in range(n_layers):
-        names += [block_name(layer, x) for x in per_block]
+        f = {**facts, **layers[layer]} if layers else facts
+        names += [block_name(layer, s.suffix) for s in BLOCK_SPECS if has(s, f)]
     names.append("ln_final.hook_normalized")
     return names
 

@@ -19,9 +19,10 @@ import torch
 from .cache import ActivationCache, pos_index
 from .config import ModelConfig, build_config
 from .errors import InputError
-from .families import family_for
+from .families import Family
 from .hookpoints import hook_names
 from .hooks import HookHandle, StopForward
+from .infer import resolve_family
 from .parts import ModelParts
 from .sites import HookSites
 from .tokens import TokenOps, Tokens
@@ -31,7 +32,8 @@ from .weights import Weights
 #: weight views served by :class:`~mechscope.core.weights.Weights` (each ``[layer, ...]`` unless noted there)
 WEIGHT_VIEWS = ("device", "dtype", "W_E", "W_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_K_kv", "W_V_kv", "W_O", "b_Q", "b_K",
                 "b_V", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out", "ln_final")
-WEIGHT_METHODS = ("W_O_layer", "b_O_layer", "W_out_layer", "b_out_layer", "head_results", "result_bias", "ln1", "ln2",
+WEIGHT_METHODS = ("W_O_layer", "b_O_layer", "W_in_layer", "W_gate_layer", "b_in_layer", "W_out_layer", "b_out_layer",
+                  "head_results", "result_bias", "ln1", "ln2",
                   "norm", "unembed")
 TOKEN_METHODS = ("tokenize", "to_tokens", "to_str_tokens", "to_string", "to_single_token")
 
@@ -43,10 +45,14 @@ class HookedModel(torch.nn.Module):
     (``W_Q`` ...), norms and tokenization are delegated to the parts listed in the module docstring.
     """
 
-    def __init__(self, hf_model, tokenizer=None, name: str | None = None):
+    def __init__(self, hf_model, tokenizer=None, name: str | None = None, family: Family | None = None):
         super().__init__()
         self.hf = hf_model.eval()
-        self.family = family_for(hf_model.config)
+        if family is None:  # the table's row, or one inferred from the module tree (then check the model)
+            family, self.inferred = resolve_family(hf_model)
+        else:
+            self.inferred = family.name.startswith("inferred:")
+        self.family = family
         self.parts = ModelParts(hf_model, self.family)
         self.cfg: ModelConfig = build_config(self.parts, name or getattr(hf_model.config, "_name_or_path", "?"),
                                              tokenizer)

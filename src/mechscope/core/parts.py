@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .families import Family, family_for, find_path, get_path
+from .families import Family, find_path, get_path
 from .norms import NormSpec
 from .types import HFConfig
 
@@ -80,9 +80,30 @@ class ModelParts:
         rot = self.family.rotary or any(n.endswith(("rotary_emb", "q_norm", "q_layernorm")) for n in names)
         mlp0 = self.mlp(0)
         gated = self.family.mlp_gate is not None and hasattr(mlp0, self.family.mlp_gate.split(".")[0])
-        return {"learned_pos": self.pos_embed is not None, "rot": rot, "gated": gated,
-                "ln1": self.norm_module(0, "ln1") is not None, "ln2": self.norm_module(0, "ln2") is not None,
-                "attn_fn": self.family.attn_fn}
+        per_layer = [self.layer_facts(layer) for layer in range(len(self.layers))]
+        facts = {"learned_pos": self.pos_embed is not None, "rot": rot, "gated": gated,
+                 "attn_fn": self.family.attn_fn, **per_layer[0]}
+        if any(f != per_layer[0] for f in per_layer):  # e.g. dense first layers before MoE ones (Flint)
+            facts["layers"] = per_layer
+        return facts
+
+    def layer_facts(self, layer: int) -> dict:
+        """The facts that may differ from block to block: which norms it has, and whether its MLP is an MoE."""
+        moe = self.moe_part(layer, "router") is not None
+        return {"ln1": self.norm_module(layer, "ln1") is not None, "ln2": self.norm_module(layer, "ln2") is not None,
+                "moe": moe, "dense_mlp": not moe, "shared_expert": self.moe_part(layer, "shared") is not None,
+                "shared_gate": self.moe_part(layer, "shared_gate") is not None}
+
+    def moe_layers(self) -> list[int]:
+        """The blocks whose MLP is a mixture of experts."""
+        return [layer for layer in range(len(self.layers)) if self.moe_part(layer, "router") is not None]
+
+    def moe_part(self, layer: int, which: str) -> torch.nn.Module | None:
+        """Block ``layer``'s MoE ``router``, ``experts``, ``shared`` expert or ``shared_gate`` (None if absent)."""
+        fam = self.family
+        path = {"router": fam.moe_router, "experts": fam.moe_experts if fam.moe_router else None,
+                "shared": fam.moe_shared, "shared_gate": fam.moe_shared_gate}[which]
+        return find_path(self.mlp(layer), path) if path else None
 
     @contextmanager
     def starting_at(self, layer: int) -> Iterator[None]:
@@ -123,8 +144,14 @@ def meta_model(config: HFConfig) -> torch.nn.Module:
     if key not in _META:
         from transformers import AutoModelForCausalLM
 
-        family_for(config)  # a clear error for an unsupported type before building anything
         config = copy.deepcopy(config)  # from_config sets the attention implementation on the config it is given
         with torch.device("meta"):  # (eager: some families refuse sdpa, and attention has no parameters anyway)
-            _META[key] = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            try:
+                _META[key] = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            except ValueError as e:  # not a causal LM (T5, BERT ...), or a config transformers refuses
+                from .families import UnsupportedArchitectureError
+
+                raise UnsupportedArchitectureError(
+                    f"{getattr(config, 'model_type', '?')!r} is not a causal language model that transformers can build "
+                    f"({str(e).splitlines()[0]}); mechscope hooks decoder-only causal LMs") from e
     return _META[key]

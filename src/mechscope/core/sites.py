@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import attention as _attn
+from . import moe as _moe
 from .config import ModelConfig
 from .hookpoints import block_name, spec, split_name
 from .hooks import HookManager, StopForward
@@ -114,13 +115,15 @@ class HookSites:
         layer, _ = split_name(name)
         s = spec(name)
         kinds = s.groups_outside_attn if (not self.family.attn_fn and s.groups_outside_attn) else s.groups
-        if self.family.flat_mlp and set(kinds) & {"ln2", "mlp_in", "mlp_post", "mlp_out"}:
+        flat = {"router", "experts", "shared_expert", "shared_gate"} | (
+            {"ln2", "mlp_in", "mlp_post", "mlp_out"} if self.family.flat_mlp else set())
+        if set(kinds) & flat:
             kinds = ("pre",) + tuple(kinds)  # the block's input gives (batch, pos) to view the MLP's rows
         return list(kinds) if layer is None else [(k, layer) for k in kinds]
 
-    def _rows(self, layer: int) -> Callable[[], tuple[int, int]] | None:
-        """``(batch, pos)`` of the pass through block ``layer``, for a family whose MLP sees flat rows."""
-        if not self.family.flat_mlp:
+    def _rows(self, layer: int, always: bool = False) -> Callable[[], tuple[int, int]] | None:
+        """``(batch, pos)`` of the pass through block ``layer``, for modules that see ``[batch * pos, .]`` rows."""
+        if not (always or self.family.flat_mlp):
             return None
         return lambda: tuple(self.manager.state.resid_pre[layer].shape[:2])
 
@@ -141,6 +144,8 @@ class HookSites:
         block = parts.layers[layer]
         if kind == "post":
             return [block.register_forward_hook(fire_output(m, block_name(layer, "hook_resid_post")))]
+        if kind in ("router", "experts", "shared_expert", "shared_gate"):
+            return self._install_moe(kind, layer)
         rows = self._rows(layer)
         if kind in ("ln1", "ln2"):
             module = parts.norm_module(layer, kind)
@@ -156,6 +161,18 @@ class HookSites:
             down = parts.mlp_proj(layer, self.family.mlp_out)
             return [down.register_forward_pre_hook(fire_input(m, block_name(layer, "mlp.hook_post"), rows=rows))]
         raise KeyError(group)  # pragma: no cover - every registry group is handled above
+
+    def _install_moe(self, kind: str, layer: int) -> list:
+        """The router, experts and shared-expert sites of an MoE block (see :mod:`mechscope.core.moe`)."""
+        m, parts, rows = self.manager, self.parts, self._rows(layer, always=True)
+        if kind == "router":
+            return _moe.install_router(m, parts.moe_part(layer, "router"), layer, self.family.moe_routing,
+                                       self.cfg.top_k, rows)
+        if kind == "experts":
+            return _moe.install_experts(m, parts.moe_part(layer, "experts"), layer, rows)
+        which, short = ("shared", "shared_expert_out") if kind == "shared_expert" else ("shared_gate", "shared_expert_gate")
+        hook = fire_output(m, block_name(layer, f"mlp.hook_{short}"), rows=rows)
+        return [parts.moe_part(layer, which).register_forward_hook(hook)]
 
     def _install_z_in(self, layer: int) -> list:
         """``hook_z`` on the output projection's input, for a family whose attention is its own code (Falcon)."""

@@ -159,6 +159,11 @@ class Weights:
                                        torch.Tensor | None]:
         """``(W_gate [d_model, d_mlp] | None, W_in [d_model, d_mlp], W_out [d_mlp, d_model], b_in, b_out)``."""
         fam = self.family
+        if layer in (self.cfg.moe_layers or []):
+            from .errors import InputError
+
+            raise InputError(f"block {layer} is a mixture of experts: it has no single MLP weight matrix; read an "
+                             f"expert's weights from model.parts.moe_part({layer}, 'experts')")
         out_mod = self.parts.mlp_proj(layer, fam.mlp_out)
         in_mod = self.parts.mlp_proj(layer, fam.mlp_in)
         W_out, W, b = in_to_out(out_mod, fam.conv1d), in_to_out(in_mod, fam.conv1d), param(in_mod, "bias")
@@ -168,6 +173,18 @@ class Weights:
             return gate, up, W_out, b.chunk(2)[1] if b is not None else None, b_out
         gate = in_to_out(self.parts.mlp_proj(layer, fam.mlp_gate), fam.conv1d) if fam.mlp_gate else None
         return gate, W, W_out, b, b_out
+
+    def W_in_layer(self, layer: int) -> torch.Tensor:
+        """``[d_model, d_mlp]`` for one layer: the input (gated MLPs: the up) projection."""
+        return self.mlp(layer)[1]
+
+    def W_gate_layer(self, layer: int) -> torch.Tensor | None:
+        """``[d_model, d_mlp]`` for one layer of a gated MLP, else None."""
+        return self.mlp(layer)[0]
+
+    def b_in_layer(self, layer: int) -> torch.Tensor:
+        """``[d_mlp]`` for one layer (zeros where the model has no bias)."""
+        return self._or_zeros(self.mlp(layer)[3], self.cfg.d_mlp)
 
     def W_out_layer(self, layer: int) -> torch.Tensor:
         """``[d_mlp, d_model]`` for one layer (times the residual multiplier, where the model has one)."""
@@ -181,12 +198,12 @@ class Weights:
     @property
     def W_in(self) -> torch.Tensor:
         """``[layer, d_model, d_mlp]``: the input (gated MLPs: the up) projection."""
-        return self._stack(lambda layer: self.mlp(layer)[1])
+        return self._stack(self.W_in_layer)
 
     @property
     def W_gate(self) -> torch.Tensor | None:
         """``[layer, d_model, d_mlp]`` for gated MLPs (``post = act(x W_gate) * (x W_in)``), else None."""
-        return self._stack(lambda layer: self.mlp(layer)[0]) if self.cfg.gated_mlp else None
+        return self._stack(self.W_gate_layer) if self.cfg.gated_mlp else None
 
     @property
     def W_out(self) -> torch.Tensor:
@@ -196,7 +213,7 @@ class Weights:
     @property
     def b_in(self) -> torch.Tensor:
         """``[layer, d_mlp]`` (zeros where the model has no bias)."""
-        return self._stack(lambda layer: self._or_zeros(self.mlp(layer)[3], self.cfg.d_mlp))
+        return self._stack(self.b_in_layer)
 
     @property
     def b_out(self) -> torch.Tensor:

@@ -84,12 +84,33 @@ def _select(act: torch.Tensor, comp: Component):
     return (slice(None), slice(None))
 
 
+def _expert_hooks(experts: list[Component]) -> list:
+    """Zero-ablation of experts: the slots routed to each expert contribute nothing (the others are untouched)."""
+    hooks = []
+    for layer in sorted({c.layer for c in experts}):
+        ids = [c.index for c in experts if c.layer == layer]
+        seen: dict = {}
+
+        def keep(idx, hook, _seen=seen):
+            _seen["idx"] = idx
+
+        def zero(out, hook, _seen=seen, _ids=ids):
+            routed = torch.isin(_seen["idx"], torch.tensor(_ids, device=out.device))  # [batch, pos, top_k]
+            return out.masked_fill(routed[..., None], 0.0)
+
+        hooks += [(f"blocks.{layer}.mlp.hook_expert_indices", keep), (f"blocks.{layer}.mlp.hook_expert_out", zero)]
+    return hooks
+
+
 def replacement_values(model: HookedModel, comps: list[Component], tokens: torch.Tensor, method: str,
                        reference: TextOrTokens | None = None, seed: int = 0,
                        state: BatchState | None = None) -> dict[Component, torch.Tensor]:
     """What each component is replaced with, shaped like its slice for ``tokens`` ``[batch, pos, ...]``."""
     N, P = tokens.shape
-    names = sorted({c.hook for c in comps})
+    if any(c.kind == "expert" for c in comps) and method != "zero":
+        raise InputError("experts are ablated with method='zero' (their output is removed from the tokens routed to "
+                         "them); an expert has no output on the other tokens to take a mean or resample from")
+    names = sorted({c.hook for c in comps if c.kind != "expert"})
     if method == "zero":
         return {c: None for c in comps}
     ref = tokens if reference is None else equal_length_tokens(model, reference, "ablation")
@@ -141,8 +162,9 @@ def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> 
     """Forward hooks that write the replacement values into each component's slice."""
     by_hook: dict[str, list[Component]] = {}
     for c in comps:
-        by_hook.setdefault(c.hook, []).append(c)
-    hooks = []
+        if c.kind != "expert":
+            by_hook.setdefault(c.hook, []).append(c)
+    hooks = _expert_hooks([c for c in comps if c.kind == "expert"])
     for name, cs in by_hook.items():
         def fn(act, hook, _cs=cs):
             act = act.clone()
@@ -192,7 +214,8 @@ def random_components(model: HookedModel, k: int, kind: str = "head", exclude: S
 
     c = model.cfg
     pool = {"head": [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)],
-            "attn": [f"L{l}.attn" for l in range(c.n_layers)], "mlp": [f"L{l}.mlp" for l in range(c.n_layers)]}
+            "attn": [f"L{l}.attn" for l in range(c.n_layers)], "mlp": [f"L{l}.mlp" for l in range(c.n_layers)],
+            "expert": [f"L{l}E{e}" for l in (c.moe_layers or []) for e in range(c.n_experts)]}
     if kind == "neuron":
         rng = random.Random(seed)
         out, ex = [], set(exclude)
@@ -202,7 +225,7 @@ def random_components(model: HookedModel, k: int, kind: str = "head", exclude: S
                 out.append(name)
         return out
     if kind not in pool:
-        raise InputError(f"kind must be 'head', 'neuron', 'attn' or 'mlp', got {kind!r}")
+        raise InputError(f"kind must be 'head', 'neuron', 'expert', 'attn' or 'mlp', got {kind!r}")
     cand = [x for x in pool[kind] if x not in set(exclude)]
     if k > len(cand):
         raise InputError(f"asked for {k} random {kind}s but only {len(cand)} are available")

@@ -32,8 +32,10 @@ class DLAResult(Result):
     ``components``: labels ``embed``, ``pos_embed``, ``L{l}.attn``, ``L{l}.mlp``, then ``bias``;
     ``values``: ``[component]``; ``heads``: ``[layer, head]``; ``head_bias``: ``[layer]`` (``b_O``
     terms); ``neurons``: the top neurons as ``(layer, index, mean contribution)`` (all of them in
-    ``extra["neuron_contributions"]`` ``[layer, d_mlp]``, with ``extra["mlp_bias"]``); ``target``: the
-    actual logit difference; ``error``: ``sum(values) - target`` (fp32 rounding only).
+    ``extra["neuron_contributions"]`` ``[layer, d_mlp]``, with ``extra["mlp_bias"]``; in a mixture of
+    experts, ``extra["expert_contributions"]`` ``[layer, expert]`` refines each MoE block and its
+    ``mlp_bias`` entry holds the shared expert's term); ``target``: the actual logit difference;
+    ``error``: ``sum(values) - target`` (fp32 rounding only).
     """
 
     label: str
@@ -115,7 +117,9 @@ def _dla_inputs(model, tokens, attention_mask, pos: int):
     N, n = tokens.shape[0], model.cfg.n_layers
     names = ["hook_embed", "hook_pos_embed", f"blocks.{n - 1}.hook_resid_post"]
     names += [f"blocks.{l}.{s}" for l in range(n) for s in ("hook_attn_out", "hook_mlp_out", "attn.hook_z",
-                                                            "mlp.hook_post")]
+                                                            "mlp.hook_post", "mlp.hook_expert_out",
+                                                            "mlp.hook_expert_indices", "mlp.hook_expert_weights",
+                                                            "mlp.hook_shared_expert_out", "mlp.hook_shared_expert_gate")]
     _, cache = model.run_with_cache(tokens, names_filter=[x for x in names if x in model.hook_names],
                                     attention_mask=attention_mask)
     if attention_mask is not None and pos == -1:
@@ -139,15 +143,35 @@ def _layer_terms(model, cache, l: int, rows, p, at, contrib) -> tuple[torch.Tens
         o = torch.einsum("nhd,hdm->nm", z[:, 0].float(), model.W_O_layer(l).float()) + model.b_O_layer(l).float()
     head_bias = contrib(model.result_bias(l, o, res).float().expand(N, -1))
     res = res.to(at.device)
+    if l in (model.cfg.moe_layers or []):  # no neurons: the MLP splits into its experts (and the shared one)
+        experts, shared = _expert_terms(model, cache, l, at, contrib)
+        return contrib(res), head_bias, torch.zeros(N, model.cfg.d_mlp, device=at.device), shared, experts
     W_out = model.W_out_layer(l).float().to(at.device)  # [d_mlp, d_model], read one layer at a time
     b_out = model.b_out_layer(l).float().to(at.device)
     post = at(cache["post", l])  # [N, d_mlp]
     b = b_out.expand(N, -1)
     post_norm = model.norm(l, "mlp_post")
+    no_experts = torch.zeros(N, model.cfg.n_experts, device=at.device)
     if post_norm is None:
-        return contrib(res), head_bias, contrib(post[..., None] * W_out[None]), contrib(b)
+        return contrib(res), head_bias, contrib(post[..., None] * W_out[None]), contrib(b), no_experts
     k = post_norm.scale(post @ W_out + b) * post_norm.gain.float()  # [N, d]: the frozen post-norm
-    return contrib(res), head_bias, contrib(post[..., None] * (W_out[None] * k[:, None, :])), contrib(b * k)
+    return (contrib(res), head_bias, contrib(post[..., None] * (W_out[None] * k[:, None, :])), contrib(b * k),
+            no_experts)
+
+
+def _expert_terms(model, cache, l: int, at, contrib) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE block's terms: ``(per expert [N, n_experts], shared expert [N])``, from
+    ``mlp_out = sum_k w_k expert_out_k (+ sigmoid(g) shared)``; each routed slot is credited to its expert."""
+    out, w, idx = at(cache["expert_out", l]), at(cache["expert_weights", l]), at(cache["expert_indices", l]).long()
+    per_slot = contrib(out * w[..., None] * model.cfg.residual_scale)  # [N, top_k]
+    experts = torch.zeros(out.shape[0], model.cfg.n_experts, device=per_slot.device).scatter_add_(1, idx, per_slot)
+    shared = torch.zeros(out.shape[0], device=per_slot.device)
+    if ("shared_expert_out", l) in cache:
+        s = at(cache["shared_expert_out", l])
+        if ("shared_expert_gate", l) in cache:
+            s = s * torch.sigmoid(at(cache["shared_expert_gate", l]))
+        shared = contrib(s * model.cfg.residual_scale)
+    return experts, shared
 
 
 @torch.no_grad()
@@ -196,7 +220,7 @@ def direct_logit_attribution(
         comps += [f"L{l}.attn", f"L{l}.mlp"]
         vals += [contrib(at(cache["attn_out", l])), contrib(at(cache["mlp_out", l]))]
         terms.append(_layer_terms(model, cache, l, rows, p, at, contrib))
-    heads, head_bias, neuron_vals, mlp_bias = (torch.stack(t, 1).mean(0) for t in zip(*terms))
+    heads, head_bias, neuron_vals, mlp_bias, experts = (torch.stack(t, 1).mean(0) for t in zip(*terms))
     const = b_u.clone() if norm.bias is None else b_u + (u * norm.bias.float()).sum(-1)
     comps.append("bias")
     vals.append(const)
@@ -209,5 +233,6 @@ def direct_logit_attribution(
         heads=heads.cpu(), head_bias=head_bias.cpu(),
         neurons=[(int(i) // d_mlp, int(i) % d_mlp, float(neuron_vals.flatten()[i])) for i in top],
         target=float(target_pp.mean()), per_prompt_target=target_pp,
-        extra={"neuron_contributions": neuron_vals.cpu(), "mlp_bias": mlp_bias.cpu(), "final_scale": s.cpu()},
+        extra={"neuron_contributions": neuron_vals.cpu(), "mlp_bias": mlp_bias.cpu(), "final_scale": s.cpu(),
+               **({"expert_contributions": experts.cpu()} if model.cfg.n_experts else {})},
     )

@@ -178,13 +178,15 @@ class PatchPlan:
 def _site_jobs(model, site, layers, positions, heads, per_position, P) -> tuple[list[_Job], tuple, dict]:
     suffix, head_kind = SITES[site]
     positions = check_range("positions", positions, P)
+    if head_kind == "expert":  # only the MoE blocks have a router
+        layers = [l for l in layers if l in (model.cfg.moe_layers or [])]
     layer_labels = {"layer": [str(l) for l in layers]}
     if head_kind is None:  # [layer, pos]; resid_pre/post patch the stream entering a block directly
         start_of = {"resid_pre": 0, "resid_post": 1}
         jobs = [_Job(l, l + start_of.get(site, 0), None if site in start_of else block_name(l, suffix), p, None,
                      (li, pi), p) for li, l in enumerate(layers) for pi, p in enumerate(positions)]
         return jobs, ("layer", "pos"), {**layer_labels, "pos": positions}
-    n_heads = model.cfg.n_heads if head_kind == "head" else model.cfg.n_kv_heads
+    n_heads = {"head": model.cfg.n_heads, "kv_head": model.cfg.n_kv_heads, "expert": model.cfg.n_experts}[head_kind]
     heads = check_range(f"{head_kind}s", heads, n_heads)
     head_labels = {head_kind: [str(h) for h in heads]}
     if per_position:  # [layer, pos, head]; a pattern patch changes every later query, so it starts at 0
