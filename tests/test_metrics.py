@@ -13,7 +13,7 @@ def test_logit_diff_and_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     dm = M.logit_diff(logits, 1, 4, attention_mask=mask)
     assert torch.allclose(dm, logits[torch.arange(3), [2, 4, 3], 1] - logits[torch.arange(3), [2, 4, 3], 4])
-    multi = M.logit_diff(logits, torch.tensor([[1, 2]] * 3), torch.tensor([4, 4, 4]))
+    multi = M.logit_diff(logits, torch.tensor([[1, 2]] * 3), torch.tensor([4, 4, 4]), alternatives=True)
     assert torch.allclose(multi, logits[:, -1, 1:3].mean(-1) - logits[:, -1, 4])
     with pytest.raises(ValueError, match="one answer per prompt"):
         M.logit_diff(logits, torch.tensor([1, 2]), 3)

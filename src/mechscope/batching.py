@@ -21,6 +21,7 @@ import torch
 
 from .compute import free_memory
 from .core.errors import MechscopeError
+from .core.progress import bar
 
 T = TypeVar("T")
 
@@ -70,6 +71,7 @@ def map_batches(fn: Callable[[int, int], T], n_items: int, batch_size: int | Non
     size = min(size, state.limit) if state.limit else size
     out: list[T] = []
     start = 0
+    progress = bar(total=n_items, desc=what, min_items=size + 1)  # a bar once there is more than one batch
     while start < n_items:
         stop = min(n_items, start + size)
         try:
@@ -89,5 +91,7 @@ def map_batches(fn: Callable[[int, int], T], n_items: int, batch_size: int | Non
                 state.warned = True
             size = state.limit = new
             continue
+        progress.update(stop - start)
         start = stop
+    progress.close()
     return out

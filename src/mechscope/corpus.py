@@ -85,6 +85,44 @@ def hf_dataset(name: str, split: str = "train", field: str = "text", **kwargs) -
         yield str(rec[field])
 
 
+def paragraphs(path: str | Path, split: str = "all", held_out: float = 0.1, min_chars: int = 1) -> Iterator[str]:
+    """The blank-line-separated paragraphs of one text file (split into train/test by a hash of their index)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such text file: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for i, para in enumerate(p.strip() for p in text.split("\n\n")):
+        if len(para) < min_chars:
+            continue
+        if split != "all" and _held_out(f"{path}:{i}", held_out) != (split == "test"):
+            continue
+        yield para
+
+
+def from_spec(spec: str | None, split: str = "train") -> tuple[Iterator[str], str]:
+    """``(texts, description)`` for a corpus named on the command line: ``None`` (the standard library's
+    docstrings), a ``.jsonl`` file (its ``text`` field), a text file (its paragraphs), a folder (its ``.txt``
+    files), or ``hf:<dataset>[:<split>]``. Train and held-out texts never overlap (split by a hash)."""
+    if spec is None:
+        return default_corpus(split), "the standard library's docstrings (the offline default)"
+    if spec.startswith("hf:"):
+        name, _, hf_split = spec[3:].partition(":")
+        return hf_dataset(name, split=hf_split or "train"), f"the Hugging Face dataset {name} ({hf_split or 'train'})"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        txt = sorted(path.rglob("*.txt"))
+        if not txt:
+            raise InputError(f"corpus folder {path} has no .txt files")
+        return text_files(txt, split), f"{len(txt)} text files under {path}"
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise InputError(f"no such JSON-lines file: {path}")
+        return jsonl(path, split=split), f"the JSON-lines file {path} (field 'text')"
+    if path.is_file():
+        return paragraphs(path, split), f"the paragraphs of {path}"
+    raise InputError(f"corpus {spec!r} is not a file, a folder, or hf:<dataset>[:<split>]")
+
+
 def default_corpus(split: str = "train") -> Iterator[str]:
     """The offline default: :func:`stdlib_docstrings`."""
     return stdlib_docstrings(split)

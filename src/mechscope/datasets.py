@@ -98,6 +98,23 @@ class TaskDataset(Result):
 
     _skip_in_dict = ("metric_fn",)
 
+    @classmethod
+    def from_texts(cls, model: HookedModel, clean: Sequence[str], corrupted: Sequence[str],
+                   answers: Sequence[str | Sequence[str]], wrong: Sequence[str | Sequence[str]] | None = None,
+                   name: str = "task", positions: Sequence[int] | None = None) -> "TaskDataset":
+        """A dataset of your own prompts: ``clean[i]``/``corrupted[i]`` pairs with their answers.
+
+        ``answers[i]`` is a single-token string or a list of them (several correct answers); ``wrong[i]``
+        (optional) likewise. The metric is ``mean logit(answers) - mean logit(wrong)`` at the answer
+        position, or without ``wrong`` the log of the answers' total probability; ``positions[i]`` is the
+        answer position (default: the last token). All prompts must tokenize to one length, each pair
+        alike: an error lists the pairs that do not, with their tokens.
+        """
+        return _from_rows(model, [dict(clean=c, corrupted=x, answer=a, wrong=None if wrong is None else wrong[i],
+                                       pos=None if positions is None else positions[i])
+                                  for i, (c, x, a) in enumerate(zip(clean, corrupted, answers))], name,
+                          n_given=(len(clean), len(corrupted), len(answers)))
+
 
 def _single(model, words: list[str], space: bool = True) -> list[str]:
     """The words that are one token (with a leading space when ``space``)."""
@@ -253,3 +270,122 @@ def greater_than(model: HookedModel, n: int = 32, seed: int = 0, century: int = 
 
     return TaskDataset("greater-than (years)", _encode(model, texts), _encode(model, bad), None, None, texts, bad,
                        meta=[{"yy": y} for y in yys], metric_fn=metric, seed=seed)
+
+
+def _answer_ids(model: HookedModel, value, row: int, what: str) -> list[int]:
+    vals = value if isinstance(value, (list, tuple)) else [value]
+    if not vals or not all(isinstance(v, str) for v in vals):
+        raise InputError(f"row {row}: {what} must be a single-token string or a list of them, got {value!r}")
+    out = []
+    for v in vals:
+        try:
+            out.append(model.to_single_token(v))
+        except InputError as e:
+            raise InputError(f"row {row}: {what} {v!r}: {e}") from e
+    return out
+
+
+def _padded(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists as ``[n, k]`` ids and a mask."""
+    k = max(len(x) for x in lists)
+    ids = torch.tensor([x + [x[0]] * (k - len(x)) for x in lists])
+    mask = torch.tensor([[1.0] * len(x) + [0.0] * (k - len(x)) for x in lists])
+    return ids, mask
+
+
+def _own_metric(ds: TaskDataset, logits: torch.Tensor) -> torch.Tensor:
+    """``mean logit(answers) - mean logit(wrong)`` at each prompt's answer position (or log p(answers)).
+
+    The answers, wrong answers and positions live in each row's ``meta``, so subsets and splits keep them.
+    """
+    dev = logits.device
+    rows = torch.arange(logits.shape[0], device=dev)
+    pos = torch.tensor([m["pos"] for m in ds.meta], device=dev)
+    at = logits[rows, pos].float()  # [n, d_vocab]
+    ids, mask = (t.to(dev) for t in _padded([m["answers"] for m in ds.meta]))
+    if ds.meta[0]["wrong"] is None:
+        logp = torch.log_softmax(at, -1).gather(1, ids)
+        return torch.logsumexp(logp.masked_fill(mask == 0, float("-inf")), -1)
+    wid, wmask = (t.to(dev) for t in _padded([m["wrong"] for m in ds.meta]))
+    return (at.gather(1, ids) * mask).sum(-1) / mask.sum(-1) - (at.gather(1, wid) * wmask).sum(-1) / wmask.sum(-1)
+
+
+def _lengths_error(model: HookedModel, bad: list[tuple[int, list[str], list[str]]]) -> InputError:
+    lines = [f"  row {i}: clean {len(c)} tokens {c}\n         corrupted {len(x)} tokens {x}" for i, c, x in bad[:8]]
+    return InputError("clean and corrupted prompts must tokenize to the same length (patching reads fixed positions); "
+                      f"{len(bad)} pair(s) do not:\n" + "\n".join(lines) + "\nFix: choose corrupted words that "
+                      "are one token each like the clean ones (check with model.to_str_tokens), or pad the shorter "
+                      "prompt with a neutral word.")
+
+
+def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[int, ...] | None = None) -> TaskDataset:
+    if n_given is not None and len(set(n_given)) != 1:
+        raise InputError(f"clean, corrupted and answers must have one entry per pair; got {n_given[0]}, {n_given[1]} "
+                         f"and {n_given[2]}")
+    if not rows:
+        raise InputError("a task needs at least one row")
+    for i, r in enumerate(rows):
+        for key in ("clean", "corrupted"):
+            if not isinstance(r.get(key), str) or not r[key]:
+                raise InputError(f"row {i}: {key!r} must be a non-empty string, got {r.get(key)!r}")
+    toks = [(model.to_tokens(r["clean"])[0], model.to_tokens(r["corrupted"])[0]) for r in rows]
+    bad = [(i, model.to_str_tokens(c), model.to_str_tokens(x)) for i, (c, x) in enumerate(toks) if len(c) != len(x)]
+    if bad:
+        raise _lengths_error(model, bad)
+    lengths = sorted({len(c) for c, _ in toks})
+    if len(lengths) > 1:
+        counts = {n: sum(len(c) == n for c, _ in toks) for n in lengths}
+        raise InputError(f"every pair must have the same token length (the pairs run as one batch); lengths "
+                         f"{counts} (tokens: count). Split the rows by length into separate tasks, or reword them")
+    answers = [_answer_ids(model, r["answer"], i, "answer") for i, r in enumerate(rows)]
+    has_wrong = [r.get("wrong") not in (None, "", []) for r in rows]
+    if any(has_wrong) and not all(has_wrong):
+        raise InputError("give a wrong answer for every row or for none (rows without one: "
+                         f"{[i for i, w in enumerate(has_wrong) if not w][:10]})")
+    wrong = [_answer_ids(model, r["wrong"], i, "wrong") for i, r in enumerate(rows)] if all(has_wrong) else None
+    P = lengths[0]
+    bad_pos = [i for i, r in enumerate(rows) if r.get("pos") is not None and not -P <= int(r["pos"]) < P]
+    if bad_pos:
+        raise InputError(f"answer positions out of range in rows {bad_pos[:10]}: the prompts are {P} tokens, so a "
+                         f"position is in -{P}..{P - 1}")
+    meta = [{"answers": a, "wrong": None if wrong is None else wrong[i],
+             "pos": P - 1 if r.get("pos") is None else int(r["pos"]) % P} for i, (a, r) in enumerate(zip(answers, rows))]
+    dev = model.device
+    first = torch.tensor([a[0] for a in answers], device=dev)
+    return TaskDataset(name, torch.stack([c for c, _ in toks]).to(dev), torch.stack([x for _, x in toks]).to(dev),
+                       first, torch.tensor([w[0] for w in wrong], device=dev) if wrong else None,
+                       [r["clean"] for r in rows], [r["corrupted"] for r in rows], meta, _own_metric)
+
+
+def load_task(model: HookedModel, path: str, name: str | None = None) -> TaskDataset:
+    """Your task from a ``.jsonl`` or ``.csv`` file: one row per pair, with ``clean``, ``corrupted``, ``answer`` and
+    optionally ``wrong`` and ``pos`` (the answer position). Several answers: a JSON list in JSONL, or
+    ``"a|b"`` in CSV. See :meth:`TaskDataset.from_texts`."""
+    import csv
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such task file: {p}")
+    rows: list[dict] = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{p}:{i + 1} is not valid JSON ({e})") from e
+    elif p.suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                rows.append({k: (v.split("|") if k in ("answer", "wrong") and v and "|" in v else v or None)
+                             for k, v in r.items()})
+    else:
+        raise InputError(f"task files are .jsonl or .csv, got {p.name}")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("clean", "corrupted", "answer") if not r.get(k)]
+        if missing:
+            raise InputError(f"{p} row {i + 1} has no {', '.join(missing)} (fields: {sorted(r)}); each row needs "
+                             f"clean, corrupted and answer (wrong and pos are optional)")
+    return _from_rows(model, rows, name or p.stem)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.errors import InputError
+from ..core.errors import InputError, InputTypeError
 from ..core.types import Answer
 
 
@@ -28,7 +28,15 @@ def answer_logits(logits: torch.Tensor, pos: int | torch.Tensor = -1,
     return logits[torch.arange(b, device=logits.device), pos.to(logits.device)].float()
 
 
+def _reject_text(x) -> None:
+    """Metrics take token ids: a clear error for answers given as text."""
+    if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], str)):
+        raise InputTypeError(f"metrics take token ids, got text {x!r}; convert answers with model.to_single_token("
+                             f"{x if isinstance(x, str) else x[0]!r}) (or use a TaskDataset, which does it for you)")
+
+
 def _ids(x, b: int, device) -> torch.Tensor:
+    _reject_text(x)
     t = torch.as_tensor(x, device=device)
     if t.dim() == 0:
         t = t.expand(b)
@@ -38,17 +46,23 @@ def _ids(x, b: int, device) -> torch.Tensor:
 
 
 def logit_diff(logits: torch.Tensor, correct: Answer, incorrect: Answer, pos: int | torch.Tensor = -1,
-               attention_mask: torch.Tensor | None = None, mean: bool = False) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, mean: bool = False, alternatives: bool = False) -> torch.Tensor:
     """``logit[correct] - logit[incorrect]`` at the answer position: ``[batch]`` (or its mean).
 
-    ``correct``/``incorrect``: an id, a ``[batch]`` tensor, or ``[batch, k]`` for several
-    answers per prompt (their logits are averaged).
+    ``correct``/``incorrect``: an id, a ``[batch]`` tensor, or with ``alternatives=True`` ``[batch, k]``:
+    k alternative answers per prompt, whose logits are averaged. (A multi-token answer is not k
+    alternatives: a logit difference reads one position; score the first token, or compare log-probs.)
     """
     a = answer_logits(logits, pos, attention_mask)
     b = a.shape[0]
 
     def pick(ids):
+        _reject_text(ids)
         t = torch.as_tensor(ids, device=a.device).long()
+        if t.dim() == 2 and not alternatives:
+            raise InputError(f"answers of shape {tuple(t.shape)} are k={t.shape[1]} answers per prompt; pass "
+                             "alternatives=True if they are alternatives (their logits are averaged). A multi-token "
+                             "answer cannot be scored at one position: use its first token")
         if t.dim() == 2:
             if t.shape[0] != b:
                 raise InputError(f"expected {b} rows of answers, got {t.shape[0]}")

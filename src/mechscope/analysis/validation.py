@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..core.errors import InputError
+from ..core.progress import bar
 from ..core.result import Result
 
 
@@ -123,7 +124,7 @@ def across_seeds(fn: Callable, seeds: Iterable[int] = (0, 1, 2), name: str = "re
     seeds = list(seeds)
     if not seeds:
         raise InputError("give at least one seed")
-    vals = [_numeric(fn(s)) for s in seeds]
+    vals = [_numeric(fn(s)) for s in bar(list(seeds), desc="seeds")]
     shapes = {tuple(v.shape) for v in vals}
     if len(shapes) != 1:
         raise InputError(f"results differ in shape across seeds: {shapes}")

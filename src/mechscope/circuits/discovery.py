@@ -43,6 +43,7 @@ from ..compute import forward_bytes
 from ..core.components import Component, all_heads, all_mlps, head_readers, kv_component, parse_components
 from ..core.errors import InputError
 from ..core.model import HookedModel
+from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric, TextOrTokens
 from ..datasets import TaskDataset
@@ -208,7 +209,7 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
     try:
         for p in params:
             p.requires_grad_(False)
-        for k in range(steps):
+        for k in bar(range(steps), desc="EAP-IG steps"):
             alpha = (k + 0.5) / steps if ig_steps else 0.0
             store, resid = {}, {}
 
@@ -372,6 +373,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
     m_test = metric or test.metric
     c = model.cfg
+    stage(f"find_circuit 1/3: patching the residual stream, heads and MLPs on {len(search)} prompts")
     resid, heads, mlps, window, positions = _locate(model, search, m_search)
     hv, mv = heads.normalized(), mlps.normalized()
     node_scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(c)}
@@ -381,8 +383,10 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     if not nodes:
         raise InputError(f"no component reaches |effect| >= {node_threshold}; lower node_threshold "
                          f"(largest: {ranked[0]} {node_scores[ranked[0]]:+.3f})")
+    stage(f"find_circuit 2/3: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
     edges = _select_edges(model, eap, nodes, edge_threshold)
+    stage(f"find_circuit 3/3: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
     faith, knockout, rand = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
     return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
                          faith, knockout, rand, len(node_scores),

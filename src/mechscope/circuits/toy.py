@@ -26,6 +26,7 @@ import torch
 from ..core.errors import InputError
 from ..core.files import atomic_dir
 from ..core.model import HookedModel
+from ..core.progress import bar as progress_bar
 from ..core.result import Result
 
 BOS, UNK, FIRST_TOKEN = 0, 1, 2
@@ -116,9 +117,7 @@ def _fit(hf, steps: int, batch: int, n_ctx: int, d_vocab: int, periods, lr: floa
     hf.train()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="train_attn_only")
+        bar = progress_bar(total=steps, desc="train_attn_only")
     for _ in range(steps):
         x = periodic_sequences(batch, n_ctx, d_vocab, periods, gen)
         loss = hf(input_ids=x, labels=x).loss

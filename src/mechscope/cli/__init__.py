@@ -15,6 +15,7 @@ import os
 import sys
 
 from ..core.errors import MechscopeError
+from ..core.progress import is_quiet, quiet
 from . import commands  # noqa: F401  (registers every command)
 from .registry import COMMANDS, Command
 
@@ -25,6 +26,8 @@ def _subparser(sub, name: str, cmd: Command) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of any error")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars or stage lines on stderr")
     for a in cmd.args:
         a.add_to(p)
     p.set_defaults(command=cmd)
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  " + "\n  ".join(c.examples[0] for c in COMMANDS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     sub = parser.add_subparsers(dest="name", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, cmd in COMMANDS.items():
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _args_dict(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug", "quiet")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     debug = args.debug or bool(os.environ.get("MECHSCOPE_DEBUG"))
     try:
-        result = cmd.handler(args)
+        with quiet(args.quiet or is_quiet()):
+            result = cmd.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ MODEL = (
 )
 TASK = (
     arg("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None),
+    arg("--task-file", default=None, help="your own task: a .jsonl or .csv with clean, corrupted, answer (and wrong, pos)"),
     arg("--n", type=int, default=8, help="prompts from the task generator"),
     arg("--seed", type=int, default=0),
     arg("--clean", default=None),
@@ -36,15 +37,37 @@ SITE = (
     arg("--direction", default="denoise", choices=["denoise", "noise"]),
     arg("--per-position", action="store_true", help="head sites: one patch per position"),
 )
-SAE_MODEL = MODEL + (arg("path", help="an SAE folder (SAELens format)"),
+CORPUS = arg("--corpus", default=None, help="your text: a .txt file (its paragraphs), a folder of .txt files, a .jsonl "
+                                           "('text' field) or hf:<dataset>[:<split>] (default: the standard "
+                                           "library's docstrings)")
+SAE_MODEL = MODEL + (arg("path", nargs="?", default=None,
+                         help="an SAE folder (SAELens, Gemma Scope, Llama Scope, sparsify or dictionary_learning), or "
+                              "hf://<org>/<repo>[@<revision>]/<folder>"),
+                     arg("--release", default=None, help="a known SAE release (with --sae-id), e.g. gpt2-small-res-jb"),
+                     arg("--sae-id", default=None, help="the SAE within --release, e.g. blocks.8.hook_resid_pre"),
                      arg("--eval-seqs", type=int, default=16, help="held-out sequences"),
-                     arg("--seq-len", type=int, default=128))
+                     arg("--seq-len", type=int, default=128), CORPUS)
 
 
 def _load(args: argparse.Namespace):
     import mechscope  # through the package attribute, so that tests and users can substitute `mechscope.load`
 
     return mechscope.load(args.model or mechscope.DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+
+
+def _corpus(args: argparse.Namespace, model, split: str, n_seqs: int, seq_len: int) -> tuple:
+    """Token rows ``[n, seq_len]`` from ``--corpus`` (its train or held-out split), and what they were: said on stderr
+    and returned for the JSON output."""
+    from .. import corpus
+    from ..core.progress import stage
+
+    texts, desc = corpus.from_spec(getattr(args, "corpus", None), split)
+    toks = corpus.pack(model, texts, seq_len, n_seqs=n_seqs)
+    if toks.shape[0] == 0:
+        raise InputError(f"the corpus ({desc}, {split} split) gave no sequence of {seq_len} tokens; give more text "
+                         f"or a shorter --seq-len")
+    stage(f"corpus: {desc}, {split} split: {toks.shape[0]} sequences x {toks.shape[1]} = {toks.numel()} tokens")
+    return toks, {"corpus": desc, "corpus_split": split, "corpus_tokens": int(toks.numel())}
 
 
 def _pictures(args: argparse.Namespace, res: Result, title: str) -> Result:
@@ -61,6 +84,11 @@ def _task(args: argparse.Namespace, model):
     from .. import datasets as D
     from ..analysis.metrics import logit_diff
 
+    if getattr(args, "task_file", None):
+        if args.task:
+            raise InputError("give --task or --task-file, not both")
+        ds = D.load_task(model, args.task_file)
+        return ds.clean, ds.corrupted, ds.metric, ds
     if args.task:
         makers = {"ioi": lambda: D.ioi(model, args.n, seed=args.seed), "factual": lambda: D.factual(model, args.n),
                   "greater-than": lambda: D.greater_than(model, args.n, seed=args.seed),
@@ -68,7 +96,7 @@ def _task(args: argparse.Namespace, model):
         ds = makers[args.task]()
         return ds.clean, ds.corrupted, ds.metric, ds
     if not (args.clean and args.corrupted and args.answer):
-        raise InputError("give --task, or --clean, --corrupted and --answer (and usually --wrong)")
+        raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
     a = model.to_single_token(args.answer)
     b = model.to_single_token(args.wrong) if args.wrong else None
 
@@ -137,12 +165,25 @@ def lens_cmd(args: argparse.Namespace) -> Result:
 
 @command("dla", "direct logit attribution of an answer (layers, heads, neurons)",
          ('mechscope dla "The capital of France is" --answer " Paris" --wrong " London" --png dla.png',),
-         MODEL, arg("prompt"), arg("--answer", required=True, help="the answer token, e.g. ' Paris'"),
-         arg("--wrong", default=None, help="a contrasting token: attribute the logit difference"), PICTURES)
+         MODEL, arg("prompt", nargs="?", default=None, help="the prompt (or --task-file)"),
+         arg("--answer", default=None, help="the answer token, e.g. ' Paris'"),
+         arg("--wrong", default=None, help="a contrasting token: attribute the logit difference"),
+         arg("--task-file", default=None, help="attribute each clean prompt of a task file to its first answer (and "
+                                               "first wrong answer)"), PICTURES)
 def dla_cmd(args: argparse.Namespace) -> Result:
+    from .. import datasets as D
     from ..techniques.attribution import direct_logit_attribution
 
-    res = direct_logit_attribution(_load(args), args.prompt, args.answer, args.wrong)
+    model = _load(args)
+    if args.task_file:
+        if args.prompt or args.answer:
+            raise InputError("give a prompt with --answer, or --task-file, not both")
+        ds = D.load_task(model, args.task_file)
+        res = direct_logit_attribution(model, ds.clean, ds.answers, ds.wrong)
+    else:
+        if not (args.prompt and args.answer):
+            raise InputError("dla needs a prompt and --answer (or --task-file)")
+        res = direct_logit_attribution(model, args.prompt, args.answer, args.wrong)
     return _pictures(args, res, "direct logit attribution")
 
 
@@ -187,14 +228,22 @@ def ablate_cmd(args: argparse.Namespace) -> Result:
 @command("tuned-lens", "train a tuned lens on the default corpus and compare with the logit lens",
          ("mechscope tuned-lens --steps 100 --out lens.safetensors",), MODEL,
          arg("--steps", type=int, default=100), arg("--seq-len", type=int, default=64),
-         arg("--batch", type=int, default=4), arg("--out", default="tuned_lens.safetensors"), PICTURES)
+         arg("--batch", type=int, default=4), arg("--out", default="tuned_lens.safetensors"),
+         arg("--held-out-seqs", type=int, default=8), CORPUS, PICTURES)
 def tuned_lens_cmd(args: argparse.Namespace) -> Result:
+    import torch
+
     from ..techniques.lens import train_tuned_lens
 
-    lens, cmp = train_tuned_lens(_load(args), n_steps=args.steps, seq_len=args.seq_len, batch=args.batch)
+    model = _load(args)
+    train, info = _corpus(args, model, "train", args.steps * args.batch, args.seq_len)
+    test, info_test = _corpus(args, model, "test", args.held_out_seqs, args.seq_len)
+    lens, cmp = train_tuned_lens(model, torch.cat([train, test]), n_steps=args.steps, seq_len=args.seq_len,
+                                 batch=args.batch, held_out_seqs=test.shape[0])
     path = lens.save(args.out)
     _pictures(args, cmp, "tuned lens")
-    return Outcome(cmp.summary() + f"\nsaved {path}", {**cmp.to_dict(), "path": path})
+    return Outcome(cmp.summary() + f"\nsaved {path}\ncorpus: {info['corpus']}",
+                   {**cmp.to_dict(), "path": path, **info, "held_out_tokens": info_test["corpus_tokens"]})
 
 
 @command("probe", "linear probes per layer for a context-dependent property, with a control task",
@@ -202,13 +251,13 @@ def tuned_lens_cmd(args: argparse.Namespace) -> Result:
          arg("--layers", type=int, nargs="*", default=None), arg("--n", type=int, default=32,
                                                                  help="sequences from the held-out corpus"),
          arg("--seq-len", type=int, default=64),
-         arg("--shuffled", action="store_true", help="shuffled-label control instead of per-type labels"), PICTURES)
+         arg("--shuffled", action="store_true", help="shuffled-label control instead of per-type labels"), CORPUS,
+         PICTURES)
 def probe_cmd(args: argparse.Namespace) -> Result:
-    from .. import corpus
     from ..techniques.probing import next_token_continues_word, probe_sweep
 
     model = _load(args)
-    toks = corpus.pack(model, corpus.default_corpus("test"), args.seq_len, n_seqs=args.n)
+    toks, _ = _corpus(args, model, "test", args.n, args.seq_len)
     layers = args.layers or list(range(0, model.cfg.n_layers, max(1, model.cfg.n_layers // 6)))
     res = probe_sweep(model, toks, next_token_continues_word(model, toks),
                       hooks=[f"blocks.{l}.hook_resid_post" for l in layers], task="next token continues the word",
@@ -284,7 +333,7 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
     model = _load(args)
     _, _, _, ds = _task(args, model)
     if ds is None:
-        raise InputError("circuit discovery needs a task dataset: pass --task")
+        raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
     return _pictures(args, find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps), "circuit")
 
 
@@ -307,8 +356,9 @@ def toy_cmd(args: argparse.Namespace) -> Result:
 
 
 # ---------------------------------------------------------------------------------- SAEs
-@command("sae train", "train an SAE on the default corpus, save it (SAELens format) and evaluate it",
-         ("mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae",),
+@command("sae train", "train an SAE on a corpus (default: the docstrings), save it (SAELens format) and evaluate it",
+         ("mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae",
+          "mechscope sae train --corpus my_corpus.txt --seqs 64 --steps 200 --out my-sae"),
          MODEL, arg("--hook", default="blocks.15.hook_resid_post"),
          arg("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"]),
          arg("--width", type=int, default=None, help="number of latents (default 8 x d_in)"),
@@ -316,17 +366,16 @@ def toy_cmd(args: argparse.Namespace) -> Result:
          arg("--steps", type=int, default=1000), arg("--batch", type=int, default=1024),
          arg("--lr", type=float, default=3e-4), arg("--seqs", type=int, default=256, help="training sequences"),
          arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
-         arg("--seq-len", type=int, default=128), arg("--out", default="sae-run"), arg("--resume", action="store_true"))
+         arg("--seq-len", type=int, default=128), arg("--out", default="sae-run"), arg("--resume", action="store_true"),
+         CORPUS)
 def sae_train_cmd(args: argparse.Namespace) -> Result:
-    import sys
-
-    from .. import corpus
+    from ..core.progress import stage
     from ..sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
 
     model = _load(args)
     out = Path(args.out)
-    toks = corpus.pack(model, corpus.default_corpus("train"), args.seq_len, n_seqs=args.seqs)
-    print(f"harvesting {args.hook} on {toks.numel()} tokens", file=sys.stderr, flush=True)
+    toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+    stage(f"harvesting {args.hook} on {toks.numel()} tokens")
     acts = harvest(model, args.hook, toks)
     cfg = SAEConfig(d_in=acts.shape[1], d_sae=args.width or 8 * acts.shape[1], architecture=args.arch, k=args.k,
                     hook_name=args.hook, model_name=model.cfg.model_name,
@@ -334,20 +383,27 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
     run = fit_sae(acts, cfg, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr), out=out / "train",
                   resume=args.resume)
     path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
-    ev = evaluate_sae(model, run.sae, _held_out(args, model))
-    return Outcome(f"saved {path}\n{ev.summary()}", {**ev.to_dict(), "path": path, "training": run.to_dict()})
+    held, held_info = _held_out(args, model)
+    ev = evaluate_sae(model, run.sae, held)
+    return Outcome(f"saved {path}\n{ev.summary()}\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
+                   {**ev.to_dict(), "path": path, "training": run.to_dict(), **info,
+                    "held_out_tokens": held_info["corpus_tokens"]})
 
 
-def _held_out(args, model):
-    from .. import corpus
-
-    return corpus.pack(model, corpus.default_corpus("test"), args.seq_len, n_seqs=args.eval_seqs)
+def _held_out(args, model) -> tuple:
+    return _corpus(args, model, "test", args.eval_seqs, args.seq_len)
 
 
 def _load_sae(args):
     from ..sae import load_sae
 
     model = _load(args)
+    if args.release or args.sae_id:
+        if args.path or not (args.release and args.sae_id):
+            raise InputError("give an SAE folder or hf:// path, or --release with --sae-id")
+        return model, load_sae(release=args.release, sae_id=args.sae_id, model=model)
+    if not args.path:
+        raise InputError("name the SAE: a folder, hf://<org>/<repo>/<folder>, or --release and --sae-id")
     return model, load_sae(args.path, model)
 
 
@@ -357,7 +413,10 @@ def sae_eval_cmd(args: argparse.Namespace) -> Result:
     from ..sae import evaluate_sae
 
     model, sae = _load_sae(args)
-    return evaluate_sae(model, sae, _held_out(args, model))
+    held, info = _held_out(args, model)
+    ev = evaluate_sae(model, sae, held)
+    return Outcome(f"{ev.summary()}\nevaluated on {info['corpus']} ({info['corpus_tokens']} held-out tokens)",
+                   {**ev.to_dict(), **info})
 
 
 @command("sae features", "the features that fire most on a text",
@@ -379,9 +438,11 @@ def sae_dashboard_cmd(args: argparse.Namespace) -> Result:
     from ..sae.features import feature_stats, write_dashboards
 
     model, sae = _load_sae(args)
-    stats = feature_stats(model, sae, _held_out(args, model), n_top=20)
+    held, info = _held_out(args, model)
+    stats = feature_stats(model, sae, held, n_top=20)
     index = write_dashboards(model, sae, stats, args.out)
-    return Outcome(f"dashboards for {len(stats.top)} features: {index}", {"index": index, "features": list(stats.top)})
+    return Outcome(f"dashboards for {len(stats.top)} features on {info['corpus']} ({info['corpus_tokens']} tokens): "
+                   f"{index}", {"index": index, "features": list(stats.top), **info})
 
 
 # ---------------------------------------------------------------------------------- projects and reports

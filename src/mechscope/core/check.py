@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .hookpoints import split_name
+from .progress import bar
 from .result import Result
 
 
@@ -196,9 +197,7 @@ def check(model: "HookedModel", interventions: bool = True, progress: bool = Fal
     if interventions:
         names = model.hook_names
         if progress:
-            from tqdm.auto import tqdm
-
-            names = tqdm(names, desc="check: every hook point", leave=False)
+            names = bar(names, desc="check: every hook point")
         for name in names:
             with torch.no_grad():
                 out = model.run_with_hooks(tokens, fwd_hooks=[(name, _edit(name, model.cfg.n_experts))])

@@ -217,6 +217,9 @@ class HookedModel(torch.nn.Module):
             names = [n for n in self.hook_names if not n.endswith("attn.hook_result")]
         else:
             names = self.manager.resolve(names_filter)
+            if not names:
+                raise InputError("names_filter matches no hook point, so the cache would be empty; model.hook_names "
+                                 f"lists all {len(self.hook_names)} (e.g. {self.hook_names[2]!r})")
         store: dict[str, torch.Tensor] = {}
         index = pos_index(pos_slice)
 
@@ -228,6 +231,8 @@ class HookedModel(torch.nn.Module):
 
         with self.hooks([(n, save) for n in names]):
             out = self(input, **kwargs)
+        if pos_slice is not None:
+            _check_positions(pos_slice, out.shape[1] if isinstance(out, torch.Tensor) and out.dim() == 3 else None)
         cache = ActivationCache(store, self)
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
@@ -282,6 +287,17 @@ def _delegate(names: tuple[str, ...], part: str, as_property: bool) -> None:
 _delegate(WEIGHT_VIEWS, "weights", as_property=True)
 _delegate(WEIGHT_METHODS, "weights", as_property=False)
 _delegate(TOKEN_METHODS, "tokens", as_property=False)
+
+
+def _check_positions(pos_slice: PosSlice, n_pos: int | None) -> None:
+    """A clear error for positions outside the prompt (an int or list; slices clip like Python's)."""
+    if n_pos is None or isinstance(pos_slice, slice):
+        return
+    positions = [pos_slice] if isinstance(pos_slice, int) else list(pos_slice)
+    bad = [p for p in positions if not -n_pos <= int(p) < n_pos]
+    if bad:
+        raise InputError(f"pos_slice {bad} is outside the prompt: it has {n_pos} positions (0..{n_pos - 1}, or "
+                         f"-{n_pos}..-1)")
 
 
 def lm_loss(logits: torch.Tensor, tokens: Tokens, attention_mask: torch.Tensor | None = None,

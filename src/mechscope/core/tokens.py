@@ -23,6 +23,30 @@ class TokenOps:
 
     def __init__(self, tokenizer, cfg: ModelConfig, device: Callable[[], torch.device]):
         self.tokenizer, self.cfg, self._device = tokenizer, cfg, device
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        import warnings
+
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    def check(self, tokens: Tokens, attention_mask: torch.Tensor | None) -> None:
+        """Clear errors for ids outside the vocabulary; a warning (once) past the context or for unmasked padding."""
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)].unique()[:8].tolist()
+            raise InputError(f"token ids {bad} are outside the vocabulary: valid ids are 0..{self.cfg.d_vocab - 1}")
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            self._warn_once("n_ctx", f"mechscope: the input is {tokens.shape[-1]} tokens, longer than the model's context "
+                                     f"of {self.cfg.n_ctx}; positions past it are outside what the model was trained on")
+        if attention_mask is None and tokens.shape[0] > 1 and self.tokenizer is not None:
+            pad = self.pad_token_id
+            ends = (tokens[:, -1] == pad)
+            if bool(ends.any()) and not bool(ends.all()) and bool((tokens[ends, -2:] == pad).all()):
+                self._warn_once("pad", "mechscope: some rows end in padding tokens but no attention_mask was given, so "
+                                       "position -1 of those rows is a pad token; pass the mask from model.tokenize(...) "
+                                       "or the texts themselves")
 
     def need_tokenizer(self) -> "PreTrainedTokenizerBase":  # noqa: F821
         if self.tokenizer is None:
@@ -32,7 +56,8 @@ class TokenOps:
     @property
     def pad_token_id(self) -> int:
         tok = self.need_tokenizer()
-        return next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
+        ids = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None), 0)
+        return next(c for c in ids if c is not None)
 
     def encode(self, text: str, prepend_bos: bool | None) -> list[int]:
         """One text -> ids, with BOS per ``prepend_bos`` (never doubled)."""
@@ -53,6 +78,9 @@ class TokenOps:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise InputError("no text given")
+        empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t and not self.cfg.default_prepend_bos]
+        if empty:
+            raise InputError(f"texts {empty[:10]} are empty: they tokenize to zero tokens (the model prepends no BOS)")
         seqs = [self.encode(t, prepend_bos) for t in texts]
         n = max(len(s) for s in seqs)
         if n == 0:
@@ -113,6 +141,7 @@ class TokenOps:
             tokens, mask = self.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side)
             if attention_mask is None and bool((mask == 0).any()):
                 attention_mask = mask
+            self.check(tokens, attention_mask)
             return tokens, attention_mask
         if not isinstance(input, torch.Tensor):
             raise InputTypeError(f"input must be text, a list of texts or tokens [batch, pos]; got "
@@ -120,6 +149,8 @@ class TokenOps:
         tokens = input[None] if input.dim() == 1 else input
         if tokens.dim() != 2:
             raise InputError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise InputTypeError(f"tokens must be integer ids, got a {tokens.dtype} tensor")
         tokens = tokens.to(self._device())
         if attention_mask is not None:
             attention_mask = attention_mask.to(self._device())
@@ -127,4 +158,5 @@ class TokenOps:
                 raise InputError(
                     f"attention_mask shape {tuple(attention_mask.shape)} does not match tokens {tuple(tokens.shape)}"
                 )
+        self.check(tokens, attention_mask)
         return tokens, attention_mask

@@ -18,16 +18,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..core.errors import InputError, NotFoundError
+from ..core.errors import InputError
 from ..core.files import atomic_dir
 from ..core.hookpoints import spec
 from ..core.model import HookedModel
-from .model import SAE, SAEConfig
+from .model import SAE
 
 SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-LOADED_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 
 @torch.no_grad()
@@ -51,7 +50,7 @@ def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = No
     c = sae.cfg
     cfg = {
         "architecture": SAVED_ARCH[c.architecture], "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype,
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "device": "cpu", "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"hook_name": c.hook_name, "model_name": c.model_name, "saved_by": "mechscope",
                      "mechscope_config": c.to_dict(), "input_scale_folded": float(sae.input_scale)},
@@ -67,43 +66,37 @@ def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = No
     return path
 
 
-def load_sae(path: str | Path, model: HookedModel | None = None) -> SAE:
-    """Load an SAE folder in SAELens's format (v6, or older with a top-level ``hook_name``).
+def load_sae(path: str | Path | None = None, model: HookedModel | None = None, release: str | None = None,
+             sae_id: str | None = None, revision: str | None = None, format: str | None = None) -> SAE:
+    """Load a pretrained SAE: a local folder, a hub folder, or a known release.
 
-    With ``model``, checks that the hook exists (suggesting the nearest names) and that ``d_in``
-    equals that hook's width. Weights are read with safetensors only.
+    ``path``: a local folder, or ``"hf://<org>/<repo>[@<revision>]/<folder>"`` (through the Hugging Face
+    cache: ``HF_HUB_OFFLINE`` and revision pins work). ``release``/``sae_id``: a release of
+    :func:`mechscope.sae.hub.releases` (e.g. ``load_sae(release="gpt2-small-res-jb",
+    sae_id="blocks.8.hook_resid_pre")``). The folder may hold any format of :mod:`mechscope.sae.formats`
+    (SAELens, Gemma Scope, Llama Scope, sparsify, dictionary_learning; ``format`` forces one). Each
+    format's hook naming is mapped to mechscope's hook names. With ``model``, checks that the hook
+    exists (suggesting the nearest names) and that ``d_in`` equals that hook's width.
     """
-    path = Path(path)
-    if not (path / "cfg.json").exists() or not (path / "sae_weights.safetensors").exists():
-        raise NotFoundError(f"{path} is not an SAE folder: it needs cfg.json and sae_weights.safetensors")
-    raw = json.loads((path / "cfg.json").read_text())
-    arch = raw.get("architecture", "standard")
-    if arch not in LOADED_ARCH:
-        raise InputError(f"unsupported SAE architecture {arch!r} in {path}; supported: {sorted(LOADED_ARCH)}")
-    if raw.get("normalize_activations", "none") not in ("none", None):
-        raise InputError(f"{path} asks for normalize_activations={raw['normalize_activations']!r} at run time; "
-                         "mechscope loads SAEs whose normalisation is folded into the weights ('none')")
-    meta = raw.get("metadata") or {}
-    hook = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
-    cfg = SAEConfig(d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=LOADED_ARCH[arch],
-                    hook_name=hook, model_name=meta.get("model_name") or raw.get("model_name") or "",
-                    k=int(raw.get("k", 32)) if arch == "topk" else 32)
-    w = load_file(str(path / "sae_weights.safetensors"))
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
-                "b_dec": (cfg.d_in,)}
-    for name, shape in expected.items():
-        if name not in w:
-            raise InputError(f"{path}/sae_weights.safetensors has no {name!r} (has {sorted(w)})")
-        if tuple(w[name].shape) != shape:
-            raise InputError(f"{name} has shape {tuple(w[name].shape)}, expected {shape} from cfg.json")
-    sae = SAE(cfg)
-    with torch.no_grad():
-        for name in expected:
-            getattr(sae, name).copy_(w[name])
-        if arch == "jumprelu":
-            if "threshold" not in w:
-                raise InputError(f"{path}: a jumprelu SAE needs a 'threshold' tensor")
-            sae.log_threshold.copy_(w["threshold"].float().clamp(min=1e-12).log())
+    from . import formats, hub
+
+    hook = None
+    model_name = ""
+    if release is not None:
+        if sae_id is None:
+            raise InputError(f"load_sae(release={release!r}) needs sae_id=...")
+        entry = hub.resolve_release(release, sae_id)
+        folder = hub.download(entry["repo_id"], entry["path"], revision)
+        format, hook, model_name = format or entry["format"], entry["hook"], entry["model"]
+    elif path is not None and str(path).startswith("hf://"):
+        repo, rev, sub = hub.parse_spec(str(path))
+        folder = hub.download(repo, sub, rev or revision)
+        hook = hub.gemma_scope_hook(repo, sub)
+    elif path is not None:
+        folder = Path(path)
+    else:
+        raise InputError("load_sae needs a folder, an hf://<org>/<repo>/<folder> path, or release= and sae_id=")
+    sae = formats.read_folder(folder, format, hook, model_name)
     if model is not None:
         check_fits(sae, model)
     return sae

@@ -72,6 +72,7 @@ class SAEConfig:
     jumprelu_init_threshold: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
     normalize_activations: str = "none"  # "none" | "expected_average_only_in"
+    apply_b_dec_to_input: bool = True  # pre = (x - b_dec) W_enc + b_enc; False: x W_enc + b_enc (Gemma/Llama Scope)
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)
 
@@ -147,8 +148,9 @@ class SAE(nn.Module):
         return x * self.input_scale
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., d_sae]``: ``(scale·x - b_dec) @ W_enc + b_enc``."""
-        return (self.scale_in(x) - self.b_dec) @ self.W_enc + self.b_enc
+        """``[..., d_sae]``: ``(scale·x - b_dec) @ W_enc + b_enc`` (without ``- b_dec`` when ``apply_b_dec_to_input`` is off)."""
+        xs = self.scale_in(x)
+        return ((xs - self.b_dec) if self.cfg.apply_b_dec_to_input else xs) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
         arch = self.cfg.architecture
@@ -214,7 +216,7 @@ class SAE(nn.Module):
         if sparse and cfg.architecture in ("topk", "batchtopk"):
             return self._sparse_training_loss(x, dead_mask)
         xs = self.scale_in(x)
-        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        pre = ((xs - self.b_dec) if cfg.apply_b_dec_to_input else xs) @ self.W_enc + self.b_enc
         f = self.activate(pre, training=True)
         recon = f @ self.W_dec + self.b_dec
         err = xs - recon
@@ -259,7 +261,7 @@ class SAE(nn.Module):
 
         cfg = self.cfg
         xs = self.scale_in(x)
-        xc = xs - self.b_dec
+        xc = (xs - self.b_dec) if cfg.apply_b_dec_to_input else xs
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc)  # the one dense matmul
         if cfg.architecture == "topk":

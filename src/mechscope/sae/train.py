@@ -28,6 +28,7 @@ import torch
 from ..analysis.metrics import explained_variance
 from ..core.errors import InputError, MechscopeError
 from ..core.files import atomic_write
+from ..core.progress import bar
 from ..core.result import Result
 from .data import ActivationSource, TensorSource
 from .model import SAE, LossTerms, SAEConfig
@@ -230,9 +231,7 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
         sae.W_enc.dtype in (torch.float32, torch.float64) and getattr(source, "acts", sae.W_enc).device.type == "cpu")
     steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))
     if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=f"SAE {cfg.architecture}", initial=st.step, total=train.steps)
+        steps = bar(steps, desc=f"SAE {cfg.architecture}", initial=st.step, total=train.steps)
     run, history = _wandb_run(train, cfg), []
     for _ in steps:
         x = next(source)

@@ -31,6 +31,7 @@ from ..compute import forward_bytes
 from ..core.components import Component, parse_components
 from ..core.errors import InputError
 from ..core.model import HookedModel
+from ..core.progress import bar
 from ..core.result import Result
 from ..core.types import ComponentSpecs, Metric, TextOrTokens
 from .inputs import batched_metric, equal_length_tokens
@@ -262,7 +263,7 @@ def compare_to_random(model: HookedModel, tokens: TextOrTokens, metric: Metric, 
     target = ablate(model, tokens, metric, comps, method, reference, seed)
     rand_res = [ablate(model, tokens, metric, random_components(model, len(comps), kind, [str(c) for c in comps],
                                                                seed + 1 + i), method, reference, seed)
-                for i in range(n_random)]
+                for i in bar(range(n_random), desc="ablating random components")]
     t_eff = target.ablated - target.baseline
     r_eff = torch.stack([r.ablated - r.baseline for r in rand_res]).mean(0)
     return BaselineComparison([str(c) for c in comps], target.effect, [r.effect for r in rand_res],

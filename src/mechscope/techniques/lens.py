@@ -19,6 +19,7 @@ from ..analysis.metrics import kl_div
 from ..core.errors import InputError
 from ..core.files import atomic_write
 from ..core.model import HookedModel
+from ..core.progress import bar
 from ..core.result import Result
 
 
@@ -255,9 +256,7 @@ def train_tuned_lens(model: HookedModel, corpus: Iterable[str] | torch.Tensor | 
         p.requires_grad_(False)
     it = range(n_steps)
     if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="tuned lens", leave=False)
+        it = bar(it, desc="tuned lens")
     try:
         for _ in it:
             rows = torch.randint(0, len(train), (batch,))

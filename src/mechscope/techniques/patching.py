@@ -36,6 +36,7 @@ from ..batching import BatchState, map_batches
 from ..core.errors import InputError, UnknownNameError
 from ..core.hookpoints import PATCH_SITES, block_name, split_name
 from ..core.model import HookedModel
+from ..core.progress import bar
 from ..core.result import Result
 from ..core.types import Metric, TextOrTokens
 from .inputs import check_range, metric_value, prompt_pair, reads_last_only
@@ -337,7 +338,7 @@ def run_patches(model: HookedModel, plan: PatchPlan, metric: Metric, fn: Callabl
         start, p0 = min(j.start for j in chunk), min(j.p0 for j in chunk)
         return len(chunk) * N * (P - p0) * (n - max(start, 0))
 
-    for chunk in chunks:  # out of memory: the same jobs in passes of half the size (see mechscope.batching)
+    for chunk in bar(chunks, desc=f"patching ({len(live)} patches)"):  # out of memory: half-size passes (mechscope.batching)
         done = map_batches(lambda s, e, _c=chunk: run(_c[s:e]), len(chunk), len(chunk), what="patching", state=state)
         token_layers, passes = token_layers + sum(done), passes + len(done)
     stats = {"forward_passes": passes, "patches": len(plan.jobs), "skipped_identical": len(plan.jobs) - len(live),

@@ -23,6 +23,7 @@ from ..batching import map_batches
 from ..compute import forward_bytes
 from ..core.errors import InputError
 from ..core.model import HookedModel
+from ..core.progress import bar
 from ..core.result import Result
 
 
@@ -224,7 +225,7 @@ def probe_sweep(model: HookedModel, tokens: torch.Tensor, labels: torch.Tensor, 
         return x[idx][mask[idx]]
 
     scores, ctl, sel, probes = [], [], [], []
-    for h in hooks:
+    for h in bar(hooks, desc="probes"):
         A = acts[h]  # [n, pos, d]
         Xtr, Xte = split(A, train_idx), split(A, test_idx)
         ytr, yte = split(labels, train_idx), split(labels, test_idx)

@@ -1,0 +1,254 @@
+"""The on-disk formats published SAEs come in, each read into mechscope's :class:`~mechscope.sae.model.SAE`.
+
+- ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``; ``W_enc [d_in, d_sae]``, architectures
+  ``standard`` / ``topk`` / ``jumprelu``; the hook is named in ``cfg.json`` (TransformerLens names, as mechscope's);
+- ``gemma_scope``: ``params.npz`` (read with ``allow_pickle=False``); JumpReLU with a per-latent
+  ``threshold`` and no ``- b_dec`` before encoding; ``layer_L`` of a ``*-res`` repository reads
+  ``blocks.L.hook_resid_post`` (``*-mlp``: ``hook_mlp_out``, ``*-att``: ``attn.hook_z``);
+- ``llama_scope``: ``hyperparams.json`` + ``checkpoints/final.safetensors``; ``encoder.weight [d_sae, d_in]``,
+  a scalar JumpReLU threshold, inputs scaled to norm ``sqrt(d_in)``; the hook is ``hook_point_in``;
+- ``sparsify``: ``cfg.json`` + ``sae.safetensors``; TopK, ``encoder.weight [d_sae, d_in]``,
+  ``W_dec [d_sae, d_in]``; folder ``layers.L`` is the output of block L (``blocks.L.hook_resid_post``);
+- ``dictionary_learning``: ``ae.pt`` (``torch.load(weights_only=True)``) + ``config.json``;
+  ``encoder.weight [d_sae, d_in]``, ``AutoEncoder`` (ReLU) or TopK / BatchTopK; the hook follows
+  ``trainer.layer`` and ``submodule_name`` (``resid_post_layer_3``).
+
+Weights are read only from safetensors, from ``.npz`` with ``allow_pickle=False``, or with
+``torch.load(weights_only=True)``; a damaged file, a config that is not JSON, a checkpoint that
+needs pickle, or non-finite weights get an error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import InputError, NotFoundError
+from .model import SAE, SAEConfig
+
+FORMATS = ("saelens", "gemma_scope", "llama_scope", "sparsify", "dictionary_learning")
+SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+
+def detect_format(folder: Path) -> str:
+    """Which format ``folder`` holds, from the files in it; a clear error listing what each format needs."""
+    has = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if {"cfg.json", "sae_weights.safetensors"} <= has:
+        return "saelens"
+    if "params.npz" in has:
+        return "gemma_scope"
+    if "hyperparams.json" in has and (folder / "checkpoints" / "final.safetensors").exists():
+        return "llama_scope"
+    if {"cfg.json", "sae.safetensors"} <= has:
+        return "sparsify"
+    if "ae.pt" in has:
+        return "dictionary_learning"
+    raise NotFoundError(
+        f"{folder} is not an SAE folder in a format mechscope reads; it has {sorted(has) or 'no files'}. Formats: "
+        "SAELens (cfg.json + sae_weights.safetensors), Gemma Scope (params.npz), Llama Scope (hyperparams.json + "
+        "checkpoints/final.safetensors), sparsify (cfg.json + sae.safetensors), dictionary_learning (ae.pt + config.json)")
+
+
+def read_json(path: Path, what: str = "config") -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{path} is missing (the SAE's {what})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); the SAE's {what} is damaged") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not an SAE {what}")
+    return data
+
+
+def _require(cfg: dict, keys: tuple[str, ...], path: Path) -> None:
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise InputError(f"{path} has no {', '.join(map(repr, missing))} (it has {sorted(cfg)})")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged or missing file gets an error naming it."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing (the SAE's weights)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise NotFoundError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); download it again") from e
+
+
+def read_npz(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: torch.from_numpy(np.asarray(f[k])) for k in f.files}
+    except ValueError as e:
+        raise InputError(f"{path} holds pickled objects; mechscope reads .npz files with allow_pickle=False only") from e
+    except (OSError, EOFError) as e:
+        raise NotFoundError(f"{path} is damaged or truncated ({e}); download it again") from e
+
+
+def read_torch(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{path} is missing (the SAE's weights)") from e
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError ... for what it refuses
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise InputError(f"{path} needs arbitrary pickled code to load, which mechscope refuses "
+                             f"(torch.load(weights_only=True) only); re-save its tensors with safetensors") from e
+        raise NotFoundError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def build(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+          threshold: torch.Tensor | None = None, input_scale: float = 1.0,
+          source: str = "") -> SAE:
+    """An SAE with the given weights (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), each checked."""
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
+                "b_dec": (cfg.d_in,)}
+    got = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    for name, shape in expected.items():
+        if tuple(got[name].shape) != shape:
+            raise InputError(f"{source}: {name} has shape {tuple(got[name].shape)}, expected {shape} from its config")
+    for name, t in list(got.items()) + ([("threshold", threshold)] if threshold is not None else []):
+        if not bool(torch.isfinite(t.float()).all()):
+            raise InputError(f"{source}: {name} holds NaN or infinite values; the SAE's weights are damaged")
+    sae = SAE(cfg)
+    with torch.no_grad():
+        for name, t in got.items():
+            getattr(sae, name).copy_(t.float())
+        if cfg.architecture == "jumprelu":
+            if threshold is None:
+                raise InputError(f"{source}: a JumpReLU SAE needs a threshold")
+            sae.log_threshold.copy_(threshold.float().expand(cfg.d_sae).clamp(min=1e-12).log())
+        sae.input_scale.fill_(float(input_scale))
+    return sae
+
+
+def read_saelens(folder: Path) -> SAE:
+    raw = read_json(folder / "cfg.json")
+    _require(raw, ("d_in", "d_sae"), folder / "cfg.json")
+    arch = raw.get("architecture", "standard")
+    if arch not in SAELENS_ARCH:
+        raise InputError(f"unsupported SAE architecture {arch!r} in {folder}; supported: {sorted(SAELENS_ARCH)}")
+    if raw.get("normalize_activations", "none") not in ("none", None):
+        raise InputError(f"{folder} asks for normalize_activations={raw['normalize_activations']!r} at run time; "
+                         "mechscope loads SAEs whose normalisation is folded into the weights ('none')")
+    meta = raw.get("metadata") or {}
+    cfg = SAEConfig(d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=SAELENS_ARCH[arch],
+                    hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
+                    model_name=meta.get("model_name") or raw.get("model_name") or "",
+                    k=int(raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k", 32))),
+                    apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
+    w = read_safetensors(folder / "sae_weights.safetensors")
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in w]
+    if missing:
+        raise InputError(f"{folder}/sae_weights.safetensors has no {missing} (has {sorted(w)})")
+    return build(cfg, w["W_enc"], w["W_dec"], w["b_enc"], w["b_dec"], w.get("threshold"), source=str(folder))
+
+
+def read_gemma_scope(folder: Path, hook: str, model_name: str = "") -> SAE:
+    w = read_npz(folder / "params.npz")
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if k not in w]
+    if missing:
+        raise InputError(f"{folder}/params.npz has no {missing} (has {sorted(w)})")
+    d_in, d_sae = w["W_enc"].shape
+    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_name=hook, model_name=model_name,
+                    apply_b_dec_to_input=False)
+    return build(cfg, w["W_enc"], w["W_dec"], w["b_enc"], w["b_dec"], w["threshold"], source=str(folder))
+
+
+def read_llama_scope(folder: Path, model_name: str = "") -> SAE:
+    hp = read_json(folder / "hyperparams.json", "hyperparameters")
+    _require(hp, ("d_model", "d_sae", "hook_point_in", "jump_relu_threshold"), folder / "hyperparams.json")
+    w = read_safetensors(folder / "checkpoints" / "final.safetensors")
+    norm = (hp.get("dataset_average_activation_norm") or {}).get("in")
+    scale = hp["d_model"] ** 0.5 / norm if norm else 1.0  # inputs scaled to norm sqrt(d_in), outputs scaled back
+    cfg = SAEConfig(d_in=int(hp["d_model"]), d_sae=int(hp["d_sae"]), architecture="jumprelu",
+                    hook_name=hp["hook_point_in"], model_name=model_name,
+                    apply_b_dec_to_input=bool(hp.get("apply_decoder_bias_to_pre_encoder", False)),
+                    normalize_activations="expected_average_only_in" if norm else "none")
+    return build(cfg, w["encoder.weight"].T, w["decoder.weight"].T, w["encoder.bias"], w["decoder.bias"],
+                 torch.tensor(float(hp["jump_relu_threshold"])), input_scale=scale, source=str(folder))
+
+
+def sparsify_hook(folder_name: str) -> str:
+    """sparsify's hookpoint (a module path) as a hook name: ``layers.L`` is the output of block L."""
+    if folder_name == "embed_tokens":
+        return "hook_embed"
+    m = re.fullmatch(r"(?:model\.)?layers[._](\d+)(?:\.(mlp|self_attn))?", folder_name)
+    if not m:
+        raise InputError(f"cannot tell which hook the sparsify folder {folder_name!r} reads; expected layers.L, "
+                         f"layers.L.mlp or layers.L.self_attn")
+    tail = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out"}[m.group(2)]
+    return f"blocks.{m.group(1)}.{tail}"
+
+
+def read_sparsify(folder: Path, hook: str | None = None, model_name: str = "") -> SAE:
+    raw = read_json(folder / "cfg.json")
+    _require(raw, ("d_in", "k"), folder / "cfg.json")
+    d_sae = int(raw.get("num_latents") or raw["d_in"] * raw.get("expansion_factor", 1))
+    w = read_safetensors(folder / "sae.safetensors")
+    cfg = SAEConfig(d_in=int(raw["d_in"]), d_sae=d_sae, architecture="topk", k=int(raw["k"]),
+                    hook_name=hook or sparsify_hook(folder.name), model_name=model_name,
+                    apply_b_dec_to_input=not raw.get("normalize_decoder", False))
+    return build(cfg, w["encoder.weight"].T, w["W_dec"], w["encoder.bias"], w["b_dec"], source=str(folder))
+
+
+def dictionary_learning_hook(trainer: dict) -> str:
+    layer, sub = trainer.get("layer"), str(trainer.get("submodule_name", ""))
+    if layer is None:
+        raise InputError("the dictionary_learning config has no trainer.layer: cannot tell which hook it reads")
+    kind = "mlp_out" if "mlp" in sub else "attn_out" if "attn" in sub else "resid_post"
+    return f"blocks.{int(layer)}.hook_{kind}"
+
+
+def read_dictionary_learning(folder: Path, hook: str | None = None, model_name: str = "") -> SAE:
+    conf = read_json(folder / "config.json")
+    trainer = conf.get("trainer") or {}
+    _require(trainer, ("dict_class", "activation_dim", "dict_size"), folder / "config.json")
+    w = read_torch(folder / "ae.pt")
+    b_dec = next((w[k] for k in ("b_dec", "bias", "decoder_bias") if k in w), None)
+    cls = trainer["dict_class"]
+    arch = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "TopKSAE": "topk", "BatchTopKSAE": "batchtopk"}.get(cls)
+    if arch is None or b_dec is None:
+        raise InputError(f"{folder}: dictionary_learning {cls!r} is not supported (AutoEncoder, AutoEncoderTopK, "
+                         f"TopKSAE and BatchTopKSAE are)" if arch is None else f"{folder}/ae.pt has no decoder bias")
+    k = int(w["k"]) if "k" in w else int(trainer.get("k", 32))
+    threshold = w.get("threshold")
+    if arch == "batchtopk" and threshold is not None and float(threshold) > 0:
+        arch = "jumprelu"  # at inference BatchTopK is a JumpReLU with its learned global threshold, as SAELens saves it
+    cfg = SAEConfig(d_in=int(trainer["activation_dim"]), d_sae=int(trainer["dict_size"]),
+                    architecture="topk" if arch == "batchtopk" else arch, k=k,
+                    hook_name=hook or dictionary_learning_hook(trainer), model_name=model_name or trainer.get("lm_name", ""))
+    return build(cfg, w["encoder.weight"].T, w["decoder.weight"].T, w["encoder.bias"], b_dec,
+                 threshold.float().reshape(-1) if arch == "jumprelu" else None, source=str(folder))
+
+
+def read_folder(folder: Path, fmt: str | None = None, hook: str | None = None, model_name: str = "") -> SAE:
+    """An SAE from a local folder in any supported format (detected from its files unless ``fmt`` is given)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotFoundError(f"no SAE folder at {folder}")
+    fmt = fmt or detect_format(folder)
+    if fmt == "saelens":
+        return read_saelens(folder)
+    if fmt == "gemma_scope":
+        if hook is None:
+            m = re.search(r"layer_(\d+)", str(folder))
+            if not m:
+                raise InputError(f"cannot tell which layer the Gemma Scope folder {folder} reads (no layer_L in its path)")
+            hook = f"blocks.{m.group(1)}.hook_resid_post"
+        return read_gemma_scope(folder, hook, model_name)
+    if fmt == "llama_scope":
+        return read_llama_scope(folder, model_name)
+    if fmt == "sparsify":
+        return read_sparsify(folder, hook, model_name)
+    if fmt == "dictionary_learning":
+        return read_dictionary_learning(folder, hook, model_name)
+    raise InputError(f"unknown SAE format {fmt!r}; known: {', '.join(FORMATS)}")
