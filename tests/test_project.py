@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mechscope.cli import main
-from mechscope.project import Run, init_project, list_runs, runs_table
+from mechscope.project import Run, init_project, list_runs, runs_report, runs_table
 
 
 def test_init_project(tmp_path):
@@ -58,3 +58,54 @@ def test_cli_init_and_runs(tmp_path, capsys):
     html = out.read_text()
     assert "acc" in html and "finished" in html and "<script" not in html
     assert main(["report", "--root", str(tmp_path / "nothing")]) == 2
+
+
+def test_checklist_is_filled_from_what_the_run_did(tmp_path):
+    from mechscope.analysis.checklist import ITEMS
+
+    with Run("bare", root=tmp_path) as run:
+        run.log(x=1.0)
+    rec = json.loads(run.path.read_text())
+    assert rec["checklist"]["unmet"][:3] == ["question", "technique", "visualised"]  # nothing ticked by default
+    with Run("full", config={"question": "which heads move names in IOI?"}, seeds=[0, 1, 2], root=tmp_path) as run:
+        run.artifact("results/heads.png")
+        run.check("technique", "activation patching of every head output")
+        run.check("causal", "mean-ablating the top 3 heads drops the logit diff by 62% [48, 75]", "results/abl.html")
+        run.check("edge_cases", "held-out half of the prompts; 3 seeds")
+        run.check("alternatives", "3 random heads as a baseline: 4% [-2, 9]")
+    ck = json.loads(run.path.read_text())["checklist"]
+    assert ck["met"]["question"] and ck["met"]["visualised"] and ck["met"]["causal"]
+    assert ck["evidence"]["causal"][0]["link"] == "results/abl.html"
+    # reproducibility needs seeds and a clean commit: this checkout's state decides, and the record says which
+    assert ck["met"]["reproducibility"] == (rec["git"]["commit"] is not None and not rec["git"]["dirty"])
+    assert set(ck["met"]) == set(ITEMS)
+    with pytest.raises(KeyError, match="unknown checklist item 'causality'"):
+        run.check("causality", "x")
+    html = runs_report(list_runs(tmp_path))
+    assert "not met" in html and "ms-unmet" in html and "results/abl.html" in html
+    rows = runs_table(list_runs(tmp_path)).splitlines()
+    assert f" {6 + ck['met']['reproducibility']}/7 " in next(r for r in rows if "full" in r)
+    assert f" {0 + ck['met']['reproducibility']}/7 " in next(r for r in rows if "bare" in r)
+
+
+def test_killed_runs_are_stale_and_bad_records_do_not_break_listing(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from mechscope.project import Run\n"
+            f"r = Run('killed', root={str(tmp_path)!r}); r.__enter__(); os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", code], check=False)
+    with Run("alive", root=tmp_path):
+        statuses = {r["name"]: r["status"] for r in list_runs(tmp_path)}
+    assert statuses == {"killed": "stale", "alive": "running"}
+    (tmp_path / "zz-broken").mkdir()
+    (tmp_path / "zz-broken" / "run.json").write_text('{"name": "broken", "sta')
+    (tmp_path / "zz-list").mkdir()
+    (tmp_path / "zz-list" / "run.json").write_text("[1, 2]")
+    recs = list_runs(tmp_path)
+    assert [r["status"] for r in recs][-2:] == ["unreadable", "unreadable"]
+    assert "not valid JSON" in recs[-2]["error"]["message"]
+    assert main(["runs", "--root", str(tmp_path)]) == 0
+    assert "stale" in capsys.readouterr().out
+    assert main(["report", "--root", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    assert "unreadable" in (tmp_path / "r.html").read_text()

@@ -112,6 +112,28 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert steps == list(range(10, 121, 10))
 
 
+def test_resume_refuses_changed_settings_and_survives_a_torn_log(tmp_path):
+    from mechscope.core.errors import InputError
+
+    acts = planted(n=1000)
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture="topk", k=3)
+    tc = TrainConfig(steps=60, batch_size=64, lr=1e-3, log_every=10, checkpoint_every=20)
+    train_sae(acts, cfg, tc, out=tmp_path, progress=False, stop_after=40)
+    with pytest.raises(InputError, match=r"train\.lr: checkpoint 0\.001, now 0\.01"):
+        train_sae(acts, cfg, TrainConfig(**{**tc.__dict__, "lr": 1e-2}), out=tmp_path, resume=True, progress=False)
+    with pytest.raises(InputError, match=r"sae\.d_sae: checkpoint 32, now 64"):
+        train_sae(acts, SAEConfig(d_in=16, d_sae=64, architecture="topk", k=3), tc, out=tmp_path, resume=True,
+                  progress=False)
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 50, "lo')  # killed while writing a line
+    with pytest.warns(UserWarning, match="torn last line"):  # more steps may be asked for on resume
+        train_sae(acts, cfg, TrainConfig(**{**tc.__dict__, "steps": 80}), out=tmp_path, resume=True, progress=False)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(10, 81, 10))
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt is damaged"):
+        train_sae(acts, cfg, tc, out=tmp_path, resume=True, progress=False)
+
+
 def test_nan_stops_and_keeps_checkpoint(tmp_path):
     acts = planted(n=1000)
     cfg = SAEConfig(d_in=16, d_sae=32, architecture="relu")
@@ -290,6 +312,10 @@ def test_disk_shards_are_atomic_and_resumable(tmp_path):
     torch.testing.assert_close(acts, harvest(model, "blocks.0.hook_resid_post", toks))
     with pytest.raises(ValueError, match="holds activations"):
         harvest_to_disk(model, "blocks.1.hook_resid_post", toks, folder)
+    shard = folder / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:40])  # truncated on disk
+    with pytest.raises(FileNotFoundError, match="shard_00001.safetensors is damaged or truncated"):
+        load_shards(folder)
 
 
 def test_shuffle_buffer_mixes_and_keeps_every_row():

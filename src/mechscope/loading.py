@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,13 @@ def convert_gguf(gguf: Path, verbose: bool = True) -> Path:
     if verbose:
         print(f"mechscope: converting {gguf.name} once into {target} (later loads read this cache)", file=sys.stderr)
     with atomic_dir(target, replace=False) as tmp:  # another process may finish first: keep its folder
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, struct.error, EOFError, OSError, KeyError, IndexError) as e:
+            # gguf-py reads a memory map: a short or foreign file fails on a reshape or an unpack
+            raise NotFoundError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {e}); it is damaged, "
+                                f"truncated or not a GGUF of a supported architecture. Download it again") from e
         seen: set[int] = set()
         tensors = {}
         for k, v in model.state_dict().items():  # tied weights (lm_head = embedding) are stored once

@@ -5,23 +5,28 @@ what would falsify it, and the validation plan. :class:`Run` records one experim
 ``runs/<time>-<name>/run.json``: the config, seeds, git commit, package versions, device, metrics
 and artifact paths. The record is written atomically at the start (status ``running``), on every
 ``save()``, and at the end (``finished``, or ``failed`` with the error when the block raised),
-so a crash leaves a record marked failed, never a missing or half-written one.
+so a crash leaves a record marked failed, never a missing or half-written one. A process killed
+outright (SIGKILL, out of memory) cannot write anything: the record holds its pid and host, and
+:func:`list_runs` shows such a run as ``stale`` once that process is gone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import subprocess
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .analysis.checklist import ITEMS, Checklist
 from .analysis.viz import esc, page
 from .compute import env
-from .core.errors import InputError
-from .core.files import atomic_write
+from .core.errors import InputError, MechscopeError
+from .core.files import atomic_write, read_json
 
 README = """# {name}
 
@@ -128,10 +133,23 @@ class Run:
                                                 "total_memory": e.total_memory},
             "started": datetime.now(timezone.utc).isoformat(), "finished": None, "duration_s": None,
             "metrics": {}, "artifacts": [], "error": None,
+            "process": {"pid": os.getpid(), "host": socket.gethostname()},
         }
         self._t0 = None
+        self.checklist = Checklist()
+
+    def check(self, item: str, text: str, link: str | None = None) -> None:
+        """Record evidence for a quality-checklist item (:data:`mechscope.analysis.checklist.ITEMS`); saved at once.
+
+        ``run.check("causal", "mean-ablating the 3 top heads drops the logit difference by 62% [48, 75]",
+        "results/ablation.html")``. Question, visualisation and reproducibility are also filled in from
+        the record (notes or ``config["question"]``, image/HTML artifacts, seeds with a clean commit).
+        """
+        self.checklist.add(item, text, link)
+        self.save()
 
     def save(self) -> Path:
+        self.record["checklist"] = self.checklist.merged(record_checklist(self.record)).to_dict()
         return atomic_write(self.path, json.dumps(self.record, indent=2, default=str) + "\n")
 
     def log(self, **metrics) -> None:
@@ -166,43 +184,110 @@ class Run:
         return False
 
 
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".html", ".jpg", ".jpeg")
+
+
+def record_checklist(rec: dict) -> Checklist:
+    """The checklist lines a run record proves by itself: the question, figures, and what reproduces it."""
+    c = Checklist()
+    question = (rec.get("config") or {}).get("question") or rec.get("notes")
+    if question:
+        c.add("question", str(question))
+    else:
+        c.missing("question", "no notes and no config['question'] in the record")
+    figs = [a for a in rec.get("artifacts", []) if str(a).lower().endswith(FIGURE_SUFFIXES)]
+    for a in figs:
+        c.add("visualised", f"figure {Path(a).name}", str(a))
+    if not figs:
+        c.missing("visualised", "no image or HTML artifact recorded (run.artifact)")
+    git, seeds = rec.get("git") or {}, rec.get("seeds") or []
+    gaps = ([] if seeds else ["no seeds"]) + ([] if git.get("commit") else ["no git commit"]) + \
+        (["uncommitted changes in the working tree"] if git.get("dirty") else [])
+    if gaps:
+        c.missing("reproducibility", "; ".join(gaps))
+    else:
+        v = rec.get("versions") or {}
+        c.add("reproducibility", f"seeds {seeds}, commit {git['commit'][:10]} (clean), torch {v.get('torch')}, "
+                                 f"transformers {v.get('transformers')}")
+    return c
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie or a reused pid counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _read_record(p: Path) -> dict:
+    """One run record; an unreadable one becomes a row saying why, so one bad file never hides the others."""
+    try:
+        rec = read_json(p, "a run record")
+    except MechscopeError as e:
+        return {"name": p.parent.name, "status": "unreadable", "error": {"message": str(e)}, "metrics": {}}
+    if not isinstance(rec.get("metrics"), dict):
+        rec["metrics"] = {}
+    proc = rec.get("process") or {}
+    if rec.get("status") == "running" and proc.get("host") == socket.gethostname() \
+            and isinstance(proc.get("pid"), int) and not _alive(proc["pid"]):
+        rec["status"] = "stale"  # its process is gone without finishing: killed (SIGKILL, out of memory, power)
+    return rec
+
+
 def list_runs(root: str | Path = "runs") -> list[dict]:
-    """Every run record under ``root``, oldest first (unreadable records are reported, not skipped silently)."""
+    """Every run record under ``root``, oldest first.
+
+    An unreadable ``run.json`` is listed with status ``unreadable`` (and why) instead of breaking the
+    listing; a ``running`` record whose process is no longer alive on this host is listed as ``stale``.
+    """
     out = []
     for p in sorted(Path(root).glob("*/run.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            rec = {"name": p.parent.name, "status": f"unreadable: {e}", "metrics": {}}
+        rec = _read_record(p)
         rec["path"] = str(p.parent)
         out.append(rec)
     return out
 
 
+def _checklist_of(rec: dict) -> Checklist:
+    """A record's stored checklist, or (records from before checklists) the lines the record proves."""
+    return Checklist.from_dict(rec["checklist"]) if isinstance(rec.get("checklist"), dict) else record_checklist(rec)
+
+
 def runs_table(records: list[dict]) -> str:
     """A plain-text comparison: one row per run, one column per metric that is a number."""
     keys = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
-    head = f"{'run':40} {'status':9} " + " ".join(f"{k[:14]:>14}" for k in keys)
+    head = f"{'run':40} {'status':10} {'checklist':9} " + " ".join(f"{k[:14]:>14}" for k in keys)
     lines = [head]
     for r in records:
         vals = " ".join(f"{r['metrics'][k]:>14.4g}" if isinstance(r["metrics"].get(k), (int, float)) else f"{'-':>14}"
                         for k in keys)
-        lines.append(f"{Path(r['path']).name[:40]:40} {r.get('status', '?')[:9]:9} {vals}")
+        c = _checklist_of(r)
+        lines.append(f"{Path(r['path']).name[:40]:40} {str(r.get('status', '?'))[:10]:10} "
+                     f"{f'{len(ITEMS) - len(c.unmet)}/{len(ITEMS)}':9} {vals}")
     return "\n".join(lines)
 
 
 def runs_report(records: list[dict], title: str = "experiment records") -> str:
-    """An offline HTML page comparing run records: status, config, seeds, commit and numeric metrics."""
+    """An offline HTML page comparing run records: status, quality checklist, seeds, commit and numeric metrics,
+    then each run's checklist (unmet lines flagged) and its full record folded away."""
     keys = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
-    head = "".join(f"<th>{esc(k)}</th>" for k in ["run", "status", "seeds", "commit"] + keys)
+    head = "".join(f"<th>{esc(k)}</th>" for k in ["run", "status", "checklist", "seeds", "commit"] + keys)
     rows = []
     for r in records:
         commit = (r.get("git") or {}).get("commit") or ""
-        cells = [Path(r["path"]).name, r.get("status", "?"), r.get("seeds", []), commit[:10]]
+        unmet = _checklist_of(r).unmet
+        cells = [Path(r["path"]).name, r.get("status", "?"), f"{len(ITEMS) - len(unmet)}/{len(ITEMS)}"
+                 + (f" (not met: {', '.join(unmet)})" if unmet else ""), r.get("seeds", []), commit[:10]]
         cells += [f"{r['metrics'][k]:.4g}" if isinstance(r.get("metrics", {}).get(k), (int, float)) else ""
                   for k in keys]
         rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    details = "".join(f"<h3>{esc(Path(r['path']).name)}</h3><pre>{esc(json.dumps(r, indent=2, default=str))}</pre>"
-                      for r in records)
+    details = "".join(f"<h3 id='{esc(Path(r['path']).name)}'>{esc(Path(r['path']).name)}</h3>"
+                      f"<h4>quality checklist</h4>{_checklist_of(r).to_html()}"
+                      f"<details><summary>the full record</summary><pre>{esc(json.dumps(r, indent=2, default=str))}"
+                      f"</pre></details>" for r in records)
     return page(title, f"<table class='ms-heat'><tr>{head}</tr>{''.join(rows)}</table>{details}")
 

@@ -1,4 +1,4 @@
-"""Atomic writes: nothing on disk is ever half-written.
+"""Atomic writes (nothing on disk is ever half-written) and safe readers (no pickled code, damaged files named).
 
 A file is written to a temporary name beside its target and renamed into place; a folder is
 built under a temporary name and renamed (replacing an older one only once the new one is
@@ -54,3 +54,75 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Safe readers: weights only from safetensors, .npz without pickle, or torch.load(weights_only=True).
+# A missing, damaged or refused file gets a mechscope error that names it and says what to do.
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """The JSON object in ``path`` (``what`` names it in errors: "the SAE's config", "run record")."""
+    import json
+
+    from .errors import InputError, NotFoundError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{path} is missing ({what})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); {what} is damaged") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not {what}")
+    return data
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "weights") -> dict:
+    """A safetensors file's tensors ``{name: tensor}``; a damaged or missing file gets an error naming it."""
+    from safetensors.torch import load_file
+
+    from .errors import NotFoundError
+
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing ({what})")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise NotFoundError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); write or download it "
+                            f"again") from e
+
+
+def read_npz(path: str | os.PathLike) -> dict:
+    """An ``.npz`` file's arrays as tensors, read with ``allow_pickle=False``."""
+    import numpy as np
+    import torch
+
+    from .errors import InputError, NotFoundError
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: torch.from_numpy(np.asarray(f[k])) for k in f.files}
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{path} is missing") from e
+    except ValueError as e:
+        raise InputError(f"{path} holds pickled objects; mechscope reads .npz files with allow_pickle=False only") from e
+    except (OSError, EOFError) as e:
+        raise NotFoundError(f"{path} is damaged or truncated ({e}); download it again") from e
+
+
+def read_torch(path: str | os.PathLike, what: str = "weights") -> dict:
+    """``torch.load(path, weights_only=True)`` on CPU; pickled code is refused with an error saying so."""
+    import torch
+
+    from .errors import InputError, NotFoundError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{path} is missing ({what})") from e
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError ... for what it refuses
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
+            raise InputError(f"{path} needs arbitrary pickled code to load, which mechscope refuses "
+                             f"(torch.load(weights_only=True) only); re-save its tensors with safetensors") from e
+        raise NotFoundError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {e})") from e

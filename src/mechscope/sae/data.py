@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
 from ..core.errors import InputError, NotFoundError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, read_json, read_safetensors
 from ..core.hookpoints import split_name
 from ..core.model import HookedModel
 
@@ -114,7 +114,7 @@ class TensorSource:
 
 def _manifest(folder: Path) -> dict:
     p = folder / "manifest.json"
-    return json.loads(p.read_text()) if p.exists() else {"shards": [], "rows_done": 0}
+    return read_json(p, "the activation shards' manifest") if p.exists() else {"shards": [], "rows_done": 0}
 
 
 def harvest_to_disk(model: HookedModel, hook_name: str, tokens: torch.Tensor, folder: str | Path, seqs_per_shard: int = 64,
@@ -143,7 +143,14 @@ def load_shards(folder: str | Path) -> torch.Tensor:
     man = _manifest(folder)
     if not man["shards"]:
         raise NotFoundError(f"no complete activation shards in {folder}")
-    return torch.cat([load_file(str(folder / s["file"]))["acts"] for s in man["shards"]])
+    shards = []
+    for s in man["shards"]:
+        t = read_safetensors(folder / s["file"], "an activation shard listed in manifest.json").get("acts")
+        if t is None or t.dim() != 2 or t.shape[0] != s["rows"]:
+            raise InputError(f"{folder / s['file']} does not hold the [{s['rows']}, {s['d']}] 'acts' tensor that "
+                             f"manifest.json lists; harvest again into a new folder")
+        shards.append(t)
+    return torch.cat(shards)
 
 
 def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_size: int = 65536,

@@ -20,14 +20,14 @@ needs pickle, or non-finite weights get an error naming the file.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.errors import InputError, NotFoundError
+from ..core.files import read_json as _read_json
+from ..core.files import read_npz, read_safetensors, read_torch
 from .model import SAE, SAEConfig
 
 FORMATS = ("saelens", "gemma_scope", "llama_scope", "sparsify", "dictionary_learning")
@@ -54,55 +54,14 @@ def detect_format(folder: Path) -> str:
 
 
 def read_json(path: Path, what: str = "config") -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise NotFoundError(f"{path} is missing (the SAE's {what})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e}); the SAE's {what} is damaged") from e
-    if not isinstance(data, dict):
-        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not an SAE {what}")
-    return data
+    """The SAE's JSON ``what`` at ``path`` (an object), with an error naming the file."""
+    return _read_json(path, f"the SAE's {what}")
 
 
 def _require(cfg: dict, keys: tuple[str, ...], path: Path) -> None:
     missing = [k for k in keys if k not in cfg]
     if missing:
         raise InputError(f"{path} has no {', '.join(map(repr, missing))} (it has {sorted(cfg)})")
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; a damaged or missing file gets an error naming it."""
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise NotFoundError(f"{path} is missing (the SAE's weights)")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise NotFoundError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); download it again") from e
-
-
-def read_npz(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: torch.from_numpy(np.asarray(f[k])) for k in f.files}
-    except ValueError as e:
-        raise InputError(f"{path} holds pickled objects; mechscope reads .npz files with allow_pickle=False only") from e
-    except (OSError, EOFError) as e:
-        raise NotFoundError(f"{path} is damaged or truncated ({e}); download it again") from e
-
-
-def read_torch(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise NotFoundError(f"{path} is missing (the SAE's weights)") from e
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError ... for what it refuses
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise InputError(f"{path} needs arbitrary pickled code to load, which mechscope refuses "
-                             f"(torch.load(weights_only=True) only); re-save its tensors with safetensors") from e
-        raise NotFoundError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def build(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,

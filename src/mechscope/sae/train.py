@@ -18,8 +18,10 @@ good checkpoint in place.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import torch
 
 from ..analysis.metrics import explained_variance
 from ..core.errors import InputError, MechscopeError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, read_torch
 from ..core.progress import bar
 from ..core.result import Result
 from .data import ActivationSource, TensorSource
@@ -129,31 +131,88 @@ def _checkpoint_path(out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
-def _save_checkpoint(out: Path, sae: SAE, opt, source, st: _State) -> None:
+# Settings a resumed run may change: how long it runs, how often it logs and checkpoints, and where it logs.
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "wandb_project")
+
+
+def _settings(sae: SAE, train: TrainConfig) -> dict:
+    """What a checkpoint records of the run's settings, compared on resume."""
+    return {"sae": json.loads(json.dumps(sae.cfg.to_dict(), default=str)),
+            "train": json.loads(json.dumps(dataclasses.asdict(train), default=str))}
+
+
+def _save_checkpoint(out: Path, sae: SAE, opt, source, st: _State, train: TrainConfig) -> None:
     buf = io.BytesIO()
     torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "source": source.state_dict(), "step": st.step,
-                "last_fired": st.last_fired, "fired_count": st.fired_count, "seen": st.seen}, buf)
+                "last_fired": st.last_fired, "fired_count": st.fired_count, "seen": st.seen,
+                "settings": json.dumps(_settings(sae, train))}, buf)
     atomic_write(_checkpoint_path(out), buf.getvalue())
 
 
-def _start(sae: SAE, opt, source, out: Path | None, resume: bool, b_dec_init: str) -> _State:
+def _check_settings(path: Path, saved: dict, now: dict) -> None:
+    """A resumed run must keep the settings its checkpoint was trained with (``steps`` and logging may change)."""
+    diffs = [f"{part}.{k}: checkpoint {saved[part].get(k)!r}, now {v!r}" for part in ("sae", "train")
+             for k, v in now[part].items()
+             if not (part == "train" and k in RESUMABLE_CHANGES) and saved.get(part, {}).get(k) != v]
+    if diffs:
+        raise InputError(f"--resume from {path} with settings that differ from the checkpoint's: " + "; ".join(diffs)
+                         + f". Resume with the original settings (only {', '.join(RESUMABLE_CHANGES)} may change), "
+                         "or train into a new folder.")
+
+
+def _read_log(log: Path, upto: int) -> list[str]:
+    """The lines of ``log.jsonl`` up to step ``upto``; a torn last line (a kill mid-write) is dropped with a warning."""
+    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    kept = []
+    for i, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{log}: dropped a torn last line (the run was stopped while writing it)", stacklevel=3)
+                break
+            raise InputError(f"{log} line {i + 1} is not JSON ({e}); the log is damaged. Delete the line or "
+                             "train into a new folder") from e
+        if rec.get("step", upto + 1) <= upto:
+            kept.append(ln)
+    return kept
+
+
+def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig) -> _State:
+    """The state of the checkpoint in ``out``, after checking it matches this run."""
+    path = _checkpoint_path(out)
+    ck = read_torch(path, "the SAE training checkpoint")
+    if not isinstance(ck, dict) or not {"sae", "opt", "source", "step"} <= set(ck):
+        has = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
+        raise InputError(f"{path} is not a mechscope SAE training checkpoint (it has {has})")
+    if "settings" in ck:
+        _check_settings(path, json.loads(ck["settings"]), _settings(sae, train))
+    d_saved = ck["sae"]["W_dec"].shape[0] if "W_dec" in ck["sae"] else None
+    if d_saved != sae.cfg.d_sae:
+        raise InputError(f"{path} holds an SAE with d_sae={d_saved}, this run asks for d_sae={sae.cfg.d_sae}; "
+                         "resume with the original width or train into a new folder")
+    try:
+        sae.load_state_dict(ck["sae"])
+        opt.load_state_dict(ck["opt"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"{path} does not fit this SAE ({e}); resume with the original settings") from e
+    source.load_state_dict(ck["source"])
+    st = _State(ck["step"], ck["seen"], ck["last_fired"], ck["fired_count"])
+    log = out / "log.jsonl"
+    if log.exists():  # drop records of steps that will be run again
+        atomic_write(log, "".join(ln + "\n" for ln in _read_log(log, st.step)))
+    return st
+
+
+def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainConfig) -> _State:
     """A fresh run (input scale and ``b_dec`` fitted on a sample) or the state of the last checkpoint."""
     d = sae.cfg.d_sae
     st = _State(last_fired=torch.zeros(d, dtype=torch.long), fired_count=torch.zeros(d, dtype=torch.long))
     if resume and out is not None and _checkpoint_path(out).exists():
-        ck = torch.load(_checkpoint_path(out), weights_only=True)
-        sae.load_state_dict(ck["sae"])
-        opt.load_state_dict(ck["opt"])
-        source.load_state_dict(ck["source"])
-        st = _State(ck["step"], ck["seen"], ck["last_fired"], ck["fired_count"])
-        log = out / "log.jsonl"
-        if log.exists():  # drop records of steps that will be run again
-            kept = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= st.step]
-            atomic_write(log, "".join(ln + "\n" for ln in kept))
-        return st
+        return _resume(sae, opt, source, out, train)
     sample = source.sample(4096)
     sae.fit_input_scale(sample)
-    sae.init_b_dec(sample, b_dec_init)
+    sae.init_b_dec(sample, train.b_dec_init)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "log.jsonl").unlink(missing_ok=True)
@@ -226,7 +285,7 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     sae = SAE(cfg, seed=train.seed)
     fused = sae.W_enc.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     opt = torch.optim.Adam(sae.parameters(), lr=train.lr, betas=(0.9, 0.999), fused=fused)
-    st = _start(sae, opt, source, out, resume, train.b_dec_init)
+    st = _start(sae, opt, source, out, resume, train)
     sparse = train.sparse if train.sparse is not None else (  # measured on CPU only
         sae.W_enc.dtype in (torch.float32, torch.float64) and getattr(source, "acts", sae.W_enc).device.type == "cpu")
     steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))
@@ -244,7 +303,7 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
             if run is not None:
                 run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=st.step)
         if out is not None and st.step % train.checkpoint_every == 0:
-            _save_checkpoint(out, sae, opt, source, st)
+            _save_checkpoint(out, sae, opt, source, st, train)
     if run is not None:
         run.finish()
     density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
