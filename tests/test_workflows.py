@@ -1,6 +1,7 @@
 """The demo investigation and the technique commands on the default model (slow tier)."""
 
 import json
+import re
 
 import pytest
 
@@ -16,8 +17,23 @@ def test_demo_investigation_writes_report(smollm, tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8."]
     for png in ("logit_lens.png", "dla.png", "ioi_resid.png", "ioi_heads.png", "induction.png", "probe.png"):
-        assert (tmp_path / png).stat().st_size > 5000 and png in html
-    assert "<script" not in html and "http" not in html  # offline, no CDN
+        assert (tmp_path / png).stat().st_size > 5000 and f"alt='{png}'" in html
+    assert f"src='{png}'" not in html and html.count("src='data:image/png;base64,") >= 6  # one file: PNGs inline
+    # offline: no script, stylesheet or picture is fetched from anywhere
+    assert not re.search(r"""<(script|img|link|iframe)[^>]+(src|href)=["']?(https?:)?//""", html)
+    assert "Plotly.newPlot" in html and html.count("ms-att-") >= 2  # interactive heatmaps and the attention viewer
+    # findings at the top, each linking to a section that exists, with its effect and its baseline
+    ids = set(re.findall(r"<section id='([^']+)'", html))
+    links = re.findall(r"<li(?: class=ms-fails)?><a href='#([^']+)'", html.split("<nav")[0])
+    assert len(links) == len(rep.findings) >= 5 and set(links) <= ids
+    assert all("baseline" in html.split(f"href='#{k}'")[1][:600] for k in links)
+    toc = re.findall(r"<a href='#([^']+)'>", html.split("<nav")[1].split("</nav>")[0])
+    assert set(toc) <= ids and len(toc) == len(rep.sections) + 1
+    assert html.index("findings") < html.index("quality checklist") < html.index("1. environment")
+    assert html.count("<details><summary>raw output</summary>") >= 6
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["checklist"]["met"]["causal"] and rec["checklist"]["met"]["alternatives"]
+    assert len(rec["findings"]) == len(rep.findings) and "Plotly" not in json.dumps(rec)
     assert "&#x27; Paris&#x27;" in html or "&#x27;Paris&#x27;" in html or "Paris" in html
     causal = rep.sections[4].text
     assert "matter more than random heads" in causal, causal

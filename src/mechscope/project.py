@@ -96,6 +96,13 @@ def _git(*args: str, cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def provenance(cwd: str | Path | None = None) -> dict:
+    """What reproduces a result: ``{"git": {"commit", "dirty"}, "versions": {package: version}}``."""
+    cwd = Path(cwd or Path.cwd())
+    commit, dirty = _git("rev-parse", "HEAD", cwd=cwd), _git("status", "--porcelain", cwd=cwd)
+    return {"git": {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}, "versions": _versions()}
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -122,15 +129,12 @@ class Run:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
         self.dir = Path(root) / f"{stamp}-{safe}"
         self.path = self.dir / "run.json"
-        cwd = Path.cwd()
-        commit = _git("rev-parse", "HEAD", cwd=cwd)
-        dirty = _git("status", "--porcelain", cwd=cwd)
+        prov = provenance()
         e = env()
         self.record = {
             "name": name, "status": "created", "config": config or {}, "seeds": list(seeds or []),
-            "notes": notes, "git": {"commit": commit, "dirty": bool(dirty) if dirty is not None else None},
-            "versions": _versions(), "device": {"device": e.device, "name": e.device_name,
-                                                "total_memory": e.total_memory},
+            "notes": notes, "git": prov["git"], "versions": prov["versions"],
+            "device": {"device": e.device, "name": e.device_name, "total_memory": e.total_memory},
             "started": datetime.now(timezone.utc).isoformat(), "finished": None, "duration_s": None,
             "metrics": {}, "artifacts": [], "error": None,
             "process": {"pid": os.getpid(), "host": socket.gethostname()},

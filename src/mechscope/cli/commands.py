@@ -495,6 +495,9 @@ def demo_cmd(args: argparse.Namespace) -> Result:
         rep = demo_investigation(model, args.out, echo=not args.json)
         run.log(**rep.metrics)
         run.artifact(Path(args.out) / "report.html")
+        for item, evs in rep.checklist.evidence.items():  # reproducibility comes from the record itself
+            for e in evs if item != "reproducibility" else []:
+                run.check(item, e.text, f"{Path(args.out) / 'report.html'}{e.link or ''}")
     return Outcome(f"run record: {run.path}", {"report": Path(args.out) / "report.html",
                                                 "sections": [s.title for s in rep.sections], "run": run.path,
                                                 "metrics": rep.metrics})

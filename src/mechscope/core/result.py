@@ -64,6 +64,10 @@ class Result:
         """HTML shown above the summary in :meth:`to_html` (pictures, tables)."""
         return ""
 
+    def figures_html(self) -> str:
+        """Only the pictures and tables of :meth:`to_html`, without the text summary (for reports that fold it)."""
+        return self._html_body()
+
     def to_html(self) -> str:
         return self._html_body() + f"<pre>{html.escape(self.summary(), quote=True)}</pre>"
 
