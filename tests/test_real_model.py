@@ -107,3 +107,39 @@ def test_gguf_file_path_loads_through_cache(smollm):
     toks = smollm.to_tokens("Hello world")
     with torch.no_grad():
         assert torch.equal(model(toks), smollm(toks))
+
+
+SVA_NOUNS = [("key", "keys"), ("book", "books"), ("dog", "dogs"), ("car", "cars"), ("teacher", "teachers"),
+             ("window", "windows"), ("player", "players"), ("bottle", "bottles")]
+SVA_PLACES = ["cabinet", "table", "door", "house", "garden", "road", "wall", "bridge"]
+
+
+def test_own_task_subject_verb_agreement(smollm, tmp_path, capsys, monkeypatch):
+    """A behaviour with no built-in dataset, from a task file: "The keys near the cabinet" -> " are", not " is"."""
+    import json
+
+    from mechscope.cli import main
+    from mechscope.datasets import load_task
+    from mechscope.techniques.patching import patch
+
+    rows = [{"clean": f"The {p} near the {pl}", "corrupted": f"The {s} near the {pl}", "answer": " are",
+             "wrong": " is"} for (s, p), pl in zip(SVA_NOUNS, SVA_PLACES)]
+    path = tmp_path / "sva.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_task(smollm, str(path))
+    assert len(ds) == 8 and ds.clean.shape == ds.corrupted.shape
+    with torch.no_grad():
+        clean, corrupted = ds.metric(smollm(ds.clean)), ds.metric(smollm(ds.corrupted))
+    assert bool((clean > 0).all()) and bool((corrupted < 0).all())  # the model agrees the verb with the subject
+    res = patch(smollm, ds.clean, ds.corrupted, ds.metric, site="resid_pre", layers=[0, 29])
+    v = res.normalized()  # [layer, pos]: the number lives on the noun (pos 1) early, on the last token late
+    assert float(v[0, 1]) > 0.9 and abs(float(v[0, -1])) < 0.1 and float(v[1, -1]) > 0.9
+    monkeypatch.setattr(mechscope, "load", lambda *a, **k: smollm)
+    assert main(["patch", "--task-file", str(path), "--site", "resid_pre", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clean"] > 0 > out["corrupted"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"clean": "The keys near the big cabinet", "corrupted": "The key near the cabinet",
+                               "answer": " are"}) + "\n")
+    with pytest.raises(ValueError, match="row 0"):
+        load_task(smollm, str(bad))

@@ -118,9 +118,9 @@ class TaskDataset(Result):
 
 def _single(model, words: list[str], space: bool = True) -> list[str]:
     """The words that are one token (with a leading space when ``space``)."""
-    out = []
+    out, tok = [], model.tokens.need_tokenizer()
     for w in words:
-        ids = model.tokenizer((" " if space else "") + w, add_special_tokens=False).input_ids
+        ids = tok((" " if space else "") + w, add_special_tokens=False).input_ids
         if len(ids) == 1:
             out.append(w)
     return out
@@ -249,12 +249,13 @@ def greater_than(model: HookedModel, n: int = 32, seed: int = 0, century: int = 
     """
     rng = random.Random(seed)
     c = str(century)
-    two = len(model.tokenizer(c + "32", add_special_tokens=False).input_ids) == 2
+    tok = model.tokens.need_tokenizer()
+    two = len(tok(c + "32", add_special_tokens=False).input_ids) == 2
     yys = [rng.randint(2, 98) for _ in range(n)]
     texts = [f"The war lasted from the year {c}{y:02d} to the year {c}" for y in yys]
     bad = [f"The war lasted from the year {c}01 to the year {c}" for _ in yys]
     if two:
-        cand = {y: model.tokenizer(f"{c}{y:02d}", add_special_tokens=False).input_ids[-1] for y in range(100)}
+        cand = {y: tok(f"{c}{y:02d}", add_special_tokens=False).input_ids[-1] for y in range(100)}
     else:
         cand = {d: model.to_single_token(str(d)) for d in range(10)}
 

@@ -161,6 +161,24 @@ def convert_gguf(gguf: Path, verbose: bool = True) -> Path:
     return target
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map: str | dict | None) -> None:
+    """``device_map`` is one of accelerate's strategies, one device, or ``{module path: device}``."""
+    if device_map is None or isinstance(device_map, dict):
+        return
+    if not isinstance(device_map, str):
+        raise InputError(f"device_map must be a string or a dict of module path -> device, got "
+                         f"{type(device_map).__name__}")
+    if device_map not in DEVICE_MAP_STRATEGIES:
+        try:
+            parse_device(device_map)
+        except InputError as e:
+            raise InputError(f"device_map {device_map!r} is neither a placement strategy "
+                             f"({', '.join(DEVICE_MAP_STRATEGIES)}) nor a device ({e})") from e
+
+
 def resolve(name: str) -> tuple[str, Path | str]:
     """Classify ``name``: ``("dir", path)``, ``("gguf", path)`` or ``("hub", id)``; clear errors otherwise."""
     if name in ALIASES:
@@ -243,6 +261,7 @@ def load(
     if device_map is None and (max_memory is not None or offload_folder is not None):
         device_map = "auto"
     dev = parse_device(device) if device_map is None else None
+    _check_device_map(device_map)
     kind, where = resolve(name)
     if kind == "gguf":
         where = convert_gguf(Path(where))

@@ -22,19 +22,33 @@ def is_quiet() -> bool:
 
 
 def set_quiet(value: bool = True) -> None:
-    """Silence (or restore) every progress bar and stage line."""
+    """Silence (or restore) every progress bar and stage line, the Hugging Face libraries' bars included."""
     _STATE["quiet"] = bool(value)
+    _hf_bars(not value)
+
+
+def _hf_bars(enabled: bool) -> None:
+    """Turn the loading and download bars of transformers and huggingface_hub on or off (when they are installed)."""
+    for mod in ("transformers.utils.logging", "huggingface_hub.utils"):
+        try:
+            m = __import__(mod, fromlist=["enable_progress_bars"])
+        except ImportError:
+            continue
+        f = getattr(m, "enable_progress_bar" if enabled else "disable_progress_bar", None) or \
+            getattr(m, "enable_progress_bars" if enabled else "disable_progress_bars", None)
+        if f is not None:
+            f()
 
 
 @contextlib.contextmanager
 def quiet(value: bool = True) -> Iterator[None]:
     """``with quiet(): ...`` runs without progress output."""
     old = _STATE["quiet"]
-    _STATE["quiet"] = bool(value)
+    set_quiet(value)
     try:
         yield
     finally:
-        _STATE["quiet"] = old
+        set_quiet(old)
 
 
 def bar(iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None, min_items: int = 2,

@@ -75,7 +75,18 @@ class TokenOps:
     def tokenize(self, text: str | Sequence[str], prepend_bos: bool | None = None,
                  padding_side: str | None = None) -> tuple[Tokens, torch.Tensor]:
         """Text (or a list) -> ``(tokens [batch, pos], attention_mask [batch, pos])``, padded (right by default)."""
-        texts = [text] if isinstance(text, str) else list(text)
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, Sequence) and not isinstance(text, (bytes, torch.Tensor)):
+            texts = list(text)
+        else:
+            raise InputTypeError(f"text must be a string or a list of strings, got {type(text).__name__} {text!r:.80}"
+                                 + ("; token ids go straight to the model (model(tokens))"
+                                    if isinstance(text, torch.Tensor) else ""))
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise InputTypeError(f"texts {bad[:10]} are not strings (got {type(texts[bad[0]]).__name__} "
+                                 f"{texts[bad[0]]!r:.60}); every prompt must be a string")
         if not texts:
             raise InputError("no text given")
         empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t and not self.cfg.default_prepend_bos]

@@ -151,7 +151,8 @@ def logit_effects(model: HookedModel, sae: SAE, feature: int,
     """Top and bottom ``k`` tokens of ``W_dec[feature] @ W_U`` (direct effect through the unembedding only)."""
     eff = (sae.W_dec[feature].float() / sae.input_scale.float()) @ model.W_U.float().cpu()
     top, bot = eff.topk(k), (-eff).topk(k)
-    name = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
+    tok = model.tokens.need_tokenizer()
+    name = lambda i: tok.decode([int(i)])  # noqa: E731
     return ([(name(i), float(v)) for v, i in zip(top.values, top.indices)],
             [(name(i), float(-v)) for v, i in zip(bot.values, bot.indices)])
 

@@ -110,4 +110,5 @@ def check_fits(sae: SAE, model: HookedModel) -> None:
     model.manager.check(hook)
     width = spec(hook).width(model.cfg.to_dict())
     if width != sae.cfg.d_in:
-        raise InputError(f"the SAE has d_in={sae.cfg.d_in} but {hook} of {model.cfg.model_name} has width {width}")
+        raise InputError(f"the SAE has d_in={sae.cfg.d_in} but {hook} of {model.cfg.model_name or 'this model'} has "
+                         f"width {width}; load an SAE trained on this model and hook")
