@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast lint bench bench-tl bench-saelens clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,5 +60,21 @@ bench-saelens: $(STAMP)
 	bench/.venv-saelens/bin/python -m pip install -q "$(TORCH)" "sae-lens==6.54.*"
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
 
+# The tiny-architecture identity suite against another transformers (default: the newest on the index), in
+# its own venv, so a break shows before users meet it: `make compat` or `make compat TRANSFORMERS=5.0.0`.
+TRANSFORMERS ?= newest
+COMPAT_VENV  := .venv-compat
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[test]"
+	if [ "$(TRANSFORMERS)" = newest ]; then $(COMPAT_VENV)/bin/python -m pip install -q --upgrade transformers; \
+	else $(COMPAT_VENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS)"; fi
+	$(COMPAT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 -m "not slow" \
+		tests/test_architectures.py tests/test_registry.py tests/test_check.py tests/test_moe.py \
+		tests/test_hooks_api.py tests/test_patching.py tests/test_offload.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info src/*.egg-info

@@ -54,7 +54,7 @@ def quiet(value: bool = True) -> Iterator[None]:
 def bar(iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None, min_items: int = 2,
         **kwargs) -> "Iterable[T]":
     """A tqdm bar on stderr over ``iterable`` (or a manual bar when it is None); nothing when quiet or short."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text on stderr, in terminals and notebooks alike
 
     n = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     disable = is_quiet() or (n is not None and n < min_items)

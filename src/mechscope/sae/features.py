@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..analysis import viz
+from ..core.errors import InputError
 from ..core.files import atomic_write
 from ..core.model import HookedModel
 from ..core.result import Result
@@ -71,10 +72,17 @@ class FeatureStats(Result):
 @torch.no_grad()
 def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: Sequence[int] | None = None, n_top: int = 20,
                   context: int = 5,
-                  batch_size: int = 8, n_bins: int = 30, seed: int = 0) -> FeatureStats:
+                  batch_size: int = 8, n_bins: int = 30, seed: int = 0, skip_first: int = 1,
+                  max_norm_ratio: float | None = 10.0) -> FeatureStats:
     """One streaming pass over ``tokens [n, pos]``: density and max for all features; top examples,
     quantile samples and activation histograms for ``features`` (default: the 20 densest live ones
-    after a first batch)."""
+    after a first batch).
+
+    Tokens the SAE was not trained on are left out, as :func:`~mechscope.sae.data.harvest` leaves
+    them out of training: the first ``skip_first`` positions (the attention sink, whose residual norm
+    is ~140x the median in SmolLM2's layer 15) and tokens whose norm exceeds ``max_norm_ratio`` x
+    their sequence's median. Kept in, they fill every feature's top examples with the same sink tokens.
+    """
     hook = sae.cfg.hook_name
     d = sae.cfg.d_sae
     fire = torch.zeros(d, dtype=torch.long)
@@ -88,10 +96,16 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
     P = tokens.shape[1]
     for s in range(0, tokens.shape[0], batch_size):
         toks = tokens[s:s + batch_size]
-        f = sae.encode(_token_acts(model, hook, toks, batch_size)).reshape(toks.shape[0], P, d)
+        acts = _token_acts(model, hook, toks, batch_size)
+        keep = torch.ones(toks.shape[0], P, dtype=torch.bool)
+        keep[:, :skip_first] = False
+        if max_norm_ratio is not None:
+            norms = acts.norm(dim=-1).reshape(toks.shape[0], P)
+            keep &= norms <= max_norm_ratio * norms.masked_fill(~keep, float("nan")).nanmedian(dim=1, keepdim=True).values
+        f = sae.encode(acts).reshape(toks.shape[0], P, d) * keep[..., None]
         fire += (f > 0).sum((0, 1))
         maxa = torch.maximum(maxa, f.amax((0, 1)))
-        n_tok += toks.numel()
+        n_tok += int(keep.sum())
         if features is None:
             live = torch.nonzero(fire > 0).flatten()
             features = live[fire[live].argsort(descending=True)][:20].tolist()
@@ -210,8 +224,11 @@ def write_dashboards(model: HookedModel, sae: SAE, stats: FeatureStats, folder: 
 
 @torch.no_grad()
 def top_features(model: HookedModel, sae: SAE, text: str, k: int = 10) -> list[tuple[int, float]]:
-    """The features with the largest summed activation on ``text``."""
-    f = sae.encode(_token_acts(model, sae.cfg.hook_name, model.to_tokens(text)))
+    """The features with the largest summed activation on ``text`` (its first token, the sink, left out as in training)."""
+    acts = harvest(model, sae.cfg.hook_name, model.to_tokens(text))
+    if acts.shape[0] == 0:
+        raise InputError(f"{text!r} has no token after the first one; the SAE reads positions 1 onwards")
+    f = sae.encode(acts)
     tot = f.sum(0)
     v, i = tot.topk(k)
     return [(int(a), float(b)) for a, b in zip(i, v)]
