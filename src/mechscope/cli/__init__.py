@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mechscope {cmd.name}: internal error ({type(e).__name__}: {e}). This is a bug in mechscope or a "
               f"library it calls; rerun with --debug for the traceback and report it.", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints results
+        return 0
     if args.json:
         data = result.to_dict()
         if isinstance(data, dict):

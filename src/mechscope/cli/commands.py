@@ -358,7 +358,8 @@ def toy_cmd(args: argparse.Namespace) -> Result:
 # ---------------------------------------------------------------------------------- SAEs
 @command("sae train", "train an SAE on a corpus (default: the docstrings), save it (SAELens format) and evaluate it",
          ("mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae",
-          "mechscope sae train --corpus my_corpus.txt --seqs 64 --steps 200 --out my-sae"),
+          "mechscope sae train --corpus my_corpus.txt --seqs 64 --steps 200 --out my-sae",
+          "torchrun --nproc_per_node 2 -m mechscope sae train --steps 200 --out my-sae"),
          MODEL, arg("--hook", default="blocks.15.hook_resid_post"),
          arg("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"]),
          arg("--width", type=int, default=None, help="number of latents (default 8 x d_in)"),
@@ -367,26 +368,46 @@ def toy_cmd(args: argparse.Namespace) -> Result:
          arg("--lr", type=float, default=3e-4), arg("--seqs", type=int, default=256, help="training sequences"),
          arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
          arg("--seq-len", type=int, default=128), arg("--out", default="sae-run"), arg("--resume", action="store_true"),
+         arg("--partitions", type=int, default=0,
+             help="split the training data into this many partitions (default: one per rank); the same value "
+                  "gives the same SAE on any number of ranks"),
+         arg("--acts", default=None, help="train on activation shards from harvest_to_disk (each rank reads its own)"),
          CORPUS)
 def sae_train_cmd(args: argparse.Namespace) -> Result:
-    from ..core.progress import stage
+    from .. import distributed
+    from ..core.progress import is_quiet, quiet, stage
+    from ..distributed import split
     from ..sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
+    from ..sae.data import PartitionedSource
 
-    model = _load(args)
-    out = Path(args.out)
-    toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
-    stage(f"harvesting {args.hook} on {toks.numel()} tokens")
-    acts = harvest(model, args.hook, toks)
-    cfg = SAEConfig(d_in=acts.shape[1], d_sae=args.width or 8 * acts.shape[1], architecture=args.arch, k=args.k,
-                    hook_name=args.hook, model_name=model.cfg.model_name,
-                    normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
-    run = fit_sae(acts, cfg, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr), out=out / "train",
-                  resume=args.resume)
-    path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
+    with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
+        model = _load(args)
+        out = Path(args.out)
+        tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, partitions=args.partitions)
+        if args.acts:
+            source = PartitionedSource.from_shards(args.acts, args.batch, tc.seed, dist)
+            info = {"corpus": f"activation shards in {args.acts}", "corpus_tokens": None}
+        else:
+            toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+            parts = args.partitions or dist.world
+            mine = split(parts, dist.world)[dist.rank]
+            stage(f"harvesting {args.hook} on {toks.numel()} tokens" + (
+                f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {parts})" if dist.active else ""))
+            seqs = split(toks.shape[0], parts)  # partition p = the activations of sequences seqs[p]
+            source = PartitionedSource({p: harvest(model, args.hook, toks[seqs[p].start:seqs[p].stop]) for p in mine},
+                                       parts, args.batch, tc.seed, dist)
+        cfg = SAEConfig(d_in=source.d_in, d_sae=args.width or 8 * source.d_in, architecture=args.arch, k=args.k,
+                        hook_name=args.hook, model_name=model.cfg.model_name,
+                        normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
+        run = fit_sae(source, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
+        if not dist.is_main:
+            return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
+        path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
     held, held_info = _held_out(args, model)
     ev = evaluate_sae(model, run.sae, held)
-    return Outcome(f"saved {path}\n{ev.summary()}\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
-                   {**ev.to_dict(), "path": path, "training": run.to_dict(), **info,
+    ranks = f" on {dist.world} ranks" if dist.active else ""
+    return Outcome(f"saved {path}\n{ev.summary()}\ntrained{ranks} on {info['corpus']} ({info['corpus_tokens']} tokens)",
+                   {**ev.to_dict(), "path": path, "training": run.to_dict(), **info, "world": dist.world,
                     "held_out_tokens": held_info["corpus_tokens"]})
 
 

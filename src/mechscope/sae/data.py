@@ -176,3 +176,99 @@ def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_siz
         allrows = torch.cat(buf)[torch.randperm(n, generator=g)]
         for s in range(0, n - batch_size + 1, batch_size):
             yield allrows[s:s + batch_size]
+
+
+class PartitionedSource:
+    """Activations in ``P`` partitions, each sampled with replacement by its own generator (seeded ``seed + p``).
+
+    The global batch of every step draws ``batch_size`` rows split evenly over the partitions
+    (:func:`mechscope.distributed.split`), concatenated in partition order. Under a
+    :class:`~mechscope.distributed.Dist` each rank holds and draws only its own partitions (a contiguous
+    piece of ``range(P)``), so the union of the ranks' local batches is the global batch whatever the
+    world size: a run with ``P`` partitions gives the same SAE on 1, 2, ... ``P`` ranks (uneven splits
+    allowed). ``sample``, ``state_dict`` and ``load_state_dict`` are collective (every rank calls them).
+    """
+
+    def __init__(self, parts: dict[int, torch.Tensor], n_parts: int, batch_size: int, seed: int = 0, dist=None):
+        from ..distributed import Dist, split
+
+        self.dist = dist or Dist.single()
+        self.n_parts, self.batch_size, self.seed = n_parts, batch_size, seed
+        self.mine = list(split(n_parts, self.dist.world)[self.dist.rank])
+        missing = [p for p in self.mine if p not in parts]
+        if missing:
+            raise InputError(f"rank {self.dist.rank} needs partitions {missing} of {n_parts}, which were not given")
+        if batch_size < n_parts:
+            raise InputError(f"batch_size {batch_size} is smaller than the {n_parts} partitions: each needs a row")
+        self.parts = {p: parts[p] for p in self.mine}
+        empty = [p for p, t in self.parts.items() if t.shape[0] == 0]
+        if empty:
+            raise InputError(f"partitions {empty} hold no rows; use fewer partitions than rows")
+        self.d_in = next(iter(self.parts.values())).shape[1] if self.parts else 0
+        self.rows = [len(r) for r in split(batch_size, n_parts)]  # rows per partition in each global batch
+        self.gens = {p: torch.Generator().manual_seed(seed + p) for p in self.mine}
+
+    @classmethod
+    def from_tensor(cls, acts: torch.Tensor, n_parts: int, batch_size: int, seed: int = 0, dist=None) -> "PartitionedSource":
+        """Partition ``acts [n, d_in]`` into ``n_parts`` contiguous blocks of rows; a rank keeps only its own."""
+        from ..distributed import Dist, split
+
+        dist = dist or Dist.single()
+        if acts.dim() != 2:
+            raise InputError(f"activations must be [n, d_in], got shape {tuple(acts.shape)}")
+        blocks = split(acts.shape[0], n_parts)
+        mine = split(n_parts, dist.world)[dist.rank]
+        return cls({p: acts[blocks[p].start:blocks[p].stop] for p in mine}, n_parts, batch_size, seed, dist)
+
+    @classmethod
+    def from_shards(cls, folder: str | Path, batch_size: int, seed: int = 0, dist=None) -> "PartitionedSource":
+        """One partition per shard of :func:`harvest_to_disk`; each rank reads only its own shards."""
+        from ..distributed import Dist, split
+
+        dist = dist or Dist.single()
+        folder = Path(folder)
+        man = _manifest(folder)
+        if not man["shards"]:
+            raise NotFoundError(f"no complete activation shards in {folder}")
+        n = len(man["shards"])
+        if n < dist.world:
+            raise InputError(f"{folder} has {n} shards for {dist.world} ranks: every rank needs at least one; "
+                             f"harvest with smaller seqs_per_shard")
+        parts = {}
+        for p in split(n, dist.world)[dist.rank]:
+            s = man["shards"][p]
+            parts[p] = read_safetensors(folder / s["file"], "an activation shard listed in manifest.json")["acts"]
+        return cls(parts, n, batch_size, seed, dist)
+
+    @property
+    def local_rows(self) -> int:
+        """Rows this rank draws per step (``batch_size`` summed over ranks)."""
+        return sum(self.rows[p] for p in self.mine)
+
+    def __iter__(self) -> "PartitionedSource":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return torch.cat([self.parts[p][torch.randint(0, self.parts[p].shape[0], (self.rows[p],), generator=self.gens[p])]
+                          for p in self.mine])
+
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` rows spread evenly over the partitions (the same rows on every rank), for initialisation."""
+        from ..distributed import split
+
+        counts = [len(r) for r in split(n, self.n_parts)]
+        mine = [self.parts[p][torch.randperm(self.parts[p].shape[0], generator=torch.Generator().manual_seed(self.seed + p))
+                              [:counts[p]]] for p in self.mine]
+        local = torch.cat(mine) if mine else torch.zeros(0, self.d_in)
+        return self.dist.gather(local)
+
+    def state_dict(self) -> dict:
+        states = torch.stack([self.gens[p].get_state() for p in self.mine])
+        return {"gens": self.dist.gather(states), "n_parts": self.n_parts}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "gens" not in state or int(state.get("n_parts", -1)) != self.n_parts:
+            raise InputError(f"the checkpoint's activation source has {state.get('n_parts', 1)} partitions, this run "
+                             f"{self.n_parts}; resume with the same partitions")
+        for p in self.mine:
+            self.gens[p].set_state(state["gens"][p].clone().contiguous())  # a row view would be read from offset 0

@@ -102,10 +102,18 @@ def select_topk(pre: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> 
     return pattern, vals.reshape(-1)[keep]
 
 
-def select_batch_topk(pre: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]:
-    """The ``k · batch`` largest positive entries of the whole batch ``pre [batch, d_sae]`` (Bussmann et al. 2024)."""
+def select_batch_topk(pre: torch.Tensor, k: int, threshold: torch.Tensor | None = None) -> tuple[Pattern, torch.Tensor]:
+    """The ``k · batch`` largest positive entries of the whole batch ``pre [batch, d_sae]`` (Bussmann et al. 2024).
+
+    With ``threshold`` (a batch spread over ranks): the entries ``>= threshold``, the global cut computed
+    by :meth:`mechscope.distributed.Dist.kth_largest`.
+    """
     flat = pre.reshape(-1)
-    vals, idx = flat.topk(min(flat.numel(), k * pre.shape[0]))
+    if threshold is not None:
+        idx = torch.nonzero(flat >= threshold).flatten()
+        vals = flat[idx]
+    else:
+        vals, idx = flat.topk(min(flat.numel(), k * pre.shape[0]))
     keep = vals > 0
     pattern, order = Pattern.from_flat(idx[keep], tuple(pre.shape))
     return pattern, vals[keep][order]

@@ -142,6 +142,16 @@ class SAE(nn.Module):
         # BatchTopK's inference threshold, and the input scale of "expected_average_only_in"
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("input_scale", torch.tensor(1.0))
+        # set by the trainer when one batch is spread over ranks (mechscope.distributed): BatchTopK then keeps
+        # the k x global-batch largest values of the union of the ranks' batches, as one process would
+        self.batch_group = None
+
+    def _batch_threshold(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The smallest value BatchTopK keeps across the whole distributed batch (None in one process)."""
+        g = self.batch_group
+        if g is None or not g.active:
+            return None
+        return g.kth_largest(flat.detach(), self.cfg.k * g.global_rows)
 
     # ------------------------------------------------------------------ maths
     def scale_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +175,9 @@ class SAE(nn.Module):
             if not training:  # inference: the learned global threshold
                 return r * (r > self.threshold)
             flat = r.reshape(-1)
+            thr = self._batch_threshold(flat)
+            if thr is not None:
+                return (flat * (flat >= thr)).reshape(r.shape)
             n = min(flat.numel(), self.cfg.k * r.reshape(-1, r.shape[-1]).shape[0])
             vals, idx = flat.topk(n)
             return torch.zeros_like(flat).scatter(0, idx, vals).reshape(r.shape)
@@ -252,8 +265,10 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
         """BatchTopK's inference threshold: a running mean (0.99) of the smallest kept activation."""
-        if kept.numel():
-            m = kept.min()
+        m = kept.min() if kept.numel() else torch.tensor(float("inf"), dtype=kept.dtype, device=kept.device)
+        if self.batch_group is not None and self.batch_group.active:  # the smallest kept value of the whole batch
+            m = -self.batch_group.kth_largest(-m.reshape(1), 1)
+        if torch.isfinite(m):
             self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
 
     def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> LossTerms:
@@ -267,7 +282,8 @@ class SAE(nn.Module):
         if cfg.architecture == "topk":
             pattern, picked = K.select_topk(pre, cfg.k)
         else:
-            pattern, picked = K.select_batch_topk(pre, cfg.k)
+            thr = self._batch_threshold(pre.reshape(-1))
+            pattern, picked = K.select_batch_topk(pre, cfg.k, threshold=thr)
             self._update_threshold(picked)
         vals = K.sparse_latents(xc, self.W_enc, self.b_enc, pattern, picked)
         recon = K.sparse_decode(vals, self.W_dec, pattern) + self.b_dec

@@ -32,7 +32,8 @@ from ..core.errors import InputError, MechscopeError
 from ..core.files import atomic_write, read_torch
 from ..core.progress import bar
 from ..core.result import Result
-from .data import ActivationSource, TensorSource
+from ..distributed import Dist
+from .data import ActivationSource, PartitionedSource, TensorSource
 from .model import SAE, LossTerms, SAEConfig
 
 
@@ -53,6 +54,7 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"
     resample_every: int = 0  # ReLU SAEs: resample dead latents every this many steps (0: never)
     sparse: bool | None = None  # TopK/BatchTopK sparse kernels; None: on for float32/float64 on CPU
+    partitions: int = 0  # split in-memory activations into this many partitions (0: one, or one per rank)
     wandb_project: str | None = None  # log to Weights & Biases when given (needs `pip install wandb`)
 
 
@@ -127,6 +129,21 @@ class _State:
         return (self.seen - self.last_fired) >= window if self.seen >= window else None
 
 
+@dataclass
+class _BatchGroup:
+    """What BatchTopK needs to select over a batch spread across ranks (see ``SAE.batch_group``)."""
+
+    dist: Dist
+    global_rows: int
+
+    @property
+    def active(self) -> bool:
+        return self.dist.active
+
+    def kth_largest(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        return self.dist.kth_largest(values, k)
+
+
 def _checkpoint_path(out: Path) -> Path:
     return out / "checkpoint.pt"
 
@@ -141,11 +158,15 @@ def _settings(sae: SAE, train: TrainConfig) -> dict:
             "train": json.loads(json.dumps(dataclasses.asdict(train), default=str))}
 
 
-def _save_checkpoint(out: Path, sae: SAE, opt, source, st: _State, train: TrainConfig) -> None:
+def _save_checkpoint(out: Path, sae: SAE, opt, source, st: _State, train: TrainConfig, dist: Dist) -> None:
+    """Every rank takes part (the source's state is gathered); rank 0 alone writes, atomically."""
+    src = source.state_dict()
+    if not dist.is_main:
+        return
     buf = io.BytesIO()
-    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "source": source.state_dict(), "step": st.step,
+    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "source": src, "step": st.step,
                 "last_fired": st.last_fired, "fired_count": st.fired_count, "seen": st.seen,
-                "settings": json.dumps(_settings(sae, train))}, buf)
+                "settings": json.dumps(_settings(sae, train)), "world": dist.world}, buf)
     atomic_write(_checkpoint_path(out), buf.getvalue())
 
 
@@ -178,10 +199,10 @@ def _read_log(log: Path, upto: int) -> list[str]:
     return kept
 
 
-def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig) -> _State:
-    """The state of the checkpoint in ``out``, after checking it matches this run."""
+def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig, dist: Dist) -> _State:
+    """The state of the checkpoint in ``out``, after checking it matches this run (rank 0 reads, all receive)."""
     path = _checkpoint_path(out)
-    ck = read_torch(path, "the SAE training checkpoint")
+    ck = dist.broadcast(read_torch(path, "the SAE training checkpoint") if dist.is_main else None)
     if not isinstance(ck, dict) or not {"sae", "opt", "source", "step"} <= set(ck):
         has = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
         raise InputError(f"{path} is not a mechscope SAE training checkpoint (it has {has})")
@@ -199,50 +220,88 @@ def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig) -> _State:
     source.load_state_dict(ck["source"])
     st = _State(ck["step"], ck["seen"], ck["last_fired"], ck["fired_count"])
     log = out / "log.jsonl"
-    if log.exists():  # drop records of steps that will be run again
+    if dist.is_main and log.exists():  # drop records of steps that will be run again
         atomic_write(log, "".join(ln + "\n" for ln in _read_log(log, st.step)))
     return st
 
 
-def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainConfig) -> _State:
+def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainConfig, dist: Dist) -> _State:
     """A fresh run (input scale and ``b_dec`` fitted on a sample) or the state of the last checkpoint."""
     d = sae.cfg.d_sae
     st = _State(last_fired=torch.zeros(d, dtype=torch.long), fired_count=torch.zeros(d, dtype=torch.long))
-    if resume and out is not None and _checkpoint_path(out).exists():
-        return _resume(sae, opt, source, out, train)
+    has_ck = dist.broadcast(bool(resume and out is not None and _checkpoint_path(out).exists()))
+    if has_ck:
+        return _resume(sae, opt, source, out, train, dist)
     sample = source.sample(4096)
     sae.fit_input_scale(sample)
     sae.init_b_dec(sample, train.b_dec_init)
-    if out is not None:
+    if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "log.jsonl").unlink(missing_ok=True)
     return st
 
 
-def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: _State, train: TrainConfig) -> dict:
-    """One monitoring record (a JSON line)."""
+def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, dist: Dist) -> dict:
+    """The logged batch statistics over the whole (distributed) batch: weighted means, and the explained
+    variance from summed squared errors and moments (``1 - SSE / (sum ||x||^2 - n ||mean||^2)``)."""
+    xs = sae.scale_in(x).double()
+    err = (xs - terms.recon.double()).pow(2).sum()
+    vals = torch.tensor([weight * float(terms.loss), weight * float(terms.mse), weight * float(terms.l0),
+                         weight * (float(terms.l1) if terms.l1 is not None else float("nan")),
+                         weight * (float(terms.aux) if terms.aux is not None else 0.0),
+                         float(err), float(xs.pow(2).sum()), float(x.shape[0])], dtype=torch.float64)
+    mean_sum = xs.sum(0)
+    dist.sum_many_([vals, mean_sum])
+    loss, mse, l0, l1, aux, sse, sq, n = vals.tolist()
+    var = sq - float(mean_sum.pow(2).sum()) / n
+    return {"loss": loss, "mse": mse, "l0": l0, "l1": l1, "aux": aux,
+            "explained_variance": 1.0 - sse / var if var > 0 else float("nan")}
+
+
+def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: _State, train: TrainConfig,
+                dist: Dist | None = None, weight: float = 1.0) -> dict:
+    """One monitoring record (a JSON line); under torchrun its batch statistics cover every rank's rows."""
     with torch.no_grad():
         density = st.fired_count.float() / max(st.seen, 1)
         hist = torch.histc(torch.log10(density.clamp(min=1e-10)), bins=20, min=-10, max=0)
         dead = st.dead(train.dead_window)
-        return {"step": st.step, "tokens": st.seen, "loss": float(terms.loss), "mse": float(terms.mse),
-                "explained_variance": float(explained_variance(sae.scale_in(x), terms.recon)),
-                "l0": float(terms.l0), "l1": float(terms.l1) if terms.l1 is not None else float("nan"),
-                "aux": float(terms.aux) if terms.aux is not None else 0.0,
+        if dist is not None and dist.active:
+            g = _global_terms(sae, x, terms, weight, dist)
+        else:
+            g = {"loss": float(terms.loss), "mse": float(terms.mse),
+                 "explained_variance": float(explained_variance(sae.scale_in(x), terms.recon)),
+                 "l0": float(terms.l0), "l1": float(terms.l1) if terms.l1 is not None else float("nan"),
+                 "aux": float(terms.aux) if terms.aux is not None else 0.0}
+        return {"step": st.step, "tokens": st.seen, **g,
                 "dead": int(dead.sum()) if dead is not None else 0,
                 "dense": int((density > train.dense_threshold).sum()), "log10_density_hist": hist.tolist()}
 
 
-def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse: bool, out) -> LossTerms:
-    """One optimiser step on batch ``x``, with the decoder-norm constraint, resampling and bookkeeping."""
+def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse: bool, out,
+          dist: Dist | None = None, global_rows: int | None = None) -> LossTerms:
+    """One optimiser step on batch ``x``, with the decoder-norm constraint, resampling and bookkeeping.
+
+    Under torchrun ``x`` is this rank's part of the ``global_rows`` batch; weighted by its share of the rows,
+    the gradients summed over ranks are the gradient of the global batch's mean loss, and the
+    firing counts are summed, so dead-latent masks (AuxK) agree on every rank and with one process.
+    """
+    dist = dist or Dist.single()
+    global_rows = global_rows or x.shape[0]
+    weight = x.shape[0] / global_rows
     dead = st.dead(train.dead_window)
     terms = sae.training_loss(x, st.step, dead, sparse=sparse)
-    if not torch.isfinite(terms.loss):
-        raise SAETrainingError(f"non-finite loss ({float(terms.loss.detach())}) at step {st.step}; the last good "
+    finite = torch.tensor([float(torch.isfinite(terms.loss.detach()))], dtype=torch.float64)
+    dist.sum_many_([finite])  # every rank stops together, never one waiting in a collective for the others
+    if float(finite) < dist.world:
+        raise SAETrainingError(f"non-finite loss ({float(terms.loss.detach())}) at step {st.step}"
+                               f"{f' on one of {dist.world} ranks' if dist.active else ''}; the last good "
                                f"checkpoint is kept{' in ' + str(out) if out else ''}. Lower the learning rate or "
                                f"check the activations for NaN/Inf.")
     opt.zero_grad()
-    terms.loss.backward()
+    (terms.loss * weight if dist.active else terms.loss).backward()
+    if dist.active:
+        dist.sum_many_([p.grad for p in sae.parameters() if p.grad is not None])
+        dist.sum_(terms.fires)
     sae.remove_parallel_grad()
     opt.step()
     sae.set_decoder_norm_to_unit()
@@ -250,7 +309,7 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse
             and dead is not None:
         resample_dead(sae, x, dead, opt, seed=train.seed + st.step)
         st.last_fired[dead] = st.seen  # give resampled latents a fresh window
-    st.seen += x.shape[0]
+    st.seen += global_rows
     st.step += 1
     st.last_fired[terms.fires > 0] = st.seen
     st.fired_count += terms.fires
@@ -267,54 +326,85 @@ def _wandb_run(train: TrainConfig, cfg: SAEConfig):
     return wandb.init(project=train.wandb_project, config={**cfg.to_dict(), **train.__dict__})
 
 
+def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig, dist: Dist):
+    """The activation source for this rank: a tensor becomes a sampler (partitioned under torchrun)."""
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2 or source.shape[1] != cfg.d_in:
+            raise InputError(f"activations must be [n, d_in={cfg.d_in}], got {tuple(source.shape)}")
+        parts = train.partitions or (dist.world if dist.active else 0)
+        if parts:
+            if parts < dist.world:
+                raise InputError(f"partitions={parts} is fewer than the {dist.world} ranks: each rank needs one")
+            return PartitionedSource.from_tensor(source, parts, train.batch_size, train.seed, dist)
+        return TensorSource(source, train.batch_size, train.seed)
+    if dist.active and not isinstance(source, PartitionedSource):
+        raise InputError("under torchrun the activations must be a tensor or a PartitionedSource "
+                         "(PartitionedSource.from_shards(folder, ...) reads each rank's own shards)")
+    if source.d_in != cfg.d_in:
+        raise InputError(f"the activation source has width {source.d_in}, the SAE d_in={cfg.d_in}")
+    return source
+
+
 def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = None,
             out: str | Path | None = None, resume: bool = False, progress: bool = True,
-            stop_after: int | None = None) -> TrainResult:
+            stop_after: int | None = None, dist: Dist | None = None) -> TrainResult:
     """Train an SAE for ``train.steps`` batches from ``source`` (a tensor ``[n, d_in]`` is sampled with replacement).
 
     With ``out``: JSON-lines monitoring in ``out/log.jsonl`` every ``log_every`` steps and a
     checkpoint every ``checkpoint_every`` steps; ``resume=True`` continues from the checkpoint.
     ``stop_after`` ends this call after that many steps (as an interruption would).
+
+    ``dist`` (:func:`mechscope.distributed.init` under torchrun): data-parallel training. Each rank draws
+    its partitions' share of the global batch of ``train.batch_size`` rows; gradients, firing counts and
+    logged statistics are summed across ranks, BatchTopK selects over the whole batch, and rank 0 alone
+    writes logs, checkpoints and W&B. With the same ``train.partitions`` the SAE equals the one-process
+    run's (to float rounding), on any number of ranks up to the partition count.
     """
     train = train or TrainConfig()
-    if isinstance(source, torch.Tensor):
-        if source.dim() != 2 or source.shape[1] != cfg.d_in:
-            raise InputError(f"activations must be [n, d_in={cfg.d_in}], got {tuple(source.shape)}")
-        source = TensorSource(source, train.batch_size, train.seed)
+    dist = dist or Dist.single()
+    if dist.active and train.resample_every:
+        raise InputError("resample_every (dead-latent resampling of ReLU SAEs) is not supported across ranks; "
+                         "use a TopK/BatchTopK SAE with AuxK, or train in one process")
+    source = _source(source, cfg, train, dist)
+    local_rows = getattr(source, "local_rows", train.batch_size)
     out = Path(out) if out is not None else None
     sae = SAE(cfg, seed=train.seed)
+    sae.batch_group = _BatchGroup(dist, train.batch_size) if dist.active else None
     fused = sae.W_enc.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     opt = torch.optim.Adam(sae.parameters(), lr=train.lr, betas=(0.9, 0.999), fused=fused)
-    st = _start(sae, opt, source, out, resume, train)
+    st = _start(sae, opt, source, out, resume, train, dist)
     sparse = train.sparse if train.sparse is not None else (  # measured on CPU only
         sae.W_enc.dtype in (torch.float32, torch.float64) and getattr(source, "acts", sae.W_enc).device.type == "cpu")
     steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))
-    if progress:
-        steps = bar(steps, desc=f"SAE {cfg.architecture}", initial=st.step, total=train.steps)
-    run, history = _wandb_run(train, cfg), []
+    if progress and dist.is_main:
+        steps = bar(steps, desc=f"SAE {cfg.architecture}" + (f" on {dist.world} ranks" if dist.active else ""),
+                    initial=st.step, total=train.steps)
+    run, history = _wandb_run(train, cfg) if dist.is_main else None, []
     for _ in steps:
         x = next(source)
-        terms = _step(sae, opt, x, st, train, sparse, out)
+        terms = _step(sae, opt, x, st, train, sparse, out, dist, train.batch_size if dist.active else None)
         if out is not None and st.step % train.log_every == 0:
-            rec = _log_record(sae, x, terms, st, train)
+            rec = _log_record(sae, x, terms, st, train, dist, local_rows / train.batch_size)
             history.append(rec)
-            with open(out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if dist.is_main:
+                with open(out / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
             if run is not None:
                 run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=st.step)
         if out is not None and st.step % train.checkpoint_every == 0:
-            _save_checkpoint(out, sae, opt, source, st, train)
+            _save_checkpoint(out, sae, opt, source, st, train, dist)
     if run is not None:
         run.finish()
+    sae.batch_group = None
     density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
     return TrainResult(sae, history, st.step, st.seen, density)
 
 
 def train_sae(acts: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = None,
               out: str | Path | None = None, resume: bool = False, progress: bool = True,
-              stop_after: int | None = None) -> SAE:
+              stop_after: int | None = None, dist: Dist | None = None) -> SAE:
     """:func:`fit_sae` returning only the trained SAE."""
-    return fit_sae(acts, cfg, train, out, resume, progress, stop_after).sae
+    return fit_sae(acts, cfg, train, out, resume, progress, stop_after, dist).sae
 
 
 def train_sae_sweep(acts: torch.Tensor, cfgs: list[SAEConfig], train: TrainConfig | None = None,

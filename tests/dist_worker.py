@@ -1,0 +1,91 @@
+"""Jobs run by every rank of a 2-process gloo group in tests/test_distributed.py (spawned with torch.multiprocessing)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def planted(n: int = 1500, d: int = 16, n_feat: int = 40, seed: int = 0) -> torch.Tensor:
+    """Sparse combinations of a planted dictionary (the same data in every process)."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=-1)
+    on = torch.rand(n, n_feat, generator=g) < 0.08
+    return (on * torch.rand(n, n_feat, generator=g) * 3) @ D + 0.01 * torch.randn(n, d, generator=g)
+
+
+JOBS = {  # name -> (SAEConfig kwargs, TrainConfig kwargs)
+    "topk_sparse_auxk": (dict(architecture="topk", k=3), dict(sparse=True, dead_window=300)),
+    "topk_dense": (dict(architecture="topk", k=3), dict(sparse=False)),
+    "batchtopk_sparse": (dict(architecture="batchtopk", k=3), dict(sparse=True, dead_window=300, steps=20)),
+    "batchtopk_dense": (dict(architecture="batchtopk", k=3), dict(sparse=False, steps=20)),
+    "jumprelu": (dict(architecture="jumprelu"), dict()),
+    "relu": (dict(architecture="relu"), dict()),
+    "topk_3_partitions": (dict(architecture="topk", k=3), dict(partitions=3)),  # uneven: 2 + 1 over 2 ranks
+    # BatchTopK keeps the k x batch largest values of the whole batch: equal to 1e-7 for 20 steps, then a value
+    # within float rounding of the cut (gradients summed over 2 ranks round differently) flips one selection and
+    # the runs drift apart slowly (4e-4 after 40 steps, measured): hence 20 steps at 1e-5 and 40 at 1e-3
+    "batchtopk_long": (dict(architecture="batchtopk", k=3), dict(sparse=True, dead_window=300, steps=40)),
+}
+TOLERANCE = {"batchtopk_long": 1e-3}
+
+
+def configs(name: str):
+    from mechscope.sae import SAEConfig, TrainConfig
+
+    sc, tc = JOBS[name]
+    return (SAEConfig(d_in=16, d_sae=48, **sc),
+            TrainConfig(**{"steps": 40, "batch_size": 96, "lr": 2e-3, "log_every": 10, "checkpoint_every": 10,
+                           "partitions": 2, **tc}))
+
+
+def _save(sae, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(path))
+
+
+def run(rank: int, world: int, port: int, out: str, job: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mechscope import distributed
+    from mechscope.sae import fit_sae
+
+    out = Path(out)
+    with distributed.session(timeout_s=120) as dist:
+        if job == "train":
+            acts = planted()
+            for name in JOBS:
+                cfg, tc = configs(name)
+                res = fit_sae(acts, cfg, tc, progress=False, dist=dist)
+                if dist.is_main:
+                    _save(res.sae, out / f"{name}.safetensors")
+            cfg, tc = configs("topk_sparse_auxk")  # killed after 23 steps, then resumed on 2 ranks
+            fit_sae(acts, cfg, tc, out=out / "resume", progress=False, stop_after=23, dist=dist)
+            res = fit_sae(acts, cfg, tc, out=out / "resume", resume=True, progress=False, dist=dist)
+            if dist.is_main:
+                _save(res.sae, out / "resumed.safetensors")
+        elif job == "fail":  # rank 1 raises mid-training: every rank must stop, none may hang
+            acts = planted()
+            if rank == 1:
+                acts = acts.clone()
+                acts[:] = float("nan")
+            cfg, tc = configs("topk_dense")
+            fit_sae(acts, cfg, tc, progress=False, dist=dist)
+        elif job == "sweep":
+            from tiny import tiny_hf
+
+            import mechscope as ms
+            from mechscope.sweeps import sharded_patch
+
+            model = ms.HookedModel(tiny_hf("llama"))
+            g = torch.Generator().manual_seed(3)
+            clean = torch.randint(3, 97, (7, 6), generator=g)
+            corrupted = torch.randint(3, 97, (7, 6), generator=g)
+            res = sharded_patch(model, clean, corrupted, ("logit", 5), site="z", folder=out / "shards",
+                                shard_size=2, dist=dist)
+            if dist.is_main:
+                save_file({"values": res.values.contiguous(), "per_prompt": res.per_prompt.contiguous()},
+                          str(out / "sweep.safetensors"))

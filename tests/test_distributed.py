@@ -1,0 +1,112 @@
+"""Two gloo processes on localhost against one process: data-parallel SAE training, resume, a failing rank,
+sharded sweeps; and the pieces (shard plans, sources) in one process."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from dist_worker import JOBS, TOLERANCE, configs, planted
+from safetensors.torch import load_file
+from tiny import tiny_hf
+
+from mechscope.distributed import Dist, split
+from mechscope.sae import fit_sae
+from mechscope.sae.data import PartitionedSource
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(job: str, out, world: int = 2):
+    import dist_worker
+
+    mp.spawn(dist_worker.run, args=(world, _port(), str(out), job), nprocs=world, join=True)
+
+
+def test_split_is_deterministic_and_uneven():
+    assert [list(r) for r in split(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert [len(r) for r in split(7, 3)] == [3, 2, 2] and [len(r) for r in split(1, 3)] == [1, 0, 0]
+    with pytest.raises(ValueError, match="world size"):
+        split(3, 0)
+
+
+def test_partitioned_source_is_the_union_of_its_ranks():
+    acts = planted(n=300)
+    whole = PartitionedSource.from_tensor(acts, 3, 30, seed=1)
+    ranks = [PartitionedSource.from_tensor(acts, 3, 30, seed=1, dist=Dist(rank=r, world=2)) for r in range(2)]
+    assert [s.mine for s in ranks] == [[0, 1], [2]] and [s.local_rows for s in ranks] == [20, 10]
+    for _ in range(3):
+        assert torch.equal(next(whole), torch.cat([next(s) for s in ranks]))
+    with pytest.raises(ValueError, match="smaller than the 3 partitions"):
+        PartitionedSource.from_tensor(acts, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    t0 = time.time()
+    _spawn("train", out)
+    return out, time.time() - t0
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_ranks_train_the_one_process_sae(name, two_ranks):
+    out, _ = two_ranks
+    cfg, tc = configs(name)
+    one = fit_sae(planted(), cfg, tc, progress=False).sae.state_dict()
+    two = load_file(str(out / f"{name}.safetensors"))
+    moved = 0.0
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=0, atol=TOLERANCE.get(name, 1e-5), msg=f"{name}: {k}")
+        moved = max(moved, float((v - fit_sae(planted(), cfg, tc.__class__(**{**tc.__dict__, "steps": 0}),
+                                                progress=False).sae.state_dict()[k]).abs().max()) if k == "W_enc" else 0)
+    assert moved > 1e-2  # training did move the weights, so the equality is not trivially true
+
+
+def test_resumed_two_rank_run_ends_where_an_uninterrupted_one_does(two_ranks):
+    out, _ = two_ranks
+    cfg, tc = configs("topk_sparse_auxk")
+    one = fit_sae(planted(), cfg, tc, progress=False).sae.state_dict()
+    resumed = load_file(str(out / "resumed.safetensors"))
+    for k, v in one.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-5, msg=k)
+    steps = [int(__import__("json").loads(ln)["step"]) for ln in (out / "resume" / "log.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40]  # rank 0 alone logged, once per step, none repeated after the resume
+    assert not list((out / "resume").glob("*.tmp"))
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path):
+    t0 = time.time()
+    with pytest.raises(mp.ProcessRaisedException, match="non-finite loss .* on one of 2 ranks"):
+        _spawn("fail", tmp_path)
+    assert time.time() - t0 < 60  # no hang: both ranks leave the group and exit
+
+
+def test_sharded_patch_equals_one_process_and_resumes(tmp_path):
+    import mechscope as ms
+    from mechscope.sweeps import sharded_patch
+
+    _spawn("sweep", tmp_path)
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = torch.Generator().manual_seed(3)
+    clean, corrupted = torch.randint(3, 97, (7, 6), generator=g), torch.randint(3, 97, (7, 6), generator=g)
+    ref = ms.patch(model, clean, corrupted, lambda lg: lg[:, -1, 5], site="z")
+    got = load_file(str(tmp_path / "sweep.safetensors"))
+    torch.testing.assert_close(got["values"], ref.values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["per_prompt"], ref.per_prompt, rtol=0, atol=1e-6)
+    shards = sorted((tmp_path / "shards").glob("shard-*.safetensors"))
+    assert len(shards) == 4  # 7 prompts in shards of 2
+    shards[1].unlink()
+    shards[3].unlink()  # as if the rank computing them had been killed
+    again = sharded_patch(model, clean, corrupted, ("logit", 5), site="z", folder=tmp_path / "shards", shard_size=2,
+                          progress=False)
+    assert again.stats["shards_computed"] == 2 and again.stats["shards_reused"] == 2
+    torch.testing.assert_close(again.values, ref.values, rtol=0, atol=1e-6)
+    assert again.clean_value == pytest.approx(ref.clean_value, abs=1e-6)
