@@ -24,16 +24,23 @@ def big_llama_dir() -> Path:
     from mechscope.core.files import atomic_dir
     from mechscope.loading import cache_dir
 
+    import fcntl
+
     path = cache_dir() / "test-models" / "llama-1.1b-random-v1"
     if (path / "config.json").exists():
         return path
-    cfg = T.LlamaConfig(**SHAPES)
-    torch.manual_seed(0)
-    with atomic_dir(path, replace=False) as tmp:
-        model = T.LlamaForCausalLM(cfg)
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "mechscope_source.json").write_text(json.dumps({"built_by": "tests/big.py", "shapes": SHAPES}))
-        del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".llama-1.1b.lock", "w") as lock:  # one builder across xdist workers: 4.4 GB each
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "config.json").exists():
+            return path
+        cfg = T.LlamaConfig(**SHAPES)
+        torch.manual_seed(0)
+        with atomic_dir(path, replace=False) as tmp:
+            model = T.LlamaForCausalLM(cfg)
+            model.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "mechscope_source.json").write_text(json.dumps({"built_by": "tests/big.py", "shapes": SHAPES}))
+            del model
     return path
 
 
@@ -43,6 +50,7 @@ import mechscope
 torch.set_grad_enabled(False)
 phase, path = sys.argv[1], sys.argv[2]
 extra = json.loads(sys.argv[3])
+torch.set_num_threads(extra.get("threads", torch.get_num_threads()))  # the parent's: same reductions, same bits
 base = psutil.Process().memory_info().rss
 B, P = extra.get("batch", 4), extra.get("seq", 512)
 out = {}
@@ -91,6 +99,9 @@ print(json.dumps(out))
 
 def run(phase: str, path: str, **extra) -> dict:
     """Run one measured phase (``CODE``) in a fresh process; returns its JSON line."""
+    import torch
+
+    extra.setdefault("threads", torch.get_num_threads())
     r = subprocess.run([sys.executable, "-c", CODE, phase, path, json.dumps(extra)], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
