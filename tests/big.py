@@ -18,13 +18,13 @@ SHAPES = dict(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32, nu
 
 def big_llama_dir() -> Path:
     """The folder of the cached 1.1B model (built on first use: about 4.4 GB in float32)."""
+    import fcntl
+
     import torch
     import transformers as T
 
     from mechscope.core.files import atomic_dir
     from mechscope.loading import cache_dir
-
-    import fcntl
 
     path = cache_dir() / "test-models" / "llama-1.1b-random-v1"
     if (path / "config.json").exists():

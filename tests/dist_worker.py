@@ -75,10 +75,9 @@ def run(rank: int, world: int, port: int, out: str, job: str) -> None:
             cfg, tc = configs("topk_dense")
             fit_sae(acts, cfg, tc, progress=False, dist=dist)
         elif job == "sweep":
-            from tiny import tiny_hf
-
             import mechscope as ms
             from mechscope.sweeps import sharded_patch
+            from tiny import tiny_hf
 
             model = ms.HookedModel(tiny_hf("llama"))
             g = torch.Generator().manual_seed(3)

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_worker import JOBS, TOLERANCE, configs, planted
 from safetensors.torch import load_file
-from tiny import tiny_hf
 
+from dist_worker import JOBS, TOLERANCE, configs, planted
 from mechscope.distributed import Dist, split
 from mechscope.sae import fit_sae
 from mechscope.sae.data import PartitionedSource
+from tiny import tiny_hf
 
 
 def _port() -> int:

@@ -26,6 +26,7 @@ from ..core.errors import InputError, NotFoundError
 from ..core.files import atomic_write, read_json, read_safetensors
 from ..core.hookpoints import split_name
 from ..core.model import HookedModel
+from ..distributed import Dist, split
 
 
 @torch.no_grad()
@@ -189,9 +190,8 @@ class PartitionedSource:
     allowed). ``sample``, ``state_dict`` and ``load_state_dict`` are collective (every rank calls them).
     """
 
-    def __init__(self, parts: dict[int, torch.Tensor], n_parts: int, batch_size: int, seed: int = 0, dist=None):
-        from ..distributed import Dist, split
-
+    def __init__(self, parts: dict[int, torch.Tensor], n_parts: int, batch_size: int, seed: int = 0,
+                 dist: Dist | None = None):
         self.dist = dist or Dist.single()
         self.n_parts, self.batch_size, self.seed = n_parts, batch_size, seed
         self.mine = list(split(n_parts, self.dist.world)[self.dist.rank])
@@ -209,10 +209,9 @@ class PartitionedSource:
         self.gens = {p: torch.Generator().manual_seed(seed + p) for p in self.mine}
 
     @classmethod
-    def from_tensor(cls, acts: torch.Tensor, n_parts: int, batch_size: int, seed: int = 0, dist=None) -> "PartitionedSource":
+    def from_tensor(cls, acts: torch.Tensor, n_parts: int, batch_size: int, seed: int = 0,
+                    dist: Dist | None = None) -> "PartitionedSource":
         """Partition ``acts [n, d_in]`` into ``n_parts`` contiguous blocks of rows; a rank keeps only its own."""
-        from ..distributed import Dist, split
-
         dist = dist or Dist.single()
         if acts.dim() != 2:
             raise InputError(f"activations must be [n, d_in], got shape {tuple(acts.shape)}")
@@ -221,10 +220,9 @@ class PartitionedSource:
         return cls({p: acts[blocks[p].start:blocks[p].stop] for p in mine}, n_parts, batch_size, seed, dist)
 
     @classmethod
-    def from_shards(cls, folder: str | Path, batch_size: int, seed: int = 0, dist=None) -> "PartitionedSource":
+    def from_shards(cls, folder: str | Path, batch_size: int, seed: int = 0,
+                    dist: Dist | None = None) -> "PartitionedSource":
         """One partition per shard of :func:`harvest_to_disk`; each rank reads only its own shards."""
-        from ..distributed import Dist, split
-
         dist = dist or Dist.single()
         folder = Path(folder)
         man = _manifest(folder)
@@ -254,8 +252,6 @@ class PartitionedSource:
 
     def sample(self, n: int) -> torch.Tensor:
         """``n`` rows spread evenly over the partitions (the same rows on every rank), for initialisation."""
-        from ..distributed import split
-
         counts = [len(r) for r in split(n, self.n_parts)]
         mine = [self.parts[p][torch.randperm(self.parts[p].shape[0], generator=torch.Generator().manual_seed(self.seed + p))
                               [:counts[p]]] for p in self.mine]
