@@ -42,6 +42,19 @@ def configs(name: str):
                            "partitions": 2, **tc}))
 
 
+def many_setup():
+    import mechscope as ms
+    from mechscope.sae import SAEConfig, TrainConfig
+    from tiny import tiny_hf
+
+    model = ms.HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, 97, (24, 12), generator=torch.Generator().manual_seed(4))
+    cfgs = [SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name="blocks.0.hook_resid_post"),
+            SAEConfig(d_in=32, d_sae=96, architecture="batchtopk", k=2, hook_name="blocks.2.hook_resid_post"),
+            SAEConfig(d_in=32, d_sae=48, architecture="jumprelu", hook_name="blocks.1.hook_mlp_out")]
+    return model, toks, cfgs, TrainConfig(steps=12, batch_size=32, lr=1e-3)
+
+
 def _save(sae, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(path))
 
@@ -74,6 +87,13 @@ def run(rank: int, world: int, port: int, out: str, job: str) -> None:
                 acts[:] = float("nan")
             cfg, tc = configs("topk_dense")
             fit_sae(acts, cfg, tc, progress=False, dist=dist)
+        elif job == "many":  # three SAEs dealt over two ranks (2 + 1), each rank harvesting its own hooks
+            from mechscope.sae import train_many
+
+            model, toks, cfgs, tc = many_setup()
+            for i, r in enumerate(train_many(model, toks, cfgs, tc, seqs_per_chunk=6, progress=False, dist=dist)):
+                if r is not None:
+                    _save(r.sae, out / f"many_{i}_rank{rank}.safetensors")
         elif job == "sweep":
             import mechscope as ms
             from mechscope.sweeps import sharded_patch

@@ -110,3 +110,48 @@ def test_sharded_patch_equals_one_process_and_resumes(tmp_path):
     assert again.stats["shards_computed"] == 2 and again.stats["shards_reused"] == 2
     torch.testing.assert_close(again.values, ref.values, rtol=0, atol=1e-6)
     assert again.clean_value == pytest.approx(ref.clean_value, abs=1e-6)
+
+
+def test_saes_dealt_over_ranks_equal_one_process(tmp_path):
+    from dist_worker import many_setup
+    from mechscope.sae import train_many
+
+    _spawn("many", tmp_path)
+    model, toks, cfgs, tc = many_setup()
+    one = train_many(model, toks, cfgs, tc, seqs_per_chunk=6, progress=False)
+    owner = {0: 0, 1: 0, 2: 1}  # split(3, 2): SAEs 0 and 1 on rank 0, SAE 2 on rank 1
+    assert sorted(p.name for p in tmp_path.glob("many_*")) == [f"many_{i}_rank{owner[i]}.safetensors" for i in range(3)]
+    for i, r in enumerate(one):
+        got = load_file(str(tmp_path / f"many_{i}_rank{owner[i]}.safetensors"))
+        for k, v in r.sae.state_dict().items():
+            assert torch.equal(got[k], v), (i, k)
+
+
+def test_torchrun_sae_train_cli(tmp_path):
+    """``torchrun --nproc_per_node 2 -m mechscope sae train``: rank 0 alone writes and prints; 1 rank gives the same SAE."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mechscope.circuits.toy import toy_tokenizer
+
+    tiny_hf("llama").save_pretrained(tmp_path / "m")
+    toy_tokenizer(97).save_pretrained(tmp_path / "m")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["-m", "mechscope", "sae", "train", "--model", str(tmp_path / "m"), "--hook", "blocks.1.hook_resid_post",
+            "--width", "64", "--k", "4", "--steps", "20", "--batch", "64", "--seqs", "16", "--seq-len", "16",
+            "--eval-seqs", "2", "--partitions", "2", "--json"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_port()), *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    out = json.loads(two.stdout)  # one JSON document: only rank 0 printed
+    assert out["world"] == 2 and out["training"]["steps"] == 20
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "sae" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "sae" / "sae_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)

@@ -370,3 +370,34 @@ def test_feature_search_and_steering_during_generate(smollm):
     steered = smollm.generate("The capital of France is", max_new_tokens=5,
                               fwd_hooks=[(hook, steer_hook(sae, sep[0][0], 200.0))])
     assert steered != plain and not smollm.manager._entries
+
+
+def test_harvest_many_equals_one_hook_at_a_time():
+    from mechscope.sae import harvest_many
+
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (5, 8), generator=torch.Generator().manual_seed(2))
+    hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.1.attn.hook_z"]
+    got = harvest_many(model, hooks, toks)
+    for h in hooks:
+        assert torch.equal(got[h], harvest(model, h, toks)), h
+
+
+def test_many_saes_in_lockstep_equal_each_trained_alone():
+    from mechscope.sae import SAE, train_many
+
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (24, 12), generator=torch.Generator().manual_seed(4))
+    cfgs = [SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name="blocks.0.hook_resid_post"),
+            SAEConfig(d_in=32, d_sae=96, architecture="batchtopk", k=2, hook_name="blocks.2.hook_resid_post"),
+            SAEConfig(d_in=32, d_sae=48, architecture="jumprelu", hook_name="blocks.0.hook_resid_post")]
+    tc = TrainConfig(steps=12, batch_size=32, lr=1e-3)
+    together = train_many(model, toks, cfgs, tc, seqs_per_chunk=6, progress=False)
+    for i, c in enumerate(cfgs):  # adding SAEs to a run changes none of them
+        alone = train_many(model, toks, [c], tc, seqs_per_chunk=6, progress=False)[0]
+        assert together[i].steps == alone.steps == 12 and together[i].tokens_seen == 12 * 32
+        for k, v in alone.sae.state_dict().items():
+            assert torch.equal(v, together[i].sae.state_dict()[k]), (i, k)
+    assert not torch.equal(together[0].sae.W_dec, SAE(cfgs[0]).W_dec)  # they trained
+    with pytest.raises(ValueError, match="d_in=16 but blocks.0.hook_resid_post has width 32"):
+        train_many(model, toks, [SAEConfig(d_in=16, d_sae=8, k=2, hook_name="blocks.0.hook_resid_post")], tc)

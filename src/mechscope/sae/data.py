@@ -44,31 +44,58 @@ def harvest(model: HookedModel, hook_name: str, tokens: torch.Tensor, batch_size
     Sequences run in batches sized from free memory (``batch_size`` overrides); the rows do not
     depend on the batch size.
     """
-    model.manager.check(hook_name)
-    layer, _ = split_name(hook_name)
-    stop = None if layer is None or hook_name.startswith("ln_final") else layer + 1
-    if stop is not None and stop > model.cfg.n_layers:
-        stop = None
+    return harvest_many(model, [hook_name], tokens, batch_size, skip_first, max_norm_ratio, state)[hook_name]
 
-    def run(s: int, e: int) -> torch.Tensor:
+
+def _stop_layer(model: HookedModel, hooks: list[str]) -> int | None:
+    """The block after which no hook of ``hooks`` is read (None: run the whole model)."""
+    stops = []
+    for h in hooks:
+        layer, _ = split_name(h)
+        if layer is None or h.startswith("ln_final"):
+            return None
+        stops.append(layer + 1)
+    stop = max(stops)
+    return None if stop > model.cfg.n_layers else stop
+
+
+@torch.no_grad()
+def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, batch_size: int | None = None,
+                 skip_first: int = 1, max_norm_ratio: float | None = 10.0,
+                 state: BatchState | None = None) -> dict[str, torch.Tensor]:
+    """:func:`harvest` at several hook points from one forward pass (stopping after the deepest one).
+
+    Each hook's rows are filtered on their own norms, so ``harvest_many(m, [a, b], t)[a]`` equals
+    ``harvest(m, a, t)``.
+    """
+    if not hooks:
+        raise InputError("harvest_many needs at least one hook point")
+    for h in hooks:
+        model.manager.check(h)
+    stop = _stop_layer(model, hooks)
+
+    def run(s: int, e: int) -> dict[str, torch.Tensor]:
         got = {}
 
         def grab(act, hook):
-            got["a"] = act.detach()
+            got[hook.name] = act.detach()
 
-        with model.hooks([(hook_name, grab)]):
+        with model.hooks([(h, grab) for h in hooks]):
             model(tokens[s:e].to(model.device), stop_at_layer=stop)
-        a = got["a"][:, skip_first:]
-        a = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
-        if max_norm_ratio is not None and a.shape[1]:
-            norms = a.float().norm(dim=-1)  # [b, pos]
-            a = a[norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values]
-        return a.reshape(-1, a.shape[-1]).float().cpu()
+        out = {}
+        for h in hooks:
+            a = got[h][:, skip_first:]
+            a = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
+            if max_norm_ratio is not None and a.shape[1]:
+                norms = a.float().norm(dim=-1)  # [b, pos]
+                a = a[norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values]
+            out[h] = a.reshape(-1, a.shape[-1]).float().cpu()
+        return out
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt, 0)
-    return torch.cat(map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state))
-
+    parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state)
+    return {h: torch.cat([p[h] for p in parts]) for h in hooks}
 
 
 class ActivationSource(Protocol):

@@ -1,0 +1,140 @@
+"""Several SAEs trained in lockstep from one streamed harvest: the LM runs once per chunk, however many SAEs.
+
+The SAEs may sit on different hooks or layers, or share one hook with different widths, k or
+architectures. Activations are never stored: each chunk of sequences goes through the LM once
+(:func:`~mechscope.sae.data.harvest_many`, stopping after the deepest hook), each SAE's rows go
+into its own shuffle buffer, and every SAE takes a step whenever its buffer holds a batch. An SAE
+trained here equals the same SAE trained alone by this function (same seed, same stream), so
+adding SAEs to a run changes none of them.
+
+Under torchrun the SAEs are dealt over the ranks (:func:`mechscope.distributed.split`: any
+number, uneven allowed); each rank harvests only the hooks of its own SAEs, from its own replica
+of the LM on the same token stream, and writes its own SAEs. This is module distribution (one
+SAE per layer on different ranks), the complement of data parallelism (:func:`.train.fit_sae` with
+a ``dist``): the LM's forward is repeated on each rank, the SAE work is divided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.errors import InputError
+from ..core.model import HookedModel
+from ..core.progress import bar
+from ..distributed import Dist, split
+from .data import harvest_many
+from .model import SAE, SAEConfig
+from .train import TrainConfig, TrainResult, _State, _step
+
+
+@dataclass
+class _Buffer:
+    """A shuffle buffer of activation rows: emits batches once it holds ``fill`` rows, keeping half mixed in."""
+
+    batch: int
+    fill: int
+    gen: torch.Generator
+    pool: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.pool = rows if self.pool is None else torch.cat([self.pool, rows])
+
+    def batches(self) -> list[torch.Tensor]:
+        if self.pool is None or self.pool.shape[0] < max(self.fill, self.batch):
+            return []
+        pool = self.pool[torch.randperm(self.pool.shape[0], generator=self.gen)]
+        n = max(1, (pool.shape[0] - self.fill // 2) // self.batch)
+        out = [pool[i * self.batch:(i + 1) * self.batch] for i in range(n)]
+        self.pool = pool[n * self.batch:]
+        return out
+
+
+def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], train: TrainConfig | None = None,
+               seqs_per_chunk: int = 16, buffer_rows: int | None = None, dist: Dist | None = None,
+               progress: bool = True) -> list[TrainResult | None]:
+    """Train one SAE per config in ``cfgs`` for ``train.steps`` batches each, from one pass per chunk of ``tokens``.
+
+    ``tokens [n, pos]`` are streamed in chunks of ``seqs_per_chunk`` sequences (cycling when the SAEs need
+    more batches than one pass gives). ``buffer_rows`` (default 4 batches) sets each shuffle buffer. The
+    first chunk initialises every SAE's input scale and ``b_dec``. Returns one result per config; under
+    torchrun a rank returns None for the configs it does not own.
+    """
+    train = train or TrainConfig()
+    dist = dist or Dist.single()
+    if not cfgs:
+        raise InputError("train_many needs at least one SAEConfig")
+    if train.resample_every:
+        raise InputError("resample_every is not supported in train_many; use TopK/BatchTopK with AuxK")
+    missing = [c.hook_name for c in cfgs if not c.hook_name]
+    if missing:
+        raise InputError("every SAEConfig needs its hook_name in train_many")
+    if tokens.dim() != 2 or tokens.shape[0] == 0:
+        raise InputError(f"tokens must be [n, pos] with n >= 1, got {tuple(tokens.shape)}")
+    mine = list(split(len(cfgs), dist.world)[dist.rank])
+    hooks = list(dict.fromkeys(cfgs[i].hook_name for i in mine))
+    saes = {i: SAE(cfgs[i], seed=train.seed) for i in mine}
+    for i in mine:
+        if cfgs[i].d_in != _width(model, cfgs[i].hook_name):
+            raise InputError(f"SAE {i} has d_in={cfgs[i].d_in} but {cfgs[i].hook_name} has width "
+                             f"{_width(model, cfgs[i].hook_name)}")
+    opts = {i: torch.optim.Adam(s.parameters(), lr=train.lr, betas=(0.9, 0.999)) for i, s in saes.items()}
+    states = {i: _State(last_fired=torch.zeros(cfgs[i].d_sae, dtype=torch.long),
+                        fired_count=torch.zeros(cfgs[i].d_sae, dtype=torch.long)) for i in mine}
+    bufs = {i: _Buffer(train.batch_size, buffer_rows or 4 * train.batch_size,
+                       torch.Generator().manual_seed(train.seed + _config_key(cfgs[i]))) for i in mine}
+    sparse = train.sparse if train.sparse is not None else True
+    chunks = [range(s, min(s + seqs_per_chunk, tokens.shape[0])) for s in range(0, tokens.shape[0], seqs_per_chunk)]
+    pbar = bar(total=train.steps * len(mine), desc=f"{len(mine)} SAEs from one pass") if progress and mine else None
+    c, first = 0, True
+    while mine and any(states[i].step < train.steps for i in mine):
+        r = chunks[c % len(chunks)]
+        acts = harvest_many(model, hooks, tokens[r.start:r.stop])
+        c += 1
+        for i in mine:
+            rows = acts[cfgs[i].hook_name]
+            if first:  # the first chunk initialises each SAE (input scale, then b_dec)
+                saes[i].fit_input_scale(rows[:4096])
+                saes[i].init_b_dec(rows[:4096], train.b_dec_init)
+            bufs[i].add(rows)
+            for x in bufs[i].batches():
+                if states[i].step >= train.steps:
+                    break
+                _step(saes[i], opts[i], x, states[i], train, sparse, None)
+                if pbar is not None:
+                    pbar.update(1)
+        first = False
+    if pbar is not None:
+        pbar.close()
+    out: list[TrainResult | None] = [None] * len(cfgs)
+    for i in mine:
+        st = states[i]
+        density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
+        out[i] = TrainResult(saes[i], [], st.step, st.seen, density)
+    return out
+
+
+def _config_key(cfg: SAEConfig) -> int:
+    """A stable number from an SAE's config: its buffer's seed, so an SAE's batches do not depend on the others."""
+    import hashlib
+    import json
+
+    return int(hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8], 16)
+
+
+def _width(model: HookedModel, hook: str) -> int:
+    from ..core.hookpoints import spec
+
+    model.manager.check(hook)
+    return spec(hook).width(model.cfg.to_dict())
+
+
+def save_many(results: list[TrainResult | None], folder: str | Path) -> list[Path]:
+    """Each result this rank holds as ``folder/sae_<i>`` (SAELens format, atomically); the paths written."""
+    from .io import save_sae
+
+    folder = Path(folder)
+    return [save_sae(r.sae, folder / f"sae_{i}", log10_density=r.log10_density)
+            for i, r in enumerate(results) if r is not None]
