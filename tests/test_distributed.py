@@ -155,3 +155,29 @@ def test_torchrun_sae_train_cli(tmp_path):
     b = load_file(str(tmp_path / "two" / "sae" / "sae_weights.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_sharded_ablation_and_harvest_equal_one_call(tmp_path):
+    import mechscope as ms
+    from mechscope.sae import harvest
+    from mechscope.sweeps import sharded_ablate, sharded_harvest
+
+    model = ms.HookedModel(tiny_hf("llama"))
+    toks = torch.randint(3, 97, (9, 7), generator=torch.Generator().manual_seed(5))
+    ref = ms.ablate(model, toks, lambda lg: lg[:, -1, 5] - lg[:, -1, 6], ["L1H2", "L0.mlp"], method="mean",
+                    reference=toks)
+    got = sharded_ablate(model, toks, ("logit_diff", 5, 6), ["L1H2", "L0.mlp"], method="mean", folder=tmp_path / "a",
+                         shard_size=4, progress=False)
+    torch.testing.assert_close(got.ablated, ref.ablated, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.baseline, ref.baseline, rtol=0, atol=1e-6)
+    assert got.effect.value == pytest.approx(ref.effect.value, abs=1e-6) and got.extra["sweep"]["shards"] == 3
+    again = sharded_ablate(model, toks, ("logit_diff", 5, 6), ["L1H2", "L0.mlp"], method="mean",
+                           folder=tmp_path / "a", shard_size=4, progress=False)
+    assert again.extra["sweep"]["shards_reused"] == 3  # nothing recomputed
+    with pytest.raises(ValueError, match="supports method 'zero' or 'mean'"):
+        sharded_ablate(model, toks, ("logit", 5), ["L1H2"], method="resample", folder=tmp_path / "b")
+    with pytest.raises(ValueError, match="metric spec must start with one of"):
+        sharded_ablate(model, toks, ("kl", 5), ["L1H2"], folder=tmp_path / "b")
+    rows = sharded_harvest(model, "blocks.1.hook_resid_post", toks, folder=tmp_path / "h", shard_size=4,
+                           progress=False)
+    assert torch.equal(rows, harvest(model, "blocks.1.hook_resid_post", toks))
