@@ -42,6 +42,17 @@ def configs(name: str):
                            "partitions": 2, **tc}))
 
 
+def shards_setup():
+    from mechscope.sae import SAEConfig
+
+    return SAEConfig(d_in=32, d_sae=48, architecture="topk", k=3), configs("topk_sparse_auxk")[1]
+
+
+def sweep_tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(3, 97, (7, 6), generator=g), torch.randint(3, 97, (7, 6), generator=g)
+
+
 def many_setup():
     import mechscope as ms
     from mechscope.sae import SAEConfig, TrainConfig
@@ -94,15 +105,50 @@ def run(rank: int, world: int, port: int, out: str, job: str) -> None:
             for i, r in enumerate(train_many(model, toks, cfgs, tc, seqs_per_chunk=6, progress=False, dist=dist)):
                 if r is not None:
                     _save(r.sae, out / f"many_{i}_rank{rank}.safetensors")
+        elif job == "shards":  # each rank reads only its own shards of a harvest on disk
+            import mechscope as ms
+            from mechscope.sae import harvest_to_disk
+            from mechscope.sae.data import PartitionedSource
+            from tiny import tiny_hf
+
+            cfg, tc = shards_setup()
+            folder = out / "acts"
+            if dist.is_main:
+                model = ms.HookedModel(tiny_hf("llama"))
+                toks = torch.randint(0, 97, (24, 12), generator=torch.Generator().manual_seed(6))
+                harvest_to_disk(model, "blocks.1.hook_resid_post", toks, folder, seqs_per_shard=8)
+            dist.barrier()
+            src = PartitionedSource.from_shards(folder, tc.batch_size, tc.seed, dist)
+            res = fit_sae(src, cfg, tc, progress=False, dist=dist)
+            if dist.is_main:
+                _save(res.sae, out / "from_shards.safetensors")
+        elif job == "sweep_kill":  # rank 1 is killed (SIGKILL) right after writing its first shard
+            import signal
+
+            import mechscope as ms
+            import mechscope.sweeps as sw
+            from tiny import tiny_hf
+
+            model = ms.HookedModel(tiny_hf("llama"))
+            clean, corrupted = sweep_tokens()
+            real, calls = sw.atomic_write, []
+
+            def write_then_die(path, data):
+                real(path, data)
+                calls.append(path)
+                if rank == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            sw.atomic_write = write_then_die
+            sw.sharded_patch(model, clean, corrupted, ("logit", 5), site="z", folder=out / "shards", shard_size=1,
+                             dist=dist, progress=False)
         elif job == "sweep":
             import mechscope as ms
             from mechscope.sweeps import sharded_patch
             from tiny import tiny_hf
 
             model = ms.HookedModel(tiny_hf("llama"))
-            g = torch.Generator().manual_seed(3)
-            clean = torch.randint(3, 97, (7, 6), generator=g)
-            corrupted = torch.randint(3, 97, (7, 6), generator=g)
+            clean, corrupted = sweep_tokens()
             res = sharded_patch(model, clean, corrupted, ("logit", 5), site="z", folder=out / "shards",
                                 shard_size=2, dist=dist)
             if dist.is_main:

@@ -181,3 +181,47 @@ def test_sharded_ablation_and_harvest_equal_one_call(tmp_path):
     rows = sharded_harvest(model, "blocks.1.hook_resid_post", toks, folder=tmp_path / "h", shard_size=4,
                            progress=False)
     assert torch.equal(rows, harvest(model, "blocks.1.hook_resid_post", toks))
+
+
+def test_each_rank_reads_its_own_shards(tmp_path):
+    from dist_worker import shards_setup
+
+    _spawn("shards", tmp_path)  # 3 shards of 8 sequences: 2 on rank 0, 1 on rank 1
+    cfg, tc = shards_setup()
+    one = fit_sae(PartitionedSource.from_shards(tmp_path / "acts", tc.batch_size, tc.seed), cfg, tc, progress=False)
+    two = load_file(str(tmp_path / "from_shards.safetensors"))
+    for k, v in one.sae.state_dict().items():
+        torch.testing.assert_close(two[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_rank_killed_mid_sweep_costs_only_its_missing_shards(tmp_path):
+    import mechscope as ms
+    from dist_worker import sweep_tokens
+    from mechscope.sweeps import sharded_patch
+
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        _spawn("sweep_kill", tmp_path)  # 7 one-prompt shards: rank 0 owns 4, rank 1 dies after its first of 3
+    written = len(list((tmp_path / "shards").glob("shard-*.safetensors")))
+    assert 1 <= written < 7 and not list((tmp_path / "shards").glob("*.tmp"))
+    model = ms.HookedModel(tiny_hf("llama"))
+    clean, corrupted = sweep_tokens()
+    again = sharded_patch(model, clean, corrupted, ("logit", 5), site="z", folder=tmp_path / "shards", shard_size=1,
+                          progress=False)
+    assert again.stats["shards_computed"] == 7 - written and again.stats["shards_reused"] == written
+    ref = ms.patch(model, clean, corrupted, lambda lg: lg[:, -1, 5], site="z")
+    torch.testing.assert_close(again.values, ref.values, rtol=0, atol=1e-6)
+
+
+def test_sharded_eap_equals_one_call(tmp_path):
+    import mechscope as ms
+    from mechscope.circuits.discovery import edge_attribution
+    from mechscope.sweeps import sharded_eap
+
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = torch.Generator().manual_seed(8)
+    clean, corrupted = torch.randint(3, 97, (5, 6), generator=g), torch.randint(3, 97, (5, 6), generator=g)
+    ref = edge_attribution(model, clean, corrupted, lambda lg: lg[:, -1, 5] - lg[:, -1, 6])
+    got = sharded_eap(model, clean, corrupted, ("logit_diff", 5, 6), folder=tmp_path, shard_size=2, progress=False)
+    assert set(got) == set(ref)
+    worst = max(abs(got[k] - ref[k]) for k in ref)
+    assert worst < 1e-6 and max(abs(v) for v in ref.values()) > 1e-3

@@ -1,4 +1,4 @@
-"""Sharded sweeps: patching, ablation and harvesting over many prompts, split across ranks and restarts.
+"""Sharded sweeps: patching, ablation, EAP and harvesting over many prompts, split across ranks and restarts.
 
 A sweep is a plain specification (technique, site, metric as data, the prompts' content hash and
 the model's) with a deterministic shard plan: prompts ``[i, i + shard_size)``, the shards dealt to
@@ -185,3 +185,35 @@ def sharded_harvest(model: HookedModel, hook: str, tokens: torch.Tensor, folder:
                               tokens.shape[0], spec, lambda r: [tokens[r.start:r.stop]], folder, shard_size, dist,
                               progress)
     return torch.cat([p["acts"] for p in parts])
+
+
+def sharded_eap(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tensor, metric: Sequence,
+                folder: str | Path = "sweep", shard_size: int = 8, dist: Dist | None = None, ig_steps: int = 0,
+                per_head: bool = True, progress: bool = True) -> dict[tuple[str, str], float]:
+    """:func:`~mechscope.circuits.discovery.edge_attribution` (EAP, EAP-IG) over prompts in shards.
+
+    Each shard's scores are its mean over its prompts; the gathered scores are the prompt-weighted mean
+    of the shards', which is the mean over all prompts that one call gives (to float rounding).
+    """
+    from .circuits.discovery import edge_attribution
+
+    if clean.shape != corrupted.shape or clean.dim() != 2:
+        raise InputError(f"clean and corrupted must be [n, pos] of one shape, got {tuple(clean.shape)} and "
+                         f"{tuple(corrupted.shape)}")
+    fn = metric_fn(metric)
+    spec = {"technique": "eap", "metric": list(metric), "ig_steps": ig_steps, "per_head": per_head,
+            "model": model_fingerprint(model)}
+
+    def compute(r: range):
+        scores = edge_attribution(model, clean[r.start:r.stop], corrupted[r.start:r.stop], fn, ig_steps, per_head)
+        keys = sorted(scores)
+        return ({"scores": torch.tensor([scores[k] for k in keys], dtype=torch.float64)},
+                {"keys": json.dumps(keys), "n": str(len(r))})
+
+    parts, metas, _ = run_sharded(compute, clean.shape[0], spec,
+                                  lambda r: [clean[r.start:r.stop], corrupted[r.start:r.stop]],
+                                  folder, shard_size, dist, progress)
+    keys = [tuple(k) for k in json.loads(metas[0]["keys"])]
+    total = sum(int(m["n"]) for m in metas)
+    acc = sum(p["scores"] * int(m["n"]) for p, m in zip(parts, metas)) / total
+    return {k: float(v) for k, v in zip(keys, acc)}
