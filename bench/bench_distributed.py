@@ -13,6 +13,7 @@ cores that 1 process with 2 threads has: a 2-rank figure here measures the overh
 collectives and the split, not the speed-up of more hardware. The 1-rank baseline is run both
 with 1 thread (the per-rank share) and with 2 threads (the whole machine).
 Environment variables: DIST_STEPS (SAE steps, default 300), DIST_PROMPTS (sweep prompts, default 16).
+Usage: python bench/bench_distributed.py [--only sae|sweep|many]
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def many(mode: str) -> None:
                       "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}))
 
 
-def main() -> None:
+def main(only: str | None = None) -> None:
     import mechscope
     from mechscope import corpus
     from mechscope.sae import harvest_to_disk
@@ -135,29 +136,39 @@ def main() -> None:
         print(f"harvested {toks.numel()} tokens of {HOOK} into 4 shards in {time.perf_counter() - t0:.1f} s\n")
         del model
 
-        print("1. data-parallel SAE training (TopK, 4608 latents, k=32, global batch 2048)")
-        one1 = _torchrun(1, ["worker", "sae", str(tmp / "acts")], threads=1)
-        one2 = _torchrun(1, ["worker", "sae", str(tmp / "acts")], threads=2)
-        two = _torchrun(2, ["worker", "sae", str(tmp / "acts")], threads=1)
-        for name, r in (("1 rank, 1 thread", one1), ("1 rank, 2 threads", one2), ("2 ranks x 1 thread", two)):
-            print(f"  {name:20s} {r['tokens_per_s']:9.0f} tokens/s ({r['seconds']:.1f} s)")
-        print(f"  scaling efficiency, 2 ranks vs 1 rank x 1 thread: {two['tokens_per_s'] / one1['tokens_per_s'] / 2:.2f}"
-              f"; vs the whole machine in one process: {two['tokens_per_s'] / one2['tokens_per_s']:.2f}x\n")
-
-        print("2. sharded patching sweep (IOI, every head)")
-        s1 = _torchrun(1, ["worker", "sweep", str(tmp)], threads=2)
-        s2 = _torchrun(2, ["worker", "sweep", str(tmp)], threads=1)
-        print(f"  1 process, 2 threads  {s1['prompts_per_s']:.2f} prompts/s ({s1['seconds']:.1f} s)")
-        print(f"  2 ranks x 1 thread    {s2['prompts_per_s']:.2f} prompts/s ({s2['seconds']:.1f} s)"
-              f"  -> {s2['prompts_per_s'] / s1['prompts_per_s']:.2f}x the one-process rate\n")
-
-        print("3. four TopK SAEs (2304 latents) on four hooks (layers 6, 12, 18, 24), 40 steps of 1024 each")
-        got = dict(many_saes(tmp))
-        for mode, r in got.items():
-            print(f"  {mode:10s} {r['tokens_per_s']:8.0f} SAE-tokens/s ({r['seconds']:.1f} s), peak {r['peak_gib']:.2f} GiB")
-        ratio = got["lockstep"]["tokens_per_s"] / got["sequential"]["tokens_per_s"]
-        print(f"  lockstep vs one after another: {ratio:.2f}x (goal >= 1.8x: {'met' if ratio >= 1.8 else 'NOT met'})")
+        for name, part in (("sae", _part1), ("sweep", _part2), ("many", _part3)):
+            if only in (None, name):
+                part(tmp)
         print("\nOn 2 cores the 2-rank figures show the cost of the collectives and the split, not added hardware.")
+
+
+def _part1(tmp: Path) -> None:
+    print("1. data-parallel SAE training (TopK, 4608 latents, k=32, global batch 2048)")
+    one1 = _torchrun(1, ["worker", "sae", str(tmp / "acts")], threads=1)
+    one2 = _torchrun(1, ["worker", "sae", str(tmp / "acts")], threads=2)
+    two = _torchrun(2, ["worker", "sae", str(tmp / "acts")], threads=1)
+    for name, r in (("1 rank, 1 thread", one1), ("1 rank, 2 threads", one2), ("2 ranks x 1 thread", two)):
+        print(f"  {name:20s} {r['tokens_per_s']:9.0f} tokens/s ({r['seconds']:.1f} s)")
+    print(f"  scaling efficiency, 2 ranks vs 1 rank x 1 thread: {two['tokens_per_s'] / one1['tokens_per_s'] / 2:.2f}"
+          f"; vs the whole machine in one process: {two['tokens_per_s'] / one2['tokens_per_s']:.2f}x\n")
+
+
+def _part2(tmp: Path) -> None:
+    print("2. sharded patching sweep (IOI, every head)")
+    s1 = _torchrun(1, ["worker", "sweep", str(tmp)], threads=2)
+    s2 = _torchrun(2, ["worker", "sweep", str(tmp)], threads=1)
+    print(f"  1 process, 2 threads  {s1['prompts_per_s']:.2f} prompts/s ({s1['seconds']:.1f} s)")
+    print(f"  2 ranks x 1 thread    {s2['prompts_per_s']:.2f} prompts/s ({s2['seconds']:.1f} s)"
+          f"  -> {s2['prompts_per_s'] / s1['prompts_per_s']:.2f}x the one-process rate\n")
+
+
+def _part3(tmp: Path) -> None:
+    print("3. four TopK SAEs (2304 latents) on four hooks (layers 6, 12, 18, 24), 40 steps of 1024 each")
+    got = dict(many_saes(tmp))
+    for mode, r in got.items():
+        print(f"  {mode:10s} {r['tokens_per_s']:8.0f} SAE-tokens/s ({r['seconds']:.1f} s), peak {r['peak_gib']:.2f} GiB")
+    ratio = got["lockstep"]["tokens_per_s"] / got["sequential"]["tokens_per_s"]
+    print(f"  lockstep vs one after another: {ratio:.2f}x (goal >= 1.8x: {'met' if ratio >= 1.8 else 'NOT met'})")
 
 
 if __name__ == "__main__":
@@ -166,4 +177,4 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "many":
         many(sys.argv[2])
     else:
-        main()
+        main(sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--only" else None)

@@ -83,6 +83,18 @@ class Dist:
                 t.copy_(buf.to(dev))
         return t
 
+    def sum_each_(self, tensors: list[torch.Tensor]) -> None:
+        """All-reduce each tensor in place, in its own dtype, all in flight at once (gradients: no copies)."""
+        if not self.active or not tensors:
+            return
+        if any(t.device != self.device for t in tensors):
+            for t in tensors:
+                self.sum_(t)
+            return
+        works = [torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, async_op=True) for t in tensors]
+        for w in works:
+            w.wait()
+
     def sum_many_(self, tensors: list[torch.Tensor]) -> None:
         """All-reduce a list of tensors in one float64 buffer (one collective; counts stay exact to 2^53)."""
         if not self.active or not tensors:

@@ -290,18 +290,18 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse
     weight = x.shape[0] / global_rows
     dead = st.dead(train.dead_window)
     terms = sae.training_loss(x, st.step, dead, sparse=sparse)
-    finite = torch.tensor([float(torch.isfinite(terms.loss.detach()))], dtype=torch.float64)
-    dist.sum_many_([finite])  # every rank stops together, never one waiting in a collective for the others
-    if float(finite) < dist.world:
-        raise SAETrainingError(f"non-finite loss ({float(terms.loss.detach())}) at step {st.step}"
-                               f"{f' on one of {dist.world} ranks' if dist.active else ''}; the last good "
-                               f"checkpoint is kept{' in ' + str(out) if out else ''}. Lower the learning rate or "
-                               f"check the activations for NaN/Inf.")
+    finite = float(torch.isfinite(terms.loss.detach()))
+    if not dist.active:
+        _check_finite(terms, finite, 1, st, out, dist)
     opt.zero_grad()
     (terms.loss * weight if dist.active else terms.loss).backward()
     if dist.active:
-        dist.sum_many_([p.grad for p in sae.parameters() if p.grad is not None])
-        dist.sum_(terms.fires)
+        dist.sum_each_([p.grad for p in sae.parameters() if p.grad is not None])
+        # one small collective: how many ranks have a finite loss, and the firing counts (exact in float64)
+        flags = torch.cat([torch.tensor([finite], dtype=torch.float64), terms.fires.to(torch.float64)])
+        dist.sum_(flags)
+        _check_finite(terms, float(flags[0]), dist.world, st, out, dist)  # every rank stops at the same step
+        terms.fires = flags[1:].round().long()
     sae.remove_parallel_grad()
     opt.step()
     sae.set_decoder_norm_to_unit()
@@ -314,6 +314,15 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse
     st.last_fired[terms.fires > 0] = st.seen
     st.fired_count += terms.fires
     return terms
+
+
+def _check_finite(terms: LossTerms, finite: float, world: int, st: _State, out, dist: Dist) -> None:
+    if finite < world:
+        where = f" on {world - round(finite)} of {world} ranks" if dist.active else \
+            f" ({float(terms.loss.detach())})"
+        raise SAETrainingError(f"non-finite loss{where} at step {st.step}; the last good "
+                               f"checkpoint is kept{' in ' + str(out) if out else ''}. Lower the learning rate or "
+                               f"check the activations for NaN/Inf.")
 
 
 def _wandb_run(train: TrainConfig, cfg: SAEConfig):
