@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 from safetensors.torch import save
@@ -61,41 +61,61 @@ def _stop_layer(model: HookedModel, hooks: list[str]) -> int | None:
 
 @torch.no_grad()
 def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, batch_size: int | None = None,
-                 skip_first: int = 1, max_norm_ratio: float | None = 10.0,
-                 state: BatchState | None = None) -> dict[str, torch.Tensor]:
+                 skip_first: int = 1, max_norm_ratio: float | None = 10.0, state: BatchState | None = None,
+                 pairs: Sequence[tuple[str, str]] = ()) -> dict:
     """:func:`harvest` at several hook points from one forward pass (stopping after the deepest one).
 
     Each hook's rows are filtered on their own norms, so ``harvest_many(m, [a, b], t)[a]`` equals
-    ``harvest(m, a, t)``.
+    ``harvest(m, a, t)``. Each ``(a, b)`` of ``pairs`` adds the entry ``(a, b)``: rows ``[a | b]``
+    (a transcoder's input and target) of the same tokens, filtered on ``a``'s norms
+    (:func:`harvest_pairs`).
     """
-    if not hooks:
+    pairs = [tuple(p) for p in pairs]
+    wanted = list(dict.fromkeys(list(hooks) + [h for p in pairs for h in p]))
+    if not wanted:
         raise InputError("harvest_many needs at least one hook point")
-    for h in hooks:
+    for h in wanted:
         model.manager.check(h)
-    stop = _stop_layer(model, hooks)
+    stop = _stop_layer(model, wanted)
 
-    def run(s: int, e: int) -> dict[str, torch.Tensor]:
+    def run(s: int, e: int) -> dict:
         got = {}
 
         def grab(act, hook):
             got[hook.name] = act.detach()
 
-        with model.hooks([(h, grab) for h in hooks]):
+        with model.hooks([(h, grab) for h in wanted]):
             model(tokens[s:e].to(model.device), stop_at_layer=stop)
-        out = {}
-        for h in hooks:
+        acts = {}
+        for h in wanted:
             a = got[h][:, skip_first:]
-            a = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
-            if max_norm_ratio is not None and a.shape[1]:
-                norms = a.float().norm(dim=-1)  # [b, pos]
-                a = a[norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values]
-            out[h] = a.reshape(-1, a.shape[-1]).float().cpu()
+            acts[h] = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
+        keep = {h: _norm_mask(acts[h], max_norm_ratio) for h in wanted}
+        out = {h: acts[h][keep[h]].float().cpu() for h in hooks}
+        for a, b in pairs:
+            out[(a, b)] = torch.cat([acts[a], acts[b]], dim=-1)[keep[a]].float().cpu()
         return out
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt, 0)
     parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state)
-    return {h: torch.cat([p[h] for p in parts]) for h in hooks}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _norm_mask(a: torch.Tensor, max_norm_ratio: float | None) -> torch.Tensor:
+    """``[b, pos]``: the rows whose norm is within ``max_norm_ratio`` x their sequence's median (all when None)."""
+    if max_norm_ratio is None or not a.shape[1]:
+        return torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+    norms = a.float().norm(dim=-1)  # [b, pos]
+    return norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values
+
+
+def harvest_pairs(model: HookedModel, hook_in: str, hook_out: str, tokens: torch.Tensor, batch_size: int | None = None,
+                  skip_first: int = 1, max_norm_ratio: float | None = 10.0) -> torch.Tensor:
+    """A transcoder's training rows ``[m, d_in + d_out]``: ``hook_in`` then ``hook_out`` at the same tokens
+    (e.g. ``blocks.L.ln2.hook_normalized`` and ``blocks.L.hook_mlp_out``), filtered on the input's norms."""
+    return harvest_many(model, [], tokens, batch_size, skip_first, max_norm_ratio, pairs=[(hook_in, hook_out)])[
+        (hook_in, hook_out)]
 
 
 class ActivationSource(Protocol):

@@ -21,9 +21,10 @@ import torch
 from ..analysis.metrics import explained_variance
 from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
+from ..core.errors import InputError
 from ..core.model import HookedModel, lm_loss
 from ..core.result import Result
-from .data import harvest
+from .data import harvest, harvest_pairs
 from .model import SAE
 
 
@@ -84,19 +85,50 @@ def _zero_after_first(act, hook):
     return out
 
 
+def transcoder_hooks(transcoders: list[SAE], skip_first: int = 1) -> list[tuple[str, Callable]]:
+    """Forward hooks putting each transcoder in place of the layer it replaces: its input hook records the
+    input, its output hook returns the transcoder's prediction (the first ``skip_first`` positions kept)."""
+    hooks = []
+    for tc in transcoders:
+        if not tc.cfg.is_transcoder:
+            raise InputError(f"{tc.cfg.hook_name} is an SAE, not a transcoder (it has no hook_name_out)")
+        box: dict = {}
+
+        def keep(act, h, box=box):
+            box["x"] = act
+
+        def put(act, h, box=box, tc=tc):
+            x = box.pop("x")
+            x = x.reshape(*x.shape[:2], -1) if x.dim() > 3 else x
+            out = tc(x.float()).to(act.dtype).reshape(act.shape)
+            return torch.cat([act[:, :skip_first], out[:, skip_first:]], dim=1) if skip_first else out
+
+        hooks += [(tc.cfg.hook_name, keep), (tc.cfg.hook_name_out, put)]
+    return hooks
+
+
 @torch.no_grad()
 def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size: int | None = None) -> SAEEval:
     """L0, MSE, explained variance and CE loss recovered (against zero-ablation) on held-out ``tokens``.
 
     All positions but the first (the attention sink, see :func:`harvest`) are measured, spliced and
     zero-ablated, massive-norm rows included; ``explained_variance_typical`` leaves out the rows
-    whose norm exceeds 5x the median.
+    whose norm exceeds 5x the median. A transcoder is measured on its target (the MLP output it
+    predicts from the MLP input): the CE loss with it in place of that MLP, against zeroing the MLP.
     """
-    hook = sae.cfg.hook_name
     state = BatchState()
-    acts = harvest(model, hook, tokens, batch_size, max_norm_ratio=None, state=state)
-    f = sae.encode(acts)
-    recon = sae.decode(f)
+    if sae.cfg.is_transcoder:
+        rows = harvest_pairs(model, sae.cfg.hook_name, sae.cfg.hook_name_out, tokens, batch_size, max_norm_ratio=None)
+        x, acts = rows[:, :sae.cfg.d_in], rows[:, sae.cfg.d_in:]
+        f = sae.encode(x)
+        recon = sae(x)
+        splice, zero_at = transcoder_hooks([sae]), sae.cfg.hook_name_out
+    else:
+        hook = sae.cfg.hook_name
+        acts = harvest(model, hook, tokens, batch_size, max_norm_ratio=None, state=state)
+        f = sae.encode(acts)
+        recon = sae.decode(f)
+        splice, zero_at = [(hook, splice_hook(sae))], hook
     ev = float(explained_variance(acts, recon))
     norms = acts.norm(dim=-1)
     typical = norms <= 5 * norms.median()  # massive-activation tokens (sinks, separators) dominate variance
@@ -104,15 +136,51 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     mse = float((acts - recon).pow(2).sum(-1).mean())
     l0 = float((f > 0).sum(-1).float().mean())
     dead = float(((f > 0).sum(0) == 0).float().mean())
-    def ce_sums(s: int, e: int) -> torch.Tensor:  # summed next-token losses: clean, SAE spliced in, zero-ablated
+    ce = _ce(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state)
+    return SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()))
+
+
+def _ce(model: HookedModel, tokens: torch.Tensor, hook_sets: list[list], batch_size: int | None,
+        state: BatchState) -> list[float]:
+    """The mean next-token loss on ``tokens`` under each list of forward hooks."""
+    def ce_sums(s: int, e: int) -> torch.Tensor:
         t = tokens[s:e].to(model.device)
-        runs = [model(t), model.run_with_hooks(t, fwd_hooks=[(hook, splice_hook(sae))]),
-                model.run_with_hooks(t, fwd_hooks=[(hook, _zero_after_first)])]
+        runs = [model.run_with_hooks(t, fwd_hooks=hs) if hs else model(t) for hs in hook_sets]
         return torch.stack([lm_loss(lg, t, per_token=True).sum() for lg in runs]).cpu()
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt)
     sums = torch.stack(map_batches(ce_sums, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
                                    state)).sum(0)
-    m = dict(zip(("clean", "sae", "zero"), (sums / (tokens.shape[0] * (tokens.shape[1] - 1))).tolist()))
-    return SAEEval(l0, mse, ev, dead, m["clean"], m["sae"], m["zero"], ev_typ, int((~typical).sum()))
+    return (sums / (tokens.shape[0] * (tokens.shape[1] - 1))).tolist()
+
+
+@dataclass(repr=False)
+class TranscodersEval(Result):
+    """Each transcoder on its own (:class:`SAEEval`), and the CE loss with every one in place at once."""
+
+    names: list[str]
+    each: list[SAEEval]
+    ce_clean: float
+    ce_all: float
+
+    def summary(self) -> str:
+        lines = [f"{'transcoder':46s} {'L0':>6s} {'EV':>6s} {'dead':>6s} {'CE +alone':>10s} {'recovered':>9s}"]
+        for n, e in zip(self.names, self.each):
+            lines.append(f"{n:46s} {e.l0:6.1f} {e.explained_variance:6.3f} {e.dead_fraction:6.1%} "
+                         f"{e.ce_sae - e.ce_clean:+10.4f} {e.ce_recovered:9.3f}")
+        lines.append(f"all {len(self.each)} in place at once: CE {self.ce_all:.4f} (clean {self.ce_clean:.4f}, "
+                     f"+{self.ce_all - self.ce_clean:.4f} nats)")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_transcoders(model: HookedModel, transcoders: list[SAE], tokens: torch.Tensor,
+                         batch_size: int | None = None) -> TranscodersEval:
+    """:func:`evaluate_sae` for each transcoder, and the CE loss with all of them replacing their MLPs at once."""
+    if not transcoders:
+        raise InputError("evaluate_transcoders needs at least one transcoder")
+    each = [evaluate_sae(model, tc, tokens, batch_size) for tc in transcoders]
+    ce_clean, ce_all = _ce(model, tokens, [[], transcoder_hooks(transcoders)], batch_size, BatchState())
+    names = [f"{tc.cfg.hook_name} -> {tc.cfg.hook_name_out}" for tc in transcoders]
+    return TranscodersEval(names, each, ce_clean, ce_all)

@@ -66,11 +66,15 @@ def _require(cfg: dict, keys: tuple[str, ...], path: Path) -> None:
 
 def build(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
           threshold: torch.Tensor | None = None, input_scale: float = 1.0,
-          source: str = "") -> SAE:
-    """An SAE with the given weights (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), each checked."""
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
-                "b_dec": (cfg.d_in,)}
+          source: str = "", W_skip: torch.Tensor | None = None) -> SAE:
+    """An SAE with the given weights (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``), each checked."""
+    d_out = cfg.width_out
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, d_out), "b_enc": (cfg.d_sae,),
+                "b_dec": (d_out,)}
     got = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    if cfg.skip:
+        expected["W_skip"] = (cfg.d_in, d_out)
+        got["W_skip"] = W_skip
     for name, shape in expected.items():
         if tuple(got[name].shape) != shape:
             raise InputError(f"{source}: {name} has shape {tuple(got[name].shape)}, expected {shape} from its config")
@@ -103,12 +107,16 @@ def read_saelens(folder: Path) -> SAE:
                     hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
                     model_name=meta.get("model_name") or raw.get("model_name") or "",
                     k=int(raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k", 32))),
-                    apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
+                    apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+                    hook_name_out=meta.get("hook_name_out") or raw.get("hook_name_out") or "",
+                    d_out=int(raw.get("d_out") or 0) if (meta.get("hook_name_out") or raw.get("hook_name_out")) else 0,
+                    skip=bool(raw.get("skip", False)) and bool(meta.get("hook_name_out") or raw.get("hook_name_out")))
     w = read_safetensors(folder / "sae_weights.safetensors")
-    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in w]
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if cfg.skip else ()) if k not in w]
     if missing:
         raise InputError(f"{folder}/sae_weights.safetensors has no {missing} (has {sorted(w)})")
-    return build(cfg, w["W_enc"], w["W_dec"], w["b_enc"], w["b_dec"], w.get("threshold"), source=str(folder))
+    return build(cfg, w["W_enc"], w["W_dec"], w["b_enc"], w["b_dec"], w.get("threshold"), source=str(folder),
+                 W_skip=w.get("W_skip"))
 
 
 def read_gemma_scope(folder: Path, hook: str, model_name: str = "") -> SAE:

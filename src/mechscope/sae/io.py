@@ -32,9 +32,13 @@ SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jump
 @torch.no_grad()
 def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     """The weights as SAELens stores them, with the input scale ``s`` folded in:
-    ``W_enc' = s W_enc``, ``W_dec' = W_dec / s``, ``b_dec' = b_dec / s``."""
+    ``W_enc' = s W_enc``, ``W_dec' = W_dec / s``, ``b_dec' = b_dec / s``. A transcoder's output scale
+    ``t`` is folded the same way: ``W_dec' = W_dec / t``, ``b_dec' = b_dec / t``, ``W_skip' = s W_skip / t``."""
     s = float(sae.input_scale)
-    out = {"W_enc": (sae.W_enc * s), "W_dec": (sae.W_dec / s), "b_enc": sae.b_enc.clone(), "b_dec": (sae.b_dec / s)}
+    t = float(sae.output_scale) if sae.cfg.is_transcoder else s
+    out = {"W_enc": (sae.W_enc * s), "W_dec": (sae.W_dec / t), "b_enc": sae.b_enc.clone(), "b_dec": (sae.b_dec / t)}
+    if sae.cfg.skip:
+        out["W_skip"] = sae.W_skip * s / t
     arch = sae.cfg.architecture
     if arch == "jumprelu":
         out["threshold"] = sae.log_threshold.float().exp()
@@ -57,6 +61,9 @@ def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = No
     }
     if c.architecture == "topk":
         cfg["k"] = c.k
+    if c.is_transcoder:  # SAELens's transcoder fields: the target hook and width
+        cfg.update(hook_name_out=c.hook_name_out, d_out=c.width_out, skip=c.skip)
+        cfg["metadata"]["hook_name_out"] = c.hook_name_out
     path = Path(path)
     with atomic_dir(path) as tmp:
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2))
@@ -112,3 +119,9 @@ def check_fits(sae: SAE, model: HookedModel) -> None:
     if width != sae.cfg.d_in:
         raise InputError(f"the SAE has d_in={sae.cfg.d_in} but {hook} of {model.cfg.model_name or 'this model'} has "
                          f"width {width}; load an SAE trained on this model and hook")
+    if sae.cfg.is_transcoder:
+        out = sae.cfg.hook_name_out
+        model.manager.check(out)
+        w_out = spec(out).width(model.cfg.to_dict())
+        if w_out != sae.cfg.width_out:
+            raise InputError(f"the transcoder writes d_out={sae.cfg.width_out} but {out} has width {w_out}")

@@ -1,7 +1,8 @@
 """Several SAEs trained in lockstep from one streamed harvest: the LM runs once per chunk, however many SAEs.
 
 The SAEs may sit on different hooks or layers, or share one hook with different widths, k or
-architectures. Activations are never stored: each chunk of sequences goes through the LM once
+architectures; transcoders (``SAEConfig(hook_name_out=...)``, e.g. every layer's MLP input to its output)
+train the same way from the same pass. Activations are never stored: each chunk of sequences goes through the LM once
 (:func:`~mechscope.sae.data.harvest_many`, stopping after the deepest hook), each SAE's rows go
 into its own shuffle buffer, and every SAE takes a step whenever its buffer holds a batch. An SAE
 trained here equals the same SAE trained alone by this function (same seed, same stream), so
@@ -27,7 +28,7 @@ from ..core.progress import bar
 from ..distributed import Dist, split
 from .data import harvest_many
 from .model import SAE, SAEConfig
-from .train import TrainConfig, TrainResult, _State, _step
+from .train import TrainConfig, TrainResult, _State, _step, split_pairs
 
 
 @dataclass
@@ -74,12 +75,16 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise InputError(f"tokens must be [n, pos] with n >= 1, got {tuple(tokens.shape)}")
     mine = list(split(len(cfgs), dist.world)[dist.rank])
-    hooks = list(dict.fromkeys(cfgs[i].hook_name for i in mine))
+    hooks = list(dict.fromkeys(cfgs[i].hook_name for i in mine if not cfgs[i].is_transcoder))
+    pairs = list(dict.fromkeys(_key(cfgs[i]) for i in mine if cfgs[i].is_transcoder))
     saes = {i: SAE(cfgs[i], seed=train.seed) for i in mine}
     for i in mine:
         if cfgs[i].d_in != _width(model, cfgs[i].hook_name):
             raise InputError(f"SAE {i} has d_in={cfgs[i].d_in} but {cfgs[i].hook_name} has width "
                              f"{_width(model, cfgs[i].hook_name)}")
+        if cfgs[i].is_transcoder and cfgs[i].width_out != _width(model, cfgs[i].hook_name_out):
+            raise InputError(f"transcoder {i} has d_out={cfgs[i].width_out} but {cfgs[i].hook_name_out} has width "
+                             f"{_width(model, cfgs[i].hook_name_out)}")
     opts = {i: torch.optim.Adam(s.parameters(), lr=train.lr, betas=(0.9, 0.999)) for i, s in saes.items()}
     states = {i: _State(last_fired=torch.zeros(cfgs[i].d_sae, dtype=torch.long),
                         fired_count=torch.zeros(cfgs[i].d_sae, dtype=torch.long)) for i in mine}
@@ -91,13 +96,14 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
     c, first = 0, True
     while mine and any(states[i].step < train.steps for i in mine):
         r = chunks[c % len(chunks)]
-        acts = harvest_many(model, hooks, tokens[r.start:r.stop])
+        acts = harvest_many(model, hooks, tokens[r.start:r.stop], pairs=pairs)
         c += 1
         for i in mine:
-            rows = acts[cfgs[i].hook_name]
+            rows = acts[_key(cfgs[i])]
             if first:  # the first chunk initialises each SAE (input scale, then b_dec)
-                saes[i].fit_input_scale(rows[:4096])
-                saes[i].init_b_dec(rows[:4096], train.b_dec_init)
+                xi, yt = split_pairs(saes[i], rows[:4096])
+                saes[i].fit_input_scale(xi, yt)
+                saes[i].init_b_dec(xi if yt is None else yt, train.b_dec_init)
             bufs[i].add(rows)
             for x in bufs[i].batches():
                 if states[i].step >= train.steps:
@@ -114,6 +120,11 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
         density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
         out[i] = TrainResult(saes[i], [], st.step, st.seen, density)
     return out
+
+
+def _key(cfg: SAEConfig) -> str | tuple[str, str]:
+    """Which harvested rows an SAE reads: its hook, or a transcoder's (input, target) pair."""
+    return (cfg.hook_name, cfg.hook_name_out) if cfg.is_transcoder else cfg.hook_name
 
 
 def _config_key(cfg: SAEConfig) -> int:

@@ -75,8 +75,24 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True  # pre = (x - b_dec) W_enc + b_enc; False: x W_enc + b_enc (Gemma/Llama Scope)
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)
+    # a transcoder (Dunefsky et al. 2024) reads hook_name and reconstructs hook_name_out (an MLP's input -> output)
+    hook_name_out: str = ""
+    d_out: int = 0  # the target's width (0: d_in)
+    skip: bool = False  # a linear skip connection x W_skip added to the output ("skip transcoder")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.hook_name_out)
+
+    @property
+    def width_out(self) -> int:
+        return self.d_out or self.d_in
 
     def __post_init__(self):
+        if self.is_transcoder:
+            self.apply_b_dec_to_input = False  # b_dec lives in the output space: it is never subtracted from x
+        elif self.skip or self.d_out:
+            raise InputError("skip and d_out are for transcoders: give hook_name_out (the hook the SAE reconstructs)")
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.normalize_activations not in ("none", "expected_average_only_in"):
@@ -131,12 +147,17 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        d_out = cfg.width_out
+        W_dec = torch.randn(cfg.d_sae, d_out, generator=g)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())
+        W_enc = W_dec.T.clone() if d_out == cfg.d_in else torch.randn(cfg.d_in, cfg.d_sae, generator=g) / cfg.d_in ** 0.5
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, d_out))
+        self.register_buffer("output_scale", torch.tensor(1.0))  # a transcoder's target scale (an SAE uses input_scale)
         if cfg.architecture == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(torch.tensor(cfg.jumprelu_init_threshold).log())))
         # BatchTopK's inference threshold, and the input scale of "expected_average_only_in"
@@ -188,12 +209,23 @@ class SAE(nn.Module):
         """``[..., d_in] -> [..., d_sae]`` feature activations (inference mode)."""
         return self.activate(self.pre_acts(x), training=False)
 
+    def scale_out(self, y: torch.Tensor) -> torch.Tensor:
+        """The decoder's target in the scaled space: a transcoder's own output scale, an SAE's input scale."""
+        return y * (self.output_scale if self.cfg.is_transcoder else self.input_scale)
+
+    def _skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``scale·x @ W_skip`` for a skip transcoder (in the scaled output space), else 0."""
+        return self.scale_in(x) @ self.W_skip if self.cfg.skip else 0.0
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """``[..., d_sae] -> [..., d_in]`` in the raw activation space: ``(f @ W_dec + b_dec) / scale``."""
-        return (f @ self.W_dec + self.b_dec) / self.input_scale
+        """``[..., d_sae] -> [..., d_out]`` in the raw activation space: ``(f @ W_dec + b_dec) / scale``
+        (a skip transcoder's ``x W_skip`` term needs ``x``: use :meth:`forward`)."""
+        return (f @ self.W_dec + self.b_dec) / (self.output_scale if self.cfg.is_transcoder else self.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction (an SAE) or the prediction of ``hook_name_out`` (a transcoder) of ``x [..., d_in]``."""
+        out = self.decode(self.encode(x))
+        return out + self._skip(x) / self.output_scale if self.cfg.skip else out
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
@@ -202,8 +234,9 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor, method: str = "geometric_median", iters: int = 50) -> None:
-        """Set ``b_dec`` to the geometric median (Weiszfeld iterations) or the mean of ``scale·x`` ``[n, d_in]``."""
-        x = self.scale_in(x.float())
+        """Set ``b_dec`` to the geometric median (Weiszfeld iterations) or the mean of the scaled decoder
+        target ``[n, d_out]`` (the inputs for an SAE, the outputs for a transcoder)."""
+        x = self.scale_out(x.float())
         m = x.mean(0)
         if method == "geometric_median":
             for _ in range(iters):
@@ -214,25 +247,38 @@ class SAE(nn.Module):
         self.b_dec.copy_(m)
 
     @torch.no_grad()
-    def fit_input_scale(self, x: torch.Tensor) -> None:
-        """``expected_average_only_in``: scale inputs so that ``E||scale·x||^2 = d_in`` (Anthropic, April 2024)."""
+    def fit_input_scale(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """``expected_average_only_in``: scale inputs so that ``E||scale·x||^2 = d_in`` (Anthropic, April 2024);
+        a transcoder's targets ``y`` get their own scale the same way."""
         if self.cfg.normalize_activations == "expected_average_only_in":
             self.input_scale.fill_(float((self.cfg.d_in / x.float().pow(2).sum(-1).mean()).sqrt()))
+            if self.cfg.is_transcoder and y is not None:
+                self.output_scale.fill_(float((self.cfg.width_out / y.float().pow(2).sum(-1).mean()).sqrt()))
+
+    def _target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.is_transcoder:
+            if target is None:
+                raise InputError(f"a transcoder ({self.cfg.hook_name} -> {self.cfg.hook_name_out}) trains on "
+                                 "(input, target) pairs: pass target=")
+            return self.scale_out(target)
+        return self.scale_in(x)
 
     def training_loss(self, x: torch.Tensor, step: int = 0, dead_mask: torch.Tensor | None = None,
-                      sparse: bool = False) -> LossTerms:
+                      sparse: bool = False, target: torch.Tensor | None = None) -> LossTerms:
         """The :class:`LossTerms` of a batch ``x [n, d_in]``, computed in the scaled space. ``sparse=True``
         computes TopK and BatchTopK with the sparse kernels of :mod:`mechscope.sae.kernels`
-        (same values and gradients, one dense matmul instead of five).
+        (same values and gradients, one dense matmul instead of five). A transcoder reconstructs
+        ``target [n, d_out]`` (``||y - (f W_dec + b_dec + x W_skip)||^2``) instead of ``x``.
         """
         cfg = self.cfg
         if sparse and cfg.architecture in ("topk", "batchtopk"):
-            return self._sparse_training_loss(x, dead_mask)
+            return self._sparse_training_loss(x, dead_mask, target)
         xs = self.scale_in(x)
+        ts = self._target(x, target)
         pre = ((xs - self.b_dec) if cfg.apply_b_dec_to_input else xs) @ self.W_enc + self.b_enc
         f = self.activate(pre, training=True)
-        recon = f @ self.W_dec + self.b_dec
-        err = xs - recon
+        recon = f @ self.W_dec + self.b_dec + self._skip(x)
+        err = ts - recon
         mse = err.pow(2).sum(-1).mean()
         on = f.detach() > 0
         out = LossTerms(mse, mse, recon.detach(), on.sum(0), on.sum(-1).float().mean())
@@ -271,11 +317,13 @@ class SAE(nn.Module):
         if torch.isfinite(m):
             self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
 
-    def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> LossTerms:
+    def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None,
+                              target: torch.Tensor | None = None) -> LossTerms:
         from . import kernels as K
 
         cfg = self.cfg
         xs = self.scale_in(x)
+        ts = self._target(x, target)
         xc = (xs - self.b_dec) if cfg.apply_b_dec_to_input else xs
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc)  # the one dense matmul
@@ -286,8 +334,8 @@ class SAE(nn.Module):
             pattern, picked = K.select_batch_topk(pre, cfg.k, threshold=thr)
             self._update_threshold(picked)
         vals = K.sparse_latents(xc, self.W_enc, self.b_enc, pattern, picked)
-        recon = K.sparse_decode(vals, self.W_dec, pattern) + self.b_dec
-        err = xs - recon
+        recon = K.sparse_decode(vals, self.W_dec, pattern) + self.b_dec + self._skip(x)
+        err = ts - recon
         mse = err.pow(2).sum(-1).mean()
         fires = torch.bincount(pattern.cols, minlength=cfg.d_sae)
         out = LossTerms(mse, mse, recon.detach(), fires, torch.tensor(pattern.cols.numel() / x.shape[0]))

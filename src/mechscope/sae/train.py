@@ -129,6 +129,29 @@ class _State:
         return (self.seen - self.last_fired) >= window if self.seen >= window else None
 
 
+def _row_width(cfg: SAEConfig) -> int:
+    """The width of a training row: ``d_in`` for an SAE, ``d_in + d_out`` (input, then target) for a transcoder."""
+    return cfg.d_in + cfg.width_out if cfg.is_transcoder else cfg.d_in
+
+
+def _row_desc(cfg: SAEConfig) -> str:
+    return f"d_in + d_out = {cfg.d_in} + {cfg.width_out} (input, then target)" if cfg.is_transcoder else \
+        f"d_in={cfg.d_in}"
+
+
+def split_pairs(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training row's input and target: ``(x, None)`` for an SAE; ``(x[:, :d_in], x[:, d_in:])`` for a transcoder,
+    whose rows are :func:`~mechscope.sae.data.harvest_pairs`'s ``[input | target]``."""
+    if not sae.cfg.is_transcoder:
+        return x, None
+    return x[:, :sae.cfg.d_in], x[:, sae.cfg.d_in:]
+
+
+def _scaled_target(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    xi, yt = split_pairs(sae, x)
+    return sae.scale_out(xi if yt is None else yt)
+
+
 @dataclass
 class _BatchGroup:
     """What BatchTopK needs to select over a batch spread across ranks (see ``SAE.batch_group``)."""
@@ -232,9 +255,9 @@ def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainCo
     has_ck = dist.broadcast(bool(resume and out is not None and _checkpoint_path(out).exists()))
     if has_ck:
         return _resume(sae, opt, source, out, train, dist)
-    sample = source.sample(4096)
-    sae.fit_input_scale(sample)
-    sae.init_b_dec(sample, train.b_dec_init)
+    xi, yt = split_pairs(sae, source.sample(4096))
+    sae.fit_input_scale(xi, yt)
+    sae.init_b_dec(xi if yt is None else yt, train.b_dec_init)
     if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "log.jsonl").unlink(missing_ok=True)
@@ -244,7 +267,8 @@ def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainCo
 def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, dist: Dist) -> dict:
     """The logged batch statistics over the whole (distributed) batch: weighted means, and the explained
     variance from summed squared errors and moments (``1 - SSE / (sum ||x||^2 - n ||mean||^2)``)."""
-    xs = sae.scale_in(x).double()
+    xi, yt = split_pairs(sae, x)
+    xs = sae.scale_out(xi if yt is None else yt).double()  # the decoder's target
     err = (xs - terms.recon.double()).pow(2).sum()
     vals = torch.tensor([weight * float(terms.loss), weight * float(terms.mse), weight * float(terms.l0),
                          weight * (float(terms.l1) if terms.l1 is not None else float("nan")),
@@ -269,7 +293,7 @@ def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: _State, train: 
             g = _global_terms(sae, x, terms, weight, dist)
         else:
             g = {"loss": float(terms.loss), "mse": float(terms.mse),
-                 "explained_variance": float(explained_variance(sae.scale_in(x), terms.recon)),
+                 "explained_variance": float(explained_variance(_scaled_target(sae, x), terms.recon)),
                  "l0": float(terms.l0), "l1": float(terms.l1) if terms.l1 is not None else float("nan"),
                  "aux": float(terms.aux) if terms.aux is not None else 0.0}
         return {"step": st.step, "tokens": st.seen, **g,
@@ -289,7 +313,8 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse
     global_rows = global_rows or x.shape[0]
     weight = x.shape[0] / global_rows
     dead = st.dead(train.dead_window)
-    terms = sae.training_loss(x, st.step, dead, sparse=sparse)
+    xi, yt = split_pairs(sae, x)
+    terms = sae.training_loss(xi, st.step, dead, sparse=sparse, target=yt)
     finite = float(torch.isfinite(terms.loss.detach()))
     if not dist.active:
         _check_finite(terms, finite, 1, st, out, dist)
@@ -338,8 +363,8 @@ def _wandb_run(train: TrainConfig, cfg: SAEConfig):
 def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig, dist: Dist):
     """The activation source for this rank: a tensor becomes a sampler (partitioned under torchrun)."""
     if isinstance(source, torch.Tensor):
-        if source.dim() != 2 or source.shape[1] != cfg.d_in:
-            raise InputError(f"activations must be [n, d_in={cfg.d_in}], got {tuple(source.shape)}")
+        if source.dim() != 2 or source.shape[1] != _row_width(cfg):
+            raise InputError(f"activations must be [n, {_row_desc(cfg)}], got {tuple(source.shape)}")
         parts = train.partitions or (dist.world if dist.active else 0)
         if parts:
             if parts < dist.world:
@@ -349,8 +374,8 @@ def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     if dist.active and not isinstance(source, PartitionedSource):
         raise InputError("under torchrun the activations must be a tensor or a PartitionedSource "
                          "(PartitionedSource.from_shards(folder, ...) reads each rank's own shards)")
-    if source.d_in != cfg.d_in:
-        raise InputError(f"the activation source has width {source.d_in}, the SAE d_in={cfg.d_in}")
+    if source.d_in != _row_width(cfg):
+        raise InputError(f"the activation source has width {source.d_in}, the SAE needs rows of {_row_desc(cfg)}")
     return source
 
 
@@ -371,6 +396,8 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     """
     train = train or TrainConfig()
     dist = dist or Dist.single()
+    if cfg.is_transcoder and train.resample_every:
+        raise InputError("resample_every is for ReLU SAEs; a transcoder uses AuxK (TopK/BatchTopK) against dead latents")
     if dist.active and train.resample_every:
         raise InputError("resample_every (dead-latent resampling of ReLU SAEs) is not supported across ranks; "
                          "use a TopK/BatchTopK SAE with AuxK, or train in one process")
