@@ -98,3 +98,23 @@ def test_all_layers_transcoders_from_one_pass():
     alone = train_many(model, toks, cfgs[1:2], TrainConfig(steps=60, batch_size=64, lr=3e-3), seqs_per_chunk=8,
                        progress=False)[0].sae
     assert torch.equal(alone.W_dec, tcs[1].W_dec)  # one pass for all layers changes none of them
+
+
+def test_transcoders_train_cli(tmp_path, capsys, monkeypatch):
+    import json
+
+    import mechscope
+    from mechscope.circuits.toy import toy_tokenizer
+    from mechscope.cli import main
+
+    model = HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
+    monkeypatch.setattr(mechscope, "load", lambda *a, **k: model)
+    assert main(["transcoders", "train", "--layers", "0", "2", "--width", "64", "--k", "4", "--steps", "6",
+                 "--batch", "32", "--seqs", "12", "--seq-len", "10", "--eval-seqs", "2", "--out", str(tmp_path),
+                 "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"] == [0, 2] and len(out["each"]) == 2 and out["ce_all"] > 0
+    back = load_sae(tmp_path / "layer_2", model)
+    assert back.cfg.hook_name_out == "blocks.2.hook_mlp_out" and back.cfg.skip
+    assert main(["transcoders", "train", "--layers", "7", "--out", str(tmp_path / "x")]) == 2
+    assert "layers [7] out of range: valid layers are 0..2" in capsys.readouterr().err

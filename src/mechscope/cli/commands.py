@@ -428,6 +428,47 @@ def _load_sae(args):
     return model, load_sae(args.path, model)
 
 
+@command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) from one harvest pass, "
+         "save them (SAELens layout, input and output hooks recorded) and evaluate each alone and all at once",
+         ("mechscope transcoders train --out smollm2-transcoders",
+          "mechscope transcoders train --layers 0 1 2 --width 2304 --k 32 --steps 500 --out tc"),
+         MODEL, arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
+         arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu"]),
+         arg("--width", type=int, default=None, help="latents per layer (default 8 x d_model)"),
+         arg("--k", type=int, default=32), arg("--no-skip", action="store_true", help="no linear skip connection"),
+         arg("--steps", type=int, default=1000), arg("--batch", type=int, default=1024),
+         arg("--lr", type=float, default=1e-3), arg("--seqs", type=int, default=256, help="training sequences"),
+         arg("--eval-seqs", type=int, default=16), arg("--seq-len", type=int, default=128),
+         arg("--out", default="transcoders"), CORPUS)
+def transcoders_train_cmd(args: argparse.Namespace) -> Result:
+    from ..core.progress import stage
+    from ..sae import SAEConfig, TrainConfig, save_many, train_many
+    from ..sae.evaluate import evaluate_transcoders
+
+    model = _load(args)
+    n = model.cfg.n_layers
+    layers = args.layers if args.layers is not None else list(range(n))
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise InputError(f"layers {bad} out of range: valid layers are 0..{n - 1}")
+    toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+    d = model.cfg.d_model
+    cfgs = [SAEConfig(d_in=d, d_sae=args.width or 8 * d, architecture=args.arch, k=args.k,
+                      hook_name=f"blocks.{l}.ln2.hook_normalized", hook_name_out=f"blocks.{l}.hook_mlp_out",
+                      skip=not args.no_skip, model_name=model.cfg.model_name,
+                      normalize_activations="expected_average_only_in") for l in layers]
+    stage(f"training {len(cfgs)} transcoders from one pass over {toks.numel()} tokens")
+    res = train_many(model, toks, cfgs, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr))
+    paths = save_many(res, args.out, [f"layer_{l}" for l in layers])
+    held, held_info = _held_out(args, model)
+    stage(f"evaluating on {held.numel()} held-out tokens")
+    ev = evaluate_transcoders(model, [r.sae for r in res], held)
+    return Outcome(f"{ev.summary()}\nsaved {len(paths)} transcoders under {args.out}/layer_<L>"
+                   f"\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
+                   {**ev.to_dict(), "paths": paths, "layers": layers, **info,
+                    "held_out_tokens": held_info["corpus_tokens"]})
+
+
 @command("sae eval", "evaluate a saved SAE on held-out text (L0, explained variance, CE loss recovered)",
          ("mechscope sae eval my-sae/sae",), SAE_MODEL)
 def sae_eval_cmd(args: argparse.Namespace) -> Result:

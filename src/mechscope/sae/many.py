@@ -142,10 +142,13 @@ def _width(model: HookedModel, hook: str) -> int:
     return spec(hook).width(model.cfg.to_dict())
 
 
-def save_many(results: list[TrainResult | None], folder: str | Path) -> list[Path]:
-    """Each result this rank holds as ``folder/sae_<i>`` (SAELens format, atomically); the paths written."""
+def save_many(results: list[TrainResult | None], folder: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Each result this rank holds as ``folder/<names[i]>`` (default ``sae_<i>``; SAELens format, atomically)."""
     from .io import save_sae
 
     folder = Path(folder)
-    return [save_sae(r.sae, folder / f"sae_{i}", log10_density=r.log10_density)
+    names = names or [f"sae_{i}" for i in range(len(results))]
+    if len(names) != len(results):
+        raise InputError(f"{len(names)} names for {len(results)} results")
+    return [save_sae(r.sae, folder / names[i], log10_density=r.log10_density)
             for i, r in enumerate(results) if r is not None]
