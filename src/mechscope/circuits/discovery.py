@@ -24,8 +24,10 @@
    the faithfulness of random circuits of the same size, all with bootstrap CIs;
 7. the result draws the circuit as a graph and prints its scores.
 
-Parallel-residual models (GPT-NeoX with ``use_parallel_residual``) have no separate MLP input
-stream and are refused.
+In parallel-residual blocks (GPT-NeoX/Pythia with ``use_parallel_residual``, Phi), attention and
+MLP both read ``resid_pre``: the MLP's share of ``dM/d resid_pre`` is the vector-Jacobian product of
+``ln2`` applied to the gradient at its output (``ln2.hook_normalized``), the attention's is the rest
+(``dM/d resid_pre - dM/d resid_post - mlp share``), and a layer's heads do not feed its own MLP.
 """
 
 from __future__ import annotations
@@ -167,9 +169,6 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
     Prompts run in batches sized from free memory (``batch_size`` overrides; see :mod:`mechscope.batching`).
     """
     c = model.cfg
-    if c.parallel_residual:
-        raise InputError("edge attribution needs a separate MLP input stream; parallel-residual models "
-                         "(GPT-NeoX with use_parallel_residual) are not supported")
     if clean.shape != corrupted.shape:
         raise InputError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
                          f"and {tuple(corrupted.shape)}")
@@ -198,7 +197,11 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
         _, cc = model.run_with_cache(clean, names_filter=out_names)
         _, cx = model.run_with_cache(corrupted, names_filter=out_names)
     grad_names = [f"blocks.{l}.hook_{s}" for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
-    if per_head:
+    shared = c.parallel_residual and "blocks.0.ln2.hook_normalized" not in model.hook_names
+    if c.parallel_residual:  # the MLP reads ln2(resid_pre) (or ln1's output, shared with attention)
+        grad_names = [g for g in grad_names if "resid_mid" not in g]
+        grad_names += [f"blocks.{l}.{'ln1' if shared else 'ln2'}.hook_normalized" for l in range(n)]
+    if per_head or shared:
         grad_names += [f"blocks.{l}.attn.hook_{s}" for l in range(n) for s in ("q", "k", "v")]
         W = (model.W_Q, model.W_K_kv, model.W_V_kv)  # hoisted: each access rebuilds the stack
     readers: dict[str, torch.Tensor] = {}
@@ -223,12 +226,12 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
                 _store[hook.name] = g.detach()
 
             fwd = [("blocks.0.hook_resid_pre", start)]
-            if per_head:
+            if per_head or c.parallel_residual:
                 fwd += [(f"blocks.{l}.hook_resid_pre", record) for l in range(n)]
             with torch.enable_grad(), model.hooks(fwd, [(g, keep) for g in grad_names]):
                 value = metric_on_rows(metric, model(corrupted), rows, n_prompts)
                 value.sum().backward()
-            for r, g in _reader_grads(model, store, resid, W if per_head else None).items():
+            for r, g in _reader_grads(model, store, resid, W if (per_head or shared) else None, per_head).items():
                 readers[r] = readers.get(r, 0.0) + g / steps
     finally:
         for p in params:
@@ -236,27 +239,55 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
     return _edge_scores(model, cc, cx, readers, emb_c, emb_x, clean.shape[0])  # sums over this batch
 
 
-def _reader_grads(model, store: dict, resid: dict, W) -> dict[str, torch.Tensor]:
+def _reader_grads(model, store: dict, resid: dict, W, per_head: bool = True) -> dict[str, torch.Tensor]:
     """``{reader: dM/d resid through that reader}`` ``[batch, pos, d_model]`` from one backward pass."""
     n = model.cfg.n_layers
     out = {}
     for l in range(n):
-        g_pre, g_mid, g_post = (store[f"blocks.{l}.hook_{s}"] for s in ("resid_pre", "resid_mid", "resid_post"))
-        if W is None:
-            out[f"L{l}.attn_in"] = g_pre - g_mid
+        g_pre, g_post = store[f"blocks.{l}.hook_resid_pre"], store[f"blocks.{l}.hook_resid_post"]
+        heads = _head_input_grads(model, l, store, resid[l], W) if W is not None else None
+        if model.cfg.parallel_residual:
+            # resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)): the MLP's share of dM/d resid_pre
+            # is ln2's vector-Jacobian product of the gradient at its output; the attention's is the rest
+            if f"blocks.{l}.ln2.hook_normalized" in store:
+                mlp = _norm_vjp(model.ln2(l), resid[l], store[f"blocks.{l}.ln2.hook_normalized"])
+            else:  # one norm feeds both: the MLP's part of the gradient at ln1's output is what q/k/v do not take
+                at_norm = store[f"blocks.{l}.ln1.hook_normalized"] - _head_input_grads(
+                    model, l, store, resid[l], W, at_norm=True)
+                mlp = _norm_vjp(model.ln1(l), resid[l], at_norm)
+            attn = g_pre - g_post - mlp
         else:
-            out.update(_head_input_grads(model, l, store, resid[l], W))
-        out[f"L{l}.mlp_in"] = g_mid - g_post
+            g_mid = store[f"blocks.{l}.hook_resid_mid"]
+            mlp, attn = g_mid - g_post, g_pre - g_mid
+        if per_head and heads is not None:
+            out.update(heads)
+        else:
+            out[f"L{l}.attn_in"] = attn
+        out[f"L{l}.mlp_in"] = mlp
     out["logits"] = store[f"blocks.{n - 1}.hook_resid_post"]
     return out
 
 
-def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W) -> dict[str, torch.Tensor]:
-    """Per-head shares of ``dM/d resid_pre`` through the attention input: ``J_ln1ᵀ (g_q[h] W_Q[h]ᵀ)`` etc."""
+def _norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``J_norm(x)ᵀ g``: the gradient at the norm's input ``x [batch, pos, d_model]`` of ``g`` at its output."""
+    if norm is None:
+        return g
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (gx,) = torch.autograd.grad(norm(x), x, g.to(x.dtype))
+    return gx
+
+
+def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W,
+                      at_norm: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+    """Per-head shares of ``dM/d resid_pre`` through the attention input: ``J_ln1ᵀ (g_q[h] W_Q[h]ᵀ)`` etc.
+    With ``at_norm``: their sum at the norm's output instead (``Σ g W ᵀ``, before the norm's VJP)."""
     W_Q, W_K, W_V = (w[l].to(resid_pre.dtype) for w in W)  # [head | kv_head, d_model, d_head]
     g = {s: store[f"blocks.{l}.attn.hook_{s}"] for s in ("q", "k", "v")}  # [batch, pos, head | kv_head, d_head]
     v = torch.cat([torch.einsum("bphe,hde->bphd", g["q"], W_Q), torch.einsum("bphe,hde->bphd", g["k"], W_K),
                    torch.einsum("bphe,hde->bphd", g["v"], W_V)], dim=2)  # [batch, pos, readers, d_model]
+    if at_norm:
+        return v.sum(2)
     ln1 = model.ln1(l)
     if ln1 is None:  # attention reads the residual stream itself (OLMo-2): the map is the identity
         gx = v
@@ -297,8 +328,9 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
     scores = {}
     for i, (u, lu) in enumerate(zip(up_names, up_layer)):
         for j, (r, lr) in enumerate(zip(r_names, r_layer)):
-            # a reader reads the blocks before its own; a layer's MLP also reads that layer's heads
-            if lu < lr or (r.endswith("mlp_in") and lu == lr and up_head[i]):
+            # a reader reads the blocks before its own; a layer's MLP also reads that layer's heads, unless the
+            # block is parallel (attention and MLP both read resid_pre)
+            if lu < lr or (r.endswith("mlp_in") and lu == lr and up_head[i] and not c.parallel_residual):
                 scores[(u, r)] = S[i][j]
     return scores
 
