@@ -24,10 +24,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _in_use(text: str) -> bool:
+    return "EADDRINUSE" in text or "ddress already in use" in text
+
+
 def _spawn(job: str, out, world: int = 2):
+    """Run ``job`` on ``world`` gloo ranks; a free port taken by another test between pick and bind is retried."""
     import dist_worker
 
-    mp.spawn(dist_worker.run, args=(world, _port(), str(out), job), nprocs=world, join=True)
+    for attempt in range(3):
+        try:
+            return mp.spawn(dist_worker.run, args=(world, _port(), str(out), job), nprocs=world, join=True)
+        except mp.ProcessRaisedException as e:
+            if attempt == 2 or not _in_use(str(e)):
+                raise
 
 
 def test_split_is_deterministic_and_uneven():
@@ -142,9 +152,12 @@ def test_torchrun_sae_train_cli(tmp_path):
     args = ["-m", "mechscope", "sae", "train", "--model", str(tmp_path / "m"), "--hook", "blocks.1.hook_resid_post",
             "--width", "64", "--k", "4", "--steps", "20", "--batch", "64", "--seqs", "16", "--seq-len", "16",
             "--eval-seqs", "2", "--partitions", "2", "--json"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_port()), *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    for _ in range(3):  # a free port taken by another test between pick and bind is retried
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(_port()), *args, "--out", str(tmp_path / "two")],
+                             capture_output=True, text=True, env=env, timeout=300)
+        if two.returncode == 0 or not _in_use(two.stderr):
+            break
     assert two.returncode == 0, two.stderr[-3000:]
     out = json.loads(two.stdout)  # one JSON document: only rank 0 printed
     assert out["world"] == 2 and out["training"]["steps"] == 20
