@@ -162,3 +162,22 @@ def test_eap_on_parallel_residual_blocks(arch):
     delta = cc["hook_embed"] - model.run_with_cache(CORR, names_filter="hook_embed")[1]["hook_embed"]
     want = float((delta * box["leaf"].grad).sum() / CLEAN.shape[0])
     assert eap[("embed", f"L{l}.mlp_in")] == pytest.approx(want, abs=1e-5 * max(1.0, abs(want)))
+
+
+def test_screened_head_patching_keeps_the_exact_values_of_its_candidates():
+    from mechscope.circuits.discovery import _screened_heads
+
+    model = HookedModel(tiny_hf("llama"))
+    ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
+    full = _screened_heads.__globals__["patch"](model, CLEAN, CORR, ds.metric, site="z")
+    part = _screened_heads(model, ds, ds.metric, screen=5)
+    assert part.stats["screened"]["patched"] == 5 and part.stats["screened"]["of"] == 12
+    fv, pv = full.normalized(), part.normalized()
+    patched = pv != 0
+    assert int(patched.sum()) <= 5 and torch.allclose(pv[patched], fv[patched], atol=1e-6)  # exact where run
+    assert bool((pv[~patched] == 0).all())  # the rest: no effect, by construction
+    # the candidates are the heads attribution patching ranks highest, and they hold the largest true effect here
+    assert float(fv.abs().max()) == pytest.approx(float(pv.abs().max()), abs=1e-6)
+    res = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1, screen_heads=8)
+    ref = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1)
+    assert res.nodes == ref.nodes  # the 8 best-estimated of 12 heads hold the 3 components the full search finds

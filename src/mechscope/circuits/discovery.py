@@ -342,7 +342,32 @@ def _ablated_metric(model, tokens, metric, comps, reference, seed) -> torch.Tens
         return torch.as_tensor(metric(model(tokens))).float().cpu()
 
 
-def _locate(model, search, metric) -> tuple[PatchResult, PatchResult, PatchResult, tuple[int, int], list[int]]:
+def _screened_heads(model, search, metric, screen: int) -> PatchResult:
+    """Head patching (``z``) run exactly for the ``screen`` heads that attribution patching ranks highest.
+
+    Attribution patching estimates every head at once (about 3 forward-equivalents); the exact patch
+    then runs only for the candidates, and every other head is given no effect (the base run's value).
+    ``stats["screened"]`` records how many heads were patched and the smallest candidate estimate.
+    """
+    from ..techniques.attribution_patching import attribution_patch
+    from ..techniques.patching import assemble, plan_patches, run_patches
+
+    est = attribution_patch(model, search.clean, search.corrupted, metric, sites=("z",))["z"].normalized().abs()
+    order = est.flatten().argsort(descending=True)[:screen]
+    keep = {tuple(int(i) for i in torch.unravel_index(k, est.shape)) for k in order}
+    plan = plan_patches(model, search.clean, search.corrupted, "z")
+    skipped = [j for j in plan.jobs if tuple(j.key) not in keep]
+    plan.jobs = [j for j in plan.jobs if tuple(j.key) in keep]
+    values, runs, stats = run_patches(model, plan, metric)
+    for j in skipped:  # estimated below the candidates: no effect, exactly the base run's value
+        values[j.key] = runs.base_value.clone()
+    stats["screened"] = {"patched": len(plan.jobs), "of": len(plan.jobs) + len(skipped),
+                         "smallest_candidate_estimate": float(est.flatten()[order[-1]]) if len(order) else 0.0}
+    return assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
+
+
+def _locate(model, search, metric, screen_heads: int | None = None
+            ) -> tuple[PatchResult, PatchResult, PatchResult, tuple[int, int], list[int]]:
     """Steps 1-3: residual-stream patching (where the information lives and moves), then heads and MLPs."""
     c = model.cfg
     resid = patch(model, search.clean, search.corrupted, metric, site="resid_pre")
@@ -350,7 +375,10 @@ def _locate(model, search, metric) -> tuple[PatchResult, PatchResult, PatchResul
     positions = sorted({int(p) for p in torch.nonzero(rn.max(0).values > 0.1).flatten()})
     moving = torch.nonzero((rn[:, -1] < 0.5) | (rn[:, :-1].max(-1).values > 0.1)).flatten()
     window = (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else c.n_layers - 1)
-    heads = patch(model, search.clean, search.corrupted, metric, site="z")
+    if screen_heads is None or screen_heads >= c.n_layers * c.n_heads:
+        heads = patch(model, search.clean, search.corrupted, metric, site="z")
+    else:
+        heads = _screened_heads(model, search, metric, screen_heads)
     mlps = patch(model, search.clean, search.corrupted, metric, site=[m.hook for m in all_mlps(c)])
     return resid, heads, mlps, window, positions
 
@@ -390,7 +418,8 @@ def _validate_circuit(model, test, metric, nodes: list[str], ablate_mlps: bool, 
 
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, node_threshold: float = 0.05,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 3,
-                 seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False) -> CircuitResult:
+                 seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False,
+                 screen_heads: int | None = None) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
     Components whose normalised patching effect reaches ``node_threshold`` (at most ``max_nodes``,
@@ -399,14 +428,16 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     held-out part of the dataset (``held_out`` fraction). Faithfulness mean-ablates the *heads* outside
     the circuit (as Wang et al. 2022 do for IOI); ``ablate_mlps=True`` ablates the MLPs outside it too,
     which in models whose MLPs carry token identity (Llama, Gemma) removes far more than a circuit story
-    usually claims. Random circuits are judged the same way.
+    usually claims. Random circuits are judged the same way. ``screen_heads=K`` patches exactly only the
+    K heads that attribution patching ranks highest (the rest count as no effect): on SmolLM2 IOI with
+    K=64 of 270 the circuit is the same and head patching takes a fraction of the time.
     """
     search, test = dataset.split(held_out, seed=seed)
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
     m_test = metric or test.metric
     c = model.cfg
     stage(f"find_circuit 1/3: patching the residual stream, heads and MLPs on {len(search)} prompts")
-    resid, heads, mlps, window, positions = _locate(model, search, m_search)
+    resid, heads, mlps, window, positions = _locate(model, search, m_search, screen_heads)
     hv, mv = heads.normalized(), mlps.normalized()
     node_scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(c)}
     node_scores.update({str(m): float(mv[m.layer]) for m in all_mlps(c)})

@@ -326,7 +326,9 @@ def head_cmd(args: argparse.Namespace) -> Result:
 @command("circuit", "find a circuit for a task: patching, EAP edges, faithfulness vs random circuits",
          ("mechscope circuit --task ioi --n 16 --png circuit.png", "mechscope circuit --task factual --threshold 0.1"),
          MODEL, TASK, arg("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|"),
-         arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"), PICTURES)
+         arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"),
+         arg("--screen", type=int, default=64,
+             help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"), PICTURES)
 def circuit_cmd(args: argparse.Namespace) -> Result:
     from ..circuits.discovery import find_circuit
 
@@ -334,7 +336,9 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
     _, _, _, ds = _task(args, model)
     if ds is None:
         raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
-    return _pictures(args, find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps), "circuit")
+    res = find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps,
+                       screen_heads=args.screen or None)
+    return _pictures(args, res, "circuit")
 
 
 @command("toy", "train the 2-layer attention-only toy (induction with a known answer) and save it",
