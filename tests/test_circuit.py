@@ -181,3 +181,30 @@ def test_screened_head_patching_keeps_the_exact_values_of_its_candidates():
     res = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1, screen_heads=8)
     ref = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1)
     assert res.nodes == ref.nodes  # the 8 best-estimated of 12 heads hold the 3 components the full search finds
+
+
+def test_faithfulness_curve_scores_and_bounds(tmp_path):
+    from mechscope.circuits.discovery import FaithfulnessCurve, _area, faithfulness_curve
+
+    model = HookedModel(tiny_hf("llama"))
+    ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
+    res = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=2, curve=True)
+    cv = res.extra["curve"]
+    assert cv.sizes == [1, 2, 4, 8, 12] and cv.fraction[-1] == 1.0 and set(cv.curves) == {"patching", "eap"}
+    for c in cv.curves.values():  # every head kept: nothing is ablated, so faithfulness is exactly 1
+        assert c[-1].value == pytest.approx(1.0, abs=1e-6)
+    assert cv.random[-1] == pytest.approx(1.0, abs=1e-6)
+    sc = cv.scores
+    # CPR is the area under the curve from (0, 0): recomputed by hand for the patching ranking
+    ys = [0.0] + [e.value for e in cv.curves["patching"]]
+    xs = [0.0] + cv.fraction
+    assert sc["patching"]["cpr"] == pytest.approx(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2
+                                                      for i in range(len(xs) - 1)))
+    assert sc["patching"]["cmd"] >= 0 and "CPR" in res.summary() and res.to_dict()["curve"]["scores"]
+    assert cv.plot(tmp_path / "curve.png").stat().st_size > 1000
+    # a curve faithful from the first component scores the area from (0, 0): 0.75 at sizes 1 and 2 of 2
+    assert _area([0, 0.5, 1], [1, 1, 1]) == pytest.approx(1.0)
+    perfect = FaithfulnessCurve([1, 2], [0.5, 1.0], {"p": [res.faithfulness.__class__(1, 1, 1)] * 2}, [0.0, 1.0], 2)
+    assert perfect.scores["p"]["cpr"] == pytest.approx(0.75) and perfect.scores["random"]["cpr"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"sizes \[99\] out of range: 1\.\.12"):
+        faithfulness_curve(model, ds, {"p": ["L0H0"]}, sizes=[99])

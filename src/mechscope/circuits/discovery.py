@@ -60,6 +60,121 @@ def _ratio_ci(num: torch.Tensor, den: torch.Tensor, seed: int = 0) -> Estimate:
     return bootstrap_ci(pairs, stat=lambda p: p[:, 0].mean() / p[:, 1].mean(), seed=seed)
 
 
+def _area(x: list[float], y: list[float]) -> float:
+    """The trapezoid area under ``y(x)`` for increasing ``x`` in [0, 1]."""
+    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
+
+
+@dataclass(repr=False)
+class FaithfulnessCurve(Result):
+    """Faithfulness over circuit sizes (MIB, Mueller et al. 2025): one ranking of components, the top ``k``
+    kept for each ``k``, every other ablatable component mean-ablated on held-out prompts.
+
+    ``cpr`` is the area under the curve over the fraction of components kept (higher is better),
+    ``cmd`` the area between the curve and 1 (lower is better); both are computed against random
+    circuits of the same sizes too, and for every ranking given (e.g. exact patching against EAP).
+    """
+
+    sizes: list[int]
+    fraction: list[float]
+    curves: dict[str, list[Estimate]]  # ranking name -> faithfulness at each size
+    random: list[float]  # mean faithfulness of random circuits at each size
+    n_components: int
+
+    def _areas(self, ys: list[float]) -> tuple[float, float]:
+        x = [0.0] + self.fraction
+        y = [0.0] + ys
+        return _area(x, y), _area(x, [abs(1 - v) for v in y])
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        out = {name: dict(zip(("cpr", "cmd"), self._areas([e.value for e in c]))) for name, c in self.curves.items()}
+        out["random"] = dict(zip(("cpr", "cmd"), self._areas(self.random)))
+        return out
+
+    def summary(self) -> str:
+        lines = [f"faithfulness over circuit sizes (of {self.n_components} components; CPR: area under the curve, "
+                 f"higher is better; CMD: area between the curve and 1, lower is better)"]
+        head = "  size " + "".join(f"{n:>22s}" for n in self.curves) + f"{'random':>10s}"
+        lines.append(head)
+        for i, k in enumerate(self.sizes):
+            row = "".join(f"{c[i].value:+9.3f} [{c[i].low:+.2f},{c[i].high:+.2f}]" for c in self.curves.values())
+            lines.append(f"  {k:4d} {row}{self.random[i]:+10.3f}")
+        for name, sc in self.scores.items():
+            lines.append(f"  {name:>10s}: CPR {sc['cpr']:.3f}, CMD {sc['cmd']:.3f}")
+        return "\n".join(lines)
+
+    def _dict_extra(self) -> dict:
+        return {"scores": self.scores}
+
+    def plot(self, path: str | Path | None = None) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, c in self.curves.items():
+            ax.plot(self.fraction, [e.value for e in c], marker="o", label=f"{name} (CPR {self.scores[name]['cpr']:.2f})")
+            ax.fill_between(self.fraction, [e.low for e in c], [e.high for e in c], alpha=0.2)
+        ax.plot(self.fraction, self.random, marker="x", color="grey", label=f"random (CPR {self.scores['random']['cpr']:.2f})")
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of components kept")
+        ax.set_ylabel("faithfulness (held out)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path or "faithfulness_curve.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def eap_node_ranking(eap: dict[tuple[str, str], float]) -> list[str]:
+    """Components ranked by EAP: each upstream component's summed |score| over the edges it writes into."""
+    total: dict[str, float] = {}
+    for (u, _), v in eap.items():
+        if u != "embed":
+            total[u] = total.get(u, 0.0) + abs(v)
+    return sorted(total, key=lambda k: -total[k])
+
+
+def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str, list[str]],
+                       metric: Metric | None = None, sizes: list[int] | None = None, n_random: int = 3,
+                       ablate_mlps: bool = False, seed: int = 0) -> FaithfulnessCurve:
+    """Faithfulness of the top-``k`` components of each ranking, for each ``k`` of ``sizes`` (default: powers of 2
+    up to every ablatable component), on ``test`` (held-out prompts), against random circuits of each size."""
+    metric = metric or test.metric
+    heads = [str(x) for x in all_heads(model.cfg)]
+    mlps = [str(x) for x in all_mlps(model.cfg)]
+    ablatable = heads + mlps if ablate_mlps else heads
+    n = len(ablatable)
+    if not rankings:
+        raise InputError("faithfulness_curve needs at least one ranking of components")
+    sizes = sizes or sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+    bad = [k for k in sizes if not 0 < k <= n]
+    if bad:
+        raise InputError(f"sizes {bad} out of range: 1..{n} (the ablatable components)")
+    with torch.no_grad():
+        full = torch.as_tensor(metric(model(test.clean))).float().cpu()
+
+    def faithful(kept: list[str]) -> Estimate:
+        outside = [x for x in ablatable if x not in set(kept)]
+        if not outside:  # nothing ablated: the model itself
+            return _ratio_ci(full, full, seed)
+        return _ratio_ci(_ablated_metric(model, test.clean, metric, parse_components(model, outside), test.corrupted,
+                                         seed), full, seed)
+
+    curves = {}
+    for name, order in rankings.items():
+        order = [x for x in order if x in set(ablatable)]  # only ablatable components change the curve
+        curves[name] = [faithful(order[:k]) for k in bar(sizes, desc=f"faithfulness curve ({name})")]
+    rng = random.Random(seed)
+    rand = [sum(faithful(rng.sample(ablatable, k)).value for _ in range(n_random)) / n_random
+            for k in bar(sizes, desc="faithfulness curve (random)")]
+    return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n)
+
+
 @dataclass(repr=False)
 class CircuitResult(Result):
     """A circuit (components and edges) with the evidence behind it."""
@@ -99,6 +214,8 @@ class CircuitResult(Result):
         lines.append("  strongest edges (EAP score):")
         for u, v, s in sorted(self.edges, key=lambda e: -abs(e[2]))[:12]:
             lines.append(f"    {u:>8} -> {v:<10} {s:+.3f}")
+        if "curve" in self.extra:
+            lines.append(self.extra["curve"].summary())
         return "\n".join(lines)
 
     def plot(self, path: str | Path = "circuit.png") -> Path:
@@ -133,7 +250,10 @@ class CircuitResult(Result):
         return f"<pre>{viz.esc(self.summary())}</pre>" + self.resid.to_html() + self.heads.to_html()
 
     def _dict_extra(self) -> dict:
-        return {"eap_edges_scored": len(self.extra.get("eap", {}))}
+        out = {"eap_edges_scored": len(self.extra.get("eap", {}))}
+        if "curve" in self.extra:
+            out["curve"] = self.extra["curve"].to_dict()
+        return out
 
 
 def _layer(name: str) -> int:
@@ -419,7 +539,7 @@ def _validate_circuit(model, test, metric, nodes: list[str], ablate_mlps: bool, 
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, node_threshold: float = 0.05,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 3,
                  seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False,
-                 screen_heads: int | None = None) -> CircuitResult:
+                 screen_heads: int | None = None, curve: bool = False) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
     Components whose normalised patching effect reaches ``node_threshold`` (at most ``max_nodes``,
@@ -430,7 +550,9 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     which in models whose MLPs carry token identity (Llama, Gemma) removes far more than a circuit story
     usually claims. Random circuits are judged the same way. ``screen_heads=K`` patches exactly only the
     K heads that attribution patching ranks highest (the rest count as no effect): on SmolLM2 IOI with
-    K=64 of 270 the circuit is the same and head patching takes a fraction of the time.
+    K=64 of 270 the circuit is the same and head patching takes a fraction of the time. ``curve=True``
+    adds ``extra["curve"]``: the :func:`faithfulness_curve` of the patching ranking and of the EAP ranking
+    (:func:`eap_node_ranking`) over circuit sizes, with CPR and CMD, against random circuits.
     """
     search, test = dataset.split(held_out, seed=seed)
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
@@ -451,7 +573,12 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     edges = _select_edges(model, eap, nodes, edge_threshold)
     stage(f"find_circuit 3/3: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
     faith, knockout, rand = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
+    extra_curve = {}
+    if curve:
+        stage("find_circuit: the faithfulness curve over circuit sizes (patching and EAP rankings, random)")
+        extra_curve["curve"] = faithfulness_curve(model, test, {"patching": ranked, "eap": eap_node_ranking(eap)},
+                                                  m_test, n_random=n_random, ablate_mlps=ablate_mlps, seed=seed)
     return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
                          faith, knockout, rand, len(node_scores),
                          extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),
-                                "ablated_outside": "heads and MLPs" if ablate_mlps else "heads"})
+                                "ablated_outside": "heads and MLPs" if ablate_mlps else "heads", **extra_curve})

@@ -328,7 +328,10 @@ def head_cmd(args: argparse.Namespace) -> Result:
          MODEL, TASK, arg("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|"),
          arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"),
          arg("--screen", type=int, default=64,
-             help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"), PICTURES)
+             help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
+         arg("--curve", default=None, metavar="PNG",
+             help="also the faithfulness curve over circuit sizes (patching vs EAP ranking vs random, CPR/CMD), "
+                  "drawn to PNG"), PICTURES)
 def circuit_cmd(args: argparse.Namespace) -> Result:
     from ..circuits.discovery import find_circuit
 
@@ -337,7 +340,9 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
     if ds is None:
         raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
     res = find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps,
-                       screen_heads=args.screen or None)
+                       screen_heads=args.screen or None, curve=args.curve is not None)
+    if args.curve:
+        res.extra["curve"].plot(args.curve)
     return _pictures(args, res, "circuit")
 
 
