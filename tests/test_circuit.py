@@ -18,15 +18,10 @@ def metric(logits):
     return logits[:, -1, 3] - logits[:, -1, 5]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-def test_edges_into_logits_sum_to_the_linear_change(arch):
-    model = HookedModel(tiny_hf(arch, "eager" if arch == "gemma3" else "sdpa"))
-    eap = edge_attribution(model, CLEAN, CORR, metric)
-    n = model.cfg.n_layers
-    into_logits = sum(s for (u, r), s in eap.items() if r == "logits")
-    # every upstream output sums (with constant biases) to the final residual stream, so the edge scores
-    # into the logits add up to (resid_clean - resid_corrupted) . dM/d resid_final
-    name = f"blocks.{n - 1}.hook_resid_post"
+def _assert_logit_edges_sum_to_the_linear_change(model, eap) -> None:
+    """Every upstream output sums (with constant biases) to the final residual stream, so the edge scores
+    into the logits add up to (resid_clean - resid_corrupted) . dM/d resid_final."""
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     _, cc = model.run_with_cache(CLEAN, names_filter=name)
     g = {}
 
@@ -37,7 +32,16 @@ def test_edges_into_logits_sum_to_the_linear_change(arch):
     with torch.enable_grad():
         metric(model.run_with_hooks(CORR, fwd_hooks=[(name, leaf)])).sum().backward()
     want = float(((cc[name] - g["x"].detach()) * g["x"].grad).sum() / CLEAN.shape[0])
+    into_logits = sum(s for (u, r), s in eap.items() if r == "logits")
     assert abs(into_logits - want) < 1e-4 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_edges_into_logits_sum_to_the_linear_change(arch):
+    model = HookedModel(tiny_hf(arch, "eager" if arch == "gemma3" else "sdpa"))
+    eap = edge_attribution(model, CLEAN, CORR, metric)
+    n = model.cfg.n_layers
+    _assert_logit_edges_sum_to_the_linear_change(model, eap)
     # readers only read from earlier components
     q0 = "L1H0.q"
     assert ("L2H0", q0) not in eap and ("L1H0", "L1.mlp_in") in eap and ("L1.mlp", q0) not in eap
@@ -118,20 +122,8 @@ def test_eap_on_parallel_residual_blocks(arch):
     eap = edge_attribution(model, CLEAN, CORR, metric)
     n, c = model.cfg.n_layers, model.cfg
     assert ("L1H0", "L1.mlp_in") not in eap and ("L0H0", "L1.mlp_in") in eap  # a layer's heads do not feed its MLP
-    # edges into the logits add up to the linear change of the final residual stream
-    name = f"blocks.{n - 1}.hook_resid_post"
-    _, cc = model.run_with_cache(CLEAN, names_filter=[name, "hook_embed"])
-    g = {}
-
-    def leaf(act, hook):
-        g["x"] = act.detach().requires_grad_(True)
-        return g["x"]
-
-    with torch.enable_grad():
-        metric(model.run_with_hooks(CORR, fwd_hooks=[(name, leaf)])).sum().backward()
-    want = float(((cc[name] - g["x"].detach()) * g["x"].grad).sum() / CLEAN.shape[0])
-    into_logits = sum(s for (u, r), s in eap.items() if r == "logits")
-    assert abs(into_logits - want) < 1e-4 * max(1.0, abs(want))
+    _assert_logit_edges_sum_to_the_linear_change(model, eap)
+    _, cc = model.run_with_cache(CLEAN, names_filter="hook_embed")
     # the per-head readers still split the attention share exactly
     block = edge_attribution(model, CLEAN, CORR, metric, per_head=False)
     kv = "G" if c.n_kv_heads != c.n_heads else "H"
