@@ -158,10 +158,11 @@ def test_eap_on_parallel_residual_blocks(arch):
 
 def test_screened_head_patching_keeps_the_exact_values_of_its_candidates():
     from mechscope.circuits.discovery import _screened_heads
+    from mechscope.techniques.patching import patch
 
     model = HookedModel(tiny_hf("llama"))
     ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
-    full = _screened_heads.__globals__["patch"](model, CLEAN, CORR, ds.metric, site="z")
+    full = patch(model, CLEAN, CORR, ds.metric, site="z")
     part = _screened_heads(model, ds, ds.metric, screen=5)
     assert part.stats["screened"]["patched"] == 5 and part.stats["screened"]["of"] == 12
     fv, pv = full.normalized(), part.normalized()

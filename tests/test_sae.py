@@ -399,5 +399,5 @@ def test_many_saes_in_lockstep_equal_each_trained_alone():
         for k, v in alone.sae.state_dict().items():
             assert torch.equal(v, together[i].sae.state_dict()[k]), (i, k)
     assert not torch.equal(together[0].sae.W_dec, SAE(cfgs[0]).W_dec)  # they trained
-    with pytest.raises(ValueError, match="d_in=16 but blocks.0.hook_resid_post has width 32"):
+    with pytest.raises(ValueError, match="d_in=16 but blocks.0.hook_resid_post of this model has width 32"):
         train_many(model, toks, [SAEConfig(d_in=16, d_sae=8, k=2, hook_name="blocks.0.hook_resid_post")], tc)

@@ -67,6 +67,17 @@ def _shard_key(spec: dict, tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()[:24]
 
 
+def _check_pairs(clean: torch.Tensor, corrupted: torch.Tensor) -> None:
+    if clean.shape != corrupted.shape or clean.dim() != 2:
+        raise InputError(f"clean and corrupted must be [n, pos] of one shape, got {tuple(clean.shape)} and "
+                         f"{tuple(corrupted.shape)}")
+
+
+def _pair_tokens(clean: torch.Tensor, corrupted: torch.Tensor) -> Callable[[range], list[torch.Tensor]]:
+    """A shard's input tensors for its content hash: its clean and corrupted prompts."""
+    return lambda r: [clean[r.start:r.stop], corrupted[r.start:r.stop]]
+
+
 def run_sharded(compute: Callable[[range], tuple[dict[str, torch.Tensor], dict[str, str]]], n: int, spec: dict,
                 shard_tokens: Callable[[range], list[torch.Tensor]], folder: str | Path, shard_size: int,
                 dist: Dist | None = None, progress: bool = True) -> tuple[list[dict], list[dict], dict]:
@@ -116,9 +127,7 @@ def sharded_patch(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
     ``stats`` says how many shards were computed and how many reused. ``metric`` is a spec (see the
     module docstring). Other keyword arguments go to ``patch`` and into the specification.
     """
-    if clean.shape != corrupted.shape or clean.dim() != 2:
-        raise InputError(f"clean and corrupted must be [n, pos] of one shape, got {tuple(clean.shape)} and "
-                         f"{tuple(corrupted.shape)}")
+    _check_pairs(clean, corrupted)
     fn = metric_fn(metric)
     spec = {"technique": "patch", "site": site, "metric": list(metric), "model": model_fingerprint(model),
             "kwargs": {k: v for k, v in sorted(patch_kwargs.items())}}
@@ -133,7 +142,7 @@ def sharded_patch(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
                 {"axes": json.dumps(list(res.axes)), "labels": json.dumps(res.labels), "direction": res.direction})
 
     parts, metas, stats = run_sharded(compute, clean.shape[0], spec,
-                                      lambda r: [clean[r.start:r.stop], corrupted[r.start:r.stop]],
+                                      _pair_tokens(clean, corrupted),
                                       folder, shard_size, dist, progress)
     per_prompt = torch.cat([p["per_prompt"] for p in parts], dim=-1)
     c, x = torch.cat([p["clean"] for p in parts]), torch.cat([p["corrupted"] for p in parts])
@@ -197,9 +206,7 @@ def sharded_eap(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tensor
     """
     from .circuits.discovery import edge_attribution
 
-    if clean.shape != corrupted.shape or clean.dim() != 2:
-        raise InputError(f"clean and corrupted must be [n, pos] of one shape, got {tuple(clean.shape)} and "
-                         f"{tuple(corrupted.shape)}")
+    _check_pairs(clean, corrupted)
     fn = metric_fn(metric)
     spec = {"technique": "eap", "metric": list(metric), "ig_steps": ig_steps, "per_head": per_head,
             "model": model_fingerprint(model)}
@@ -211,7 +218,7 @@ def sharded_eap(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tensor
                 {"keys": json.dumps(keys), "n": str(len(r))})
 
     parts, metas, _ = run_sharded(compute, clean.shape[0], spec,
-                                  lambda r: [clean[r.start:r.stop], corrupted[r.start:r.stop]],
+                                  _pair_tokens(clean, corrupted),
                                   folder, shard_size, dist, progress)
     keys = [tuple(k) for k in json.loads(metas[0]["keys"])]
     total = sum(int(m["n"]) for m in metas)

@@ -27,6 +27,7 @@ from .analysis.metrics import induction_loss
 from .analysis.validation import Estimate, across_seeds, bootstrap_ci, paired_bootstrap
 from .circuits.heads import induction_scores, induction_tokens
 from .compute import env, estimate_memory
+from .core.components import Component
 from .core.files import atomic_write
 from .core.model import HookedModel
 from .core.progress import stage
@@ -169,7 +170,7 @@ class _Figures:
         return html
 
 
-def _environment(rep: Report, model: HookedModel, out: Path, figs: _Figures) -> None:
+def _environment(rep: Report, model: HookedModel, out: Path) -> None:
     est = estimate_memory(model, batch=8, seq_len=128, cache_names="all")
     sec = Section("1. environment and memory", f"{env().summary()}\n\n{model!r}\n\n"
                                               f"memory estimate, batch 8 x 128 tokens, full cache:\n{est.summary()}",
@@ -177,8 +178,7 @@ def _environment(rep: Report, model: HookedModel, out: Path, figs: _Figures) -> 
     rep.add(sec)
 
 
-def _lens_and_dla(rep: Report, model: HookedModel, out: Path, figs: _Figures,
-                  prompt: str = "The capital of France is") -> None:
+def _lens_and_dla(rep: Report, model: HookedModel, out: Path, prompt: str = "The capital of France is") -> None:
     lens = logit_lens(model, prompt, targets=[" Paris"])
     lens.plot(out / "logit_lens.png")
     sec = Section(f"2. logit lens: {prompt!r}", lens.summary(), lens.figures_html(), ["logit_lens.png"], key="lens")
@@ -210,13 +210,13 @@ def _ioi(rep: Report, model: HookedModel, out: Path, figs: _Figures, n_prompts: 
     v = heads.normalized()
     H = v.shape[1]
     top = [f"L{int(i) // H}H{int(i) % H}" for i in v.flatten().argsort(descending=True)[:k]]
-    html = (figs.heatmap(*resid._grid(), title="IOI: patching the residual stream (clean into corrupted), normalised")
+    html = (figs.heatmap(*resid.grid(), title="IOI: patching the residual stream (clean into corrupted), normalised")
             + figs.heatmap(v, [f"L{l}" for l in range(v.shape[0])], [f"H{h}" for h in range(H)],
                            title="IOI: patching each head's output (z), normalised"))
     toks = train.clean[:1]
-    _, cache = model.run_with_cache(toks, names_filter=[f"blocks.{int(t[1:].split('H')[0])}.attn.hook_pattern"
-                                                         for t in top])
-    pats = torch.stack([cache["pattern", int(t[1:].split("H")[0])][0, int(t.split("H")[1])] for t in top])
+    comps = [Component.parse(t) for t in top]
+    _, cache = model.run_with_cache(toks, names_filter=[f"blocks.{c.layer}.attn.hook_pattern" for c in comps])
+    pats = torch.stack([cache["pattern", c.layer][0, c.index] for c in comps])
     html += viz.attention_viewer(model.to_str_tokens(toks[0]), pats, top,
                                  title="attention of the top heads on a clean IOI prompt (hover a token)")
     sec = Section("4. IOI activation patching (residual stream, then heads)", text, html,
@@ -290,7 +290,7 @@ def _induction(rep: Report, model: HookedModel, out: Path, figs: _Figures, seed:
     rep.metrics.update(induction_heads=top, induction_top_minus_random=float(agg.mean))
 
 
-def _probe(rep: Report, model: HookedModel, out: Path, figs: _Figures, toks: torch.Tensor) -> None:
+def _probe(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> None:
     n = model.cfg.n_layers
     layers = sorted({0, n // 3, 2 * n // 3, n - 3})
     probe = probe_sweep(model, toks, next_token_continues_word(model, toks),
@@ -308,7 +308,7 @@ def _probe(rep: Report, model: HookedModel, out: Path, figs: _Figures, toks: tor
     rep.metrics["probe_best_selectivity"] = sel.value
 
 
-def _sae(rep: Report, model: HookedModel, out: Path, figs: _Figures, toks: torch.Tensor) -> None:
+def _sae(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> None:
     hook = f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
     acts = harvest(model, hook, corpus.pack(model, corpus.default_corpus("train"), 64, n_seqs=64))
     cfg = SAEConfig(d_in=acts.shape[1], d_sae=4 * acts.shape[1], architecture="topk", k=32, hook_name=hook,
@@ -357,10 +357,10 @@ def demo_investigation(model: HookedModel, out: str | Path = "mechscope-demo", n
     rep = Report(f"mechscope investigation of {model.cfg.model_name}", echo=echo)
     figs = _Figures()
     t0 = time.time()
-    steps = [lambda: _environment(rep, model, out, figs), lambda: _lens_and_dla(rep, model, out, figs),
+    steps = [lambda: _environment(rep, model, out), lambda: _lens_and_dla(rep, model, out),
              lambda: _ioi(rep, model, out, figs, n_prompts, seed), lambda: _induction(rep, model, out, figs, seed)]
     toks = corpus.pack(model, corpus.default_corpus("test"), 64, n_seqs=32)
-    steps += [lambda: _probe(rep, model, out, figs, toks), lambda: _sae(rep, model, out, figs, toks)]
+    steps += [lambda: _probe(rep, model, out, toks), lambda: _sae(rep, model, out, toks)]
     names = ["environment", "lens and DLA", "IOI patching", "induction heads", "probe", "SAE"]
     for i, (name, step) in enumerate(zip(names, steps)):
         stage(f"demo {i + 1}/{len(steps)}: {name}")

@@ -453,13 +453,10 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
     from ..core.progress import stage
     from ..sae import SAEConfig, TrainConfig, save_many, train_many
     from ..sae.evaluate import evaluate_transcoders
+    from ..techniques.inputs import check_range
 
     model = _load(args)
-    n = model.cfg.n_layers
-    layers = args.layers if args.layers is not None else list(range(n))
-    bad = [l for l in layers if not 0 <= l < n]
-    if bad:
-        raise InputError(f"layers {bad} out of range: valid layers are 0..{n - 1}")
+    layers = check_range("layers", args.layers, model.cfg.n_layers)
     toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
     d = model.cfg.d_model
     cfgs = [SAEConfig(d_in=d, d_sae=args.width or 8 * d, architecture=args.arch, k=args.k,

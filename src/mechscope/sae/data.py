@@ -90,7 +90,7 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
         for h in wanted:
             a = got[h][:, skip_first:]
             acts[h] = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
-        keep = {h: _norm_mask(acts[h], max_norm_ratio) for h in wanted}
+        keep = {h: _norm_mask(acts[h], max_norm_ratio) for h in dict.fromkeys(list(hooks) + [a for a, _ in pairs])}
         out = {h: acts[h][keep[h]].float().cpu() for h in hooks}
         for a, b in pairs:
             out[(a, b)] = torch.cat([acts[a], acts[b]], dim=-1)[keep[a]].float().cpu()
@@ -191,14 +191,16 @@ def load_shards(folder: str | Path) -> torch.Tensor:
     man = _manifest(folder)
     if not man["shards"]:
         raise NotFoundError(f"no complete activation shards in {folder}")
-    shards = []
-    for s in man["shards"]:
-        t = read_safetensors(folder / s["file"], "an activation shard listed in manifest.json").get("acts")
-        if t is None or t.dim() != 2 or t.shape[0] != s["rows"]:
-            raise InputError(f"{folder / s['file']} does not hold the [{s['rows']}, {s['d']}] 'acts' tensor that "
-                             f"manifest.json lists; harvest again into a new folder")
-        shards.append(t)
-    return torch.cat(shards)
+    return torch.cat([_read_shard(folder, s) for s in man["shards"]])
+
+
+def _read_shard(folder: Path, entry: dict) -> torch.Tensor:
+    """One shard's ``[rows, d]`` activations, checked against its manifest entry (a damaged file is named)."""
+    t = read_safetensors(folder / entry["file"], "an activation shard listed in manifest.json").get("acts")
+    if t is None or t.dim() != 2 or t.shape[0] != entry["rows"]:
+        raise InputError(f"{folder / entry['file']} does not hold the [{entry['rows']}, {entry['d']}] 'acts' tensor "
+                         f"that manifest.json lists; harvest again into a new folder")
+    return t
 
 
 def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_size: int = 65536,
@@ -279,10 +281,7 @@ class PartitionedSource:
         if n < dist.world:
             raise InputError(f"{folder} has {n} shards for {dist.world} ranks: every rank needs at least one; "
                              f"harvest with smaller seqs_per_shard")
-        parts = {}
-        for p in split(n, dist.world)[dist.rank]:
-            s = man["shards"][p]
-            parts[p] = read_safetensors(folder / s["file"], "an activation shard listed in manifest.json")["acts"]
+        parts = {p: _read_shard(folder, man["shards"][p]) for p in split(n, dist.world)[dist.rank]}
         return cls(parts, n, batch_size, seed, dist)
 
     @property

@@ -27,8 +27,9 @@ from ..core.model import HookedModel
 from ..core.progress import bar
 from ..distributed import Dist, split
 from .data import harvest_many
+from .io import check_fits
 from .model import SAE, SAEConfig
-from .train import TrainConfig, TrainResult, _State, _step, split_pairs
+from .train import TrainConfig, TrainResult, _State, _step, init_from_sample
 
 
 @dataclass
@@ -78,13 +79,8 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
     hooks = list(dict.fromkeys(cfgs[i].hook_name for i in mine if not cfgs[i].is_transcoder))
     pairs = list(dict.fromkeys(_key(cfgs[i]) for i in mine if cfgs[i].is_transcoder))
     saes = {i: SAE(cfgs[i], seed=train.seed) for i in mine}
-    for i in mine:
-        if cfgs[i].d_in != _width(model, cfgs[i].hook_name):
-            raise InputError(f"SAE {i} has d_in={cfgs[i].d_in} but {cfgs[i].hook_name} has width "
-                             f"{_width(model, cfgs[i].hook_name)}")
-        if cfgs[i].is_transcoder and cfgs[i].width_out != _width(model, cfgs[i].hook_name_out):
-            raise InputError(f"transcoder {i} has d_out={cfgs[i].width_out} but {cfgs[i].hook_name_out} has width "
-                             f"{_width(model, cfgs[i].hook_name_out)}")
+    for sae in saes.values():
+        check_fits(sae, model)  # the hooks exist and d_in (a transcoder's d_out too) match their widths
     opts = {i: torch.optim.Adam(s.parameters(), lr=train.lr, betas=(0.9, 0.999)) for i, s in saes.items()}
     states = {i: _State(last_fired=torch.zeros(cfgs[i].d_sae, dtype=torch.long),
                         fired_count=torch.zeros(cfgs[i].d_sae, dtype=torch.long)) for i in mine}
@@ -101,9 +97,7 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
         for i in mine:
             rows = acts[_key(cfgs[i])]
             if first:  # the first chunk initialises each SAE (input scale, then b_dec)
-                xi, yt = split_pairs(saes[i], rows[:4096])
-                saes[i].fit_input_scale(xi, yt)
-                saes[i].init_b_dec(xi if yt is None else yt, train.b_dec_init)
+                init_from_sample(saes[i], rows[:4096], train.b_dec_init)
             bufs[i].add(rows)
             for x in bufs[i].batches():
                 if states[i].step >= train.steps:
@@ -133,13 +127,6 @@ def _config_key(cfg: SAEConfig) -> int:
     import json
 
     return int(hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8], 16)
-
-
-def _width(model: HookedModel, hook: str) -> int:
-    from ..core.hookpoints import spec
-
-    model.manager.check(hook)
-    return spec(hook).width(model.cfg.to_dict())
 
 
 def save_many(results: list[TrainResult | None], folder: str | Path, names: list[str] | None = None) -> list[Path]:

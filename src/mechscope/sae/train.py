@@ -148,8 +148,16 @@ def split_pairs(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _scaled_target(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """The decoder's target rows of ``x`` in the scaled space (the inputs of an SAE, the targets of a transcoder)."""
     xi, yt = split_pairs(sae, x)
     return sae.scale_out(xi if yt is None else yt)
+
+
+def init_from_sample(sae: SAE, rows: torch.Tensor, b_dec_init: str) -> None:
+    """Fit the input (and a transcoder's output) scale, then ``b_dec``, on a sample of training rows."""
+    xi, yt = split_pairs(sae, rows)
+    sae.fit_input_scale(xi, yt)
+    sae.init_b_dec(xi if yt is None else yt, b_dec_init)
 
 
 @dataclass
@@ -255,9 +263,7 @@ def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainCo
     has_ck = dist.broadcast(bool(resume and out is not None and _checkpoint_path(out).exists()))
     if has_ck:
         return _resume(sae, opt, source, out, train, dist)
-    xi, yt = split_pairs(sae, source.sample(4096))
-    sae.fit_input_scale(xi, yt)
-    sae.init_b_dec(xi if yt is None else yt, train.b_dec_init)
+    init_from_sample(sae, source.sample(4096), train.b_dec_init)
     if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "log.jsonl").unlink(missing_ok=True)
@@ -267,8 +273,7 @@ def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainCo
 def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, dist: Dist) -> dict:
     """The logged batch statistics over the whole (distributed) batch: weighted means, and the explained
     variance from summed squared errors and moments (``1 - SSE / (sum ||x||^2 - n ||mean||^2)``)."""
-    xi, yt = split_pairs(sae, x)
-    xs = sae.scale_out(xi if yt is None else yt).double()  # the decoder's target
+    xs = _scaled_target(sae, x).double()
     err = (xs - terms.recon.double()).pow(2).sum()
     vals = torch.tensor([weight * float(terms.loss), weight * float(terms.mse), weight * float(terms.l0),
                          weight * (float(terms.l1) if terms.l1 is not None else float("nan")),

@@ -118,7 +118,9 @@ class PatchResult(Result):
             norm = None
         return {"normalized": norm, "clean": self.clean_value, "corrupted": self.corrupted_value}
 
-    def _grid(self):
+    def grid(self) -> tuple[torch.Tensor, list[str], list[str]]:
+        """The normalised values as a 2-D grid with its row and column labels (``[layer, pos, head]`` as
+        rows ``layer.head`` x columns ``pos``), as the pictures draw it."""
         v = self.normalized()
         if v.dim() == 1:
             return v[None], ["metric"], self.labels[self.axes[0]]
@@ -130,13 +132,13 @@ class PatchResult(Result):
         return v.permute(0, 2, 1).reshape(L * H, P), rows, self.labels["pos"]
 
     def plot(self, path: str | Path = "patching.png") -> Path:
-        grid, rows, cols = self._grid()
+        grid, rows, cols = self.grid()
         return viz.heatmap_png(grid, rows, cols, path, title=f"patching {self.site} ({self.direction}), normalised",
                                diverging=True, xlabel=self.axes[-1] if len(self.axes) < 3 else "pos",
                                ylabel=self.axes[0])
 
     def _html_body(self) -> str:
-        grid, rows, cols = self._grid()
+        grid, rows, cols = self.grid()
         return viz.heatmap_html(grid, rows, cols, title=f"patching {self.site} ({self.direction}), normalised",
                                 diverging=True)
 
