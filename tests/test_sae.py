@@ -126,9 +126,11 @@ def test_resume_refuses_changed_settings_and_survives_a_torn_log(tmp_path):
                   progress=False)
     log = tmp_path / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 50, "lo')  # killed while writing a line
+    (tmp_path / "checkpoint.pt.k3j9.tmp").write_bytes(b"torn")  # killed while writing a checkpoint
     with pytest.warns(UserWarning, match="torn last line"):  # more steps may be asked for on resume
         train_sae(acts, cfg, TrainConfig(**{**tc.__dict__, "steps": 80}), out=tmp_path, resume=True, progress=False)
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(10, 81, 10))
+    assert not list(tmp_path.glob("*.tmp"))
     (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
     with pytest.raises(FileNotFoundError, match="checkpoint.pt is damaged"):
         train_sae(acts, cfg, tc, out=tmp_path, resume=True, progress=False)

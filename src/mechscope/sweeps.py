@@ -23,7 +23,7 @@ import torch
 
 from .analysis.validation import bootstrap_ci
 from .core.errors import InputError
-from .core.files import atomic_write, read_safetensors
+from .core.files import atomic_write, clear_leftovers, read_safetensors
 from .core.model import HookedModel
 from .core.progress import bar
 from .distributed import Dist, split
@@ -100,7 +100,10 @@ def run_sharded(compute: Callable[[range], tuple[dict[str, torch.Tensor], dict[s
     shards = [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     keys = [_shard_key(spec, shard_tokens(r)) for r in shards]
     paths = [folder / f"shard-{k}.safetensors" for k in keys]
-    todo = [i for i in split(len(shards), dist.world)[dist.rank] if not paths[i].exists()]
+    mine = split(len(shards), dist.world)[dist.rank]
+    for i in mine:  # a rank killed mid-write (SIGKILL, or torchrun's SIGTERM) leaves a temporary file
+        clear_leftovers(paths[i])
+    todo = [i for i in mine if not paths[i].exists()]
     desc = f"sweep shards (rank {dist.rank})" if dist.active else "sweep shards"
     for i in bar(todo, desc=desc) if progress else todo:
         tensors, meta = compute(shards[i])

@@ -7,6 +7,7 @@ complete). Every writer in mechscope goes through these two helpers.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -28,6 +29,19 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def clear_leftovers(path: str | os.PathLike) -> int:
+    """Remove the temporary files a killed writer of ``path`` left beside it; return how many.
+
+    Only the process that owns ``path`` should call this, before it writes ``path`` again.
+    """
+    path = Path(path)
+    n = 0
+    for tmp in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 @contextmanager

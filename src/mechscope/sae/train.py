@@ -29,7 +29,7 @@ import torch
 
 from ..analysis.metrics import explained_variance
 from ..core.errors import InputError, MechscopeError
-from ..core.files import atomic_write, read_torch
+from ..core.files import atomic_write, clear_leftovers, read_torch
 from ..core.progress import bar
 from ..core.result import Result
 from ..distributed import Dist
@@ -233,6 +233,9 @@ def _read_log(log: Path, upto: int) -> list[str]:
 def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig, dist: Dist) -> _State:
     """The state of the checkpoint in ``out``, after checking it matches this run (rank 0 reads, all receive)."""
     path = _checkpoint_path(out)
+    if dist.is_main:  # a run killed while writing leaves temporary files beside the checkpoint and log
+        clear_leftovers(path)
+        clear_leftovers(out / "log.jsonl")
     ck = dist.broadcast(read_torch(path, "the SAE training checkpoint") if dist.is_main else None)
     if not isinstance(ck, dict) or not {"sae", "opt", "source", "step"} <= set(ck):
         has = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
