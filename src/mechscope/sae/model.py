@@ -222,6 +222,24 @@ class SAE(nn.Module):
         (a skip transcoder's ``x W_skip`` term needs ``x``: use :meth:`forward`)."""
         return (f @ self.W_dec + self.b_dec) / (self.output_scale if self.cfg.is_transcoder else self.input_scale)
 
+    def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A skip transcoder's linear term ``scale·x @ W_skip`` in the raw output space (0 without a skip)."""
+        return self._skip(x) / self.output_scale if self.cfg.skip else 0.0
+
+    def write_directions(self, features: torch.Tensor) -> torch.Tensor:
+        """``[n] -> [n, d_out]``: what one unit of each feature adds to the output (raw space), ``W_dec[f] / scale``."""
+        return self.W_dec[features] / (self.output_scale if self.cfg.is_transcoder else self.input_scale)
+
+    def read_directions(self, features: torch.Tensor) -> torch.Tensor:
+        """``[n] -> [n, d_in]``: the gradient of each feature's pre-activation by the input, ``scale · W_enc[:, f]``."""
+        return (self.W_enc[:, features] * self.input_scale).T
+
+    def pre_acts_at(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``x [n, d_in]``, ``features [n]`` -> ``[n]``: row i's pre-activation of feature ``features[i]`` only."""
+        xs = self.scale_in(x)
+        xs = (xs - self.b_dec) if self.cfg.apply_b_dec_to_input else xs
+        return (xs * self.W_enc[:, features].T).sum(-1) + self.b_enc[features]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction (an SAE) or the prediction of ``hook_name_out`` (a transcoder) of ``x [..., d_in]``."""
         out = self.decode(self.encode(x))

@@ -1,0 +1,274 @@
+"""Attribution graphs: the direct linear effects between the nodes of a replacement model.
+
+Nodes (Ameisen et al. 2025, "Circuit Tracing", §3): the token embeddings, the active transcoder
+features ``(layer, pos, feature)``, one error node per ``(layer, pos)``, and the target logits.
+The edge from source ``s`` to target ``t`` is
+
+    A[t, s] = value(s) · ∂ pre(t) / ∂ write(s)     (in the frozen replacement model)
+
+where ``value(s)`` is the source's write into the residual stream (``a_f W_dec[f]``, the error
+vector, the embedding) and ``pre(t)`` a feature's pre-activation or a demeaned logit. Because
+features and errors are held at their clean values, the gradient runs only along direct paths:
+the residual stream, attention's OV circuit (patterns frozen) and skip connections. A target's
+value is the sum of its incoming edges plus a constant (the biases).
+
+Rows are computed with one forward pass of the replacement model and one batched backward pass
+per ``batch_size`` targets (``torch.autograd.grad(..., is_grads_batched=True)``), never one
+perturbation per edge. Feature rows are computed in order of their estimated influence on the
+logits, up to ``max_feature_nodes``; the features left out are counted, with their influence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..core import HookedModel, InputError
+from ..core.progress import bar
+from ..sae.model import SAE
+from .graph import KIND_NAMES, AttributionGraph
+from .replacement import EMBED, ReplacementModel
+from .validate import edge_certificate
+
+
+@dataclass
+class Sources:
+    """Every source node of one prompt: active features ``feats [N, 3]`` (layer, pos, feature) with their
+    activations ``acts [N]``, then ``n_layers x n_pos`` errors, then ``n_pos`` embeddings."""
+
+    feats: torch.Tensor
+    acts: torch.Tensor
+    n_layers: int
+    n_pos: int
+
+    @property
+    def n_feats(self) -> int:
+        return self.feats.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.n_feats + (self.n_layers + 1) * self.n_pos
+
+    def error(self, layer: int, pos: int) -> int:
+        return self.n_feats + layer * self.n_pos + pos
+
+    def embed(self, pos: int) -> int:
+        return self.n_feats + self.n_layers * self.n_pos + pos
+
+
+def active_features(rm: ReplacementModel) -> Sources:
+    """The replacement model's active features, ordered by (layer, pos, feature)."""
+    feats, acts = [], []
+    for st in rm.layers:
+        if st.acts is None:
+            continue
+        pos, f = st.acts.nonzero(as_tuple=True)
+        feats.append(torch.stack([torch.full_like(pos, st.layer), pos, f], 1))
+        acts.append(st.acts[pos, f])
+    if not feats:
+        return Sources(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0), rm.model.cfg.n_layers, rm.n_pos)
+    return Sources(torch.cat(feats), torch.cat(acts).float(), rm.model.cfg.n_layers, rm.n_pos)
+
+
+def choose_logits(logits: torch.Tensor, target_logits: list[int] | None, prob_mass: float,
+                  max_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target tokens and their probabilities at the last position: ``target_logits``, or the most
+    likely tokens until they hold ``prob_mass`` of the probability (at most ``max_logits``)."""
+    probs = torch.softmax(logits[0, -1].float(), -1)
+    if target_logits is not None:
+        toks = torch.as_tensor(list(target_logits), dtype=torch.long)
+        bad = [int(t) for t in toks if not 0 <= int(t) < probs.numel()]
+        if bad or toks.numel() == 0:
+            raise InputError(f"target_logits must be 1..n token ids in [0, {probs.numel()}); got {list(target_logits)}")
+        return toks, probs[toks]
+    if not 0 < prob_mass <= 1 or max_logits < 1:
+        raise InputError(f"prob_mass must be in (0, 1] and max_logits >= 1; got {prob_mass}, {max_logits}")
+    p, idx = probs.sort(descending=True)
+    n = int((p.cumsum(0) < prob_mass).sum()) + 1
+    n = min(n, max_logits)
+    return idx[:n], p[:n]
+
+
+class RowEngine:
+    """One forward pass of the replacement model, then batched backward passes: rows of the adjacency."""
+
+    def __init__(self, rm: ReplacementModel, sources: Sources):
+        self.rm, self.src = rm, sources
+        d = rm.model.cfg.d_model
+        self.sites = [EMBED] + [st.layer for st in rm.layers]
+        self.z = {s: torch.zeros(1, rm.n_pos, d, requires_grad=True) for s in self.sites}
+        with torch.enable_grad():
+            self.run, _ = rm.run(1, add=self.z)
+        self._feature_groups = self._group_sources()
+
+    def _group_sources(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per layer: the source indices of its features and their write vectors ``a_f W_dec[f]``."""
+        out = []
+        for st in self.rm.layers:
+            if st.transcoder is None:
+                continue
+            idx = (self.src.feats[:, 0] == st.layer).nonzero(as_tuple=True)[0]
+            if idx.numel():
+                with torch.no_grad():
+                    w = st.transcoder.write_directions(self.src.feats[idx, 2]).float() * self.src.acts[idx, None]
+                out.append((st.layer, idx, w))
+        return out
+
+    def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
+        """``[len(targets), n_sources]`` edge rows; a target is ``("feature", layer, pos, feature)`` or
+        ``("logit", -1, -1, token)``."""
+        B, rm = len(targets), self.rm
+        outputs, grads = [], []
+        by_layer: dict[int, list[int]] = {}
+        for b, (kind, layer, _, _) in enumerate(targets):
+            if kind == "feature":
+                by_layer.setdefault(layer, []).append(b)
+        for layer, bs in by_layer.items():
+            x = self.run.x[layer]
+            G = torch.zeros(B, *x.shape, dtype=x.dtype)
+            feats = torch.tensor([targets[b][3] for b in bs])
+            dirs = rm.transcoders[layer].read_directions(feats).detach().to(x.dtype)
+            G[torch.tensor(bs), 0, torch.tensor([targets[b][2] for b in bs])] = dirs
+            outputs.append(x)
+            grads.append(G)
+        logit_bs = [b for b, t in enumerate(targets) if t[0] == "logit"]
+        if logit_bs:
+            f = self.run.final
+            G = torch.zeros(B, *f.shape, dtype=f.dtype)
+            toks = torch.tensor([targets[b][3] for b in logit_bs])
+            G[torch.tensor(logit_bs), 0, -1] = rm.logit_directions(toks).to(f.dtype)
+            outputs.append(f)
+            grads.append(G)
+        gs = torch.autograd.grad(outputs, [self.z[s] for s in self.sites], grads, retain_graph=True,
+                                 allow_unused=True, is_grads_batched=True)
+        g = {s: (torch.zeros(B, rm.n_pos, self.z[s].shape[-1]) if v is None else v[:, 0].float())
+             for s, v in zip(self.sites, gs)}
+        return self._edges(g)
+
+    @torch.no_grad()
+    def _edges(self, g: dict) -> torch.Tensor:
+        """Source values dotted with the gradients at their write sites."""
+        src, rm = self.src, self.rm
+        B = next(iter(g.values())).shape[0]
+        out = torch.zeros(B, src.n)
+        for layer, idx, w in self._feature_groups:
+            pos = src.feats[idx, 1]
+            for s in range(0, idx.numel(), 2048):
+                out[:, idx[s:s + 2048]] = torch.einsum("bnd,nd->bn", g[layer][:, pos[s:s + 2048]], w[s:s + 2048])
+        n = src.n_pos
+        for st in rm.layers:
+            out[:, src.error(st.layer, 0):src.error(st.layer, 0) + n] = (g[st.layer] * st.error.float()).sum(-1)
+        out[:, src.embed(0):src.embed(0) + n] = (g[EMBED] * rm.embed.float()).sum(-1)
+        return out
+
+
+def _influence(rows: torch.Tensor, row_src: torch.Tensor, weights: torch.Tensor, n_src: int,
+               depth: int) -> torch.Tensor:
+    """``[n_src]``: each source's influence on the logits through the rows known so far,
+    ``sum_k w |Â|^k`` with ``|Â|`` the row-normalised absolute adjacency (Ameisen et al. 2025, §3.4).
+    ``row_src[r]``: the source index of target row ``r`` (-1 for logit rows)."""
+    a = rows.abs()
+    a = a / a.sum(1, keepdim=True).clamp_min(1e-30)
+    cur, total = weights.clone(), torch.zeros(n_src)
+    is_feat = row_src >= 0
+    for _ in range(depth):
+        contrib = cur @ a
+        total += contrib
+        cur = torch.zeros_like(cur)
+        cur[is_feat] = contrib[row_src[is_feat]]
+        if float(cur.sum()) < 1e-12:
+            break
+    return total
+
+
+def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | torch.Tensor,
+                      target_logits: list[int] | None = None, max_feature_nodes: int = 2048,
+                      batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
+                      skip_first: int | None = None, certify: int = 32, progress: bool = True) -> AttributionGraph:
+    """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``.
+
+    ``target_logits``: token ids to explain (default: the most likely next tokens holding
+    ``prob_mass`` of the probability, at most ``max_logits``). ``max_feature_nodes``: how many
+    feature rows to compute, most influential first (circuit-tracer's CLI default is 7,500; each
+    costs one backward row); the graph reports how many active features the cap left out and the
+    share of influence they held at the last estimate. ``batch_size``: target rows per backward pass.
+    ``certify``: how many edges to re-check by perturbation (:func:`~mechscope.graphs.validate.edge_certificate`;
+    the worst error is printed with the graph); 0 skips it.
+    """
+    t0 = time.perf_counter()
+    if max_feature_nodes < 0 or batch_size < 1:
+        raise InputError(f"max_feature_nodes must be >= 0 and batch_size >= 1; got {max_feature_nodes}, {batch_size}")
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
+    tokens = tokens[None] if tokens.dim() == 1 else tokens
+    rm = ReplacementModel(model, transcoders, tokens, skip_first)
+    src = active_features(rm)
+    toks, probs = choose_logits(rm.logits, target_logits, prob_mass, max_logits)
+    engine = RowEngine(rm, src)
+    logit_rows = engine.rows([("logit", -1, -1, int(t)) for t in toks])
+    budget = min(max_feature_nodes, src.n_feats)
+    feat_rows = torch.zeros(budget, src.n)
+    chosen = torch.full((budget,), -1, dtype=torch.long)
+    visited = torch.zeros(src.n_feats, dtype=torch.bool)
+    depth = model.cfg.n_layers + 2
+    n_done, n_batches, since, every, inf = 0, 0, 0, max(1, budget // batch_size // 16), None
+    steps = range(0, budget, batch_size)
+    for _ in bar(steps, desc="attribution graph rows") if progress else steps:
+        if inf is None or since >= every:
+            inf = _influence(torch.cat([logit_rows, feat_rows[:n_done]]),
+                             torch.cat([torch.full((len(toks),), -1), chosen[:n_done]]),
+                             torch.cat([probs, torch.zeros(n_done)]), src.n, depth)[:src.n_feats]
+            since = 0
+        score = torch.where(visited, torch.tensor(-1.0), inf + 1e-12 * src.acts.abs() / (src.acts.abs().max() + 1))
+        take = score.topk(min(batch_size, budget - n_done)).indices
+        f = src.feats[take]
+        feat_rows[n_done:n_done + len(take)] = engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in f])
+        chosen[n_done:n_done + len(take)] = take
+        visited[take] = True
+        n_done += len(take)
+        n_batches += 1
+        since += 1
+    final_inf = _influence(torch.cat([logit_rows, feat_rows]), torch.cat([torch.full((len(toks),), -1), chosen]),
+                           torch.cat([probs, torch.zeros(budget)]), src.n, depth)[:src.n_feats]
+    dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30)) if src.n_feats else 0.0
+    graph = _assemble(model, rm, src, toks, probs, logit_rows, feat_rows, chosen, {
+        "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
+        "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1})
+    if certify:
+        graph.certificate = edge_certificate(rm, graph, certify)
+    graph.stats["seconds"] = time.perf_counter() - t0
+    return graph
+
+
+def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torch.Tensor, probs: torch.Tensor,
+              logit_rows: torch.Tensor, feat_rows: torch.Tensor, chosen: torch.Tensor, stats: dict) -> AttributionGraph:
+    """Nodes ``[features kept][errors][embeddings][logits]`` and the sparse adjacency over them."""
+    order = chosen[torch.argsort(chosen)]  # kept features in (layer, pos, feature) order
+    feat_row_of = {int(c): i for i, c in enumerate(chosen)}
+    n_k, L, n = len(order), src.n_layers, src.n_pos
+    keep_cols = torch.cat([order, torch.arange(src.n_feats, src.n)])  # sources that stay nodes
+    rows = torch.cat([feat_rows[[feat_row_of[int(c)] for c in order]], logit_rows])[:, keep_cols]
+    n_nodes = n_k + (L + 1) * n + len(toks)
+    tgt_ids = torch.cat([torch.arange(n_k), torch.arange(n_nodes - len(toks), n_nodes)])
+    r, c = rows.nonzero(as_tuple=True)
+    adj = torch.sparse_coo_tensor(torch.stack([tgt_ids[r], c]), rows[r, c], (n_nodes, n_nodes), check_invariants=False).coalesce()
+    kind = torch.cat([torch.zeros(n_k), torch.ones(L * n), torch.full((n,), 2.0), torch.full((len(toks),), 3.0)]).long()
+    layer = torch.cat([src.feats[order, 0], torch.arange(L).repeat_interleave(n), torch.full((n,), -1),
+                       torch.full((len(toks),), L)])
+    pos = torch.cat([src.feats[order, 1], torch.arange(n).repeat(L), torch.arange(n), torch.full((len(toks),), n - 1)])
+    index = torch.cat([src.feats[order, 2], torch.full((L * n,), -1), rm.tokens[0].cpu(), toks])
+    value = torch.cat([src.acts[order], torch.stack([st.error.float().norm(dim=-1) for st in rm.layers]).reshape(-1),
+                       rm.embed.float().norm(dim=-1), probs])
+    return AttributionGraph(prompt_tokens=rm.tokens[0].cpu(), token_strs=_strs(model, rm.tokens[0].cpu()),
+                            kind=kind, layer=layer, pos=pos, index=index, value=value, adjacency=adj,
+                            logit_probs=probs, stats=stats, n_layers=L,
+                            token_labels=_strs(model, toks),
+                            kind_names=list(KIND_NAMES))
+
+
+def _strs(model: HookedModel, ids: torch.Tensor) -> list[str]:
+    """Each token id as text (its id in brackets when the model has no tokenizer)."""
+    if model.tokenizer is None:
+        return [f"[{int(i)}]" for i in ids]
+    return [model.tokenizer.decode([int(i)]) for i in ids]

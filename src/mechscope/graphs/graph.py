@@ -1,0 +1,257 @@
+"""The attribution graph as data: nodes, a sparse adjacency, pruning and the graph's scores.
+
+Node ``i`` has a ``kind`` (feature, error, embedding, logit), a ``layer`` (embeddings -1, logits
+``n_layers``), a ``pos``, an ``index`` (feature id, or token id for embeddings and logits) and a
+``value`` (feature activation; the norm of an error or embedding vector; a logit's probability).
+``adjacency`` is a sparse ``[n_nodes, n_nodes]`` tensor, ``A[target, source]`` = direct effect.
+
+Pruning and scores follow Ameisen et al. 2025 ("Circuit Tracing", §3.4 and appendix): with
+``Â`` the row-normalised ``|A|`` and ``w`` the logit probabilities, a node's influence on the
+output is ``(w Σ_{k≥1} Â^k)_i``. Features are kept in order of influence until they hold
+``node_threshold`` of it; edges, scored by ``Â[t, s] · (influence_t + w_t)``, until ``edge_threshold``.
+
+- replacement score: the share of the influence that reaches the leaves (embeddings and errors)
+  landing on embeddings: 1 when no path ends in an error node;
+- completeness score: the influence-weighted share of each node's input that comes from
+  non-error nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core import InputError
+from ..core.files import atomic_write, read_safetensors
+from ..core.result import Result
+
+KIND_NAMES = ("feature", "error", "embedding", "logit")
+FEATURE, ERROR, EMBEDDING, LOGIT = range(4)
+
+
+def normalised(adj: torch.Tensor) -> torch.Tensor:
+    """Dense ``Â``: ``|A|`` with each row scaled to sum to 1 (rows without input stay 0)."""
+    a = adj.to_dense().abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def influence(a_hat: torch.Tensor, w: torch.Tensor, depth: int) -> torch.Tensor:
+    """``w Σ_{k=1..depth} Â^k``: each node's influence on the weighted targets (exact for a DAG of that depth)."""
+    cur, total = w.clone(), torch.zeros_like(w)
+    for _ in range(depth):
+        cur = cur @ a_hat
+        total += cur
+        if float(cur.abs().sum()) < 1e-12:
+            break
+    return total
+
+
+@dataclass(repr=False)
+class AttributionGraph(Result):
+    """The attribution graph of one prompt (see :func:`mechscope.graphs.attribution_graph`)."""
+
+    prompt_tokens: torch.Tensor
+    token_strs: list[str]
+    kind: torch.Tensor
+    layer: torch.Tensor
+    pos: torch.Tensor
+    index: torch.Tensor
+    value: torch.Tensor
+    adjacency: torch.Tensor
+    logit_probs: torch.Tensor
+    stats: dict
+    n_layers: int
+    token_labels: list[str]
+    kind_names: list[str] = field(default_factory=lambda: list(KIND_NAMES))
+    labels: dict = field(default_factory=dict)  # feature node -> label (top-activating tokens), when known
+    certificate: dict | None = None
+
+    _skip_in_dict = ("prompt_tokens", "kind", "layer", "pos", "index", "value", "adjacency", "logit_probs")
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n_nodes(self) -> int:
+        return self.kind.numel()
+
+    @property
+    def n_edges(self) -> int:
+        return self.adjacency._nnz()
+
+    def nodes_of(self, kind: int) -> torch.Tensor:
+        return (self.kind == kind).nonzero(as_tuple=True)[0]
+
+    def logit_weights(self) -> torch.Tensor:
+        """``[n_nodes]``: the logits' probabilities on the logit nodes, 0 elsewhere."""
+        w = torch.zeros(self.n_nodes)
+        w[self.nodes_of(LOGIT)] = self.logit_probs.float()
+        return w
+
+    def node_name(self, i: int) -> str:
+        """``L5 F123 @3``, ``err L5 @3``, ``emb 'Paris' @3``, ``logit ' Paris'``."""
+        k, layer, pos, idx = int(self.kind[i]), int(self.layer[i]), int(self.pos[i]), int(self.index[i])
+        if k == FEATURE:
+            return f"L{layer} F{idx} @{pos}"
+        if k == ERROR:
+            return f"err L{layer} @{pos}"
+        if k == EMBEDDING:
+            return f"emb {self.token_strs[pos]!r} @{pos}"
+        return f"logit {self.token_labels[int((self.nodes_of(LOGIT) == i).nonzero()[0])]!r}"
+
+    def influence(self) -> torch.Tensor:
+        """``[n_nodes]``: each node's influence on the logits (see the module docstring)."""
+        return influence(normalised(self.adjacency), self.logit_weights(), self.n_layers + 2)
+
+    # ------------------------------------------------------------------ scores
+    def scores(self, keep: torch.Tensor | None = None) -> dict[str, float]:
+        """Replacement and completeness scores; with ``keep`` (a node mask), of the pruned graph, whose
+        dropped feature nodes count as error nodes."""
+        a_hat, w = normalised(self.adjacency), self.logit_weights()
+        err = self.kind == ERROR
+        if keep is not None:  # a dropped feature becomes a leaf, like an error node
+            dropped = (self.kind == FEATURE) & ~keep
+            err = err | dropped
+            a_hat[dropped] = 0
+        inf = influence(a_hat, w, self.n_layers + 2)
+        leaf_emb, leaf_err = float(inf[self.kind == EMBEDDING].sum()), float(inf[err].sum())
+        has_input = a_hat.sum(1) > 0
+        non_err = (a_hat[:, ~err]).sum(1)
+        weight = (inf + w) * has_input
+        return {"replacement": leaf_emb / max(leaf_emb + leaf_err, 1e-30),
+                "completeness": float((weight * non_err).sum() / weight.sum().clamp_min(1e-30))}
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "PrunedGraph":
+        """Keep the features holding ``node_threshold`` of the influence (embeddings, errors and logits stay),
+        then the edges holding ``edge_threshold`` of the influence-weighted edge mass; nodes left without
+        edges are dropped. Defaults from Ameisen et al. 2025."""
+        for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+            if not 0 < v <= 1:
+                raise InputError(f"{name} must be in (0, 1], got {v}")
+        a_hat, w = normalised(self.adjacency), self.logit_weights()
+        inf = influence(a_hat, w, self.n_layers + 2)
+        feats = self.nodes_of(FEATURE)
+        keep = self.kind != FEATURE
+        if feats.numel():
+            order = feats[inf[feats].argsort(descending=True)]
+            cum = inf[order].cumsum(0) / inf[order].sum().clamp_min(1e-30)
+            n = int((cum < node_threshold).sum()) + 1
+            keep[order[:n]] = True
+        a_k = a_hat * keep[:, None] * keep[None, :]
+        inf_k = influence(a_k, w, self.n_layers + 2)
+        score = a_k * (inf_k + w)[:, None]
+        flat = score.flatten()
+        order = flat.argsort(descending=True)
+        cum = flat[order].cumsum(0) / flat.sum().clamp_min(1e-30)
+        n = int((cum < edge_threshold).sum()) + 1
+        edge_keep = torch.zeros_like(flat, dtype=torch.bool)
+        edge_keep[order[:n]] = True
+        edge_keep &= flat > 0
+        edge_keep = edge_keep.view_as(score)
+        for _ in range(self.n_layers + 2):  # drop features with no kept edge in or out, until stable
+            touched = edge_keep.any(0) | edge_keep.any(1)
+            lone = (self.kind == FEATURE) & keep & ~touched
+            if not lone.any():
+                break
+            keep &= ~lone
+            edge_keep &= keep[:, None] & keep[None, :]
+        return PrunedGraph(self, keep, edge_keep, node_threshold, edge_threshold)
+
+    # ------------------------------------------------------------------ protocol
+    def summary(self) -> str:
+        s = self.stats
+        sc = self.scores()
+        lines = [f"attribution graph of {len(self.token_strs)} tokens: {self.n_nodes} nodes, {self.n_edges} edges "
+                 f"({s.get('seconds', 0):.1f} s)",
+                 f"  {s['feature_nodes']} of {s['active_features']} active features traced (max_feature_nodes "
+                 f"{s['max_feature_nodes']}); the cap left out {s['dropped_features']}, holding "
+                 f"{s['dropped_influence']:.1%} of the estimated influence",
+                 f"  replacement score {sc['replacement']:.3f}, completeness {sc['completeness']:.3f}",
+                 "  targets: " + ", ".join(f"{t!r} p={float(p):.3f}" for t, p in zip(self.token_labels, self.logit_probs))]
+        if self.certificate:
+            c = self.certificate
+            lines.append(f"  edge certificate: {c['n']} edges re-checked by perturbing the frozen replacement model; "
+                         f"worst error {c['worst_abs']:.2e} (relative {c['worst_rel']:.2e})")
+        return "\n".join(lines)
+
+    def _dict_extra(self) -> dict:
+        return {"n_nodes": self.n_nodes, "n_edges": self.n_edges, "scores": self.scores(),
+                "logit_probs": [float(p) for p in self.logit_probs]}
+
+    def top_edges(self, n: int = 20, into: int | None = None) -> list[tuple[str, str, float]]:
+        """The ``n`` largest edges by magnitude (into node ``into`` only, if given): (source, target, weight)."""
+        a = self.adjacency
+        idx, val = a.indices(), a.values()
+        if into is not None:
+            m = idx[0] == into
+            idx, val = idx[:, m], val[m]
+        top = val.abs().argsort(descending=True)[:n]
+        return [(self.node_name(int(idx[1, i])), self.node_name(int(idx[0, i])), float(val[i])) for i in top]
+
+    def _html_body(self) -> str:
+        from .html import graph_html
+
+        return graph_html(self.prune())
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: the node table, the adjacency's indices and values, the rest as metadata."""
+        from safetensors.torch import save
+
+        a = self.adjacency.coalesce()
+        tensors = {"prompt_tokens": self.prompt_tokens, "kind": self.kind, "layer": self.layer, "pos": self.pos,
+                   "index": self.index, "value": self.value.float(), "edge_index": a.indices(),
+                   "edge_value": a.values().float(), "logit_probs": self.logit_probs.float()}
+        meta = {"mechscope": "attribution_graph", "n_layers": str(self.n_layers),
+                "json": json.dumps({"token_strs": self.token_strs, "token_labels": self.token_labels,
+                                    "stats": self.stats, "labels": {str(k): v for k, v in self.labels.items()},
+                                    "certificate": self.certificate})}
+        return atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionGraph":
+        from safetensors import safe_open
+
+        t = read_safetensors(path, "an attribution graph")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("mechscope") != "attribution_graph":
+            raise InputError(f"{path} is not a mechscope attribution graph (saved by AttributionGraph.save)")
+        j = json.loads(meta["json"])
+        n = t["kind"].numel()
+        adj = torch.sparse_coo_tensor(t["edge_index"], t["edge_value"], (n, n), check_invariants=True).coalesce()
+        return cls(t["prompt_tokens"], j["token_strs"], t["kind"], t["layer"], t["pos"], t["index"], t["value"], adj,
+                   t["logit_probs"], j["stats"], int(meta["n_layers"]), j["token_labels"],
+                   labels={int(k): v for k, v in j["labels"].items()}, certificate=j["certificate"])
+
+
+@dataclass(repr=False)
+class PrunedGraph(Result):
+    """A pruned view of an :class:`AttributionGraph`: ``keep`` node mask, ``edges`` dense edge mask."""
+
+    graph: AttributionGraph
+    keep: torch.Tensor
+    edges: torch.Tensor
+    node_threshold: float
+    edge_threshold: float
+
+    _skip_in_dict = ("graph", "keep", "edges")
+
+    def summary(self) -> str:
+        g, sc = self.graph, self.graph.scores(self.keep)
+        n_feat = int((self.keep & (g.kind == FEATURE)).sum())
+        return (f"pruned graph (nodes {self.node_threshold}, edges {self.edge_threshold}): {n_feat} features of "
+                f"{len(g.nodes_of(FEATURE))}, {int(self.edges.sum())} edges of {g.n_edges}; replacement "
+                f"{sc['replacement']:.3f}, completeness {sc['completeness']:.3f}")
+
+    def _dict_extra(self) -> dict:
+        g = self.graph
+        return {"features_kept": int((self.keep & (g.kind == FEATURE)).sum()), "edges_kept": int(self.edges.sum()),
+                "scores": g.scores(self.keep)}
+
+    def _html_body(self) -> str:
+        from .html import graph_html
+
+        return graph_html(self)

@@ -1,0 +1,208 @@
+"""Attribution graphs: the frozen replacement model is exact at the prompt and linear around it; every edge
+equals a real perturbation; scores, pruning, the feature budget, files, the picture and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mechscope as ms
+from mechscope.core.errors import InputError
+from mechscope.core.linearize import record_frozen
+from mechscope.graphs import AttributionGraph, ReplacementModel, attribution_graph
+from mechscope.graphs.attribute import RowEngine, active_features
+from mechscope.graphs.graph import EMBEDDING, ERROR, FEATURE, LOGIT
+from mechscope.graphs.validate import intervene, perturb_sources
+from mechscope.sae import SAE, SAEConfig
+from tiny import tiny_hf
+
+
+def transcoders(model, d_sae=48, k=4, skip=True, layers=None, seed=0):
+    """Random transcoders (moderate scales: unit decoder rows, a small skip) for every layer or ``layers``."""
+    out = []
+    for layer in range(model.cfg.n_layers) if layers is None else layers:
+        tc = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=d_sae, architecture="topk", k=k,
+                           hook_name=model.mlp_input(layer), hook_name_out=f"blocks.{layer}.hook_mlp_out",
+                           skip=skip), seed=seed + layer)
+        with torch.no_grad():
+            tc.b_enc.fill_(0.05)
+            if skip:
+                tc.W_skip.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + layer))
+        out.append(tc)
+    return out
+
+
+def prompt(n=7, seed=0):
+    return torch.randint(3, 90, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3", "olmo2", "cohere"])
+def test_frozen_model_is_exact_at_the_prompt_and_linear_around_it(arch):
+    model = ms.HookedModel(tiny_hf(arch))
+    toks = prompt()
+    mlp = {}
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
+    with record_frozen(model) as frozen:
+        clean = model.run_with_hooks(toks, fwd_hooks=[(n, lambda a, h: mlp.__setitem__(h.name, a.detach()))
+                                                      for n in names])
+    with frozen.applied():
+        assert torch.equal(model(toks), clean)
+
+    def run(delta):  # MLPs held at their clean outputs: what remains must be linear in the embedding
+        with frozen.applied(), model.hooks([("hook_embed", lambda a, h: a + delta)]
+                                           + [(n, lambda a, h: mlp[h.name].expand_as(a)) for n in names]):
+            return model(toks)
+
+    d = torch.randn(1, toks.shape[1], model.cfg.d_model, generator=torch.Generator().manual_seed(1)) * 0.3
+    one, two, zero = run(d), run(2 * d), run(0 * d)
+    assert torch.equal(zero, clean)
+    assert (one - zero).abs().max() > 1e-2  # the perturbation does move the logits ...
+    torch.testing.assert_close(two - zero, 2 * (one - zero), rtol=0, atol=2e-5)  # ... linearly
+
+
+def test_the_real_nonlinear_model_is_not_linear():  # the check above can fail: without freezing it does
+    model = ms.HookedModel(tiny_hf("llama"))
+    toks = prompt()
+    d = torch.randn(1, toks.shape[1], model.cfg.d_model, generator=torch.Generator().manual_seed(1)) * 0.3
+    runs = [model.run_with_hooks(toks, fwd_hooks=[("hook_embed", lambda a, h, c=c: a + c * d)]) for c in (0, 1, 2)]
+    assert ((runs[2] - runs[0]) - 2 * (runs[1] - runs[0])).abs().max() > 1e-3
+
+
+def _all_sources_removed(rm: ReplacementModel) -> dict:
+    """What to add at every write site to remove every source (features, errors, embeddings) at once."""
+    add = {"embed": -rm.embed.float()[None]}
+    for st in rm.layers:
+        w = -st.error.float()[None]
+        if st.acts is not None:
+            w = w - (st.acts.float() @ (st.transcoder.W_dec / st.transcoder.output_scale))[None]
+        add[st.layer] = w
+    return add
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
+def test_every_edge_equals_a_real_perturbation_and_targets_are_their_edges_plus_biases(arch):
+    model = ms.HookedModel(tiny_hf(arch))
+    tcs = transcoders(model, layers=[0, 2]) if arch == "gpt2" else transcoders(model)  # gpt2: layer 1 all error
+    g = attribution_graph(model, tcs, prompt(), max_feature_nodes=10_000, batch_size=16, progress=False, certify=0)
+    rm = ReplacementModel(model, tcs, prompt())
+    assert torch.equal(rm.run(1)[1], rm.logits)  # the replacement model's output is the model's, bit for bit
+    idx, val = g.adjacency.indices(), g.adjacency.values()
+    assert val.numel() > 200 and set(g.kind[idx[1]].tolist()) == {FEATURE, ERROR, EMBEDDING}
+    edges = [(int(t), int(s)) for t, s in idx.T]
+    measured = torch.cat([perturb_sources(rm, g, edges[i:i + 256]) for i in range(0, len(edges), 256)])
+    scale = float(val.abs().max())
+    assert float((measured + val).abs().max()) <= 1e-4 * max(1.0, scale), "an edge differs from its perturbation"
+    # a target's value = its incoming edges + the constant left when every source is removed
+    targets = torch.unique(idx[0])
+    run, _ = rm.run(1)
+    zero, _ = rm.run(1, {k: v.to(model.dtype) for k, v in _all_sources_removed(rm).items()})
+    from mechscope.graphs.validate import _read_targets
+
+    t = targets.tolist()
+    rows = torch.zeros(len(t), dtype=torch.long)
+    value, const = _read_targets(rm, g, run, t, rows), _read_targets(rm, g, zero, t, rows)
+    incoming = torch.zeros(g.n_nodes).index_add_(0, idx[0], val)[targets]
+    torch.testing.assert_close(value, const + incoming, rtol=0, atol=1e-4 * max(1.0, scale))
+
+
+def test_graph_stats_budget_scores_and_pruning():
+    model = ms.HookedModel(tiny_hf("llama"))
+    tcs = transcoders(model)
+    full = attribution_graph(model, tcs, prompt(), max_feature_nodes=10_000, batch_size=32, progress=False)
+    assert full.stats["dropped_features"] == 0 and full.stats["dropped_influence"] == 0
+    assert full.certificate["n"] > 10 and full.certificate["worst_rel"] < 1e-5
+    n_active = full.stats["active_features"]
+    assert n_active == len(full.nodes_of(FEATURE)) == 3 * 7 * 4  # 3 layers x 7 positions (no BOS here) x k=4
+    capped = attribution_graph(model, tcs, prompt(), max_feature_nodes=20, batch_size=8, progress=False)
+    assert capped.stats["dropped_features"] == n_active - 20 and len(capped.nodes_of(FEATURE)) == 20
+    assert 0 < capped.stats["dropped_influence"] < 1
+    # the cap keeps the most influential features: their influence in the full graph beats the rest's
+    inf = full.influence()
+    key = {(int(full.layer[i]), int(full.pos[i]), int(full.index[i])): float(inf[i]) for i in full.nodes_of(FEATURE)}
+    kept = [key[(int(capped.layer[i]), int(capped.pos[i]), int(capped.index[i]))] for i in capped.nodes_of(FEATURE)]
+    assert sum(kept) / 20 > sum(key.values()) / n_active
+    sc = full.scores()
+    assert 0 < sc["replacement"] < 1 and 0 < sc["completeness"] < 1
+    pruned = full.prune(0.8, 0.98)
+    assert pruned.keep[full.nodes_of(LOGIT)].all() and pruned.keep[full.nodes_of(EMBEDDING)].all()
+    n_kept = int((pruned.keep & (full.kind == FEATURE)).sum())
+    assert 0 < n_kept < n_active and 0 < int(pruned.edges.sum()) < full.n_edges
+    assert pruned.edges.to_sparse().indices()[0].tolist() and not (pruned.edges & ~pruned.keep[:, None]).any()
+    assert full.scores(pruned.keep)["completeness"] <= sc["completeness"] + 1e-6  # dropping features cannot add
+    everything = full.prune(1.0, 1.0)
+    assert int((everything.keep & (full.kind == FEATURE)).sum()) >= n_kept
+    assert full.n_edges > 0 and "replacement score" in full.summary() and "edge certificate" in full.summary()
+    d = full.to_dict()
+    assert d["n_nodes"] == full.n_nodes and json.dumps(d)
+
+
+def test_targets_default_to_the_probability_mass_and_can_be_chosen():
+    model = ms.HookedModel(tiny_hf("llama"))
+    tcs = transcoders(model)
+    g = attribution_graph(model, tcs, prompt(), max_feature_nodes=0, progress=False, prob_mass=0.05, max_logits=10)
+    with torch.no_grad():
+        probs = torch.softmax(model(prompt())[0, -1], -1).sort(descending=True).values
+    n = int((probs.cumsum(0) < 0.05).sum()) + 1
+    assert len(g.nodes_of(LOGIT)) == min(n, 10) and g.logit_probs[0] == pytest.approx(float(probs[0]))
+    mine = attribution_graph(model, tcs, prompt(), target_logits=[5, 7], max_feature_nodes=0, progress=False)
+    assert g.index[g.nodes_of(LOGIT)].tolist() != [5, 7] and mine.index[mine.nodes_of(LOGIT)].tolist() == [5, 7]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = attribution_graph(model, transcoders(model), prompt(), progress=False)
+    back = AttributionGraph.load(g.save(tmp_path / "g.safetensors"))
+    assert torch.equal(back.adjacency.to_dense(), g.adjacency.to_dense()) and back.summary() == g.summary()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a graph")
+    with pytest.raises(FileNotFoundError, match="damaged"):
+        AttributionGraph.load(tmp_path / "bad.safetensors")
+
+
+def test_intervening_in_the_real_model():
+    model = ms.HookedModel(tiny_hf("llama"))
+    tcs = transcoders(model)
+    for tc in tcs:  # small writes: the real final norm then stays near its frozen scale
+        with torch.no_grad():
+            tc.W_dec.mul_(0.01)
+    g = attribution_graph(model, tcs, prompt(), progress=False)
+    last = [int(i) for i in g.nodes_of(FEATURE) if int(g.layer[i]) == 2 and int(g.pos[i]) == 6][:3]
+    assert len(last) == 3  # the last layer at the last position: only the final norm lies between them and the logits
+    none = intervene(model, g, tcs, last, scale=1.0)
+    assert max(map(abs, none.measured)) == 0
+    res = intervene(model, g, tcs, last, scale=0.0)
+    measured, predicted = torch.tensor(res.measured), torch.tensor(res.predicted_graph)
+    assert measured.abs().max() > 1e-2
+    torch.testing.assert_close(predicted, torch.tensor(res.predicted_direct))  # no feature lies in between
+    assert torch.corrcoef(torch.stack([measured, predicted]))[0, 1] > 0.9 and "measured" in res.summary()
+
+
+def test_bad_input_is_named():
+    model = ms.HookedModel(tiny_hf("llama"))
+    tcs = transcoders(model)
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, k=4, hook_name="blocks.0.hook_resid_post"))
+    with pytest.raises(InputError, match="not a transcoder"):
+        attribution_graph(model, [sae], prompt(), progress=False)
+    with pytest.raises(InputError, match="one prompt"):
+        attribution_graph(model, tcs, torch.randint(3, 90, (2, 5)), progress=False)
+    with pytest.raises(InputError, match="target_logits"):
+        attribution_graph(model, tcs, prompt(), target_logits=[10_000], progress=False)
+    with pytest.raises(InputError, match="two transcoders"):
+        attribution_graph(model, [tcs[0], tcs[0]], prompt(), progress=False)
+    g = attribution_graph(model, tcs, prompt(), progress=False)
+    with pytest.raises(InputError, match="node_threshold"):
+        g.prune(node_threshold=0)
+    with pytest.raises(InputError, match="feature nodes"):
+        intervene(model, g, tcs, [int(g.nodes_of(LOGIT)[0])])
+
+
+def test_rows_come_from_batched_backward_passes():
+    model = ms.HookedModel(tiny_hf("llama"))
+    rm = ReplacementModel(model, transcoders(model), prompt())
+    eng = RowEngine(rm, active_features(rm))
+    feats = eng.src.feats[-6:]
+    targets = [("feature", int(a), int(b), int(c)) for a, b, c in feats] + [("logit", -1, -1, 5)]
+    together = eng.rows(targets)
+    alone = torch.cat([eng.rows([t]) for t in targets])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
