@@ -206,3 +206,51 @@ def test_rows_come_from_batched_backward_passes():
     together = eng.rows(targets)
     alone = torch.cat([eng.rows([t]) for t in targets])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
+
+
+def _worded():
+    from mechscope.circuits.toy import toy_tokenizer
+    from tiny import V
+
+    return ms.HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
+
+
+def test_the_picture_is_offline_escaped_and_interactive(tmp_path):
+    from mechscope.graphs.html import graph_html
+
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = attribution_graph(model, transcoders(model), prompt(), progress=False)
+    g.token_strs[3] = "<script>alert(1)</script>"
+    g.labels[int(g.nodes_of(FEATURE)[0])] = "</script><b>x</b>"
+    pruned = g.prune()
+    out = graph_html(pruned, {int(g.nodes_of(FEATURE)[0]): "<i>dash</i>"})
+    assert "<script>alert(1)" not in out and "&lt;script&gt;alert(1)" in out
+    assert "</script><b>" not in out  # the label travels inside the JSON with '</' escaped
+    assert "http://" not in out and "https://" not in out  # nothing is fetched
+    n_marks = out.count("class='ms-node'")
+    shown = int((pruned.keep & (g.kind == FEATURE) & (pruned.edges.any(0) | pruned.edges.any(1))).sum())
+    assert n_marks >= shown + len(g.nodes_of(LOGIT)) and out.count("<line ") == int(pruned.edges.sum())
+    assert "ms-graph-data" in out and "addEventListener('click'" in out
+
+
+def test_cli_graph_writes_html_and_json(tmp_path, monkeypatch, capsys):
+    from mechscope.cli import main
+    from mechscope.sae import save_sae
+
+    model = _worded()
+    for tc in transcoders(model):
+        save_sae(tc, tmp_path / "tc" / f"layer_{tc.cfg.hook_name_out.split('.')[1]}")
+    monkeypatch.setattr(ms, "load", lambda *a, **k: model)
+    args = ["graph", "t5 t6 t7 t8 t9", "--transcoders", str(tmp_path / "tc"), "--html", str(tmp_path / "g.html"),
+            "--save", str(tmp_path / "g.safetensors"), "--target", " t9", " t8", "--quiet", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert d["n_nodes"] > 10 and d["pruned"]["features_kept"] > 0 and d["certificate"]["worst_rel"] < 1e-5
+    assert [t.strip() for t in d["token_labels"]] == ["t9", "t8"] and err == ""
+    assert "ms-graph" in (tmp_path / "g.html").read_text()
+    assert AttributionGraph.load(tmp_path / "g.safetensors").n_nodes == d["n_nodes"]
+    assert main(["graph", "t5 t6", "--transcoders", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "no transcoder folder" in capsys.readouterr().err
+    assert main(["graph", "t5 t6", "--transcoders", str(tmp_path / "tc"), "--target", " t9 t8", "--quiet"]) == 2
+    assert "single tokens" in capsys.readouterr().err

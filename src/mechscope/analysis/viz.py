@@ -148,11 +148,12 @@ def heatmap_png(
     return save_figure(fig, path)
 
 
-def _json_for_script(obj) -> str:
-    """JSON that is safe inside a <script> element (no '</' can close it)."""
+def json_for_script(obj: object) -> str:
+    """JSON that is safe inside a <script> element: ``<``, ``>`` and ``&`` are written as ``\\u003c`` ...,
+    so no ``</script>`` or ``<!--`` can appear (the parsed values are unchanged)."""
     import json
 
-    return json.dumps(obj).replace("</", "<\\/").replace("<!--", "<\\!--")
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 _VIEWER_JS = """
@@ -196,7 +197,7 @@ def attention_viewer(str_tokens: Sequence[str], pattern: torch.Tensor, head_name
     uid = "ms-att-" + uuid.uuid4().hex[:8]
     data = {"tokens": [str(t) for t in str_tokens], "heads": heads,
             "pattern": [[[round(float(x), 4) for x in row] for row in h] for h in pat]}
-    js = _VIEWER_JS % {"id": _json_for_script(uid), "data": _json_for_script(data)}
+    js = _VIEWER_JS % {"id": json_for_script(uid), "data": json_for_script(data)}
     return (f"<div id='{uid}' class='ms-att'><h3>{esc(title)}</h3><label>head <select></select></label> "
             f"<span class='ms-info'></span><div class='ms-toks' style='line-height:1.9;margin-top:.5em'></div>"
             f"<style>.ms-tok{{padding:1px 2px;margin:1px;border-radius:3px;cursor:pointer;white-space:pre;"

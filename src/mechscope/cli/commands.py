@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from ..analysis.viz import page
+from ..analysis.viz import esc, page
 from ..core.errors import InputError, NotFoundError
 from ..core.files import atomic_write
 from ..core.result import Result
@@ -439,7 +439,7 @@ def _load_sae(args):
 
 @command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) from one harvest pass, "
          "save them (SAELens layout, input and output hooks recorded) and evaluate each alone and all at once",
-         ("mechscope transcoders train --out smollm2-transcoders",
+         ("mechscope transcoders train",
           "mechscope transcoders train --layers 0 1 2 --width 2304 --k 32 --steps 500 --out tc"),
          MODEL, arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
          arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu"]),
@@ -448,14 +448,16 @@ def _load_sae(args):
          arg("--steps", type=int, default=1000), arg("--batch", type=int, default=1024),
          arg("--lr", type=float, default=1e-3), arg("--seqs", type=int, default=256, help="training sequences"),
          arg("--eval-seqs", type=int, default=16), arg("--seq-len", type=int, default=128),
-         arg("--out", default="transcoders"), CORPUS)
+         arg("--out", default=None, help="folder (default: $MECHSCOPE_CACHE/transcoders/<model>, where "
+                                        "`mechscope graph` looks)"), CORPUS)
 def transcoders_train_cmd(args: argparse.Namespace) -> Result:
     from ..core.progress import stage
-    from ..sae import SAEConfig, TrainConfig, save_many, train_many
+    from ..sae import SAEConfig, TrainConfig, save_many, train_many, transcoder_cache
     from ..sae.evaluate import evaluate_transcoders
     from ..techniques.inputs import check_range
 
     model = _load(args)
+    args.out = args.out or str(transcoder_cache(model.cfg.model_name))
     layers = check_range("layers", args.layers, model.cfg.n_layers)
     toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
     d = model.cfg.d_model
@@ -473,6 +475,64 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
                    f"\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
                    {**ev.to_dict(), "paths": paths, "layers": layers, **info,
                     "held_out_tokens": held_info["corpus_tokens"]})
+
+
+@command("graph", "the attribution graph of one prompt through transcoders (a frozen replacement model): nodes, "
+         "edges, pruning, replacement and completeness scores, an edge certificate, and an interactive HTML page",
+         ('mechscope graph "The capital of the state containing Dallas is" --html graph.html',
+          'mechscope graph "When Mary and John went to the store, John gave a drink to" --transcoders tc '
+          "--max-features 2048 --labels 64 --html ioi.html --save ioi.safetensors"),
+         MODEL, arg("prompt", help="the prompt (its next-token logits are explained)"),
+         arg("--transcoders", default=None, help="folder of transcoders (default: $MECHSCOPE_CACHE/transcoders/<model>)"),
+         arg("--target", nargs="*", default=None, help="target tokens (text, e.g. ' Paris'; default: the most likely "
+                                                       "ones holding 95%% of the probability, at most 10)"),
+         arg("--max-features", type=int, default=7500, help="feature rows to compute, most influential first"),
+         arg("--batch", type=int, default=128, help="target rows per backward pass"),
+         arg("--node-threshold", type=float, default=0.8), arg("--edge-threshold", type=float, default=0.98),
+         arg("--certify", type=int, default=32, help="edges re-checked by perturbation (0: none)"),
+         arg("--labels", type=int, default=0, help="label the pruned graph's features on this many corpus sequences"),
+         arg("--seq-len", type=int, default=64), CORPUS,
+         arg("--html", default=None, help="write the interactive graph here"),
+         arg("--save", default=None, help="write the graph here (.safetensors)"))
+def graph_cmd(args: argparse.Namespace) -> Result:
+    from ..core.progress import stage
+    from ..graphs import attribution_graph
+    from ..graphs.graph import FEATURE, LOGIT
+    from ..graphs.html import graph_html
+    from ..graphs.labels import label_features
+    from ..sae import load_transcoders, transcoder_cache
+
+    model = _load(args)
+    folder = args.transcoders or transcoder_cache(model.cfg.model_name)
+    tcs = load_transcoders(folder, model)
+    targets = None
+    if args.target:
+        targets = []
+        for t in args.target:
+            ids = model.to_tokens(t, prepend_bos=False)[0].tolist()
+            if len(ids) != 1:
+                raise InputError(f"--target {t!r} is {len(ids)} tokens; give single tokens (e.g. ' Paris')")
+            targets.append(ids[0])
+    stage(f"attribution graph through {len(tcs)} transcoders from {folder}")
+    g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
+                          batch_size=args.batch, certify=args.certify)
+    pruned = g.prune(args.node_threshold, args.edge_threshold)
+    dashboards = {}
+    if args.labels:
+        toks, _ = _corpus(args, model, "train", args.labels, args.seq_len)
+        kept = (pruned.keep & (g.kind == FEATURE)).nonzero(as_tuple=True)[0]
+        dashboards = label_features(model, g, tcs, toks, kept)
+    if args.save:
+        g.save(args.save)
+    if args.html:
+        atomic_write(args.html, page(f"attribution graph: {args.prompt[:60]}",
+                                     graph_html(pruned, dashboards) + f"<pre>{esc(g.summary())}\n"
+                                     f"{esc(pruned.summary())}</pre>"))
+    top = g.top_edges(10, into=int(g.nodes_of(LOGIT)[0]))
+    lines = [g.summary(), pruned.summary(), f"strongest edges into {g.node_name(int(g.nodes_of(LOGIT)[0]))}:"]
+    lines += [f"  {s:28s} {w:+.4f}" for s, _, w in top]
+    return Outcome("\n".join(lines), {**g.to_dict(), "pruned": pruned.to_dict(),
+                                      "top_edges_into_first_logit": top, "transcoders": str(folder)})
 
 
 @command("sae eval", "evaluate a saved SAE on held-out text (L0, explained variance, CE loss recovered)",

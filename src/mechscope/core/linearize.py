@@ -22,7 +22,7 @@ Usage::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -30,8 +30,11 @@ from .errors import InputError
 from .norms import NormSpec
 from .parts import NORMS
 
+if TYPE_CHECKING:
+    from .model import HookedModel
 
-def norm_specs(model) -> list[tuple[str, NormSpec]]:
+
+def norm_specs(model: HookedModel) -> list[tuple[str, NormSpec]]:
     """Every norm on the residual path of ``model`` (``blocks.L.ln1`` ..., ``ln_final``), each module once."""
     out, seen = [], set()
     for layer in range(model.cfg.n_layers):
@@ -49,7 +52,7 @@ def norm_specs(model) -> list[tuple[str, NormSpec]]:
 class Frozen:
     """The clean pass's norm inputs, outputs and scales, and its attention patterns ``{layer: [1, head, q, k]}``."""
 
-    def __init__(self, model):
+    def __init__(self, model: HookedModel):
         self.model = model
         self.norms = norm_specs(model)
         self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -99,7 +102,7 @@ class Frozen:
 
 
 @contextmanager
-def record_frozen(model) -> Iterator[Frozen]:
+def record_frozen(model: HookedModel) -> Iterator[Frozen]:
     """Record what :class:`Frozen` needs during the one forward pass run inside the block (batch 1)."""
     frozen, handles = Frozen(model), []
 

@@ -27,9 +27,9 @@ import torch
 from ..core import InputError
 from ..core.files import atomic_write, read_safetensors
 from ..core.result import Result
+from .nodes import EMBEDDING, ERROR, FEATURE, KIND_NAMES, LOGIT
 
-KIND_NAMES = ("feature", "error", "embedding", "logit")
-FEATURE, ERROR, EMBEDDING, LOGIT = range(4)
+__all__ = ["AttributionGraph", "EMBEDDING", "ERROR", "FEATURE", "KIND_NAMES", "LOGIT", "PrunedGraph"]
 
 
 def normalised(adj: torch.Tensor) -> torch.Tensor:

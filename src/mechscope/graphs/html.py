@@ -1,5 +1,146 @@
-"""The offline picture of a pruned attribution graph (placeholder until written)."""
+"""The offline, interactive picture of a pruned attribution graph: one SVG, a little inline script, no CDN.
+
+Nodes sit on a grid of prompt position (x) by layer (y): embeddings at the bottom, the target
+logits at the top, features as circles, error nodes as grey squares. An edge's width follows its
+weight, blue for excitatory and red for inhibitory. Clicking a node highlights its edges and shows
+its details (value, influence, strongest inputs and outputs, label) and, for a labelled feature,
+its dashboard. Every token and label is escaped; the node data travels as JSON with ``<`` escaped.
+
+(``PrunedGraph`` is :class:`mechscope.graphs.graph.PrunedGraph`, which imports this module.)
+"""
+
+from __future__ import annotations
+
+import html
+
+import torch
+
+from ..analysis import viz
+from .nodes import EMBEDDING, ERROR, FEATURE, LOGIT
+
+_W, _ROW, _PAD = 110, 64, 40
+_COLOURS = {FEATURE: "#f0a030", ERROR: "#999999", EMBEDDING: "#6a9fd8", LOGIT: "#5bb35b"}
+
+_SCRIPT = """
+(function(){
+  const data = JSON.parse(document.getElementById('ms-graph-data').textContent);
+  const panel = document.getElementById('ms-graph-panel');
+  const edges = document.querySelectorAll('#ms-graph line');
+  function show(i){
+    const n = data.nodes[i];
+    edges.forEach(e => { const on = e.dataset.s == i || e.dataset.t == i;
+      e.style.opacity = on ? 1 : 0.08; });
+    panel.textContent = '';
+    const h = document.createElement('h3'); h.textContent = n.name; panel.appendChild(h);
+    const p = document.createElement('p');
+    p.textContent = n.kind + ' | value ' + n.value.toFixed(3) + ' | influence ' + n.influence.toFixed(4) +
+      (n.label ? ' | ' + n.label : '');
+    panel.appendChild(p);
+    for (const [title, list] of [['strongest inputs', n.inputs], ['strongest outputs', n.outputs]]) {
+      if (!list.length) continue;
+      const t = document.createElement('b'); t.textContent = title; panel.appendChild(t);
+      const ul = document.createElement('ul');
+      for (const [name, w] of list) { const li = document.createElement('li');
+        li.textContent = name + '  ' + (w >= 0 ? '+' : '') + w.toFixed(4); ul.appendChild(li); }
+      panel.appendChild(ul);
+    }
+    if (n.dashboard) { const d = document.createElement('div'); d.innerHTML = n.dashboard; panel.appendChild(d); }
+  }
+  document.querySelectorAll('#ms-graph .ms-node').forEach(g =>
+    g.addEventListener('click', () => show(+g.dataset.i)));
+  document.getElementById('ms-graph').addEventListener('dblclick', () => edges.forEach(e => e.style.opacity = 1));
+})();
+"""
 
 
-def graph_html(pruned) -> str:
-    return ""
+def _layout(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor) -> dict[int, tuple[float, float]]:  # noqa: F821
+    """``{node: (x, y)}``: a column per position, a row per layer; nodes sharing a cell spread sideways."""
+    g = pg.graph
+    rows = g.n_layers + 2
+    cells: dict[tuple[int, int], list[int]] = {}
+    for i in shown.tolist():
+        cells.setdefault((int(g.layer[i]), int(g.pos[i])), []).append(i)
+    xy = {}
+    for (layer, pos), nodes in cells.items():
+        nodes.sort(key=lambda i: (int(g.kind[i]) != ERROR, -float(inf[i])))
+        y = _PAD + (rows - 1 - (layer + 1)) * _ROW
+        for j, i in enumerate(nodes):
+            off = (j - (len(nodes) - 1) / 2) * min(14.0, (_W - 16) / max(len(nodes), 1))
+            xy[i] = (_PAD + pos * _W + _W / 2 + off, y)
+    return xy
+
+
+def _node_data(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor, edges: torch.Tensor,  # noqa: F821
+               dashboards: dict[int, str]) -> list[dict]:
+    g = pg.graph
+    a = g.adjacency.to_dense() * edges
+    out = []
+    for i in shown.tolist():
+        ins = a[i].abs().argsort(descending=True)[:8]
+        outs = a[:, i].abs().argsort(descending=True)[:8]
+        out.append({"name": g.node_name(i), "kind": g.kind_names[int(g.kind[i])], "value": float(g.value[i]),
+                    "influence": float(inf[i]), "label": g.labels.get(i, ""), "dashboard": dashboards.get(i, ""),
+                    "inputs": [[g.node_name(int(j)), float(a[i, j])] for j in ins if a[i, j] != 0],
+                    "outputs": [[g.node_name(int(j)), float(a[j, i])] for j in outs if a[j, i] != 0]})
+    return out
+
+
+def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_edges: int = 800) -> str:  # noqa: F821
+    """The pruned graph as an HTML fragment (SVG + script). ``dashboards``: node -> HTML fragment shown on click
+    (built by mechscope's own escaping dashboard code)."""
+    g = pg.graph
+    inf = g.influence()
+    edges = pg.edges.clone()
+    idx = edges.nonzero()
+    a = g.adjacency.to_dense()
+    if idx.shape[0] > max_edges:  # draw the strongest edges only
+        w = a[idx[:, 0], idx[:, 1]].abs()
+        drop = idx[w.argsort(descending=True)[max_edges:]]
+        edges[drop[:, 0], drop[:, 1]] = False
+        idx = edges.nonzero()
+    touched = torch.zeros(g.n_nodes, dtype=torch.bool)
+    touched[idx[:, 0]] = touched[idx[:, 1]] = True
+    shown = ((pg.keep & touched) | (g.kind == LOGIT) | (g.kind == EMBEDDING)).nonzero(as_tuple=True)[0]
+    order = {int(i): j for j, i in enumerate(shown)}
+    xy = _layout(pg, shown, inf)
+    width = 2 * _PAD + len(g.token_strs) * _W
+    height = 2 * _PAD + (g.n_layers + 1) * _ROW + 30
+    wmax = float(a[idx[:, 0], idx[:, 1]].abs().max()) if idx.numel() else 1.0
+    lines = []
+    for t, s in idx.tolist():
+        w = float(a[t, s])
+        (x1, y1), (x2, y2) = xy[s], xy[t]
+        colour = "#3b6fd4" if w > 0 else "#d43b3b"
+        lines.append(f"<line x1='{x1:.1f}' y1='{y1:.1f}' x2='{x2:.1f}' y2='{y2:.1f}' stroke='{colour}' "
+                     f"stroke-width='{0.4 + 4 * abs(w) / wmax:.2f}' opacity='0.6' data-s='{order[s]}' "
+                     f"data-t='{order[t]}'/>")
+    marks = []
+    for j, i in enumerate(shown.tolist()):
+        x, y = xy[i]
+        k, name = int(g.kind[i]), html.escape(g.node_name(i), quote=True)
+        label = html.escape(g.labels.get(i, ""), quote=True)
+        tip = f"<title>{name}{(' | ' + label) if label else ''}</title>"
+        if k == FEATURE:
+            shape = f"<circle cx='{x:.1f}' cy='{y:.1f}' r='6' fill='{_COLOURS[k]}' stroke='#333'/>"
+        elif k == ERROR:
+            shape = f"<rect x='{x - 5:.1f}' y='{y - 5:.1f}' width='10' height='10' fill='{_COLOURS[k]}'/>"
+        else:
+            text = g.token_strs[int(g.pos[i])] if k == EMBEDDING else g.token_labels[int(
+                (g.nodes_of(LOGIT) == i).nonzero()[0])]
+            extra = "" if k == EMBEDDING else f" {float(g.value[i]):.2f}"
+            shape = (f"<rect x='{x - 40:.1f}' y='{y - 10:.1f}' width='80' height='20' rx='4' fill='{_COLOURS[k]}'/>"
+                     f"<text x='{x:.1f}' y='{y + 4:.1f}' font-size='11' text-anchor='middle'>"
+                     f"{html.escape(repr(text)[:14] + extra, quote=True)}</text>")
+        marks.append(f"<g class='ms-node' data-i='{j}' style='cursor:pointer'>{tip}{shape}</g>")
+    axis = "".join(f"<text x='{_PAD + p * _W + _W / 2:.1f}' y='{height - 8}' font-size='10' text-anchor='middle' "
+                   f"fill='#555'>{p}</text>" for p in range(len(g.token_strs)))
+    layers = "".join(f"<text x='4' y='{_PAD + (g.n_layers - layer) * _ROW + 4:.1f}' font-size='10' fill='#555'>"
+                     f"L{layer}</text>" for layer in range(g.n_layers))
+    data = viz.json_for_script({"nodes": _node_data(pg, shown, inf, edges, dashboards or {})})
+    return (f"<div class='ms-graph-wrap' style='display:flex;gap:12px;align-items:flex-start'>"
+            f"<svg id='ms-graph' width='{width}' height='{height}' style='border:1px solid #ddd;background:#fff'>"
+            f"{''.join(lines)}{''.join(marks)}{axis}{layers}</svg>"
+            f"<div id='ms-graph-panel' style='min-width:280px;max-width:420px;font-size:13px'>"
+            f"<p>Click a node for its inputs, outputs and dashboard; double-click the graph to show every edge."
+            f"</p></div></div>"
+            f"<script type='application/json' id='ms-graph-data'>{data}</script><script>{_SCRIPT}</script>")

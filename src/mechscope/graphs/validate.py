@@ -17,6 +17,7 @@ import torch
 
 from ..core import HookedModel, InputError
 from ..core.result import Result
+from ..sae.model import SAE
 from .graph import EMBEDDING, ERROR, FEATURE, LOGIT, AttributionGraph
 from .replacement import EMBED, ReplacementModel
 
@@ -125,7 +126,7 @@ def _graph_prediction(graph: AttributionGraph, delta: torch.Tensor) -> tuple[tor
 
 
 @torch.no_grad()
-def intervene(model: HookedModel, graph: AttributionGraph, transcoders, nodes: list[int],
+def intervene(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE], nodes: list[int],
               scale: float = 0.0) -> Intervention:
     """Scale feature nodes ``nodes`` by ``scale`` (0: ablate) in the real model, through their decoder
     directions at ``hook_mlp_out``, and compare each target logit's change with the graph's prediction."""

@@ -18,12 +18,13 @@ from .data import (
                    shuffled_batches,
 )
 from .evaluate import SAEEval, evaluate_sae, splice_hook
-from .io import check_fits, load_sae, save_sae
+from .io import check_fits, load_sae, load_transcoders, save_sae, transcoder_cache
 from .many import save_many, train_many
 from .model import ARCHITECTURES, SAE, LossTerms, SAEConfig
 from .train import SAETrainingError, TrainConfig, TrainResult, fit_sae, resample_dead, train_sae, train_sae_sweep
 
 __all__ = ["ARCHITECTURES", "ActivationSource", "LossTerms", "PartitionedSource", "SAE", "SAEConfig", "SAEEval",
            "SAETrainingError", "TensorSource", "TrainConfig", "TrainResult", "check_fits", "evaluate_sae", "fit_sae",
-           "harvest", "harvest_many", "harvest_to_disk", "load_sae", "load_shards", "resample_dead", "save_many",
-           "save_sae", "shuffled_batches", "splice_hook", "train_many", "train_sae", "train_sae_sweep"]
+           "harvest", "harvest_many", "harvest_to_disk", "load_sae", "load_shards", "load_transcoders", "resample_dead",
+           "save_many", "save_sae", "shuffled_batches", "splice_hook", "train_many", "train_sae", "train_sae_sweep",
+           "transcoder_cache"]

@@ -162,8 +162,9 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
 @torch.no_grad()
 def logit_effects(model: HookedModel, sae: SAE, feature: int,
                   k: int = 10) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """Top and bottom ``k`` tokens of ``W_dec[feature] @ W_U`` (direct effect through the unembedding only)."""
-    eff = (sae.W_dec[feature].float() / sae.input_scale.float()) @ model.W_U.float().cpu()
+    """Top and bottom ``k`` tokens of ``W_dec[feature] @ W_U`` (direct effect through the unembedding only; a
+    transcoder's decoder row is read in its output space)."""
+    eff = sae.write_directions(torch.tensor([feature]))[0].float() @ model.W_U.float().cpu()
     top, bot = eff.topk(k), (-eff).topk(k)
     tok = model.tokens.need_tokenizer()
     name = lambda i: tok.decode([int(i)])  # noqa: E731

@@ -1,0 +1,42 @@
+"""Labels for a graph's features: their top-activating tokens on a corpus, and their dashboards.
+
+One streaming pass per layer with features in the graph (:func:`mechscope.sae.features.feature_stats`);
+a feature's label is the tokens it fires on most, its dashboard the usual one (density,
+histogram, logit effects, top and quantile examples), every token escaped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ..core import HookedModel
+from ..core.progress import bar
+from ..sae.features import dashboard_html, feature_stats
+from ..sae.model import SAE
+from .graph import FEATURE, AttributionGraph
+
+
+def label_features(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE], tokens: torch.Tensor,
+                   nodes: torch.Tensor | None = None, n_top: int = 10, progress: bool = True) -> dict[int, str]:
+    """Set ``graph.labels[node]`` to the tokens each feature node fires on most in ``tokens [n, pos]``
+    (default: every feature node); return ``{node: dashboard HTML}``."""
+    by_layer = {int(tc.cfg.hook_name_out.split(".")[1]): tc for tc in transcoders}
+    nodes = graph.nodes_of(FEATURE) if nodes is None else nodes
+    groups: dict[int, list[int]] = {}
+    for n in nodes.tolist():
+        if int(graph.kind[n]) == FEATURE:
+            groups.setdefault(int(graph.layer[n]), []).append(n)
+    dashboards = {}
+    items = sorted(groups.items())
+    for layer, ns in bar(items, desc="feature labels") if progress else items:
+        tc = by_layer[layer]
+        feats = sorted({int(graph.index[n]) for n in ns})
+        stats = feature_stats(model, tc, tokens, features=feats, n_top=n_top)
+        for n in ns:
+            f = int(graph.index[n])
+            tops = Counter(ex.tokens[ex.center] for ex in stats.top.get(f, []))
+            graph.labels[n] = " ".join(repr(t) for t, _ in tops.most_common(3)) or "(silent on the corpus)"
+            dashboards[n] = dashboard_html(model, tc, stats, f)
+    return dashboards
