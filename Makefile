@@ -48,6 +48,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_big.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_distributed.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_graph.py
 
 # TransformerLens in its own venv, for bench/bench_transformerlens.py only (never a package dependency)
 bench-tl: $(STAMP)

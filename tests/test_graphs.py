@@ -70,17 +70,6 @@ def test_the_real_nonlinear_model_is_not_linear():  # the check above can fail: 
     assert ((runs[2] - runs[0]) - 2 * (runs[1] - runs[0])).abs().max() > 1e-3
 
 
-def _all_sources_removed(rm: ReplacementModel) -> dict:
-    """What to add at every write site to remove every source (features, errors, embeddings) at once."""
-    add = {"embed": -rm.embed.float()[None]}
-    for st in rm.layers:
-        w = -st.error.float()[None]
-        if st.acts is not None:
-            w = w - (st.acts.float() @ (st.transcoder.W_dec / st.transcoder.output_scale))[None]
-        add[st.layer] = w
-    return add
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
 def test_every_edge_equals_a_real_perturbation_and_targets_are_their_edges_plus_biases(arch):
     model = ms.HookedModel(tiny_hf(arch))
@@ -97,7 +86,7 @@ def test_every_edge_equals_a_real_perturbation_and_targets_are_their_edges_plus_
     # a target's value = its incoming edges + the constant left when every source is removed
     targets = torch.unique(idx[0])
     run, _ = rm.run(1)
-    zero, _ = rm.run(1, {k: v.to(model.dtype) for k, v in _all_sources_removed(rm).items()})
+    zero, _ = rm.run(1, rm.without_sources())
     from mechscope.graphs.validate import _read_targets
 
     t = targets.tolist()
@@ -114,7 +103,7 @@ def test_graph_stats_budget_scores_and_pruning():
     assert full.stats["dropped_features"] == 0 and full.stats["dropped_influence"] == 0
     assert full.certificate["n"] > 10 and full.certificate["worst_rel"] < 1e-5
     n_active = full.stats["active_features"]
-    assert n_active == len(full.nodes_of(FEATURE)) == 3 * 7 * 4  # 3 layers x 7 positions (no BOS here) x k=4
+    assert n_active == len(full.nodes_of(FEATURE)) == 3 * 6 * 4  # 3 layers x 6 positions after the first x k=4
     capped = attribution_graph(model, tcs, prompt(), max_feature_nodes=20, batch_size=8, progress=False)
     assert capped.stats["dropped_features"] == n_active - 20 and len(capped.nodes_of(FEATURE)) == 20
     assert 0 < capped.stats["dropped_influence"] < 1
@@ -254,3 +243,41 @@ def test_cli_graph_writes_html_and_json(tmp_path, monkeypatch, capsys):
     assert "no transcoder folder" in capsys.readouterr().err
     assert main(["graph", "t5 t6", "--transcoders", str(tmp_path / "tc"), "--target", " t9 t8", "--quiet"]) == 2
     assert "single tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_graph_on_the_default_model_is_exact(smollm):
+    """SmolLM2 with random transcoders on every layer (exactness does not depend on training): the replacement
+    model returns the model's logits bit for bit, and sampled edges equal perturbations to 1e-4."""
+    tcs = transcoders(smollm, d_sae=512, k=16)
+    text = "The capital of the state containing Dallas is"
+    g = attribution_graph(smollm, tcs, text, max_feature_nodes=256, batch_size=128, certify=64, progress=False)
+    assert g.stats["active_features"] == 30 * (len(smollm.to_tokens(text)[0]) - 1) * 16  # first position left out
+    assert g.certificate["n"] == 64 and g.certificate["worst_abs"] < 1e-4, g.certificate["worst_abs"]
+    rm = ReplacementModel(smollm, tcs, smollm.to_tokens(text))
+    assert torch.equal(rm.run(1)[1], rm.logits)
+    assert g.token_labels[0] == " Texas"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_qk_attribution_splits_the_score_exactly(arch):
+    from mechscope.graphs.qk import qk_attribution
+
+    model = ms.HookedModel(tiny_hf(arch))
+    toks = prompt()
+    tcs = transcoders(model)
+    for tc in tcs:  # writes on the residual stream's own scale (random ones are far larger: parts cancel by 1e4)
+        with torch.no_grad():
+            tc.W_dec.mul_(0.01)
+    rm = ReplacementModel(model, tcs, toks)
+    scores = {}
+    with torch.no_grad():
+        model.run_with_hooks(toks, fwd_hooks=[("blocks.2.attn.hook_attn_scores",
+                                               lambda a, h: scores.__setitem__("s", a.detach()))])
+    res = qk_attribution(rm, 2, 1, q_pos=6, k_pos=3)
+    assert res.score == pytest.approx(float(scores["s"][0, 1, 6, 3]), abs=1e-5)  # the model's own score
+    assert res.check < 1e-4  # Q_0 and K_0 equal the query and key with every source removed: the split is linear
+    assert len(res.query_side) == 10 and len(res.pairs) == 10 and "query side" in res.summary()
+    assert any(n.startswith("L") for n, _ in res.query_side + res.key_side)
+    with pytest.raises(InputError, match="k_pos <= q_pos"):
+        qk_attribution(rm, 2, 1, q_pos=2, k_pos=3)

@@ -34,8 +34,12 @@ if TYPE_CHECKING:
     from .model import HookedModel
 
 
+_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
 def norm_specs(model: HookedModel) -> list[tuple[str, NormSpec]]:
-    """Every norm on the residual path of ``model`` (``blocks.L.ln1`` ..., ``ln_final``), each module once."""
+    """Every norm of ``model`` (``blocks.L.ln1`` ..., the q/k norms inside attention, ``ln_final``), each module
+    once. The q/k norms matter only to attribution through attention scores: patterns are frozen anyway."""
     out, seen = [], set()
     for layer in range(model.cfg.n_layers):
         for which in NORMS:
@@ -43,6 +47,12 @@ def norm_specs(model: HookedModel) -> list[tuple[str, NormSpec]]:
             if s is not None and id(s.module) not in seen:
                 seen.add(id(s.module))
                 out.append((f"blocks.{layer}.{which}", s))
+        attn = model.parts.attn(layer)
+        for name in _QK_NORMS:
+            module = getattr(attn, name, None)
+            if isinstance(module, torch.nn.Module) and id(module) not in seen:
+                seen.add(id(module))
+                out.append((f"blocks.{layer}.attn.{name}", NormSpec(model.family.norm, module, model.family.norm_eps)))
     s = model.parts.norm(None)
     if s is not None and id(s.module) not in seen:
         out.append(("ln_final", s))

@@ -29,6 +29,7 @@ from ..core import HookedModel, InputError
 from ..core.progress import bar
 from ..sae.model import SAE
 from .graph import KIND_NAMES, AttributionGraph
+from .nodes import EMBEDDING, ERROR, FEATURE, node_label
 from .replacement import EMBED, ReplacementModel
 from .validate import edge_certificate
 
@@ -94,13 +95,13 @@ def choose_logits(logits: torch.Tensor, target_logits: list[int] | None, prob_ma
 class RowEngine:
     """One forward pass of the replacement model, then batched backward passes: rows of the adjacency."""
 
-    def __init__(self, rm: ReplacementModel, sources: Sources):
+    def __init__(self, rm: ReplacementModel, sources: Sources, capture: tuple[str, ...] = ()):
         self.rm, self.src = rm, sources
         d = rm.model.cfg.d_model
         self.sites = [EMBED] + [st.layer for st in rm.layers]
         self.z = {s: torch.zeros(1, rm.n_pos, d, requires_grad=True) for s in self.sites}
         with torch.enable_grad():
-            self.run, _ = rm.run(1, add=self.z)
+            self.run, _ = rm.run(1, add=self.z, capture=capture)
         self._feature_groups = self._group_sources()
 
     def _group_sources(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -141,11 +142,29 @@ class RowEngine:
             G[torch.tensor(logit_bs), 0, -1] = rm.logit_directions(toks).to(f.dtype)
             outputs.append(f)
             grads.append(G)
+        return self.backward(outputs, grads)
+
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, n_sources]``: row ``b`` holds each source's value dotted with the gradient of
+        ``sum_i <grads[i][b], outputs[i]>`` at the source's write site (one batched backward pass)."""
+        B = grads[0].shape[0]
         gs = torch.autograd.grad(outputs, [self.z[s] for s in self.sites], grads, retain_graph=True,
                                  allow_unused=True, is_grads_batched=True)
-        g = {s: (torch.zeros(B, rm.n_pos, self.z[s].shape[-1]) if v is None else v[:, 0].float())
+        g = {s: (torch.zeros(B, self.rm.n_pos, self.z[s].shape[-1]) if v is None else v[:, 0].float())
              for s, v in zip(self.sites, gs)}
         return self._edges(g)
+
+    def source_name(self, i: int, token_strs: list[str]) -> str:
+        """The name of source index ``i`` (see :func:`~mechscope.graphs.nodes.node_label`)."""
+        src = self.src
+        if i < src.n_feats:
+            layer, pos, f = src.feats[i].tolist()
+            return node_label(FEATURE, layer, pos, f)
+        if i < src.embed(0):
+            layer, pos = divmod(i - src.n_feats, src.n_pos)
+            return node_label(ERROR, layer, pos)
+        pos = i - src.embed(0)
+        return node_label(EMBEDDING, -1, pos, token_strs[pos])
 
     @torch.no_grad()
     def _edges(self, g: dict) -> torch.Tensor:

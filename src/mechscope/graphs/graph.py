@@ -27,7 +27,7 @@ import torch
 from ..core import InputError
 from ..core.files import atomic_write, read_safetensors
 from ..core.result import Result
-from .nodes import EMBEDDING, ERROR, FEATURE, KIND_NAMES, LOGIT
+from .nodes import EMBEDDING, ERROR, FEATURE, KIND_NAMES, LOGIT, node_label
 
 __all__ = ["AttributionGraph", "EMBEDDING", "ERROR", "FEATURE", "KIND_NAMES", "LOGIT", "PrunedGraph"]
 
@@ -92,13 +92,10 @@ class AttributionGraph(Result):
     def node_name(self, i: int) -> str:
         """``L5 F123 @3``, ``err L5 @3``, ``emb 'Paris' @3``, ``logit ' Paris'``."""
         k, layer, pos, idx = int(self.kind[i]), int(self.layer[i]), int(self.pos[i]), int(self.index[i])
-        if k == FEATURE:
-            return f"L{layer} F{idx} @{pos}"
-        if k == ERROR:
-            return f"err L{layer} @{pos}"
-        if k == EMBEDDING:
-            return f"emb {self.token_strs[pos]!r} @{pos}"
-        return f"logit {self.token_labels[int((self.nodes_of(LOGIT) == i).nonzero()[0])]!r}"
+        what = {FEATURE: idx, EMBEDDING: self.token_strs[pos], ERROR: ""}.get(k)
+        if k == LOGIT:
+            what = self.token_labels[int((self.nodes_of(LOGIT) == i).nonzero()[0])]
+        return node_label(k, layer, pos, what)
 
     def influence(self) -> torch.Tensor:
         """``[n_nodes]``: each node's influence on the logits (see the module docstring)."""

@@ -58,6 +58,7 @@ class Run:
 
     x: dict[int, torch.Tensor] = field(default_factory=dict)
     final: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the hook points asked for with ``capture``
 
 
 def _by_layer(model: HookedModel, transcoders: list[SAE]) -> dict[int, SAE]:
@@ -85,8 +86,9 @@ def _by_layer(model: HookedModel, transcoders: list[SAE]) -> dict[int, SAE]:
 class ReplacementModel:
     """The frozen replacement model of ``model`` on ``tokens [1, pos]`` with ``transcoders`` (one per layer, any subset).
 
-    Features at positions before ``skip_first`` (default 1 when the model prepends BOS: the attention
-    sink, which transcoders are not trained on) are left out; their MLP output is error there.
+    Features at positions before ``skip_first`` (default 1: the first position is the attention sink,
+    BOS or not, and mechscope's harvest leaves it out of transcoder training) are left out; the MLP
+    output there is all error.
     """
 
     def __init__(self, model: HookedModel, transcoders: list[SAE], tokens: torch.Tensor, skip_first: int | None = None):
@@ -95,7 +97,7 @@ class ReplacementModel:
                              f"{tuple(tokens.shape)}")
         self.model, self.tokens = model, tokens.to(model.device)
         self.n_pos = tokens.shape[1]
-        self.skip_first = (1 if model.cfg.default_prepend_bos else 0) if skip_first is None else skip_first
+        self.skip_first = 1 if skip_first is None else skip_first
         self.transcoders = _by_layer(model, transcoders)
         self.frozen, self.layers, self.embed, self.logits = self._clean_pass()
 
@@ -128,12 +130,15 @@ class ReplacementModel:
         return frozen, layers, embed, logits.detach()
 
     # ------------------------------------------------------------------ running it
-    def run(self, batch: int = 1, add: dict[str | int, torch.Tensor] | None = None) -> tuple[Run, torch.Tensor]:
+    def run(self, batch: int = 1, add: dict[str | int, torch.Tensor] | None = None,
+            capture: tuple[str, ...] = ()) -> tuple[Run, torch.Tensor]:
         """The replacement model on ``batch`` copies of the prompt, with ``add[site] [batch|1, pos, d_model]``
-        added to what ``site`` (``"embed"`` or a layer's MLP) writes. Returns the live points and the logits."""
+        added to what ``site`` (``"embed"`` or a layer's MLP) writes. Returns the live points (and the hook
+        points named in ``capture``) and the logits."""
         add = add or {}
         live = Run()
         hooks = [("hook_embed", lambda act, hook: act + add[EMBED] if EMBED in add else act)]
+        hooks += [(name, lambda act, hook: live.extra.__setitem__(hook.name, act)) for name in capture]
         for st in self.layers:
             tc = st.transcoder
             if tc is not None:
@@ -159,6 +164,17 @@ class ReplacementModel:
         with self.frozen.applied():
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
         return live, logits
+
+    def without_sources(self) -> dict[str | int, torch.Tensor]:
+        """What :meth:`run` must add to remove every source at once (each feature write, error and embedding):
+        what is left is the bias part of every quantity."""
+        add: dict[str | int, torch.Tensor] = {EMBED: -self.embed.float()[None]}
+        for st in self.layers:
+            w = -st.error.float()[None]
+            if st.acts is not None:
+                w = w - (st.acts.float() @ (st.transcoder.W_dec / st.transcoder.output_scale))[None].detach()
+            add[st.layer] = w
+        return {k: v.to(self.model.dtype) for k, v in add.items()}
 
     # ------------------------------------------------------------------ reading targets
     def logit_directions(self, tokens: torch.Tensor) -> torch.Tensor:
