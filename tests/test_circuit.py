@@ -183,7 +183,7 @@ def test_faithfulness_curve_scores_and_bounds(tmp_path):
     ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
     res = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=2, curve=True)
     cv = res.extra["curve"]
-    assert cv.sizes == [1, 2, 4, 8, 12] and cv.fraction[-1] == 1.0 and set(cv.curves) == {"patching", "eap"}
+    assert cv.sizes == [1, 2, 4, 8, 12] and cv.fraction[-1] == 1.0 and set(cv.curves) == {"patching", "eap", "eap-ig"}
     for c in cv.curves.values():  # every head kept: nothing is ablated, so faithfulness is exactly 1
         assert c[-1].value == pytest.approx(1.0, abs=1e-6)
     assert cv.random[-1] == pytest.approx(1.0, abs=1e-6)

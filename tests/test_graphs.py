@@ -281,3 +281,22 @@ def test_qk_attribution_splits_the_score_exactly(arch):
     assert any(n.startswith("L") for n, _ in res.query_side + res.key_side)
     with pytest.raises(InputError, match="k_pos <= q_pos"):
         qk_attribution(rm, 2, 1, q_pos=2, k_pos=3)
+
+
+def test_faithfulness_curve_of_a_graph(tmp_path):
+    from mechscope.graphs import graph_curve
+
+    model = ms.HookedModel(tiny_hf("llama"))
+    tcs = transcoders(model)
+    for tc in tcs:
+        with torch.no_grad():
+            tc.W_dec.mul_(0.01)
+    g = attribution_graph(model, tcs, prompt(), progress=False)
+    cv = graph_curve(model, g, tcs, n_random=2)
+    n = len(g.nodes_of(FEATURE))
+    assert cv.sizes[-1] == n and set(cv.curves) == {"influence", "activation"}
+    for c in cv.curves.values():  # every feature kept: nothing removed, exactly 1
+        assert c[-1].value == pytest.approx(1.0)
+    assert cv.random[-1] == pytest.approx(1.0) and len(set(round(e.value, 6) for e in cv.curves["influence"])) > 2
+    sc = cv.scores
+    assert 0 <= sc["random"]["cmd"] and "CPR" in cv.summary() and cv.plot(tmp_path / "c.png").stat().st_size > 1000

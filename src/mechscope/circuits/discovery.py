@@ -539,7 +539,7 @@ def _validate_circuit(model, test, metric, nodes: list[str], ablate_mlps: bool, 
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, node_threshold: float = 0.05,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 3,
                  seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False,
-                 screen_heads: int | None = None, curve: bool = False) -> CircuitResult:
+                 screen_heads: int | None = None, curve: bool = False, curve_ig_steps: int = 5) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
     Components whose normalised patching effect reaches ``node_threshold`` (at most ``max_nodes``,
@@ -551,8 +551,9 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     usually claims. Random circuits are judged the same way. ``screen_heads=K`` patches exactly only the
     K heads that attribution patching ranks highest (the rest count as no effect): on SmolLM2 IOI with
     K=64 of 270 the circuit is the same and head patching takes a fraction of the time. ``curve=True``
-    adds ``extra["curve"]``: the :func:`faithfulness_curve` of the patching ranking and of the EAP ranking
-    (:func:`eap_node_ranking`) over circuit sizes, with CPR and CMD, against random circuits.
+    adds ``extra["curve"]``: the :func:`faithfulness_curve` of the patching ranking, the EAP ranking and the
+    EAP-IG ranking (``curve_ig_steps`` steps; 0 leaves it out) (:func:`eap_node_ranking`) over circuit sizes,
+    with CPR and CMD, against random circuits.
     """
     search, test = dataset.split(held_out, seed=seed)
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
@@ -575,9 +576,14 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     faith, knockout, rand = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
     extra_curve = {}
     if curve:
-        stage("find_circuit: the faithfulness curve over circuit sizes (patching and EAP rankings, random)")
-        extra_curve["curve"] = faithfulness_curve(model, test, {"patching": ranked, "eap": eap_node_ranking(eap)},
-                                                  m_test, n_random=n_random, ablate_mlps=ablate_mlps, seed=seed)
+        rankings = {"patching": ranked, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
+        if not ig_steps and curve_ig_steps:
+            stage(f"find_circuit: EAP-IG ({curve_ig_steps} steps) for the curve")
+            rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, m_search,
+                                                                   ig_steps=curve_ig_steps))
+        stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
+        extra_curve["curve"] = faithfulness_curve(model, test, rankings, m_test, n_random=n_random,
+                                                  ablate_mlps=ablate_mlps, seed=seed)
     return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
                          faith, knockout, rand, len(node_scores),
                          extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),

@@ -12,7 +12,7 @@ from .graph import AttributionGraph, PrunedGraph
 from .labels import label_features
 from .qk import QKAttribution, qk_attribution
 from .replacement import ReplacementModel
-from .validate import Intervention, edge_certificate, intervene
+from .validate import Intervention, edge_certificate, graph_curve, intervene
 
 __all__ = ["AttributionGraph", "Intervention", "PrunedGraph", "QKAttribution", "ReplacementModel",
-           "attribution_graph", "edge_certificate", "intervene", "label_features", "qk_attribution"]
+           "attribution_graph", "edge_certificate", "graph_curve", "intervene", "label_features", "qk_attribution"]
