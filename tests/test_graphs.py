@@ -194,7 +194,7 @@ def test_rows_come_from_batched_backward_passes():
     targets = [("feature", int(a), int(b), int(c)) for a, b, c in feats] + [("logit", -1, -1, 5)]
     together = eng.rows(targets)
     alone = torch.cat([eng.rows([t]) for t in targets])
-    torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6 * float(alone.abs().max()))  # float rounding
 
 
 def _worded():

@@ -104,17 +104,18 @@ class RowEngine:
             self.run, _ = rm.run(1, add=self.z, capture=capture)
         self._feature_groups = self._group_sources()
 
-    def _group_sources(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Per layer: the source indices of its features and their write vectors ``a_f W_dec[f]``."""
+    def _group_sources(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Per (layer, position): the source indices of its features and their write vectors ``a_f W_dec[f]``."""
         out = []
         for st in self.rm.layers:
             if st.transcoder is None:
                 continue
-            idx = (self.src.feats[:, 0] == st.layer).nonzero(as_tuple=True)[0]
-            if idx.numel():
-                with torch.no_grad():
-                    w = st.transcoder.write_directions(self.src.feats[idx, 2]).float() * self.src.acts[idx, None]
-                out.append((st.layer, idx, w))
+            for pos in range(self.rm.n_pos):
+                idx = ((self.src.feats[:, 0] == st.layer) & (self.src.feats[:, 1] == pos)).nonzero(as_tuple=True)[0]
+                if idx.numel():
+                    with torch.no_grad():
+                        w = st.transcoder.write_directions(self.src.feats[idx, 2]).float() * self.src.acts[idx, None]
+                    out.append((st.layer, pos, idx, w))
         return out
 
     def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
@@ -172,10 +173,8 @@ class RowEngine:
         src, rm = self.src, self.rm
         B = next(iter(g.values())).shape[0]
         out = torch.zeros(B, src.n)
-        for layer, idx, w in self._feature_groups:
-            pos = src.feats[idx, 1]
-            for s in range(0, idx.numel(), 2048):
-                out[:, idx[s:s + 2048]] = torch.einsum("bnd,nd->bn", g[layer][:, pos[s:s + 2048]], w[s:s + 2048])
+        for layer, pos, idx, w in self._feature_groups:
+            out[:, idx] = g[layer][:, pos] @ w.T
         n = src.n_pos
         for st in rm.layers:
             out[:, src.error(st.layer, 0):src.error(st.layer, 0) + n] = (g[st.layer] * st.error.float()).sum(-1)
@@ -183,13 +182,17 @@ class RowEngine:
         return out
 
 
-def _influence(rows: torch.Tensor, row_src: torch.Tensor, weights: torch.Tensor, n_src: int,
+def _normalised_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``|rows|`` with each row scaled to sum to 1 (Ameisen et al. 2025, §3.4)."""
+    a = rows.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def _influence(a: torch.Tensor, row_src: torch.Tensor, weights: torch.Tensor, n_src: int,
                depth: int) -> torch.Tensor:
     """``[n_src]``: each source's influence on the logits through the rows known so far,
-    ``sum_k w |Â|^k`` with ``|Â|`` the row-normalised absolute adjacency (Ameisen et al. 2025, §3.4).
+    ``sum_k w Â^k`` with ``Â = a`` the normalised rows (:func:`_normalised_rows`).
     ``row_src[r]``: the source index of target row ``r`` (-1 for logit rows)."""
-    a = rows.abs()
-    a = a / a.sum(1, keepdim=True).clamp_min(1e-30)
     cur, total = weights.clone(), torch.zeros(n_src)
     is_feat = row_src >= 0
     for _ in range(depth):
@@ -203,9 +206,10 @@ def _influence(rows: torch.Tensor, row_src: torch.Tensor, weights: torch.Tensor,
 
 
 def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | torch.Tensor,
-                      target_logits: list[int] | None = None, max_feature_nodes: int = 2048,
+                      target_logits: list[int] | None = None, max_feature_nodes: int = 7500,
                       batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
-                      skip_first: int | None = None, certify: int = 32, progress: bool = True) -> AttributionGraph:
+                      skip_first: int | None = None, certify: int = 32, update_every: int = 4,
+                      progress: bool = True) -> AttributionGraph:
     """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``.
 
     ``target_logits``: token ids to explain (default: the most likely next tokens holding
@@ -213,12 +217,14 @@ def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | 
     feature rows to compute, most influential first (circuit-tracer's CLI default is 7,500; each
     costs one backward row); the graph reports how many active features the cap left out and the
     share of influence they held at the last estimate. ``batch_size``: target rows per backward pass.
+    ``update_every``: batches between re-estimates of the features' influence (which picks the next rows).
     ``certify``: how many edges to re-check by perturbation (:func:`~mechscope.graphs.validate.edge_certificate`;
     the worst error is printed with the graph); 0 skips it.
     """
     t0 = time.perf_counter()
-    if max_feature_nodes < 0 or batch_size < 1:
-        raise InputError(f"max_feature_nodes must be >= 0 and batch_size >= 1; got {max_feature_nodes}, {batch_size}")
+    if max_feature_nodes < 0 or batch_size < 1 or update_every < 1:
+        raise InputError(f"max_feature_nodes must be >= 0, batch_size and update_every >= 1; got {max_feature_nodes}, "
+                         f"{batch_size}, {update_every}")
     tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
     tokens = tokens[None] if tokens.dim() == 1 else tokens
     rm = ReplacementModel(model, transcoders, tokens, skip_first)
@@ -227,29 +233,33 @@ def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | 
     engine = RowEngine(rm, src)
     logit_rows = engine.rows([("logit", -1, -1, int(t)) for t in toks])
     budget = min(max_feature_nodes, src.n_feats)
-    feat_rows = torch.zeros(budget, src.n)
-    chosen = torch.full((budget,), -1, dtype=torch.long)
+    n_l = len(toks)
+    rows = torch.zeros(n_l + budget, src.n)  # logit rows, then feature rows in the order computed
+    rows[:n_l] = logit_rows
+    normed = torch.zeros_like(rows)  # their normalised absolute values, for the influence estimates
+    normed[:n_l] = _normalised_rows(logit_rows)
+    row_src = torch.full((n_l + budget,), -1, dtype=torch.long)
+    weights = torch.cat([probs, torch.zeros(budget)])
     visited = torch.zeros(src.n_feats, dtype=torch.bool)
     depth = model.cfg.n_layers + 2
-    n_done, n_batches, since, every, inf = 0, 0, 0, max(1, budget // batch_size // 16), None
+    n_done, n_batches, inf = 0, 0, None
     steps = range(0, budget, batch_size)
-    for _ in bar(steps, desc="attribution graph rows") if progress else steps:
-        if inf is None or since >= every:
-            inf = _influence(torch.cat([logit_rows, feat_rows[:n_done]]),
-                             torch.cat([torch.full((len(toks),), -1), chosen[:n_done]]),
-                             torch.cat([probs, torch.zeros(n_done)]), src.n, depth)[:src.n_feats]
-            since = 0
+    for step in bar(steps, desc="attribution graph rows") if progress else steps:
+        if inf is None or (step // batch_size) % update_every == 0:  # re-estimate which features matter most
+            k = n_l + n_done
+            inf = _influence(normed[:k], row_src[:k], weights[:k], src.n, depth)[:src.n_feats]
         score = torch.where(visited, torch.tensor(-1.0), inf + 1e-12 * src.acts.abs() / (src.acts.abs().max() + 1))
         take = score.topk(min(batch_size, budget - n_done)).indices
-        f = src.feats[take]
-        feat_rows[n_done:n_done + len(take)] = engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in f])
-        chosen[n_done:n_done + len(take)] = take
+        new = engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in src.feats[take]])
+        at = n_l + n_done
+        rows[at:at + len(take)], normed[at:at + len(take)] = new, _normalised_rows(new)
+        row_src[at:at + len(take)] = take
         visited[take] = True
         n_done += len(take)
         n_batches += 1
-        since += 1
-    final_inf = _influence(torch.cat([logit_rows, feat_rows]), torch.cat([torch.full((len(toks),), -1), chosen]),
-                           torch.cat([probs, torch.zeros(budget)]), src.n, depth)[:src.n_feats]
+    final_inf = _influence(normed, row_src, weights, src.n, depth)[:src.n_feats]
+    del normed
+    logit_rows, feat_rows, chosen = rows[:n_l], rows[n_l:], row_src[n_l:]
     dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30)) if src.n_feats else 0.0
     graph = _assemble(model, rm, src, toks, probs, logit_rows, feat_rows, chosen, {
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
