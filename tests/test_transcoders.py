@@ -116,5 +116,13 @@ def test_transcoders_train_cli(tmp_path, capsys, monkeypatch):
     assert out["layers"] == [0, 2] and len(out["each"]) == 2 and out["ce_all"] > 0
     back = load_sae(tmp_path / "layer_2", model)
     assert back.cfg.hook_name_out == "blocks.2.hook_mlp_out" and back.cfg.skip
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved["ce_all"] == out["ce_all"] and saved["layers"] == [0, 2]
+    from mechscope.sae import load_transcoders, transcoder_cache
+
+    assert [t.cfg.hook_name_out for t in load_transcoders(tmp_path, model)] == ["blocks.0.hook_mlp_out",
+                                                                                 "blocks.2.hook_mlp_out"]
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    assert transcoder_cache("org/My Model") == tmp_path / "cache" / "transcoders" / "My_Model"
     assert main(["transcoders", "train", "--layers", "7", "--out", str(tmp_path / "x")]) == 2
     assert "layers [7] out of range: valid layers are 0..2" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from pathlib import Path
@@ -471,7 +472,8 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
     held, held_info = _held_out(args, model)
     stage(f"evaluating on {held.numel()} held-out tokens")
     ev = evaluate_transcoders(model, [r.sae for r in res], held)
-    return Outcome(f"{ev.summary()}\nsaved {len(paths)} transcoders under {args.out}/layer_<L>"
+    atomic_write(Path(args.out) / "evaluation.json", json.dumps({**ev.to_dict(), "layers": layers, **info}, indent=2))
+    return Outcome(f"{ev.summary()}\nsaved {len(paths)} transcoders under {args.out}/layer_<L> (and evaluation.json)"
                    f"\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
                    {**ev.to_dict(), "paths": paths, "layers": layers, **info,
                     "held_out_tokens": held_info["corpus_tokens"]})
@@ -491,6 +493,7 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
          arg("--node-threshold", type=float, default=0.8), arg("--edge-threshold", type=float, default=0.98),
          arg("--certify", type=int, default=32, help="edges re-checked by perturbation (0: none)"),
          arg("--labels", type=int, default=0, help="label the pruned graph's features on this many corpus sequences"),
+         arg("--label-top", type=int, default=150, help="how many of them (most influential first) get labels"),
          arg("--seq-len", type=int, default=64), CORPUS,
          arg("--html", default=None, help="write the interactive graph here"),
          arg("--save", default=None, help="write the graph here (.safetensors)"))
@@ -521,6 +524,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     if args.labels:
         toks, _ = _corpus(args, model, "train", args.labels, args.seq_len)
         kept = (pruned.keep & (g.kind == FEATURE)).nonzero(as_tuple=True)[0]
+        kept = kept[g.influence()[kept].argsort(descending=True)[:args.label_top]]
         dashboards = label_features(model, g, tcs, toks, kept)
     if args.save:
         g.save(args.save)

@@ -18,7 +18,12 @@ import torch
 from ..analysis import viz
 from .nodes import EMBEDDING, ERROR, FEATURE, LOGIT
 
-_W, _ROW, _PAD = 110, 64, 40
+_PAD = 40
+
+
+def _grid(n_pos: int, n_layers: int) -> tuple[float, float]:
+    """Column width and row height that fit about 1200 x 900 px (within readable bounds)."""
+    return max(48.0, min(110.0, 1200 / max(n_pos, 1))), max(22.0, min(64.0, 900 / (n_layers + 2)))
 _COLOURS = {FEATURE: "#f0a030", ERROR: "#999999", EMBEDDING: "#6a9fd8", LOGIT: "#5bb35b"}
 
 _SCRIPT = """
@@ -56,6 +61,7 @@ _SCRIPT = """
 def _layout(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor) -> dict[int, tuple[float, float]]:  # noqa: F821
     """``{node: (x, y)}``: a column per position, a row per layer; nodes sharing a cell spread sideways."""
     g = pg.graph
+    _W, _ROW = _grid(len(g.token_strs), g.n_layers)
     rows = g.n_layers + 2
     cells: dict[tuple[int, int], list[int]] = {}
     for i in shown.tolist():
@@ -64,8 +70,12 @@ def _layout(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor) -> dict[int
     for (layer, pos), nodes in cells.items():
         nodes.sort(key=lambda i: (int(g.kind[i]) != ERROR, -float(inf[i])))
         y = _PAD + (rows - 1 - (layer + 1)) * _ROW
+        if layer == g.n_layers:  # the logits, most likely rightmost, side by side leftwards from the last column
+            for j, i in enumerate(sorted(nodes, key=lambda i: -float(g.value[i]))):
+                xy[i] = (_PAD + pos * _W + _W / 2 - j * (2 * min(40.0, _W / 2 - 3) + 6), y)
+            continue
         for j, i in enumerate(nodes):
-            off = (j - (len(nodes) - 1) / 2) * min(14.0, (_W - 16) / max(len(nodes), 1))
+            off = (j - (len(nodes) - 1) / 2) * min(12.0, (_W - 16) / max(len(nodes), 1))
             xy[i] = (_PAD + pos * _W + _W / 2 + off, y)
     return xy
 
@@ -103,8 +113,9 @@ def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_ed
     shown = ((pg.keep & touched) | (g.kind == LOGIT) | (g.kind == EMBEDDING)).nonzero(as_tuple=True)[0]
     order = {int(i): j for j, i in enumerate(shown)}
     xy = _layout(pg, shown, inf)
-    width = 2 * _PAD + len(g.token_strs) * _W
-    height = 2 * _PAD + (g.n_layers + 1) * _ROW + 30
+    _W, _ROW = _grid(len(g.token_strs), g.n_layers)
+    width = int(2 * _PAD + len(g.token_strs) * _W)
+    height = int(2 * _PAD + (g.n_layers + 1) * _ROW + 30)
     wmax = float(a[idx[:, 0], idx[:, 1]].abs().max()) if idx.numel() else 1.0
     lines = []
     for t, s in idx.tolist():
@@ -121,14 +132,16 @@ def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_ed
         label = html.escape(g.labels.get(i, ""), quote=True)
         tip = f"<title>{name}{(' | ' + label) if label else ''}</title>"
         if k == FEATURE:
-            shape = f"<circle cx='{x:.1f}' cy='{y:.1f}' r='6' fill='{_COLOURS[k]}' stroke='#333'/>"
+            shape = f"<circle cx='{x:.1f}' cy='{y:.1f}' r='5' fill='{_COLOURS[k]}' stroke='#333' stroke-width='0.5'/>"
         elif k == ERROR:
             shape = f"<rect x='{x - 5:.1f}' y='{y - 5:.1f}' width='10' height='10' fill='{_COLOURS[k]}'/>"
         else:
             text = g.token_strs[int(g.pos[i])] if k == EMBEDDING else g.token_labels[int(
                 (g.nodes_of(LOGIT) == i).nonzero()[0])]
             extra = "" if k == EMBEDDING else f" {float(g.value[i]):.2f}"
-            shape = (f"<rect x='{x - 40:.1f}' y='{y - 10:.1f}' width='80' height='20' rx='4' fill='{_COLOURS[k]}'/>"
+            half = min(40.0, _W / 2 - 3)
+            shape = (f"<rect x='{x - half:.1f}' y='{y - 10:.1f}' width='{2 * half:.1f}' height='20' rx='4' "
+                     f"fill='{_COLOURS[k]}'/>"
                      f"<text x='{x:.1f}' y='{y + 4:.1f}' font-size='11' text-anchor='middle'>"
                      f"{html.escape(repr(text)[:14] + extra, quote=True)}</text>")
         marks.append(f"<g class='ms-node' data-i='{j}' style='cursor:pointer'>{tip}{shape}</g>")
@@ -138,9 +151,11 @@ def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_ed
                      f"L{layer}</text>" for layer in range(g.n_layers))
     data = viz.json_for_script({"nodes": _node_data(pg, shown, inf, edges, dashboards or {})})
     return (f"<div class='ms-graph-wrap' style='display:flex;gap:12px;align-items:flex-start'>"
+            f"<div style='overflow:auto;max-width:72vw;max-height:92vh;flex:0 1 auto'>"
             f"<svg id='ms-graph' width='{width}' height='{height}' style='border:1px solid #ddd;background:#fff'>"
-            f"{''.join(lines)}{''.join(marks)}{axis}{layers}</svg>"
-            f"<div id='ms-graph-panel' style='min-width:280px;max-width:420px;font-size:13px'>"
+            f"{''.join(lines)}{''.join(marks)}{axis}{layers}</svg></div>"
+            f"<div id='ms-graph-panel' style='position:sticky;top:0;min-width:280px;max-width:420px;font-size:13px;"
+            f"max-height:92vh;overflow:auto'>"
             f"<p>Click a node for its inputs, outputs and dashboard; double-click the graph to show every edge."
             f"</p></div></div>"
             f"<script type='application/json' id='ms-graph-data'>{data}</script><script>{_SCRIPT}</script>")
