@@ -49,6 +49,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_big.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_distributed.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_graph.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_zoo.py
 
 # TransformerLens in its own venv, for bench/bench_transformerlens.py only (never a package dependency)
 bench-tl: $(STAMP)
