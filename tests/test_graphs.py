@@ -300,3 +300,20 @@ def test_faithfulness_curve_of_a_graph(tmp_path):
     assert cv.random[-1] == pytest.approx(1.0) and len(set(round(e.value, 6) for e in cv.curves["influence"])) > 2
     sc = cv.scores
     assert 0 <= sc["random"]["cmd"] and "CPR" in cv.summary() and cv.plot(tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_the_demo_adds_a_graph_when_transcoders_are_cached(tmp_path, monkeypatch):
+    from mechscope.sae import save_sae, transcoder_cache
+    from mechscope.workflows import Report, _graph
+
+    model = _worded()
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    rep = Report("t", echo=False)
+    _graph(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")  # nothing cached yet: a pointer, no graph
+    assert "transcoders train" in rep.sections[0].text and not rep.findings
+    for tc in transcoders(model):
+        save_sae(tc, transcoder_cache(model.cfg.model_name) / f"layer_{tc.cfg.hook_name_out.split('.')[1]}")
+    rep = Report("t", echo=False)
+    _graph(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")
+    assert (tmp_path / "graph.html").stat().st_size > 1000 and len(rep.findings) == 2
+    assert rep.findings[0].holds and rep.metrics["graph_certificate_worst_rel"] < 1e-4

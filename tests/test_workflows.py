@@ -10,12 +10,14 @@ from mechscope.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_demo_investigation_writes_report(smollm, tmp_path):
+def test_demo_investigation_writes_report(smollm, tmp_path, monkeypatch):
     from mechscope.workflows import demo_investigation
 
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "empty-cache"))  # CI's case: no transcoders trained
     rep = demo_investigation(smollm, tmp_path, n_prompts=4)
     html = (tmp_path / "report.html").read_text()
-    assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8."]
+    assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9."]
+    assert "mechscope transcoders train" in rep.sections[8].text and not (tmp_path / "graph.html").exists()
     for png in ("logit_lens.png", "dla.png", "ioi_resid.png", "ioi_heads.png", "induction.png", "probe.png"):
         assert (tmp_path / png).stat().st_size > 5000 and f"alt='{png}'" in html
     assert f"src='{png}'" not in html and html.count("src='data:image/png;base64,") >= 6  # one file: PNGs inline
