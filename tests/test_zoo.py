@@ -73,3 +73,13 @@ def test_planted_induction_layer_1_forms_induction_heads_that_read_l0h0():
     false_max = max(v for e, v in scored.items() if e not in pm.true_edges)
     assert true_min > 3 * false_max, (true_min, false_max)
     assert ("L0H0", "L1H0.k") in pm.true_edges or ("L0H0", "L1H1.k") in pm.true_edges
+
+
+def test_graphs_on_the_zoo_find_the_source_token(two_hop):
+    from mechscope.graphs.zoo import graph_auroc
+
+    assert graph_auroc(two_hop) == 1.0  # the answer's own embedding, two attention hops back, is the top source
+    shifted = type(two_hop)(**{**two_hop.__dict__, "source_pos": two_hop.source_pos - 1})
+    assert graph_auroc(shifted) < 0.5  # the check can fail: the position next to it is no source
+    g = grade(["copier"], seeds=[0], progress=False, extra={"graph": graph_auroc})
+    assert g.per_seed["copier"]["graph"] == [1.0]

@@ -27,8 +27,10 @@ names them):
 
 :func:`edge_patching` is the exact reference: one forward pass per edge, in which only the reader
 of that edge sees the sender's corrupted output. :func:`grade` scores patching, EAP and EAP-IG by
-edge AUROC over several seeds, with bootstrap CIs over seeds (MIB reports none). Attribution graphs
-do not apply here: these models have no MLPs for transcoders to replace.
+edge AUROC over several seeds, with bootstrap CIs over seeds (MIB reports none). These models have
+no MLPs, so an attribution graph over them has no features: :func:`mechscope.graphs.zoo.graph_auroc`
+grades its embedding-to-logit edges at the token level instead (``source_pos``: the position whose
+token the answer is).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class PlantedModel:
     metric: Callable[[torch.Tensor], torch.Tensor]
     true_edges: set[Edge]
     unscored: set[Edge] = field(default_factory=set)
+    source_pos: int | None = None  # the position whose token the answer is (for token-level grading)
 
 
 # ---------------------------------------------------------------------------------------------- the models
@@ -159,7 +162,7 @@ def planted(name: str, seed: int = 0, steps: int | None = None, n_prompts: int =
         true |= {("embed", f"L1H{h}.v") for h in ind} | {(f"L1H{h}", "logits") for h in ind}
         unscored = ({("embed", "L0H1.v")} | {("L0H1", f"L1H{h}.v") for h in ind}
                     | {("embed", f"L1H{h}.k") for h in ind})
-        return PlantedModel(name, model, clean, corrupted, _logit_diff(answer, wrong), true, unscored)
+        return PlantedModel(name, model, clean, corrupted, _logit_diff(answer, wrong), true, unscored, source_pos=10)
     layers = {"copier": 1, "two-hop": 2}[name]
     period, V, n_ctx = layers + 1, 32, 16  # the next token is the one `layers` positions back
     model = HookedModel(_attn_only_neox(layers, 2, 32, V, n_ctx), toy_tokenizer(V), name=f"zoo-{name}")
@@ -172,7 +175,7 @@ def planted(name: str, seed: int = 0, steps: int | None = None, n_prompts: int =
     true = {("embed", "L0H0.v"), (f"L{layers - 1}H0", "logits")}
     if layers == 2:
         true.add(("L0H0", "L1H0.v"))
-    return PlantedModel(name, model, clean, corrupted, _logit_diff(answer, wrong), true)
+    return PlantedModel(name, model, clean, corrupted, _logit_diff(answer, wrong), true, source_pos=n_ctx - period)
 
 
 def _induction_heads(model: HookedModel) -> list[int]:
@@ -200,7 +203,8 @@ def induction_free(seed: int = 0, steps: int = 800, n_prompts: int = 16) -> Plan
         unscored |= {("embed", f"L0H{p}.q"), ("embed", f"L0H{p}.k")}
     true |= {("embed", f"L1H{i}.v") for i in ind} | {(f"L1H{i}", "logits") for i in ind}
     unscored |= {("embed", f"L1H{i}.k") for i in ind}
-    return PlantedModel("induction-free", model, clean, corrupted, _logit_diff(answer, wrong), true, unscored)
+    return PlantedModel("induction-free", model, clean, corrupted, _logit_diff(answer, wrong), true, unscored,
+                        source_pos=10)
 
 
 # ---------------------------------------------------------------------------------------------- exact edge patching
@@ -304,8 +308,11 @@ class ZooGrades(Result):
 
 
 def grade(models: list[str] | None = None, seeds: list[int] | None = None, ig_steps: int = 5,
-          progress: bool = True, **train) -> ZooGrades:
-    """Edge AUROC of activation (edge) patching, EAP and EAP-IG on each zoo model, for each seed."""
+          progress: bool = True, extra: dict[str, Callable[[PlantedModel], float]] | None = None,
+          **train) -> ZooGrades:
+    """Edge AUROC of activation (edge) patching, EAP and EAP-IG on each zoo model, for each seed; ``extra``:
+    more methods, each a function of the trained :class:`PlantedModel` returning its AUROC (e.g.
+    :func:`mechscope.graphs.zoo.graph_auroc`)."""
     from ..core.progress import quiet
 
     models = models or ["copier", "two-hop", "induction", "induction-free"]
@@ -313,7 +320,7 @@ def grade(models: list[str] | None = None, seeds: list[int] | None = None, ig_st
     per: dict[str, dict[str, list[float]]] = {}
     n_edges, n_true = {}, {}
     for name in models:
-        per[name] = {"patching": [], "eap": [], "eap-ig": []}
+        per[name] = {"patching": [], "eap": [], "eap-ig": [], **{k: [] for k in extra or {}}}
         for seed in bar(seeds, desc=f"zoo: {name}") if progress else seeds:
             with quiet(not progress):
                 pm = induction_free(seed, **train) if name == "induction-free" else planted(name, seed, **train)
@@ -322,5 +329,8 @@ def grade(models: list[str] | None = None, seeds: list[int] | None = None, ig_st
                 exact = edge_patching(pm.model, pm.clean, pm.corrupted, pm.metric, list(eap))
             for method, sc in (("patching", exact), ("eap", eap), ("eap-ig", eap_ig)):
                 per[name][method].append(edge_auroc(sc, pm.true_edges, pm.unscored))
+            for method, fn in (extra or {}).items():
+                with quiet(not progress):
+                    per[name][method].append(fn(pm))
             n_edges[name], n_true[name] = len(eap) - len(pm.unscored & set(eap)), len(pm.true_edges)
     return ZooGrades(seeds, per, n_edges, n_true)
