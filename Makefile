@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast lint bench bench-tl bench-saelens compat clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-transcoders compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_distributed.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_graph.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_zoo.py
+
+# the full 30-layer SmolLM2 transcoder run (about 30 min here), into $MECHSCOPE_CACHE where `mechscope graph` looks
+bench-transcoders: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_transcoders.py
 
 # TransformerLens in its own venv, for bench/bench_transformerlens.py only (never a package dependency)
 bench-tl: $(STAMP)

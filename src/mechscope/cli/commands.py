@@ -331,7 +331,7 @@ def head_cmd(args: argparse.Namespace) -> Result:
          arg("--screen", type=int, default=64,
              help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
          arg("--curve", default=None, metavar="PNG",
-             help="also the faithfulness curve over circuit sizes (patching vs EAP ranking vs random, CPR/CMD), "
+             help="also the faithfulness curve over circuit sizes (patching, EAP and EAP-IG rankings vs random, CPR/CMD), "
                   "drawn to PNG"), PICTURES)
 def circuit_cmd(args: argparse.Namespace) -> Result:
     from ..circuits.discovery import find_circuit

@@ -1,7 +1,8 @@
 """The offline, interactive picture of a pruned attribution graph: one SVG, a little inline script, no CDN.
 
 Nodes sit on a grid of prompt position (x) by layer (y): embeddings at the bottom, the target
-logits at the top, features as circles, error nodes as grey squares. An edge's width follows its
+logits at the top, features as circles (the 25 most influential labelled ones with their
+top-activating tokens beside them), error nodes as grey squares. An edge's width follows its
 weight, blue for excitatory and red for inhibitory. Clicking a node highlights its edges and shows
 its details (value, influence, strongest inputs and outputs, label) and, for a labelled feature,
 its dashboard. Every token and label is escaped; the node data travels as JSON with ``<`` escaped.
@@ -126,6 +127,8 @@ def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_ed
                      f"stroke-width='{0.4 + 4 * abs(w) / wmax:.2f}' opacity='0.6' data-s='{order[s]}' "
                      f"data-t='{order[t]}'/>")
     marks = []
+    feats = [i for i in shown.tolist() if int(g.kind[i]) == FEATURE and i in g.labels]
+    labelled = set(sorted(feats, key=lambda i: -float(inf[i]))[:25])  # the most influential labelled features
     for j, i in enumerate(shown.tolist()):
         x, y = xy[i]
         k, name = int(g.kind[i]), html.escape(g.node_name(i), quote=True)
@@ -133,6 +136,9 @@ def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_ed
         tip = f"<title>{name}{(' | ' + label) if label else ''}</title>"
         if k == FEATURE:
             shape = f"<circle cx='{x:.1f}' cy='{y:.1f}' r='5' fill='{_COLOURS[k]}' stroke='#333' stroke-width='0.5'/>"
+            if i in labelled:  # its top-activating tokens, beside it
+                shape += (f"<text x='{x + 7:.1f}' y='{y - 6:.1f}' font-size='8' fill='#444'>"
+                          f"{html.escape(g.labels[i][:24], quote=True)}</text>")
         elif k == ERROR:
             shape = f"<rect x='{x - 5:.1f}' y='{y - 5:.1f}' width='10' height='10' fill='{_COLOURS[k]}'/>"
         else:
