@@ -66,8 +66,8 @@ def active_features(rm: ReplacementModel) -> Sources:
         if st.acts is None:
             continue
         pos, f = st.acts.nonzero(as_tuple=True)
-        feats.append(torch.stack([torch.full_like(pos, st.layer), pos, f], 1))
-        acts.append(st.acts[pos, f])
+        feats.append(torch.stack([torch.full_like(pos, st.layer), pos, f], 1).cpu())
+        acts.append(st.acts[pos, f].cpu())
     if not feats:
         return Sources(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0), rm.model.cfg.n_layers, rm.n_pos)
     return Sources(torch.cat(feats), torch.cat(acts).float(), rm.model.cfg.n_layers, rm.n_pos)
@@ -77,7 +77,7 @@ def choose_logits(logits: torch.Tensor, target_logits: list[int] | None, prob_ma
                   max_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The target tokens and their probabilities at the last position: ``target_logits``, or the most
     likely tokens until they hold ``prob_mass`` of the probability (at most ``max_logits``)."""
-    probs = torch.softmax(logits[0, -1].float(), -1)
+    probs = torch.softmax(logits[0, -1].float(), -1).cpu()
     if target_logits is not None:
         toks = torch.as_tensor(list(target_logits), dtype=torch.long)
         bad = [int(t) for t in toks if not 0 <= int(t) < probs.numel()]
@@ -99,7 +99,8 @@ class RowEngine:
         self.rm, self.src = rm, sources
         d = rm.model.cfg.d_model
         self.sites = [EMBED] + [st.layer for st in rm.layers]
-        self.z = {s: torch.zeros(1, rm.n_pos, d, requires_grad=True) for s in self.sites}
+        self.z = {s: torch.zeros(1, rm.n_pos, d, dtype=rm.model.dtype, device=rm.model.device, requires_grad=True)
+                  for s in self.sites}
         with torch.enable_grad():
             self.run, _ = rm.run(1, add=self.z, capture=capture)
         self._feature_groups = self._group_sources()
@@ -114,7 +115,7 @@ class RowEngine:
                 idx = ((self.src.feats[:, 0] == st.layer) & (self.src.feats[:, 1] == pos)).nonzero(as_tuple=True)[0]
                 if idx.numel():
                     with torch.no_grad():
-                        w = st.transcoder.write_directions(self.src.feats[idx, 2]).float() * self.src.acts[idx, None]
+                        w = st.transcoder.write_directions(self.src.feats[idx, 2]).float().cpu() * self.src.acts[idx, None]
                     out.append((st.layer, pos, idx, w))
         return out
 
@@ -129,16 +130,16 @@ class RowEngine:
                 by_layer.setdefault(layer, []).append(b)
         for layer, bs in by_layer.items():
             x = self.run.x[layer]
-            G = torch.zeros(B, *x.shape, dtype=x.dtype)
+            G = torch.zeros(B, *x.shape, dtype=x.dtype, device=x.device)
             feats = torch.tensor([targets[b][3] for b in bs])
-            dirs = rm.transcoders[layer].read_directions(feats).detach().to(x.dtype)
+            dirs = rm.transcoders[layer].read_directions(feats).detach().to(x.device, x.dtype)
             G[torch.tensor(bs), 0, torch.tensor([targets[b][2] for b in bs])] = dirs
             outputs.append(x)
             grads.append(G)
         logit_bs = [b for b, t in enumerate(targets) if t[0] == "logit"]
         if logit_bs:
             f = self.run.final
-            G = torch.zeros(B, *f.shape, dtype=f.dtype)
+            G = torch.zeros(B, *f.shape, dtype=f.dtype, device=f.device)
             toks = torch.tensor([targets[b][3] for b in logit_bs])
             G[torch.tensor(logit_bs), 0, -1] = rm.logit_directions(toks).to(f.dtype)
             outputs.append(f)
@@ -151,7 +152,7 @@ class RowEngine:
         B = grads[0].shape[0]
         gs = torch.autograd.grad(outputs, [self.z[s] for s in self.sites], grads, retain_graph=True,
                                  allow_unused=True, is_grads_batched=True)
-        g = {s: (torch.zeros(B, self.rm.n_pos, self.z[s].shape[-1]) if v is None else v[:, 0].float())
+        g = {s: (torch.zeros(B, self.rm.n_pos, self.z[s].shape[-1]) if v is None else v[:, 0].float().cpu())
              for s, v in zip(self.sites, gs)}
         return self._edges(g)
 
@@ -177,8 +178,8 @@ class RowEngine:
             out[:, idx] = g[layer][:, pos] @ w.T
         n = src.n_pos
         for st in rm.layers:
-            out[:, src.error(st.layer, 0):src.error(st.layer, 0) + n] = (g[st.layer] * st.error.float()).sum(-1)
-        out[:, src.embed(0):src.embed(0) + n] = (g[EMBED] * rm.embed.float()).sum(-1)
+            out[:, src.error(st.layer, 0):src.error(st.layer, 0) + n] = (g[st.layer] * st.error.float().cpu()).sum(-1)
+        out[:, src.embed(0):src.embed(0) + n] = (g[EMBED] * rm.embed.float().cpu()).sum(-1)
         return out
 
 
@@ -287,8 +288,9 @@ def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torc
                        torch.full((len(toks),), L)])
     pos = torch.cat([src.feats[order, 1], torch.arange(n).repeat(L), torch.arange(n), torch.full((len(toks),), n - 1)])
     index = torch.cat([src.feats[order, 2], torch.full((L * n,), -1), rm.tokens[0].cpu(), toks])
-    value = torch.cat([src.acts[order], torch.stack([st.error.float().norm(dim=-1) for st in rm.layers]).reshape(-1),
-                       rm.embed.float().norm(dim=-1), probs])
+    value = torch.cat([src.acts[order],
+                       torch.stack([st.error.float().norm(dim=-1).cpu() for st in rm.layers]).reshape(-1),
+                       rm.embed.float().norm(dim=-1).cpu(), probs])
     return AttributionGraph(prompt_tokens=rm.tokens[0].cpu(), token_strs=_strs(model, rm.tokens[0].cpu()),
                             kind=kind, layer=layer, pos=pos, index=index, value=value, adjacency=adj,
                             logit_probs=probs, stats=stats, n_layers=L,

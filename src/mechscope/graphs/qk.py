@@ -66,11 +66,11 @@ def qk_attribution(rm: ReplacementModel, layer: int, head: int, q_pos: int, k_po
     eng = RowEngine(rm, active_features(rm), capture=(qn, kn))
     q, k = eng.run.extra[qn], eng.run.extra[kn]  # [1, pos, head | kv_head, d_head]
     kv = head // (cfg.n_heads // k.shape[2])
-    Q, K = q[0, q_pos, head].detach().float(), k[0, k_pos, kv].detach().float()
+    Q, K = q[0, q_pos, head].detach().float().cpu(), k[0, k_pos, kv].detach().float().cpu()
     d = Q.numel()
 
     def parts(out: torch.Tensor, pos: int, h: int) -> torch.Tensor:  # [d_head, n_sources]: each source's part
-        G = torch.zeros(d, *out.shape, dtype=out.dtype)
+        G = torch.zeros(d, *out.shape, dtype=out.dtype, device=out.device)
         G[torch.arange(d), 0, pos, h, torch.arange(d)] = 1
         return eng.backward([out], [G])
 
@@ -87,8 +87,8 @@ def qk_attribution(rm: ReplacementModel, layer: int, head: int, q_pos: int, k_po
     pairs = [(name(qi[i // len(ki)]), name(ki[i % len(ki)]), float(pair.flatten()[i])) for i in flat]
     with torch.no_grad():  # linearity check: the bias parts are what is left with every source removed
         bare, _ = rm.run(1, rm.without_sources(), capture=(qn, kn))
-    check = max(float((bare.extra[qn][0, q_pos, head].float() - Q0).abs().max()),
-                float((bare.extra[kn][0, k_pos, kv].float() - K0).abs().max()))
+    check = max(float((bare.extra[qn][0, q_pos, head].float().cpu() - Q0).abs().max()),
+                float((bare.extra[kn][0, k_pos, kv].float().cpu() - K0).abs().max()))
     return QKAttribution(layer, head, q_pos, k_pos, score, [(name(i), float(q_side[i])) for i in qi],
                          [(name(i), float(k_side[i])) for i in ki], pairs, scale * float(Q0 @ K0), check)
 

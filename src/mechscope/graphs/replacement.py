@@ -84,7 +84,8 @@ def _by_layer(model: HookedModel, transcoders: list[SAE]) -> dict[int, SAE]:
 
 
 class ReplacementModel:
-    """The frozen replacement model of ``model`` on ``tokens [1, pos]`` with ``transcoders`` (one per layer, any subset).
+    """The frozen replacement model of ``model`` on ``tokens [1, pos]`` with ``transcoders`` (one per layer, any subset;
+    they are moved to the model's device).
 
     Features at positions before ``skip_first`` (default 1: the first position is the attention sink,
     BOS or not, and mechscope's harvest leaves it out of transcoder training) are left out; the MLP
@@ -98,7 +99,7 @@ class ReplacementModel:
         self.model, self.tokens = model, tokens.to(model.device)
         self.n_pos = tokens.shape[1]
         self.skip_first = 1 if skip_first is None else skip_first
-        self.transcoders = _by_layer(model, transcoders)
+        self.transcoders = {layer: tc.to(model.device) for layer, tc in _by_layer(model, transcoders).items()}
         self.frozen, self.layers, self.embed, self.logits = self._clean_pass()
 
     # ------------------------------------------------------------------ the clean pass
@@ -137,7 +138,7 @@ class ReplacementModel:
         points named in ``capture``) and the logits."""
         add = add or {}
         live = Run()
-        hooks = [("hook_embed", lambda act, hook: act + add[EMBED] if EMBED in add else act)]
+        hooks = [("hook_embed", lambda act, hook: act + add[EMBED].to(act.device, act.dtype) if EMBED in add else act)]
         hooks += [(name, lambda act, hook: live.extra.__setitem__(hook.name, act)) for name in capture]
         for st in self.layers:
             tc = st.transcoder
@@ -152,7 +153,7 @@ class ReplacementModel:
                 if st.transcoder is not None and st.transcoder.cfg.skip:  # the one live path through a transcoder
                     delta = st.transcoder.skip_term((live.x[st.layer] - st.x).float())
                     out = out + delta.to(act.dtype)
-                return out + add[st.layer] if st.layer in add else out
+                return out + add[st.layer].to(act.device, act.dtype) if st.layer in add else out
 
             hooks.append((st.out_hook, write))
 

@@ -31,11 +31,11 @@ def _source_write(rm: ReplacementModel, graph: AttributionGraph, node: int) -> t
                              int(graph.index[node]))
     if kind == FEATURE:
         tc = rm.transcoders[layer]
-        return layer, pos, float(graph.value[node]) * tc.write_directions(torch.tensor([idx]))[0].detach().float()
+        return layer, pos, float(graph.value[node]) * tc.write_directions(torch.tensor([idx]))[0].detach().float().cpu()
     if kind == ERROR:
-        return layer, pos, rm.layers[layer].error[pos].float()
+        return layer, pos, rm.layers[layer].error[pos].float().cpu()
     if kind == EMBEDDING:
-        return EMBED, pos, rm.embed[pos].float()
+        return EMBED, pos, rm.embed[pos].float().cpu()
     raise InputError(f"node {node} ({graph.node_name(node)}) is a logit: it is no source")
 
 
@@ -145,10 +145,10 @@ def intervene(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE
         if layer not in by_layer:
             raise InputError(f"no transcoder for layer {layer} among those given")
         name = f"blocks.{layer}.hook_mlp_out"
-        vec = (scale - 1.0) * a * by_layer[layer].write_directions(torch.tensor([f]))[0].float()
+        vec = (scale - 1.0) * a * by_layer[layer].write_directions(torch.tensor([f]))[0].detach().float().cpu()
         adds.setdefault(name, torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] += vec
         delta[n] = (scale - 1.0) * a
-    hooks = [(name, lambda act, hook, v=v: act + v.to(act.dtype)) for name, v in adds.items()]
+    hooks = [(name, lambda act, hook, v=v: act + v.to(act.device, act.dtype)) for name, v in adds.items()]
     toks = graph.index[graph.nodes_of(LOGIT)]
 
     def demeaned(logits: torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,7 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[S
     for i in feats:
         layer, f = int(graph.layer[i]), int(graph.index[i])
         writes[i] = (layer, int(graph.pos[i]), float(graph.value[i]) * by_layer[layer].write_directions(
-            torch.tensor([f]))[0].float())
+            torch.tensor([f]))[0].detach().float().cpu())
     tokens = graph.prompt_tokens[None].to(model.device)
     top = int(graph.index[graph.nodes_of(LOGIT)[0]])
 
@@ -193,7 +193,7 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[S
         for i in removed:
             layer, pos, vec = writes[i]
             adds.setdefault(f"blocks.{layer}.hook_mlp_out", torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] -= vec
-        hooks = [(name, lambda act, hook, v=v: act + v.to(act.dtype)) for name, v in adds.items()]
+        hooks = [(name, lambda act, hook, v=v: act + v.to(act.device, act.dtype)) for name, v in adds.items()]
         last = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float()
         return float(last[top] - last.mean())
 
