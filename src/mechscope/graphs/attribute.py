@@ -183,34 +183,63 @@ class RowEngine:
         return out
 
 
-def _normalised_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``|rows|`` with each row scaled to sum to 1 (Ameisen et al. 2025, §3.4)."""
-    a = rows.abs()
-    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+class SparseRows:
+    """Rows of the adjacency kept as sparse entries (row, source, weight) as they are computed, with their
+    row-normalised magnitudes for the influence estimates. Row ``i < n_logits`` is logit ``i``'s; the
+    others are features', ``row_src`` saying which source each is."""
 
+    def __init__(self, n_src: int, tolerance: float):
+        self.n_src, self.tolerance = n_src, tolerance
+        self.r: list[torch.Tensor] = []
+        self.c: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.a: list[torch.Tensor] = []
+        self.row_src: list[int] = []
+        self.dropped = 0.0  # |weight| dropped by the tolerance, summed
+        self.total = 0.0
 
-def _influence(a: torch.Tensor, row_src: torch.Tensor, weights: torch.Tensor, n_src: int,
-               depth: int) -> torch.Tensor:
-    """``[n_src]``: each source's influence on the logits through the rows known so far,
-    ``sum_k w Â^k`` with ``Â = a`` the normalised rows (:func:`_normalised_rows`).
-    ``row_src[r]``: the source index of target row ``r`` (-1 for logit rows)."""
-    cur, total = weights.clone(), torch.zeros(n_src)
-    is_feat = row_src >= 0
-    for _ in range(depth):
-        contrib = cur @ a
-        total += contrib
-        cur = torch.zeros_like(cur)
-        cur[is_feat] = contrib[row_src[is_feat]]
-        if float(cur.sum()) < 1e-12:
-            break
-    return total
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_src)
+
+    def add(self, dense: torch.Tensor, sources: list[int]) -> None:
+        """Append ``dense [B, n_src]`` rows (``sources[b]``: the source index of row ``b``'s target, -1 for a logit)."""
+        mag = dense.abs()
+        self.total += float(mag.sum())
+        keep = mag > 0 if self.tolerance <= 0 else mag > self.tolerance * mag.amax(1, keepdim=True)
+        self.dropped += float(mag[~keep].sum())
+        b, c = keep.nonzero(as_tuple=True)
+        v = dense[b, c]
+        a = v.abs()
+        a = a / torch.zeros(len(sources)).index_add_(0, b, a)[b].clamp_min(1e-30)
+        self.r.append(b + self.n_rows)
+        self.c.append(c)
+        self.v.append(v)
+        self.a.append(a)
+        self.row_src += sources
+
+    def influence(self, weights: torch.Tensor, depth: int) -> torch.Tensor:
+        """``[n_src]``: each source's influence on the logits through the rows so far (``weights [n_rows]``: the
+        logit rows' probabilities), ``sum_k w Â^k`` (Ameisen et al. 2025, §3.4)."""
+        r, c, a = torch.cat(self.r), torch.cat(self.c), torch.cat(self.a)
+        row_src = torch.tensor(self.row_src)
+        is_feat = row_src >= 0
+        cur, total = weights.clone(), torch.zeros(self.n_src)
+        for _ in range(depth):
+            contrib = torch.zeros(self.n_src).index_add_(0, c, a * cur[r])
+            total += contrib
+            cur = torch.zeros_like(cur)
+            cur[is_feat] = contrib[row_src[is_feat]]
+            if float(cur.sum()) < 1e-12:
+                break
+        return total
 
 
 def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | torch.Tensor,
                       target_logits: list[int] | None = None, max_feature_nodes: int = 7500,
                       batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
                       skip_first: int | None = None, certify: int = 32, update_every: int = 4,
-                      progress: bool = True) -> AttributionGraph:
+                      edge_tolerance: float = 0.0, progress: bool = True) -> AttributionGraph:
     """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``.
 
     ``target_logits``: token ids to explain (default: the most likely next tokens holding
@@ -219,52 +248,48 @@ def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | 
     costs one backward row); the graph reports how many active features the cap left out and the
     share of influence they held at the last estimate. ``batch_size``: target rows per backward pass.
     ``update_every``: batches between re-estimates of the features' influence (which picks the next rows).
-    ``certify``: how many edges to re-check by perturbation (:func:`~mechscope.graphs.validate.edge_certificate`;
-    the worst error is printed with the graph); 0 skips it.
+    ``edge_tolerance``: edges below this fraction of their row's largest are not stored (0, the default,
+    keeps every nonzero edge; for long prompts 1e-3 bounds memory); the share of edge weight dropped is
+    reported. ``certify``: how many edges to re-check by perturbation
+    (:func:`~mechscope.graphs.validate.edge_certificate`; the worst error is printed with the graph); 0 skips it.
+    Rows are stored sparsely as they come; only one batch of rows, ``[batch_size, sources]``, is ever dense.
     """
     t0 = time.perf_counter()
-    if max_feature_nodes < 0 or batch_size < 1 or update_every < 1:
-        raise InputError(f"max_feature_nodes must be >= 0, batch_size and update_every >= 1; got {max_feature_nodes}, "
-                         f"{batch_size}, {update_every}")
+    if max_feature_nodes < 0 or batch_size < 1 or update_every < 1 or not 0 <= edge_tolerance < 1:
+        raise InputError(f"max_feature_nodes must be >= 0, batch_size and update_every >= 1, edge_tolerance in "
+                         f"[0, 1); got {max_feature_nodes}, {batch_size}, {update_every}, {edge_tolerance}")
     tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
     tokens = tokens[None] if tokens.dim() == 1 else tokens
     rm = ReplacementModel(model, transcoders, tokens, skip_first)
     src = active_features(rm)
     toks, probs = choose_logits(rm.logits, target_logits, prob_mass, max_logits)
     engine = RowEngine(rm, src)
-    logit_rows = engine.rows([("logit", -1, -1, int(t)) for t in toks])
+    rows = SparseRows(src.n, edge_tolerance)
+    rows.add(engine.rows([("logit", -1, -1, int(t)) for t in toks]), [-1] * len(toks))
     budget = min(max_feature_nodes, src.n_feats)
     n_l = len(toks)
-    rows = torch.zeros(n_l + budget, src.n)  # logit rows, then feature rows in the order computed
-    rows[:n_l] = logit_rows
-    normed = torch.zeros_like(rows)  # their normalised absolute values, for the influence estimates
-    normed[:n_l] = _normalised_rows(logit_rows)
-    row_src = torch.full((n_l + budget,), -1, dtype=torch.long)
-    weights = torch.cat([probs, torch.zeros(budget)])
     visited = torch.zeros(src.n_feats, dtype=torch.bool)
     depth = model.cfg.n_layers + 2
-    n_done, n_batches, inf = 0, 0, None
+    n_batches, inf = 0, None
+
+    def weights() -> torch.Tensor:
+        return torch.cat([probs, torch.zeros(rows.n_rows - n_l)])
+
     steps = range(0, budget, batch_size)
     for step in bar(steps, desc="attribution graph rows") if progress else steps:
         if inf is None or (step // batch_size) % update_every == 0:  # re-estimate which features matter most
-            k = n_l + n_done
-            inf = _influence(normed[:k], row_src[:k], weights[:k], src.n, depth)[:src.n_feats]
+            inf = rows.influence(weights(), depth)[:src.n_feats]
         score = torch.where(visited, torch.tensor(-1.0), inf + 1e-12 * src.acts.abs() / (src.acts.abs().max() + 1))
-        take = score.topk(min(batch_size, budget - n_done)).indices
-        new = engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in src.feats[take]])
-        at = n_l + n_done
-        rows[at:at + len(take)], normed[at:at + len(take)] = new, _normalised_rows(new)
-        row_src[at:at + len(take)] = take
+        take = score.topk(min(batch_size, budget - (rows.n_rows - n_l))).indices
+        rows.add(engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in src.feats[take]]), take.tolist())
         visited[take] = True
-        n_done += len(take)
         n_batches += 1
-    final_inf = _influence(normed, row_src, weights, src.n, depth)[:src.n_feats]
-    del normed
-    logit_rows, feat_rows, chosen = rows[:n_l], rows[n_l:], row_src[n_l:]
+    final_inf = rows.influence(weights(), depth)[:src.n_feats]
     dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30)) if src.n_feats else 0.0
-    graph = _assemble(model, rm, src, toks, probs, logit_rows, feat_rows, chosen, {
+    graph = _assemble(model, rm, src, toks, probs, rows, {
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
-        "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1})
+        "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
+        "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30)})
     if certify:
         graph.certificate = edge_certificate(rm, graph, certify)
     graph.stats["seconds"] = time.perf_counter() - t0
@@ -272,21 +297,25 @@ def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | 
 
 
 def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torch.Tensor, probs: torch.Tensor,
-              logit_rows: torch.Tensor, feat_rows: torch.Tensor, chosen: torch.Tensor, stats: dict) -> AttributionGraph:
+              rows: SparseRows, stats: dict) -> AttributionGraph:
     """Nodes ``[features kept][errors][embeddings][logits]`` and the sparse adjacency over them."""
-    order = chosen[torch.argsort(chosen)]  # kept features in (layer, pos, feature) order
-    feat_row_of = {int(c): i for i, c in enumerate(chosen)}
+    n_l = len(toks)
+    chosen = torch.tensor(rows.row_src[n_l:], dtype=torch.long)
+    order = chosen.sort().values  # kept features in (layer, pos, feature) order
     n_k, L, n = len(order), src.n_layers, src.n_pos
-    keep_cols = torch.cat([order, torch.arange(src.n_feats, src.n)])  # sources that stay nodes
-    rows = torch.cat([feat_rows[[feat_row_of[int(c)] for c in order]], logit_rows])[:, keep_cols]
-    n_nodes = n_k + (L + 1) * n + len(toks)
-    tgt_ids = torch.cat([torch.arange(n_k), torch.arange(n_nodes - len(toks), n_nodes)])
-    r, c = rows.nonzero(as_tuple=True)
-    adj = torch.sparse_coo_tensor(torch.stack([tgt_ids[r], c]), rows[r, c], (n_nodes, n_nodes), check_invariants=False).coalesce()
-    kind = torch.cat([torch.zeros(n_k), torch.ones(L * n), torch.full((n,), 2.0), torch.full((len(toks),), 3.0)]).long()
+    n_nodes = n_k + (L + 1) * n + n_l
+    col = torch.full((src.n,), -1, dtype=torch.long)  # source index -> node index (-1: a feature not kept)
+    col[order] = torch.arange(n_k)
+    col[src.n_feats:] = n_k + torch.arange((L + 1) * n)
+    row_node = torch.cat([torch.arange(n_nodes - n_l, n_nodes), col[chosen]])  # row -> node index
+    r, c, v = torch.cat(rows.r), torch.cat(rows.c), torch.cat(rows.v)
+    keep = col[c] >= 0
+    adj = torch.sparse_coo_tensor(torch.stack([row_node[r[keep]], col[c[keep]]]), v[keep], (n_nodes, n_nodes),
+                                  check_invariants=False).coalesce()
+    kind = torch.cat([torch.zeros(n_k), torch.ones(L * n), torch.full((n,), 2.0), torch.full((n_l,), 3.0)]).long()
     layer = torch.cat([src.feats[order, 0], torch.arange(L).repeat_interleave(n), torch.full((n,), -1),
-                       torch.full((len(toks),), L)])
-    pos = torch.cat([src.feats[order, 1], torch.arange(n).repeat(L), torch.arange(n), torch.full((len(toks),), n - 1)])
+                       torch.full((n_l,), L)])
+    pos = torch.cat([src.feats[order, 1], torch.arange(n).repeat(L), torch.arange(n), torch.full((n_l,), n - 1)])
     index = torch.cat([src.feats[order, 2], torch.full((L * n,), -1), rm.tokens[0].cpu(), toks])
     value = torch.cat([src.acts[order],
                        torch.stack([st.error.float().norm(dim=-1).cpu() for st in rm.layers]).reshape(-1),

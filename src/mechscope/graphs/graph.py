@@ -32,17 +32,19 @@ from .nodes import EMBEDDING, ERROR, FEATURE, KIND_NAMES, LOGIT, node_label
 __all__ = ["AttributionGraph", "EMBEDDING", "ERROR", "FEATURE", "KIND_NAMES", "LOGIT", "PrunedGraph"]
 
 
-def normalised(adj: torch.Tensor) -> torch.Tensor:
-    """Dense ``Â``: ``|A|`` with each row scaled to sum to 1 (rows without input stay 0)."""
-    a = adj.to_dense().abs()
-    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+def row_normalised(rows: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
+    """``|vals|`` of sparse entries ``(rows, ., vals)`` scaled so that each row sums to 1 (``Â``)."""
+    a = vals.abs().float()
+    total = torch.zeros(n).index_add_(0, rows, a)
+    return a / total[rows].clamp_min(1e-30)
 
 
-def influence(a_hat: torch.Tensor, w: torch.Tensor, depth: int) -> torch.Tensor:
-    """``w Σ_{k=1..depth} Â^k``: each node's influence on the weighted targets (exact for a DAG of that depth)."""
+def influence(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, w: torch.Tensor, depth: int) -> torch.Tensor:
+    """``w Σ_{k=1..depth} Â^k`` for the sparse ``Â[rows, cols] = a``: each node's influence on the weighted
+    targets (exact for a DAG of that depth); never a dense matrix."""
     cur, total = w.clone(), torch.zeros_like(w)
     for _ in range(depth):
-        cur = cur @ a_hat
+        cur = torch.zeros_like(w).index_add_(0, cols, a * cur[rows])
         total += cur
         if float(cur.abs().sum()) < 1e-12:
             break
@@ -97,24 +99,31 @@ class AttributionGraph(Result):
             what = self.token_labels[int((self.nodes_of(LOGIT) == i).nonzero()[0])]
         return node_label(k, layer, pos, what)
 
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adjacency's entries ``(targets, sources, weights)``, in its coalesced order."""
+        a = self.adjacency.coalesce()
+        return a.indices()[0], a.indices()[1], a.values()
+
     def influence(self) -> torch.Tensor:
         """``[n_nodes]``: each node's influence on the logits (see the module docstring)."""
-        return influence(normalised(self.adjacency), self.logit_weights(), self.n_layers + 2)
+        r, c, v = self.entries()
+        return influence(r, c, row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_layers + 2)
 
     # ------------------------------------------------------------------ scores
     def scores(self, keep: torch.Tensor | None = None) -> dict[str, float]:
         """Replacement and completeness scores; with ``keep`` (a node mask), of the pruned graph, whose
         dropped feature nodes count as error nodes."""
-        a_hat, w = normalised(self.adjacency), self.logit_weights()
+        r, c, v = self.entries()
+        a, w, n = row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_nodes
         err = self.kind == ERROR
         if keep is not None:  # a dropped feature becomes a leaf, like an error node
             dropped = (self.kind == FEATURE) & ~keep
             err = err | dropped
-            a_hat[dropped] = 0
-        inf = influence(a_hat, w, self.n_layers + 2)
+            a = a * ~dropped[r]
+        inf = influence(r, c, a, w, self.n_layers + 2)
         leaf_emb, leaf_err = float(inf[self.kind == EMBEDDING].sum()), float(inf[err].sum())
-        has_input = a_hat.sum(1) > 0
-        non_err = (a_hat[:, ~err]).sum(1)
+        has_input = torch.zeros(n).index_add_(0, r, a) > 0
+        non_err = torch.zeros(n).index_add_(0, r, a * ~err[c])
         weight = (inf + w) * has_input
         return {"replacement": leaf_emb / max(leaf_emb + leaf_err, 1e-30),
                 "completeness": float((weight * non_err).sum() / weight.sum().clamp_min(1e-30))}
@@ -127,8 +136,9 @@ class AttributionGraph(Result):
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0 < v <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {v}")
-        a_hat, w = normalised(self.adjacency), self.logit_weights()
-        inf = influence(a_hat, w, self.n_layers + 2)
+        r, c, v = self.entries()
+        a, w, depth = row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_layers + 2
+        inf = influence(r, c, a, w, depth)
         feats = self.nodes_of(FEATURE)
         keep = self.kind != FEATURE
         if feats.numel():
@@ -136,24 +146,23 @@ class AttributionGraph(Result):
             cum = inf[order].cumsum(0) / inf[order].sum().clamp_min(1e-30)
             n = int((cum < node_threshold).sum()) + 1
             keep[order[:n]] = True
-        a_k = a_hat * keep[:, None] * keep[None, :]
-        inf_k = influence(a_k, w, self.n_layers + 2)
-        score = a_k * (inf_k + w)[:, None]
-        flat = score.flatten()
-        order = flat.argsort(descending=True)
-        cum = flat[order].cumsum(0) / flat.sum().clamp_min(1e-30)
+        a_k = a * (keep[r] & keep[c])
+        score = a_k * (influence(r, c, a_k, w, depth) + w)[r]
+        order = score.argsort(descending=True)
+        cum = score[order].cumsum(0) / score.sum().clamp_min(1e-30)
         n = int((cum < edge_threshold).sum()) + 1
-        edge_keep = torch.zeros_like(flat, dtype=torch.bool)
+        edge_keep = torch.zeros_like(score, dtype=torch.bool)
         edge_keep[order[:n]] = True
-        edge_keep &= flat > 0
-        edge_keep = edge_keep.view_as(score)
-        for _ in range(self.n_layers + 2):  # drop features with no kept edge in or out, until stable
-            touched = edge_keep.any(0) | edge_keep.any(1)
+        edge_keep &= score > 0
+        for _ in range(depth):  # drop features with no kept edge in or out, until stable
+            touched = torch.zeros(self.n_nodes, dtype=torch.bool)
+            touched[r[edge_keep]] = True
+            touched[c[edge_keep]] = True
             lone = (self.kind == FEATURE) & keep & ~touched
             if not lone.any():
                 break
             keep &= ~lone
-            edge_keep &= keep[:, None] & keep[None, :]
+            edge_keep &= keep[r] & keep[c]
         return PrunedGraph(self, keep, edge_keep, node_threshold, edge_threshold)
 
     # ------------------------------------------------------------------ protocol
@@ -226,7 +235,8 @@ class AttributionGraph(Result):
 
 @dataclass(repr=False)
 class PrunedGraph(Result):
-    """A pruned view of an :class:`AttributionGraph`: ``keep`` node mask, ``edges`` dense edge mask."""
+    """A pruned view of an :class:`AttributionGraph`: ``keep`` a node mask, ``edges`` a mask over the
+    adjacency's entries (in :meth:`AttributionGraph.entries` order)."""
 
     graph: AttributionGraph
     keep: torch.Tensor
@@ -235,6 +245,11 @@ class PrunedGraph(Result):
     edge_threshold: float
 
     _skip_in_dict = ("graph", "keep", "edges")
+
+    def kept_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept edges as ``(targets, sources, weights)``."""
+        r, c, v = self.graph.entries()
+        return r[self.edges], c[self.edges], v[self.edges]
 
     def summary(self) -> str:
         g, sc = self.graph, self.graph.scores(self.keep)

@@ -81,46 +81,55 @@ def _layout(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor) -> dict[int
     return xy
 
 
-def _node_data(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor, edges: torch.Tensor,  # noqa: F821
-               dashboards: dict[int, str]) -> list[dict]:
+def _top_per_group(keys: torch.Tensor, strength: torch.Tensor, top: int) -> torch.Tensor:
+    """Indices of the ``top`` strongest entries of each key, strongest first within each key."""
+    order = strength.argsort(descending=True)
+    grouped = order[keys[order].argsort(stable=True)]  # by key, strongest first within a key
+    k = keys[grouped]
+    start = torch.ones_like(k, dtype=torch.bool)
+    start[1:] = k[1:] != k[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(len(k)), torch.zeros_like(k)), 0).values
+    return grouped[(torch.arange(len(k)) - first) < top]
+
+
+def _node_data(pg: PrunedGraph, shown: torch.Tensor, inf: torch.Tensor,  # noqa: F821
+               dashboards: dict[int, str], top: int = 8) -> list[dict]:
+    """Per shown node: its name, value, influence, label, dashboard and strongest kept inputs and outputs."""
     g = pg.graph
-    a = g.adjacency.to_dense() * edges
-    out = []
-    for i in shown.tolist():
-        ins = a[i].abs().argsort(descending=True)[:8]
-        outs = a[:, i].abs().argsort(descending=True)[:8]
-        out.append({"name": g.node_name(i), "kind": g.kind_names[int(g.kind[i])], "value": float(g.value[i]),
-                    "influence": float(inf[i]), "label": g.labels.get(i, ""), "dashboard": dashboards.get(i, ""),
-                    "inputs": [[g.node_name(int(j)), float(a[i, j])] for j in ins if a[i, j] != 0],
-                    "outputs": [[g.node_name(int(j)), float(a[j, i])] for j in outs if a[j, i] != 0]})
-    return out
+    r, c, v = pg.kept_entries()
+    ins: dict[int, list] = {int(i): [] for i in shown}
+    outs: dict[int, list] = {int(i): [] for i in shown}
+    for j in _top_per_group(r, v.abs(), top).tolist():
+        if int(r[j]) in ins:
+            ins[int(r[j])].append([g.node_name(int(c[j])), float(v[j])])
+    for j in _top_per_group(c, v.abs(), top).tolist():
+        if int(c[j]) in outs:
+            outs[int(c[j])].append([g.node_name(int(r[j])), float(v[j])])
+    return [{"name": g.node_name(i), "kind": g.kind_names[int(g.kind[i])], "value": float(g.value[i]),
+             "influence": float(inf[i]), "label": g.labels.get(i, ""), "dashboard": dashboards.get(i, ""),
+             "inputs": ins[i], "outputs": outs[i]} for i in shown.tolist()]
 
 
 def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_edges: int = 800) -> str:  # noqa: F821
     """The pruned graph as an HTML fragment (SVG + script). ``dashboards``: node -> HTML fragment shown on click
-    (built by mechscope's own escaping dashboard code)."""
+    (built by mechscope's own escaping dashboard code). The ``max_edges`` strongest kept edges are drawn."""
     g = pg.graph
     inf = g.influence()
-    edges = pg.edges.clone()
-    idx = edges.nonzero()
-    a = g.adjacency.to_dense()
-    if idx.shape[0] > max_edges:  # draw the strongest edges only
-        w = a[idx[:, 0], idx[:, 1]].abs()
-        drop = idx[w.argsort(descending=True)[max_edges:]]
-        edges[drop[:, 0], drop[:, 1]] = False
-        idx = edges.nonzero()
+    r, c, v = pg.kept_entries()
+    strongest = v.abs().argsort(descending=True)[:max_edges]
+    r, c, v = r[strongest], c[strongest], v[strongest]
     touched = torch.zeros(g.n_nodes, dtype=torch.bool)
-    touched[idx[:, 0]] = touched[idx[:, 1]] = True
+    touched[r] = True
+    touched[c] = True
     shown = ((pg.keep & touched) | (g.kind == LOGIT) | (g.kind == EMBEDDING)).nonzero(as_tuple=True)[0]
     order = {int(i): j for j, i in enumerate(shown)}
     xy = _layout(pg, shown, inf)
     _W, _ROW = _grid(len(g.token_strs), g.n_layers)
     width = int(2 * _PAD + len(g.token_strs) * _W)
     height = int(2 * _PAD + (g.n_layers + 1) * _ROW + 30)
-    wmax = float(a[idx[:, 0], idx[:, 1]].abs().max()) if idx.numel() else 1.0
+    wmax = float(v.abs().max()) if v.numel() else 1.0
     lines = []
-    for t, s in idx.tolist():
-        w = float(a[t, s])
+    for t, s, w in zip(r.tolist(), c.tolist(), v.tolist()):
         (x1, y1), (x2, y2) = xy[s], xy[t]
         colour = "#3b6fd4" if w > 0 else "#d43b3b"
         lines.append(f"<line x1='{x1:.1f}' y1='{y1:.1f}' x2='{x2:.1f}' y2='{y2:.1f}' stroke='{colour}' "
@@ -155,7 +164,7 @@ def graph_html(pg: PrunedGraph, dashboards: dict[int, str] | None = None, max_ed
                    f"fill='#555'>{p}</text>" for p in range(len(g.token_strs)))
     layers = "".join(f"<text x='4' y='{_PAD + (g.n_layers - layer) * _ROW + 4:.1f}' font-size='10' fill='#555'>"
                      f"L{layer}</text>" for layer in range(g.n_layers))
-    data = viz.json_for_script({"nodes": _node_data(pg, shown, inf, edges, dashboards or {})})
+    data = viz.json_for_script({"nodes": _node_data(pg, shown, inf, dashboards or {})})
     return (f"<div class='ms-graph-wrap' style='display:flex;gap:12px;align-items:flex-start'>"
             f"<div style='overflow:auto;max-width:72vw;max-height:92vh;flex:0 1 auto'>"
             f"<svg id='ms-graph' width='{width}' height='{height}' style='border:1px solid #ddd;background:#fff'>"

@@ -114,18 +114,23 @@ def _graph_prediction(graph: AttributionGraph, delta: torch.Tensor) -> tuple[tor
     """Propagate activation changes ``delta [n_nodes]`` (features only) through the graph: per unit of a
     source's activation, ``A[t, s] / a_s``; an active downstream feature moves with its pre-activation.
     Returns the changes of the logit nodes (direct edges only, and through the graph)."""
-    a = graph.adjacency.to_dense()
-    per_unit = torch.where(graph.kind == FEATURE, graph.value.float(), torch.ones(graph.n_nodes))
-    m = a / per_unit.clamp_min(1e-30)[None, :] * (graph.kind == FEATURE)[None, :]
+    r, c, v = graph.entries()
+    is_feat = graph.kind == FEATURE
+    per_unit = torch.where(is_feat, graph.value.float(), torch.ones(graph.n_nodes))
+    m = v.float() / per_unit.clamp_min(1e-30)[c] * is_feat[c]  # effect on t per unit of source s's activation
+
+    def apply(x: torch.Tensor) -> torch.Tensor:  # (M x)[t] = sum_s M[t, s] x[s]
+        return torch.zeros(graph.n_nodes).index_add_(0, r, m * x[c])
+
     logits = graph.nodes_of(LOGIT)
-    direct = m[logits] @ delta
+    direct = apply(delta)[logits]
     total, cur = delta.clone(), delta.clone()
     for _ in range(graph.n_layers + 1):
-        cur = (m @ cur) * (graph.kind == FEATURE)
+        cur = apply(cur) * is_feat
         total += cur
         if float(cur.abs().sum()) < 1e-12:
             break
-    return direct, m[logits] @ total
+    return direct, apply(total)[logits]
 
 
 @torch.no_grad()

@@ -27,9 +27,10 @@ def graph_auroc(pm: PlantedModel, n_prompts: int = 4) -> float:
         answer = int(row[pm.source_pos])
         g = attribution_graph(pm.model, [], row[None], target_logits=[answer], certify=0, progress=False)
         logit = int(g.nodes_of(LOGIT)[0])
-        a = g.adjacency.to_dense()
+        r, c, v = g.entries()
         emb = g.nodes_of(EMBEDDING)
-        scores = a[logit, emb].abs()
+        into = r == logit
+        scores = torch.zeros(g.n_nodes).index_add_(0, c[into], v[into].abs())[emb]
         true = scores[pm.source_pos]
         rest = torch.cat([scores[:pm.source_pos], scores[pm.source_pos + 1:]])
         out.append(float(((true > rest).float() + 0.5 * (true == rest).float()).mean()))
