@@ -331,7 +331,7 @@ def test_sparse_influence_equals_the_dense_series_and_tolerance_drops_small_edge
     g = attribution_graph(model, tcs, prompt(), progress=False)
     a = g.adjacency.to_dense().abs()
     a = a / a.sum(1, keepdim=True).clamp_min(1e-30)
-    w, dense, cur = g.logit_weights(), torch.zeros(g.n_nodes), g.logit_weights()
+    _w, dense, cur = g.logit_weights(), torch.zeros(g.n_nodes), g.logit_weights()
     for _ in range(g.n_layers + 2):
         cur = cur @ a
         dense += cur

@@ -184,16 +184,13 @@ class RowEngine:
 
 
 class SparseRows:
-    """Rows of the adjacency kept as sparse entries (row, source, weight) as they are computed, with their
-    row-normalised magnitudes for the influence estimates. Row ``i < n_logits`` is logit ``i``'s; the
-    others are features', ``row_src`` saying which source each is."""
+    """Rows of the adjacency kept as sparse entries (row, source, weight) as they are computed, grouped by the
+    layer of the row's target, with their row-normalised magnitudes for the influence estimates. Row
+    ``i < n_logits`` is logit ``i``'s; the others are features', ``row_src`` saying which source each is."""
 
-    def __init__(self, n_src: int, tolerance: float):
-        self.n_src, self.tolerance = n_src, tolerance
-        self.r: list[torch.Tensor] = []
-        self.c: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.a: list[torch.Tensor] = []
+    def __init__(self, sources: "Sources", tolerance: float):
+        self.src, self.tolerance = sources, tolerance
+        self.by_layer: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # layer -> [(rows, sources, weights, Â)]
         self.row_src: list[int] = []
         self.dropped = 0.0  # |weight| dropped by the tolerance, summed
         self.total = 0.0
@@ -212,26 +209,32 @@ class SparseRows:
         v = dense[b, c]
         a = v.abs()
         a = a / torch.zeros(len(sources)).index_add_(0, b, a)[b].clamp_min(1e-30)
-        self.r.append(b + self.n_rows)
-        self.c.append(c)
-        self.v.append(v)
-        self.a.append(a)
+        src = torch.tensor(sources)
+        layer = torch.full((len(sources),), self.src.n_layers)  # logits above every layer
+        is_feat = src >= 0
+        layer[is_feat] = self.src.feats[src[is_feat], 0]
+        entry_layer = layer[b]
+        for lay in entry_layer.unique().tolist():
+            m = entry_layer == lay
+            self.by_layer.setdefault(int(lay), []).append((b[m] + self.n_rows, c[m], v[m], a[m]))
         self.row_src += sources
 
-    def influence(self, weights: torch.Tensor, depth: int) -> torch.Tensor:
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every stored entry: ``(rows, sources, weights)``."""
+        chunks = [ch for lay in self.by_layer.values() for ch in lay]
+        return tuple(torch.cat([ch[i] for ch in chunks]) for i in range(3))
+
+    def influence(self, weights: torch.Tensor) -> torch.Tensor:
         """``[n_src]``: each source's influence on the logits through the rows so far (``weights [n_rows]``: the
-        logit rows' probabilities), ``sum_k w Â^k`` (Ameisen et al. 2025, §3.4)."""
-        r, c, a = torch.cat(self.r), torch.cat(self.c), torch.cat(self.a)
+        logit rows' probabilities), ``sum_k w Â^k`` (Ameisen et al. 2025, §3.4), in one sweep from the top
+        layer down (see :func:`mechscope.graphs.graph.influence`)."""
         row_src = torch.tensor(self.row_src)
-        is_feat = row_src >= 0
-        cur, total = weights.clone(), torch.zeros(self.n_src)
-        for _ in range(depth):
-            contrib = torch.zeros(self.n_src).index_add_(0, c, a * cur[r])
-            total += contrib
-            cur = torch.zeros_like(cur)
-            cur[is_feat] = contrib[row_src[is_feat]]
-            if float(cur.sum()) < 1e-12:
-                break
+        total = torch.zeros(self.src.n)
+        for lay in sorted(self.by_layer, reverse=True):
+            for r, c, _, a in self.by_layer[lay]:
+                s = row_src[r]
+                own = torch.where(s >= 0, total[s.clamp_min(0)], torch.zeros(()))  # a feature row's own influence
+                total.index_add_(0, c, a * (weights[r] + own))
         return total
 
 
@@ -264,12 +267,11 @@ def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | 
     src = active_features(rm)
     toks, probs = choose_logits(rm.logits, target_logits, prob_mass, max_logits)
     engine = RowEngine(rm, src)
-    rows = SparseRows(src.n, edge_tolerance)
+    rows = SparseRows(src, edge_tolerance)
     rows.add(engine.rows([("logit", -1, -1, int(t)) for t in toks]), [-1] * len(toks))
     budget = min(max_feature_nodes, src.n_feats)
     n_l = len(toks)
     visited = torch.zeros(src.n_feats, dtype=torch.bool)
-    depth = model.cfg.n_layers + 2
     n_batches, inf = 0, None
 
     def weights() -> torch.Tensor:
@@ -278,13 +280,13 @@ def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | 
     steps = range(0, budget, batch_size)
     for step in bar(steps, desc="attribution graph rows") if progress else steps:
         if inf is None or (step // batch_size) % update_every == 0:  # re-estimate which features matter most
-            inf = rows.influence(weights(), depth)[:src.n_feats]
+            inf = rows.influence(weights())[:src.n_feats]
         score = torch.where(visited, torch.tensor(-1.0), inf + 1e-12 * src.acts.abs() / (src.acts.abs().max() + 1))
         take = score.topk(min(batch_size, budget - (rows.n_rows - n_l))).indices
         rows.add(engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in src.feats[take]]), take.tolist())
         visited[take] = True
         n_batches += 1
-    final_inf = rows.influence(weights(), depth)[:src.n_feats]
+    final_inf = rows.influence(weights())[:src.n_feats]
     dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30)) if src.n_feats else 0.0
     graph = _assemble(model, rm, src, toks, probs, rows, {
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
@@ -308,7 +310,7 @@ def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torc
     col[order] = torch.arange(n_k)
     col[src.n_feats:] = n_k + torch.arange((L + 1) * n)
     row_node = torch.cat([torch.arange(n_nodes - n_l, n_nodes), col[chosen]])  # row -> node index
-    r, c, v = torch.cat(rows.r), torch.cat(rows.c), torch.cat(rows.v)
+    r, c, v = rows.entries()
     keep = col[c] >= 0
     adj = torch.sparse_coo_tensor(torch.stack([row_node[r[keep]], col[c[keep]]]), v[keep], (n_nodes, n_nodes),
                                   check_invariants=False).coalesce()

@@ -7,8 +7,8 @@ Node ``i`` has a ``kind`` (feature, error, embedding, logit), a ``layer`` (embed
 
 Pruning and scores follow Ameisen et al. 2025 ("Circuit Tracing", §3.4 and appendix): with
 ``Â`` the row-normalised ``|A|`` and ``w`` the logit probabilities, a node's influence on the
-output is ``(w Σ_{k≥1} Â^k)_i``. Features are kept in order of influence until they hold
-``node_threshold`` of it; edges, scored by ``Â[t, s] · (influence_t + w_t)``, until ``edge_threshold``.
+output is ``(w Σ_{k≥1} Â^k)_i`` (one sweep from the top layer down). Features are kept in order of
+influence until they hold ``node_threshold`` of it; edges, scored by ``Â[t, s] · (influence_t + w_t)``, until ``edge_threshold``.
 
 - replacement score: the share of the influence that reaches the leaves (embeddings and errors)
   landing on embeddings: 1 when no path ends in an error node;
@@ -39,15 +39,20 @@ def row_normalised(rows: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tens
     return a / total[rows].clamp_min(1e-30)
 
 
-def influence(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, w: torch.Tensor, depth: int) -> torch.Tensor:
-    """``w Σ_{k=1..depth} Â^k`` for the sparse ``Â[rows, cols] = a``: each node's influence on the weighted
-    targets (exact for a DAG of that depth); never a dense matrix."""
-    cur, total = w.clone(), torch.zeros_like(w)
-    for _ in range(depth):
-        cur = torch.zeros_like(w).index_add_(0, cols, a * cur[rows])
-        total += cur
-        if float(cur.abs().sum()) < 1e-12:
-            break
+def influence(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+              node_layer: torch.Tensor) -> torch.Tensor:
+    """``w Σ_k Â^k`` for the sparse ``Â[rows, cols] = a``: each node's influence on the weighted targets.
+
+    Every edge runs from a lower layer to a higher one (logits are above every layer), so one sweep
+    from the top layer down is exact: when a layer's rows are reached, their own influence is final,
+    and ``influence = (w + influence) Â`` is added for them. One pass over the entries, no dense matrix.
+    """
+    total = torch.zeros_like(w)
+    entry_layer = node_layer[rows]
+    for layer in sorted(set(entry_layer.unique().tolist()), reverse=True):
+        sel = entry_layer == layer
+        r = rows[sel]
+        total.index_add_(0, cols[sel], a[sel] * (w + total)[r])
     return total
 
 
@@ -107,7 +112,7 @@ class AttributionGraph(Result):
     def influence(self) -> torch.Tensor:
         """``[n_nodes]``: each node's influence on the logits (see the module docstring)."""
         r, c, v = self.entries()
-        return influence(r, c, row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_layers + 2)
+        return influence(r, c, row_normalised(r, v, self.n_nodes), self.logit_weights(), self.layer)
 
     # ------------------------------------------------------------------ scores
     def scores(self, keep: torch.Tensor | None = None) -> dict[str, float]:
@@ -120,7 +125,7 @@ class AttributionGraph(Result):
             dropped = (self.kind == FEATURE) & ~keep
             err = err | dropped
             a = a * ~dropped[r]
-        inf = influence(r, c, a, w, self.n_layers + 2)
+        inf = influence(r, c, a, w, self.layer)
         leaf_emb, leaf_err = float(inf[self.kind == EMBEDDING].sum()), float(inf[err].sum())
         has_input = torch.zeros(n).index_add_(0, r, a) > 0
         non_err = torch.zeros(n).index_add_(0, r, a * ~err[c])
@@ -138,7 +143,7 @@ class AttributionGraph(Result):
                 raise InputError(f"{name} must be in (0, 1], got {v}")
         r, c, v = self.entries()
         a, w, depth = row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_layers + 2
-        inf = influence(r, c, a, w, depth)
+        inf = influence(r, c, a, w, self.layer)
         feats = self.nodes_of(FEATURE)
         keep = self.kind != FEATURE
         if feats.numel():
@@ -147,7 +152,7 @@ class AttributionGraph(Result):
             n = int((cum < node_threshold).sum()) + 1
             keep[order[:n]] = True
         a_k = a * (keep[r] & keep[c])
-        score = a_k * (influence(r, c, a_k, w, depth) + w)[r]
+        score = a_k * (influence(r, c, a_k, w, self.layer) + w)[r]
         order = score.argsort(descending=True)
         cum = score[order].cumsum(0) / score.sum().clamp_min(1e-30)
         n = int((cum < edge_threshold).sum()) + 1
