@@ -35,6 +35,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -148,13 +149,8 @@ def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str
     heads = [str(x) for x in all_heads(model.cfg)]
     mlps = [str(x) for x in all_mlps(model.cfg)]
     ablatable = heads + mlps if ablate_mlps else heads
-    n = len(ablatable)
     if not rankings:
         raise InputError("faithfulness_curve needs at least one ranking of components")
-    sizes = sizes or sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
-    bad = [k for k in sizes if not 0 < k <= n]
-    if bad:
-        raise InputError(f"sizes {bad} out of range: 1..{n} (the ablatable components)")
     with torch.no_grad():
         full = torch.as_tensor(metric(model(test.clean))).float().cpu()
 
@@ -165,12 +161,24 @@ def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str
         return _ratio_ci(_ablated_metric(model, test.clean, metric, parse_components(model, outside), test.corrupted,
                                          seed), full, seed)
 
-    curves = {}
-    for name, order in rankings.items():
-        order = [x for x in order if x in set(ablatable)]  # only ablatable components change the curve
-        curves[name] = [faithful(order[:k]) for k in bar(sizes, desc=f"faithfulness curve ({name})")]
+    rankings = {name: [x for x in order if x in set(ablatable)]  # only ablatable components change the curve
+                for name, order in rankings.items()}
+    return curve_over_sizes(faithful, rankings, ablatable, sizes, n_random, seed, "the ablatable components")
+
+
+def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, list], pool: list,
+                     sizes: list[int] | None, n_random: int, seed: int, what: str) -> FaithfulnessCurve:
+    """The :class:`FaithfulnessCurve` of ``faithful(kept)`` for the top ``k`` of each ranking, for each ``k`` of
+    ``sizes`` (default: powers of 2 up to all of ``pool``), against random ``k``-subsets of ``pool``."""
+    n = len(pool)
+    sizes = sizes or sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+    bad = [k for k in sizes if not 0 < k <= n]
+    if bad:
+        raise InputError(f"sizes {bad} out of range: 1..{n} ({what})")
+    curves = {name: [faithful(order[:k]) for k in bar(sizes, desc=f"faithfulness curve ({name})")]
+              for name, order in rankings.items()}
     rng = random.Random(seed)
-    rand = [sum(faithful(rng.sample(ablatable, k)).value for _ in range(n_random)) / n_random
+    rand = [sum(faithful(rng.sample(pool, k)).value for _ in range(n_random)) / n_random
             for k in bar(sizes, desc="faithfulness curve (random)")]
     return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n)
 

@@ -61,7 +61,7 @@ class Run:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the hook points asked for with ``capture``
 
 
-def _by_layer(model: HookedModel, transcoders: list[SAE]) -> dict[int, SAE]:
+def transcoders_by_layer(model: HookedModel, transcoders: list[SAE]) -> dict[int, SAE]:
     """``{layer: transcoder}``, checking each one fits ``model`` and writes one block's ``hook_mlp_out``."""
     out = {}
     for tc in transcoders:
@@ -99,7 +99,7 @@ class ReplacementModel:
         self.model, self.tokens = model, tokens.to(model.device)
         self.n_pos = tokens.shape[1]
         self.skip_first = 1 if skip_first is None else skip_first
-        self.transcoders = {layer: tc.to(model.device) for layer, tc in _by_layer(model, transcoders).items()}
+        self.transcoders = {layer: tc.to(model.device) for layer, tc in transcoders_by_layer(model, transcoders).items()}
         self.frozen, self.layers, self.embed, self.logits = self._clean_pass()
 
     # ------------------------------------------------------------------ the clean pass

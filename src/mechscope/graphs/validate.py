@@ -17,21 +17,41 @@ from dataclasses import dataclass
 import torch
 
 from ..analysis.validation import Estimate
-from ..circuits.discovery import FaithfulnessCurve
+from ..circuits.discovery import FaithfulnessCurve, curve_over_sizes
 from ..core import HookedModel, InputError
+from ..core.progress import quiet
 from ..core.result import Result
 from ..sae.model import SAE
 from .graph import EMBEDDING, ERROR, FEATURE, LOGIT, AttributionGraph
-from .replacement import EMBED, ReplacementModel
+from .replacement import EMBED, ReplacementModel, transcoders_by_layer
+
+
+def _feature_write(transcoders: dict[int, SAE], graph: AttributionGraph, node: int) -> tuple[int, int, torch.Tensor]:
+    """Feature node ``node``'s layer, position and write ``a_f W_dec[f]`` (``[d_model]``, CPU)."""
+    layer, pos, f = int(graph.layer[node]), int(graph.pos[node]), int(graph.index[node])
+    if layer not in transcoders:
+        raise InputError(f"no transcoder for layer {layer} among those given")
+    direction = transcoders[layer].write_directions(torch.tensor([f]))[0].detach().float().cpu()
+    return layer, pos, float(graph.value[node]) * direction
+
+
+def _real_last_logits(model: HookedModel, tokens: torch.Tensor, writes: list[tuple[int, int, torch.Tensor]],
+                      tops: torch.Tensor) -> torch.Tensor:
+    """The real model's demeaned last-position logits of ``tops``, with each ``(layer, pos, vector)`` of ``writes``
+    added to that block's ``hook_mlp_out`` (everything downstream recomputes)."""
+    adds: dict[str, torch.Tensor] = {}
+    for layer, pos, vec in writes:
+        adds.setdefault(f"blocks.{layer}.hook_mlp_out", torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] += vec
+    hooks = [(name, lambda act, hook, v=v: act + v.to(act.device, act.dtype)) for name, v in adds.items()]
+    last = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float().cpu()
+    return last[tops] - last.mean()
 
 
 def _source_write(rm: ReplacementModel, graph: AttributionGraph, node: int) -> tuple[str | int, int, torch.Tensor]:
     """Where source ``node`` writes (``"embed"`` or a layer), at which position, and the vector it writes."""
-    kind, layer, pos, idx = (int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node]),
-                             int(graph.index[node]))
+    kind, layer, pos = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
     if kind == FEATURE:
-        tc = rm.transcoders[layer]
-        return layer, pos, float(graph.value[node]) * tc.write_directions(torch.tensor([idx]))[0].detach().float().cpu()
+        return _feature_write(rm.transcoders, graph, node)
     if kind == ERROR:
         return layer, pos, rm.layers[layer].error[pos].float().cpu()
     if kind == EMBEDDING:
@@ -138,29 +158,18 @@ def intervene(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE
               scale: float = 0.0) -> Intervention:
     """Scale feature nodes ``nodes`` by ``scale`` (0: ablate) in the real model, through their decoder
     directions at ``hook_mlp_out``, and compare each target logit's change with the graph's prediction."""
-    by_layer = {int(tc.cfg.hook_name_out.split(".")[1]): tc for tc in transcoders}
+    by_layer = transcoders_by_layer(model, transcoders)
     bad = [n for n in nodes if not 0 <= n < graph.n_nodes or int(graph.kind[n]) != FEATURE]
     if bad or not nodes:
         raise InputError(f"intervene takes feature nodes of the graph; {bad or 'none'} are not")
     tokens = graph.prompt_tokens[None].to(model.device)
-    adds: dict[str, torch.Tensor] = {}
-    delta = torch.zeros(graph.n_nodes)
+    writes, delta = [], torch.zeros(graph.n_nodes)
     for n in nodes:
-        layer, pos, f, a = int(graph.layer[n]), int(graph.pos[n]), int(graph.index[n]), float(graph.value[n])
-        if layer not in by_layer:
-            raise InputError(f"no transcoder for layer {layer} among those given")
-        name = f"blocks.{layer}.hook_mlp_out"
-        vec = (scale - 1.0) * a * by_layer[layer].write_directions(torch.tensor([f]))[0].detach().float().cpu()
-        adds.setdefault(name, torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] += vec
-        delta[n] = (scale - 1.0) * a
-    hooks = [(name, lambda act, hook, v=v: act + v.to(act.device, act.dtype)) for name, v in adds.items()]
+        layer, pos, vec = _feature_write(by_layer, graph, n)
+        writes.append((layer, pos, (scale - 1.0) * vec))
+        delta[n] = (scale - 1.0) * float(graph.value[n])
     toks = graph.index[graph.nodes_of(LOGIT)]
-
-    def demeaned(logits: torch.Tensor) -> torch.Tensor:
-        last = logits[0, -1].float()
-        return last[toks] - last.mean()
-
-    measured = demeaned(model.run_with_hooks(tokens, fwd_hooks=hooks)) - demeaned(model(tokens))
+    measured = _real_last_logits(model, tokens, writes, toks) - _real_last_logits(model, tokens, [], toks)
     direct, through = _graph_prediction(graph, delta)
     return Intervention([graph.node_name(n) for n in nodes], scale, list(graph.token_labels), measured.tolist(),
                         direct.tolist(), through.tolist())
@@ -174,33 +183,19 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[S
     recomputes), and read the top target's demeaned logit ``m``. Faithfulness is ``(m_k - m_0) / (m_all - m_0)``
     with ``m_0`` every graph feature removed. Rankings: the graph's influence and the activation size, against
     random sets of the same sizes. One prompt, so each point's interval is the point itself."""
-    import random as _random
-
     feats = graph.nodes_of(FEATURE).tolist()
     if not feats:
         raise InputError("the graph has no feature nodes to rank")
-    n = len(feats)
-    sizes = sizes or sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
-    bad = [k for k in sizes if not 0 < k <= n]
-    if bad:
-        raise InputError(f"sizes {bad} out of range: 1..{n} (the graph's feature nodes)")
-    by_layer = {int(tc.cfg.hook_name_out.split(".")[1]): tc for tc in transcoders}
-    writes = {}
+    by_layer = transcoders_by_layer(model, transcoders)
+    removals = {}
     for i in feats:
-        layer, f = int(graph.layer[i]), int(graph.index[i])
-        writes[i] = (layer, int(graph.pos[i]), float(graph.value[i]) * by_layer[layer].write_directions(
-            torch.tensor([f]))[0].detach().float().cpu())
+        layer, pos, vec = _feature_write(by_layer, graph, i)
+        removals[i] = (layer, pos, -vec)
     tokens = graph.prompt_tokens[None].to(model.device)
-    top = int(graph.index[graph.nodes_of(LOGIT)[0]])
+    top = graph.index[graph.nodes_of(LOGIT)[:1]]
 
     def metric(removed: list[int]) -> float:
-        adds: dict[str, torch.Tensor] = {}
-        for i in removed:
-            layer, pos, vec = writes[i]
-            adds.setdefault(f"blocks.{layer}.hook_mlp_out", torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] -= vec
-        hooks = [(name, lambda act, hook, v=v: act + v.to(act.device, act.dtype)) for name, v in adds.items()]
-        last = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float()
-        return float(last[top] - last.mean())
+        return float(_real_last_logits(model, tokens, [removals[i] for i in removed], top)[0])
 
     m_all, m_0 = metric([]), metric(feats)
     span = m_all - m_0 if abs(m_all - m_0) > 1e-9 else 1e-9
@@ -213,7 +208,5 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[S
     inf = graph.influence()
     rankings = {"influence": sorted(feats, key=lambda i: -float(inf[i])),
                 "activation": sorted(feats, key=lambda i: -abs(float(graph.value[i])))}
-    curves = {name: [faithful(order[:k]) for k in sizes] for name, order in rankings.items()}
-    rng = _random.Random(seed)
-    rand = [sum(faithful(rng.sample(feats, k)).value for _ in range(n_random)) / n_random for k in sizes]
-    return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n)
+    with quiet():
+        return curve_over_sizes(faithful, rankings, feats, sizes, n_random, seed, "the graph's feature nodes")
