@@ -28,7 +28,7 @@ import torch
 from ..core import HookedModel, InputError
 from ..core.progress import bar
 from ..sae.model import SAE
-from .graph import KIND_NAMES, AttributionGraph
+from .graph import KIND_NAMES, AttributionGraph, sweep_influence
 from .nodes import EMBEDDING, ERROR, FEATURE, node_label
 from .replacement import EMBED, ReplacementModel
 from .validate import edge_certificate
@@ -227,15 +227,9 @@ class SparseRows:
     def influence(self, weights: torch.Tensor) -> torch.Tensor:
         """``[n_src]``: each source's influence on the logits through the rows so far (``weights [n_rows]``: the
         logit rows' probabilities), ``sum_k w Â^k`` (Ameisen et al. 2025, §3.4), in one sweep from the top
-        layer down (see :func:`mechscope.graphs.graph.influence`)."""
-        row_src = torch.tensor(self.row_src)
-        total = torch.zeros(self.src.n)
-        for lay in sorted(self.by_layer, reverse=True):
-            for r, c, _, a in self.by_layer[lay]:
-                s = row_src[r]
-                own = torch.where(s >= 0, total[s.clamp_min(0)], torch.zeros(()))  # a feature row's own influence
-                total.index_add_(0, c, a * (weights[r] + own))
-        return total
+        layer down (:func:`mechscope.graphs.graph.sweep_influence`)."""
+        groups = [(r, c, a) for lay in sorted(self.by_layer, reverse=True) for r, c, _, a in self.by_layer[lay]]
+        return sweep_influence(groups, weights, torch.tensor(self.row_src), self.src.n)
 
 
 def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | torch.Tensor,

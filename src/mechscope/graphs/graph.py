@@ -39,21 +39,34 @@ def row_normalised(rows: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tens
     return a / total[rows].clamp_min(1e-30)
 
 
+def sweep_influence(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row_weight: torch.Tensor,
+                    row_node: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n]``: each node's influence ``w Σ_k Â^k`` on the weighted targets, in one sweep.
+
+    ``groups``: the entries ``(rows, cols, Â)`` of one target layer each, the top layer first. Every
+    edge runs from a lower layer to a higher one (logits above every layer), so when a layer's rows are
+    reached their own influence is final, and ``(w + influence) Â`` is added for them. ``row_weight[r]``:
+    row ``r``'s own weight (a logit's probability); ``row_node[r]``: the node row ``r``'s target is as a
+    source (-1: a logit, which is no source). One pass over the entries, no dense matrix.
+    """
+    total = torch.zeros(n)
+    for r, c, a in groups:
+        node = row_node[r]
+        own = torch.where(node >= 0, total[node.clamp_min(0)], torch.zeros(()))
+        total.index_add_(0, c, a * (row_weight[r] + own))
+    return total
+
+
 def influence(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
               node_layer: torch.Tensor) -> torch.Tensor:
-    """``w Σ_k Â^k`` for the sparse ``Â[rows, cols] = a``: each node's influence on the weighted targets.
-
-    Every edge runs from a lower layer to a higher one (logits are above every layer), so one sweep
-    from the top layer down is exact: when a layer's rows are reached, their own influence is final,
-    and ``influence = (w + influence) Â`` is added for them. One pass over the entries, no dense matrix.
-    """
-    total = torch.zeros_like(w)
+    """``w Σ_k Â^k`` for the sparse ``Â[rows, cols] = a`` over nodes of layers ``node_layer``
+    (:func:`sweep_influence`, its rows grouped by their target's layer)."""
     entry_layer = node_layer[rows]
-    for layer in sorted(set(entry_layer.unique().tolist()), reverse=True):
+    groups = []
+    for layer in sorted(entry_layer.unique().tolist(), reverse=True):
         sel = entry_layer == layer
-        r = rows[sel]
-        total.index_add_(0, cols[sel], a[sel] * (w + total)[r])
-    return total
+        groups.append((rows[sel], cols[sel], a[sel]))
+    return sweep_influence(groups, w, torch.arange(w.numel()), w.numel())
 
 
 @dataclass(repr=False)
