@@ -107,16 +107,14 @@ class RowEngine:
 
     def _group_sources(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """Per (layer, position): the source indices of its features and their write vectors ``a_f W_dec[f]``."""
-        out = []
-        for st in self.rm.layers:
-            if st.transcoder is None:
-                continue
-            for pos in range(self.rm.n_pos):
-                idx = ((self.src.feats[:, 0] == st.layer) & (self.src.feats[:, 1] == pos)).nonzero(as_tuple=True)[0]
-                if idx.numel():
-                    with torch.no_grad():
-                        w = st.transcoder.write_directions(self.src.feats[idx, 2]).float().cpu() * self.src.acts[idx, None]
-                    out.append((st.layer, pos, idx, w))
+        feats, out = self.src.feats, []
+        key = feats[:, 0] * self.rm.n_pos + feats[:, 1]  # non-decreasing: features come in (layer, pos) order
+        _, counts = torch.unique_consecutive(key, return_counts=True)
+        for idx in torch.arange(len(key)).split(counts.tolist()):
+            layer, pos = int(feats[idx[0], 0]), int(feats[idx[0], 1])
+            with torch.no_grad():
+                w = self.rm.transcoders[layer].write_directions(feats[idx, 2]).float().cpu() * self.src.acts[idx, None]
+            out.append((layer, pos, idx, w))
         return out
 
     def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
