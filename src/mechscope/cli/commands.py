@@ -508,14 +508,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     model = _load(args)
     folder = args.transcoders or transcoder_cache(model.cfg.model_name)
     tcs = load_transcoders(folder, model)
-    targets = None
-    if args.target:
-        targets = []
-        for t in args.target:
-            ids = model.to_tokens(t, prepend_bos=False)[0].tolist()
-            if len(ids) != 1:
-                raise InputError(f"--target {t!r} is {len(ids)} tokens; give single tokens (e.g. ' Paris')")
-            targets.append(ids[0])
+    targets = [model.to_single_token(t) for t in args.target] if args.target else None
     stage(f"attribution graph through {len(tcs)} transcoders from {folder}")
     g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
                           batch_size=args.batch, certify=args.certify)

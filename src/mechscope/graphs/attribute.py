@@ -325,4 +325,4 @@ def _strs(model: HookedModel, ids: torch.Tensor) -> list[str]:
     """Each token id as text (its id in brackets when the model has no tokenizer)."""
     if model.tokenizer is None:
         return [f"[{int(i)}]" for i in ids]
-    return [model.tokenizer.decode([int(i)]) for i in ids]
+    return model.to_str_tokens(ids)

@@ -173,7 +173,8 @@ class ReplacementModel:
         for st in self.layers:
             w = -st.error.float()[None]
             if st.acts is not None:
-                w = w - (st.acts.float() @ (st.transcoder.W_dec / st.transcoder.output_scale))[None].detach()
+                tc = st.transcoder
+                w = w - (st.acts.float() @ tc.write_directions(torch.arange(tc.cfg.d_sae)).detach().float())[None]
             add[st.layer] = w
         return {k: v.to(self.model.dtype) for k, v in add.items()}
 
