@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from ..analysis.validation import Estimate, bootstrap_ci
+from ..core.components import Component
 from ..core.errors import InputError
 from ..core.model import HookedModel, lm_loss
 from ..core.progress import bar
@@ -226,26 +227,24 @@ def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
     _, cx = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
     base = metric(model(clean)).float()
 
-    def out(cache, u: str) -> torch.Tensor:
-        if u == "embed":
-            return cache["hook_embed"]
-        layer, _, rest = u[1:].partition("H") if "H" in u else (u[1:].split(".")[0], "", "")
-        if "H" in u:
-            return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(rest)]
-        return cache[f"blocks.{int(layer)}.hook_mlp_out"]
+    def out(cache, name: str) -> torch.Tensor:
+        u = Component.parse(name)
+        if u.kind == "head":
+            return cache[f"blocks.{u.layer}.attn.hook_result"][:, :, u.index]
+        return cache[u.hook]  # the embedding, or an MLP's output
 
-    def hook_for(v: str, delta: torch.Tensor) -> tuple[str, Callable]:
+    def hook_for(name: str, delta: torch.Tensor) -> tuple[str, Callable]:
         # (each replacement is computed here, before the run: a module called inside its own hook recurses)
-        if v == "logits":
+        v = Component.parse(name)
+        layer = v.layer
+        if v.kind == "logits":
             final = model.ln_final(cc[f"blocks.{c.n_layers - 1}.hook_resid_post"] + delta)
             return "ln_final.hook_normalized", lambda act, hook: final.to(act.dtype)
-        if v.endswith(".mlp_in"):
-            layer = int(v[1:].split(".")[0])
+        if v.kind == "mlp":  # the MLP's input, L.mlp_in
             mlp = model.mlp_module(layer)(model.ln2(layer)(cc[f"blocks.{layer}.hook_resid_mid"] + delta))
             mlp = mlp[0] if isinstance(mlp, tuple) else mlp
             return f"blocks.{layer}.hook_mlp_out", lambda act, hook: mlp.to(act.dtype)
-        head, which = v.split(".")
-        layer, h = (int(x) for x in head[1:].split("H"))
+        h, which = v.index, v.port
         W_Q, W_K, W_V, b_Q, b_K, b_V = model.weights.qkv(layer)
         W, b = {"q": (W_Q, b_Q), "k": (W_K, b_K), "v": (W_V, b_V)}[which]
         x = model.ln1(layer)(cc[f"blocks.{layer}.hook_resid_pre"] + delta)
