@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..circuits.zoo import PlantedModel
+from ..circuits.zoo import PlantedModel, edge_auroc
 from ..core import InputError
 from .attribute import attribution_graph
 from .nodes import EMBEDDING, LOGIT
@@ -31,7 +31,5 @@ def graph_auroc(pm: PlantedModel, n_prompts: int = 4) -> float:
         emb = g.nodes_of(EMBEDDING)
         into = r == logit
         scores = torch.zeros(g.n_nodes).index_add_(0, c[into], v[into].abs())[emb]
-        true = scores[pm.source_pos]
-        rest = torch.cat([scores[:pm.source_pos], scores[pm.source_pos + 1:]])
-        out.append(float(((true > rest).float() + 0.5 * (true == rest).float()).mean()))
+        out.append(edge_auroc(dict(enumerate(scores.tolist())), {pm.source_pos}))
     return sum(out) / len(out)
