@@ -33,7 +33,7 @@ from .weights import Weights
 WEIGHT_VIEWS = ("device", "dtype", "W_E", "W_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_K_kv", "W_V_kv", "W_O", "b_Q", "b_K",
                 "b_V", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out", "ln_final")
 WEIGHT_METHODS = ("W_O_layer", "b_O_layer", "W_in_layer", "W_gate_layer", "b_in_layer", "W_out_layer", "b_out_layer",
-                  "head_results", "result_bias", "ln1", "ln2",
+                  "head_results", "result_bias", "ln1", "ln2", "attn_scale",
                   "norm", "unembed")
 TOKEN_METHODS = ("tokenize", "to_tokens", "to_str_tokens", "to_string", "to_single_token")
 

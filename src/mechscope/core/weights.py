@@ -92,6 +92,12 @@ class Weights:
         r = self.cfg.residual_scale
         return w * r if r != 1.0 else w
 
+    def attn_scale(self, layer: int) -> float:
+        """The factor between ``q·k`` and block ``layer``'s attention score (the module's ``scaling``, else
+        ``1/sqrt(d_head)``)."""
+        s = getattr(self.parts.attn(layer), "scaling", None)
+        return float(s) if s is not None else self.cfg.d_head ** -0.5
+
     def W_O_layer(self, layer: int) -> torch.Tensor:
         """``[head, d_head, d_model]`` for one layer (times the residual multiplier, where the model has one)."""
         c = self.cfg

@@ -75,7 +75,7 @@ def qk_attribution(rm: ReplacementModel, layer: int, head: int, q_pos: int, k_po
         return eng.backward([out], [G])
 
     Qs, Ks = parts(q, q_pos, head), parts(k, k_pos, kv)
-    scale = _score_scale(model, layer)
+    scale = model.attn_scale(layer)
     Q0, K0 = Q - Qs.sum(1), K - Ks.sum(1)
     score = scale * float(Q @ K)
     q_side, k_side = scale * (K @ Qs), scale * (Q @ Ks)
@@ -92,9 +92,3 @@ def qk_attribution(rm: ReplacementModel, layer: int, head: int, q_pos: int, k_po
     return QKAttribution(layer, head, q_pos, k_pos, score, [(name(i), float(q_side[i])) for i in qi],
                          [(name(i), float(k_side[i])) for i in ki], pairs, scale * float(Q0 @ K0), check)
 
-
-def _score_scale(model, layer: int) -> float:
-    """The factor between ``Q·K`` and the attention score (``1/sqrt(d_head)`` or the family's own)."""
-    attn = model.parts.attn(layer)
-    s = getattr(attn, "scaling", None)
-    return float(s) if s is not None else model.cfg.d_head ** -0.5
