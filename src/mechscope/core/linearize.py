@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .errors import InputError
+from .hookpoints import split_name
 from .norms import NormSpec
 from .parts import NORMS
 
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 _QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 
-def norm_specs(model: HookedModel) -> list[tuple[str, NormSpec]]:
-    """Every norm of ``model`` (``blocks.L.ln1`` ..., the q/k norms inside attention, ``ln_final``), each module
+def norm_specs(model: HookedModel) -> list[NormSpec]:
+    """Every norm of ``model`` (each block's ``ln1`` ..., the q/k norms inside attention, ``ln_final``), each module
     once. The q/k norms matter only to attribution through attention scores: patterns are frozen anyway."""
     out, seen = [], set()
     for layer in range(model.cfg.n_layers):
@@ -46,16 +47,16 @@ def norm_specs(model: HookedModel) -> list[tuple[str, NormSpec]]:
             s = model.parts.norm(layer, which)
             if s is not None and id(s.module) not in seen:
                 seen.add(id(s.module))
-                out.append((f"blocks.{layer}.{which}", s))
+                out.append(s)
         attn = model.parts.attn(layer)
         for name in _QK_NORMS:
             module = getattr(attn, name, None)
             if isinstance(module, torch.nn.Module) and id(module) not in seen:
                 seen.add(id(module))
-                out.append((f"blocks.{layer}.attn.{name}", NormSpec(model.family.norm, module, model.family.norm_eps)))
+                out.append(NormSpec(model.family.norm, module, model.family.norm_eps))
     s = model.parts.norm(None)
     if s is not None and id(s.module) not in seen:
-        out.append(("ln_final", s))
+        out.append(s)
     return out
 
 
@@ -67,10 +68,6 @@ class Frozen:
         self.norms = norm_specs(model)
         self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.patterns: dict[int, torch.Tensor] = {}
-
-    @property
-    def n_pos(self) -> int:
-        return next(iter(self.patterns.values())).shape[-1] if self.patterns else 0
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -97,11 +94,10 @@ class Frozen:
             return hook
 
         def frozen_pattern(act: torch.Tensor, hook) -> torch.Tensor:
-            layer = int(hook.name.split(".")[1])
-            return self.patterns[layer].to(act.dtype).expand_as(act)
+            return self.patterns[split_name(hook.name)[0]].to(act.dtype).expand_as(act)
 
         try:
-            for _, spec in self.norms:
+            for spec in self.norms:
                 if id(spec.module) in self.calls:  # prepend: mechscope's own norm hooks then see the frozen output
                     handles.append(spec.module.register_forward_hook(frozen_norm(spec), prepend=True))
             with self.model.hooks([(f"blocks.{layer}.attn.hook_pattern", frozen_pattern) for layer in self.patterns]):
@@ -127,14 +123,14 @@ def record_frozen(model: HookedModel) -> Iterator[Frozen]:
     def keep_pattern(act: torch.Tensor, hook) -> None:
         if act.shape[0] != 1:
             raise InputError(f"record the frozen model on one prompt (batch 1); the pass had batch {act.shape[0]}")
-        frozen.patterns[int(hook.name.split(".")[1])] = act.detach()
+        frozen.patterns[split_name(hook.name)[0]] = act.detach()
 
     names = [n for n in model.hook_names if n.endswith("attn.hook_pattern")]
     if len(names) != model.cfg.n_layers:
         raise InputError(f"{model.cfg.model_name}'s attention does not run through mechscope's attention function "
                          "at every layer, so its patterns cannot be frozen")
     try:
-        for _, spec in frozen.norms:
+        for spec in frozen.norms:
             handles.append(spec.module.register_forward_hook(recorder(spec)))
         with model.hooks([(n, keep_pattern) for n in names]):
             yield frozen
