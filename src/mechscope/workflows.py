@@ -340,7 +340,7 @@ def _graph(rep: Report, model: HookedModel, out: Path, prompt: str = GRAPH_PROMP
     """An attribution graph of ``prompt``, when transcoders for every layer are in the cache (else a pointer)."""
     from .graphs import attribution_graph, intervene
     from .graphs.html import graph_html
-    from .graphs.nodes import FEATURE, LOGIT
+    from .graphs.nodes import LOGIT
     from .sae import load_transcoders, transcoder_cache
 
     folder = transcoder_cache(model.cfg.model_name)
@@ -353,13 +353,11 @@ def _graph(rep: Report, model: HookedModel, out: Path, prompt: str = GRAPH_PROMP
     g = attribution_graph(model, tcs, prompt, max_feature_nodes=max_features, progress=False)
     pruned = g.prune()
     atomic_write(out / "graph.html", viz.page(f"attribution graph: {prompt}", graph_html(pruned)))
-    inf = g.influence()
-    feats = g.nodes_of(FEATURE)
-    top = [int(i) for i in feats[inf[feats].argsort(descending=True)[:3]]]
-    iv = intervene(model, g, tcs, top, scale=0.0)
-    text = f"{g.summary()}\n{pruned.summary()}\n\n{iv.summary()}"
-    sec = Section("9. attribution graph", text, f"<p><a href='graph.html'>the interactive graph</a> (a page beside "
-                  f"this report)</p><pre>{viz.esc(g.summary())}</pre>", key="graph")
+    iv = intervene(model, g, tcs, g.top_features(3).tolist(), scale=0.0)
+    summary = g.summary()
+    sec = Section("9. attribution graph", f"{summary}\n{pruned.summary()}\n\n{iv.summary()}",
+                  f"<p><a href='graph.html'>the interactive graph</a> (a page beside this report)</p>"
+                  f"<pre>{viz.esc(summary)}</pre>", key="graph")
     rep.add(sec)
     cert = g.certificate or {"worst_rel": float("nan"), "n": 0}
     rep.find(f"the attribution graph of {prompt!r} ({len(tcs)} transcoders) is exact about its replacement model: "

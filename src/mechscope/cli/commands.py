@@ -517,8 +517,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     if args.labels:
         toks, _ = _corpus(args, model, "train", args.labels, args.seq_len)
         kept = (pruned.keep & (g.kind == FEATURE)).nonzero(as_tuple=True)[0]
-        kept = kept[g.influence()[kept].argsort(descending=True)[:args.label_top]]
-        dashboards = label_features(model, g, tcs, toks, kept)
+        dashboards = label_features(model, g, tcs, toks, g.top_features(args.label_top, among=kept))
     if args.save:
         g.save(args.save)
     if args.html:

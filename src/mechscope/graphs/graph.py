@@ -127,6 +127,11 @@ class AttributionGraph(Result):
         r, c, v = self.entries()
         return influence(r, c, row_normalised(r, v, self.n_nodes), self.logit_weights(), self.layer)
 
+    def top_features(self, k: int | None = None, among: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature nodes (of ``among``, default all) by influence on the logits, largest first; the first ``k``."""
+        feats = self.nodes_of(FEATURE) if among is None else among
+        return feats[self.influence()[feats].argsort(descending=True, stable=True)][:k]
+
     # ------------------------------------------------------------------ scores
     def scores(self, keep: torch.Tensor | None = None) -> dict[str, float]:
         """Replacement and completeness scores; with ``keep`` (a node mask), of the pruned graph, whose

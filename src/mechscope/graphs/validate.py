@@ -205,8 +205,7 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[S
         v = (metric([i for i in feats if i not in keep]) - m_0) / span
         return Estimate(v, v, v, n=1)
 
-    inf = graph.influence()
-    rankings = {"influence": sorted(feats, key=lambda i: -float(inf[i])),
+    rankings = {"influence": graph.top_features().tolist(),
                 "activation": sorted(feats, key=lambda i: -abs(float(graph.value[i])))}
     with quiet():
         return curve_over_sizes(faithful, rankings, feats, sizes, n_random, seed, "the graph's feature nodes")
