@@ -178,10 +178,14 @@ class SAE(nn.Module):
     def scale_in(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.input_scale
 
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale·x - b_dec`` (without ``- b_dec`` when ``apply_b_dec_to_input`` is off)."""
+        xs = self.scale_in(x)
+        return (xs - self.b_dec) if self.cfg.apply_b_dec_to_input else xs
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., d_sae]``: ``(scale·x - b_dec) @ W_enc + b_enc`` (without ``- b_dec`` when ``apply_b_dec_to_input`` is off)."""
-        xs = self.scale_in(x)
-        return ((xs - self.b_dec) if self.cfg.apply_b_dec_to_input else xs) @ self.W_enc + self.b_enc
+        return self._encoder_input(x) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
         arch = self.cfg.architecture
@@ -209,9 +213,14 @@ class SAE(nn.Module):
         """``[..., d_in] -> [..., d_sae]`` feature activations (inference mode)."""
         return self.activate(self.pre_acts(x), training=False)
 
+    @property
+    def _out_scale(self) -> torch.Tensor:
+        """The scale of the decoder's space: a transcoder's own output scale, an SAE's input scale."""
+        return self.output_scale if self.cfg.is_transcoder else self.input_scale
+
     def scale_out(self, y: torch.Tensor) -> torch.Tensor:
         """The decoder's target in the scaled space: a transcoder's own output scale, an SAE's input scale."""
-        return y * (self.output_scale if self.cfg.is_transcoder else self.input_scale)
+        return y * self._out_scale
 
     def _skip(self, x: torch.Tensor) -> torch.Tensor | float:
         """``scale·x @ W_skip`` for a skip transcoder (in the scaled output space), else 0."""
@@ -220,7 +229,7 @@ class SAE(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """``[..., d_sae] -> [..., d_out]`` in the raw activation space: ``(f @ W_dec + b_dec) / scale``
         (a skip transcoder's ``x W_skip`` term needs ``x``: use :meth:`forward`)."""
-        return (f @ self.W_dec + self.b_dec) / (self.output_scale if self.cfg.is_transcoder else self.input_scale)
+        return (f @ self.W_dec + self.b_dec) / self._out_scale
 
     def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
         """A skip transcoder's linear term ``scale·x @ W_skip`` in the raw output space (0 without a skip)."""
@@ -228,7 +237,7 @@ class SAE(nn.Module):
 
     def write_directions(self, features: torch.Tensor) -> torch.Tensor:
         """``[n] -> [n, d_out]``: what one unit of each feature adds to the output (raw space), ``W_dec[f] / scale``."""
-        return self.W_dec[features] / (self.output_scale if self.cfg.is_transcoder else self.input_scale)
+        return self.W_dec[features] / self._out_scale
 
     def read_directions(self, features: torch.Tensor) -> torch.Tensor:
         """``[n] -> [n, d_in]``: the gradient of each feature's pre-activation by the input, ``scale · W_enc[:, f]``."""
@@ -236,14 +245,12 @@ class SAE(nn.Module):
 
     def pre_acts_at(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``x [n, d_in]``, ``features [n]`` -> ``[n]``: row i's pre-activation of feature ``features[i]`` only."""
-        xs = self.scale_in(x)
-        xs = (xs - self.b_dec) if self.cfg.apply_b_dec_to_input else xs
-        return (xs * self.W_enc[:, features].T).sum(-1) + self.b_enc[features]
+        return (self._encoder_input(x) * self.W_enc[:, features].T).sum(-1) + self.b_enc[features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction (an SAE) or the prediction of ``hook_name_out`` (a transcoder) of ``x [..., d_in]``."""
         out = self.decode(self.encode(x))
-        return out + self._skip(x) / self.output_scale if self.cfg.skip else out
+        return out + self.skip_term(x) if self.cfg.skip else out
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
