@@ -35,11 +35,13 @@ token the answer is).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..analysis.metrics import logit_diff
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.components import Component
 from ..core.errors import InputError
@@ -112,12 +114,8 @@ def _corrupt_at(tokens: torch.Tensor, pos: int, d_vocab: int, g: torch.Generator
 
 
 def _logit_diff(answer: torch.Tensor, wrong: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        last = logits[:, -1]
-        rows = torch.arange(last.shape[0], device=last.device)
-        return last[rows, answer.to(last.device)] - last[rows, wrong.to(last.device)]
-
-    return metric
+    """The last position's ``logit[answer] - logit[wrong]`` per prompt (:func:`~mechscope.analysis.metrics.logit_diff`)."""
+    return functools.partial(logit_diff, correct=answer, incorrect=wrong)
 
 
 def _train(model: HookedModel, data: Callable[[torch.Generator], torch.Tensor], steps: int, lr: float,
