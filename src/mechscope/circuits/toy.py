@@ -92,7 +92,7 @@ class ToyRun(Result):
         return path
 
 
-def _attn_only_neox(n_layers: int, n_heads: int, d_model: int, d_vocab: int, n_ctx: int):
+def attn_only_neox(n_layers: int, n_heads: int, d_model: int, d_vocab: int, n_ctx: int) -> torch.nn.Module:
     """A stock HF GPT-NeoX (sequential residual, full rotary) whose MLPs are zero and frozen."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -158,7 +158,7 @@ def train_attn_only(n_layers: int = 2, n_heads: int = 2, d_model: int = 64, d_vo
         raise InputError(f"periods must satisfy 1 <= low <= high and 2 * high <= n_ctx - 1 = {n_ctx - 1} "
                          f"(each sequence holds at least two periods); got {periods}")
     torch.manual_seed(seed)
-    hf = _attn_only_neox(n_layers, n_heads, d_model, d_vocab, n_ctx)
+    hf = attn_only_neox(n_layers, n_heads, d_model, d_vocab, n_ctx)
     t0 = time.perf_counter()
     losses = _fit(hf, steps, batch, n_ctx, d_vocab, periods, lr, weight_decay, seed, progress)
     seconds = time.perf_counter() - t0

@@ -50,7 +50,7 @@ from ..core.progress import bar
 from ..core.result import Result
 from .discovery import edge_attribution
 from .heads import detect_heads
-from .toy import BOS, FIRST_TOKEN, _attn_only_neox, periodic_sequences, toy_tokenizer, train_attn_only
+from .toy import BOS, FIRST_TOKEN, attn_only_neox, periodic_sequences, toy_tokenizer, train_attn_only
 
 Edge = tuple[str, str]
 
@@ -151,7 +151,7 @@ def planted(name: str, seed: int = 0, steps: int | None = None, n_prompts: int =
     g = torch.Generator().manual_seed(seed + 1000)
     if name == "induction":  # layer 0 planted (previous token, self), layer 1 free to learn induction
         V, n_ctx = 64, 48
-        model = HookedModel(_attn_only_neox(2, 2, 64, V, n_ctx), toy_tokenizer(V), name="zoo-induction")
+        model = HookedModel(attn_only_neox(2, 2, 64, V, n_ctx), toy_tokenizer(V), name="zoo-induction")
         for hook_name, fn in _fixed_patterns({0: ["prev", "self"]}):
             model.add_hook(hook_name, fn)
         _train(model, lambda gen: periodic_sequences(64, n_ctx, V, (4, 23), gen), steps or 600, 1e-3, seed)
@@ -164,7 +164,7 @@ def planted(name: str, seed: int = 0, steps: int | None = None, n_prompts: int =
         return PlantedModel(name, model, clean, corrupted, _logit_diff(answer, wrong), true, unscored, source_pos=10)
     layers = {"copier": 1, "two-hop": 2}[name]
     period, V, n_ctx = layers + 1, 32, 16  # the next token is the one `layers` positions back
-    model = HookedModel(_attn_only_neox(layers, 2, 32, V, n_ctx), toy_tokenizer(V), name=f"zoo-{name}")
+    model = HookedModel(attn_only_neox(layers, 2, 32, V, n_ctx), toy_tokenizer(V), name=f"zoo-{name}")
     for hook_name, fn in _fixed_patterns({layer: ["prev", "self"] for layer in range(layers)}):
         model.add_hook(hook_name, fn)
     _train(model, lambda gen: _periodic(64, n_ctx, V, period, gen), steps or 300, 3e-3, seed)

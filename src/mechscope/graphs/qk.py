@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import InputError
+from ..core import Component, InputError
 from ..core.result import Result
 from .attribute import RowEngine, active_features
 from .replacement import ReplacementModel
@@ -55,8 +55,7 @@ def qk_attribution(rm: ReplacementModel, layer: int, head: int, q_pos: int, k_po
     """Split head ``head`` of block ``layer``'s attention score from ``q_pos`` to ``k_pos`` over the sources."""
     model, n = rm.model, rm.n_pos
     cfg = model.cfg
-    if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
-        raise InputError(f"head L{layer}H{head} does not exist: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
+    Component(layer, "head", head).validate(cfg)
     if not 0 <= k_pos <= q_pos < n:
         raise InputError(f"need 0 <= k_pos <= q_pos < {n} (a query attends to itself and earlier keys); got "
                          f"q_pos={q_pos}, k_pos={k_pos}")
