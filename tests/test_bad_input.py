@@ -18,7 +18,7 @@ import torch
 import mechscope as ms
 from mechscope.cli import main
 from mechscope.core.errors import MechscopeError
-from tiny import V, tiny_hf
+from tiny import V, tiny_hf, worded_llama
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worded(env):
     """The tiny model with a word-level tokenizer ("t5 t6" -> [bos, 5, 6]), for text and task files."""
-    from mechscope.circuits.toy import toy_tokenizer
-
-    return ms.HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
+    return worded_llama()
 
 
 def _rows(n: int = 4) -> str:

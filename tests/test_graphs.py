@@ -16,7 +16,7 @@ from mechscope.graphs.attribute import RowEngine, active_features
 from mechscope.graphs.graph import EMBEDDING, ERROR, FEATURE, LOGIT
 from mechscope.graphs.validate import intervene, perturb_sources
 from mechscope.sae import SAE, SAEConfig
-from tiny import tiny_hf
+from tiny import tiny_hf, worded_llama
 
 
 def transcoders(model, d_sae=48, k=4, skip=True, layers=None, seed=0):
@@ -198,13 +198,6 @@ def test_rows_come_from_batched_backward_passes():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6 * float(alone.abs().max()))  # float rounding
 
 
-def _worded():
-    from mechscope.circuits.toy import toy_tokenizer
-    from tiny import V
-
-    return ms.HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
-
-
 def test_the_picture_is_offline_escaped_and_interactive(tmp_path):
     from mechscope.graphs.html import graph_html
 
@@ -230,7 +223,7 @@ def test_cli_graph_writes_html_and_json(tmp_path, monkeypatch, capsys):
     from mechscope.cli import main
     from mechscope.sae import save_sae
 
-    model = _worded()
+    model = worded_llama()
     for tc in transcoders(model):
         save_sae(tc, tmp_path / "tc" / f"layer_{tc.cfg.hook_name_out.split('.')[1]}")
     monkeypatch.setattr(ms, "load", lambda *a, **k: model)
@@ -310,7 +303,7 @@ def test_the_demo_adds_a_graph_when_transcoders_are_cached(tmp_path, monkeypatch
     from mechscope.sae import save_sae, transcoder_cache
     from mechscope.workflows import Report, _graph
 
-    model = _worded()
+    model = worded_llama()
     monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
     rep = Report("t", echo=False)
     _graph(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")  # nothing cached yet: a pointer, no graph

@@ -10,7 +10,7 @@ from mechscope.core.model import HookedModel
 from mechscope.sae import SAE, SAEConfig, TrainConfig, fit_sae, harvest, load_sae, save_sae, train_many
 from mechscope.sae.data import harvest_pairs
 from mechscope.sae.evaluate import evaluate_sae, evaluate_transcoders
-from tiny import V, tiny_hf
+from tiny import V, tiny_hf, worded_llama
 
 
 def planted_pairs(n: int = 3000, d: int = 16, n_feat: int = 20, skip: bool = False, seed: int = 0) -> torch.Tensor:
@@ -104,10 +104,9 @@ def test_transcoders_train_cli(tmp_path, capsys, monkeypatch):
     import json
 
     import mechscope
-    from mechscope.circuits.toy import toy_tokenizer
     from mechscope.cli import main
 
-    model = HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
+    model = worded_llama()
     monkeypatch.setattr(mechscope, "load", lambda *a, **k: model)
     assert main(["transcoders", "train", "--layers", "0", "2", "--width", "64", "--k", "4", "--steps", "6",
                  "--batch", "32", "--seqs", "12", "--seq-len", "10", "--eval-seqs", "2", "--out", str(tmp_path),

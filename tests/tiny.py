@@ -108,3 +108,11 @@ MOE_CONFIGS = {
 CONFIGS.update(MOE_CONFIGS)
 ARCHS = list(CONFIGS)
 SLIDING["gpt_oss"] = 4
+
+
+def worded_llama():
+    """The tiny Llama as a HookedModel with the toy's word-level tokenizer ("t5 t6" -> [bos, 5, 6]), for text prompts."""
+    from mechscope import HookedModel
+    from mechscope.circuits.toy import toy_tokenizer
+
+    return HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
