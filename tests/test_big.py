@@ -34,7 +34,7 @@ def test_disk_offload_within_half_the_weights_gives_the_same_logits(path):
     with tempfile.TemporaryDirectory() as tmp:
         m = run("offload", path, batch=1, seq=16, budget=weights // 2, folder=f"{tmp}/off", logits_out=f"{tmp}/l.pt")
         assert m["device_map"] == ["cpu", "disk"]
-        assert m["measured"] < 0.65 * weights  # the process stays near its budget of half the weights
+        assert m["measured"] < 0.65 * weights, (m, weights)  # the process stays near its budget of half the weights
         model = mechscope.load(path)
         toks = torch.randint(100, 30000, (1, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

@@ -80,3 +80,24 @@ def test_device_map_passes_through(tmp_path, monkeypatch):
     toks = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(model(toks), hf(input_ids=toks).logits)
+
+
+def test_remote_code_is_refused_unless_trusted_and_never_prompted(tmp_path, monkeypatch):
+    """A folder whose config asks for its own Python code: refused with a mechscope error naming trust_remote_code,
+    without asking on stdin and without running the code; with trust_remote_code=True the code runs."""
+    from mechscope.core.errors import InputError
+
+    marker = tmp_path / "ran"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({
+        "model_type": "evilnet", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilLM"}}))
+    (tmp_path / "m" / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evilnet'\n")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("prompted for remote code"))
+    with pytest.raises(InputError, match="trust_remote_code=True") as e:
+        mechscope.load(str(tmp_path / "m"))
+    assert "own Python code" in str(e.value) and not marker.exists()
+    with pytest.raises(Exception):  # noqa: B017 - the code ran; the toy config is no loadable model
+        mechscope.load(str(tmp_path / "m"), trust_remote_code=True)
+    assert marker.exists()

@@ -109,3 +109,63 @@ def test_killed_runs_are_stale_and_bad_records_do_not_break_listing(tmp_path, ca
     assert "stale" in capsys.readouterr().out
     assert main(["report", "--root", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
     assert "unreadable" in (tmp_path / "r.html").read_text()
+
+
+def _repo(path):
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": __import__("os").environ["PATH"], "HOME": str(path)}
+    for cmd in (["git", "init", "-q"], ["git", "add", "."], ["git", "commit", "-q", "-m", "x"]):
+        subprocess.run(cmd, cwd=path, check=True, env=env, capture_output=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, env=env).stdout.strip()
+
+
+@pytest.mark.parametrize("setting", ["core.fsmonitor", "filter", "core.hooksPath"])
+def test_a_record_runs_no_command_a_cloned_repository_configures(tmp_path, setting, monkeypatch):
+    """A project whose .git/config names a command (fsmonitor, a clean filter, hooks): recording a run inside it
+    reads the commit from the files and never runs that command."""
+    from mechscope.project import provenance
+
+    (tmp_path / "a.txt").write_text("one\n")
+    commit = _repo(tmp_path)
+    marker = tmp_path.parent / f"pwned-{setting}"
+    script = tmp_path / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\ncat\n")
+    script.chmod(0o755)
+    with open(tmp_path / ".git" / "config", "a") as f:
+        if setting == "core.fsmonitor":
+            f.write(f"[core]\n\tfsmonitor = {script}\n")
+        elif setting == "filter":
+            f.write(f'[filter "evil"]\n\tclean = {script}\n')
+            (tmp_path / ".gitattributes").write_text("*.txt filter=evil\n")
+        else:
+            (tmp_path / "hooks").mkdir()
+            f.write(f"[core]\n\thooksPath = {tmp_path / 'hooks'}\n")
+    (tmp_path / "a.txt").write_text("two\n")  # a changed file: what makes git status consult the filter
+    monkeypatch.chdir(tmp_path)
+    git = provenance()["git"]
+    assert not marker.exists()
+    assert git["commit"] == commit  # read from .git without git
+    assert git["dirty"] is None and setting.split(".")[-1].lower() in git["dirty_unchecked"].lower()
+    with Run("x", root=tmp_path / "runs") as run:
+        pass
+    assert not marker.exists() and json.loads(run.path.read_text())["git"]["commit"] == commit
+
+
+def test_a_plain_repository_still_reports_dirty(tmp_path, monkeypatch):
+    from mechscope.project import provenance
+
+    (tmp_path / "a.txt").write_text("one\n")
+    commit = _repo(tmp_path)
+    assert provenance(tmp_path)["git"] == {"commit": commit, "dirty": False}
+    (tmp_path / "a.txt").write_text("two\n")
+    assert provenance(tmp_path)["git"] == {"commit": commit, "dirty": True}
+    subprocess_free = tmp_path / "packed"
+    subprocess_free.mkdir()
+    (subprocess_free / "b.txt").write_text("b\n")
+    c2 = _repo(subprocess_free)
+    import subprocess
+    subprocess.run(["git", "pack-refs", "--all"], cwd=subprocess_free, check=True)
+    from mechscope.gitstate import git_dir, read_ref
+    assert read_ref(git_dir(subprocess_free)[1]) == c2  # a commit only in packed-refs

@@ -244,6 +244,7 @@ def load(
     attn_implementation: str | None = None,
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
 ) -> HookedModel:
     """Load a causal LM and wrap it as a :class:`~mechscope.core.model.HookedModel` (no copy of the weights).
 
@@ -254,6 +255,8 @@ def load(
     layers are split over the devices, and what does not fit is offloaded to CPU memory or to
     disk (its weights stay on ``meta`` until that layer runs). Then ``device`` is ignored.
     ``attn_implementation`` is ``"sdpa"`` (default) or ``"eager"``.
+    ``trust_remote_code``: run Python code that a model folder or hub repository ships (its ``auto_map``).
+    Off by default: such a model is refused with an error that says so, never prompted for.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -265,8 +268,9 @@ def load(
     kind, where = resolve(name)
     if kind == "gguf":
         where = convert_gguf(Path(where))
+    remote = {"trust_remote_code": bool(trust_remote_code)}
     try:
-        config = AutoConfig.from_pretrained(str(where))
+        config = AutoConfig.from_pretrained(str(where), **remote)
     except OSError as e:
         if kind == "hub":
             known = ", ".join(sorted(ALIASES))
@@ -275,10 +279,12 @@ def load(
                 f"Hugging Face hub or found in its cache: {e}"
             ) from e
         raise NotFoundError(f"cannot read the config of {where}: {e}") from e
-    except ValueError as e:  # not JSON, or a model type transformers does not know
+    except ValueError as e:  # not JSON, a model type transformers does not know, or code it would have to run
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise InputError(_REMOTE_CODE.format(name=name)) from e
         raise InputError(f"cannot read the config of {where}: {e}") from e
-    _family_before_loading(config)  # fail before loading weights for architectures mechscope cannot hook
-    kwargs = {"dtype": dtype}
+    _family_before_loading(config, trust_remote_code)  # fail before loading weights for architectures mechscope cannot hook
+    kwargs = {"dtype": dtype, **remote}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
@@ -297,7 +303,7 @@ def load(
     tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if kind == "hub" or any((Path(where) / f).exists() for f in tok_files):
         try:
-            tok = AutoTokenizer.from_pretrained(str(where))
+            tok = AutoTokenizer.from_pretrained(str(where), **remote)
         except (OSError, ValueError):
             tok = None
     model = HookedModel(hf, tok, name=name)
@@ -306,7 +312,12 @@ def load(
     return model
 
 
-def _family_before_loading(config) -> None:
+_REMOTE_CODE = ("{name!r} ships its own Python code (an auto_map in its config), which mechscope does not run unless "
+                "asked: pass trust_remote_code=True to mechscope.load (--trust-remote-code on the command line) only "
+                "if you have read that code and trust it")
+
+
+def _family_before_loading(config, trust_remote_code: bool = False) -> None:
     """The table's row, or a row inferred on a weightless copy; a clear error before any weight is read."""
     from .core.families import UnsupportedArchitectureError
     from .core.infer import infer_family
@@ -315,7 +326,7 @@ def _family_before_loading(config) -> None:
     try:
         family_for(config)
     except UnsupportedArchitectureError:
-        infer_family(meta_model(config), getattr(config, "model_type", "?"))
+        infer_family(meta_model(config, trust_remote_code), getattr(config, "model_type", "?"))
 
 
 def _accept_inferred(model: HookedModel) -> None:

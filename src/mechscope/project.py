@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import time
 import traceback
 from datetime import datetime, timezone
@@ -88,19 +87,14 @@ def init_project(name: str, root: str | Path = ".") -> Path:
     return path
 
 
-def _git(*args: str, cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def provenance(cwd: str | Path | None = None) -> dict:
-    """What reproduces a result: ``{"git": {"commit", "dirty"}, "versions": {package: version}}``."""
-    cwd = Path(cwd or Path.cwd())
-    commit, dirty = _git("rev-parse", "HEAD", cwd=cwd), _git("status", "--porcelain", cwd=cwd)
-    return {"git": {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}, "versions": _versions()}
+    """What reproduces a result: ``{"git": {"commit", "dirty"}, "versions": {package: version}}``.
+
+    The commit is read without running git, and git is never run with a command the repository's own
+    config names (:mod:`mechscope.gitstate`): a record made inside a cloned project runs none of its code."""
+    from .gitstate import git_state
+
+    return {"git": git_state(cwd or Path.cwd()).to_dict(), "versions": _versions()}
 
 
 def _versions() -> dict:

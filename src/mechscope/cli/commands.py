@@ -18,6 +18,8 @@ MODEL = (
     arg("--model", default=None, help="alias, local HF folder, .gguf file or hub id (default: smollm2-135m)"),
     arg("--dtype", default=None, help="float32 (default), bfloat16 or float16"),
     arg("--device", default=None, help="cpu, cuda, ... (default: cuda if available)"),
+    arg("--trust-remote-code", action="store_true",
+        help="run the Python code a model folder or hub repository ships (off: such a model is refused)"),
 )
 TASK = (
     arg("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None),
@@ -53,7 +55,8 @@ SAE_MODEL = MODEL + (arg("path", nargs="?", default=None,
 def _load(args: argparse.Namespace):
     import mechscope  # through the package attribute, so that tests and users can substitute `mechscope.load`
 
-    return mechscope.load(args.model or mechscope.DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+    return mechscope.load(args.model or mechscope.DEFAULT_MODEL, device=args.device, dtype=args.dtype,
+                          trust_remote_code=getattr(args, "trust_remote_code", False))
 
 
 def _corpus(args: argparse.Namespace, model, split: str, n_seqs: int, seq_len: int) -> tuple:

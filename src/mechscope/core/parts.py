@@ -134,11 +134,12 @@ class ModelParts:
 _META: dict[str, torch.nn.Module] = {}
 
 
-def meta_model(config: HFConfig) -> torch.nn.Module:
+def meta_model(config: HFConfig, trust_remote_code: bool = False) -> torch.nn.Module:
     """The causal LM a config describes, built on PyTorch's ``meta`` device (no memory; cached per config).
 
     Everything mechscope says about a model before loading it (hook names, sizes, parameter count)
-    reads this module tree, the same way it reads a loaded model's.
+    reads this module tree, the same way it reads a loaded model's. A config that names its own code
+    (``auto_map``) is built from that code only with ``trust_remote_code=True``; it is never prompted for.
     """
     key = json.dumps(config.to_dict(), sort_keys=True, default=str)
     if key not in _META:
@@ -147,7 +148,8 @@ def meta_model(config: HFConfig) -> torch.nn.Module:
         config = copy.deepcopy(config)  # from_config sets the attention implementation on the config it is given
         with torch.device("meta"):  # (eager: some families refuse sdpa, and attention has no parameters anyway)
             try:
-                _META[key] = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+                _META[key] = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                                trust_remote_code=trust_remote_code)
             except ValueError as e:  # not a causal LM (T5, BERT ...), or a config transformers refuses
                 from .families import UnsupportedArchitectureError
 
