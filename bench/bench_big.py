@@ -2,7 +2,7 @@
 
 The model is random (TinyLlama's shapes, built once by ``tests/big.py``). Each phase runs in a
 fresh process; "measured" is the peak resident memory of that process minus its resident memory
-after importing mechscope (``ru_maxrss``), and the estimate is ``estimate_memory`` for the same
+after importing mechscope (``mechscope.compute.peak_rss``: VmHWM), and the estimate is ``estimate_memory`` for the same
 workload. The offloaded load uses ``max_memory`` of half the weights plus ``offload_folder``.
 Hook overhead: a forward pass with 3 cached hooks against the bare HF forward pass, interleaved.
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -97,6 +96,7 @@ def many(mode: str) -> None:
 
     import mechscope
     from mechscope import corpus
+    from mechscope.compute import peak_rss
     from mechscope.sae import SAEConfig, TrainConfig, harvest, train_many, train_sae_sweep
 
     model = mechscope.load("smollm2-135m")
@@ -119,7 +119,7 @@ def many(mode: str) -> None:
     dt = time.perf_counter() - t0
     tokens = sum(getattr(r, "tokens_seen", tc.steps * tc.batch_size) for r in res)
     print(json.dumps({"seconds": dt, "tokens_per_s": tokens / dt,
-                      "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}))
+                      "peak_gib": peak_rss() / 2**30}))
 
 
 def main(only: str | None = None) -> None:

@@ -19,7 +19,8 @@ if cache == "none":
     model(toks)
 else:
     _, c = model.run_with_cache(toks)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from mechscope.compute import peak_rss
+peak = peak_rss()  # VmHWM: ru_maxrss would carry the parent process's peak across fork + exec
 est = mechscope.estimate_memory(model, batch=batch, seq_len=seq, cache_names=None if cache == "none" else "all")
 print(json.dumps({"measured_weights": after_load - base, "measured_total": peak - base,
                   "est_weights": est.weights, "est_total": est.total}))

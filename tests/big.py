@@ -45,32 +45,13 @@ def big_llama_dir() -> Path:
 
 
 CODE = r"""
-import json, resource, sys, time, torch, psutil
+import json, sys, time, torch, psutil
 import mechscope
 torch.set_grad_enabled(False)
 phase, path = sys.argv[1], sys.argv[2]
 extra = json.loads(sys.argv[3])
 torch.set_num_threads(extra.get("threads", torch.get_num_threads()))  # the parent's: same reductions, same bits
-import threading
-def _status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:", "VmRSS:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024
-    return out
-_peaks = {}
-_stop = threading.Event()
-def _sample():
-    while True:
-        for k, v in _status().items():
-            _peaks[k] = max(_peaks.get(k, 0), v)
-        if _stop.wait(0.002):
-            break
 base = psutil.Process().memory_info().rss
-base_status = _status()
-_t = threading.Thread(target=_sample, daemon=True); _t.start()
 B, P = extra.get("batch", 4), extra.get("seq", 512)
 out = {}
 if phase == "offload":
@@ -110,9 +91,8 @@ elif phase == "timing":  # interleaved pairs: this VM's speed drifts by ~20% bet
             bare_t.append(t1 - t0)
     ratios.sort()
     out["median_ratio"], out["min_ratio"], out["bare"] = ratios[len(ratios) // 2], ratios[0], min(bare_t)
-_stop.set(); _t.join()
-out["peaks"] = {k: v - base_status.get(k, 0) for k, v in _peaks.items()}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from mechscope.compute import peak_rss
+peak = peak_rss()  # VmHWM: ru_maxrss would carry the parent process's peak across fork + exec
 out["measured"] = peak - base
 print(json.dumps(out))
 """

@@ -101,3 +101,26 @@ def test_cli_lens_and_estimate_on_default_model(capsys, tmp_path):
     assert main(["estimate", "--batch", "4", "--cache", "all", "--json"]) == 0
     est = json.loads(capsys.readouterr().out)
     assert 130e6 < est["n_params"] < 140e6
+
+
+def test_peak_rss_of_a_subprocess_is_its_own():
+    """The cause of a fresh-clone failure: a subprocess's ``ru_maxrss`` starts at its parent's peak (Linux keeps it
+    across fork + exec), so the worker that had just built the 1.1B fixture made its measured child look 1.17x the
+    weights. ``peak_rss`` reads the child's own high-water mark."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mechscope.compute import peak_rss
+
+    held = np.ones(1536 * 2**20 // 8)  # the parent touches 1.5 GiB
+    assert peak_rss() >= 1536 * 2**20
+    code = ("import resource; from mechscope.compute import peak_rss; "
+            "print(peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    del held
+    assert own < 1024 * 2**20  # importing torch and mechscope (about 0.4 GiB): well below the parent's 1.5 GiB
+    if sys.platform == "linux":
+        assert inherited >= 1536 * 2**20  # what the old measure would have reported

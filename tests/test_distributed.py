@@ -151,7 +151,7 @@ def test_torchrun_sae_train_cli(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = ["-m", "mechscope", "sae", "train", "--model", str(tmp_path / "m"), "--hook", "blocks.1.hook_resid_post",
             "--width", "64", "--k", "4", "--steps", "20", "--batch", "64", "--seqs", "16", "--seq-len", "16",
-            "--eval-seqs", "2", "--partitions", "2", "--json"]
+            "--eval-seqs", "2", "--json"]  # default partitions: the same SAE on 1 and 2 ranks
     for _ in range(3):  # a free port taken by another test between pick and bind is retried
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                               "--master_port", str(_port()), *args, "--out", str(tmp_path / "two")],

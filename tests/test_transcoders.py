@@ -125,3 +125,33 @@ def test_transcoders_train_cli(tmp_path, capsys, monkeypatch):
     assert transcoder_cache("org/My Model") == tmp_path / "cache" / "transcoders" / "My_Model"
     assert main(["transcoders", "train", "--layers", "7", "--out", str(tmp_path / "x")]) == 2
     assert "layers [7] out of range: valid layers are 0..2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gptj", "phi", "cohere", "olmo2"])
+def test_transcoders_train_on_families_without_ln2(arch, tmp_path, capsys, monkeypatch):
+    """Parallel blocks with one shared norm (GPT-J, Phi, Cohere) and post-norm blocks (OLMo-2) have no
+    ``ln2.hook_normalized``: each transcoder reads the block's real MLP input (``model.mlp_input``), is saved
+    with it, loads back as a TranscoderSet and feeds an attribution graph."""
+    import json
+
+    import mechscope
+    from mechscope.circuits.toy import toy_tokenizer
+    from mechscope.cli import main
+    from mechscope.graphs import attribution_graph
+    from mechscope.sae import TranscoderSet, load_transcoders
+
+    model = mechscope.HookedModel(tiny_hf(arch), tokenizer=toy_tokenizer(V))
+    assert not model.has_hook("blocks.0.ln2.hook_normalized")
+    monkeypatch.setattr(mechscope, "load", lambda *a, **k: model)
+    assert main(["transcoders", "train", "--layers", "0", "1", "--width", "32", "--k", "4", "--steps", "4",
+                 "--batch", "32", "--seqs", "8", "--seq-len", "10", "--eval-seqs", "2", "--out", str(tmp_path),
+                 "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"] == [0, 1] and out["ce_all"] > 0
+    tcs = load_transcoders(tmp_path, model)
+    assert isinstance(tcs, TranscoderSet) and tcs.layers == [0, 1]
+    for layer in (0, 1):
+        assert tcs.input_hook(layer) == model.mlp_input(layer)
+        assert tcs.output_hook(layer) == f"blocks.{layer}.hook_mlp_out"
+    g = attribution_graph(model, tcs, torch.tensor([[0, 5, 9, 14, 20]]), max_feature_nodes=50, certify=4, progress=False)
+    assert g.certificate["n"] > 0 and g.certificate["worst_rel"] < 1e-3  # edges are real perturbations here too

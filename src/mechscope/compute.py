@@ -100,6 +100,29 @@ def dtype_speed(device: str, dtype: torch.dtype, tokens: int = 256, d: int = 102
     return best(torch.float32) / max(best(dtype), 1e-9)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it started.
+
+    On Linux, ``VmHWM`` from ``/proc/self/status``: the high-water mark of this process's own address space.
+    ``getrusage(...).ru_maxrss`` is not that: Linux carries it across ``fork``/``vfork`` + ``exec``, so a
+    subprocess started by a process that once held 5 GB reports a 5 GB peak before doing anything
+    (measured here: a child of a 3 GB parent reads 3.03 GB from ``ru_maxrss``, 8.8 MB from ``VmHWM``).
+    Elsewhere, ``ru_maxrss`` (bytes on macOS, KiB otherwise).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
 def free_memory(device: torch.device | str | None = None) -> int:
     """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on CUDA, available system memory (psutil) elsewhere."""
     dev = torch.device(device) if device is not None else torch.device("cpu")

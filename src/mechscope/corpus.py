@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -85,18 +87,87 @@ def hf_dataset(name: str, split: str = "train", field: str = "text", **kwargs) -
         yield str(rec[field])
 
 
-def paragraphs(path: str | Path, split: str = "all", held_out: float = 0.1, min_chars: int = 1) -> Iterator[str]:
-    """The blank-line-separated paragraphs of one text file (split into train/test by a hash of their index)."""
+MIN_UNITS = 20  # a text file with fewer paragraphs than this is split by line, then into pieces at spaces
+
+
+def text_units(text: str) -> tuple[list[str], str]:
+    """``(units, kind)``: the blank-line-separated paragraphs of ``text``; its lines when it has fewer than
+    :data:`MIN_UNITS` paragraphs (a file with one sentence per line is one paragraph); and when it also has
+    fewer lines, :data:`MIN_UNITS` pieces cut at spaces. ``kind`` names the unit (``"paragraph"``, ...)."""
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if len(paras) >= MIN_UNITS:
+        return paras, "paragraph"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) >= MIN_UNITS:
+        return lines, "line"
+    words = text.split()
+    if len(words) <= 1:
+        return paras, "paragraph"
+    n = min(MIN_UNITS, len(words))
+    bounds = [round(i * len(words) / n) for i in range(n + 1)]
+    return [" ".join(words[a:b]) for a, b in zip(bounds, bounds[1:])], "piece"
+
+
+def held_out_units(keys: list[str], fraction: float) -> set[int]:
+    """Which of ``len(keys)`` units are held out: the ``ceil(fraction * n)`` with the smallest hash of their key,
+    and never all of them. So both splits get text whenever there are two units or more, in the same
+    proportion for every file, and the choice depends on the keys alone (not on the order of reading)."""
+    n = len(keys)
+    if n < 2:
+        return set()
+    k = min(n - 1, max(1, math.ceil(fraction * n)))
+    rank = sorted(range(n), key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+    return set(rank[:k])
+
+
+@dataclass
+class TextSplit:
+    """One split of a text file: its texts (runs of consecutive units of that split) and what went where."""
+
+    texts: list[str]
+    kind: str
+    n_units: int
+    n_here: int
+    chars: int
+    split: str
+
+    def describe(self, path: Path) -> str:
+        unit = f"{self.kind}(s)"
+        if self.split == "all" or self.n_units == 0:
+            return f"{path} ({self.n_units} {unit}, {self.chars} characters)"
+        if self.n_here == 0:
+            other = "training" if self.split == "test" else "held-out"
+            return f"{path}, {self.split} split: empty (all {self.n_units} {unit} of the file fell in the {other} split)"
+        return f"{path}, {self.split} split: {self.n_here} of its {self.n_units} {unit} ({self.chars} characters)"
+
+
+def split_text_file(path: str | Path, split: str = "all", held_out: float = 0.1) -> TextSplit:
+    """The ``split`` (``"train"``, ``"test"`` or ``"all"``) of one text file's units (:func:`text_units`), held out by
+    :func:`held_out_units`; consecutive units of the split are joined back as they were in the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such text file: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    for i, para in enumerate(p.strip() for p in text.split("\n\n")):
-        if len(para) < min_chars:
-            continue
-        if split != "all" and _held_out(f"{path}:{i}", held_out) != (split == "test"):
-            continue
-        yield para
+    if split not in ("train", "test", "all"):
+        raise InputError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    units, kind = text_units(path.read_text(encoding="utf-8", errors="replace"))
+    test = held_out_units([f"{path.name}:{i}" for i in range(len(units))], held_out)
+    keep = [split == "all" or ((i in test) == (split == "test")) for i in range(len(units))]
+    joiner = {"paragraph": "\n\n", "line": "\n", "piece": " "}[kind]
+    texts, run = [], []
+    for unit, k in zip(units, keep):
+        if k:
+            run.append(unit)
+        elif run:
+            texts.append(joiner.join(run))
+            run = []
+    if run:
+        texts.append(joiner.join(run))
+    return TextSplit(texts, kind, len(units), sum(keep), sum(len(t) for t in texts), split)
+
+
+def paragraphs(path: str | Path, split: str = "all", held_out: float = 0.1) -> Iterator[str]:
+    """The texts of one split of a text file (:func:`split_text_file`)."""
+    return iter(split_text_file(path, split, held_out).texts)
 
 
 def from_spec(spec: str | None, split: str = "train") -> tuple[Iterator[str], str]:
@@ -119,7 +190,8 @@ def from_spec(spec: str | None, split: str = "train") -> tuple[Iterator[str], st
             raise InputError(f"no such JSON-lines file: {path}")
         return jsonl(path, split=split), f"the JSON-lines file {path} (field 'text')"
     if path.is_file():
-        return paragraphs(path, split), f"the paragraphs of {path}"
+        part = split_text_file(path, split)
+        return iter(part.texts), part.describe(path)
     raise InputError(f"corpus {spec!r} is not a file, a folder, or hf:<dataset>[:<split>]")
 
 
@@ -129,23 +201,27 @@ def default_corpus(split: str = "train") -> Iterator[str]:
 
 
 def pack(model: HookedModel, texts: Iterable[str], seq_len: int, n_seqs: int | None = None, prepend_bos: bool | None = None,
-         ) -> torch.Tensor:
+         source: str = "the corpus") -> torch.Tensor:
     """Tokenize ``texts``, join them with EOS, and cut the stream into rows ``[n, seq_len]``.
 
     With BOS-using models each row starts with BOS (``seq_len`` includes it). Stops after ``n_seqs``.
+    ``source`` names the texts in the error raised when they give less than one row.
     """
     tok = model.tokenizer
     bos = prepend_bos if prepend_bos is not None else model.cfg.default_prepend_bos
     body = seq_len - (1 if bos else 0)
     sep = tok.eos_token_id if tok.eos_token_id is not None else model.pad_token_id
-    rows, buf = [], []
+    rows, buf, n_texts, n_tokens = [], [], 0, 0
     for text in texts:
-        buf += tok(text, add_special_tokens=False).input_ids + [sep]
+        ids = tok(text, add_special_tokens=False).input_ids
+        n_texts, n_tokens = n_texts + 1, n_tokens + len(ids)
+        buf += ids + [sep]
         while len(buf) >= body:
             row, buf = buf[:body], buf[body:]
             rows.append(([tok.bos_token_id] if bos else []) + row)
             if n_seqs is not None and len(rows) >= n_seqs:
                 return torch.tensor(rows, dtype=torch.long)
     if not rows:
-        raise InputError(f"the corpus is shorter than one sequence of {seq_len} tokens")
+        raise InputError(f"{source} gave {n_tokens} tokens from {n_texts} text(s), fewer than one sequence of {seq_len} "
+                         f"tokens; give more text or a shorter --seq-len")
     return torch.tensor(rows, dtype=torch.long)

@@ -29,6 +29,7 @@ from .circuits.heads import induction_scores, induction_tokens
 from .compute import env, estimate_memory
 from .core.components import Component
 from .core.files import atomic_write
+from .core.hookpoints import act_name
 from .core.model import HookedModel
 from .core.progress import stage
 from .core.result import Result
@@ -218,7 +219,7 @@ def _ioi(rep: Report, model: HookedModel, out: Path, figs: _Figures, n_prompts: 
                            title="IOI: patching each head's output (z), normalised"))
     toks = train.clean[:1]
     comps = [Component.parse(t) for t in top]
-    _, cache = model.run_with_cache(toks, names_filter=[f"blocks.{c.layer}.attn.hook_pattern" for c in comps])
+    _, cache = model.run_with_cache(toks, names_filter=[act_name("pattern", c.layer) for c in comps])
     pats = torch.stack([cache["pattern", c.layer][0, c.index] for c in comps])
     html += viz.attention_viewer(model.to_str_tokens(toks[0]), pats, top,
                                  title="attention of the top heads on a clean IOI prompt (hover a token)")
@@ -297,7 +298,7 @@ def _probe(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> No
     n = model.cfg.n_layers
     layers = sorted({0, n // 3, 2 * n // 3, n - 3})
     probe = probe_sweep(model, toks, next_token_continues_word(model, toks),
-                        hooks=[f"blocks.{l}.hook_resid_post" for l in layers], task="next token continues the word")
+                        hooks=[act_name("resid_post", l) for l in layers], task="next token continues the word")
     probe.plot(out / "probe.png")
     sec = Section("7. linear probe with a control task", probe.summary(), probe.figures_html(), ["probe.png"], key="probe")
     rep.add(sec)
@@ -312,7 +313,7 @@ def _probe(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> No
 
 
 def _sae(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> None:
-    hook = f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
+    hook = act_name("resid_post", model.cfg.n_layers // 2)
     acts = harvest(model, hook, corpus.pack(model, corpus.default_corpus("train"), 64, n_seqs=64))
     cfg = SAEConfig(d_in=acts.shape[1], d_sae=4 * acts.shape[1], architecture="topk", k=32, hook_name=hook,
                     model_name=model.cfg.model_name, normalize_activations="expected_average_only_in")

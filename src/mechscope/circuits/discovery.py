@@ -45,6 +45,7 @@ from ..batching import map_batches
 from ..compute import forward_bytes
 from ..core.components import Component, all_heads, all_mlps, head_readers, kv_component, parse_components
 from ..core.errors import InputError
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
 from ..core.result import Result
@@ -319,24 +320,24 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
     """EAP score sums over the prompts ``rows`` (``clean``/``corrupted`` ``[b, pos]``) of a dataset of ``n_prompts``."""
     c = model.cfg
     n = c.n_layers
-    out_names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_names else [])
-    out_names += [f"blocks.{l}.attn.hook_z" for l in range(n)] + [f"blocks.{l}.hook_mlp_out" for l in range(n)]
+    out_names = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
+    out_names += [act_name("z", l) for l in range(n)] + [act_name("mlp_out", l) for l in range(n)]
     with torch.no_grad():
         _, cc = model.run_with_cache(clean, names_filter=out_names)
         _, cx = model.run_with_cache(corrupted, names_filter=out_names)
-    grad_names = [f"blocks.{l}.hook_{s}" for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
-    shared = c.parallel_residual and "blocks.0.ln2.hook_normalized" not in model.hook_names
+    grad_names = [act_name(s, l) for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
+    shared = c.parallel_residual and not model.has_hook(act_name("normalized", 0, "ln2"))
     if c.parallel_residual:  # the MLP reads ln2(resid_pre) (or ln1's output, shared with attention)
         grad_names = [g for g in grad_names if "resid_mid" not in g]
-        grad_names += [f"blocks.{l}.{'ln1' if shared else 'ln2'}.hook_normalized" for l in range(n)]
+        grad_names += [act_name("normalized", l, "ln1" if shared else "ln2") for l in range(n)]
     if per_head or shared:
-        grad_names += [f"blocks.{l}.attn.hook_{s}" for l in range(n) for s in ("q", "k", "v")]
+        grad_names += [act_name(s, l) for l in range(n) for s in ("q", "k", "v")]
         W = (model.W_Q, model.W_K_kv, model.W_V_kv)  # hoisted: each access rebuilds the stack
     readers: dict[str, torch.Tensor] = {}
     steps = max(1, ig_steps)
     params = [p for p in model.hf.parameters() if p.requires_grad]
-    emb_c = cc["embed"] + (cc["pos_embed"] if "hook_pos_embed" in model.hook_names else 0)
-    emb_x = cx["embed"] + (cx["pos_embed"] if "hook_pos_embed" in model.hook_names else 0)
+    emb_c = cc["embed"] + (cc["pos_embed"] if model.has_hook("hook_pos_embed") else 0)
+    emb_x = cx["embed"] + (cx["pos_embed"] if model.has_hook("hook_pos_embed") else 0)
     try:
         for p in params:
             p.requires_grad_(False)
@@ -355,7 +356,7 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
 
             fwd = [("blocks.0.hook_resid_pre", start)]
             if per_head or c.parallel_residual:
-                fwd += [(f"blocks.{l}.hook_resid_pre", record) for l in range(n)]
+                fwd += [(act_name("resid_pre", l), record) for l in range(n)]
             with torch.enable_grad(), model.hooks(fwd, [(g, keep) for g in grad_names]):
                 value = metric_on_rows(metric, model(corrupted), rows, n_prompts)
                 value.sum().backward()
@@ -372,27 +373,27 @@ def _reader_grads(model, store: dict, resid: dict, W, per_head: bool = True) -> 
     n = model.cfg.n_layers
     out = {}
     for l in range(n):
-        g_pre, g_post = store[f"blocks.{l}.hook_resid_pre"], store[f"blocks.{l}.hook_resid_post"]
+        g_pre, g_post = store[act_name("resid_pre", l)], store[act_name("resid_post", l)]
         heads = _head_input_grads(model, l, store, resid[l], W) if W is not None else None
         if model.cfg.parallel_residual:
             # resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)): the MLP's share of dM/d resid_pre
             # is ln2's vector-Jacobian product of the gradient at its output; the attention's is the rest
-            if f"blocks.{l}.ln2.hook_normalized" in store:
-                mlp = _norm_vjp(model.ln2(l), resid[l], store[f"blocks.{l}.ln2.hook_normalized"])
+            if act_name("normalized", l, "ln2") in store:
+                mlp = _norm_vjp(model.ln2(l), resid[l], store[act_name("normalized", l, "ln2")])
             else:  # one norm feeds both: the MLP's part of the gradient at ln1's output is what q/k/v do not take
-                at_norm = store[f"blocks.{l}.ln1.hook_normalized"] - _head_input_grads(
+                at_norm = store[act_name("normalized", l, "ln1")] - _head_input_grads(
                     model, l, store, resid[l], W, at_norm=True)
                 mlp = _norm_vjp(model.ln1(l), resid[l], at_norm)
             attn = g_pre - g_post - mlp
         else:
-            g_mid = store[f"blocks.{l}.hook_resid_mid"]
+            g_mid = store[act_name("resid_mid", l)]
             mlp, attn = g_mid - g_post, g_pre - g_mid
         if per_head and heads is not None:
             out.update(heads)
         else:
             out[f"L{l}.attn_in"] = attn
         out[f"L{l}.mlp_in"] = mlp
-    out["logits"] = store[f"blocks.{n - 1}.hook_resid_post"]
+    out["logits"] = store[act_name("resid_post", n - 1)]
     return out
 
 
@@ -411,7 +412,7 @@ def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W,
     """Per-head shares of ``dM/d resid_pre`` through the attention input: ``J_ln1ᵀ (g_q[h] W_Q[h]ᵀ)`` etc.
     With ``at_norm``: their sum at the norm's output instead (``Σ g W ᵀ``, before the norm's VJP)."""
     W_Q, W_K, W_V = (w[l].to(resid_pre.dtype) for w in W)  # [head | kv_head, d_model, d_head]
-    g = {s: store[f"blocks.{l}.attn.hook_{s}"] for s in ("q", "k", "v")}  # [batch, pos, head | kv_head, d_head]
+    g = {s: store[act_name(s, l)] for s in ("q", "k", "v")}  # [batch, pos, head | kv_head, d_head]
     v = torch.cat([torch.einsum("bphe,hde->bphd", g["q"], W_Q), torch.einsum("bphe,hde->bphd", g["k"], W_K),
                    torch.einsum("bphe,hde->bphd", g["v"], W_V)], dim=2)  # [batch, pos, readers, d_model]
     if at_norm:

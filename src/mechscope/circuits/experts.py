@@ -20,6 +20,7 @@ from .. import corpus
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.components import Component
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.result import Result
 from ..techniques.ablation import ablation_hooks
@@ -59,7 +60,7 @@ class ExpertReport(Result):
 
 def _routed(model: HookedModel, tokens: torch.Tensor, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
     """``(routed [n, pos] bool, weight [n, pos], mean output [d_model])`` of the expert on ``tokens``."""
-    names = [f"blocks.{layer}.mlp.hook_{s}" for s in ("expert_indices", "expert_weights", "expert_out")]
+    names = [act_name(s, layer) for s in ("expert_indices", "expert_weights", "expert_out")]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names, device="cpu")
     idx, w, out = (cache[n] for n in names)

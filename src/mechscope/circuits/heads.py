@@ -24,6 +24,7 @@ from ..analysis import viz
 from ..analysis.metrics import repeated_tokens
 from ..core.errors import InputError
 from ..core.files import atomic_write
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.placement import stack_on
 from ..core.result import Result
@@ -197,7 +198,7 @@ def head_report(model: HookedModel, layer: int, head: int, prompts: list[str] | 
     toks_list = [model.to_tokens(t) for t in texts] if texts else [induction_tokens(model, 10, 1, seed)[0]]
     dist = torch.zeros(9)
     for toks in toks_list:
-        _, cache = model.run_with_cache(toks, names_filter=f"blocks.{layer}.attn.hook_pattern")
+        _, cache = model.run_with_cache(toks, names_filter=act_name("pattern", layer))
         pat = cache["pattern", layer][0, head].float().cpu()
         strs = model.to_str_tokens(toks[0]) if model.tokenizer is not None else [str(int(t)) for t in toks[0]]
         patterns.append((strs, pat))

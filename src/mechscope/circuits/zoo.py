@@ -45,6 +45,7 @@ from ..analysis.metrics import logit_diff
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.components import Component
 from ..core.errors import InputError
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.progress import bar
 from ..core.result import Result
@@ -89,7 +90,7 @@ def _fixed_patterns(kinds: dict[int, list[str]]) -> list[tuple[str, Callable]]:
 
         return fix
 
-    return [(f"blocks.{layer}.attn.hook_pattern", hook_for(layer)) for layer in kinds]
+    return [(act_name("pattern", layer), hook_for(layer)) for layer in kinds]
 
 
 def _periodic(batch: int, n_ctx: int, d_vocab: int, period: int, g: torch.Generator) -> torch.Tensor:
@@ -217,10 +218,10 @@ def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
     c = model.cfg
     if c.parallel_residual:
         raise InputError("edge_patching supports sequential-residual models only (the zoo's)")
-    names = (["hook_embed"] + [f"blocks.{l}.attn.hook_result" for l in range(c.n_layers)]
-             + [f"blocks.{l}.hook_mlp_out" for l in range(c.n_layers)]
-             + [f"blocks.{l}.hook_resid_pre" for l in range(c.n_layers)]
-             + [f"blocks.{l}.hook_resid_mid" for l in range(c.n_layers)] + [f"blocks.{c.n_layers - 1}.hook_resid_post"])
+    names = (["hook_embed"] + [act_name("result", l) for l in range(c.n_layers)]
+             + [act_name("mlp_out", l) for l in range(c.n_layers)]
+             + [act_name("resid_pre", l) for l in range(c.n_layers)]
+             + [act_name("resid_mid", l) for l in range(c.n_layers)] + [act_name("resid_post", c.n_layers - 1)])
     _, cc = model.run_with_cache(clean, names_filter=lambda n: n in names)
     _, cx = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
     base = metric(model(clean)).float()
@@ -228,7 +229,7 @@ def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
     def out(cache, name: str) -> torch.Tensor:
         u = Component.parse(name)
         if u.kind == "head":
-            return cache[f"blocks.{u.layer}.attn.hook_result"][:, :, u.index]
+            return cache[act_name("result", u.layer)][:, :, u.index]
         return cache[u.hook]  # the embedding, or an MLP's output
 
     def hook_for(name: str, delta: torch.Tensor) -> tuple[str, Callable]:
@@ -236,16 +237,16 @@ def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
         v = Component.parse(name)
         layer = v.layer
         if v.kind == "logits":
-            final = model.ln_final(cc[f"blocks.{c.n_layers - 1}.hook_resid_post"] + delta)
+            final = model.ln_final(cc[act_name("resid_post", c.n_layers - 1)] + delta)
             return "ln_final.hook_normalized", lambda act, hook: final.to(act.dtype)
         if v.kind == "mlp":  # the MLP's input, L.mlp_in
-            mlp = model.mlp_module(layer)(model.ln2(layer)(cc[f"blocks.{layer}.hook_resid_mid"] + delta))
+            mlp = model.mlp_module(layer)(model.ln2(layer)(cc[act_name("resid_mid", layer)] + delta))
             mlp = mlp[0] if isinstance(mlp, tuple) else mlp
-            return f"blocks.{layer}.hook_mlp_out", lambda act, hook: mlp.to(act.dtype)
+            return act_name("mlp_out", layer), lambda act, hook: mlp.to(act.dtype)
         h, which = v.index, v.port
         W_Q, W_K, W_V, b_Q, b_K, b_V = model.weights.qkv(layer)
         W, b = {"q": (W_Q, b_Q), "k": (W_K, b_K), "v": (W_V, b_V)}[which]
-        x = model.ln1(layer)(cc[f"blocks.{layer}.hook_resid_pre"] + delta)
+        x = model.ln1(layer)(cc[act_name("resid_pre", layer)] + delta)
         new = x @ W[h] + b[h]
 
         def put(act, hook):
@@ -253,7 +254,7 @@ def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
             act[:, :, h] = new.to(act.dtype)
             return act
 
-        return f"blocks.{layer}.attn.hook_{which}", put
+        return act_name(which, layer), put
 
     scores = {}
     for u, v in bar(edges, desc="edge patching") if progress else edges:

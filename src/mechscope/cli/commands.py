@@ -11,6 +11,7 @@ from pathlib import Path
 from ..analysis.viz import esc, page
 from ..core.errors import InputError, NotFoundError
 from ..core.files import atomic_write
+from ..core.hookpoints import act_name
 from ..core.result import Result
 from .registry import Outcome, arg, command
 
@@ -66,7 +67,7 @@ def _corpus(args: argparse.Namespace, model, split: str, n_seqs: int, seq_len: i
     from ..core.progress import stage
 
     texts, desc = corpus.from_spec(getattr(args, "corpus", None), split)
-    toks = corpus.pack(model, texts, seq_len, n_seqs=n_seqs)
+    toks = corpus.pack(model, texts, seq_len, n_seqs=n_seqs, source=f"the corpus ({desc})")
     if toks.shape[0] == 0:
         raise InputError(f"the corpus ({desc}, {split} split) gave no sequence of {seq_len} tokens; give more text "
                          f"or a shorter --seq-len")
@@ -264,7 +265,7 @@ def probe_cmd(args: argparse.Namespace) -> Result:
     toks, _ = _corpus(args, model, "test", args.n, args.seq_len)
     layers = args.layers or list(range(0, model.cfg.n_layers, max(1, model.cfg.n_layers // 6)))
     res = probe_sweep(model, toks, next_token_continues_word(model, toks),
-                      hooks=[f"blocks.{l}.hook_resid_post" for l in layers], task="next token continues the word",
+                      hooks=[act_name("resid_post", l) for l in layers], task="next token continues the word",
                       control="shuffled" if args.shuffled else True)
     return _pictures(args, res, "probe")
 
@@ -382,8 +383,9 @@ def toy_cmd(args: argparse.Namespace) -> Result:
          arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
          arg("--seq-len", type=int, default=128), arg("--out", default="sae-run"), arg("--resume", action="store_true"),
          arg("--partitions", type=int, default=0,
-             help="split the training data into this many partitions (default: one per rank); the same value "
-                  "gives the same SAE on any number of ranks"),
+             help="split the training sequences into this many partitions, each sampled by its own generator "
+                  "(default 0: min(64, --seqs, --batch), whatever the number of ranks); the same value gives the "
+                  "same SAE on any number of ranks up to it, so adding ranks does not change the SAE"),
          arg("--acts", default=None, help="train on activation shards from harvest_to_disk (each rank reads its own)"),
          CORPUS)
 def sae_train_cmd(args: argparse.Namespace) -> Result:
@@ -391,7 +393,7 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
     from ..core.progress import is_quiet, quiet, stage
     from ..distributed import split
     from ..sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
-    from ..sae.data import PartitionedSource
+    from ..sae.data import PartitionedSource, default_partitions
 
     with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
         model = _load(args)
@@ -402,7 +404,10 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
             info = {"corpus": f"activation shards in {args.acts}", "corpus_tokens": None}
         else:
             toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
-            parts = args.partitions or dist.world
+            parts = args.partitions or default_partitions(toks.shape[0], args.batch)
+            if parts < dist.world:
+                raise InputError(f"{parts} partitions for {dist.world} ranks: each rank needs one; give more --seqs "
+                                 f"or fewer ranks")
             mine = split(parts, dist.world)[dist.rank]
             stage(f"harvesting {args.hook} on {toks.numel()} tokens" + (
                 f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {parts})" if dist.active else ""))
@@ -466,7 +471,7 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
     toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
     d = model.cfg.d_model
     cfgs = [SAEConfig(d_in=d, d_sae=args.width or 8 * d, architecture=args.arch, k=args.k,
-                      hook_name=f"blocks.{l}.ln2.hook_normalized", hook_name_out=f"blocks.{l}.hook_mlp_out",
+                      hook_name=model.mlp_input(l), hook_name_out=act_name("mlp_out", l),
                       skip=not args.no_skip, model_name=model.cfg.model_name,
                       normalize_activations="expected_average_only_in") for l in layers]
     stage(f"training {len(cfgs)} transcoders from one pass over {toks.numel()} tokens")

@@ -80,7 +80,7 @@ class HookManager:
 
     def __init__(self, hook_names: Iterable[str], group_of, installer):
         self.hook_names: list[str] = list(hook_names)
-        self._known = set(self.hook_names)
+        self.known = set(self.hook_names)
         self._group_of = group_of
         self._installer = installer
         self._entries: list[_Entry] = []
@@ -105,7 +105,7 @@ class HookManager:
         return out
 
     def check(self, name: str) -> None:
-        if name not in self._known:
+        if name not in self.known:
             raise UnknownNameError(unknown_hook_message(name, self.hook_names))
 
     # ---- state --------------------------------------------------------------------------

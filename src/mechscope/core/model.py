@@ -20,7 +20,7 @@ from .cache import ActivationCache, pos_index
 from .config import ModelConfig, build_config
 from .errors import InputError
 from .families import Family
-from .hookpoints import hook_names
+from .hookpoints import act_name, hook_names
 from .hooks import HookHandle, StopForward
 from .infer import resolve_family
 from .parts import ModelParts
@@ -96,19 +96,23 @@ class HookedModel(torch.nn.Module):
         """HF's MLP module of block ``layer``."""
         return self.parts.mlp(layer)
 
+    def has_hook(self, name: str) -> bool:
+        """Whether ``name`` is one of this model's hook points (full name, e.g. ``blocks.3.ln2.hook_normalized``)."""
+        return name in self.manager.known
+
     def attn_input(self, layer: int) -> str:
         """The hook point holding what block ``layer``'s attention projections read: its ``ln1`` output, or the
         residual stream itself where the block normalises only outputs (OLMo-2)."""
-        name = f"blocks.{layer}.ln1.hook_normalized"
-        return name if name in self.manager._known else f"blocks.{layer}.hook_resid_pre"
+        name = act_name("normalized", layer, "ln1")
+        return name if self.has_hook(name) else act_name("resid_pre", layer)
 
     def mlp_input(self, layer: int) -> str:
         """The hook point holding what block ``layer``'s MLP reads: its ``ln2`` output; in a parallel block
         with one shared norm, the attention's input; where the block has no pre-MLP norm, ``hook_resid_mid``."""
-        name = f"blocks.{layer}.ln2.hook_normalized"
-        if name in self.manager._known:
+        name = act_name("normalized", layer, "ln2")
+        if self.has_hook(name):
             return name
-        return self.attn_input(layer) if self.cfg.parallel_residual else f"blocks.{layer}.hook_resid_mid"
+        return self.attn_input(layer) if self.cfg.parallel_residual else act_name("resid_mid", layer)
 
     # ---- hooks -------------------------------------------------------------------------------
     def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = ()) -> ContextManager[None]:

@@ -28,6 +28,7 @@ import torch
 from ..core import HookedModel, InputError
 from ..core.progress import bar
 from ..sae.model import SAE
+from ..sae.transcoders import TranscoderSet
 from .graph import KIND_NAMES, AttributionGraph, sweep_influence
 from .nodes import EMBEDDING, ERROR, FEATURE, node_label
 from .replacement import EMBED, ReplacementModel
@@ -230,7 +231,7 @@ class SparseRows:
         return sweep_influence(groups, weights, torch.tensor(self.row_src), self.src.n)
 
 
-def attribution_graph(model: HookedModel, transcoders: list[SAE], prompt: str | torch.Tensor,
+def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE]", prompt: str | torch.Tensor,
                       target_logits: list[int] | None = None, max_feature_nodes: int = 7500,
                       batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
                       skip_first: int | None = None, certify: int = 32, update_every: int = 4,

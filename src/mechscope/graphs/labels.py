@@ -15,15 +15,15 @@ from ..core import HookedModel
 from ..core.progress import bar
 from ..sae.features import dashboard_html, feature_stats
 from ..sae.model import SAE
+from ..sae.transcoders import TranscoderSet
 from .graph import FEATURE, AttributionGraph
-from .replacement import transcoders_by_layer
 
 
-def label_features(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE], tokens: torch.Tensor,
+def label_features(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE]", tokens: torch.Tensor,
                    nodes: torch.Tensor | None = None, n_top: int = 10, progress: bool = True) -> dict[int, str]:
     """Set ``graph.labels[node]`` to the tokens each feature node fires on most in ``tokens [n, pos]``
     (default: every feature node); return ``{node: dashboard HTML}``."""
-    by_layer = transcoders_by_layer(model, transcoders)
+    by_layer = TranscoderSet.of(model, transcoders)
     nodes = graph.nodes_of(FEATURE) if nodes is None else nodes
     groups: dict[int, list[int]] = {}
     for n in nodes.tolist():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import Component, InputError
+from ..core.hookpoints import act_name
 from ..core.result import Result
 from .attribute import RowEngine, active_features
 from .replacement import ReplacementModel
@@ -59,9 +60,9 @@ def qk_attribution(rm: ReplacementModel, layer: int, head: int, q_pos: int, k_po
     if not 0 <= k_pos <= q_pos < n:
         raise InputError(f"need 0 <= k_pos <= q_pos < {n} (a query attends to itself and earlier keys); got "
                          f"q_pos={q_pos}, k_pos={k_pos}")
-    rot = f"blocks.{layer}.attn.hook_rot_q" in model.hook_names
-    qn, kn = (f"blocks.{layer}.attn.hook_rot_q", f"blocks.{layer}.attn.hook_rot_k") if rot else (
-        f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k")
+    rot = model.has_hook(act_name("rot_q", layer))
+    qn, kn = (act_name("rot_q", layer), act_name("rot_k", layer)) if rot else (
+        act_name("q", layer), act_name("k", layer))
     eng = RowEngine(rm, active_features(rm), capture=(qn, kn))
     q, k = eng.run.extra[qn], eng.run.extra[kn]  # [1, pos, head | kv_head, d_head]
     kv = head // (cfg.n_heads // k.shape[2])

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import HookedModel, InputError
+from ..core.hookpoints import act_name
 from ..core.linearize import Frozen, record_frozen
-from ..sae.io import check_fits
 from ..sae.model import SAE
+from ..sae.transcoders import TranscoderSet
 
 EMBED = "embed"
 
@@ -48,7 +49,7 @@ class LayerState:
 
     @property
     def out_hook(self) -> str:
-        return f"blocks.{self.layer}.hook_mlp_out"
+        return act_name("mlp_out", self.layer)
 
 
 @dataclass
@@ -61,28 +62,6 @@ class Run:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the hook points asked for with ``capture``
 
 
-def transcoders_by_layer(model: HookedModel, transcoders: list[SAE]) -> dict[int, SAE]:
-    """``{layer: transcoder}``, checking each one fits ``model`` and writes one block's ``hook_mlp_out``."""
-    out = {}
-    for tc in transcoders:
-        if not tc.cfg.is_transcoder:
-            raise InputError(f"{tc.cfg.hook_name} holds an SAE, not a transcoder (it has no hook_name_out); "
-                             "attribution graphs need transcoders (MLP input -> hook_mlp_out)")
-        check_fits(tc, model)
-        parts = tc.cfg.hook_name_out.split(".")
-        if len(parts) != 3 or parts[2] != "hook_mlp_out":
-            raise InputError(f"a transcoder for a graph must write blocks.L.hook_mlp_out, not {tc.cfg.hook_name_out}")
-        layer = int(parts[1])
-        if layer in out:
-            raise InputError(f"two transcoders replace block {layer}'s MLP; give one per layer")
-        in_layer = tc.cfg.hook_name.split(".")[1] if tc.cfg.hook_name.startswith("blocks.") else None
-        if in_layer is None or int(in_layer) != layer:
-            raise InputError(f"transcoder {tc.cfg.hook_name} -> {tc.cfg.hook_name_out} reads another block than the "
-                             "one it writes: a graph needs per-layer transcoders")
-        out[layer] = tc.eval()
-    return out
-
-
 class ReplacementModel:
     """The frozen replacement model of ``model`` on ``tokens [1, pos]`` with ``transcoders`` (one per layer, any subset;
     they are moved to the model's device).
@@ -92,14 +71,15 @@ class ReplacementModel:
     output there is all error.
     """
 
-    def __init__(self, model: HookedModel, transcoders: list[SAE], tokens: torch.Tensor, skip_first: int | None = None):
+    def __init__(self, model: HookedModel, transcoders: TranscoderSet | list[SAE], tokens: torch.Tensor,
+                 skip_first: int | None = None):
         if tokens.dim() != 2 or tokens.shape[0] != 1:
             raise InputError(f"an attribution graph is built for one prompt: tokens must be [1, pos], got "
                              f"{tuple(tokens.shape)}")
         self.model, self.tokens = model, tokens.to(model.device)
         self.n_pos = tokens.shape[1]
         self.skip_first = 1 if skip_first is None else skip_first
-        self.transcoders = {layer: tc.to(model.device) for layer, tc in transcoders_by_layer(model, transcoders).items()}
+        self.transcoders = TranscoderSet.of(model, transcoders).to(model.device)
         self.frozen, self.layers, self.embed, self.logits = self._clean_pass()
 
     # ------------------------------------------------------------------ the clean pass
@@ -109,15 +89,15 @@ class ReplacementModel:
         def keep(act, hook):
             seen[hook.name] = act.detach()[0]
 
-        names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_names else [])
-        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
-        names += [tc.cfg.hook_name for tc in self.transcoders.values()]
+        names = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
+        names += [act_name("mlp_out", layer) for layer in range(model.cfg.n_layers)]
+        names += [tc.cfg.hook_name for tc in self.transcoders]
         with torch.no_grad(), record_frozen(model) as frozen:
             logits = model.run_with_hooks(self.tokens, fwd_hooks=[(n, keep) for n in dict.fromkeys(names)])
         embed = seen["hook_embed"] + seen.get("hook_pos_embed", 0.0)
         layers = []
         for layer in range(model.cfg.n_layers):
-            mlp = seen[f"blocks.{layer}.hook_mlp_out"]
+            mlp = seen[act_name("mlp_out", layer)]
             tc = self.transcoders.get(layer)
             if tc is None:
                 layers.append(LayerState(layer, None, None, None, mlp, mlp))

@@ -19,14 +19,16 @@ import torch
 from ..analysis.validation import Estimate
 from ..circuits.discovery import FaithfulnessCurve, curve_over_sizes
 from ..core import HookedModel, InputError
+from ..core.hookpoints import act_name
 from ..core.progress import quiet
 from ..core.result import Result
 from ..sae.model import SAE
+from ..sae.transcoders import TranscoderSet
 from .graph import EMBEDDING, ERROR, FEATURE, LOGIT, AttributionGraph
-from .replacement import EMBED, ReplacementModel, transcoders_by_layer
+from .replacement import EMBED, ReplacementModel
 
 
-def _feature_write(transcoders: dict[int, SAE], graph: AttributionGraph, node: int) -> tuple[int, int, torch.Tensor]:
+def _feature_write(transcoders: TranscoderSet, graph: AttributionGraph, node: int) -> tuple[int, int, torch.Tensor]:
     """Feature node ``node``'s layer, position and write ``a_f W_dec[f]`` (``[d_model]``, CPU)."""
     layer, pos, f = int(graph.layer[node]), int(graph.pos[node]), int(graph.index[node])
     if layer not in transcoders:
@@ -41,7 +43,7 @@ def _real_last_logits(model: HookedModel, tokens: torch.Tensor, writes: list[tup
     added to that block's ``hook_mlp_out`` (everything downstream recomputes)."""
     adds: dict[str, torch.Tensor] = {}
     for layer, pos, vec in writes:
-        adds.setdefault(f"blocks.{layer}.hook_mlp_out", torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] += vec
+        adds.setdefault(act_name("mlp_out", layer), torch.zeros(tokens.shape[1], model.cfg.d_model))[pos] += vec
     hooks = [(name, lambda act, hook, v=v: act + v.to(act.device, act.dtype)) for name, v in adds.items()]
     last = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float().cpu()
     return last[tops] - last.mean()
@@ -154,11 +156,11 @@ def _graph_prediction(graph: AttributionGraph, delta: torch.Tensor) -> tuple[tor
 
 
 @torch.no_grad()
-def intervene(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE], nodes: list[int],
+def intervene(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE]", nodes: list[int],
               scale: float = 0.0) -> Intervention:
     """Scale feature nodes ``nodes`` by ``scale`` (0: ablate) in the real model, through their decoder
     directions at ``hook_mlp_out``, and compare each target logit's change with the graph's prediction."""
-    by_layer = transcoders_by_layer(model, transcoders)
+    by_layer = TranscoderSet.of(model, transcoders)
     bad = [n for n in nodes if not 0 <= n < graph.n_nodes or int(graph.kind[n]) != FEATURE]
     if bad or not nodes:
         raise InputError(f"intervene takes feature nodes of the graph; {bad or 'none'} are not")
@@ -176,8 +178,8 @@ def intervene(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE
 
 
 @torch.no_grad()
-def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[SAE], sizes: list[int] | None = None,
-                n_random: int = 3, seed: int = 0) -> FaithfulnessCurve:
+def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE]",
+                sizes: list[int] | None = None, n_random: int = 3, seed: int = 0) -> FaithfulnessCurve:
     """The faithfulness curve of a graph's features (MIB's CPR and CMD): keep the top ``k`` feature nodes, remove
     every other one from the real model (its decoder write subtracted at ``hook_mlp_out``; everything downstream
     recomputes), and read the top target's demeaned logit ``m``. Faithfulness is ``(m_k - m_0) / (m_all - m_0)``
@@ -186,7 +188,7 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: list[S
     feats = graph.nodes_of(FEATURE).tolist()
     if not feats:
         raise InputError("the graph has no feature nodes to rank")
-    by_layer = transcoders_by_layer(model, transcoders)
+    by_layer = TranscoderSet.of(model, transcoders)
     removals = {}
     for i in feats:
         layer, pos, vec = _feature_write(by_layer, graph, i)

@@ -4,7 +4,8 @@
 - :mod:`.model` and :mod:`.kernels`: the four architectures and their sparse training kernels;
 - :mod:`.train`: the trainer, which never sees the LM; :func:`fit_sae` returns a :class:`TrainResult`;
 - :mod:`.evaluate`: held-out quality with the SAE spliced in;
-- :mod:`.io`: the SAELens on-disk format; :mod:`.features`: dashboards, search and steering.
+- :mod:`.io`: the SAELens on-disk format; :mod:`.features`: dashboards, search and steering;
+- :mod:`.transcoders`: :class:`TranscoderSet`, per-layer transcoders validated once, with their hooks.
 """
 
 from .data import (
@@ -18,13 +19,25 @@ from .data import (
                    shuffled_batches,
 )
 from .evaluate import SAEEval, evaluate_sae, splice_hook
-from .io import check_fits, load_sae, load_transcoders, save_sae, transcoder_cache
+from .io import check_fits, load_sae, save_sae
 from .many import save_many, train_many
 from .model import ARCHITECTURES, SAE, LossTerms, SAEConfig
-from .train import SAETrainingError, TrainConfig, TrainResult, fit_sae, resample_dead, train_sae, train_sae_sweep
+from .train import (
+                   SAETrainer,
+                   SAETrainingError,
+                   TrainConfig,
+                   TrainerState,
+                   TrainResult,
+                   fit_sae,
+                   resample_dead,
+                   train_sae,
+                   train_sae_sweep,
+)
+from .transcoders import TranscoderSet, load_transcoders, transcoder_cache
 
 __all__ = ["ARCHITECTURES", "ActivationSource", "LossTerms", "PartitionedSource", "SAE", "SAEConfig", "SAEEval",
-           "SAETrainingError", "TensorSource", "TrainConfig", "TrainResult", "check_fits", "evaluate_sae", "fit_sae",
+           "SAETrainer", "SAETrainingError", "TrainerState", "TensorSource", "TrainConfig", "TrainResult", "check_fits",
+           "evaluate_sae", "fit_sae",
            "harvest", "harvest_many", "harvest_to_disk", "load_sae", "load_shards", "load_transcoders", "resample_dead",
            "save_many", "save_sae", "shuffled_batches", "splice_hook", "train_many", "train_sae", "train_sae_sweep",
-           "transcoder_cache"]
+           "TranscoderSet", "transcoder_cache"]

@@ -228,6 +228,16 @@ def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_siz
             yield allrows[s:s + batch_size]
 
 
+DEFAULT_PARTITIONS = 64  # fixed, so that a default run gives the same SAE on 1, 2, ... 64 ranks
+
+
+def default_partitions(n_units: int, batch_size: int) -> int:
+    """The partitions a run uses unless told: ``min(64, n_units, batch_size)``, where ``n_units`` is what a partition
+    is cut from (activation rows, or the CLI's training sequences). It does not depend on the number of ranks,
+    so adding ranks (up to that count) never changes the draw, and with it the SAE."""
+    return max(1, min(DEFAULT_PARTITIONS, int(n_units), int(batch_size)))
+
+
 class PartitionedSource:
     """Activations in ``P`` partitions, each sampled with replacement by its own generator (seeded ``seed + p``).
 

@@ -28,6 +28,7 @@ import torch
 from ..core.errors import InputError, NotFoundError
 from ..core.files import read_json as _read_json
 from ..core.files import read_npz, read_safetensors, read_torch
+from ..core.hookpoints import act_name, block_name
 from .model import SAE, SAEConfig
 
 FORMATS = ("saelens", "gemma_scope", "llama_scope", "sparsify", "dictionary_learning")
@@ -153,7 +154,7 @@ def sparsify_hook(folder_name: str) -> str:
         raise InputError(f"cannot tell which hook the sparsify folder {folder_name!r} reads; expected layers.L, "
                          f"layers.L.mlp or layers.L.self_attn")
     tail = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out"}[m.group(2)]
-    return f"blocks.{m.group(1)}.{tail}"
+    return block_name(int(m.group(1)), tail)
 
 
 def read_sparsify(folder: Path, hook: str | None = None, model_name: str = "") -> SAE:
@@ -172,7 +173,7 @@ def dictionary_learning_hook(trainer: dict) -> str:
     if layer is None:
         raise InputError("the dictionary_learning config has no trainer.layer: cannot tell which hook it reads")
     kind = "mlp_out" if "mlp" in sub else "attn_out" if "attn" in sub else "resid_post"
-    return f"blocks.{int(layer)}.hook_{kind}"
+    return block_name(int(layer), f"hook_{kind}")
 
 
 def read_dictionary_learning(folder: Path, hook: str | None = None, model_name: str = "") -> SAE:
@@ -210,7 +211,7 @@ def read_folder(folder: Path, fmt: str | None = None, hook: str | None = None, m
             m = re.search(r"layer_(\d+)", str(folder))
             if not m:
                 raise InputError(f"cannot tell which layer the Gemma Scope folder {folder} reads (no layer_L in its path)")
-            hook = f"blocks.{m.group(1)}.hook_resid_post"
+            hook = act_name("resid_post", m.group(1))
         return read_gemma_scope(folder, hook, model_name)
     if fmt == "llama_scope":
         return read_llama_scope(folder, model_name)

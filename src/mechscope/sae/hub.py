@@ -18,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from ..core.errors import InputError, NotFoundError
+from ..core.hookpoints import block_name
 
 _SPEC = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<path>.*))?$")
 # the hook a repo-level Gemma Scope folder reads, from the repository's name
@@ -60,7 +61,7 @@ def download(repo: str, path: str, revision: str | None = None) -> Path:
 def gemma_scope_hook(repo: str, path: str) -> str | None:
     """The hook point of a Gemma Scope folder (``layer_L`` in a ``*-res``/``*-mlp``/``*-att`` repository)."""
     m, site = re.search(r"layer_(\d+)", path), re.search(r"-(res|mlp|att)(?:-|$)", repo)
-    return f"blocks.{m.group(1)}.{_GEMMA_SCOPE_SITE[site.group(1)]}" if m and site else None
+    return block_name(int(m.group(1)), _GEMMA_SCOPE_SITE[site.group(1)]) if m and site else None
 
 
 def resolve_release(release: str, sae_id: str) -> dict:

@@ -125,31 +125,3 @@ def check_fits(sae: SAE, model: HookedModel) -> None:
         w_out = spec(out).width(model.cfg.to_dict())
         if w_out != sae.cfg.width_out:
             raise InputError(f"the transcoder writes d_out={sae.cfg.width_out} but {out} has width {w_out}")
-
-
-def transcoder_cache(model_name: str) -> Path:
-    """Where ``mechscope transcoders train`` keeps a model's transcoders by default (and ``mechscope graph``
-    looks for them): ``$MECHSCOPE_CACHE/transcoders/<model>``."""
-    from ..loading import cache_dir
-
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name.rstrip("/").split("/")[-1])
-    return cache_dir() / "transcoders" / safe
-
-
-def load_transcoders(folder: str | Path, model: HookedModel | None = None) -> list[SAE]:
-    """Every transcoder under ``folder`` (its ``layer_<L>`` subfolders, as ``transcoders train`` writes them, or
-    ``folder`` itself when it holds one), in layer order; with ``model``, each is checked to fit it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"no transcoder folder at {folder}; train some with `mechscope transcoders train --out "
-                         f"{folder}`")
-    subs = [folder] if (folder / "cfg.json").exists() else sorted(p for p in folder.iterdir() if (p / "cfg.json").exists())
-    if not subs:
-        raise InputError(f"{folder} holds no SAE folders (each needs a cfg.json); train transcoders with "
-                         f"`mechscope transcoders train --out {folder}`")
-    out = [load_sae(p, model) for p in subs]
-    bad = [str(p) for p, t in zip(subs, out) if not t.cfg.is_transcoder]
-    if bad:
-        raise InputError(f"these folders hold SAEs, not transcoders (no hook_name_out): {', '.join(bad)}")
-    return sorted(out, key=lambda t: int(t.cfg.hook_name_out.split(".")[1]) if t.cfg.hook_name_out.startswith(
-        "blocks.") else -1)

@@ -28,8 +28,8 @@ from ..core.progress import bar
 from ..distributed import Dist, split
 from .data import harvest_many
 from .io import check_fits
-from .model import SAE, SAEConfig
-from .train import TrainConfig, TrainResult, _State, _step, init_from_sample
+from .model import SAEConfig
+from .train import SAETrainer, TrainConfig, TrainResult
 
 
 @dataclass
@@ -78,31 +78,27 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
     mine = list(split(len(cfgs), dist.world)[dist.rank])
     hooks = list(dict.fromkeys(cfgs[i].hook_name for i in mine if not cfgs[i].is_transcoder))
     pairs = list(dict.fromkeys(_key(cfgs[i]) for i in mine if cfgs[i].is_transcoder))
-    saes = {i: SAE(cfgs[i], seed=train.seed) for i in mine}
-    for sae in saes.values():
-        check_fits(sae, model)  # the hooks exist and d_in (a transcoder's d_out too) match their widths
-    opts = {i: torch.optim.Adam(s.parameters(), lr=train.lr, betas=(0.9, 0.999)) for i, s in saes.items()}
-    states = {i: _State(last_fired=torch.zeros(cfgs[i].d_sae, dtype=torch.long),
-                        fired_count=torch.zeros(cfgs[i].d_sae, dtype=torch.long)) for i in mine}
+    trainers = {i: SAETrainer(cfgs[i], train, sparse=train.sparse if train.sparse is not None else True) for i in mine}
+    for t in trainers.values():
+        check_fits(t.sae, model)  # the hooks exist and d_in (a transcoder's d_out too) match their widths
     bufs = {i: _Buffer(train.batch_size, buffer_rows or 4 * train.batch_size,
                        torch.Generator().manual_seed(train.seed + _config_key(cfgs[i]))) for i in mine}
-    sparse = train.sparse if train.sparse is not None else True
     chunks = [range(s, min(s + seqs_per_chunk, tokens.shape[0])) for s in range(0, tokens.shape[0], seqs_per_chunk)]
     pbar = bar(total=train.steps * len(mine), desc=f"{len(mine)} SAEs from one pass") if progress and mine else None
     c, first = 0, True
-    while mine and any(states[i].step < train.steps for i in mine):
+    while mine and any(trainers[i].state.step < train.steps for i in mine):
         r = chunks[c % len(chunks)]
         acts = harvest_many(model, hooks, tokens[r.start:r.stop], pairs=pairs)
         c += 1
         for i in mine:
             rows = acts[_key(cfgs[i])]
             if first:  # the first chunk initialises each SAE (input scale, then b_dec)
-                init_from_sample(saes[i], rows[:4096], train.b_dec_init)
+                trainers[i].init(rows[:4096])
             bufs[i].add(rows)
             for x in bufs[i].batches():
-                if states[i].step >= train.steps:
+                if trainers[i].state.step >= train.steps:
                     break
-                _step(saes[i], opts[i], x, states[i], train, sparse, None)
+                trainers[i].step(x)
                 if pbar is not None:
                     pbar.update(1)
         first = False
@@ -110,9 +106,7 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
         pbar.close()
     out: list[TrainResult | None] = [None] * len(cfgs)
     for i in mine:
-        st = states[i]
-        density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
-        out[i] = TrainResult(saes[i], [], st.step, st.seen, density)
+        out[i] = trainers[i].result()
     return out
 
 

@@ -33,7 +33,7 @@ from ..core.files import atomic_write, clear_leftovers, read_torch
 from ..core.progress import bar
 from ..core.result import Result
 from ..distributed import Dist
-from .data import ActivationSource, PartitionedSource, TensorSource
+from .data import ActivationSource, PartitionedSource, default_partitions
 from .model import SAE, LossTerms, SAEConfig
 
 
@@ -54,7 +54,7 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"
     resample_every: int = 0  # ReLU SAEs: resample dead latents every this many steps (0: never)
     sparse: bool | None = None  # TopK/BatchTopK sparse kernels; None: on for float32/float64 on CPU
-    partitions: int = 0  # split in-memory activations into this many partitions (0: one, or one per rank)
+    partitions: int = 0  # split in-memory activations into this many partitions (0: data.default_partitions)
     wandb_project: str | None = None  # log to Weights & Biases when given (needs `pip install wandb`)
 
 
@@ -116,8 +116,9 @@ class TrainResult(Result):
 
 
 @dataclass
-class _State:
-    """What a checkpoint holds besides the SAE and the optimiser."""
+class TrainerState:
+    """Where one SAE's training stands: steps and rows seen, and per latent the row count at its last firing and
+    how often it fired (what a checkpoint holds besides the SAE and the optimiser)."""
 
     step: int = 0
     seen: int = 0
@@ -189,15 +190,13 @@ def _settings(sae: SAE, train: TrainConfig) -> dict:
             "train": json.loads(json.dumps(dataclasses.asdict(train), default=str))}
 
 
-def _save_checkpoint(out: Path, sae: SAE, opt, source, st: _State, train: TrainConfig, dist: Dist) -> None:
+def _save_checkpoint(out: Path, trainer: "SAETrainer", source, dist: Dist) -> None:
     """Every rank takes part (the source's state is gathered); rank 0 alone writes, atomically."""
     src = source.state_dict()
     if not dist.is_main:
         return
     buf = io.BytesIO()
-    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "source": src, "step": st.step,
-                "last_fired": st.last_fired, "fired_count": st.fired_count, "seen": st.seen,
-                "settings": json.dumps(_settings(sae, train)), "world": dist.world}, buf)
+    torch.save({**trainer.checkpoint(), "source": src, "world": dist.world}, buf)
     atomic_write(_checkpoint_path(out), buf.getvalue())
 
 
@@ -230,8 +229,9 @@ def _read_log(log: Path, upto: int) -> list[str]:
     return kept
 
 
-def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig, dist: Dist) -> _State:
-    """The state of the checkpoint in ``out``, after checking it matches this run (rank 0 reads, all receive)."""
+def _resume(trainer: "SAETrainer", source, out: Path, dist: Dist) -> None:
+    """Continue ``trainer`` and ``source`` from the checkpoint in ``out``, after checking it matches this run (rank 0
+    reads, all receive)."""
     path = _checkpoint_path(out)
     if dist.is_main:  # a run killed while writing leaves temporary files beside the checkpoint and log
         clear_leftovers(path)
@@ -241,36 +241,23 @@ def _resume(sae: SAE, opt, source, out: Path, train: TrainConfig, dist: Dist) ->
         has = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
         raise InputError(f"{path} is not a mechscope SAE training checkpoint (it has {has})")
     if "settings" in ck:
-        _check_settings(path, json.loads(ck["settings"]), _settings(sae, train))
-    d_saved = ck["sae"]["W_dec"].shape[0] if "W_dec" in ck["sae"] else None
-    if d_saved != sae.cfg.d_sae:
-        raise InputError(f"{path} holds an SAE with d_sae={d_saved}, this run asks for d_sae={sae.cfg.d_sae}; "
-                         "resume with the original width or train into a new folder")
-    try:
-        sae.load_state_dict(ck["sae"])
-        opt.load_state_dict(ck["opt"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"{path} does not fit this SAE ({e}); resume with the original settings") from e
+        _check_settings(path, json.loads(ck["settings"]), _settings(trainer.sae, trainer.train))
+    trainer.load_checkpoint(ck, str(path))
     source.load_state_dict(ck["source"])
-    st = _State(ck["step"], ck["seen"], ck["last_fired"], ck["fired_count"])
     log = out / "log.jsonl"
     if dist.is_main and log.exists():  # drop records of steps that will be run again
-        atomic_write(log, "".join(ln + "\n" for ln in _read_log(log, st.step)))
-    return st
+        atomic_write(log, "".join(ln + "\n" for ln in _read_log(log, trainer.state.step)))
 
 
-def _start(sae: SAE, opt, source, out: Path | None, resume: bool, train: TrainConfig, dist: Dist) -> _State:
+def _start(trainer: "SAETrainer", source, out: Path | None, resume: bool, dist: Dist) -> None:
     """A fresh run (input scale and ``b_dec`` fitted on a sample) or the state of the last checkpoint."""
-    d = sae.cfg.d_sae
-    st = _State(last_fired=torch.zeros(d, dtype=torch.long), fired_count=torch.zeros(d, dtype=torch.long))
     has_ck = dist.broadcast(bool(resume and out is not None and _checkpoint_path(out).exists()))
     if has_ck:
-        return _resume(sae, opt, source, out, train, dist)
-    init_from_sample(sae, source.sample(4096), train.b_dec_init)
+        return _resume(trainer, source, out, dist)
+    trainer.init(source.sample(4096))
     if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "log.jsonl").unlink(missing_ok=True)
-    return st
 
 
 def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, dist: Dist) -> dict:
@@ -290,7 +277,7 @@ def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, di
             "explained_variance": 1.0 - sse / var if var > 0 else float("nan")}
 
 
-def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: _State, train: TrainConfig,
+def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: TrainerState, train: TrainConfig,
                 dist: Dist | None = None, weight: float = 1.0) -> dict:
     """One monitoring record (a JSON line); under torchrun its batch statistics cover every rank's rows."""
     with torch.no_grad():
@@ -309,7 +296,7 @@ def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: _State, train: 
                 "dense": int((density > train.dense_threshold).sum()), "log10_density_hist": hist.tolist()}
 
 
-def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse: bool, out,
+def _step(sae: SAE, opt, x: torch.Tensor, st: TrainerState, train: TrainConfig, sparse: bool, out,
           dist: Dist | None = None, global_rows: int | None = None) -> LossTerms:
     """One optimiser step on batch ``x``, with the decoder-norm constraint, resampling and bookkeeping.
 
@@ -349,7 +336,76 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: _State, train: TrainConfig, sparse
     return terms
 
 
-def _check_finite(terms: LossTerms, finite: float, world: int, st: _State, out, dist: Dist) -> None:
+class SAETrainer:
+    """The optimisation of one SAE, a batch at a time; it never sees the language model (as in dictionary_learning,
+    data, training and evaluation are separate). :func:`fit_sae` and :func:`~mechscope.sae.many.train_many` both
+    drive it::
+
+        trainer = SAETrainer(cfg, TrainConfig(lr=3e-4))
+        trainer.init(sample)            # input scale and b_dec from a sample of rows [n, d_in (+ d_out)]
+        for x in batches:
+            terms = trainer.step(x)     # one Adam step on a batch of rows: LossTerms
+        ck = trainer.checkpoint()       # the SAE, the optimiser and trainer.state, for torch.save
+        result = trainer.result()       # a TrainResult
+
+    ``dist``: data parallelism (each rank steps on its share of a ``global_rows`` batch; see :func:`fit_sae`).
+    ``sparse``: the sparse TopK kernels (default: ``train.sparse``, else in float32/64). Adam runs its fused
+    kernel for floating-point SAEs.
+    """
+
+    def __init__(self, cfg: SAEConfig, train: TrainConfig | None = None, dist: Dist | None = None,
+                 sparse: bool | None = None, out: Path | None = None):
+        self.train = train or TrainConfig()
+        self.dist = dist or Dist.single()
+        self.sae = SAE(cfg, seed=self.train.seed)
+        self.sae.batch_group = _BatchGroup(self.dist, self.train.batch_size) if self.dist.active else None
+        fused = self.sae.W_enc.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.train.lr, betas=(0.9, 0.999), fused=fused)
+        if sparse is None:
+            sparse = self.train.sparse if self.train.sparse is not None else \
+                self.sae.W_enc.dtype in (torch.float32, torch.float64)
+        self.sparse = sparse
+        self.out = out  # named in the error raised on a non-finite loss
+        d = cfg.d_sae
+        self.state = TrainerState(last_fired=torch.zeros(d, dtype=torch.long), fired_count=torch.zeros(d, dtype=torch.long))
+
+    def init(self, rows: torch.Tensor) -> None:
+        """Fit the input (and a transcoder's output) scale, then ``b_dec``, on ``rows [n, d_in (+ d_out)]``."""
+        init_from_sample(self.sae, rows, self.train.b_dec_init)
+
+    def step(self, x: torch.Tensor, global_rows: int | None = None) -> LossTerms:
+        """One optimiser step on ``x [rows, d_in (+ d_out)]`` (under torchrun, this rank's part of ``global_rows``)."""
+        return _step(self.sae, self.opt, x, self.state, self.train, self.sparse, self.out, self.dist, global_rows)
+
+    def checkpoint(self) -> dict:
+        """What resumes this trainer: the SAE's and the optimiser's state dicts and :attr:`state`."""
+        st = self.state
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": st.step, "seen": st.seen,
+                "last_fired": st.last_fired, "fired_count": st.fired_count,
+                "settings": json.dumps(_settings(self.sae, self.train))}
+
+    def load_checkpoint(self, ck: dict, where: str = "the checkpoint") -> None:
+        """Continue from :meth:`checkpoint`'s dict (a clear error when it holds another SAE)."""
+        d_saved = ck["sae"]["W_dec"].shape[0] if "W_dec" in ck["sae"] else None
+        if d_saved != self.sae.cfg.d_sae:
+            raise InputError(f"{where} holds an SAE with d_sae={d_saved}, this run asks for d_sae={self.sae.cfg.d_sae}; "
+                             "resume with the original width or train into a new folder")
+        try:
+            self.sae.load_state_dict(ck["sae"])
+            self.opt.load_state_dict(ck["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise InputError(f"{where} does not fit this SAE ({e}); resume with the original settings") from e
+        self.state = TrainerState(ck["step"], ck["seen"], ck["last_fired"], ck["fired_count"])
+
+    def result(self, history: list[dict] | None = None) -> TrainResult:
+        """The trained SAE, ``history`` and the log10 firing density of every latent over the run."""
+        st = self.state
+        self.sae.batch_group = None
+        density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
+        return TrainResult(self.sae, history or [], st.step, st.seen, density)
+
+
+def _check_finite(terms: LossTerms, finite: float, world: int, st: TrainerState, out, dist: Dist) -> None:
     if finite < world:
         where = f" on {world - round(finite)} of {world} ranks" if dist.active else \
             f" ({float(terms.loss.detach())})"
@@ -373,12 +429,12 @@ def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.shape[1] != _row_width(cfg):
             raise InputError(f"activations must be [n, {_row_desc(cfg)}], got {tuple(source.shape)}")
-        parts = train.partitions or (dist.world if dist.active else 0)
-        if parts:
-            if parts < dist.world:
-                raise InputError(f"partitions={parts} is fewer than the {dist.world} ranks: each rank needs one")
-            return PartitionedSource.from_tensor(source, parts, train.batch_size, train.seed, dist)
-        return TensorSource(source, train.batch_size, train.seed)
+        parts = train.partitions or default_partitions(source.shape[0], train.batch_size)
+        if parts < dist.world:
+            raise InputError(f"partitions={parts} is fewer than the {dist.world} ranks: each rank needs one"
+                             + ("" if train.partitions else f" (the default, min(64, rows {source.shape[0]}, "
+                                                             f"batch_size {train.batch_size}))"))
+        return PartitionedSource.from_tensor(source, parts, train.batch_size, train.seed, dist)
     if dist.active and not isinstance(source, PartitionedSource):
         raise InputError("under torchrun the activations must be a tensor or a PartitionedSource "
                          "(PartitionedSource.from_shards(folder, ...) reads each rank's own shards)")
@@ -400,7 +456,9 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     its partitions' share of the global batch of ``train.batch_size`` rows; gradients, firing counts and
     logged statistics are summed across ranks, BatchTopK selects over the whole batch, and rank 0 alone
     writes logs, checkpoints and W&B. With the same ``train.partitions`` the SAE equals the one-process
-    run's (to float rounding), on any number of ranks up to the partition count.
+    run's (to float rounding), on any number of ranks up to the partition count. The default
+    (:func:`~mechscope.sae.data.default_partitions`: ``min(64, rows, batch_size)``) does not depend on the
+    number of ranks, so the same call gives the same SAE on 1 rank and on 2.
     """
     train = train or TrainConfig()
     dist = dist or Dist.single()
@@ -412,13 +470,11 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     source = _source(source, cfg, train, dist)
     local_rows = getattr(source, "local_rows", train.batch_size)
     out = Path(out) if out is not None else None
-    sae = SAE(cfg, seed=train.seed)
-    sae.batch_group = _BatchGroup(dist, train.batch_size) if dist.active else None
-    fused = sae.W_enc.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    opt = torch.optim.Adam(sae.parameters(), lr=train.lr, betas=(0.9, 0.999), fused=fused)
-    st = _start(sae, opt, source, out, resume, train, dist)
-    sparse = train.sparse if train.sparse is not None else (  # measured on CPU only
-        sae.W_enc.dtype in (torch.float32, torch.float64) and getattr(source, "acts", sae.W_enc).device.type == "cpu")
+    on_cpu = getattr(source, "acts", torch.empty(0)).device.type == "cpu"  # the sparse kernels: faster on CPU only
+    trainer = SAETrainer(cfg, train, dist, sparse=train.sparse if train.sparse is not None else (
+        on_cpu and cfg.dtype in ("float32", "float64")), out=out)
+    _start(trainer, source, out, resume, dist)
+    st = trainer.state
     steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))
     if progress and dist.is_main:
         steps = bar(steps, desc=f"SAE {cfg.architecture}" + (f" on {dist.world} ranks" if dist.active else ""),
@@ -426,22 +482,20 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     run, history = _wandb_run(train, cfg) if dist.is_main else None, []
     for _ in steps:
         x = next(source)
-        terms = _step(sae, opt, x, st, train, sparse, out, dist, train.batch_size if dist.active else None)
-        if out is not None and st.step % train.log_every == 0:
-            rec = _log_record(sae, x, terms, st, train, dist, local_rows / train.batch_size)
+        terms = trainer.step(x, train.batch_size if dist.active else None)
+        if out is not None and trainer.state.step % train.log_every == 0:
+            rec = _log_record(trainer.sae, x, terms, trainer.state, train, dist, local_rows / train.batch_size)
             history.append(rec)
             if dist.is_main:
                 with open(out / "log.jsonl", "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
             if run is not None:
-                run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=st.step)
-        if out is not None and st.step % train.checkpoint_every == 0:
-            _save_checkpoint(out, sae, opt, source, st, train, dist)
+                run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=trainer.state.step)
+        if out is not None and trainer.state.step % train.checkpoint_every == 0:
+            _save_checkpoint(out, trainer, source, dist)
     if run is not None:
         run.finish()
-    sae.batch_group = None
-    density = torch.log10((st.fired_count.float() / max(st.seen, 1)).clamp(min=1e-10))
-    return TrainResult(sae, history, st.step, st.seen, density)
+    return trainer.result(history)
 
 
 def train_sae(acts: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = None,

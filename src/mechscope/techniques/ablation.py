@@ -30,6 +30,7 @@ from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
 from ..core.components import Component, parse_components
 from ..core.errors import InputError
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
@@ -99,7 +100,7 @@ def _expert_hooks(experts: list[Component]) -> list:
             routed = torch.isin(_seen["idx"], torch.tensor(_ids, device=out.device))  # [batch, pos, top_k]
             return out.masked_fill(routed[..., None], 0.0)
 
-        hooks += [(f"blocks.{layer}.mlp.hook_expert_indices", keep), (f"blocks.{layer}.mlp.hook_expert_out", zero)]
+        hooks += [(act_name("expert_indices", layer), keep), (act_name("expert_out", layer), zero)]
     return hooks
 
 

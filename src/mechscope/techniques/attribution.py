@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..analysis import viz
+from ..core.hookpoints import act_name, block_name
 from ..core.model import HookedModel
 from ..core.result import Result
 from ..core.types import Answer, TextOrTokens
@@ -115,8 +116,8 @@ def _dla_inputs(model, tokens, attention_mask, pos: int):
         attention_mask = attention_mask if attention_mask is not None else (None if bool(mask.all()) else mask)
     tokens = tokens if tokens.dim() == 2 else tokens[None]
     N, n = tokens.shape[0], model.cfg.n_layers
-    names = ["hook_embed", "hook_pos_embed", f"blocks.{n - 1}.hook_resid_post"]
-    names += [f"blocks.{l}.{s}" for l in range(n) for s in ("hook_attn_out", "hook_mlp_out", "attn.hook_z",
+    names = ["hook_embed", "hook_pos_embed", act_name("resid_post", n - 1)]
+    names += [block_name(l, s) for l in range(n) for s in ("hook_attn_out", "hook_mlp_out", "attn.hook_z",
                                                             "mlp.hook_post", "mlp.hook_expert_out",
                                                             "mlp.hook_expert_indices", "mlp.hook_expert_weights",
                                                             "mlp.hook_shared_expert_out", "mlp.hook_shared_expert_gate")]
@@ -212,7 +213,7 @@ def direct_logit_attribution(
         return (v * ue.view(N, *([1] * (v.dim() - 2)), -1)).sum(-1) * s.view((N,) + (1,) * (v.dim() - 2))
 
     comps, vals = ["embed"], [contrib(at(cache["embed"]))]
-    if "hook_pos_embed" in model.hook_names:
+    if model.has_hook("hook_pos_embed"):
         comps.append("pos_embed")
         vals.append(contrib(at(cache["pos_embed"])))
     terms = []

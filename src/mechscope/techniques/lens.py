@@ -18,6 +18,7 @@ from ..analysis import viz
 from ..analysis.metrics import kl_div
 from ..core.errors import InputError
 from ..core.files import atomic_write
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
@@ -99,7 +100,7 @@ def logit_lens(model: HookedModel, tokens: str | torch.Tensor, targets: Sequence
     if tokens.shape[0] != 1:
         raise InputError(f"logit_lens takes one prompt; got a batch of {tokens.shape[0]}")
     n = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    names = [act_name("resid_pre", l) for l in range(n)] + [act_name("resid_post", n - 1)]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     resid = cache.accumulated_resid()[:, 0]  # [layer+1, pos, d_model]
     target_ids = [t if isinstance(t, int) else model.to_single_token(t) for t in (targets or [])]
@@ -213,7 +214,7 @@ class LensComparison(Result):
 def _residuals(model, tokens):
     n = model.cfg.n_layers
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{l}.hook_resid_pre" for l in range(n)])
+        logits, cache = model.run_with_cache(tokens, names_filter=[act_name("resid_pre", l) for l in range(n)])
     return logits, [cache["resid_pre", l] for l in range(n)]
 
 

@@ -34,7 +34,7 @@ from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..batching import BatchState, map_batches
 from ..core.errors import InputError, UnknownNameError
-from ..core.hookpoints import PATCH_SITES, block_name, split_name
+from ..core.hookpoints import PATCH_SITES, act_name, block_name, split_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
@@ -220,7 +220,7 @@ def plan_patches(model: HookedModel, clean: TextOrTokens, corrupted: TextOrToken
     """Check the arguments and list the patches (see :func:`patch` for their meaning)."""
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if isinstance(site, str) and site not in SITES and site not in model.hook_names:
+    if isinstance(site, str) and site not in SITES and not model.has_hook(site):
         raise UnknownNameError(f"unknown patching site {site!r}; use one of {sorted(SITES)} or a hook name "
                                f"(model.hook_names)")
     clean_t, corr_t = prompt_pair(model, clean, corrupted)
@@ -249,7 +249,7 @@ class _BaseRuns:
 
 def _kv_names(model) -> tuple[list[str], list[str]]:
     """Per layer, the hooks holding the keys and values attention uses (post-rotary keys where there are any)."""
-    k = "attn.hook_rot_k" if "blocks.0.attn.hook_rot_k" in model.hook_names else "attn.hook_k"
+    k = "attn.hook_rot_k" if model.has_hook(act_name("rot_k", 0)) else "attn.hook_k"
     n = model.cfg.n_layers
     return [block_name(l, k) for l in range(n)], [block_name(l, "attn.hook_v") for l in range(n)]
 

@@ -22,6 +22,7 @@ from ..analysis.validation import Estimate, bootstrap_ci, paired_bootstrap, shuf
 from ..batching import map_batches
 from ..compute import forward_bytes
 from ..core.errors import InputError
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
@@ -203,7 +204,7 @@ def probe_sweep(model: HookedModel, tokens: torch.Tensor, labels: torch.Tensor, 
     """
     if tokens.shape != labels.shape:
         raise InputError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must have the same shape")
-    hooks = hooks or [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    hooks = hooks or [act_name("resid_post", l) for l in range(model.cfg.n_layers)]
     model.manager.resolve(hooks)
     n = tokens.shape[0]
     if n < 4:

@@ -1,0 +1,125 @@
+"""A validated set of per-layer transcoders: what attribution graphs, labels and interventions take.
+
+A transcoder maps one block's MLP input to that block's ``hook_mlp_out`` (Dunefsky et al. 2024). A
+:class:`TranscoderSet` is checked once against a model, and then carries for each layer its
+transcoder and the two hook points it reads and writes (as circuit-tracer's ``TranscoderSet`` carries
+its feature input and output hooks), so that every consumer reads ``tcs.input_hook(layer)`` instead
+of re-parsing hook names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..core.errors import InputError
+from ..core.hookpoints import act_name, split_name
+from ..core.model import HookedModel
+from .io import check_fits, load_sae
+from .model import SAE
+
+
+class TranscoderSet:
+    """Transcoders for any subset of ``model``'s layers, each checked to fit ``model``, to read a hook of its own block
+    and to write that block's ``hook_mlp_out``; one per layer. Iterating gives the transcoders in layer order;
+    ``tcs[layer]``, ``layer in tcs``, ``tcs.get(layer)``, ``tcs.items()`` and ``tcs.layers`` look them up by layer."""
+
+    def __init__(self, model: HookedModel, transcoders: Iterable[SAE]):
+        by_layer: dict[int, SAE] = {}
+        for tc in transcoders:
+            if not isinstance(tc, SAE):
+                raise InputError(f"a transcoder set takes SAE objects (mechscope.load_sae), got {type(tc).__name__}")
+            if not tc.cfg.is_transcoder:
+                raise InputError(f"{tc.cfg.hook_name} holds an SAE, not a transcoder (it has no hook_name_out); "
+                                 "attribution graphs need transcoders (MLP input -> hook_mlp_out)")
+            check_fits(tc, model)
+            layer, suffix = split_name(tc.cfg.hook_name_out)
+            if layer is None or suffix != "hook_mlp_out":
+                raise InputError(f"a transcoder in a set must write blocks.L.hook_mlp_out, not {tc.cfg.hook_name_out}")
+            if layer in by_layer:
+                raise InputError(f"two transcoders replace block {layer}'s MLP; give one per layer")
+            if split_name(tc.cfg.hook_name)[0] != layer:
+                raise InputError(f"transcoder {tc.cfg.hook_name} -> {tc.cfg.hook_name_out} reads another block than "
+                                 f"the one it writes; a set needs per-layer transcoders (block {layer} reads "
+                                 f"{model.mlp_input(layer)})")
+            by_layer[layer] = tc.eval()
+        self.model_name = model.cfg.model_name
+        self._by_layer = dict(sorted(by_layer.items()))
+
+    @classmethod
+    def of(cls, model: HookedModel, transcoders: "TranscoderSet | Iterable[SAE]") -> "TranscoderSet":
+        """``transcoders`` as a set for ``model``: a set is returned as it is, a list is validated."""
+        return transcoders if isinstance(transcoders, TranscoderSet) else cls(model, transcoders)
+
+    def __getitem__(self, layer: int) -> SAE:
+        return self._by_layer[layer]
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._by_layer
+
+    def __iter__(self) -> Iterator[SAE]:
+        return iter(self._by_layer.values())
+
+    def __len__(self) -> int:
+        return len(self._by_layer)
+
+    def get(self, layer: int, default: SAE | None = None) -> SAE | None:
+        return self._by_layer.get(layer, default)
+
+    def items(self) -> list[tuple[int, SAE]]:
+        return list(self._by_layer.items())
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._by_layer)
+
+    def input_hook(self, layer: int) -> str:
+        """The hook point layer ``layer``'s transcoder reads (its MLP input: ``model.mlp_input(layer)`` as trained)."""
+        return self._by_layer[layer].cfg.hook_name
+
+    def output_hook(self, layer: int) -> str:
+        """The hook point it replaces: ``blocks.{layer}.hook_mlp_out``."""
+        return act_name("mlp_out", layer)
+
+    def to(self, device) -> "TranscoderSet":
+        """The transcoders moved to ``device`` (in place); returns the set."""
+        for layer, tc in self._by_layer.items():
+            self._by_layer[layer] = tc.to(device)
+        return self
+
+    def missing(self, n_layers: int) -> list[int]:
+        """The layers below ``n_layers`` with no transcoder (their MLPs are all error in a replacement model)."""
+        return [layer for layer in range(n_layers) if layer not in self._by_layer]
+
+    def __repr__(self) -> str:
+        return f"TranscoderSet({self.model_name or 'model'}: layers {self.layers})"
+
+
+def transcoder_cache(model_name: str) -> Path:
+    """Where ``mechscope transcoders train`` keeps a model's transcoders by default (and ``mechscope graph``
+    looks for them): ``$MECHSCOPE_CACHE/transcoders/<model>``."""
+    from ..loading import cache_dir
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name.rstrip("/").split("/")[-1])
+    return cache_dir() / "transcoders" / safe
+
+
+def load_transcoders(folder: str | Path, model: HookedModel | None = None) -> "TranscoderSet | list[SAE]":
+    """Every transcoder under ``folder`` (its ``layer_<L>`` subfolders, as ``transcoders train`` writes them, or
+    ``folder`` itself when it holds one), in layer order; with ``model``, a
+    :class:`~mechscope.sae.transcoders.TranscoderSet` checked against it (a list without)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"no transcoder folder at {folder}; train some with `mechscope transcoders train --out "
+                         f"{folder}`")
+    subs = [folder] if (folder / "cfg.json").exists() else sorted(p for p in folder.iterdir() if (p / "cfg.json").exists())
+    if not subs:
+        raise InputError(f"{folder} holds no SAE folders (each needs a cfg.json); train transcoders with "
+                         f"`mechscope transcoders train --out {folder}`")
+    out = [load_sae(p, model) for p in subs]
+    bad = [str(p) for p, t in zip(subs, out) if not t.cfg.is_transcoder]
+    if bad:
+        raise InputError(f"these folders hold SAEs, not transcoders (no hook_name_out): {', '.join(bad)}")
+    if model is not None:
+        return TranscoderSet(model, out)
+    return sorted(out, key=lambda t: split_name(t.cfg.hook_name_out)[0] or -1)

@@ -1,0 +1,88 @@
+"""Text corpora: the train/held-out split of one text file, whatever its layout, and messages that say what went where."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from mechscope import corpus
+from mechscope.core.errors import InputError
+from tiny import V, tiny_hf, worded_llama
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"t{rng.randrange(2, V)}" for _ in range(rng.randrange(6, 14))) + " t2" for _ in range(n)]
+
+
+def _layouts(tmp_path, n: int = 600):
+    """The same sentences as one sentence per line (one paragraph), and as paragraphs of 5 sentences."""
+    s = _sentences(n)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(s) + "\n")
+    paras = tmp_path / "paras.txt"
+    paras.write_text("\n\n".join("\n".join(s[i:i + 5]) for i in range(0, n, 5)) + "\n")
+    return lines, paras
+
+
+@pytest.mark.parametrize("layout", ["lines", "paras"])
+def test_both_splits_get_text_and_never_overlap(tmp_path, layout):
+    path = dict(zip(("lines", "paras"), _layouts(tmp_path)))[layout]
+    assert len(path.read_text()) > 20_000
+    train, test = corpus.split_text_file(path, "train"), corpus.split_text_file(path, "test")
+    assert train.kind == ("line" if layout == "lines" else "paragraph")  # one paragraph: split by line
+    assert test.n_here >= 1 and train.n_here >= 1 and train.n_here + test.n_here == train.n_units
+    assert test.n_here == pytest.approx(0.1 * train.n_units, abs=1)  # the held-out fraction, exactly up to rounding
+    units = lambda part: {u for t in part.texts for u in t.split("\n") if u.strip()}  # noqa: E731
+    assert not units(train) & units(test)
+    assert units(train) | units(test) == {ln for ln in path.read_text().splitlines() if ln.strip()}
+    model = worded_llama()
+    for part, split in ((train, "train"), (test, "test")):
+        toks = corpus.pack(model, iter(part.texts), 32)
+        assert toks.shape[0] >= 2, split  # both sides give sequences
+
+
+def test_a_file_of_few_lines_is_cut_into_pieces_and_split(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text(" ".join(_sentences(40)))  # one long line
+    train, test = corpus.split_text_file(path, "train"), corpus.split_text_file(path, "test")
+    assert train.kind == "piece" and test.n_here >= 1 and train.n_here >= 1
+    assert sorted(" ".join(train.texts + test.texts).split()) == sorted(path.read_text().split())
+
+
+def test_messages_say_what_the_file_holds_and_where_it_went(tmp_path):
+    model = worded_llama()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    texts, desc = corpus.from_spec(str(empty), "train")
+    assert "0 paragraph(s), 0 characters" in desc
+    with pytest.raises(InputError, match=r"gave 0 tokens from 0 text\(s\), fewer than one sequence of 32"):
+        corpus.pack(model, texts, 32, source=f"the corpus ({desc})")
+    one = tmp_path / "one.txt"
+    one.write_text("t5")
+    _, desc = corpus.from_spec(str(one), "test")
+    assert "all 1 paragraph(s) of the file fell in the training split" in desc
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(_sentences(30)))
+    texts, desc = corpus.from_spec(str(short), "test")
+    assert "test split: 3 of its 30 line(s)" in desc
+    with pytest.raises(InputError, match=r"short.txt, test split: 3 of its 30 line\(s\).*gave \d+ tokens from 3 text"):
+        corpus.pack(model, texts, 512, source=f"the corpus ({desc})")
+
+
+def test_sae_train_on_a_one_paragraph_corpus(tmp_path):
+    """The reported failure: ``sae train --corpus own.txt`` on one sentence per line and no blank lines."""
+    from mechscope.circuits.toy import toy_tokenizer
+
+    tiny_hf("llama").save_pretrained(tmp_path / "m")
+    toy_tokenizer(V).save_pretrained(tmp_path / "m")
+    lines, _ = _layouts(tmp_path, 1200)
+    r = subprocess.run([sys.executable, "-m", "mechscope", "sae", "train", "--model", str(tmp_path / "m"), "--hook",
+                        "blocks.1.hook_resid_post", "--width", "32", "--k", "4", "--steps", "5", "--batch", "32",
+                        "--seqs", "16", "--seq-len", "32", "--eval-seqs", "4", "--corpus", str(lines), "--json",
+                        "--quiet", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert "train split" in out["corpus"] and out["corpus_tokens"] == 16 * 32
