@@ -1,6 +1,7 @@
 """The package's shape: one import direction without cycles, a public API, one result protocol, one CLI table."""
 
 import ast
+import re
 import dataclasses
 import importlib
 import json
@@ -17,7 +18,7 @@ from tiny import V, tiny_hf
 SRC = Path(mechscope.__file__).parent
 ROOT = SRC.parents[1]
 # the workflow order: a module may import from its own level or below, never above
-LEVELS = {"core": 0, "loading": 1, "compute": 1, "corpus": 1, "sizes": 1, "batching": 1, "distributed": 1,
+LEVELS = {"core": 0, "loading": 1, "compute": 1, "corpus": 1, "sizes": 1, "batching": 1, "distributed": 1, "gitstate": 1,
           "analysis": 2, "datasets": 3, "techniques": 3, "circuits": 4, "sae": 4, "sweeps": 4, "project": 5,
           "workflows": 5, "graphs": 5, "cli": 6, "__main__": 6}
 
@@ -215,3 +216,31 @@ def test_bad_input_gets_mechscope_errors():
         patch(model, toks, toks.flip(1), lambda lg: lg[:, -1, 0], site="z", heads=[42])
     with pytest.raises(InputError, match=r"layers \[7\] out of range"):
         patch(model, toks, toks.flip(1), lambda lg: lg[:, -1, 0], layers=[7])
+
+
+def test_hook_names_are_built_through_the_registry_outside_core():
+    """Outside ``core/`` no hook name is written by hand (``f"blocks.{l}..."``): ``act_name``, ``block_name``,
+    ``model.mlp_input`` and ``model.attn_input`` build them, so a family without a given hook cannot be hard-coded."""
+    import re
+
+    literal = re.compile(r"""f["']blocks\.\{""")
+    found = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") if "core" not in p.relative_to(SRC).parts
+             for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not found, f"hook names written by hand (use the registry): {found}"
+
+
+def test_every_module_is_on_the_architecture_map():
+    """Every module is drawn on docs/architecture.md's diagram (its name, as a word of the code block) or has a row
+    in its table (``pkg/name.py``)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    diagram = text.split("```")[1]
+    missing = []
+    for name in _modules():
+        parts = name.split(".")[1:]
+        if not parts or parts[-1] in ("__init__", "__main__"):
+            continue
+        path = "/".join(parts)
+        if not (re.search(rf"(?<![\w.]){re.escape(parts[-1])}(?![\w])", diagram) or f"`{path}.py`" in text
+                or f"`{path}/`" in text):
+            missing.append(path)
+    assert not missing, f"modules docs/architecture.md does not name: {missing}"

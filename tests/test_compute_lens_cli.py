@@ -124,3 +124,24 @@ def test_peak_rss_of_a_subprocess_is_its_own():
     assert own < 1024 * 2**20  # importing torch and mechscope (about 0.4 GiB): well below the parent's 1.5 GiB
     if sys.platform == "linux":
         assert inherited >= 1536 * 2**20  # what the old measure would have reported
+
+
+def test_the_model_is_a_positional_argument_where_a_command_has_no_other(tmp_path, capsys):
+    """``mechscope check ./my-model`` and ``mechscope info ./my-model`` as users type them; ``--model`` still works."""
+    import json
+
+    from mechscope.cli import main
+    from mechscope.cli.registry import COMMANDS, MODEL_POSITIONAL
+    from tiny import tiny_hf
+
+    tiny_hf("llama").save_pretrained(tmp_path / "m")
+    for argv in (["info", str(tmp_path / "m"), "--json"], ["info", "--model", str(tmp_path / "m"), "--json"]):
+        assert main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["n_layers"] == 3 and out["args"]["model"] == str(tmp_path / "m")
+    assert main(["check", str(tmp_path / "m"), "--no-interventions", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--model", "smollm2-135m"]) == 2
+    assert "two models given" in capsys.readouterr().err
+    takes = {n for n, c in COMMANDS.items() if any(a.flags == (MODEL_POSITIONAL,) for a in c.args)}
+    assert {"info", "check", "estimate", "heads", "circuit", "sae train", "transcoders train", "demo"} <= takes

@@ -17,7 +17,7 @@ import sys
 from ..core.errors import MechscopeError
 from ..core.progress import is_quiet, quiet
 from . import commands  # noqa: F401  (registers every command)
-from .registry import COMMANDS, Command
+from .registry import COMMANDS, MODEL_POSITIONAL, Command, resolve_model_argument
 
 
 def _subparser(sub, name: str, cmd: Command) -> None:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _args_dict(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug", "quiet")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug", "quiet", MODEL_POSITIONAL)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("MECHSCOPE_DEBUG"))
     try:
         with quiet(args.quiet or is_quiet()):
+            resolve_model_argument(args)
             result = cmd.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -40,6 +40,19 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+MODEL_POSITIONAL = "model_positional"  # the model as a positional argument, where a command has no other one
+
+
+def resolve_model_argument(args: argparse.Namespace) -> None:
+    """Fold the positional model into ``args.model``; both given and different is an error."""
+    from ..core.errors import InputError
+
+    given = getattr(args, MODEL_POSITIONAL, None)
+    if given is None:
+        return
+    if getattr(args, "model", None) not in (None, given):
+        raise InputError(f"two models given: {given!r} and --model {args.model!r}; give one")
+    args.model = given
 
 
 def command(name: str, help: str, examples: tuple[str, ...], *args: Arg | tuple[Arg, ...]) -> Callable:
@@ -47,6 +60,10 @@ def command(name: str, help: str, examples: tuple[str, ...], *args: Arg | tuple[
     flat: list[Arg] = []
     for a in args:
         flat += list(a) if isinstance(a, tuple) else [a]
+    takes_model = any(a.flags == ("--model",) for a in flat)
+    if takes_model and not any(not a.flags[0].startswith("-") for a in flat):  # `mechscope info ./my-model`
+        flat.append(arg(MODEL_POSITIONAL, nargs="?", default=None, metavar="MODEL",
+                        help="the model, as with --model (give one or the other)"))
 
     def register(fn: Callable[[argparse.Namespace], Result]) -> Callable[[argparse.Namespace], Result]:
         COMMANDS[name] = Command(name, help, tuple(examples), tuple(flat), fn)

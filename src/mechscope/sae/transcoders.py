@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import torch
+
 from ..core.errors import InputError
 from ..core.hookpoints import act_name, split_name
 from ..core.model import HookedModel
@@ -81,7 +83,7 @@ class TranscoderSet:
         """The hook point it replaces: ``blocks.{layer}.hook_mlp_out``."""
         return act_name("mlp_out", layer)
 
-    def to(self, device) -> "TranscoderSet":
+    def to(self, device: "torch.device | str") -> "TranscoderSet":
         """The transcoders moved to ``device`` (in place); returns the set."""
         for layer, tc in self._by_layer.items():
             self._by_layer[layer] = tc.to(device)

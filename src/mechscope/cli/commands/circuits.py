@@ -1,0 +1,105 @@
+"""Commands for heads, experts and circuits: heads, head, expert, circuit, toy."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ...analysis.viz import page
+from ...core.errors import InputError
+from ...core.files import atomic_write
+from ...core.result import Result
+from ..registry import Outcome, arg, command
+from .common import MODEL, PICTURES, TASK, _load, _pictures, _task
+
+
+@command("heads", "head detectors: previous-token, duplicate-token, induction, sink, copying",
+         ("mechscope heads", "mechscope heads --html heads.html --json"), MODEL,
+         arg("--html", default=None, help="write the heatmaps as an offline HTML page"))
+def heads_cmd(args: argparse.Namespace) -> Result:
+    from ...circuits.heads import detect_heads
+
+    det = detect_heads(_load(args))
+    if args.html:
+        atomic_write(args.html, page("head detectors", "".join(d.to_html() for d in det.values())))
+    return Outcome("\n\n".join(d.summary() for d in det.values()), det)
+
+
+def parse_head(spec: str) -> tuple[int, int]:
+    """``"18.6"`` or ``"L18H6"`` -> ``(18, 6)``."""
+    m = re.fullmatch(r"L?(\d+)[.H](\d+)", spec.strip())
+    if not m:
+        raise InputError(f"cannot read head {spec!r}; write LAYER.HEAD (e.g. 18.6) or L18H6")
+    return int(m.group(1)), int(m.group(2))
+
+
+
+
+@command("expert", "what does this expert do? routing, logit effect and ablation effect (LAYER.EXPERT)",
+         ("mechscope expert 3.5 --model ./olmoe-folder", "mechscope expert L3E5 --json"), MODEL,
+         arg("expert", help="LAYER.EXPERT, e.g. 3.5 (or L3E5)"), arg("--n", type=int, default=16,
+                                                                    help="held-out sequences"))
+def expert_cmd(args: argparse.Namespace) -> Result:
+    from ...circuits.experts import expert_report
+    from ...core.components import Component
+
+    spec = args.expert.strip()
+    comp = Component.parse(spec if spec.startswith("L") else "L{}E{}".format(*spec.split(".", 1)))
+    if comp.kind != "expert":
+        raise InputError(f"cannot read expert {args.expert!r}; write LAYER.EXPERT (e.g. 3.5) or L3E5")
+    return expert_report(_load(args), comp.layer, comp.index, n_seqs=args.n)
+
+
+@command("head", "what does this head do? an HTML report for one head (LAYER.HEAD)",
+         ("mechscope head 18.6", "mechscope head L17H4 --out head.html"), MODEL,
+         arg("head", help="LAYER.HEAD, e.g. 18.6 (or L18H6)"),
+         arg("--out", default=None, help="HTML report path (default head_L{l}H{h}.html)"))
+def head_cmd(args: argparse.Namespace) -> Result:
+    from ...circuits.heads import head_report
+
+    layer, head = parse_head(args.head)
+    rep = head_report(_load(args), layer, head)
+    path = rep.write(args.out or f"head_L{layer}H{head}.html")
+    return Outcome(rep.summary() + f"\nreport: {path}", {**rep.to_dict(), "report": path})
+
+
+@command("circuit", "find a circuit for a task: patching, EAP edges, faithfulness vs random circuits",
+         ("mechscope circuit --task ioi --n 16 --png circuit.png", "mechscope circuit --task factual --threshold 0.1"),
+         MODEL, TASK, arg("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|"),
+         arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"),
+         arg("--screen", type=int, default=64,
+             help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
+         arg("--curve", default=None, metavar="PNG",
+             help="also the faithfulness curve over circuit sizes (patching, EAP and EAP-IG rankings vs random, CPR/CMD), "
+                  "drawn to PNG"), PICTURES)
+def circuit_cmd(args: argparse.Namespace) -> Result:
+    from ...circuits.discovery import find_circuit
+
+    model = _load(args)
+    _, _, _, ds = _task(args, model)
+    if ds is None:
+        raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
+    res = find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps,
+                       screen_heads=args.screen or None, curve=args.curve is not None)
+    if args.curve:
+        res.extra["curve"].plot(args.curve)
+    return _pictures(args, res, "circuit")
+
+
+@command("toy", "train the 2-layer attention-only toy (induction with a known answer) and save it",
+         ("mechscope toy --out attn-only-2l", "mechscope heads --model attn-only-2l"),
+         arg("--out", default="attn-only-toy", help="folder for the HF model and tokenizer"),
+         arg("--layers", type=int, default=2), arg("--heads", type=int, default=2),
+         arg("--steps", type=int, default=800), arg("--seed", type=int, default=0))
+def toy_cmd(args: argparse.Namespace) -> Result:
+    from ...circuits.heads import detect_heads
+    from ...circuits.toy import train_attn_only
+
+    run = train_attn_only(n_layers=args.layers, n_heads=args.heads, steps=args.steps, seed=args.seed, progress=True)
+    path = run.save(args.out)
+    det = detect_heads(run.model)
+    top = {k: det[k].top(3) for k in ("previous-token", "induction")}
+    text = run.summary() + "\n" + "\n".join(det[k].summary(3) for k in top) + \
+        f"\nsaved {path} (load it with --model {path})"
+    return Outcome(text, {**run.to_dict(), "path": path, "top": top})
+

@@ -1,0 +1,125 @@
+"""What the commands share: the argument groups, loading the model, the corpus, the task, pictures."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...analysis.viz import page
+from ...core.errors import InputError
+from ...core.files import atomic_write
+from ...core.result import Result
+from ..registry import arg
+
+MODEL = (
+    arg("--model", default=None, help="alias, local HF folder, .gguf file or hub id (default: smollm2-135m)"),
+    arg("--dtype", default=None, help="float32 (default), bfloat16 or float16"),
+    arg("--device", default=None, help="cpu, cuda, ... (default: cuda if available)"),
+    arg("--trust-remote-code", action="store_true",
+        help="run the Python code a model folder or hub repository ships (off: such a model is refused)"),
+)
+TASK = (
+    arg("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None),
+    arg("--task-file", default=None, help="your own task: a .jsonl or .csv with clean, corrupted, answer (and wrong, pos)"),
+    arg("--n", type=int, default=8, help="prompts from the task generator"),
+    arg("--seed", type=int, default=0),
+    arg("--clean", default=None),
+    arg("--corrupted", default=None),
+    arg("--answer", default=None),
+    arg("--wrong", default=None),
+)
+PICTURES = (
+    arg("--png", default=None, help="write a PNG picture here"),
+    arg("--html", default=None, help="write an offline HTML page here"),
+)
+SITE = (
+    arg("--site", default="resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|z|q|k|v|pattern"),
+    arg("--direction", default="denoise", choices=["denoise", "noise"]),
+    arg("--per-position", action="store_true", help="head sites: one patch per position"),
+)
+CORPUS = arg("--corpus", default=None, help="your text: a .txt file (its paragraphs), a folder of .txt files, a .jsonl "
+                                           "('text' field) or hf:<dataset>[:<split>] (default: the standard "
+                                           "library's docstrings)")
+SAE_MODEL = MODEL + (arg("path", nargs="?", default=None,
+                         help="an SAE folder (SAELens, Gemma Scope, Llama Scope, sparsify or dictionary_learning), or "
+                              "hf://<org>/<repo>[@<revision>]/<folder>"),
+                     arg("--release", default=None, help="a known SAE release (with --sae-id), e.g. gpt2-small-res-jb"),
+                     arg("--sae-id", default=None, help="the SAE within --release, e.g. blocks.8.hook_resid_pre"),
+                     arg("--eval-seqs", type=int, default=16, help="held-out sequences"),
+                     arg("--seq-len", type=int, default=128), CORPUS)
+
+
+def _load(args: argparse.Namespace):
+    import mechscope  # through the package attribute, so that tests and users can substitute `mechscope.load`
+
+    return mechscope.load(args.model or mechscope.DEFAULT_MODEL, device=args.device, dtype=args.dtype,
+                          trust_remote_code=getattr(args, "trust_remote_code", False))
+
+
+def _corpus(args: argparse.Namespace, model, split: str, n_seqs: int, seq_len: int) -> tuple:
+    """Token rows ``[n, seq_len]`` from ``--corpus`` (its train or held-out split), and what they were: said on stderr
+    and returned for the JSON output."""
+    from ... import corpus
+    from ...core.progress import stage
+
+    texts, desc = corpus.from_spec(getattr(args, "corpus", None), split)
+    toks = corpus.pack(model, texts, seq_len, n_seqs=n_seqs, source=f"the corpus ({desc})")
+    if toks.shape[0] == 0:
+        raise InputError(f"the corpus ({desc}, {split} split) gave no sequence of {seq_len} tokens; give more text "
+                         f"or a shorter --seq-len")
+    stage(f"corpus: {desc}, {split} split: {toks.shape[0]} sequences x {toks.shape[1]} = {toks.numel()} tokens")
+    return toks, {"corpus": desc, "corpus_split": split, "corpus_tokens": int(toks.numel())}
+
+
+def _pictures(args: argparse.Namespace, res: Result, title: str) -> Result:
+    """Write ``--png`` and ``--html`` where given; return ``res``."""
+    if getattr(args, "png", None):
+        res.plot(args.png)
+    if getattr(args, "html", None):
+        atomic_write(args.html, page(title, res.to_html()))
+    return res
+
+
+def _task(args: argparse.Namespace, model):
+    """``(clean, corrupted, metric, dataset)`` from ``--task`` or from ``--clean/--corrupted/--answer/--wrong``."""
+    from ... import datasets as D
+    from ...analysis.metrics import logit_diff
+
+    if getattr(args, "task_file", None):
+        if args.task:
+            raise InputError("give --task or --task-file, not both")
+        ds = D.load_task(model, args.task_file)
+        return ds.clean, ds.corrupted, ds.metric, ds
+    if args.task:
+        makers = {"ioi": lambda: D.ioi(model, args.n, seed=args.seed), "factual": lambda: D.factual(model, args.n),
+                  "greater-than": lambda: D.greater_than(model, args.n, seed=args.seed),
+                  "induction": lambda: D.induction(model, args.n, seed=args.seed)}
+        ds = makers[args.task]()
+        return ds.clean, ds.corrupted, ds.metric, ds
+    if not (args.clean and args.corrupted and args.answer):
+        raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
+    a = model.to_single_token(args.answer)
+    b = model.to_single_token(args.wrong) if args.wrong else None
+
+    def metric(logits):
+        return logits[:, -1, a] if b is None else logit_diff(logits, a, b)
+
+    return args.clean, args.corrupted, metric, None
+
+
+
+def _held_out(args, model) -> tuple:
+    return _corpus(args, model, "test", args.eval_seqs, args.seq_len)
+
+
+def _load_sae(args):
+    from ...sae import load_sae
+
+    model = _load(args)
+    if args.release or args.sae_id:
+        if args.path or not (args.release and args.sae_id):
+            raise InputError("give an SAE folder or hf:// path, or --release with --sae-id")
+        return model, load_sae(release=args.release, sae_id=args.sae_id, model=model)
+    if not args.path:
+        raise InputError("name the SAE: a folder, hf://<org>/<repo>/<folder>, or --release and --sae-id")
+    return model, load_sae(args.path, model)
+

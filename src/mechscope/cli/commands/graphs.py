@@ -1,0 +1,64 @@
+"""Commands for attribution graphs: graph."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...analysis.viz import esc, page
+from ...core.files import atomic_write
+from ...core.result import Result
+from ..registry import Outcome, arg, command
+from .common import CORPUS, MODEL, _corpus, _load
+
+
+@command("graph", "the attribution graph of one prompt through transcoders (a frozen replacement model): nodes, "
+         "edges, pruning, replacement and completeness scores, an edge certificate, and an interactive HTML page",
+         ('mechscope graph "The capital of the state containing Dallas is" --html graph.html',
+          'mechscope graph "When Mary and John went to the store, John gave a drink to" --transcoders tc '
+          "--max-features 2048 --labels 64 --html ioi.html --save ioi.safetensors"),
+         MODEL, arg("prompt", help="the prompt (its next-token logits are explained)"),
+         arg("--transcoders", default=None, help="folder of transcoders (default: $MECHSCOPE_CACHE/transcoders/<model>)"),
+         arg("--target", nargs="*", default=None, help="target tokens (text, e.g. ' Paris'; default: the most likely "
+                                                       "ones holding 95%% of the probability, at most 10)"),
+         arg("--max-features", type=int, default=7500, help="feature rows to compute, most influential first"),
+         arg("--batch", type=int, default=128, help="target rows per backward pass"),
+         arg("--node-threshold", type=float, default=0.8), arg("--edge-threshold", type=float, default=0.98),
+         arg("--certify", type=int, default=32, help="edges re-checked by perturbation (0: none)"),
+         arg("--labels", type=int, default=0, help="label the pruned graph's features on this many corpus sequences"),
+         arg("--label-top", type=int, default=150, help="how many of them (most influential first) get labels"),
+         arg("--seq-len", type=int, default=64), CORPUS,
+         arg("--html", default=None, help="write the interactive graph here"),
+         arg("--save", default=None, help="write the graph here (.safetensors)"))
+def graph_cmd(args: argparse.Namespace) -> Result:
+    from ...core.progress import stage
+    from ...graphs import attribution_graph
+    from ...graphs.graph import FEATURE, LOGIT
+    from ...graphs.html import graph_html
+    from ...graphs.labels import label_features
+    from ...sae import load_transcoders, transcoder_cache
+
+    model = _load(args)
+    folder = args.transcoders or transcoder_cache(model.cfg.model_name)
+    tcs = load_transcoders(folder, model)
+    targets = [model.to_single_token(t) for t in args.target] if args.target else None
+    stage(f"attribution graph through {len(tcs)} transcoders from {folder}")
+    g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
+                          batch_size=args.batch, certify=args.certify)
+    pruned = g.prune(args.node_threshold, args.edge_threshold)
+    dashboards = {}
+    if args.labels:
+        toks, _ = _corpus(args, model, "train", args.labels, args.seq_len)
+        kept = (pruned.keep & (g.kind == FEATURE)).nonzero(as_tuple=True)[0]
+        dashboards = label_features(model, g, tcs, toks, g.top_features(args.label_top, among=kept))
+    if args.save:
+        g.save(args.save)
+    if args.html:
+        atomic_write(args.html, page(f"attribution graph: {args.prompt[:60]}",
+                                     graph_html(pruned, dashboards) + f"<pre>{esc(g.summary())}\n"
+                                     f"{esc(pruned.summary())}</pre>"))
+    top = g.top_edges(10, into=int(g.nodes_of(LOGIT)[0]))
+    lines = [g.summary(), pruned.summary(), f"strongest edges into {g.node_name(int(g.nodes_of(LOGIT)[0]))}:"]
+    lines += [f"  {s:28s} {w:+.4f}" for s, _, w in top]
+    return Outcome("\n".join(lines), {**g.to_dict(), "pruned": pruned.to_dict(),
+                                      "top_edges_into_first_logit": top, "transcoders": str(folder)})
+

@@ -1,0 +1,66 @@
+"""Commands for the model and the machine: env, info, estimate, check."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...core.result import Result
+from ..registry import Outcome, arg, command
+from .common import MODEL, _load
+
+
+@command("env", "the device, its memory and dtype support", ("mechscope env", "mechscope env --json"))
+def env_cmd(args: argparse.Namespace) -> Result:
+    from ...compute import env
+
+    return env()
+
+
+@command("info", "the model card: architecture, sizes, hook names",
+         ("mechscope info", "mechscope info --model ./my-hf-folder --hooks"), MODEL,
+         arg("--hooks", action="store_true", help="list the hook points"))
+def info_cmd(args: argparse.Namespace) -> Result:
+    from ...core.hookpoints import table
+
+    model = _load(args)
+    d = {**model.cfg.to_dict(), "n_hook_points": len(model.hook_names)}
+    text = [repr(model), "", "config:"] + [f"  {k:20} {v}" for k, v in d.items() if k != "extra"]
+    if args.hooks:
+        d["hook_names"] = model.hook_names
+        per = [n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.0.")]
+        text += ["", "hook points (per block L):"] + [f"  blocks.L.{p}" for p in per]
+        text += ["top level:"] + [f"  {n}" for n in model.hook_names if not n.startswith("blocks.")]
+        text += ["", "meaning and shape (every family; see docs/hooks.md):", table()]
+    return Outcome("\n".join(text), d)
+
+
+@command("estimate", "memory needed for a run before loading (offline for well-known hub ids), and which GPUs fit it",
+         ("mechscope estimate --batch 8 --seq-len 512 --cache all",
+          "mechscope estimate --model meta-llama/Llama-3.1-8B --dtype bfloat16 --seq-len 1024 --sae-width 65536",
+          "mechscope estimate --model gemma3-270m --sae-width 16384"), MODEL,
+         arg("--batch", type=int, default=1), arg("--seq-len", type=int, default=128),
+         arg("--cache", default=None, help="'all' or a comma list of hook names to cache"),
+         arg("--sae-width", type=int, default=None),
+         arg("--patch-rows", type=int, default=64, help="patched prompts per pass, for the GPU table's patching row"))
+def estimate_cmd(args: argparse.Namespace) -> Result:
+    from ...compute import config_for, estimate_memory, gpu_fit
+    from ...loading import DEFAULT_MODEL
+
+    cache = args.cache if args.cache in (None, "all") else args.cache.split(",")
+    config = config_for(args.model or DEFAULT_MODEL)
+    est = estimate_memory(config, dtype=args.dtype or "float32", batch=args.batch, seq_len=args.seq_len,
+                          cache_names=cache, sae_width=args.sae_width)
+    fit = gpu_fit(config, seq_len=args.seq_len, batch=max(1, args.batch), sae_width=args.sae_width,
+                  patch_rows=args.patch_rows)
+    return Outcome(f"{est.summary()}\n\n{fit.summary()}", {**est.to_dict(), "gpus": fit.to_dict()})
+
+
+
+@command("check", "the identity suite on a loaded model: exact hooks, residual identities, live hook points",
+         ("mechscope check", "mechscope check --model ./my-hf-folder --no-interventions --json"), MODEL,
+         arg("--no-interventions", action="store_true", help="skip editing every hook point (faster)"))
+def check_cmd(args: argparse.Namespace) -> Result:
+    from ...core.check import check
+
+    return check(_load(args), interventions=not args.no_interventions, progress=True)
+

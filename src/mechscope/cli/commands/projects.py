@@ -1,0 +1,70 @@
+"""Commands for projects, records and reports: init, runs, report, demo."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ...core.errors import NotFoundError
+from ...core.files import atomic_write
+from ...core.result import Result
+from ..registry import Outcome, arg, command
+from .common import MODEL, _load
+
+
+@command("init", "scaffold a research project (README with hypothesis and validation plan, folders)",
+         ("mechscope init ioi-circuit",), arg("name"), arg("--root", default="."))
+def init_cmd(args: argparse.Namespace) -> Result:
+    from ...project import init_project
+
+    path = init_project(args.name, args.root)
+    return Outcome(f"created {path}: edit README.md (question, hypothesis, falsification, validation plan)",
+                   {"path": path})
+
+
+@command("runs", "list and compare experiment records (runs/*/run.json)",
+         ("mechscope runs", "mechscope runs --root my-project/runs --json"), arg("--root", default="runs"))
+def runs_cmd(args: argparse.Namespace) -> Result:
+    from ...project import list_runs, runs_table
+
+    recs = list_runs(args.root)
+    return Outcome(runs_table(recs) if recs else f"no runs under {args.root}/", recs)
+
+
+@command("report", "an offline HTML report comparing experiment records",
+         ("mechscope report --root runs --out runs.html", "mechscope report --root mechscope-demo/runs"),
+         arg("--root", default="runs"), arg("--out", default="runs.html"))
+def report_cmd(args: argparse.Namespace) -> Result:
+    from ...project import list_runs, runs_report
+
+    recs = list_runs(args.root)
+    if not recs:
+        raise NotFoundError(f"no run records under {args.root}/ (runs/<time>-<name>/run.json)")
+    path = atomic_write(args.out, runs_report(recs))
+    return Outcome(f"report of {len(recs)} runs: {path}", {"report": path, "runs": len(recs)})
+
+
+@command("demo", "the demo investigation on the default model; writes an HTML report",
+         ("mechscope demo", "mechscope demo --out demo-report"), MODEL,
+         arg("--out", default="mechscope-demo", help="folder for report.html and its PNGs"))
+def demo_cmd(args: argparse.Namespace) -> Result:
+    import sys
+
+    from ...project import Run
+    from ...workflows import demo_investigation
+
+    t0 = time.time()
+    model = _load(args)
+    print(f"loaded {model!r} in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    with Run("demo", config={"model": model.cfg.model_name, "out": args.out}, seeds=[0],
+             root=Path(args.out) / "runs") as run:
+        rep = demo_investigation(model, args.out, echo=not args.json)
+        run.log(**rep.metrics)
+        run.artifact(Path(args.out) / "report.html")
+        for item, evs in rep.checklist.evidence.items():  # reproducibility comes from the record itself
+            for e in evs if item != "reproducibility" else []:
+                run.check(item, e.text, f"{Path(args.out) / 'report.html'}{e.link or ''}")
+    return Outcome(f"run record: {run.path}", {"report": Path(args.out) / "report.html",
+                                                "sections": [s.title for s in rep.sections], "run": run.path,
+                                                "metrics": rep.metrics})

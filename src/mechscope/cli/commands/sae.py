@@ -1,0 +1,154 @@
+"""Commands for sparse autoencoders and transcoders: sae train/eval/features/dashboard, transcoders train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ...core.errors import InputError
+from ...core.files import atomic_write
+from ...core.hookpoints import act_name
+from ...core.result import Result
+from ..registry import Outcome, arg, command
+from .common import CORPUS, MODEL, SAE_MODEL, _corpus, _held_out, _load, _load_sae
+
+
+@command("sae train", "train an SAE on a corpus (default: the docstrings), save it (SAELens format) and evaluate it",
+         ("mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae",
+          "mechscope sae train --corpus my_corpus.txt --seqs 64 --steps 200 --out my-sae",
+          "torchrun --nproc_per_node 2 -m mechscope sae train --steps 200 --out my-sae"),
+         MODEL, arg("--hook", default="blocks.15.hook_resid_post"),
+         arg("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"]),
+         arg("--width", type=int, default=None, help="number of latents (default 8 x d_in)"),
+         arg("--k", type=int, default=32, help="TopK/BatchTopK k"), arg("--l1", type=float, default=5.0),
+         arg("--steps", type=int, default=1000), arg("--batch", type=int, default=1024),
+         arg("--lr", type=float, default=3e-4), arg("--seqs", type=int, default=256, help="training sequences"),
+         arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
+         arg("--seq-len", type=int, default=128), arg("--out", default="sae-run"), arg("--resume", action="store_true"),
+         arg("--partitions", type=int, default=0,
+             help="split the training sequences into this many partitions, each sampled by its own generator "
+                  "(default 0: min(64, --seqs, --batch), whatever the number of ranks); the same value gives the "
+                  "same SAE on any number of ranks up to it, so adding ranks does not change the SAE"),
+         arg("--acts", default=None, help="train on activation shards from harvest_to_disk (each rank reads its own)"),
+         CORPUS)
+def sae_train_cmd(args: argparse.Namespace) -> Result:
+    from ... import distributed
+    from ...core.progress import is_quiet, quiet, stage
+    from ...distributed import split
+    from ...sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
+    from ...sae.data import PartitionedSource, default_partitions
+
+    with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
+        model = _load(args)
+        out = Path(args.out)
+        tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, partitions=args.partitions)
+        if args.acts:
+            source = PartitionedSource.from_shards(args.acts, args.batch, tc.seed, dist)
+            info = {"corpus": f"activation shards in {args.acts}", "corpus_tokens": None}
+        else:
+            toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+            parts = args.partitions or default_partitions(toks.shape[0], args.batch)
+            if parts < dist.world:
+                raise InputError(f"{parts} partitions for {dist.world} ranks: each rank needs one; give more --seqs "
+                                 f"or fewer ranks")
+            mine = split(parts, dist.world)[dist.rank]
+            stage(f"harvesting {args.hook} on {toks.numel()} tokens" + (
+                f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {parts})" if dist.active else ""))
+            seqs = split(toks.shape[0], parts)  # partition p = the activations of sequences seqs[p]
+            source = PartitionedSource({p: harvest(model, args.hook, toks[seqs[p].start:seqs[p].stop]) for p in mine},
+                                       parts, args.batch, tc.seed, dist)
+        cfg = SAEConfig(d_in=source.d_in, d_sae=args.width or 8 * source.d_in, architecture=args.arch, k=args.k,
+                        hook_name=args.hook, model_name=model.cfg.model_name,
+                        normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
+        run = fit_sae(source, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
+        if not dist.is_main:
+            return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
+        path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
+    held, held_info = _held_out(args, model)
+    ev = evaluate_sae(model, run.sae, held)
+    ranks = f" on {dist.world} ranks" if dist.active else ""
+    return Outcome(f"saved {path}\n{ev.summary()}\ntrained{ranks} on {info['corpus']} ({info['corpus_tokens']} tokens)",
+                   {**ev.to_dict(), "path": path, "training": run.to_dict(), **info, "world": dist.world,
+                    "held_out_tokens": held_info["corpus_tokens"]})
+
+
+@command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) from one harvest pass, "
+         "save them (SAELens layout, input and output hooks recorded) and evaluate each alone and all at once",
+         ("mechscope transcoders train",
+          "mechscope transcoders train --layers 0 1 2 --width 2304 --k 32 --steps 500 --out tc"),
+         MODEL, arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
+         arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu"]),
+         arg("--width", type=int, default=None, help="latents per layer (default 8 x d_model)"),
+         arg("--k", type=int, default=32), arg("--no-skip", action="store_true", help="no linear skip connection"),
+         arg("--steps", type=int, default=1000), arg("--batch", type=int, default=1024),
+         arg("--lr", type=float, default=1e-3), arg("--seqs", type=int, default=256, help="training sequences"),
+         arg("--eval-seqs", type=int, default=16), arg("--seq-len", type=int, default=128),
+         arg("--out", default=None, help="folder (default: $MECHSCOPE_CACHE/transcoders/<model>, where "
+                                        "`mechscope graph` looks)"), CORPUS)
+def transcoders_train_cmd(args: argparse.Namespace) -> Result:
+    from ...core.progress import stage
+    from ...sae import SAEConfig, TrainConfig, save_many, train_many, transcoder_cache
+    from ...sae.evaluate import evaluate_transcoders
+    from ...techniques.inputs import check_range
+
+    model = _load(args)
+    args.out = args.out or str(transcoder_cache(model.cfg.model_name))
+    layers = check_range("layers", args.layers, model.cfg.n_layers)
+    toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+    d = model.cfg.d_model
+    cfgs = [SAEConfig(d_in=d, d_sae=args.width or 8 * d, architecture=args.arch, k=args.k,
+                      hook_name=model.mlp_input(l), hook_name_out=act_name("mlp_out", l),
+                      skip=not args.no_skip, model_name=model.cfg.model_name,
+                      normalize_activations="expected_average_only_in") for l in layers]
+    stage(f"training {len(cfgs)} transcoders from one pass over {toks.numel()} tokens")
+    res = train_many(model, toks, cfgs, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr))
+    paths = save_many(res, args.out, [f"layer_{l}" for l in layers])
+    held, held_info = _held_out(args, model)
+    stage(f"evaluating on {held.numel()} held-out tokens")
+    ev = evaluate_transcoders(model, [r.sae for r in res], held)
+    atomic_write(Path(args.out) / "evaluation.json", json.dumps({**ev.to_dict(), "layers": layers, **info}, indent=2))
+    return Outcome(f"{ev.summary()}\nsaved {len(paths)} transcoders under {args.out}/layer_<L> (and evaluation.json)"
+                   f"\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
+                   {**ev.to_dict(), "paths": paths, "layers": layers, **info,
+                    "held_out_tokens": held_info["corpus_tokens"]})
+
+
+
+@command("sae eval", "evaluate a saved SAE on held-out text (L0, explained variance, CE loss recovered)",
+         ("mechscope sae eval my-sae/sae",), SAE_MODEL)
+def sae_eval_cmd(args: argparse.Namespace) -> Result:
+    from ...sae import evaluate_sae
+
+    model, sae = _load_sae(args)
+    held, info = _held_out(args, model)
+    ev = evaluate_sae(model, sae, held)
+    return Outcome(f"{ev.summary()}\nevaluated on {info['corpus']} ({info['corpus_tokens']} held-out tokens)",
+                   {**ev.to_dict(), **info})
+
+
+@command("sae features", "the features that fire most on a text",
+         ('mechscope sae features my-sae/sae --text "The capital of France is"',), SAE_MODEL,
+         arg("--text", required=True, help="the text to read"), arg("--k", type=int, default=32,
+                                                                     help="how many features to list"))
+def sae_features_cmd(args: argparse.Namespace) -> Result:
+    from ...sae.features import top_features
+
+    model, sae = _load_sae(args)
+    feats = top_features(model, sae, args.text, k=args.k)
+    return Outcome("\n".join(f"feature {i:6d}  total activation {v:.3f}" for i, v in feats), {"features": feats})
+
+
+@command("sae dashboard", "feature dashboards (offline HTML) for the densest features",
+         ("mechscope sae dashboard my-sae/sae --out my-sae/dashboard",), SAE_MODEL,
+         arg("--out", default="sae-dashboard", help="folder for index.html and one page per feature"))
+def sae_dashboard_cmd(args: argparse.Namespace) -> Result:
+    from ...sae.features import feature_stats, write_dashboards
+
+    model, sae = _load_sae(args)
+    held, info = _held_out(args, model)
+    stats = feature_stats(model, sae, held, n_top=20)
+    index = write_dashboards(model, sae, stats, args.out)
+    return Outcome(f"dashboards for {len(stats.top)} features on {info['corpus']} ({info['corpus_tokens']} tokens): "
+                   f"{index}", {"index": index, "features": list(stats.top), **info})
+
