@@ -67,21 +67,26 @@ bench-saelens: $(STAMP)
 	bench/.venv-saelens/bin/python -m pip install -q "$(TORCH)" "sae-lens==6.54.*"
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
 
-# The tiny-architecture identity suite against another transformers (default: the newest on the index), in
-# its own venv, so a break shows before users meet it: `make compat` or `make compat TRANSFORMERS=5.0.0`.
+# The tiny-architecture identity suite against the newest torch and transformers on the package index, in its own
+# venv, so a break shows before users meet it: `make compat`, or `make compat TORCH_COMPAT=2.14.1 TRANSFORMERS=5.24.0`.
+# PIP_CONFIG_FILE=/dev/null: this machine's pip config caps torch at the builds it keeps on disk; the check must
+# see what a user of the index gets (the newest torch on PyPI is a CUDA build: a few GB to download, CPU-tested here).
 TRANSFORMERS ?= newest
+TORCH_COMPAT ?= newest
 COMPAT_VENV  := .venv-compat
 compat:
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
-	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[test]"
+	if [ "$(TORCH_COMPAT)" = newest ]; then PIP_CONFIG_FILE=/dev/null $(COMPAT_VENV)/bin/python -m pip install -q --upgrade torch; \
+	else PIP_CONFIG_FILE=/dev/null $(COMPAT_VENV)/bin/python -m pip install -q "torch==$(TORCH_COMPAT)"; fi
+	PIP_CONFIG_FILE=/dev/null $(COMPAT_VENV)/bin/python -m pip install -q -e ".[test]"
 	if [ "$(TRANSFORMERS)" = newest ]; then $(COMPAT_VENV)/bin/python -m pip install -q --upgrade transformers; \
 	else $(COMPAT_VENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS)"; fi
-	$(COMPAT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(COMPAT_VENV)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 -m "not slow" \
 		tests/test_architectures.py tests/test_registry.py tests/test_check.py tests/test_moe.py \
-		tests/test_hooks_api.py tests/test_patching.py tests/test_offload.py
+		tests/test_hooks_api.py tests/test_patching.py tests/test_offload.py tests/test_sae.py tests/test_graphs.py \
+		tests/test_precision.py
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info src/*.egg-info

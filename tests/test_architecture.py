@@ -1,11 +1,11 @@
 """The package's shape: one import direction without cycles, a public API, one result protocol, one CLI table."""
 
 import ast
-import re
 import dataclasses
 import importlib
 import json
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest

@@ -76,7 +76,8 @@ def test_an_inferred_row_that_fails_the_check_is_refused(monkeypatch, tmp_path):
 def test_mamba_and_t5_get_clear_errors(tmp_path):
     import transformers as T
 
-    for cfg, match in ((T.MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2), "attention module"),
+    for cfg, match in ((T.MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2),
+                        r"found no attention module \(a child whose class is named \*Attention\); no MLP"),
                        (T.T5Config(vocab_size=97, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=48),
                         "not a causal language model")):
         folder = tmp_path / cfg.model_type
@@ -121,3 +122,51 @@ def test_docs_list_every_supported_type():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "hooks.md").read_text()
     missing = [t for t in mechscope.supported_model_types() if f"`{t}`" not in doc]
     assert not missing, f"docs/hooks.md does not list {missing}"
+
+
+def test_untested_torch_or_transformers_is_named_once():
+    import warnings
+
+    from mechscope.core import versions
+
+    assert versions.untested({"torch": "2.13.0+cpu", "transformers": "5.25.0"}) == []
+    assert versions.untested({"torch": "2.16.1", "transformers": "5.30.0"}) == [
+        "torch 2.16.1 (tested: 2.13 to 2.15)", "transformers 5.30.0 (tested: 5.24 to 5.25)"]
+    assert versions.untested({"transformers": "5.23.0"}) == ["transformers 5.23.0 (tested: 5.24 to 5.25)"]
+    versions._WARNED = False
+    import torch
+    real = torch.__version__
+    try:
+        torch.__version__ = "2.99.0"
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            versions.warn_if_untested()
+            versions.warn_if_untested()  # once per process
+        msgs = [str(x.message) for x in w if issubclass(x.category, versions.UntestedVersionWarning)]
+        assert len(msgs) == 1 and "torch 2.99.0" in msgs[0] and "mechscope check" in msgs[0]
+    finally:
+        torch.__version__ = real
+
+
+def test_error_templates_read_as_english():
+    """Error messages are assembled from pieces; proofread the joins: no doubled articles, no 'no an ...'."""
+    import re
+    from pathlib import Path
+
+    bad = re.compile(r"\b(?:[Nn]o|[Aa]n?|[Tt]he) (?:a|an|the) |\b([a-z]{3,}) \1\b")
+    src = Path(mechscope.__file__).parent
+    found = []
+    for p in src.rglob("*.py"):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            for lit in re.findall(r'"([^"]*)"', line):
+                if bad.search(lit):
+                    found.append(f"{p.relative_to(src)}:{i}: {lit}")
+    assert not found, found
+    try:
+        from mechscope.core.infer import infer_family
+        from mechscope.core.parts import meta_model
+        import transformers as T
+
+        infer_family(meta_model(T.MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2)), "mamba")
+    except UnsupportedArchitectureError as e:
+        assert not bad.search(str(e).split("Supported")[0]), str(e)

@@ -45,6 +45,10 @@ from .workflows import demo_investigation
 
 __version__ = "0.2.0"
 
+from .core.versions import warn_if_untested  # noqa: E402  (after the imports that load torch and transformers)
+
+warn_if_untested()
+
 __all__ = [
     # core
     "ActivationCache", "Component", "HOOK_SPECS", "HookPoint", "HookedModel", "ModelConfig", "Result",

@@ -119,8 +119,8 @@ def infer_family(hf: torch.nn.Module, model_type: str) -> Family:
         row["qk_norm"] = any(n.endswith(("q_norm", "q_layernorm")) for n, _ in hf.named_modules())
     if missing:
         raise UnsupportedArchitectureError(
-            f"model type {model_type!r} has no family row, and its layout could not be inferred: no "
-            + "; no ".join(missing) + ". Add a row to mechscope/core/families.py (see docs/hooks.md, 'adding a family'). "
+            f"model type {model_type!r} has no family row, and its layout could not be inferred: found no "
+            + "; no ".join(m.removeprefix("an ").removeprefix("a ") for m in missing) + ". Add a row to mechscope/core/families.py (see docs/hooks.md, 'adding a family'). "
             f"Supported model types: {', '.join(supported_model_types())}.")
     known = {f.name for f in fields(Family)}
     names = [n for n, _ in hf.named_modules()]
