@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .families import dims_from_config
+from .families import dims_from_config, fused_kv_heads
 from .hookpoints import hook_names
 from .infer import resolve_family
 from .parts import ModelParts, meta_model
@@ -84,7 +84,7 @@ def _module_sizes(parts: ModelParts, dims: dict) -> dict:
     if fam.qkv_layout == "separate":
         kv = _out_features(parts.attn_proj(0, fam.k), fam.conv1d) // d
     else:
-        kv = (_out_features(parts.attn_proj(0, fam.qkv), fam.conv1d) // d - h) // 2
+        kv = fused_kv_heads(_out_features(parts.attn_proj(0, fam.qkv), fam.conv1d), h, d)
     out = {"n_kv_heads": kv}
     moe = parts.moe_layers()
     dense = [layer for layer in range(len(parts.layers)) if layer not in moe]

@@ -12,14 +12,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import InputError
 from .types import HFConfig
 
 # How the query, key and value projections are stored.
 #   "separate": three Linear modules (q, k, v);
 #   "concat":   one fused module whose output is [q | k | v] (GPT-2 Conv1D, Phi-3);
-#   "neox":     one fused Linear whose output is per head [q_h k_h v_h] (GPT-NeoX).
-QKV_LAYOUTS = ("separate", "concat", "neox")
+#   "neox":     one fused Linear whose output is per head [q_h k_h v_h] (GPT-NeoX);
+#   "falcon":   one fused Linear whose output is per KV head [q_1 .. q_g k v], g query heads per KV head
+#               (Falcon with grouped queries; with g = 1 it is "neox").
+QKV_LAYOUTS = ("separate", "concat", "neox", "falcon")
+
+
+def split_qkv(x: torch.Tensor, layout: str, n_heads: int, n_kv_heads: int, d_head: int,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused projection's output features ``x [..., (n_heads + 2 n_kv_heads) d_head]`` (activations, a weight's
+    output axis, or a bias) as views ``q [..., n_heads, d_head]``, ``k [..., n_kv_heads, d_head]``, ``v`` likewise;
+    the one place the fused layouts above are decoded. :func:`merge_qkv` is its inverse."""
+    lead = x.shape[:-1]
+    if layout in ("neox", "falcon"):
+        g = n_heads // n_kv_heads
+        y = x.reshape(*lead, n_kv_heads, g + 2, d_head)
+        return y[..., :g, :].flatten(-3, -2), y[..., g, :], y[..., g + 1, :]
+    if layout != "concat":
+        raise InputError(f"split_qkv: layout {layout!r} is not fused; fused layouts are 'concat', 'neox', 'falcon'")
+    q, k, v = x.split([n_heads * d_head, n_kv_heads * d_head, n_kv_heads * d_head], dim=-1)
+    return q.unflatten(-1, (n_heads, d_head)), k.unflatten(-1, (n_kv_heads, d_head)), v.unflatten(-1, (n_kv_heads, d_head))
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> torch.Tensor:
+    """The inverse of :func:`split_qkv`: ``q [..., n_heads, d]``, ``k``, ``v [..., n_kv_heads, d]`` -> fused features."""
+    if layout in ("neox", "falcon"):
+        kv = k.shape[-2]
+        grouped = q.unflatten(-2, (kv, q.shape[-2] // kv))
+        return torch.cat([grouped, k[..., None, :], v[..., None, :]], dim=-2).flatten(-3)
+    return torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
+
+
+def fused_kv_heads(out_features: int, n_heads: int, d_head: int) -> int:
+    """KV heads of a fused q/k/v projection with ``out_features`` outputs (every fused layout holds q, k and v)."""
+    return (out_features // d_head - n_heads) // 2
 
 # Normalisation kinds. All are linear once the per-position scale is frozen:
 #   layernorm:    (x - mean(x)) / sqrt(var(x) + eps) * w + b

@@ -120,7 +120,8 @@ def infer_family(hf: torch.nn.Module, model_type: str) -> Family:
     if missing:
         raise UnsupportedArchitectureError(
             f"model type {model_type!r} has no family row, and its layout could not be inferred: found no "
-            + "; no ".join(m.removeprefix("an ").removeprefix("a ") for m in missing) + ". Add a row to mechscope/core/families.py (see docs/hooks.md, 'adding a family'). "
+            + "; no ".join(m.removeprefix("an ").removeprefix("a ") for m in missing)
+            + ". Add a row to mechscope/core/families.py (see docs/hooks.md, 'adding a family'). "
             f"Supported model types: {', '.join(supported_model_types())}.")
     known = {f.name for f in fields(Family)}
     names = [n for n, _ in hf.named_modules()]

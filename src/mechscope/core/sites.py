@@ -18,6 +18,7 @@ import torch
 from . import attention as _attn
 from . import moe as _moe
 from .config import ModelConfig
+from .families import merge_qkv, split_qkv
 from .hookpoints import block_name, spec, split_name
 from .hooks import HookManager, StopForward
 from .parts import ModelParts
@@ -243,19 +244,10 @@ class HookSites:
     # ---- projections ------------------------------------------------------------------------------
     def split_qkv(self, out: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable]:
         """A fused projection's output -> ``(q [.., head, d], k [.., kv, d], v [.., kv, d])`` views, and a merger."""
-        c = self.cfg
+        c, layout = self.cfg, self.family.qkv_layout
         lead = out.shape[:-1]
-        if self.family.qkv_layout in ("neox", "falcon"):  # per KV head [q_1 .. q_g, k, v] (GPT-NeoX: g = 1)
-            g = c.n_groups
-            x = out.view(*lead, c.n_kv_heads, g + 2, c.d_head)
-            return (x[..., :g, :].flatten(-3, -2), x[..., g, :], x[..., g + 1, :]), (
-                lambda q, k, v: torch.cat([q.view(*lead, c.n_kv_heads, g, c.d_head), k[..., None, :], v[..., None, :]],
-                                          dim=-2).reshape(*lead, -1))
-        sizes = [c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head]
-        q, k, v = out.split(sizes, dim=-1)
-        return (q.view(*lead, c.n_heads, c.d_head), k.view(*lead, c.n_kv_heads, c.d_head),
-                v.view(*lead, c.n_kv_heads, c.d_head)), (
-            lambda q, k, v: torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1))
+        parts = split_qkv(out, layout, c.n_heads, c.n_kv_heads, c.d_head)
+        return parts, (lambda q, k, v: merge_qkv(q, k, v, layout).reshape(*lead, -1))
 
     def _install_qkv(self, layer: int) -> list:
         fam, m, c = self.family, self.manager, self.cfg

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .families import split_qkv
 from .norms import NormSpec
 from .parts import ModelParts
 from .placement import execution_device, param
@@ -72,20 +73,10 @@ class Weights:
             Ws = [heads(in_to_out(mod, fam.conv1d), n) for mod, n in zip(mods, (h, kv, kv))]
             return (*Ws, *[bias_heads(param(mod, "bias"), n) for mod, n in zip(mods, (h, kv, kv))])
         mod = self.parts.attn_proj(layer, fam.qkv)
-        W, b = in_to_out(mod, fam.conv1d), param(mod, "bias")
-        if fam.qkv_layout in ("neox", "falcon"):  # per KV head [q_1 .. q_g, k, v] (GPT-NeoX: g = 1)
-            g = c.n_groups
-            W4 = W.reshape(m, kv, g + 2, d)
-            Ws = [W4[:, :, :g].reshape(m, h, d).permute(1, 0, 2), W4[:, :, g].permute(1, 0, 2),
-                  W4[:, :, g + 1].permute(1, 0, 2)]
-            if b is None:
-                return (*Ws, bias_heads(None, h), bias_heads(None, kv), bias_heads(None, kv))
-            b4 = b.reshape(kv, g + 2, d)
-            return (*Ws, b4[:, :g].reshape(h, d), b4[:, g], b4[:, g + 1])
-        sizes = [h * d, kv * d, kv * d]
-        Ws = [heads(w, n) for w, n in zip(W.split(sizes, dim=1), (h, kv, kv))]
-        bs = [bias_heads(x, n) for x, n in zip(b.split(sizes) if b is not None else (None,) * 3, (h, kv, kv))]
-        return (*Ws, *bs)
+        W, b = in_to_out(mod, fam.conv1d), param(mod, "bias")  # W [d_model, (h + 2 kv) d]
+        Ws = [w.permute(1, 0, 2) for w in split_qkv(W, fam.qkv_layout, h, kv, d)]
+        bs = split_qkv(b, fam.qkv_layout, h, kv, d) if b is not None else (None,) * 3
+        return (*Ws, *[x if x is not None else self._zeros(n, d) for x, n in zip(bs, (h, kv, kv))])
 
     def _scaled(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` times the residual multiplier (Granite), so that the views map into the residual stream."""

@@ -90,7 +90,8 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
         for h in wanted:
             a = got[h][:, skip_first:]
             acts[h] = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
-        keep = {h: _norm_mask(acts[h], max_norm_ratio) for h in dict.fromkeys(list(hooks) + [a for a, _ in pairs])}
+        keep = {h: token_keep_mask(acts[h], 0, max_norm_ratio)
+                for h in dict.fromkeys(list(hooks) + [a for a, _ in pairs])}
         out = {h: acts[h][keep[h]].float().cpu() for h in hooks}
         for a, b in pairs:
             out[(a, b)] = torch.cat([acts[a], acts[b]], dim=-1)[keep[a]].float().cpu()
@@ -102,12 +103,21 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _norm_mask(a: torch.Tensor, max_norm_ratio: float | None) -> torch.Tensor:
-    """``[b, pos]``: the rows whose norm is within ``max_norm_ratio`` x their sequence's median (all when None)."""
-    if max_norm_ratio is None or not a.shape[1]:
-        return torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
-    norms = a.float().norm(dim=-1)  # [b, pos]
-    return norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values
+def token_keep_mask(acts: torch.Tensor, skip_first: int = 1, max_norm_ratio: float | None = 10.0) -> torch.Tensor:
+    """``[b, pos]``: the tokens of ``acts [b, pos, width]`` an SAE is trained on and read at, the one rule that
+    harvests and :func:`~mechscope.sae.features.feature_stats` share. The first ``skip_first`` positions are
+    left out (the attention sink), and so is a token whose norm exceeds ``max_norm_ratio`` x the median norm of
+    its sequence's remaining tokens (None: no norm rule)."""
+    keep = torch.zeros(acts.shape[:2], dtype=torch.bool, device=acts.device)
+    rest = acts[:, skip_first:]
+    if not rest.shape[1]:
+        return keep
+    if max_norm_ratio is None:
+        keep[:, skip_first:] = True
+        return keep
+    norms = rest.float().norm(dim=-1)  # [b, pos - skip_first]
+    keep[:, skip_first:] = norms <= max_norm_ratio * norms.median(dim=1, keepdim=True).values
+    return keep
 
 
 def harvest_pairs(model: HookedModel, hook_in: str, hook_out: str, tokens: torch.Tensor, batch_size: int | None = None,

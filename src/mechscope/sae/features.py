@@ -22,7 +22,7 @@ from ..core.errors import InputError
 from ..core.files import atomic_write
 from ..core.model import HookedModel
 from ..core.result import Result
-from .data import harvest
+from .data import harvest, token_keep_mask
 from .model import SAE
 
 
@@ -69,6 +69,83 @@ class FeatureStats(Result):
         return "\n".join(lines)
 
 
+class _Density:
+    """How often each of ``d`` features fires, and its largest activation, over the kept tokens."""
+
+    def __init__(self, d: int):
+        self.fire, self.max, self.n_tokens = torch.zeros(d, dtype=torch.long), torch.zeros(d), 0
+
+    def update(self, f: torch.Tensor, keep: torch.Tensor) -> None:  # f [b, pos, d] (zero where not kept)
+        self.fire += (f > 0).sum((0, 1))
+        self.max = torch.maximum(self.max, f.amax((0, 1)))
+        self.n_tokens += int(keep.sum())
+
+
+class _TopExamples:
+    """The ``n`` largest activations of one feature, each with its window of ``context`` tokens each side (a heap)."""
+
+    def __init__(self, n: int, context: int):
+        self.n, self.context, self.heap, self.counter = n, context, [], 0
+
+    def update(self, fi: torch.Tensor, row0: int) -> None:  # fi [b, pos]: one feature, rows row0 ...
+        k = min(self.n, int((fi > 0).sum()))
+        if k == 0:
+            return
+        P = fi.shape[1]
+        vals, idx = fi.flatten().topk(k)
+        for v, j in zip(vals.tolist(), idx.tolist()):
+            b, p = divmod(j, P)
+            self.counter += 1
+            item = (v, self.counter, row0 + b, p, _window(fi[b], p, self.context))
+            if len(self.heap) < self.n:
+                heapq.heappush(self.heap, item)
+            elif v > self.heap[0][0]:
+                heapq.heapreplace(self.heap, item)
+
+    def items(self) -> list[tuple]:
+        return [(v, row, p, w) for v, _, row, p, w in sorted(self.heap, reverse=True)]
+
+
+class _FiringSample:
+    """A bounded uniform sample of one feature's firing positions (5 per batch, the last ``cap`` kept), from which
+    the quantile view picks ``n_quantiles`` examples."""
+
+    def __init__(self, context: int, generator: torch.Generator, cap: int = 200):
+        self.context, self.g, self.cap, self.pool = context, generator, cap, []
+
+    def update(self, fi: torch.Tensor, row0: int) -> None:
+        pos = torch.nonzero(fi > 0)
+        take = pos[torch.randperm(len(pos), generator=self.g)[:5]]
+        self.pool.extend((float(fi[b, p]), row0 + int(b), int(p), _window(fi[b], p, self.context)) for b, p in take.tolist())
+        self.pool = self.pool[-self.cap:]
+
+    def quantiles(self, n_quantiles: int = 10) -> list[tuple]:
+        s = sorted(self.pool)
+        return [s[int(q * (len(s) - 1))] for q in torch.linspace(0, 1, n_quantiles).tolist()] if s else []
+
+
+class _Histogram:
+    """One feature's nonzero activations, binned at the end into ``n_bins`` from 0 to its maximum."""
+
+    def __init__(self, n_bins: int):
+        self.n_bins, self.values = n_bins, []
+
+    def update(self, fi: torch.Tensor) -> None:
+        self.values.append(fi[fi > 0].float())
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        allv = torch.cat(self.values) if self.values else torch.zeros(0)
+        if not allv.numel():
+            return None
+        top = float(allv.max())
+        return torch.histc(allv, bins=self.n_bins, min=0, max=top), torch.linspace(0, top, self.n_bins + 1)
+
+
+def _window(row: torch.Tensor, p: int, context: int) -> list[float]:
+    """The activations of ``row [pos]`` from ``p - context`` to ``p + context``."""
+    return row[max(0, p - context):min(row.shape[0], p + context + 1)].tolist()
+
+
 @torch.no_grad()
 def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: Sequence[int] | None = None, n_top: int = 20,
                   context: int = 5,
@@ -78,85 +155,49 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
     quantile samples and activation histograms for ``features`` (default: the 20 densest live ones
     after a first batch).
 
-    Tokens the SAE was not trained on are left out, as :func:`~mechscope.sae.data.harvest` leaves
-    them out of training: the first ``skip_first`` positions (the attention sink, whose residual norm
-    is ~140x the median in SmolLM2's layer 15) and tokens whose norm exceeds ``max_norm_ratio`` x
-    their sequence's median. Kept in, they fill every feature's top examples with the same sink tokens.
+    Tokens the SAE was not trained on are left out by the rule harvests use
+    (:func:`~mechscope.sae.data.token_keep_mask`): the first ``skip_first`` positions (the attention sink,
+    whose residual norm is ~140x the median in SmolLM2's layer 15) and tokens whose norm exceeds
+    ``max_norm_ratio`` x their sequence's median. Kept in, they fill every feature's top examples with the
+    same sink tokens.
     """
-    hook = sae.cfg.hook_name
-    d = sae.cfg.d_sae
-    fire = torch.zeros(d, dtype=torch.long)
-    maxa = torch.zeros(d)
-    n_tok = 0
-    heaps: dict[int, list] = {}
-    pool: dict[int, list] = {}
-    values: dict[int, list[torch.Tensor]] = {}
+    d, P = sae.cfg.d_sae, tokens.shape[1]
+    density = _Density(d)
     g = torch.Generator().manual_seed(seed)
-    counter = 0
-    P = tokens.shape[1]
+    tops: dict[int, _TopExamples] = {}
+    samples: dict[int, _FiringSample] = {}
+    hists: dict[int, _Histogram] = {}
     for s in range(0, tokens.shape[0], batch_size):
         toks = tokens[s:s + batch_size]
-        acts = _token_acts(model, hook, toks, batch_size)
-        keep = torch.ones(toks.shape[0], P, dtype=torch.bool)
-        keep[:, :skip_first] = False
-        if max_norm_ratio is not None:
-            norms = acts.norm(dim=-1).reshape(toks.shape[0], P)
-            keep &= norms <= max_norm_ratio * norms.masked_fill(~keep, float("nan")).nanmedian(dim=1, keepdim=True).values
+        acts = _token_acts(model, sae.cfg.hook_name, toks, batch_size)
+        keep = token_keep_mask(acts.reshape(toks.shape[0], P, -1), skip_first, max_norm_ratio)
         f = sae.encode(acts).reshape(toks.shape[0], P, d) * keep[..., None]
-        fire += (f > 0).sum((0, 1))
-        maxa = torch.maximum(maxa, f.amax((0, 1)))
-        n_tok += int(keep.sum())
+        density.update(f, keep)
         if features is None:
-            live = torch.nonzero(fire > 0).flatten()
-            features = live[fire[live].argsort(descending=True)][:20].tolist()
+            live = torch.nonzero(density.fire > 0).flatten()
+            features = live[density.fire[live].argsort(descending=True)][:20].tolist()
         for i in features:
             fi = f[..., i]
-            nz = fi[fi > 0]
-            values.setdefault(i, []).append(nz.float())
-            k = min(n_top, int((fi > 0).sum()))
-            if k == 0:
-                continue
-            vals, idx = fi.flatten().topk(k)
-            for v, j in zip(vals.tolist(), idx.tolist()):
-                b, p = divmod(j, P)
-                counter += 1
-                lo, hi = max(0, p - context), min(P, p + context + 1)
-                item = (v, counter, s + b, p, fi[b, lo:hi].tolist())
-                h = heaps.setdefault(i, [])
-                if len(h) < n_top:
-                    heapq.heappush(h, item)
-                elif v > h[0][0]:
-                    heapq.heapreplace(h, item)
-            # a uniform sample of firing positions, for the quantile view (reservoir-like, bounded)
-            pos = torch.nonzero(fi > 0)
-            take = pos[torch.randperm(len(pos), generator=g)[:5]]
-            pool.setdefault(i, []).extend(
-                (float(fi[b, p]), s + int(b), int(p), fi[b, max(0, p - context):min(P, p + context + 1)].tolist())
-                for b, p in take.tolist())
-            pool[i] = pool[i][-200:]
+            hists.setdefault(i, _Histogram(n_bins)).update(fi)
+            tops.setdefault(i, _TopExamples(n_top, context)).update(fi, s)
+            samples.setdefault(i, _FiringSample(context, g)).update(fi, s)
     strs_cache: dict[int, list[str]] = {}
 
-    def strs(row):
+    def example(v, row, p, window_acts):
         if row not in strs_cache:
             strs_cache[row] = model.to_str_tokens(tokens[row])
-        return strs_cache[row]
-
-    def example(v, row, p, window_acts):
         lo = max(0, p - context)
-        return Example(v, strs(row)[lo:lo + len(window_acts)], window_acts, p - lo)
+        return Example(v, strs_cache[row][lo:lo + len(window_acts)], window_acts, p - lo)
 
-    top = {i: [example(v, row, p, w) for v, _, row, p, w in sorted(heaps.get(i, []), reverse=True)] for i in features}
-    qs = {}
+    features = features or []
+    top = {i: [example(*it) for it in (tops[i].items() if i in tops else [])] for i in features}
+    qs = {i: [example(*it) for it in (samples[i].quantiles() if i in samples else [])] for i in features}
     hist, edges = {}, {}
     for i in features:
-        allv = torch.cat(values.get(i, [torch.zeros(0)]))
-        if allv.numel():
-            e = torch.linspace(0, float(allv.max()), n_bins + 1)
-            hist[i], edges[i] = torch.histc(allv, bins=n_bins, min=0, max=float(allv.max())), e
-        samples = sorted(pool.get(i, []))
-        picks = [samples[int(q * (len(samples) - 1))] for q in torch.linspace(0, 1, 10).tolist()] if samples else []
-        qs[i] = [example(v, row, p, w) for v, row, p, w in picks]
-    return FeatureStats(n_tok, fire, maxa, top, qs, hist, edges)
+        h = hists[i].finish() if i in hists else None
+        if h is not None:
+            hist[i], edges[i] = h
+    return FeatureStats(density.n_tokens, density.fire, density.max, top, qs, hist, edges)
 
 
 @torch.no_grad()
