@@ -309,7 +309,8 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
         return _eap_batch(model, clean[s:e], corrupted[s:e], metric, ig_steps, per_head, torch.arange(s, e), N)
 
     sums: dict[tuple[str, str], float] = {}
-    for part in map_batches(run, N, batch_size, per_prompt, model.device, "edge attribution"):
+    for part in map_batches(run, N, batch_size, per_prompt, model.device, "edge attribution",
+                            tokens_per_item=4 * P):  # two cached runs and a forward-backward pass
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v
     return {k: v / N for k, v in sums.items()}

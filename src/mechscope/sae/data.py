@@ -99,7 +99,8 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt, 0)
-    parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state)
+    parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state,
+                        tokens_per_item=tokens.shape[1])
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

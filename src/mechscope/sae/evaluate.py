@@ -151,7 +151,7 @@ def _ce(model: HookedModel, tokens: torch.Tensor, hook_sets: list[list], batch_s
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt)
     sums = torch.stack(map_batches(ce_sums, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
-                                   state)).sum(0)
+                                   state, tokens_per_item=tokens.shape[1])).sum(0)
     return (sums / (tokens.shape[0] * (tokens.shape[1] - 1))).tolist()
 
 

@@ -151,7 +151,7 @@ def _cached(model: HookedModel, tokens: torch.Tensor, names: list[str], batch_si
 
     elt = torch.finfo(model.dtype).bits // 8
     parts = map_batches(run, tokens.shape[0], batch_size, forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt),
-                        model.device, "ablation", state)
+                        model.device, "ablation", state, tokens_per_item=tokens.shape[1])
     return {n: torch.cat([p[n].to(parts[0][n].device) for p in parts]) for n in names}
 
 

@@ -138,5 +138,5 @@ def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
         return metric_on_rows(metric, logits, torch.arange(start, stop), n).cpu()
 
     per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None)
-    parts = map_batches(run, n, batch_size, per, model.device, what, state)
+    parts = map_batches(run, n, batch_size, per, model.device, what, state, tokens_per_item=P)
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one batch: the metric's own shape)

@@ -487,12 +487,14 @@ def _prefix_cache(model, cache, p0: int, rows: int):
 
 
 def _rows_budget(model, P: int, n_prompts: int, keep_all: bool) -> int:
+    from ..batching import compute_cap
     from ..compute import free_memory, patching_bytes
 
     elt = torch.finfo(model.dtype).bits // 8
     per_row = patching_bytes(model.cfg.to_dict(), 1, P, elt, all_logits=keep_all)
     rows = int(0.25 * free_memory(model.device) // max(per_row, 1))
-    rows = max(n_prompts, min(rows, 256 * n_prompts))
+    knee = compute_cap(model.device, P)  # a CPU runs no faster past its knee; memory grows on (mechscope.batching)
+    rows = max(n_prompts, min(rows, 256 * n_prompts, knee if knee is not None else rows))
     return rows - rows % n_prompts
 
 

@@ -186,7 +186,8 @@ def _activations(model: HookedModel, tokens: torch.Tensor, hooks: list[str], bat
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt) + len(hooks) * tokens.shape[1] * model.cfg.d_model * 4
-    parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "probe activations")
+    parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "probe activations",
+                        tokens_per_item=tokens.shape[1])
     return {h: torch.cat([p[h] for p in parts]) for h in hooks}
 
 
