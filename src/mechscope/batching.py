@@ -8,7 +8,8 @@ harvests, probes, SAE evaluation) goes through :func:`map_batches`:
   an estimate of the bytes one item needs (:func:`mechscope.compute.forward_bytes`); on a CPU it is
   also capped by compute, at :func:`cpu_batch_tokens` tokens a pass: past about a thousand tokens a
   pass a CPU runs no faster (SmolLM2-135M on 2 cores: 474 tokens/s at 1x128, 683 at 8x128, 620 at
-  32x128), while memory grows with the batch;
+  32x128), while memory grows with the batch (``mechscope circuit --task ioi --n 100``: 3.3 GiB peak
+  with the cap, 13.1 GiB without; ``bench/bench_circuit.py``);
 - an out-of-memory error (``torch.OutOfMemoryError``, or the CPU allocator's "can't allocate
   memory") halves the batch and retries the same items, with one warning per call; the results
   are the same as with any other batch size, since items are independent.
@@ -46,7 +47,7 @@ def is_oom(err: BaseException) -> bool:
                                               or "not enough memory" in msg)
 
 
-CPU_BATCH_TOKENS = 2048  # the compute knee on a CPU, with room: see the module docstring and bench/bench_circuit.py
+CPU_BATCH_TOKENS = 1024  # the compute knee on a CPU (8 x 128 tokens): see the module docstring and bench/bench_circuit.py
 
 
 def cpu_batch_tokens() -> int:
