@@ -50,6 +50,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_distributed.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_graph.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_zoo.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_circuit.py
 
 # the full 30-layer SmolLM2 transcoder run (about 30 min here), into $MECHSCOPE_CACHE where `mechscope graph` looks
 bench-transcoders: $(STAMP)
