@@ -163,9 +163,10 @@ def test_error_templates_read_as_english():
                     found.append(f"{p.relative_to(src)}:{i}: {lit}")
     assert not found, found
     try:
+        import transformers as T
+
         from mechscope.core.infer import infer_family
         from mechscope.core.parts import meta_model
-        import transformers as T
 
         infer_family(meta_model(T.MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2)), "mamba")
     except UnsupportedArchitectureError as e:
