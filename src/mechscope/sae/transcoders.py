@@ -124,4 +124,5 @@ def load_transcoders(folder: str | Path, model: HookedModel | None = None) -> "T
         raise InputError(f"these folders hold SAEs, not transcoders (no hook_name_out): {', '.join(bad)}")
     if model is not None:
         return TranscoderSet(model, out)
-    return sorted(out, key=lambda t: split_name(t.cfg.hook_name_out)[0] or -1)
+    layer = lambda t: split_name(t.cfg.hook_name_out)[0]  # noqa: E731
+    return sorted(out, key=lambda t: -1 if layer(t) is None else layer(t))
