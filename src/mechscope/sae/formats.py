@@ -211,7 +211,7 @@ def read_folder(folder: Path, fmt: str | None = None, hook: str | None = None, m
             m = re.search(r"layer_(\d+)", str(folder))
             if not m:
                 raise InputError(f"cannot tell which layer the Gemma Scope folder {folder} reads (no layer_L in its path)")
-            hook = act_name("resid_post", m.group(1))
+            hook = act_name("resid_post", int(m.group(1)))
         return read_gemma_scope(folder, hook, model_name)
     if fmt == "llama_scope":
         return read_llama_scope(folder, model_name)

@@ -89,10 +89,6 @@ class TranscoderSet:
             self._by_layer[layer] = tc.to(device)
         return self
 
-    def missing(self, n_layers: int) -> list[int]:
-        """The layers below ``n_layers`` with no transcoder (their MLPs are all error in a replacement model)."""
-        return [layer for layer in range(n_layers) if layer not in self._by_layer]
-
     def __repr__(self) -> str:
         return f"TranscoderSet({self.model_name or 'model'}: layers {self.layers})"
 
