@@ -122,7 +122,7 @@ def _task_file(text: str, suffix: str = ".jsonl"):
     def run(tmp, model, toks):
         p = tmp / f"task{suffix}"
         p.write_text(text)
-        ms.datasets.load_task(model, str(p))
+        ms.datasets.load_task(str(p), model)
     return run
 
 
@@ -199,9 +199,9 @@ CASES = {
             torch.zeros(2, 5, V), torch.tensor([[1, 2], [3, 4]]), torch.tensor([5, 6])), r"alternatives=True"),
     "built-in task on a model without a tokenizer": (lambda tmp, m, t: ms.datasets.ioi(m, 4), r"no tokenizer"),
     # task files
-    "task file missing": (lambda tmp, m, t: ms.datasets.load_task(m, str(tmp / "none.jsonl")), r"no such task file"),
-    "task file not JSON": (_task_file('{"clean": "a b", "corrupted": "a c"\n'), r"task.jsonl:1 is not valid JSON"),
-    "task file without a column": (_task_file('{"clean": "a b", "answer": " c"}\n'), r"row 1 has no corrupted"),
+    "task file missing": (lambda tmp, m, t: ms.datasets.load_task(str(tmp / "none.jsonl"), m), r"no such task file"),
+    "task file not JSON": (_task_file('{"clean": "a b", "corrupted": "a c"\n'), r"task.jsonl line 1: not valid JSON"),
+    "task file without a column": (_task_file('{"clean": "a b", "answer": " c"}\n'), r"line 1: no corrupted"),
     "task csv without rows": (_task_file("clean,corrupted,answer\n", ".csv"), r"at least one row"),
     "corpus that does not exist": (lambda tmp, m, t: ms.corpus.from_spec(str(tmp / "none.txt")), r"is not a file"),
     # SAEs

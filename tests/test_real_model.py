@@ -126,7 +126,7 @@ def test_own_task_subject_verb_agreement(smollm, tmp_path, capsys, monkeypatch):
              "wrong": " is"} for (s, p), pl in zip(SVA_NOUNS, SVA_PLACES)]
     path = tmp_path / "sva.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_task(smollm, str(path))
+    ds = load_task(str(path), smollm)
     assert len(ds) == 8 and ds.clean.shape == ds.corrupted.shape
     with torch.no_grad():
         clean, corrupted = ds.metric(smollm(ds.clean)), ds.metric(smollm(ds.corrupted))
@@ -141,5 +141,5 @@ def test_own_task_subject_verb_agreement(smollm, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"clean": "The keys near the big cabinet", "corrupted": "The key near the cabinet",
                                "answer": " are"}) + "\n")
-    with pytest.raises(ValueError, match="row 0"):
-        load_task(smollm, str(bad))
+    with pytest.raises(ValueError, match="bad.jsonl line 1"):
+        load_task(str(bad), smollm)

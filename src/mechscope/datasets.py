@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from .analysis import metrics as M
 from .core.errors import InputError
+from .core.files import path_then_model
 from .core.model import HookedModel
 from .core.result import Result
 
@@ -63,9 +65,24 @@ class TaskDataset(Result):
     meta: list[dict] = field(default_factory=list)
     metric_fn: Callable | None = None
     seed: int = 0
+    #: (what the metric is, its unit, which way is the behaviour): printed with every number it produces
+    metric_label: tuple[str, str, str] = ("logit difference (answer - wrong answer) at the answer position", "logits",
+                                          "higher = more of the clean behaviour")
 
     def __len__(self) -> int:
         return self.clean.shape[0]
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric_label[0]
+
+    @property
+    def metric_unit(self) -> str:
+        return self.metric_label[1]
+
+    @property
+    def metric_direction(self) -> str:
+        return self.metric_label[2]
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """One value per prompt; positive means the clean behaviour (e.g. IO logit above S)."""
@@ -80,7 +97,7 @@ class TaskDataset(Result):
                            None if self.answers is None else self.answers[idx],
                            None if self.wrong is None else self.wrong[idx],
                            pick(self.texts), pick(self.corrupted_texts), pick(self.meta) if self.meta else [],
-                           self.metric_fn, self.seed)
+                           self.metric_fn, self.seed, self.metric_label)
 
     def split(self, held_out: float = 0.5, seed: int | None = None) -> tuple[TaskDataset, TaskDataset]:
         """A random (train, held-out) split; use the held-out part to confirm what the train part found."""
@@ -237,7 +254,9 @@ def induction(model: HookedModel, n: int = 16, length: int = 20, seed: int = 0, 
 
     texts = [f"<{length} random tokens, repeated>"] * n
     return TaskDataset("induction (repeated random tokens)", clean, bad, None, None, texts,
-                       [f"<{length} random tokens, then {length} others>"] * n, metric_fn=metric, seed=seed)
+                       [f"<{length} random tokens, then {length} others>"] * n, metric_fn=metric, seed=seed,
+                       metric_label=("minus the next-token loss on the repeated half", "nats per token",
+                                     "higher = better induction"))
 
 
 def greater_than(model: HookedModel, n: int = 32, seed: int = 0, century: int = 17) -> TaskDataset:
@@ -270,20 +289,34 @@ def greater_than(model: HookedModel, n: int = 32, seed: int = 0, century: int = 
         return torch.stack(out)
 
     return TaskDataset("greater-than (years)", _encode(model, texts), _encode(model, bad), None, None, texts, bad,
-                       meta=[{"yy": y} for y in yys], metric_fn=metric, seed=seed)
+                       meta=[{"yy": y} for y in yys], metric_fn=metric, seed=seed,
+                       metric_label=("p(later year) - p(earlier year)", "probability", "higher = the clean behaviour"))
 
 
-def _answer_ids(model: HookedModel, value, row: int, what: str) -> list[int]:
+def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list[str]) -> list[int]:
+    """The token ids of one row's answers; a problem is appended to ``problems`` (and ``[]`` returned)."""
     vals = value if isinstance(value, (list, tuple)) else [value]
     if not vals or not all(isinstance(v, str) for v in vals):
-        raise InputError(f"row {row}: {what} must be a single-token string or a list of them, got {value!r}")
+        problems.append(f"{where}: {what} must be a single-token string or a list of them, got {value!r}")
+        return []
     out = []
     for v in vals:
         try:
             out.append(model.to_single_token(v))
         except InputError as e:
-            raise InputError(f"row {row}: {what} {v!r}: {e}") from e
+            problems.append(f"{where}: {what} {v!r}: {e}")
     return out
+
+
+def _where(row: dict, i: int) -> str:
+    """Where a row came from, 1-based: ``my.jsonl line 7`` for a file, ``row 7`` for lists given in Python."""
+    return row.get("_where") or f"row {i + 1}"
+
+
+def _problems_error(problems: list[str], what: str) -> InputError:
+    shown = problems[:20]
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return InputError(f"{len(problems)} problem(s) in {what}:\n  " + "\n  ".join(shown) + more)
 
 
 def _padded(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +325,12 @@ def _padded(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([x + [x[0]] * (k - len(x)) for x in lists])
     mask = torch.tensor([[1.0] * len(x) + [0.0] * (k - len(x)) for x in lists])
     return ids, mask
+
+
+_OWN_LABEL_WRONG = ("logit difference (mean answer logit - mean wrong-answer logit) at the answer position", "logits",
+                    "higher = more of the clean behaviour")
+_OWN_LABEL_LOGP = ("log-probability of the answer(s) at the answer position", "nats",
+                   "higher = more of the clean behaviour")
 
 
 def _own_metric(ds: TaskDataset, logits: torch.Tensor) -> torch.Tensor:
@@ -311,82 +350,105 @@ def _own_metric(ds: TaskDataset, logits: torch.Tensor) -> torch.Tensor:
     return (at.gather(1, ids) * mask).sum(-1) / mask.sum(-1) - (at.gather(1, wid) * wmask).sum(-1) / wmask.sum(-1)
 
 
-def _lengths_error(model: HookedModel, bad: list[tuple[int, list[str], list[str]]]) -> InputError:
-    lines = [f"  row {i}: clean {len(c)} tokens {c}\n         corrupted {len(x)} tokens {x}" for i, c, x in bad[:8]]
+def _lengths_error(bad: list[tuple[str, list[str], list[str]]]) -> InputError:
+    lines = [f"  {w}: clean {len(c)} tokens {c}\n      corrupted {len(x)} tokens {x}" for w, c, x in bad[:20]]
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
     return InputError("clean and corrupted prompts must tokenize to the same length (patching reads fixed positions); "
-                      f"{len(bad)} pair(s) do not:\n" + "\n".join(lines) + "\nFix: choose corrupted words that "
-                      "are one token each like the clean ones (check with model.to_str_tokens), or pad the shorter "
-                      "prompt with a neutral word.")
+                      f"{len(bad)} pair(s) do not:\n" + "\n".join(lines) + more + "\nFix: choose corrupted words "
+                      "that are one token each like the clean ones (check with model.to_str_tokens), or pad the "
+                      "shorter prompt with a neutral word.")
 
 
 def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[int, ...] | None = None) -> TaskDataset:
+    """A dataset from row dicts; every bad row is reported at once, by its 1-based line or row number."""
     if n_given is not None and len(set(n_given)) != 1:
         raise InputError(f"clean, corrupted and answers must have one entry per pair; got {n_given[0]}, {n_given[1]} "
                          f"and {n_given[2]}")
     if not rows:
         raise InputError("a task needs at least one row")
-    for i, r in enumerate(rows):
-        for key in ("clean", "corrupted"):
-            if not isinstance(r.get(key), str) or not r[key]:
-                raise InputError(f"row {i}: {key!r} must be a non-empty string, got {r.get(key)!r}")
+    problems = [f"{_where(r, i)}: {key!r} must be a non-empty string, got {r.get(key)!r}"
+                for i, r in enumerate(rows) for key in ("clean", "corrupted")
+                if not isinstance(r.get(key), str) or not r[key]]
+    if problems:
+        raise _problems_error(problems, name)
     toks = [(model.to_tokens(r["clean"])[0], model.to_tokens(r["corrupted"])[0]) for r in rows]
-    bad = [(i, model.to_str_tokens(c), model.to_str_tokens(x)) for i, (c, x) in enumerate(toks) if len(c) != len(x)]
+    bad = [(_where(rows[i], i), model.to_str_tokens(c), model.to_str_tokens(x))
+           for i, (c, x) in enumerate(toks) if len(c) != len(x)]
     if bad:
-        raise _lengths_error(model, bad)
+        raise _lengths_error(bad)
     lengths = sorted({len(c) for c, _ in toks})
     if len(lengths) > 1:
         counts = {n: sum(len(c) == n for c, _ in toks) for n in lengths}
+        mode = max(counts, key=counts.get)
+        odd = [_where(rows[i], i) for i, (c, _) in enumerate(toks) if len(c) != mode]
         raise InputError(f"every pair must have the same token length (the pairs run as one batch); lengths "
-                         f"{counts} (tokens: count). Split the rows by length into separate tasks, or reword them")
-    answers = [_answer_ids(model, r["answer"], i, "answer") for i, r in enumerate(rows)]
+                         f"{counts} (tokens: count); not {mode} tokens: {', '.join(odd[:20])}"
+                         f"{' ...' if len(odd) > 20 else ''}. Split the rows by length into separate tasks, or "
+                         "reword them")
+    answers = [_answer_ids(model, r["answer"], _where(r, i), "answer", problems) for i, r in enumerate(rows)]
     has_wrong = [r.get("wrong") not in (None, "", []) for r in rows]
     if any(has_wrong) and not all(has_wrong):
-        raise InputError("give a wrong answer for every row or for none (rows without one: "
-                         f"{[i for i, w in enumerate(has_wrong) if not w][:10]})")
-    wrong = [_answer_ids(model, r["wrong"], i, "wrong") for i, r in enumerate(rows)] if all(has_wrong) else None
+        problems += [f"{_where(r, i)}: no wrong answer (give one for every row or for none)"
+                     for i, (r, w) in enumerate(zip(rows, has_wrong)) if not w]
+    wrong = ([_answer_ids(model, r["wrong"], _where(r, i), "wrong", problems) for i, r in enumerate(rows)]
+             if all(has_wrong) else None)
     P = lengths[0]
-    bad_pos = [i for i, r in enumerate(rows) if r.get("pos") is not None and not -P <= int(r["pos"]) < P]
-    if bad_pos:
-        raise InputError(f"answer positions out of range in rows {bad_pos[:10]}: the prompts are {P} tokens, so a "
-                         f"position is in -{P}..{P - 1}")
+    problems += [f"{_where(r, i)}: answer position {r['pos']} is out of range: the prompts are {P} tokens, so a "
+                 f"position is in -{P}..{P - 1}" for i, r in enumerate(rows)
+                 if r.get("pos") is not None and not -P <= int(r["pos"]) < P]
+    if problems:
+        raise _problems_error(problems, name)
     meta = [{"answers": a, "wrong": None if wrong is None else wrong[i],
              "pos": P - 1 if r.get("pos") is None else int(r["pos"]) % P} for i, (a, r) in enumerate(zip(answers, rows))]
     dev = model.device
     first = torch.tensor([a[0] for a in answers], device=dev)
     return TaskDataset(name, torch.stack([c for c, _ in toks]).to(dev), torch.stack([x for _, x in toks]).to(dev),
                        first, torch.tensor([w[0] for w in wrong], device=dev) if wrong else None,
-                       [r["clean"] for r in rows], [r["corrupted"] for r in rows], meta, _own_metric)
+                       [r["clean"] for r in rows], [r["corrupted"] for r in rows], meta, _own_metric,
+                       metric_label=_OWN_LABEL_WRONG if wrong else _OWN_LABEL_LOGP)
 
 
-def load_task(model: HookedModel, path: str, name: str | None = None) -> TaskDataset:
+def load_task(path: str | Path, model: HookedModel, name: str | None = None) -> TaskDataset:
     """Your task from a ``.jsonl`` or ``.csv`` file: one row per pair, with ``clean``, ``corrupted``, ``answer`` and
     optionally ``wrong`` and ``pos`` (the answer position). Several answers: a JSON list in JSONL, or
-    ``"a|b"`` in CSV. See :meth:`TaskDataset.from_texts`."""
+    ``"a|b"`` in CSV. See :meth:`TaskDataset.from_texts`.
+
+    Path first, then the model, like every mechscope loader (``load_sae(path, model)``). The old order
+    ``load_task(model, path)`` still works, with a ``DeprecationWarning``, until mechscope 1.0."""
     import csv
     import json
-    from pathlib import Path
 
+    path, model = path_then_model(path, model, "load_task")
     p = Path(path)
     if not p.is_file():
         raise InputError(f"no such task file: {p}")
     rows: list[dict] = []
+    problems: list[str] = []
     if p.suffix == ".jsonl":
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{p}:{i + 1} is not valid JSON ({e})") from e
+                    problems.append(f"{p.name} line {i + 1}: not valid JSON ({e})")
+                    continue
+                if not isinstance(row, dict):
+                    problems.append(f"{p.name} line {i + 1}: a row is a JSON object, got {type(row).__name__}")
+                    continue
+                rows.append({**row, "_where": f"{p.name} line {i + 1}"})
     elif p.suffix == ".csv":
         with open(p, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                rows.append({k: (v.split("|") if k in ("answer", "wrong") and v and "|" in v else v or None)
-                             for k, v in r.items()})
+            reader = csv.DictReader(f)
+            for r in reader:
+                rows.append({**{k: (v.split("|") if k in ("answer", "wrong") and v and "|" in v else v or None)
+                                for k, v in r.items()}, "_where": f"{p.name} line {reader.line_num}"})
     else:
         raise InputError(f"task files are .jsonl or .csv, got {p.name}")
-    for i, r in enumerate(rows):
+    for r in rows:
         missing = [k for k in ("clean", "corrupted", "answer") if not r.get(k)]
         if missing:
-            raise InputError(f"{p} row {i + 1} has no {', '.join(missing)} (fields: {sorted(r)}); each row needs "
-                             f"clean, corrupted and answer (wrong and pos are optional)")
+            problems.append(f"{r['_where']}: no {', '.join(missing)} (fields: {sorted(k for k in r if k != '_where')}"
+                            "); each row needs clean, corrupted and answer (wrong and pos are optional)")
+    if problems:
+        raise _problems_error(problems, str(p))
     return _from_rows(model, rows, name or p.stem)

@@ -12,6 +12,25 @@ from ..core.errors import InputError, InputTypeError
 from ..core.types import Answer
 
 
+def labelled(fn, name: str, unit: str, higher: str = "higher is better"):
+    """``fn`` with a printable description: what the metric is, its unit, and which way is good.
+
+    Every printed metric reads e.g. ``logit difference (answer - wrong), logits; higher = clean behaviour``.
+    Works on functions and lambdas (the attributes go on the function)."""
+    fn.metric_name, fn.metric_unit, fn.metric_direction = name, unit, higher
+    return fn
+
+
+def describe_metric(metric) -> str:
+    """The description set by :func:`labelled` (on the function, or on the object a bound method belongs to),
+    or ``"metric (unnamed: pass a labelled() metric to name it)"``."""
+    for owner in (metric, getattr(metric, "__self__", None), getattr(metric, "__func__", None)):
+        name = getattr(owner, "metric_name", None)
+        if isinstance(name, str):
+            return f"{name}, {owner.metric_unit}; {owner.metric_direction}"
+    return "metric (unnamed; name it with mechscope.analysis.metrics.labelled)"
+
+
 def answer_logits(logits: torch.Tensor, pos: int | torch.Tensor = -1,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[batch, d_vocab]`` in float32: the logits at the answer position of each prompt.

@@ -15,6 +15,11 @@ from ..core.errors import InputError
 from ..core.progress import bar
 from ..core.result import Result
 
+#: Below this many samples a percentile-bootstrap CI is not evidence: with n = 1 it is a point, with
+#: n = 2 it spans the two values, and up to about 10 its coverage falls well short of the nominal level
+#: (Efron & Tibshirani 1993, ch. 13). Such an estimate is printed as uninformative, never as distinguishable.
+MIN_CI_N = 10
+
 
 @dataclass(frozen=True, repr=False)
 class Estimate(Result):
@@ -25,13 +30,40 @@ class Estimate(Result):
     high: float
     level: float = 0.95
     n: int = 0
+    exact: bool = False  # a deterministic value (no sampling): low == high == value
+
+    @classmethod
+    def exactly(cls, value: float) -> "Estimate":
+        """A value computed exactly, with no sampling error."""
+        return cls(value, value, value, 1.0, 0, True)
+
+    @property
+    def informative(self) -> bool:
+        """Whether the interval is evidence: exact, or resting on ``n >= MIN_CI_N`` samples."""
+        return self.exact or self.n >= MIN_CI_N
 
     def excludes(self, x: float = 0.0) -> bool:
-        """True when ``x`` lies outside the interval (the effect is distinguishable from ``x``)."""
-        return not (self.low <= x <= self.high)
+        """True when ``x`` lies outside the interval (the effect is distinguishable from ``x``).
+
+        Always False for an uninformative estimate (``n < MIN_CI_N``): too few samples to tell."""
+        return self.informative and not (self.low <= x <= self.high)
+
+    def verdict(self, against: str = "zero", x: float = 0.0) -> str:
+        """``"distinguishable from <against>"``, ``"NOT distinguishable ..."``, or for too few samples a line that
+        says so and how many would be enough."""
+        if not self.informative:
+            return f"uninformative: n={self.n} is too few to tell it from {against}; use {MIN_CI_N}+ samples"
+        return (f"distinguishable from {against}" if self.excludes(x) else f"NOT distinguishable from {against}")
 
     def summary(self) -> str:
+        if self.exact:
+            return f"{self.value:+.4f} (exact)"
+        if not self.informative:
+            return f"{self.value:+.4f} (n={self.n}: too few for a CI, needs {MIN_CI_N}+)"
         return f"{self.value:+.4f} [{self.low:+.4f}, {self.high:+.4f}] ({int(self.level * 100)}% CI, n={self.n})"
+
+    def _dict_extra(self) -> dict:
+        return {"informative": self.informative, "min_n": MIN_CI_N}
 
 
 def bootstrap_ci(values: torch.Tensor | Sequence[float], stat: Callable[[torch.Tensor], torch.Tensor]=torch.mean,

@@ -33,6 +33,23 @@ def _color(v: float, vmin: float, vmax: float, diverging: bool) -> str:
     return f"rgb({int(255 - 200 * t)},{int(255 - 120 * t)},{int(255 - 40 * t)})"
 
 
+def position_labels(str_tokens: Sequence[str], positions: Sequence[int] | None = None,
+                    other: Sequence[str] | None = None) -> list[str]:
+    """Axis labels for positions, with their tokens as circuitsvis shows them: ``0: '<bos>'``, ``11: ' big'``.
+
+    ``other`` (e.g. the corrupted prompt's tokens): where it differs, both are shown, ``3: ' Mary'→' John'``."""
+    positions = range(len(str_tokens)) if positions is None else positions
+    out = []
+    for p in positions:
+        p = int(p)
+        tok = str_tokens[p] if -len(str_tokens) <= p < len(str_tokens) else "?"
+        label = f"{p}: {tok!r}"
+        if other is not None and p < len(other) and other[p] != tok:
+            label += f"→{other[p]!r}"
+        out.append(label)
+    return out
+
+
 def heatmap_html(
     values: torch.Tensor,
     row_labels: Sequence[str],
@@ -214,7 +231,9 @@ def heatmap_plotly(values: torch.Tensor, row_labels: Sequence[str], col_labels: 
     import plotly.graph_objects as go
 
     v = values.detach().float().cpu()
-    uniq = lambda labels: [f"{i}: {l}" for i, l in enumerate(labels)]  # noqa: E731 - plotly merges equal labels
+    def uniq(labels):  # plotly merges equal labels: number them when some repeat
+        labels = [str(l) for l in labels]
+        return labels if len(set(labels)) == len(labels) else [f"{i}: {l}" for i, l in enumerate(labels)]
     kw = dict(colorscale="RdBu", reversescale=True, zmid=0) if diverging else dict(colorscale="Blues")
     fig = go.Figure(go.Heatmap(z=v.tolist(), x=uniq(col_labels), y=uniq(row_labels), **kw))
     fig.update_layout(title=title, yaxis=dict(autorange="reversed"), height=max(300, 22 * v.shape[0] + 120))

@@ -48,8 +48,8 @@ class ExpertReport(Result):
                  "  promotes (direct path): " + ", ".join(f"{t!r} {v:+.2f}" for t, v in self.promoted[:8]),
                  "  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in self.suppressed[:8])]
         if self.ablation is not None:
-            verdict = "distinguishable from zero" if self.ablation.excludes(0.0) else "NOT distinguishable from zero"
-            lines.append(f"  zero-ablating it changes next-token loss by {self.ablation} per sequence ({verdict})")
+            lines.append(f"  zero-ablating it changes the next-token loss (nats per token, mean per sequence; lower is "
+                         f"better) by {self.ablation} ({self.ablation.verdict()})")
         return "\n".join(lines)
 
     def _html_body(self) -> str:

@@ -162,7 +162,8 @@ class HeadReport(Result):
     def to_html(self) -> str:
         body = f"<pre>{viz.esc(self.summary())}</pre>"
         for toks, pat in self.patterns:
-            body += viz.heatmap_html(pat, toks, toks, title=f"attention pattern of {self.name} (rows: queries)")
+            labels = viz.position_labels(toks)
+            body += viz.heatmap_html(pat, labels, labels, title=f"attention pattern of {self.name} (rows: queries)")
         rows = "".join(f"<tr><td>{viz.esc(repr(t))}</td><td>{viz.esc(', '.join(repr(o) for o in outs))}</td></tr>"
                        for t, outs in self.ov_top)
         body += f"<h3>OV circuit: top output tokens</h3><table class='ms-heat'>{rows}</table>"
@@ -177,12 +178,14 @@ class HeadReport(Result):
 
     def plot(self, path: str | Path = "head.png") -> Path:
         toks, pat = self.patterns[0]
-        return viz.heatmap_png(pat, toks, toks, path, title=f"{self.name} attention", xlabel="key", ylabel="query")
+        labels = viz.position_labels(toks)
+        return viz.heatmap_png(pat, labels, labels, path, title=f"{self.name} attention", xlabel="key position: token",
+                               ylabel="query position: token")
 
 
 @torch.no_grad()
 def head_report(model: HookedModel, layer: int, head: int, prompts: list[str] | None = None, n_ov_tokens: int = 50,
-                ablation_seqs: int = 8, seed: int = 0) -> HeadReport:
+                ablation_seqs: int = 16, seed: int = 0) -> HeadReport:
     """Answer "what does this head do?": patterns, detector scores with ranks, OV outputs, positional
     preference, and the effect of mean-ablating it on held-out text loss (with a CI)."""
     c = model.cfg
@@ -226,5 +229,7 @@ def head_report(model: HookedModel, layer: int, head: int, prompts: list[str] | 
         def per_seq_loss(logits):
             return lm_loss(logits, evalset.to(logits.device), per_token=True).mean(-1)
 
-        abl = ablate(model, evalset, per_seq_loss, [f"L{layer}H{head}"], method="mean", reference=ref, seed=seed)
+        abl = ablate(model, evalset, per_seq_loss, [f"L{layer}H{head}"], method="mean", reference=ref, seed=seed,
+                     metric_name=f"next-token loss per sequence on {ablation_seqs} held-out docstring sequences of 64 "
+                                 "tokens, nats per token; lower is better (a rise means the head helps)")
     return HeadReport(layer, head, scores, c.n_layers * c.n_heads, patterns, ov_top, self_rate, dist, qk_top, abl)

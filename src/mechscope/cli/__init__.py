@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(data, indent=2, default=str))
     else:
         print(result.summary())
+        stats = getattr(result, "stats", None)
+        if debug and isinstance(stats, dict) and stats:  # the engine's counters are for debugging, not findings
+            print("engine: " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
     return 0
 
 

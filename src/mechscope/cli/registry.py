@@ -23,7 +23,16 @@ class Arg:
     options: dict = field(default_factory=dict)
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(*self.flags, **self.options)
+        parser.add_argument(*self.flags, **{**self.options, "help": self.help_text()})
+
+    def help_text(self) -> str:
+        """The help line, with the default appended when there is one to show (``--help`` shows every default)."""
+        text = self.options.get("help", "")
+        default = self.options.get("default")
+        shown = default not in (None, False, argparse.SUPPRESS, "") and self.options.get("action") != "store_true"
+        if shown and "default" not in text:
+            text += f" (default: {str(default).replace('%', '%%')})"
+        return text
 
 
 def arg(*flags: str, **options) -> Arg:

@@ -147,3 +147,30 @@ def read_torch(path: str | os.PathLike, what: str = "weights") -> dict:
             raise InputError(f"{path} needs arbitrary pickled code to load, which mechscope refuses "
                              f"(torch.load(weights_only=True) only); re-save its tensors with safetensors") from e
         raise NotFoundError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _is_model(x) -> bool:
+    return hasattr(x, "run_with_cache") and hasattr(x, "cfg")
+
+
+def path_then_model(path, model, loader: str):
+    """``(path, model)`` for a loader called ``loader(path, model)``: every mechscope loader takes the path first.
+
+    The old order (model first) is swapped with a ``DeprecationWarning`` (accepted until mechscope 1.0);
+    anything else that is not a path is a clear error instead of a ``TypeError`` from pathlib."""
+    import warnings
+
+    from .errors import InputTypeError
+
+    if _is_model(path) and (model is None or isinstance(model, (str, os.PathLike))):
+        warnings.warn(f"{loader}(model, path) is deprecated: mechscope loaders take the path first, "
+                      f"{loader}(path, model); the old order stops working in mechscope 1.0", DeprecationWarning,
+                      stacklevel=3)
+        path, model = model, path
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"{loader}(path, model): the path must be a str or pathlib.Path, got "
+                             f"{type(path).__name__}")
+    if model is not None and not _is_model(model):
+        raise InputTypeError(f"{loader}(path, model): the model must be a mechscope HookedModel (from "
+                             f"mechscope.load), got {type(model).__name__}")
+    return path, model

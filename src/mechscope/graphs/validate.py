@@ -205,7 +205,7 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: "Trans
     def faithful(kept: list[int]) -> Estimate:
         keep = set(kept)
         v = (metric([i for i in feats if i not in keep]) - m_0) / span
-        return Estimate(v, v, v, n=1)
+        return Estimate.exactly(v)
 
     rankings = {"influence": graph.top_features().tolist(),
                 "activation": sorted(feats, key=lambda i: -abs(float(graph.value[i])))}

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.errors import InputError
-from ..core.files import atomic_dir
+from ..core.files import atomic_dir, path_then_model
 from ..core.hookpoints import spec
 from ..core.model import HookedModel
 from .model import SAE
@@ -87,6 +87,7 @@ def load_sae(path: str | Path | None = None, model: HookedModel | None = None, r
     """
     from . import formats, hub
 
+    path, model = path_then_model(path, model, "load_sae")
     hook = None
     model_name = ""
     if release is not None:

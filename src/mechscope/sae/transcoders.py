@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..core.errors import InputError
+from ..core.files import path_then_model
 from ..core.hookpoints import act_name, split_name
 from ..core.model import HookedModel
 from .io import check_fits, load_sae
@@ -106,6 +107,7 @@ def load_transcoders(folder: str | Path, model: HookedModel | None = None) -> "T
     """Every transcoder under ``folder`` (its ``layer_<L>`` subfolders, as ``transcoders train`` writes them, or
     ``folder`` itself when it holds one), in layer order; with ``model``, a
     :class:`~mechscope.sae.transcoders.TranscoderSet` checked against it (a list without)."""
+    folder, model = path_then_model(folder, model, "load_transcoders")
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"no transcoder folder at {folder}; train some with `mechscope transcoders train --out "

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from ..analysis import viz
+from ..analysis.metrics import describe_metric
 from ..analysis.validation import Estimate, bootstrap_ci, paired_bootstrap
 from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
@@ -38,7 +39,7 @@ from ..core.types import ComponentSpecs, Metric, TextOrTokens
 from .inputs import batched_metric, equal_length_tokens
 
 __all__ = ["AblationResult", "BaselineComparison", "Component", "ablate", "ablate_each", "ablation_hooks",
-           "compare_to_random", "parse_components", "random_components", "replacement_values"]
+           "compare_to_random", "describe_reference", "parse_components", "random_components", "replacement_values"]
 
 
 @dataclass(repr=False)
@@ -51,13 +52,17 @@ class AblationResult(Result):
     ablated: torch.Tensor  # [prompt]
     effect: Estimate
     extra: dict = field(default_factory=dict)
+    metric: str = "metric (unnamed)"  # what the metric is, its unit and which way is good
+    reference: str = ""  # where mean/resample values come from
 
     def summary(self) -> str:
-        verdict = "distinguishable from zero" if self.effect.excludes(0.0) else "NOT distinguishable from zero"
         names = ", ".join(self.components[:8]) + (" ..." if len(self.components) > 8 else "")
-        return (f"{self.method} ablation of {len(self.components)} component(s) [{names}]\n"
-                f"  metric: {float(self.baseline.mean()):+.4f} -> {float(self.ablated.mean()):+.4f}\n"
-                f"  effect: {self.effect}  ({verdict})")
+        ref = f" (values: {self.reference})" if self.reference else ""
+        return (f"{self.method} ablation of {len(self.components)} component(s) [{names}]{ref}\n"
+                f"  metric: {self.metric}\n"
+                f"  mean over {len(self.baseline)} prompts: {float(self.baseline.mean()):+.4f} unablated -> "
+                f"{float(self.ablated.mean()):+.4f} ablated\n"
+                f"  effect (ablated - unablated): {self.effect}  ({self.effect.verdict()})")
 
     def _dict_extra(self) -> dict:
         return {"ci": [self.effect.low, self.effect.high]}
@@ -179,12 +184,27 @@ def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> 
     return hooks
 
 
+def describe_reference(method: str, n_prompts: int, reference: TextOrTokens | None) -> str:
+    """Where the replacement values come from, in words (the same default in the CLI and in Python)."""
+    if method == "zero":
+        return ""
+    what = "mean" if method == "mean" else "another prompt's activation"
+    if reference is None:
+        return f"{what} over the ablated prompts themselves ({n_prompts})"
+    n = len(reference) if not isinstance(reference, str) else 1
+    return f"{what} over a reference set of {n} prompt(s)"
+
+
 @torch.no_grad()
 def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
            reference: TextOrTokens | None = None, seed: int = 0,
-           n_boot: int = 2000, batch_size: int | None = None) -> AblationResult:
+           n_boot: int = 2000, batch_size: int | None = None, metric_name: str | None = None,
+           _baseline: torch.Tensor | None = None) -> AblationResult:
     """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after.
 
+    ``reference``: the prompts mean and resample values come from (default: the ablated prompts
+    themselves; the CLI's ``--reference clean``). ``metric_name`` names the metric in the summary (default:
+    the description of a :func:`~mechscope.analysis.metrics.labelled` metric or a task's metric).
     Prompts run in batches sized from free memory (``batch_size`` overrides; an out-of-memory error
     halves the batch), which gives the same values as one batch.
     """
@@ -192,13 +212,16 @@ def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components:
     comps = parse_components(model, components)
     state = BatchState()  # one run: later passes start at a size that fit, and it warns once
     values = replacement_values(model, comps, toks, method, reference, seed, state)
-    base = batched_metric(model, toks, metric, batch_size=batch_size, what="ablation", state=state)
+    base = _baseline if _baseline is not None else batched_metric(model, toks, metric, batch_size=batch_size,
+                                                                   what="ablation", state=state)
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
         raise InputError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
                          f"got shape {tuple(base.shape)}")
     abl = batched_metric(model, toks, metric, lambda s, e: ablation_hooks(model, comps, _rows(values, s, e)),
                          batch_size=batch_size, what="ablation", state=state)
-    return AblationResult([str(c) for c in comps], method, base, abl, bootstrap_ci(abl - base, n_boot=n_boot, seed=seed))
+    return AblationResult([str(c) for c in comps], method, base, abl, bootstrap_ci(abl - base, n_boot=n_boot, seed=seed),
+                          metric=metric_name or describe_metric(metric),
+                          reference=describe_reference(method, toks.shape[0], reference))
 
 
 @torch.no_grad()
@@ -242,30 +265,58 @@ class BaselineComparison(Result):
     effect: Estimate
     random_effects: list[Estimate]
     difference: Estimate  # per-prompt (target effect - mean random effect), paired
+    target: AblationResult | None = None
+    what: str = "components"  # what was drawn at random, in words
+
+    @property
+    def p_value(self) -> float:
+        """One-sided rank p-value: ``(1 + #{random sets with |effect| >= |target effect|}) / (n_random + 1)``.
+
+        With ``n`` random draws the smallest possible p is ``1 / (n + 1)``: 20 draws can reach 0.048."""
+        t = abs(self.effect.value)
+        return (1 + sum(abs(e.value) >= t for e in self.random_effects)) / (len(self.random_effects) + 1)
 
     def summary(self) -> str:
-        rnd = ", ".join(f"{e.value:+.3f}" for e in self.random_effects)
-        verdict = ("larger than for random components" if self.difference.excludes(0.0)
-                   else "NOT distinguishable from random components")
-        return (f"ablating {len(self.components)} components: effect {self.effect}\n"
-                f"  {len(self.random_effects)} random sets of the same size: {rnd}\n"
-                f"  difference {self.difference}: the effect is {verdict}")
+        vals = [e.value for e in self.random_effects]
+        head = self.target.summary() + "\n" if self.target is not None else \
+            f"ablating {len(self.components)} {self.what}: effect {self.effect}\n"
+        if not vals:
+            return head + "  no random baseline (n_random=0): the effect has no control"
+        n = len(vals)
+        beaten = sum(abs(self.effect.value) > abs(v) for v in vals)
+        verdict = self.difference.verdict("random " + self.what)
+        enough = "" if n >= 19 else f" ({n} draws cannot give p < 0.05; use at least 19)"
+        return (head + f"  baseline: {n} random sets of {len(self.components)} {self.what}: effects mean "
+                f"{sum(vals) / n:+.4f}, range [{min(vals):+.4f}, {max(vals):+.4f}]\n"
+                f"  the effect is larger in magnitude than {beaten} of {n} random sets (rank p = {self.p_value:.3f})"
+                f"{enough}\n"
+                f"  effect minus the random mean, per prompt: {self.difference} ({verdict})")
+
+    def _dict_extra(self) -> dict:
+        return {"p_value": self.p_value}
 
 
 def compare_to_random(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs,
-                      method: str = "mean", n_random: int = 5,
-                      reference: TextOrTokens | None = None, seed: int = 0) -> BaselineComparison:
-    """Ablate ``components`` and ``n_random`` random sets of the same size and kind; compare per prompt."""
+                      method: str = "mean", n_random: int = 20,
+                      reference: TextOrTokens | None = None, seed: int = 0,
+                      metric_name: str | None = None) -> BaselineComparison:
+    """Ablate ``components`` and ``n_random`` random sets of the same size and kind; compare per prompt.
+
+    ``reference`` defaults to the ablated prompts themselves, as the CLI's ``mechscope ablate`` does
+    (``--reference clean``). The result has a rank p-value over the random sets and the paired difference."""
     comps = parse_components(model, components)
     kinds = {c.kind for c in comps}
     if len(kinds) != 1 or kinds == {"attn", "mlp"}:
         raise InputError("compare_to_random needs components of one kind (all heads, all neurons, ...)")
     kind = kinds.pop()
-    target = ablate(model, tokens, metric, comps, method, reference, seed)
+    target = ablate(model, tokens, metric, comps, method, reference, seed, metric_name=metric_name)
     rand_res = [ablate(model, tokens, metric, random_components(model, len(comps), kind, [str(c) for c in comps],
-                                                               seed + 1 + i), method, reference, seed)
+                                                               seed + 1 + i), method, reference, seed,
+                       _baseline=target.baseline)
                 for i in bar(range(n_random), desc="ablating random components")]
     t_eff = target.ablated - target.baseline
+    if not rand_res:
+        return BaselineComparison([str(c) for c in comps], target.effect, [], target.effect, target, f"{kind}s")
     r_eff = torch.stack([r.ablated - r.baseline for r in rand_res]).mean(0)
     return BaselineComparison([str(c) for c in comps], target.effect, [r.effect for r in rand_res],
-                              paired_bootstrap(t_eff, r_eff, seed=seed))
+                              paired_bootstrap(t_eff, r_eff, seed=seed), target, f"{kind}s")

@@ -17,7 +17,7 @@ from ..core.hookpoints import ATTRIB_SITES, block_name
 from ..core.model import HookedModel
 from ..core.types import Metric, TextOrTokens
 from .inputs import prompt_pair
-from .patching import PatchResult, reads_last_only
+from .patching import PatchResult, label_result, reads_last_only
 
 
 def _base_gradients(model, base_t, metric, names: list[str], keep: int) -> tuple[dict, dict, torch.Tensor]:
@@ -109,6 +109,8 @@ def attribution_patch(model: HookedModel, clean: TextOrTokens, corrupted: TextOr
         deltas = [(src[x] - acts[x]).float() * grads[x].float() for x in layer_names]
         grid = base_value + _site_grid(s, deltas, per_position)
         axes, labels = _axes(s, grid, n, P, per_position)
-        out[s] = PatchResult(f"{s} (attribution)", direction, grid, axes, labels, clean_v, corr_v,
-                             stats={"method": "attribution patching", "forward_passes": 2, "backward_passes": 1})
+        out[s] = label_result(
+            PatchResult(f"{s} (attribution)", direction, grid, axes, labels, clean_v, corr_v,
+                        stats={"method": "attribution patching", "forward_passes": 2, "backward_passes": 1}),
+            model, clean_t, corr_t, metric)
     return out

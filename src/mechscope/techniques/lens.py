@@ -17,7 +17,7 @@ import torch
 from ..analysis import viz
 from ..analysis.metrics import kl_div
 from ..core.errors import InputError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, path_then_model
 from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
@@ -62,18 +62,19 @@ class LogitLensResult(Result):
 
     def _html_body(self) -> str:
         """An offline HTML heatmap (layer x position) of the top-1 probability, labelled with the top token."""
-        body = viz.heatmap_html(self.top_probs[..., 0], self.layer_labels, self.str_tokens,
+        cols = viz.position_labels(self.str_tokens)
+        body = viz.heatmap_html(self.top_probs[..., 0], self.layer_labels, cols,
                                 title="logit lens: top-1 token and its probability", cell_text=self._cells())
         for t, name in enumerate(self.targets):
-            body += viz.heatmap_html(self.target_probs[t], self.layer_labels, self.str_tokens,
+            body += viz.heatmap_html(self.target_probs[t], self.layer_labels, cols,
                                      title=f"p({name!r}) by layer and position")
         return body
 
     def plot(self, path: str | Path = "logit_lens.png") -> Path:
         """Save a PNG heatmap (layer x position), each cell labelled with its top-1 token."""
-        return viz.heatmap_png(self.top_probs[..., 0], self.layer_labels, self.str_tokens, path,
+        return viz.heatmap_png(self.top_probs[..., 0], self.layer_labels, viz.position_labels(self.str_tokens), path,
                                title="logit lens: top-1 probability", cell_text=self._cells(),
-                               xlabel="position", ylabel="blocks applied")
+                               xlabel="position: token", ylabel="blocks applied")
 
     def to_dict(self) -> dict:
         d = {"str_tokens": self.str_tokens, "layers": self.layer_labels,
@@ -166,6 +167,7 @@ class TunedLens(torch.nn.Module):
         """Load translators saved by :meth:`save` (safetensors only); checks the sizes against ``model``."""
         from safetensors import safe_open
 
+        path, model = path_then_model(path, model, "TunedLens.load")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             w, b = f.get_tensor("weight"), f.get_tensor("bias")

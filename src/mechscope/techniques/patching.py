@@ -62,7 +62,17 @@ class PatchResult(Result):
     clean_value: float
     corrupted_value: float
     per_prompt: torch.Tensor | None = None
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # the engine's counters: in --json and --debug, not in the summary
+    tokens: list[str] | None = None  # the first clean prompt's tokens, for position labels
+    corrupted_tokens: list[str] | None = None
+    metric: str = "metric (unnamed)"
+
+    def axis_labels(self, axis: str) -> list[str]:
+        """Display labels of one axis: positions with their tokens (``11: ' big'``, and ``→`` the corrupted token
+        where the first pair differs), other axes as they are."""
+        if axis == "pos" and self.tokens is not None:
+            return viz.position_labels(self.tokens, [int(p) for p in self.labels["pos"]], self.corrupted_tokens)
+        return [str(x) for x in self.labels[axis]]
 
     def normalized(self) -> torch.Tensor:
         """``(value - corrupted) / (clean - corrupted)``: 0 = corrupted behaviour, 1 = clean behaviour."""
@@ -93,22 +103,67 @@ class PatchResult(Result):
     def summary(self, k: int = 10) -> str:
         lines = [f"activation patching ({self.direction}) at {self.site}: {tuple(self.values.shape)} patches "
                  f"over {' x '.join(self.axes)}",
-                 f"metric: clean {self.clean_value:.4f}, corrupted {self.corrupted_value:.4f}",
-                 f"top {k} by normalised effect (0 = corrupted, 1 = clean):"]
+                 f"metric: {self.metric}",
+                 f"  clean run {self.clean_value:+.4f}, corrupted run {self.corrupted_value:+.4f} (mean over prompts)"]
+        if "pos" in self.axes and self.tokens is not None:
+            lines.append("positions are labelled with the first prompt's tokens (→ its corrupted token where they "
+                         "differ)")
+        lines += self._top_lines(k)
+        return "\n".join(lines)
+
+    def _ci_text(self, key: tuple) -> str:
+        est = self.ci(key)
+        if est is None:
+            return ""
+        if not est.informative:
+            return f"  ({est.n} prompts: too few for a CI)"
+        return f"  95% CI [{est.low:+.3f}, {est.high:+.3f}] over {est.n} prompts" + (
+            "" if est.excludes(0.0) else "  (not distinguishable from 0)")
+
+    def _top_lines(self, k: int) -> list[str]:
+        """The strongest patches, grouped so that the list carries information: a ``[layer, pos]`` grid by position
+        (its strongest layer and the layers where it is at least half as strong), a ``[layer, pos, head]`` grid by
+        head (its strongest position); other grids as a plain top-k."""
         v = self.normalized()
+        head = "normalised effect: 0 = the corrupted run, 1 = the clean run"
+        if self.axes[:2] == ("layer", "pos") and v.dim() in (2, 3):
+            group_axis = 1 if v.dim() == 2 else None
+            if group_axis == 1:  # one row per position
+                best = v.abs().amax(0)
+                order = best.argsort(descending=True)[:k]
+                lines = [f"top {len(order)} positions by their strongest layer ({head}):"]
+                pos_names = self.axis_labels("pos")
+                for p in order.tolist():
+                    col = v[:, p]
+                    li = int(col.abs().argmax())
+                    if float(best[p]) < 1e-6:
+                        lines.append(f"  pos {pos_names[p]:28s} no effect at any layer")
+                        continue
+                    strong = (col.abs() >= 0.5 * col.abs().max()).nonzero().flatten().tolist()
+                    span = _ranges([self.labels["layer"][i] for i in strong])
+                    lines.append(f"  pos {pos_names[p]:28s} strongest at layer {self.labels['layer'][li]} "
+                                 f"{float(col[li]):+.3f}{self._ci_text((li, p))}; at least half of it in layers {span}")
+                return lines
+            # [layer, pos, head]: one row per head, at its strongest position
+            L, P, H = v.shape
+            per_head = v.abs().amax(1)  # [layer, head]
+            order = per_head.flatten().argsort(descending=True)[:k]
+            lines = [f"top {len(order)} heads at their strongest position ({head}):"]
+            pos_names = self.axis_labels("pos")
+            hk = self.axes[2]
+            for i in order.tolist():
+                l, h = divmod(i, H)
+                p = int(v[l, :, h].abs().argmax())
+                lines.append(f"  L{self.labels['layer'][l]}H{self.labels[hk][h]} at pos {pos_names[p]:24s} "
+                             f"{float(v[l, p, h]):+.3f}{self._ci_text((l, p, h))}")
+            return lines
+        lines = [f"top {k} by {head}:"]
         order = v.flatten().abs().argsort(descending=True)[:k]
         for i in order:
             key = tuple(int(x) for x in torch.unravel_index(i, v.shape))
-            name = " ".join(f"{a}={self.labels[a][j]}" for a, j in zip(self.axes, key))
-            row = f"  {name:40s} {float(v[key]):+.3f}"
-            est = self.ci(key)
-            if est is not None:
-                row += f"  95% CI [{est.low:+.3f}, {est.high:+.3f}] over {est.n} prompts"
-                row += "" if est.excludes(0.0) else "  (not distinguishable from 0)"
-            lines.append(row)
-        if self.stats:
-            lines.append("engine: " + ", ".join(f"{k}={v}" for k, v in self.stats.items()))
-        return "\n".join(lines)
+            name = " ".join(f"{a}={self.axis_labels(a)[j]}" for a, j in zip(self.axes, key))
+            lines.append(f"  {name:40s} {float(v[key]):+.3f}{self._ci_text(key)}")
+        return lines
 
     def _dict_extra(self) -> dict:
         """Also under the short names the 0.1 CLI printed (``clean``, ``corrupted``)."""
@@ -123,25 +178,60 @@ class PatchResult(Result):
         rows ``layer.head`` x columns ``pos``), as the pictures draw it."""
         v = self.normalized()
         if v.dim() == 1:
-            return v[None], ["metric"], self.labels[self.axes[0]]
+            return v[None], ["metric"], self.axis_labels(self.axes[0])
         if v.dim() == 2:
-            return v, self.labels[self.axes[0]], self.labels[self.axes[1]]
+            return v, self.axis_labels(self.axes[0]), self.axis_labels(self.axes[1])
         # [layer, pos, head] -> rows layer.head, columns pos
         L, P, H = v.shape
         rows = [f"{self.labels['layer'][l]}.{h}" for l in range(L) for h in range(H)]
-        return v.permute(0, 2, 1).reshape(L * H, P), rows, self.labels["pos"]
+        return v.permute(0, 2, 1).reshape(L * H, P), rows, self.axis_labels("pos")
 
     def plot(self, path: str | Path = "patching.png") -> Path:
         grid, rows, cols = self.grid()
         return viz.heatmap_png(grid, rows, cols, path, title=f"patching {self.site} ({self.direction}), normalised",
-                               diverging=True, xlabel=self.axes[-1] if len(self.axes) < 3 else "pos",
-                               ylabel=self.axes[0])
+                               diverging=True, xlabel=self._xlabel(), ylabel=self.axes[0])
+
+    def _xlabel(self) -> str:
+        x = self.axes[-1] if len(self.axes) < 3 else "pos"
+        return "position: token of the first prompt" if x == "pos" and self.tokens is not None else x
 
     def _html_body(self) -> str:
         grid, rows, cols = self.grid()
         return viz.heatmap_html(grid, rows, cols, title=f"patching {self.site} ({self.direction}), normalised",
                                 diverging=True)
 
+
+
+def _ranges(names: list) -> str:
+    """``["0", "1", "2", "5"]`` -> ``"0-2, 5"`` (integers in runs; anything else joined)."""
+    try:
+        xs = sorted(int(x) for x in names)
+    except ValueError:
+        return ", ".join(map(str, names))
+    if not xs:
+        return "none"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+def label_result(res: PatchResult, model: HookedModel, clean: torch.Tensor, corrupted: torch.Tensor,
+                 metric: Metric) -> PatchResult:
+    """Give a patching result its token labels (the first pair's tokens) and its metric's name."""
+    from ..analysis.metrics import describe_metric
+
+    if model.tokenizer is not None:
+        res.tokens, res.corrupted_tokens = model.to_str_tokens(clean[0]), model.to_str_tokens(corrupted[0])
+    else:
+        res.tokens, res.corrupted_tokens = [str(int(t)) for t in clean[0]], [str(int(t)) for t in corrupted[0]]
+    res.metric = describe_metric(metric)
+    return res
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -406,7 +496,9 @@ def patch(
     plan = plan_patches(model, clean, corrupted, site, direction, layers, positions, heads, per_position)
     values, runs, stats = run_patches(model, plan, metric, fn, batch_size, reuse_prefix, last_position_only,
                                       overhead_tokens, skip_identical)
-    return assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
+    res = assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
+    clean_t, corr_t = (plan.source, plan.base) if direction == "denoise" else (plan.base, plan.source)
+    return label_result(res, model, clean_t, corr_t, metric)
 
 
 @torch.no_grad()
@@ -431,8 +523,9 @@ def patch_naive(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens
             return act
 
         values[job.key] = torch.as_tensor(metric(model.run_with_hooks(base_t, fwd_hooks=[(name, hook)]))).float().mean()
-    return assemble(plan, values, float(torch.as_tensor(metric(model(clean_t))).float().mean()),
-                    float(torch.as_tensor(metric(model(corr_t))).float().mean()))
+    res = assemble(plan, values, float(torch.as_tensor(metric(model(clean_t))).float().mean()),
+                   float(torch.as_tensor(metric(model(corr_t))).float().mean()))
+    return label_result(res, model, clean_t, corr_t, metric)
 
 
 # ---------------------------------------------------------------------------------- engine parts

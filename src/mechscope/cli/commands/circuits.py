@@ -89,8 +89,10 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
 @command("toy", "train the 2-layer attention-only toy (induction with a known answer) and save it",
          ("mechscope toy --out attn-only-2l", "mechscope heads --model attn-only-2l"),
          arg("--out", default="attn-only-toy", help="folder for the HF model and tokenizer"),
-         arg("--layers", type=int, default=2), arg("--heads", type=int, default=2),
-         arg("--steps", type=int, default=800), arg("--seed", type=int, default=0))
+         arg("--layers", type=int, default=2, help="attention layers"),
+         arg("--heads", type=int, default=2, help="heads per layer"),
+         arg("--steps", type=int, default=800, help="training steps"),
+         arg("--seed", type=int, default=0, help="seed of the data and the initialisation"))
 def toy_cmd(args: argparse.Namespace) -> Result:
     from ...circuits.heads import detect_heads
     from ...circuits.toy import train_attn_only

@@ -18,14 +18,16 @@ MODEL = (
         help="run the Python code a model folder or hub repository ships (off: such a model is refused)"),
 )
 TASK = (
-    arg("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None),
+    arg("--task", choices=["ioi", "factual", "greater-than", "induction"], default=None,
+        help="a built-in task (or --task-file, or --clean/--corrupted/--answer)"),
     arg("--task-file", default=None, help="your own task: a .jsonl or .csv with clean, corrupted, answer (and wrong, pos)"),
     arg("--n", type=int, default=8, help="prompts from the task generator"),
-    arg("--seed", type=int, default=0),
-    arg("--clean", default=None),
-    arg("--corrupted", default=None),
-    arg("--answer", default=None),
-    arg("--wrong", default=None),
+    arg("--seed", type=int, default=0, help="seed of the task generator, splits and random controls"),
+    arg("--clean", default=None, help="one clean prompt (with --corrupted and --answer)"),
+    arg("--corrupted", default=None, help="its corrupted prompt, of the same token length"),
+    arg("--answer", default=None, help="the clean answer token, e.g. ' Paris'"),
+    arg("--wrong", default=None, help="the contrasting token; the metric is the logit difference (without it: the "
+                                      "answer's logit)"),
 )
 PICTURES = (
     arg("--png", default=None, help="write a PNG picture here"),
@@ -33,7 +35,8 @@ PICTURES = (
 )
 SITE = (
     arg("--site", default="resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|z|q|k|v|pattern"),
-    arg("--direction", default="denoise", choices=["denoise", "noise"]),
+    arg("--direction", default="denoise", choices=["denoise", "noise"],
+        help="denoise: clean activations into the corrupted run; noise: the reverse"),
     arg("--per-position", action="store_true", help="head sites: one patch per position"),
 )
 CORPUS = arg("--corpus", default=None, help="your text: a .txt file (its paragraphs), a folder of .txt files, a .jsonl "
@@ -45,7 +48,7 @@ SAE_MODEL = MODEL + (arg("path", nargs="?", default=None,
                      arg("--release", default=None, help="a known SAE release (with --sae-id), e.g. gpt2-small-res-jb"),
                      arg("--sae-id", default=None, help="the SAE within --release, e.g. blocks.8.hook_resid_pre"),
                      arg("--eval-seqs", type=int, default=16, help="held-out sequences"),
-                     arg("--seq-len", type=int, default=128), CORPUS)
+                     arg("--seq-len", type=int, default=128, help="tokens per sequence"), CORPUS)
 
 
 def _load(args: argparse.Namespace):
@@ -87,7 +90,7 @@ def _task(args: argparse.Namespace, model):
     if getattr(args, "task_file", None):
         if args.task:
             raise InputError("give --task or --task-file, not both")
-        ds = D.load_task(model, args.task_file)
+        ds = D.load_task(args.task_file, model)
         return ds.clean, ds.corrupted, ds.metric, ds
     if args.task:
         makers = {"ioi": lambda: D.ioi(model, args.n, seed=args.seed), "factual": lambda: D.factual(model, args.n),

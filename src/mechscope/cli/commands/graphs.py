@@ -22,11 +22,14 @@ from .common import CORPUS, MODEL, _corpus, _load
                                                        "ones holding 95%% of the probability, at most 10)"),
          arg("--max-features", type=int, default=7500, help="feature rows to compute, most influential first"),
          arg("--batch", type=int, default=128, help="target rows per backward pass"),
-         arg("--node-threshold", type=float, default=0.8), arg("--edge-threshold", type=float, default=0.98),
+         arg("--node-threshold", type=float, default=0.8,
+             help="pruning: keep the nodes that carry this fraction of the influence on the logits"),
+         arg("--edge-threshold", type=float, default=0.98,
+             help="pruning: keep the edges that carry this fraction of the influence"),
          arg("--certify", type=int, default=32, help="edges re-checked by perturbation (0: none)"),
          arg("--labels", type=int, default=0, help="label the pruned graph's features on this many corpus sequences"),
          arg("--label-top", type=int, default=150, help="how many of them (most influential first) get labels"),
-         arg("--seq-len", type=int, default=64), CORPUS,
+         arg("--seq-len", type=int, default=64, help="tokens per labelling sequence"), CORPUS,
          arg("--html", default=None, help="write the interactive graph here"),
          arg("--save", default=None, help="write the graph here (.safetensors)"))
 def graph_cmd(args: argparse.Namespace) -> Result:

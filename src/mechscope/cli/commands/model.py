@@ -38,9 +38,10 @@ def info_cmd(args: argparse.Namespace) -> Result:
          ("mechscope estimate --batch 8 --seq-len 512 --cache all",
           "mechscope estimate --model meta-llama/Llama-3.1-8B --dtype bfloat16 --seq-len 1024 --sae-width 65536",
           "mechscope estimate --model gemma3-270m --sae-width 16384"), MODEL,
-         arg("--batch", type=int, default=1), arg("--seq-len", type=int, default=128),
+         arg("--batch", type=int, default=1, help="sequences per forward pass"),
+         arg("--seq-len", type=int, default=128, help="tokens per sequence"),
          arg("--cache", default=None, help="'all' or a comma list of hook names to cache"),
-         arg("--sae-width", type=int, default=None),
+         arg("--sae-width", type=int, default=None, help="also estimate training an SAE of this many latents"),
          arg("--patch-rows", type=int, default=64, help="patched prompts per pass, for the GPU table's patching row"))
 def estimate_cmd(args: argparse.Namespace) -> Result:
     from ...compute import config_for, estimate_memory, gpu_fit

@@ -14,7 +14,9 @@ from .common import MODEL, _load
 
 
 @command("init", "scaffold a research project (README with hypothesis and validation plan, folders)",
-         ("mechscope init ioi-circuit",), arg("name"), arg("--root", default="."))
+         ("mechscope init ioi-circuit",), arg("name", help="the project folder to create"),
+         arg("--root", default=".", help="where to create it"),
+         arg("--no-git", action="store_true", help="do not run git init in the new project"))
 def init_cmd(args: argparse.Namespace) -> Result:
     from ...project import init_project
 
@@ -24,7 +26,8 @@ def init_cmd(args: argparse.Namespace) -> Result:
 
 
 @command("runs", "list and compare experiment records (runs/*/run.json)",
-         ("mechscope runs", "mechscope runs --root my-project/runs --json"), arg("--root", default="runs"))
+         ("mechscope runs", "mechscope runs --root my-project/runs --json"), arg("--root", default=None, help="the runs folder (default: runs/ of the project around the "
+                                                              "working folder)"))
 def runs_cmd(args: argparse.Namespace) -> Result:
     from ...project import list_runs, runs_table
 
@@ -34,7 +37,8 @@ def runs_cmd(args: argparse.Namespace) -> Result:
 
 @command("report", "an offline HTML report comparing experiment records",
          ("mechscope report --root runs --out runs.html", "mechscope report --root mechscope-demo/runs"),
-         arg("--root", default="runs"), arg("--out", default="runs.html"))
+         arg("--root", default=None, help="the runs folder (default: runs/ of the project around the working folder)"),
+         arg("--out", default="runs.html", help="the HTML file to write"))
 def report_cmd(args: argparse.Namespace) -> Result:
     from ...project import list_runs, runs_report
 

@@ -13,7 +13,7 @@ from .common import CORPUS, MODEL, PICTURES, SITE, TASK, _corpus, _load, _pictur
 
 @command("lens", "logit lens over a prompt", ('mechscope lens "The capital of France is" --target " Paris"',
                                                'mechscope lens "1 2 3 4" --png lens.png --html lens.html'),
-         MODEL, arg("prompt"), arg("--target", action="append", help="answer token to track (repeatable)"), PICTURES)
+         MODEL, arg("prompt", help="the text to read"), arg("--target", action="append", help="answer token to track (repeatable)"), PICTURES)
 def lens_cmd(args: argparse.Namespace) -> Result:
     from ...techniques.lens import logit_lens
 
@@ -35,7 +35,7 @@ def dla_cmd(args: argparse.Namespace) -> Result:
     if args.task_file:
         if args.prompt or args.answer:
             raise InputError("give a prompt with --answer, or --task-file, not both")
-        ds = D.load_task(model, args.task_file)
+        ds = D.load_task(args.task_file, model)
         res = direct_logit_attribution(model, ds.clean, ds.answers, ds.wrong)
     else:
         if not (args.prompt and args.answer):
@@ -72,21 +72,42 @@ def attrib_cmd(args: argparse.Namespace) -> Result:
 @command("ablate", "zero/mean/resample ablation of heads, neurons or layers, with a CI",
          ("mechscope ablate --task ioi L9H3 L10H1 --method mean", "mechscope ablate --task factual L3 --method resample"),
          MODEL, TASK, arg("components", nargs="+", help="L3H5 (head), L3N100 (neuron), L3.attn, L3.mlp, L3"),
-         arg("--method", default="zero", choices=["zero", "mean", "resample"]), PICTURES)
+         arg("--method", default="zero", choices=["zero", "mean", "resample"],
+             help="replace with zero, the mean over --reference, or another prompt's activation"),
+         arg("--reference", default="clean", choices=["clean", "corrupted"],
+             help="prompts the mean (or resample) comes from: the clean prompts themselves, or their corrupted "
+                  "versions"),
+         arg("--n-random", type=int, default=20, help="random component sets of the same size and kind, as the "
+                                                     "baseline (0: none)"), PICTURES)
 def ablate_cmd(args: argparse.Namespace) -> Result:
-    from ...techniques.ablation import ablate
+    from ...core.components import parse_components
+    from ...core.progress import stage
+    from ...techniques.ablation import ablate, compare_to_random
 
     model = _load(args)
-    clean, _, metric, _ = _task(args, model)
-    return _pictures(args, ablate(model, clean, metric, args.components, method=args.method, seed=args.seed),
-                     "ablation")
+    clean, corrupted, metric, _ = _task(args, model)
+    reference = corrupted if args.reference == "corrupted" else None
+    comps = parse_components(model, args.components)
+    kinds = {c.kind for c in comps}
+    if args.n_random and len(kinds) == 1 and kinds <= {"head", "neuron", "attn", "mlp", "expert"}:
+        res = compare_to_random(model, clean, metric, comps, method=args.method, n_random=args.n_random,
+                                reference=reference, seed=args.seed)
+        _pictures(args, res.target, "ablation")
+        return res
+    if args.n_random:
+        stage(f"no random baseline: the components mix kinds ({', '.join(sorted(kinds))}); ablate one kind (all "
+              "heads, all neurons, ...) for a baseline")
+    return _pictures(args, ablate(model, clean, metric, comps, method=args.method, reference=reference,
+                                  seed=args.seed), "ablation")
 
 
 @command("tuned-lens", "train a tuned lens on the default corpus and compare with the logit lens",
          ("mechscope tuned-lens --steps 100 --out lens.safetensors",), MODEL,
-         arg("--steps", type=int, default=100), arg("--seq-len", type=int, default=64),
-         arg("--batch", type=int, default=4), arg("--out", default="tuned_lens.safetensors"),
-         arg("--held-out-seqs", type=int, default=8), CORPUS, PICTURES)
+         arg("--steps", type=int, default=100, help="optimisation steps"),
+         arg("--seq-len", type=int, default=64, help="tokens per sequence"),
+         arg("--batch", type=int, default=4, help="sequences per step"),
+         arg("--out", default="tuned_lens.safetensors", help="where to save the translators"),
+         arg("--held-out-seqs", type=int, default=8, help="held-out sequences for the comparison"), CORPUS, PICTURES)
 def tuned_lens_cmd(args: argparse.Namespace) -> Result:
     import torch
 
@@ -105,9 +126,10 @@ def tuned_lens_cmd(args: argparse.Namespace) -> Result:
 
 @command("probe", "linear probes per layer for a context-dependent property, with a control task",
          ("mechscope probe --layers 0 10 20 27 --png probe.png",), MODEL,
-         arg("--layers", type=int, nargs="*", default=None), arg("--n", type=int, default=32,
+         arg("--layers", type=int, nargs="*", default=None, help="layers to probe (default: about six, evenly spaced)"),
+         arg("--n", type=int, default=32,
                                                                  help="sequences from the held-out corpus"),
-         arg("--seq-len", type=int, default=64),
+         arg("--seq-len", type=int, default=64, help="tokens per sequence"),
          arg("--shuffled", action="store_true", help="shuffled-label control instead of per-type labels"), CORPUS,
          PICTURES)
 def probe_cmd(args: argparse.Namespace) -> Result:
