@@ -58,7 +58,7 @@ def test_messages_say_what_the_file_holds_and_where_it_went(tmp_path):
     empty.write_text("\n\n")
     texts, desc = corpus.from_spec(str(empty), "train")
     assert "0 paragraph(s), 0 characters" in desc
-    with pytest.raises(InputError, match=r"gave 0 tokens from 0 text\(s\), fewer than one sequence of 32"):
+    with pytest.raises(InputError, match=r"0 paragraph\(s\), 0 characters\)\) holds no text: 0 tokens"):
         corpus.pack(model, texts, 32, source=f"the corpus ({desc})")
     one = tmp_path / "one.txt"
     one.write_text("t5")

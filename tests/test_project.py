@@ -169,3 +169,80 @@ def test_a_plain_repository_still_reports_dirty(tmp_path, monkeypatch):
     subprocess.run(["git", "pack-refs", "--all"], cwd=subprocess_free, check=True)
     from mechscope.gitstate import git_dir, read_ref
     assert read_ref(git_dir(subprocess_free)[1]) == c2  # a commit only in packed-refs
+
+
+def _resolve(dotted: str):
+    """Import the longest module prefix of ``dotted`` and getattr the rest; raises when any part does not exist."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_every_code_name_in_generated_files_exists(tmp_path):
+    import re
+
+    path = init_project("names", tmp_path, git=False)
+    names = set()
+    for f in [p for p in path.rglob("*") if p.is_file() and p.suffix in (".md", ".json", "")]:
+        names |= set(re.findall(r"\bmechscope(?:\.[A-Za-z_]\w*)+", f.read_text(errors="replace")))
+    assert "mechscope.analysis.validation.across_seeds" in names and "mechscope.project.Run" in names
+    for dotted in sorted(names):
+        _resolve(dotted)  # raises for a name that does not exist
+    with pytest.raises((ModuleNotFoundError, AttributeError)):
+        _resolve("mechscope.validation.across_seeds")  # the name the README used to cite: the check can fail
+
+
+def test_init_runs_git_and_records_are_reproducible(tmp_path, capsys):
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert main(["init", "gitproj", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "gitproj"
+    assert (path / ".git").is_dir() and "git: initialised" in out
+    if "first commit" not in out or "failed" in out:
+        pytest.skip("git has no user identity here: " + out)
+    with Run("after-init", seeds=[0], root=path / "runs") as run:
+        pass
+    rec = json.loads(run.path.read_text())
+    assert rec["git"]["commit"] and rec["git"]["dirty"] is False  # runs/ is ignored: a record does not dirty the tree
+    with Run("second", seeds=[0], root=path / "runs") as run2:
+        pass
+    assert json.loads(run2.path.read_text())["git"]["dirty"] is False
+    assert main(["init", "plain", "--root", str(tmp_path), "--no-git"]) == 0
+    assert "git: not initialised" in capsys.readouterr().out and not (tmp_path / "plain" / ".git").exists()
+
+
+def test_run_finds_the_project_root_from_anywhere(tmp_path, monkeypatch):
+    path = init_project("rooted", tmp_path, git=False)
+    (path / "experiments" / "deep").mkdir()
+    monkeypatch.chdir(path / "experiments" / "deep")
+    with Run("inside") as run:
+        pass
+    assert run.dir.parent.resolve() == (path / "runs").resolve()  # not experiments/deep/runs
+    monkeypatch.chdir(tmp_path)  # outside the project: the script's folder decides
+    import sys
+
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", str(path / "experiments" / "x.py"), raising=False)
+    with Run("from-outside") as run2:
+        pass
+    assert run2.dir.parent.resolve() == (path / "runs").resolve()
+    assert not (tmp_path / "runs").exists()
+    assert [r["name"] for r in list_runs()] == ["inside", "from-outside"]
+
+
+def test_runs_table_prints_integers_whole(tmp_path):
+    with Run("pid", root=tmp_path) as run:
+        run.log(pid=14680, loss=0.123456)
+    table = runs_table(list_runs(tmp_path))
+    assert "14680" in table and "e+04" not in table and "0.1235" in table

@@ -29,7 +29,7 @@ from .core.hookpoints import numel
 from .core.model import HookedModel
 from .core.result import Result
 from .core.types import NameFilter
-from .sizes import known_config, known_models, param_count
+from .sizes import active_param_count, closest, known_config, known_models, param_count
 
 GiB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -185,6 +185,9 @@ class MemoryEstimate(Result):
     device: str
     advice: list[str]
     max_batch: int
+    n_active: int = 0  # parameters one token uses (a mixture of experts); 0 when dense
+    sae_width: int = 0
+    sae_batch: int = 0
 
     @property
     def total(self) -> int:
@@ -198,17 +201,22 @@ class MemoryEstimate(Result):
         def g(x):
             return f"{x / GiB:8.3f} GiB"
 
+        moe = (f" (a mixture of experts: {self.n_active / 1e6:.1f} M active per token; the weights hold all of "
+               "them)") if self.n_active and self.n_active != self.n_params else ""
         lines = [
-            f"parameters    {self.n_params / 1e6:.1f} M in {self.dtype}",
+            f"parameters    {self.n_params / 1e6:.1f} M in {self.dtype}{moe}",
             f"weights       {g(self.weights)}",
             f"activations   {g(self.activations)}   (batch {self.batch} x {self.seq_len} tokens, no grad)",
             f"cache         {g(self.cache)}",
         ]
         if self.sae_training:
-            lines.append(f"SAE training  {g(self.sae_training)}")
+            lines.append(f"SAE training  {g(self.sae_training)}   (the SAE alone: width {self.sae_width} in fp32, its "
+                         f"gradients, two Adam moments, and a batch of {self.sae_batch} activations)")
         lines += [
-            f"total         {g(self.total)}   of {g(self.available)} available on {self.device}: "
-            f"{'fits' if self.fits else 'DOES NOT FIT'}",
+            f"total         {g(self.total)}   (= {self.total / 1e9:.1f} GB, the GPU table's unit) of "
+            f"{g(self.available)} available on {self.device}: {'fits' if self.fits else 'DOES NOT FIT'}"
+            + ("  (weights + activations + cache + the SAE: the GPU table's SAE row is this total, per dtype)"
+               if self.sae_training else ""),
             f"largest batch {self.max_batch} at this sequence length",
         ]
         lines += [f"advice        {a}" for a in self.advice]
@@ -260,7 +268,7 @@ def config_for(name: str) -> "PretrainedConfig":  # noqa: F821
     except OSError as e:
         raise ModelNotFoundError(
             f"{name!r} is not in the Hugging Face cache, the hub cannot be reached, and it is not one of the "
-            f"{len(known_models())} models in mechscope's offline size table (e.g. {', '.join(known_models()[:4])}; "
+            f"{len(known_models())} models in mechscope's offline size table (closest: {', '.join(closest(name))}; "
             f"mechscope.sizes.known_models() lists them all)") from e
 
 
@@ -351,10 +359,15 @@ def estimate_memory(
     per_batch = acts_for(1) + cache_for(1)
     budget = 0.9 * available - weights - sae
     max_batch = max(0, int(budget // per_batch)) if per_batch else 0
+    n_active = 0
+    if dims.get("n_experts"):
+        hf_config = model_or_config.hf.config if isinstance(model_or_config, HookedModel) else (
+            config_for(model_or_config) if isinstance(model_or_config, str) else model_or_config)
+        n_active = active_param_count(hf_config)
     est = MemoryEstimate(
         n_params=n_params, dtype=dtype, batch=batch, seq_len=seq_len, weights=weights, activations=acts_for(batch),
         cache=cache_for(batch), sae_training=sae, available=int(available), device=device, advice=[],
-        max_batch=max_batch,
+        max_batch=max_batch, n_active=n_active, sae_width=int(sae_width or 0), sae_batch=sae_batch if sae_width else 0,
     )
     est.advice = _advise(est, n_params)
     return est
@@ -411,7 +424,8 @@ class GPUFit(Result):
         for r in self.rows:
             cells = "".join(f" {n:>7}" for n in r["gpus"].values())
             lines.append(f"{r['workload']:34} {r['dtype']:9} {r['bytes'] / 1e9:8.1f} GB{cells}")
-        lines.append("(more than 8 cards of a class means more than one node: see docs/scale.md)")
+        lines.append("(needs = everything the workload holds: weights, activations, cache, and for SAE training the "
+                     "SAE's own state; more than 8 cards of a class means more than one node: see docs/scale.md)")
         return "\n".join(lines)
 
 
@@ -431,8 +445,8 @@ def gpu_fit(model_or_config: object, seq_len: int = 2048, batch: int = 8, sae_wi
     work = [(f"inference (batch {batch})", dict(batch=batch)),
             ("full activation cache (1 sequence)", dict(batch=1, cache_names="all")),
             (f"patching sweep ({patch_rows} rows/pass)", dict(batch=0, patch_rows=patch_rows))]
-    if sae_width:
-        work.append((f"SAE training (width {sae_width})", dict(batch=8, sae_width=sae_width)))
+    if sae_width:  # the same run as estimate_memory(batch=batch, sae_width=...): its total, per dtype
+        work.append((f"SAE training (width {sae_width})", dict(batch=batch, sae_width=sae_width)))
     rows, n_params = [], 0
     for dtype in dtypes:
         for label, kw in work:

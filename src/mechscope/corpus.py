@@ -222,6 +222,8 @@ def pack(model: HookedModel, texts: Iterable[str], seq_len: int, n_seqs: int | N
             if n_seqs is not None and len(rows) >= n_seqs:
                 return torch.tensor(rows, dtype=torch.long)
     if not rows:
+        if n_tokens == 0:
+            raise InputError(f"{source} holds no text: 0 tokens from {n_texts} text(s); give a file with text in it")
         raise InputError(f"{source} gave {n_tokens} tokens from {n_texts} text(s), fewer than one sequence of {seq_len} "
                          f"tokens; give more text or a shorter --seq-len")
     return torch.tensor(rows, dtype=torch.long)

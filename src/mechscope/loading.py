@@ -179,6 +179,25 @@ def _check_device_map(device_map: str | dict | None) -> None:
                              f"({', '.join(DEVICE_MAP_STRATEGIES)}) nor a device ({e})") from e
 
 
+def _not_found(name: str, error: Exception) -> str:
+    """Why ``name`` names no model: the nearest aliases first (a typo is the likeliest cause), and the hub's own
+    message only when the hub could have been asked (not under ``HF_HUB_OFFLINE=1``, where its advice to check
+    the internet connection would mislead)."""
+    import difflib
+
+    from huggingface_hub import constants
+
+    near = difflib.get_close_matches(name.lower(), list(ALIASES), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    known = ", ".join(sorted(ALIASES))
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        where = "is not in the local Hugging Face cache (HF_HUB_OFFLINE is set, so the hub was not asked)"
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = f"could not be fetched from the Hugging Face hub or found in its cache ({first})"
+    return f"{name!r} is not a known alias ({known}) or a local path, and {where}.{hint}"
+
+
 def resolve(name: str) -> tuple[str, Path | str]:
     """Classify ``name``: ``("dir", path)``, ``("gguf", path)`` or ``("hub", id)``; clear errors otherwise."""
     if name in ALIASES:
@@ -273,11 +292,7 @@ def load(
         config = AutoConfig.from_pretrained(str(where), **remote)
     except OSError as e:
         if kind == "hub":
-            known = ", ".join(sorted(ALIASES))
-            raise ModelNotFoundError(
-                f"{name!r} is not a known alias ({known}), not a local path, and could not be fetched from the "
-                f"Hugging Face hub or found in its cache: {e}"
-            ) from e
+            raise ModelNotFoundError(_not_found(name, e)) from e
         raise NotFoundError(f"cannot read the config of {where}: {e}") from e
     except ValueError as e:  # not JSON, a model type transformers does not know, or code it would have to run
         if not trust_remote_code and "trust_remote_code" in str(e):

@@ -42,7 +42,7 @@ recovers less than half of the metric on held-out prompts).
 ## Validation plan
 - Causal evidence: activation patching and ablation, not only attention patterns or DLA.
 - Held-out prompts: search on one split (`dataset.split()`), confirm on the other.
-- Several seeds: `mechscope.validation.across_seeds`.
+- Several seeds: `mechscope.analysis.validation.across_seeds`.
 - Effect sizes with bootstrap CIs; a baseline of random components of the same size.
 - Alternative explanations to rule out: ...
 
@@ -66,12 +66,25 @@ For people and assistants alike:
 """
 
 
+GITIGNORE = """# run records are written here by mechscope.project.Run; they are results, not code.
+# Commit the ones a write-up cites with `git add -f runs/<run>`.
+runs/*/
+__pycache__/
+.ipynb_checkpoints/
+"""
+
+#: the file that marks a project's root folder (found by walking up, as git finds .git)
+MARKER = ".mechscope-project"
+
+
 class ProjectExistsError(InputError, FileExistsError):
     """The project folder exists and is not empty."""
 
 
-def init_project(name: str, root: str | Path = ".") -> Path:
-    """Create ``root/name`` with README.md, AGENTS.md and the configs/experiments/results/notebooks/runs folders."""
+def init_project(name: str, root: str | Path = ".", git: bool = True) -> Path:
+    """Create ``root/name`` with README.md, AGENTS.md, the configs/experiments/results/notebooks/runs folders and the
+    project marker; with ``git``, ``git init`` and a first commit (what happened is in ``path/.mechscope-project``,
+    and :func:`git_status_line` says it in words)."""
     if not name or "/" in name or name.startswith("."):
         raise InputError(f"project name must be a plain folder name, got {name!r}")
     path = Path(root) / name
@@ -82,9 +95,76 @@ def init_project(name: str, root: str | Path = ".") -> Path:
         (path / sub / ".gitkeep").touch()
     atomic_write(path / "README.md", README.format(name=name))
     atomic_write(path / "AGENTS.md", INSTRUCTIONS)
+    atomic_write(path / ".gitignore", GITIGNORE)
     atomic_write(path / "configs" / "example.json", json.dumps({"model": "smollm2-135m", "task": "ioi", "n": 32,
                                                                 "seeds": [0, 1, 2]}, indent=2) + "\n")
+    marker = {"name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write(path / MARKER, json.dumps(marker, indent=2) + "\n")
+    if git:
+        _git_init(path)
     return path
+
+
+def _git_init(path: Path) -> None:
+    """``git init`` and a first commit of the scaffold, in a folder mechscope just created (so no repository config
+    of anyone else's is in play). Failures are not errors: :func:`git_status_line` reports the state."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        return
+    run = lambda *a: subprocess.run(["git", *a], cwd=path, capture_output=True, text=True, timeout=60)  # noqa: E731
+    if run("init", "-q").returncode == 0:
+        run("add", "-A")
+        run("commit", "-q", "-m", "mechscope init: project scaffold")
+
+
+def git_status_line(path: str | Path) -> str:
+    """The project's git state in words: what a run record made there will say about reproducibility."""
+    import shutil
+
+    from .gitstate import git_dir, git_state
+
+    path = Path(path)
+    found = git_dir(path)
+    if found is None or found[0].resolve() != path.resolve():
+        why = "git is not installed" if shutil.which("git") is None else "not asked to" if found is None else \
+            f"it lies inside the repository at {found[0]}"
+        return (f"git: not initialised here ({why}); run `git init` and commit, or every run record will say "
+                "'reproducibility: no git commit'")
+    if git_state(path).commit is None:
+        return ("git: initialised, but with no commit yet (set git user.name and user.email, then `git commit -am "
+                "init`); until then run records say 'no git commit'")
+    return "git: initialised, with a first commit of the scaffold"
+
+
+def project_root(start: str | Path | None = None) -> Path | None:
+    """The project holding ``start`` (default: the running script's folder, then the working folder): the nearest
+    folder, walking up, with a ``.mechscope-project`` marker, as git finds ``.git``. None outside any project."""
+    import sys
+
+    starts = [Path(start)] if start is not None else []
+    if start is None:
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main:
+            starts.append(Path(main).resolve().parent)
+        starts.append(Path.cwd())
+    for here in starts:
+        here = here.resolve()
+        for folder in (here, *here.parents):
+            if (folder / MARKER).is_file():
+                return folder
+    return None
+
+
+def runs_root(root: str | Path | None = None) -> Path:
+    """Where run records go: ``root`` when absolute; else relative to the project root (:func:`project_root`), or to
+    the working folder outside any project. The default ``root`` is ``runs``."""
+    root = Path(root if root is not None else "runs")
+    if root.is_absolute():
+        return root
+    proj = project_root()
+    return (proj / root) if proj is not None else root
 
 
 def provenance(cwd: str | Path | None = None) -> dict:
@@ -117,13 +197,13 @@ class Run:
             run.artifact("results/ioi.png")
     """
 
-    def __init__(self, name: str, config: dict | None = None, seeds=None, root: str | Path = "runs",
+    def __init__(self, name: str, config: dict | None = None, seeds=None, root: str | Path | None = None,
                  notes: str = ""):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
-        self.dir = Path(root) / f"{stamp}-{safe}"
+        self.dir = runs_root(root) / f"{stamp}-{safe}"  # a relative root is the project's, wherever the script runs
         self.path = self.dir / "run.json"
-        prov = provenance()
+        prov = provenance(next(p for p in (self.dir, *self.dir.parents) if p.exists()))
         e = env()
         self.record = {
             "name": name, "status": "created", "config": config or {}, "seeds": list(seeds or []),
@@ -236,14 +316,14 @@ def _read_record(p: Path) -> dict:
     return rec
 
 
-def list_runs(root: str | Path = "runs") -> list[dict]:
-    """Every run record under ``root``, oldest first.
+def list_runs(root: str | Path | None = None) -> list[dict]:
+    """Every run record under ``root`` (default: the project's ``runs/``, see :func:`runs_root`), oldest first.
 
     An unreadable ``run.json`` is listed with status ``unreadable`` (and why) instead of breaking the
     listing; a ``running`` record whose process is no longer alive on this host is listed as ``stale``.
     """
     out = []
-    for p in sorted(Path(root).glob("*/run.json")):
+    for p in sorted(runs_root(root).glob("*/run.json")):
         rec = _read_record(p)
         rec["path"] = str(p.parent)
         out.append(rec)
@@ -255,14 +335,21 @@ def _checklist_of(rec: dict) -> Checklist:
     return Checklist.from_dict(rec["checklist"]) if isinstance(rec.get("checklist"), dict) else record_checklist(rec)
 
 
+def number(x: int | float) -> str:
+    """A metric as people read it: integers whole (a pid, a count), other numbers to 4 significant digits."""
+    if isinstance(x, bool) or isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) < 1e15):
+        return str(int(x))
+    return f"{x:.4g}"
+
+
 def runs_table(records: list[dict]) -> str:
     """A plain-text comparison: one row per run, one column per metric that is a number."""
     keys = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
     head = f"{'run':40} {'status':10} {'checklist':9} " + " ".join(f"{k[:14]:>14}" for k in keys)
     lines = [head]
     for r in records:
-        vals = " ".join(f"{r['metrics'][k]:>14.4g}" if isinstance(r["metrics"].get(k), (int, float)) else f"{'-':>14}"
-                        for k in keys)
+        vals = " ".join(f"{number(r['metrics'][k]):>14}" if isinstance(r["metrics"].get(k), (int, float))
+                        else f"{'-':>14}" for k in keys)
         c = _checklist_of(r)
         lines.append(f"{Path(r['path']).name[:40]:40} {str(r.get('status', '?'))[:10]:10} "
                      f"{f'{len(ITEMS) - len(c.unmet)}/{len(ITEMS)}':9} {vals}")
@@ -280,7 +367,7 @@ def runs_report(records: list[dict], title: str = "experiment records") -> str:
         unmet = _checklist_of(r).unmet
         cells = [Path(r["path"]).name, r.get("status", "?"), f"{len(ITEMS) - len(unmet)}/{len(ITEMS)}"
                  + (f" (not met: {', '.join(unmet)})" if unmet else ""), r.get("seeds", []), commit[:10]]
-        cells += [f"{r['metrics'][k]:.4g}" if isinstance(r.get("metrics", {}).get(k), (int, float)) else ""
+        cells += [number(r["metrics"][k]) if isinstance(r.get("metrics", {}).get(k), (int, float)) else ""
                   for k in keys]
         rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     details = "".join(f"<h3 id='{esc(Path(r['path']).name)}'>{esc(Path(r['path']).name)}</h3>"

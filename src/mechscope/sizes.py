@@ -87,3 +87,37 @@ def known_config(name: str) -> HFConfig | None:
 def param_count(config: HFConfig) -> int:
     """Exact parameter count of the causal LM a config describes (tied weights counted once)."""
     return sum(p.numel() for p in meta_model(config).parameters())
+
+
+def active_param_count(config: HFConfig) -> int:
+    """Parameters one token uses: every parameter outside the routed experts, plus ``top_k / n_experts`` of the
+    experts' (a shared expert always counts). Equals :func:`param_count` for a dense model."""
+    model = meta_model(config)
+    total = experts = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".experts." in name or name.endswith(".experts"):
+            experts += p.numel()
+    if not experts:
+        return total
+    n = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+              if getattr(config, k, None)), None)
+    k = next((getattr(config, a) for a in ("num_experts_per_tok", "experts_per_token", "moe_topk")
+              if getattr(config, a, None)), None)
+    if not n or not k:
+        return total
+    return int(total - experts * (1 - k / n))
+
+
+def closest(name: str, n: int = 4) -> list[str]:
+    """The hub ids of the table most similar to ``name``, most similar first."""
+    import difflib
+
+    ids = known_models()
+    low = {i.lower(): i for i in ids} | {i.split("/", 1)[-1].lower(): i for i in ids}
+    near = difflib.get_close_matches(name.lower(), list(low), n=4 * n, cutoff=0.0)
+    out: list[str] = []
+    for k in near:
+        if low[k] not in out:
+            out.append(low[k])
+    return out[:n]

@@ -6,13 +6,15 @@ Answer positions: by default the last position of each prompt. With right paddin
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..core.errors import InputError, InputTypeError
 from ..core.types import Answer
 
 
-def labelled(fn, name: str, unit: str, higher: str = "higher is better"):
+def labelled(fn: Callable, name: str, unit: str, higher: str = "higher is better") -> Callable:
     """``fn`` with a printable description: what the metric is, its unit, and which way is good.
 
     Every printed metric reads e.g. ``logit difference (answer - wrong), logits; higher = clean behaviour``.

@@ -190,12 +190,28 @@ class HeadScores(Result):
         v = self.scores[layer, head]
         return int((self.scores > v).sum()) + 1
 
+    def saturation(self, k: int = 5, tol: float = 0.01) -> str | None:
+        """A warning when the top scores cannot tell heads apart: ``None``, or how many heads score within ``tol``
+        of the range of the top one (then the top-``k`` order is noise, not a ranking)."""
+        flat = self.scores.flatten().float()
+        span = float(flat.max() - flat.min())
+        if flat.numel() <= k or span <= 0:
+            return None
+        tied = int((flat >= flat.max() - tol * span).sum())
+        if tied < k:
+            return None
+        return (f"saturated: {tied} heads score within {tol:.0%} of the range of the top one ({float(flat.max()):+.3f}), "
+                f"so the top {k} order does not discriminate; rank these heads with a behavioural test (patching or "
+                "ablation on a task) or a finer score")
+
     def summary(self, k: int = 5) -> str:
         head = f"{self.name} scores" + (f" ({self.description})" if self.description else "")
-        return head + "\n" + "\n".join(f"  {n:>7} {v:+.3f}" for n, v in self.top(k))
+        lines = [head] + [f"  {n:>7} {v:+.3f}" for n, v in self.top(k)]
+        warn = self.saturation(k)
+        return "\n".join(lines + ([f"  WARNING: {warn}"] if warn else []))
 
     def _dict_extra(self) -> dict:
-        return {"top": self.top(5)}
+        return {"top": self.top(5), "saturation": self.saturation(5)}
 
     def plot(self, path: str | Path | None = None) -> Path:
         L, H = self.scores.shape

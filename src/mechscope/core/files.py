@@ -153,7 +153,7 @@ def _is_model(x) -> bool:
     return hasattr(x, "run_with_cache") and hasattr(x, "cfg")
 
 
-def path_then_model(path, model, loader: str):
+def path_then_model(path: object, model: object, loader: str) -> tuple:
     """``(path, model)`` for a loader called ``loader(path, model)``: every mechscope loader takes the path first.
 
     The old order (model first) is swapped with a ``DeprecationWarning`` (accepted until mechscope 1.0);

@@ -19,18 +19,26 @@ from typing import Callable
 import torch
 
 from ..analysis.metrics import explained_variance
+from ..analysis.validation import Estimate, bootstrap_ci
 from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
 from ..core.errors import InputError
 from ..core.model import HookedModel, lm_loss
+from ..core.progress import bar, stage
 from ..core.result import Result
 from .data import harvest, harvest_pairs
 from .model import SAE
 
+#: Below this many evaluation tokens the CE and variance figures are flagged as resting on too little data.
+MIN_EVAL_TOKENS = 4096
+#: A dead fraction above this, from fewer than DEAD_CHECK_TOKENS tokens, is flagged as implausible: rare
+#: latents simply had no chance to fire (a latent firing once in 10,000 tokens needs ~30,000 to be seen at 95 %).
+DEAD_IMPLAUSIBLE, DEAD_CHECK_TOKENS = 0.5, 100_000
+
 
 @dataclass(repr=False)
 class SAEEval(Result):
-    """Held-out quality of an SAE spliced into the model."""
+    """Held-out quality of an SAE spliced into the model, with how much data it rests on and what looks wrong."""
 
     l0: float
     mse: float
@@ -41,23 +49,56 @@ class SAEEval(Result):
     ce_zero: float
     explained_variance_typical: float = float("nan")
     n_outliers: int = 0
+    n_tokens: int = 0  # evaluation tokens (every position but the first of each sequence)
+    n_seqs: int = 0
+    ce_recovered_ci: Estimate | None = None  # bootstrap over sequences
 
     @property
     def ce_recovered(self) -> float:
         return (self.ce_zero - self.ce_sae) / (self.ce_zero - self.ce_clean)
 
+    def warnings(self) -> list[str]:
+        """What in these numbers should not be read as a finding, and why, with what would be enough."""
+        out = []
+        if self.n_tokens and self.n_tokens < MIN_EVAL_TOKENS:
+            per_seq = max(1, self.n_tokens // max(1, self.n_seqs))
+            out.append(f"only {self.n_tokens} evaluation tokens: these figures are noisy; use at least "
+                       f"{MIN_EVAL_TOKENS} (e.g. --eval-seqs {-(-MIN_EVAL_TOKENS // per_seq)} at this --seq-len)")
+        if self.ce_recovered > 1:
+            out.append(f"CE recovered {self.ce_recovered:.3f} is above 1: the SAE would beat the model itself. That is "
+                       "implausible; on this much data it is noise" + (
+                           f" (its CI {self.ce_recovered_ci.low:.3f} to {self.ce_recovered_ci.high:.3f} includes 1)"
+                           if self.ce_recovered_ci is not None and self.ce_recovered_ci.low <= 1 else "")
+                       + "; evaluate on more tokens before reporting it")
+        if self.dead_fraction > DEAD_IMPLAUSIBLE and self.n_tokens < DEAD_CHECK_TOKENS:
+            out.append(f"dead {self.dead_fraction:.1%} on {self.n_tokens} tokens is not evidence of dead latents: a "
+                       f"latent firing less than once per {self.n_tokens} tokens cannot show up here; measure density on "
+                       f"{DEAD_CHECK_TOKENS}+ tokens (feature_stats on the training split)")
+        return out
+
     def summary(self) -> str:
-        ev = (f"explained variance {self.explained_variance_typical:.3f} on typical tokens, "
-              f"{self.explained_variance:.3f} including {self.n_outliers} massive-norm token(s) (> 5x the median)"
-              if self.n_outliers else f"explained variance {self.explained_variance:.3f}")
-        return (f"L0 {self.l0:.1f}, {ev}, "
-                f"MSE {self.mse:.4g}, dead {self.dead_fraction:.1%}\n"
-                f"CE loss: clean {self.ce_clean:.4f}, with SAE {self.ce_sae:.4f} "
-                f"(+{self.ce_sae - self.ce_clean:.4f}), zero-ablated {self.ce_zero:.4f}; recovered "
-                f"{self.ce_recovered:.3f}")
+        ev = (f"{self.explained_variance_typical:.3f} on typical tokens, {self.explained_variance:.3f} including "
+              f"{self.n_outliers} massive-norm token(s) (> 5x the median)"
+              if self.n_outliers else f"{self.explained_variance:.3f}")
+        ci = ""
+        if self.ce_recovered_ci is not None:
+            ci = (f" [{self.ce_recovered_ci.low:.3f}, {self.ce_recovered_ci.high:.3f}] (95% CI over {self.n_seqs} "
+                  "sequences)" if self.ce_recovered_ci.informative else f" ({self.n_seqs} sequences: too few for a CI)")
+        data = f" on {self.n_tokens} held-out tokens ({self.n_seqs} sequences, first position left out)" \
+            if self.n_tokens else ""
+        lines = [f"SAE evaluation{data}:",
+                 f"  L0 (active latents per token) {self.l0:.1f}",
+                 f"  explained variance (fraction of the activation variance; 1 is perfect) {ev}",
+                 f"  MSE (squared L2 error per token) {self.mse:.4g}",
+                 f"  dead latents (never fired on these tokens) {self.dead_fraction:.1%}",
+                 f"  CE loss (next-token, nats per token): clean {self.ce_clean:.4f}, with the SAE {self.ce_sae:.4f} "
+                 f"({self.ce_sae - self.ce_clean:+.4f}), zero-ablated {self.ce_zero:.4f}",
+                 f"  CE loss recovered (fraction; 1 = as good as the model) {self.ce_recovered:.3f}{ci}"]
+        lines += [f"  WARNING: {w}" for w in self.warnings()]
+        return "\n".join(lines)
 
     def _dict_extra(self) -> dict:
-        return {"ce_recovered": self.ce_recovered, "ce_delta": self.ce_sae - self.ce_clean}
+        return {"ce_recovered": self.ce_recovered, "ce_delta": self.ce_sae - self.ce_clean, "warnings": self.warnings()}
 
 
 @torch.no_grad()
@@ -136,23 +177,37 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     mse = float((acts - recon).pow(2).sum(-1).mean())
     l0 = float((f > 0).sum(-1).float().mean())
     dead = float(((f > 0).sum(0) == 0).float().mean())
-    ce = _ce(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state)
-    return SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()))
+    per_seq = _ce_per_sequence(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state)
+    ce = per_seq.mean(1).tolist()
+    recovered_ci = bootstrap_ci(per_seq.T, stat=_recovered) if per_seq.shape[1] > 1 else None
+    return SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()), int(acts.shape[0]),
+                   int(tokens.shape[0]), recovered_ci)
+
+
+def _recovered(v: torch.Tensor) -> torch.Tensor:
+    """CE recovered from per-sequence losses ``[seq, (clean, sae, zero)]``: ``(zero - sae) / (zero - clean)``."""
+    m = v.mean(0)
+    return (m[2] - m[1]) / (m[2] - m[0])
+
+
+def _ce_per_sequence(model: HookedModel, tokens: torch.Tensor, hook_sets: list[list], batch_size: int | None,
+                     state: BatchState) -> torch.Tensor:
+    """``[hook set, sequence]``: each sequence's mean next-token loss under each list of forward hooks."""
+    def ce_rows(s: int, e: int) -> torch.Tensor:
+        t = tokens[s:e].to(model.device)
+        runs = [model.run_with_hooks(t, fwd_hooks=hs) if hs else model(t) for hs in hook_sets]
+        return torch.stack([lm_loss(lg, t, per_token=True).mean(-1) for lg in runs]).cpu()
+
+    elt = torch.finfo(model.dtype).bits // 8
+    per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt)
+    return torch.cat(map_batches(ce_rows, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
+                                 state, tokens_per_item=tokens.shape[1]), dim=1).float()
 
 
 def _ce(model: HookedModel, tokens: torch.Tensor, hook_sets: list[list], batch_size: int | None,
         state: BatchState) -> list[float]:
     """The mean next-token loss on ``tokens`` under each list of forward hooks."""
-    def ce_sums(s: int, e: int) -> torch.Tensor:
-        t = tokens[s:e].to(model.device)
-        runs = [model.run_with_hooks(t, fwd_hooks=hs) if hs else model(t) for hs in hook_sets]
-        return torch.stack([lm_loss(lg, t, per_token=True).sum() for lg in runs]).cpu()
-
-    elt = torch.finfo(model.dtype).bits // 8
-    per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt)
-    sums = torch.stack(map_batches(ce_sums, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
-                                   state, tokens_per_item=tokens.shape[1])).sum(0)
-    return (sums / (tokens.shape[0] * (tokens.shape[1] - 1))).tolist()
+    return _ce_per_sequence(model, tokens, hook_sets, batch_size, state).mean(1).tolist()
 
 
 @dataclass(repr=False)
@@ -165,12 +220,17 @@ class TranscodersEval(Result):
     ce_all: float
 
     def summary(self) -> str:
-        lines = [f"{'transcoder':46s} {'L0':>6s} {'EV':>6s} {'dead':>6s} {'CE +alone':>10s} {'recovered':>9s}"]
+        lines = ["each transcoder alone: L0 (active latents per token), EV (explained variance of the MLP output), dead "
+                 "(never fired), CE +alone (next-token loss change, nats), recovered (CE loss recovered, 1 = as good "
+                 "as the MLP)",
+                 f"{'transcoder':46s} {'L0':>6s} {'EV':>6s} {'dead':>6s} {'CE +alone':>10s} {'recovered':>9s}"]
         for n, e in zip(self.names, self.each):
             lines.append(f"{n:46s} {e.l0:6.1f} {e.explained_variance:6.3f} {e.dead_fraction:6.1%} "
                          f"{e.ce_sae - e.ce_clean:+10.4f} {e.ce_recovered:9.3f}")
-        lines.append(f"all {len(self.each)} in place at once: CE {self.ce_all:.4f} (clean {self.ce_clean:.4f}, "
-                     f"+{self.ce_all - self.ce_clean:.4f} nats)")
+        lines.append(f"all {len(self.each)} in place at once: CE loss {self.ce_all:.4f} nats per token (clean "
+                     f"{self.ce_clean:.4f}, {self.ce_all - self.ce_clean:+.4f})")
+        warn = sorted({w for e in self.each for w in e.warnings() if w.startswith("only ")})
+        lines += [f"WARNING: {w}" for w in warn]
         return "\n".join(lines)
 
 
@@ -180,7 +240,9 @@ def evaluate_transcoders(model: HookedModel, transcoders: list[SAE], tokens: tor
     """:func:`evaluate_sae` for each transcoder, and the CE loss with all of them replacing their MLPs at once."""
     if not transcoders:
         raise InputError("evaluate_transcoders needs at least one transcoder")
-    each = [evaluate_sae(model, tc, tokens, batch_size) for tc in transcoders]
+    each = [evaluate_sae(model, tc, tokens, batch_size)
+            for tc in bar(transcoders, desc=f"evaluating transcoders on {tokens.numel()} tokens", unit="transcoder")]
+    stage(f"CE loss with all {len(transcoders)} transcoders in place")
     ce_clean, ce_all = _ce(model, tokens, [[], transcoder_hooks(transcoders)], batch_size, BatchState())
     names = [f"{tc.cfg.hook_name} -> {tc.cfg.hook_name_out}" for tc in transcoders]
     return TranscodersEval(names, each, ce_clean, ce_all)

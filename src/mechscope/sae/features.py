@@ -11,9 +11,9 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -21,8 +21,10 @@ from ..analysis import viz
 from ..core.errors import InputError
 from ..core.files import atomic_write
 from ..core.model import HookedModel
+from ..core.progress import bar
 from ..core.result import Result
 from .data import harvest, token_keep_mask
+from .interventions import ablate_features_hook, steer_hook  # noqa: F401  (their home before 0.6)
 from .model import SAE
 
 
@@ -51,6 +53,7 @@ class FeatureStats(Result):
     quantile_samples: dict[int, list[Example]]
     hist: dict[int, torch.Tensor]  # feature -> histogram counts of nonzero activations
     hist_edges: dict[int, torch.Tensor]
+    bands: dict[int, str] = field(default_factory=dict)  # feature -> its density band, when chosen by band
 
     _skip_in_dict = ("hist", "hist_edges", "quantile_samples")
 
@@ -67,6 +70,30 @@ class FeatureStats(Result):
             lines.append(f"  feature {i:6d}  density {float(self.density[i]):.3%}  max {float(self.max_act[i]):.3f}  "
                          f"{ctx!r}")
         return "\n".join(lines)
+
+
+#: Firing-density bands for choosing features to read: dense features are rarely monosemantic, and the rare ones are
+#: where most interpretable features live, so a sample across bands shows what the SAE really holds.
+DENSITY_BANDS = ((0.1, 1.01, "dense: fires on >= 10% of tokens"), (0.01, 0.1, "1-10%"), (0.001, 0.01, "0.1-1%"),
+                 (1e-4, 0.001, "0.01-0.1%"), (0.0, 1e-4, "rare: < 0.01%"))
+
+
+def features_by_density(density: torch.Tensor, n: int = 20, seed: int = 0) -> dict[int, str]:
+    """About ``n`` live features sampled evenly across :data:`DENSITY_BANDS` (a band's unused share goes to the
+    others), as ``{feature: band}``, rarest band last. ``density [d_sae]`` is each feature's firing rate."""
+    g = torch.Generator().manual_seed(seed)
+    queues = []
+    for lo, hi, _ in DENSITY_BANDS:
+        m = ((density > lo) & (density < hi)).nonzero().flatten() if lo == 0 else \
+            ((density >= lo) & (density < hi)).nonzero().flatten()
+        queues.append([int(x) for x in m[torch.randperm(m.numel(), generator=g)]])
+    out: dict[int, str] = {}
+    while len(out) < n and any(queues):  # round robin: one from each band that has any left
+        for b, q in enumerate(queues):
+            if q and len(out) < n:
+                out[q.pop()] = DENSITY_BANDS[b][2]
+    order = {label: i for i, (_, _, label) in enumerate(DENSITY_BANDS)}
+    return dict(sorted(out.items(), key=lambda kv: (order[kv[1]], -float(density[kv[0]]))))
 
 
 class _Density:
@@ -152,8 +179,9 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
                   batch_size: int = 8, n_bins: int = 30, seed: int = 0, skip_first: int = 1,
                   max_norm_ratio: float | None = 10.0) -> FeatureStats:
     """One streaming pass over ``tokens [n, pos]``: density and max for all features; top examples,
-    quantile samples and activation histograms for ``features`` (default: the 20 densest live ones
-    after a first batch).
+    quantile samples and activation histograms for ``features``. The default, ``features=None``, is 20 features
+    sampled across firing-density bands (:func:`features_by_density`), found by a first, density-only pass;
+    ``features="densest"`` keeps the old rule (the 20 densest after a first batch).
 
     Tokens the SAE was not trained on are left out by the rule harvests use
     (:func:`~mechscope.sae.data.token_keep_mask`): the first ``skip_first`` positions (the attention sink,
@@ -162,6 +190,18 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
     same sink tokens.
     """
     d, P = sae.cfg.d_sae, tokens.shape[1]
+    bands: dict[int, str] = {}
+    if features is None:
+        pre = _Density(d)
+        for s in bar(range(0, tokens.shape[0], batch_size), desc="feature density"):
+            toks = tokens[s:s + batch_size]
+            acts = _token_acts(model, sae.cfg.hook_name, toks, batch_size)
+            keep = token_keep_mask(acts.reshape(toks.shape[0], P, -1), skip_first, max_norm_ratio)
+            pre.update(sae.encode(acts).reshape(toks.shape[0], P, d) * keep[..., None], keep)
+        bands = features_by_density(pre.fire.float() / max(pre.n_tokens, 1), 20, seed)
+        features = list(bands)
+    elif features == "densest":
+        features = None
     density = _Density(d)
     g = torch.Generator().manual_seed(seed)
     tops: dict[int, _TopExamples] = {}
@@ -197,7 +237,7 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
         h = hists[i].finish() if i in hists else None
         if h is not None:
             hist[i], edges[i] = h
-    return FeatureStats(density.n_tokens, density.fire, density.max, top, qs, hist, edges)
+    return FeatureStats(density.n_tokens, density.fire, density.max, top, qs, hist, edges, bands)
 
 
 @torch.no_grad()
@@ -224,12 +264,14 @@ def _example_html(ex: Example) -> str:
     return f"<div class='ms-ex'><b>{ex.activation:.3f}</b> {''.join(spans)}</div>"
 
 
-def dashboard_html(model: HookedModel, sae: SAE, stats: FeatureStats, feature: int) -> str:
-    """One feature's dashboard as an HTML fragment (every token escaped)."""
+def dashboard_html(model: HookedModel, sae: SAE, stats: FeatureStats, feature: int, heading: bool = True) -> str:
+    """One feature's dashboard as an HTML fragment (every token escaped); ``heading=False`` leaves out its title
+    (a page that has one)."""
     dens = float(stats.density[feature])
     top, bot = logit_effects(model, sae, feature)
-    parts = [f"<h2>feature {feature}</h2><p>fires on {dens:.3%} of {stats.n_tokens} tokens; "
-             f"max activation {float(stats.max_act[feature]):.3f}</p>"]
+    band = f" (density band: {stats.bands[feature]})" if feature in stats.bands else ""
+    parts = [(f"<h2>feature {feature}</h2>" if heading else "") + f"<p>fires on {dens:.3%} of {stats.n_tokens} "
+             f"tokens{viz.esc(band)}; max activation {float(stats.max_act[feature]):.3f}</p>"]
     if feature in stats.hist:
         h, e = stats.hist[feature], stats.hist_edges[feature]
         bars = "".join(f"<div title='{float(e[j]):.2f}-{float(e[j + 1]):.2f}: {int(c)}' style='display:inline-block;"
@@ -246,34 +288,100 @@ def dashboard_html(model: HookedModel, sae: SAE, stats: FeatureStats, feature: i
     return "".join(parts)
 
 
-def write_dashboards(model: HookedModel, sae: SAE, stats: FeatureStats, folder: str | Path) -> Path:
-    """An HTML page per feature in ``stats.top`` plus ``index.html`` (offline; written atomically)."""
+def _marked_context(ex: Example) -> str:
+    """An example's context as escaped HTML with the firing token marked."""
+    return "".join(f"<mark>{viz.esc(t)}</mark>" if j == ex.center else viz.esc(t) for j, t in enumerate(ex.tokens))
+
+
+def write_dashboards(model: HookedModel, sae: SAE, stats: FeatureStats, folder: str | Path,
+                     source: str = "") -> Path:
+    """An HTML page per feature in ``stats.top`` plus ``index.html`` (offline; written atomically). The index groups
+    the features by density band (when chosen by band), marks the firing token in each top context, and every
+    page links back to it. ``source`` says what text the examples come from."""
     folder = Path(folder)
-    css = "<style>.ms-tok{white-space:pre;padding:0 1px}.ms-ex{margin:3px 0;font-family:monospace}</style>"
-    rows = []
+    css = ("<style>.ms-tok{white-space:pre;padding:0 1px}.ms-ex{margin:3px 0;font-family:monospace}"
+           "mark{background:#fb3;font-weight:bold}</style>")
+    back = "<p><a href='index.html'>&larr; all features</a></p>"
+    rows, last_band = [], None
     for i in stats.top:
-        atomic_write(folder / f"feature_{i}.html", viz.page(f"feature {i}", css + dashboard_html(model, sae, stats, i)))
+        atomic_write(folder / f"feature_{i}.html", viz.page(f"feature {i}", css + back + dashboard_html(
+            model, sae, stats, i, heading=False) + back))
+        band = stats.bands.get(i)
+        if band is not None and band != last_band:
+            rows.append(f"<tr><th colspan='4' style='text-align:left'>density band: {viz.esc(band)}</th></tr>")
+            last_band = band
         best = stats.top[i][0] if stats.top[i] else None
-        snippet = viz.esc("".join(best.tokens)) if best else ""
+        snippet = _marked_context(best) if best else ""
         rows.append(f"<tr><td><a href='feature_{i}.html'>{i}</a></td><td>{float(stats.density[i]):.3%}</td>"
-                    f"<td>{float(stats.max_act[i]):.3f}</td><td style='white-space:pre'>{snippet}</td></tr>")
+                    f"<td>{float(stats.max_act[i]):.3f}</td><td style='white-space:pre;text-align:left'>{snippet}"
+                    "</td></tr>")
+    chosen = ("sampled across firing-density bands (dense features are rarely monosemantic)" if stats.bands
+              else "as given")
     index = (f"<p>{viz.esc(sae.cfg.architecture)} SAE on {viz.esc(sae.cfg.hook_name)}, {sae.cfg.d_sae} features; "
-             f"{int((stats.fire_count == 0).sum())} never fired on {stats.n_tokens} tokens</p>"
+             f"{int((stats.fire_count == 0).sum())} never fired on {stats.n_tokens} tokens"
+             + (f" of {viz.esc(source)}" if source else "") + f". Features shown: {len(stats.top)}, {chosen}; the "
+             "marked token is where the top example fires.</p>"
              "<table class='ms-heat'><tr><th>feature</th><th>density</th><th>max</th><th>top context</th></tr>"
-             + "".join(rows) + "</table>")
+             + "".join(rows) + "</table>" + css)
     return atomic_write(folder / "index.html", viz.page("SAE features", index))
 
 
+@dataclass(repr=False)
+class TokenFeatures(Result):
+    """The features that fire most on one text, token by token: ``acts [pos, k]`` for the ``k`` features ranked by
+    their summed activation. Iterating gives ``(feature, total activation)`` pairs, as before 0.6."""
+
+    text: str
+    tokens: list[str]  # every token of the text; the first (the sink) is not read by the SAE
+    features: list[int]
+    totals: list[float]
+    acts: torch.Tensor  # [pos, k]
+    hook: str = ""
+
+    def __iter__(self):
+        return iter(zip(self.features, self.totals))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return (self.features[i], self.totals[i])
+
+    def summary(self, per_feature: int = 6) -> str:
+        lines = [f"top {len(self.features)} features on {self.text!r} ({len(self.tokens)} tokens; SAE on {self.hook}; "
+                 "the first token, the attention sink, is not read)",
+                 f"{'feature':>8s} {'total':>8s}  fires on (position: token activation), strongest first"]
+        for j, (i, tot) in enumerate(zip(self.features, self.totals)):
+            col = self.acts[:, j]
+            on = [p for p in col.argsort(descending=True).tolist() if float(col[p]) > 0][:per_feature]
+            fires = ", ".join(f"{p}: {self.tokens[p]!r} {float(col[p]):.2f}" for p in on) or "(none)"
+            more = int((col > 0).sum()) - len(on)
+            lines.append(f"{i:8d} {tot:8.3f}  {fires}" + (f" (+{more} more)" if more > 0 else ""))
+        return "\n".join(lines)
+
+    def _html_body(self) -> str:
+        return viz.heatmap_html(self.acts.T, [f"feature {i}" for i in self.features],
+                                viz.position_labels(self.tokens), title="feature activation by token")
+
+    def plot(self, path: str | Path = "features.png") -> Path:
+        return viz.heatmap_png(self.acts.T, [f"feature {i}" for i in self.features], viz.position_labels(self.tokens),
+                               path, title="feature activation by token", xlabel="position: token")
+
+
 @torch.no_grad()
-def top_features(model: HookedModel, sae: SAE, text: str, k: int = 10) -> list[tuple[int, float]]:
-    """The features with the largest summed activation on ``text`` (its first token, the sink, left out as in training)."""
-    acts = harvest(model, sae.cfg.hook_name, model.to_tokens(text))
+def top_features(model: HookedModel, sae: SAE, text: str, k: int = 10) -> TokenFeatures:
+    """The ``k`` features with the largest summed activation on ``text``, with each one's activation on every token
+    (the first token, the sink, left out as in training)."""
+    toks = model.to_tokens(text)
+    acts = harvest(model, sae.cfg.hook_name, toks, max_norm_ratio=None)  # one row per position 1.., none dropped
     if acts.shape[0] == 0:
         raise InputError(f"{text!r} has no token after the first one; the SAE reads positions 1 onwards")
-    f = sae.encode(acts)
-    tot = f.sum(0)
-    v, i = tot.topk(k)
-    return [(int(a), float(b)) for a, b in zip(i, v)]
+    f = sae.encode(acts)  # [pos - 1, d_sae]
+    k = min(k, f.shape[1])
+    v, i = f.sum(0).topk(k)
+    per_tok = torch.cat([torch.zeros(1, k), f[:, i].float().cpu()])  # position 0 (the sink) reads as 0
+    strs = model.to_str_tokens(toks[0]) if model.tokenizer is not None else [str(int(t)) for t in toks[0]]
+    return TokenFeatures(text, strs, [int(a) for a in i], [float(b) for b in v], per_tok, sae.cfg.hook_name)
 
 
 @torch.no_grad()
@@ -287,28 +395,3 @@ def separating_features(model: HookedModel, sae: SAE, texts_a: list[str], texts_
     diff = mean_acts(texts_a) - mean_acts(texts_b)
     idx = diff.abs().topk(k).indices
     return [(int(i), float(diff[i])) for i in idx]
-
-
-def ablate_features_hook(sae: SAE, features: Sequence[int]) -> Callable:
-    """A hook that removes ``features``' contributions and keeps the SAE's error term:
-    ``x - sum_i f_i(x) W_dec[i] / scale``."""
-    feats = torch.as_tensor(list(features), dtype=torch.long)
-
-    @torch.no_grad()
-    def hook(act, h):
-        f = sae.encode(act.float())
-        removed = f[..., feats] @ sae.W_dec[feats] / sae.input_scale
-        return (act.float() - removed).to(act.dtype)
-
-    return hook
-
-
-def steer_hook(sae: SAE, feature: int, coefficient: float) -> Callable:
-    """A hook adding ``coefficient * W_dec[feature]`` (in raw activation units) at every position;
-    use it in ``run_with_hooks`` or ``generate(fwd_hooks=...)``."""
-    direction = (sae.W_dec[feature] / sae.input_scale).detach()
-
-    def hook(act, h):
-        return act + coefficient * direction.to(act.device, act.dtype)
-
-    return hook

@@ -209,9 +209,31 @@ class SAE(nn.Module):
         thr = self.log_threshold.float().exp()
         return _JumpReLU.apply(pre, thr.to(pre.dtype), self.cfg.jumprelu_bandwidth)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., d_in] -> [..., d_sae]`` feature activations (inference mode)."""
-        return self.activate(self.pre_acts(x), training=False)
+    def encode(self, x: torch.Tensor, grad: bool | None = None) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]`` feature activations (inference mode).
+
+        Without gradients unless asked (``grad=True``) or ``x`` itself requires them: encoding a cache
+        gives a plain tensor, not one that drags the SAE's parameters into an autograd graph."""
+        if grad is None:
+            grad = x.requires_grad
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.activate(self.pre_acts(x), training=False)
+
+    def extra_repr(self) -> str:
+        """What ``print(sae)`` shows: architecture, sizes, sparsity setting, hooks and dtype."""
+        c = self.cfg
+        with torch.no_grad():
+            thr = float(self.log_threshold.exp().mean()) if c.architecture == "jumprelu" else float("nan")
+            bthr = float(self.threshold)
+        sparsity = {"topk": f"k={c.k}", "relu": f"l1={c.l1_coefficient}", "jumprelu": f"threshold mean {thr:.4g}",
+                    "batchtopk": f"k={c.k}, " + (f"threshold={bthr:.4g}" if bthr >= 0 else
+                                                 "no inference threshold yet (top-k per token)")
+                    }.get(c.architecture, "")
+        hooks = f"hook={c.hook_name!r}" + (f" -> {c.hook_name_out!r} (transcoder{', skip' if c.skip else ''})"
+                                           if c.is_transcoder else "")
+        return (f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}" + (f", d_out={c.width_out}" if c.is_transcoder
+                                                                        else "")
+                + f", {sparsity}, {hooks}, dtype={self.W_enc.dtype}".replace(", ,", ","))
 
     @property
     def _out_scale(self) -> torch.Tensor:

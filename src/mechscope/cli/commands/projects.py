@@ -18,21 +18,23 @@ from .common import MODEL, _load
          arg("--root", default=".", help="where to create it"),
          arg("--no-git", action="store_true", help="do not run git init in the new project"))
 def init_cmd(args: argparse.Namespace) -> Result:
-    from ...project import init_project
+    from ...project import git_status_line, init_project
 
-    path = init_project(args.name, args.root)
-    return Outcome(f"created {path}: edit README.md (question, hypothesis, falsification, validation plan)",
-                   {"path": path})
+    path = init_project(args.name, args.root, git=not args.no_git)
+    git = git_status_line(path)
+    return Outcome(f"created {path}: edit README.md (question, hypothesis, falsification, validation plan)\n{git}",
+                   {"path": path, "git": git})
 
 
 @command("runs", "list and compare experiment records (runs/*/run.json)",
-         ("mechscope runs", "mechscope runs --root my-project/runs --json"), arg("--root", default=None, help="the runs folder (default: runs/ of the project around the "
+         ("mechscope runs", "mechscope runs --root my-project/runs --json"),
+         arg("--root", default=None, help="the runs folder (default: runs/ of the project around the "
                                                               "working folder)"))
 def runs_cmd(args: argparse.Namespace) -> Result:
-    from ...project import list_runs, runs_table
+    from ...project import list_runs, runs_root, runs_table
 
     recs = list_runs(args.root)
-    return Outcome(runs_table(recs) if recs else f"no runs under {args.root}/", recs)
+    return Outcome(runs_table(recs) if recs else f"no runs under {runs_root(args.root)}/", recs)
 
 
 @command("report", "an offline HTML report comparing experiment records",
@@ -40,11 +42,11 @@ def runs_cmd(args: argparse.Namespace) -> Result:
          arg("--root", default=None, help="the runs folder (default: runs/ of the project around the working folder)"),
          arg("--out", default="runs.html", help="the HTML file to write"))
 def report_cmd(args: argparse.Namespace) -> Result:
-    from ...project import list_runs, runs_report
+    from ...project import list_runs, runs_report, runs_root
 
     recs = list_runs(args.root)
     if not recs:
-        raise NotFoundError(f"no run records under {args.root}/ (runs/<time>-<name>/run.json)")
+        raise NotFoundError(f"no run records under {runs_root(args.root)}/ (runs/<time>-<name>/run.json)")
     path = atomic_write(args.out, runs_report(recs))
     return Outcome(f"report of {len(recs)} runs: {path}", {"report": path, "runs": len(recs)})
 

@@ -26,7 +26,8 @@ from .common import CORPUS, MODEL, SAE_MODEL, _corpus, _held_out, _load, _load_s
          arg("--l1", type=float, default=5.0, help="ReLU/JumpReLU: sparsity penalty coefficient"),
          arg("--steps", type=int, default=1000, help="optimisation steps"),
          arg("--batch", type=int, default=1024, help="activations (tokens) per step"),
-         arg("--lr", type=float, default=3e-4, help="Adam learning rate"), arg("--seqs", type=int, default=256, help="training sequences"),
+         arg("--lr", type=float, default=3e-4, help="Adam learning rate"),
+         arg("--seqs", type=int, default=256, help="training sequences"),
          arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
          arg("--seq-len", type=int, default=128, help="tokens per sequence"),
          arg("--out", default="sae-run", help="run folder: train/ (checkpoints) and sae/ (the SAE)"),
@@ -85,7 +86,8 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
          MODEL, arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
          arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu"], help="the activation"),
          arg("--width", type=int, default=None, help="latents per layer (default 8 x d_model)"),
-         arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"), arg("--no-skip", action="store_true", help="no linear skip connection"),
+         arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"),
+         arg("--no-skip", action="store_true", help="no linear skip connection"),
          arg("--steps", type=int, default=1000, help="optimisation steps"),
          arg("--batch", type=int, default=1024, help="activations (tokens) per step"),
          arg("--lr", type=float, default=1e-3, help="Adam learning rate"),
@@ -143,20 +145,41 @@ def sae_features_cmd(args: argparse.Namespace) -> Result:
     from ...sae.features import top_features
 
     model, sae = _load_sae(args)
-    feats = top_features(model, sae, args.text, k=args.k)
-    return Outcome("\n".join(f"feature {i:6d}  total activation {v:.3f}" for i, v in feats), {"features": feats})
+    return top_features(model, sae, args.text, k=args.k)
 
 
-@command("sae dashboard", "feature dashboards (offline HTML) for the densest features",
-         ("mechscope sae dashboard my-sae/sae --out my-sae/dashboard",), SAE_MODEL,
-         arg("--out", default="sae-dashboard", help="folder for index.html and one page per feature"))
+@command("sae dashboard", "feature dashboards (offline HTML): features sampled across firing-density bands, or the "
+         "ones you name", ("mechscope sae dashboard my-sae/sae --out my-sae/dashboard",
+                           "mechscope sae dashboard my-sae/sae --features 12,97,2048"), SAE_MODEL,
+         arg("--out", default="sae-dashboard", help="folder for index.html and one page per feature"),
+         arg("--features", default=None, help="comma-separated feature ids (default: 20 sampled across firing-density "
+                                              "bands, since the densest are rarely monosemantic)"),
+         arg("--seqs", type=int, default=128, help="corpus sequences to find examples in: the held-out split when it "
+                                                   "has that many, else the training split"))
 def sae_dashboard_cmd(args: argparse.Namespace) -> Result:
+    from ...core.progress import stage
     from ...sae.features import feature_stats, write_dashboards
 
     model, sae = _load_sae(args)
-    held, info = _held_out(args, model)
-    stats = feature_stats(model, sae, held, n_top=20)
-    index = write_dashboards(model, sae, stats, args.out)
-    return Outcome(f"dashboards for {len(stats.top)} features on {info['corpus']} ({info['corpus_tokens']} tokens): "
-                   f"{index}", {"index": index, "features": list(stats.top), **info})
-
+    feats = None
+    if args.features:
+        try:
+            feats = [int(x) for x in args.features.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise InputError(f"--features takes comma-separated integers, e.g. 12,97; got {args.features!r}") from None
+        bad = [f for f in feats if not 0 <= f < sae.cfg.d_sae]
+        if bad or not feats:
+            raise InputError(f"--features must be in 0..{sae.cfg.d_sae - 1} (the SAE has {sae.cfg.d_sae}); got {bad}")
+    toks, info = _corpus(args, model, "test", args.seqs, args.seq_len)
+    if toks.shape[0] < args.seqs:
+        stage(f"the held-out split gave {toks.shape[0]} of {args.seqs} sequences: reading examples from the training "
+              "split instead (dashboards are descriptive, not an evaluation)")
+        toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+    stats = feature_stats(model, sae, toks, features=feats, n_top=20)
+    source = f"{info['corpus']}, {info['corpus_split']} split"
+    index = write_dashboards(model, sae, stats, args.out, source=source)
+    how = "named with --features" if feats else "sampled across firing-density bands"
+    bands = sorted(set(stats.bands.values()))
+    return Outcome(f"dashboards for {len(stats.top)} features ({how}) on {source} ({info['corpus_tokens']} tokens): "
+                   f"{index}" + (f"\ndensity bands: {'; '.join(bands)}" if bands else ""),
+                   {"index": index, "features": list(stats.top), "bands": stats.bands, **info})

@@ -13,7 +13,8 @@ from .common import CORPUS, MODEL, PICTURES, SITE, TASK, _corpus, _load, _pictur
 
 @command("lens", "logit lens over a prompt", ('mechscope lens "The capital of France is" --target " Paris"',
                                                'mechscope lens "1 2 3 4" --png lens.png --html lens.html'),
-         MODEL, arg("prompt", help="the text to read"), arg("--target", action="append", help="answer token to track (repeatable)"), PICTURES)
+         MODEL, arg("prompt", help="the text to read"),
+         arg("--target", action="append", help="answer token to track (repeatable)"), PICTURES)
 def lens_cmd(args: argparse.Namespace) -> Result:
     from ...techniques.lens import logit_lens
 
