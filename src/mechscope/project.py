@@ -157,6 +157,31 @@ def project_root(start: str | Path | None = None) -> Path | None:
     return None
 
 
+def falsification(start: str | Path | None = None) -> tuple[str, float] | None:
+    """The falsification line of the project's README (the ``What would falsify it`` section :func:`init_project`
+    writes) and the faithfulness threshold it names ("less than half" -> 0.5, "less than 40%" -> 0.4,
+    "below 0.6" -> 0.6), or None when there is no project, no such section, or no threshold in it."""
+    import re
+
+    root = project_root(start)
+    if root is None or not (root / "README.md").is_file():
+        return None
+    text = (root / "README.md").read_text(errors="replace")
+    m = re.search(r"^##\s*What would falsify it\s*$(.*?)(?=^##\s|\Z)", text, re.M | re.S)
+    if not m:
+        return None
+    section = " ".join(m.group(1).split())
+    words = {"half": 0.5, "a half": 0.5, "a third": 1 / 3, "two thirds": 2 / 3, "a quarter": 0.25,
+             "three quarters": 0.75}
+    t = re.search(r"(?:less than|below|under|<)\s*(a half|half|a third|two thirds|a quarter|three quarters|"
+                  r"\d+(?:\.\d+)?\s*%|0?\.\d+)", section, re.I)
+    if not t:
+        return None
+    v = t.group(1).lower().strip()
+    thr = words[v] if v in words else float(v.rstrip("%").strip()) / (100 if v.endswith("%") else 1)
+    return section, thr
+
+
 def runs_root(root: str | Path | None = None) -> Path:
     """Where run records go: ``root`` when absolute; else relative to the project root (:func:`project_root`), or to
     the working folder outside any project. The default ``root`` is ``runs``."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,8 @@ from . import corpus
 from . import datasets as D
 from .analysis import viz
 from .analysis.checklist import Checklist
-from .analysis.metrics import induction_loss
-from .analysis.validation import Estimate, across_seeds, bootstrap_ci, paired_bootstrap
+from .analysis.metrics import induction_loss, labelled
+from .analysis.validation import Estimate, across_seeds, bootstrap_ci
 from .circuits.heads import induction_scores, induction_tokens
 from .compute import env, estimate_memory
 from .core.components import Component
@@ -35,7 +34,7 @@ from .core.progress import stage
 from .core.result import Result
 from .sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
 from .sae.features import feature_stats, write_dashboards
-from .techniques.ablation import ablate, compare_to_random
+from .techniques.ablation import compare_to_random
 from .techniques.attribution import direct_logit_attribution
 from .techniques.attribution_patching import attribution_patch
 from .techniques.lens import logit_lens
@@ -228,27 +227,27 @@ def _ioi(rep: Report, model: HookedModel, out: Path, figs: _Figures, n_prompts: 
     rep.add(sec)
     rep.find("attribution patching ranks heads as true activation patching does (correlation over all heads)", r,
              "exact activation patching of every head", sec, holds=r > 0.5)
-    all_heads = [f"L{l}H{h}" for l in range(v.shape[0]) for h in range(H)]
-    rand = random.Random(seed).sample([x for x in all_heads if x not in top], k)
-    a_top = ablate(model, held.clean, held.metric, top, method="mean", reference=held.corrupted, seed=seed)
-    a_rand = ablate(model, held.clean, held.metric, rand, method="mean", reference=held.corrupted, seed=seed)
-    diff = paired_bootstrap(a_top.ablated - a_top.baseline, a_rand.ablated - a_rand.baseline)
-    verdict = "the top heads matter more than random heads" if diff.high < 0 else \
-        "not distinguishable from ablating random heads"
+    cmp = compare_to_random(model, held.clean, held.metric, top, method="mean", n_random=20,
+                            reference=held.corrupted, seed=seed)
+    a_top, diff, n_rand = cmp.target, cmp.difference, len(cmp.random_effects)
+    holds = diff.excludes(0.0) and diff.value < 0 and cmp.p_value < 0.05
+    verdict = (f"the top heads matter more than random heads (rank p = {cmp.p_value:.3f} over {n_rand} random sets)"
+               if holds else f"not distinguishable from ablating random heads (rank p = {cmp.p_value:.3f})")
     text = (f"top {k} heads by patching on the train prompts: {', '.join(top)}\n"
-            f"mean-ablate them on the {len(held)} held-out prompts:\n{a_top.summary()}\n"
-            f"baseline, {k} random heads ({', '.join(rand)}):\n{a_rand.summary()}\n"
-            f"difference (top - random) in effect: {diff}  => {verdict}")
+            f"mean-ablate them on the {len(held)} held-out prompts, against {n_rand} random sets of {k} heads:\n"
+            f"{cmp.summary()}\n=> {verdict}")
+    rnd = cmp.random_effects
     table = _estimates_table([(f"top {k} heads ({', '.join(top)})", a_top.effect),
-                              (f"{k} random heads ({', '.join(rand)})", a_rand.effect), ("top - random (paired)", diff)],
-                             "mean ablation on held-out prompts: change in logit difference")
+                              (f"random heads, first of {n_rand} sets", rnd[0]), ("top - mean of random (paired)", diff)],
+                             "mean ablation on held-out prompts: change in logit difference (logits)")
     causal = Section("5. causal check on held-out prompts", text, f"{table}<p>{viz.esc(verdict)}</p>",
                      key="ioi-causal")
     rep.add(causal)
     rep.find(f"mean-ablating the top {k} IOI heads ({', '.join(top)}) on held-out prompts "
-             f"{'lowers' if diff.value < 0 else 'raises'} the logit difference by {abs(diff.value):.2f} more than "
-             f"{k} random heads do", diff,
-             f"{k} random heads ({', '.join(rand)}): {_fmt(a_rand.effect)}", causal, holds=diff.high < 0)
+             f"{'lowers' if diff.value < 0 else 'raises'} the logit difference by {abs(diff.value):.2f} logits more "
+             f"than random sets of {k} heads do", diff,
+             f"{n_rand} random sets of {k} heads: effects {min(e.value for e in rnd):+.2f} to "
+             f"{max(e.value for e in rnd):+.2f} (rank p = {cmp.p_value:.3f})", causal, holds=holds)
     rep.checklist.add("question", "which heads carry the indirect object's name in IOI?", "#ioi-patching")
     rep.checklist.add("technique", "activation patching (residual stream, then each head), checked by attribution "
                                    "patching", "#ioi-patching")
@@ -256,10 +255,11 @@ def _ioi(rep: Report, model: HookedModel, out: Path, figs: _Figures, n_prompts: 
     rep.checklist.add("causal", f"mean ablation of the top heads: {_fmt(a_top.effect)}", "#ioi-causal")
     rep.checklist.add("edge_cases", f"heads chosen on {len(train)} prompts, tested on {len(held)} held-out ones",
                       "#ioi-causal")
-    rep.checklist.add("alternatives", f"{k} random heads as a baseline; attribution patching vs exact patching "
-                                      f"(r = {r:.2f})", "#ioi-causal")
-    rep.metrics.update(ioi_top_heads=top, ioi_top_effect=a_top.effect.value, ioi_random_effect=a_rand.effect.value,
-                       ioi_top_minus_random=diff.value, attribution_vs_patching_r=r)
+    rep.checklist.add("alternatives", f"{n_rand} random sets of {k} heads as a baseline; attribution patching vs "
+                                      f"exact patching (r = {r:.2f})", "#ioi-causal")
+    rep.metrics.update(ioi_top_heads=top, ioi_top_effect=a_top.effect.value,
+                       ioi_random_effect=sum(e.value for e in rnd) / len(rnd), ioi_top_minus_random=diff.value,
+                       ioi_rank_p=cmp.p_value, attribution_vs_patching_r=r)
 
 
 def _induction(rep: Report, model: HookedModel, out: Path, figs: _Figures, seed: int) -> None:
@@ -268,10 +268,12 @@ def _induction(rep: Report, model: HookedModel, out: Path, figs: _Figures, seed:
     top = [n for n, _ in ind.top(4)]
 
     def check(s):
-        toks, _ = induction_tokens(model, 20, 8, seed=100 + s)
-        ref = induction_tokens(model, 20, 8, seed=1000 + s)[0]
-        return compare_to_random(model, toks, lambda lg: induction_loss(lg, toks, 20), top, method="mean",
-                                 n_random=3, reference=ref, seed=s)
+        toks, _ = induction_tokens(model, 20, 16, seed=100 + s)  # 16 sequences: enough for a CI (10+)
+        ref = induction_tokens(model, 20, 16, seed=1000 + s)[0]
+        return compare_to_random(model, toks, labelled(lambda lg: induction_loss(lg, toks, 20),
+                                                       "next-token loss on the repeated half", "nats per token",
+                                                       "lower is better"),
+                                 top, method="mean", n_random=20, reference=ref, seed=s)
 
     checks = [check(s) for s in range(3)]
     agg = across_seeds(lambda s: checks[s].difference.value, seeds=range(3), name="loss increase, top - random")
@@ -286,8 +288,9 @@ def _induction(rep: Report, model: HookedModel, out: Path, figs: _Figures, seed:
     rep.add(sec)
     rep.find(f"mean-ablating the 4 top induction heads ({', '.join(top)}) raises the loss on repeated tokens by "
              f"{float(agg.mean):.2f} nats more than random heads (3 seeds)", spread,
-             f"3 random sets of 4 heads per seed: {_fmt(checks[0].random_effects[0])} (seed 0, first set)", sec,
-             holds=spread.low > 0)
+             f"20 random sets of 4 heads per seed; seed 0: effects {min(e.value for e in checks[0].random_effects):+.2f}"
+             f" to {max(e.value for e in checks[0].random_effects):+.2f} (rank p = {checks[0].p_value:.3f})", sec,
+             holds=all(c.difference.excludes(0.0) and c.difference.value > 0 for c in checks))
     rep.checklist.add("causal", f"ablating the induction heads vs random heads over 3 seeds: {_fmt(spread)}",
                       "#induction")
     rep.checklist.add("edge_cases", "the induction check repeated on 3 seeds of fresh random tokens", "#induction")
@@ -305,9 +308,10 @@ def _probe(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> No
     best = probe.best
     sel = probe.selectivity[best]
     rep.find(f"a linear probe at {probe.hooks[best]} reads whether the next token continues the word, above its "
-             f"control task (selectivity)", sel,
-             f"the same probe on a control task (random labels per token type): {_fmt(probe.control[best])}", sec,
-             holds=sel.low > 0)
+             f"control task (selectivity: task accuracy minus control accuracy, in accuracy points)", sel,
+             f"held-out accuracy of the same probe: task {_fmt(probe.scores[best])} against the control task (random "
+             f"labels per token type) {_fmt(probe.control[best])}; selectivity is their difference", sec,
+             holds=sel.excludes(0.0) and sel.value > 0)
     rep.checklist.add("alternatives", "the probe's control task (Hewitt & Liang 2019)", "#probe")
     rep.metrics["probe_best_selectivity"] = sel.value
 

@@ -33,6 +33,22 @@ def _color(v: float, vmin: float, vmax: float, diverging: bool) -> str:
     return f"rgb({int(255 - 200 * t)},{int(255 - 120 * t)},{int(255 - 40 * t)})"
 
 
+def ranges(xs: Sequence[int | str]) -> str:
+    """Integers as runs, for text: ``[0, 1, 2, 5]`` -> ``"0-2, 5"`` (``"none"`` when empty; non-integers joined)."""
+    try:
+        v = sorted(int(x) for x in xs)
+    except (TypeError, ValueError):
+        return ", ".join(map(str, xs))
+    out, i = [], 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and v[j + 1] == v[j] + 1:
+            j += 1
+        out.append(str(v[i]) if i == j else f"{v[i]}-{v[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
+
+
 def position_labels(str_tokens: Sequence[str], positions: Sequence[int] | None = None,
                     other: Sequence[str] | None = None) -> list[str]:
     """Axis labels for positions, with their tokens as circuitsvis shows them: ``0: '<bos>'``, ``11: ' big'``.

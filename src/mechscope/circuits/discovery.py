@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from ..analysis import viz
+from ..analysis.metrics import describe_metric
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..batching import map_batches
 from ..compute import forward_bytes
@@ -154,13 +155,13 @@ def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str
         raise InputError("faithfulness_curve needs at least one ranking of components")
     with torch.no_grad():
         full = torch.as_tensor(metric(model(test.clean))).float().cpu()
+    ablated = mean_ablator(model, test, metric, ablatable, seed)
 
     def faithful(kept: list[str]) -> Estimate:
         outside = [x for x in ablatable if x not in set(kept)]
         if not outside:  # nothing ablated: the model itself
             return _ratio_ci(full, full, seed)
-        return _ratio_ci(_ablated_metric(model, test.clean, metric, parse_components(model, outside), test.corrupted,
-                                         seed), full, seed)
+        return _ratio_ci(ablated(outside), full, seed)
 
     rankings = {name: [x for x in order if x in set(ablatable)]  # only ablatable components change the curve
                 for name, order in rankings.items()}
@@ -204,18 +205,41 @@ class CircuitResult(Result):
 
     _skip_in_dict = ("extra",)
 
+    @property
+    def p_value(self) -> float:
+        """One-sided rank p-value against the random circuits: ``(1 + #{random >= circuit}) / (n_random + 1)``."""
+        r = [e.value for e in self.random_faithfulness]
+        return (1 + sum(v >= self.faithfulness.value for v in r)) / (len(r) + 1)
+
+    def verdict(self) -> str:
+        """The circuit against random circuits of its size, in words, with the p-value and its limits."""
+        r = [e.value for e in self.random_faithfulness]
+        if not r:
+            return "no random circuits drawn (n_random=0): nothing to compare the faithfulness with"
+        n, p = len(r), self.p_value
+        beats = sum(self.faithfulness.value > v for v in r)
+        text = (f"more faithful than {beats} of {n} random circuits of the same size (rank p = {p:.3f}; random: mean "
+                f"{sum(r) / n:.2f}, range [{min(r):.2f}, {max(r):.2f}])")
+        if n < 19:
+            return text + f"; {n} draws cannot give p < 0.05: use n_random >= 19"
+        return text + ("" if p < 0.05 else ": NOT clearly better than random")
+
     def summary(self) -> str:
-        rnd = ", ".join(f"{e.value:.2f}" for e in self.random_faithfulness)
-        better = all(self.faithfulness.low > e.high for e in self.random_faithfulness)
+        x = self.extra
         lines = [
             f"circuit of {len(self.nodes)} components (of {self.n_components}), {len(self.edges)} edges",
             f"  information moves in layers {self.layer_window[0]}..{self.layer_window[1]}, "
             f"at positions {self.positions}",
-            f"  faithfulness on held-out prompts ({self.extra.get('ablated_outside', 'heads')} outside the circuit "
-            f"mean-ablated): {self.faithfulness}",
+        ]
+        if "metric_clean" in x:
+            lines.append(f"  metric: {x['metric']}; on the {x.get('n_held_out', '?')} held-out prompts: clean run "
+                         f"{x['metric_clean']:+.4f}, corrupted run {x['metric_corrupted']:+.4f}")
+        lines += [
+            f"  faithfulness on held-out prompts (metric with the circuit alone / metric of the whole model; "
+            f"{x.get('ablated_outside', 'heads')} outside the circuit mean-ablated over the corrupted prompts): "
+            f"{self.faithfulness}",
             f"  knockout (the circuit mean-ablated): metric change {self.knockout}",
-            f"  random circuits of the same size: faithfulness {rnd}"
-            f" => {'the circuit is more faithful than every random one' if better else 'NOT clearly better than random'}",
+            f"  against random circuits: {self.verdict()}",
             "  components (patching effect, normalised):",
         ]
         for n in self.nodes:
@@ -225,6 +249,8 @@ class CircuitResult(Result):
             lines.append(f"    {u:>8} -> {v:<10} {s:+.3f}")
         if "curve" in self.extra:
             lines.append(self.extra["curve"].summary())
+        if "falsification" in self.extra:
+            lines.append("  " + self.extra["falsification"])
         return "\n".join(lines)
 
     def plot(self, path: str | Path = "circuit.png") -> Path:
@@ -259,7 +285,9 @@ class CircuitResult(Result):
         return f"<pre>{viz.esc(self.summary())}</pre>" + self.resid.to_html() + self.heads.to_html()
 
     def _dict_extra(self) -> dict:
-        out = {"eap_edges_scored": len(self.extra.get("eap", {}))}
+        out = {"eap_edges_scored": len(self.extra.get("eap", {})), "p_value": self.p_value,
+               **{k: self.extra[k] for k in ("metric", "metric_clean", "metric_corrupted", "falsification")
+                  if k in self.extra}}
         if "curve" in self.extra:
             out["curve"] = self.extra["curve"].to_dict()
         return out
@@ -466,10 +494,21 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
 
 
 @torch.no_grad()
-def _ablated_metric(model, tokens, metric, comps, reference, seed) -> torch.Tensor:
-    values = replacement_values(model, comps, tokens, "mean", reference, seed)
-    with model.hooks(ablation_hooks(model, comps, values)):
-        return torch.as_tensor(metric(model(tokens))).float().cpu()
+def mean_ablator(model: HookedModel, test, metric: Metric, pool: list[str], seed: int = 0) -> Callable:
+    """``ablated(names) -> [prompt]``: ``metric`` on ``test.clean`` with the named components mean-ablated over
+    ``test.corrupted``. The means of every component of ``pool`` come from one cached pass, so each further
+    circuit costs one forward pass (what makes 20+ random circuits cheap)."""
+    comps = parse_components(model, pool)
+    values = replacement_values(model, comps, test.clean, "mean", test.corrupted, seed)
+    by_name = {str(c): c for c in comps}
+
+    @torch.no_grad()
+    def ablated(names: list[str]) -> torch.Tensor:
+        cs = [by_name[n] for n in names]
+        with model.hooks(ablation_hooks(model, cs, {c: values[c] for c in cs})):
+            return torch.as_tensor(metric(model(test.clean))).float().cpu()
+
+    return ablated
 
 
 def _screened_heads(model, search, metric, screen: int) -> PatchResult:
@@ -527,27 +566,31 @@ def _select_edges(model, eap: dict, nodes: list[str], edge_threshold: float) -> 
 
 
 def _validate_circuit(model, test, metric, nodes: list[str], ablate_mlps: bool, n_random: int,
-                      seed: int) -> tuple[Estimate, Estimate, list[Estimate]]:
-    """Step 6 on held-out prompts: faithfulness, knockout, and random circuits of the same size."""
+                      seed: int) -> tuple[Estimate, Estimate, list[Estimate], dict]:
+    """Step 6 on held-out prompts: faithfulness, knockout, random circuits of the same size, and the clean and
+    corrupted metric they are read against."""
     heads = [str(x) for x in all_heads(model.cfg)]
     mlps = [str(x) for x in all_mlps(model.cfg)]
     with torch.no_grad():
         full = torch.as_tensor(metric(model(test.clean))).float().cpu()
+        corrupted = torch.as_tensor(metric(model(test.corrupted))).float().cpu()
     ablatable = heads + mlps if ablate_mlps else heads
+    ablated = mean_ablator(model, test, metric, sorted(set(ablatable) | set(nodes)), seed)
 
     def faithful(circuit_nodes):
-        outside = parse_components(model, [x for x in ablatable if x not in set(circuit_nodes)])
-        return _ratio_ci(_ablated_metric(model, test.clean, metric, outside, test.corrupted, seed), full, seed)
+        return _ratio_ci(ablated([x for x in ablatable if x not in set(circuit_nodes)]), full, seed)
 
-    knocked = _ablated_metric(model, test.clean, metric, parse_components(model, nodes), test.corrupted, seed)
+    knocked = ablated(list(nodes))
     n_heads = sum(Component.parse(x).kind == "head" for x in nodes)
     rng = random.Random(seed)
-    rand = [faithful(rng.sample(heads, n_heads) + rng.sample(mlps, len(nodes) - n_heads)) for _ in range(n_random)]
-    return faithful(nodes), bootstrap_ci(knocked - full, seed=seed), rand
+    rand = [faithful(rng.sample(heads, n_heads) + rng.sample(mlps, len(nodes) - n_heads))
+            for _ in bar(range(n_random), desc="random circuits")]
+    base = {"clean": float(full.mean()), "corrupted": float(corrupted.mean()), "n": int(full.numel())}
+    return faithful(nodes), bootstrap_ci(knocked - full, seed=seed), rand, base
 
 
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, node_threshold: float = 0.05,
-                 edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 3,
+                 edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
                  seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False,
                  screen_heads: int | None = None, curve: bool = False, curve_ig_steps: int = 5) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
@@ -583,7 +626,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
     edges = _select_edges(model, eap, nodes, edge_threshold)
     stage(f"find_circuit 3/3: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
-    faith, knockout, rand = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
+    faith, knockout, rand, base = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
     extra_curve = {}
     if curve:
         rankings = {"patching": ranked, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
@@ -592,9 +635,11 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
             rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, m_search,
                                                                    ig_steps=curve_ig_steps))
         stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
-        extra_curve["curve"] = faithfulness_curve(model, test, rankings, m_test, n_random=n_random,
-                                                  ablate_mlps=ablate_mlps, seed=seed)
+        extra_curve["curve"] = faithfulness_curve(model, test, rankings, m_test, n_random=min(n_random, 5),
+                                                  ablate_mlps=ablate_mlps, seed=seed)  # a mean line per size
     return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
                          faith, knockout, rand, len(node_scores),
                          extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),
-                                "ablated_outside": "heads and MLPs" if ablate_mlps else "heads", **extra_curve})
+                                "ablated_outside": "heads and MLPs" if ablate_mlps else "heads",
+                                "metric": describe_metric(m_test), "metric_clean": base["clean"],
+                                "metric_corrupted": base["corrupted"], **extra_curve})

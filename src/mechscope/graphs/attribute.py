@@ -284,7 +284,8 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     graph = _assemble(model, rm, src, toks, probs, rows, {
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
         "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
-        "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30)})
+        "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
+        "transcoder_layers": sorted(rm.transcoders.layers)})
     if certify:
         graph.certificate = edge_certificate(rm, graph, certify)
     graph.stats["seconds"] = time.perf_counter() - t0

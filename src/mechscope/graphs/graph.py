@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..analysis import viz
 from ..core import InputError
 from ..core.files import atomic_write, read_safetensors
 from ..core.result import Result
@@ -188,16 +189,37 @@ class AttributionGraph(Result):
             edge_keep &= keep[r] & keep[c]
         return PrunedGraph(self, keep, edge_keep, node_threshold, edge_threshold)
 
+    def error_warning(self, threshold: float = 0.5) -> str | None:
+        """A plain warning when most of the influence on the logits goes through error nodes (the part of the MLPs the
+        transcoders do not explain), with how many layers lack a transcoder and the fix; None otherwise."""
+        share = 1.0 - self.scores()["replacement"]
+        if share < threshold:
+            return None
+        have = self.stats.get("transcoder_layers")
+        missing = [] if have is None else [l for l in range(self.n_layers) if l not in set(have)]
+        why = (f"the MLPs of {len(missing)} of {self.n_layers} layers have no transcoder (layers "
+               f"{viz.ranges(missing)}), so they are one error node each" if missing else
+               "the transcoders reconstruct their MLPs poorly here")
+        fix = ("train transcoders for every layer (`mechscope transcoders train`; any subset works, but each missing "
+               "layer is an error node)" if missing else "train wider or longer transcoders, and check them with "
+               "`mechscope sae eval`")
+        return (f"{share:.0%} of this graph's influence on the logits goes through error nodes: {why}. Its features "
+                f"explain little of the prediction; {fix}")
+
     # ------------------------------------------------------------------ protocol
     def summary(self) -> str:
         s = self.stats
         sc = self.scores()
-        lines = [f"attribution graph of {len(self.token_strs)} tokens: {self.n_nodes} nodes, {self.n_edges} edges "
+        warn = self.error_warning()
+        lines = ([f"WARNING: {warn}"] if warn else [])
+        lines += [f"attribution graph of {len(self.token_strs)} tokens: {self.n_nodes} nodes, {self.n_edges} edges "
                  f"({s.get('seconds', 0):.1f} s)",
                  f"  {s['feature_nodes']} of {s['active_features']} active features traced (max_feature_nodes "
                  f"{s['max_feature_nodes']}); the cap left out {s['dropped_features']}, holding "
                  f"{s['dropped_influence']:.1%} of the estimated influence",
-                 f"  replacement score {sc['replacement']:.3f}, completeness {sc['completeness']:.3f}",
+                 f"  replacement score {sc['replacement']:.3f} (share of the logits' influence that reaches the "
+                 f"embeddings, not error nodes; 1 is best), completeness {sc['completeness']:.3f} (share of "
+                 "feature and logit inputs not from errors, influence-weighted)",
                  "  targets: " + ", ".join(f"{t!r} p={float(p):.3f}" for t, p in zip(self.token_labels, self.logit_probs))]
         if self.certificate:
             c = self.certificate
@@ -207,6 +229,7 @@ class AttributionGraph(Result):
 
     def _dict_extra(self) -> dict:
         return {"n_nodes": self.n_nodes, "n_edges": self.n_edges, "scores": self.scores(),
+                "error_warning": self.error_warning(),
                 "logit_probs": [float(p) for p in self.logit_probs]}
 
     def top_edges(self, n: int = 20, into: int | None = None) -> list[tuple[str, str, float]]:

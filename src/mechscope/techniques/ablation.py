@@ -199,7 +199,7 @@ def describe_reference(method: str, n_prompts: int, reference: TextOrTokens | No
 def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
            reference: TextOrTokens | None = None, seed: int = 0,
            n_boot: int = 2000, batch_size: int | None = None, metric_name: str | None = None,
-           _baseline: torch.Tensor | None = None) -> AblationResult:
+           _baseline: torch.Tensor | None = None, _values: dict | None = None) -> AblationResult:
     """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after.
 
     ``reference``: the prompts mean and resample values come from (default: the ablated prompts
@@ -211,7 +211,7 @@ def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components:
     toks = equal_length_tokens(model, tokens, "ablation")
     comps = parse_components(model, components)
     state = BatchState()  # one run: later passes start at a size that fit, and it warns once
-    values = replacement_values(model, comps, toks, method, reference, seed, state)
+    values = _values if _values is not None else replacement_values(model, comps, toks, method, reference, seed, state)
     base = _baseline if _baseline is not None else batched_metric(model, toks, metric, batch_size=batch_size,
                                                                    what="ablation", state=state)
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
@@ -309,11 +309,16 @@ def compare_to_random(model: HookedModel, tokens: TextOrTokens, metric: Metric, 
     if len(kinds) != 1 or kinds == {"attn", "mlp"}:
         raise InputError("compare_to_random needs components of one kind (all heads, all neurons, ...)")
     kind = kinds.pop()
-    target = ablate(model, tokens, metric, comps, method, reference, seed, metric_name=metric_name)
-    rand_res = [ablate(model, tokens, metric, random_components(model, len(comps), kind, [str(c) for c in comps],
-                                                               seed + 1 + i), method, reference, seed,
-                       _baseline=target.baseline)
-                for i in bar(range(n_random), desc="ablating random components")]
+    sets = [parse_components(model, random_components(model, len(comps), kind, [str(c) for c in comps], seed + 1 + i))
+            for i in range(n_random)]
+    pool = list(dict.fromkeys(comps + [c for st in sets for c in st]))
+    toks = equal_length_tokens(model, tokens, "ablation")
+    values = replacement_values(model, pool, toks, method, reference, seed)  # one reference pass for every set
+    target = ablate(model, toks, metric, comps, method, reference, seed, metric_name=metric_name,
+                    _values={c: values[c] for c in comps})
+    rand_res = [ablate(model, toks, metric, st, method, reference, seed, _baseline=target.baseline,
+                       _values={c: values[c] for c in st})
+                for st in bar(sets, desc="ablating random components")]
     t_eff = target.ablated - target.baseline
     if not rand_res:
         return BaselineComparison([str(c) for c in comps], target.effect, [], target.effect, target, f"{kind}s")

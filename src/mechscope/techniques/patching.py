@@ -140,7 +140,7 @@ class PatchResult(Result):
                         lines.append(f"  pos {pos_names[p]:28s} no effect at any layer")
                         continue
                     strong = (col.abs() >= 0.5 * col.abs().max()).nonzero().flatten().tolist()
-                    span = _ranges([self.labels["layer"][i] for i in strong])
+                    span = viz.ranges([self.labels["layer"][i] for i in strong])
                     lines.append(f"  pos {pos_names[p]:28s} strongest at layer {self.labels['layer'][li]} "
                                  f"{float(col[li]):+.3f}{self._ci_text((li, p))}; at least half of it in layers {span}")
                 return lines
@@ -200,25 +200,6 @@ class PatchResult(Result):
         return viz.heatmap_html(grid, rows, cols, title=f"patching {self.site} ({self.direction}), normalised",
                                 diverging=True)
 
-
-
-def _ranges(names: list) -> str:
-    """``["0", "1", "2", "5"]`` -> ``"0-2, 5"`` (integers in runs; anything else joined)."""
-    try:
-        xs = sorted(int(x) for x in names)
-    except ValueError:
-        return ", ".join(map(str, names))
-    if not xs:
-        return "none"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(out)
 
 
 def label_result(res: PatchResult, model: HookedModel, clean: torch.Tensor, corrupted: torch.Tensor,

@@ -141,18 +141,19 @@ class ProbeSweep(Result):
         return max(range(len(key)), key=lambda i: key[i].value)
 
     def summary(self) -> str:
-        metric = "accuracy" if self.kind == "logistic" else "-squared error"
+        metric = ("accuracy (fraction correct)" if self.kind == "logistic" else "minus squared error")
         lines = [f"{self.kind} probe{' for ' + self.task if self.task else ''}: held-out {metric} "
                  f"({self.n_train} train / {self.n_test} held-out examples, split by sequence)"]
         for i, h in enumerate(self.hooks):
             row = f"  {h:32s} {self.scores[i].value:.3f} [{self.scores[i].low:.3f}, {self.scores[i].high:.3f}]"
             if self.control is not None:
-                row += f"  control {self.control[i].value:.3f}  selectivity {self.selectivity[i].value:+.3f}"
+                row += (f"  control-task {('accuracy' if self.kind == 'logistic' else 'score')} "
+                        f"{self.control[i].value:.3f}  selectivity (task - control) {self.selectivity[i].value:+.3f}")
             lines.append(row)
         b = self.best
         if self.selectivity is not None:
             s = self.selectivity[b]
-            verdict = "beats its control task" if s.low > 0 else "does NOT beat its control task"
+            verdict = "beats its control task" if s.excludes(0.0) and s.value > 0 else "does NOT beat its control task"
             lines.append(f"best: {self.hooks[b]}, selectivity {s}: the probe {verdict}")
         return "\n".join(lines)
 

@@ -67,6 +67,8 @@ def head_cmd(args: argparse.Namespace) -> Result:
          ("mechscope circuit --task ioi --n 16 --png circuit.png", "mechscope circuit --task factual --threshold 0.1"),
          MODEL, TASK, arg("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|"),
          arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"),
+         arg("--n-random", type=int, default=20, help="random circuits of the same size, for the rank p-value (19 or "
+                                                      "more can give p < 0.05)"),
          arg("--screen", type=int, default=64,
              help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
          arg("--curve", default=None, metavar="PNG",
@@ -79,8 +81,18 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
     _, _, _, ds = _task(args, model)
     if ds is None:
         raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
+    from ...project import falsification
+
     res = find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps,
-                       screen_heads=args.screen or None, curve=args.curve is not None)
+                       screen_heads=args.screen or None, curve=args.curve is not None, n_random=args.n_random)
+    line = falsification()
+    if line is not None:
+        text, thr = line
+        f = res.faithfulness
+        said = ("FALSIFIED: the whole CI is below it" if f.high < thr else "not falsified: the whole CI is above it"
+                if f.low >= thr else "undecided: the CI straddles it; use more prompts (--n)")
+        res.extra["falsification"] = (f"your falsification line (README.md): \"{text[:200]}\" -> threshold "
+                                      f"{thr:.2f}; faithfulness {f.value:.2f} [{f.low:.2f}, {f.high:.2f}]: {said}")
     if args.curve:
         res.extra["curve"].plot(args.curve)
     return _pictures(args, res, "circuit")
