@@ -246,3 +246,31 @@ def test_runs_table_prints_integers_whole(tmp_path):
         run.log(pid=14680, loss=0.123456)
     table = runs_table(list_runs(tmp_path))
     assert "14680" in table and "e+04" not in table and "0.1235" in table
+
+
+def test_falsification_line_is_read_from_the_readme(tmp_path, monkeypatch):
+    from mechscope.project import falsification
+
+    path = init_project("fals", tmp_path, git=False)
+    text, thr = falsification(path / "experiments")
+    assert thr == 0.5 and "recovers less than half" in text  # the line init writes
+    readme = path / "README.md"
+    readme.write_text(readme.read_text().replace("recovers less than half of the metric", "recovers less than 40% of it"))
+    assert falsification(path)[1] == 0.4
+    readme.write_text("# no such section\n")
+    assert falsification(path) is None
+    assert falsification(tmp_path) is None  # outside any project
+
+
+def test_circuit_cli_compares_with_the_falsification_line(tmp_path, monkeypatch, capsys):
+    import mechscope
+    from mechscope.circuits.toy import train_attn_only
+
+    toy = train_attn_only(steps=150, seed=0).model
+    path = init_project("circ", tmp_path, git=False)
+    monkeypatch.chdir(path)
+    monkeypatch.setattr(mechscope, "load", lambda *a, **k: toy)
+    assert main(["circuit", "--task", "induction", "--n", "12", "--n-random", "19", "--screen", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "your falsification line (README.md)" in out and "threshold 0.50" in out
+    assert "of 19 random circuits" in out and "rank p =" in out and "clean run" in out

@@ -23,7 +23,7 @@ def labelled(fn: Callable, name: str, unit: str, higher: str = "higher is better
     return fn
 
 
-def describe_metric(metric) -> str:
+def describe_metric(metric: Callable) -> str:
     """The description set by :func:`labelled` (on the function, or on the object a bound method belongs to),
     or ``"metric (unnamed: pass a labelled() metric to name it)"``."""
     for owner in (metric, getattr(metric, "__self__", None), getattr(metric, "__func__", None)):

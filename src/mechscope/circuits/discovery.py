@@ -494,7 +494,7 @@ def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[st
 
 
 @torch.no_grad()
-def mean_ablator(model: HookedModel, test, metric: Metric, pool: list[str], seed: int = 0) -> Callable:
+def mean_ablator(model: HookedModel, test: TaskDataset, metric: Metric, pool: list[str], seed: int = 0) -> Callable:
     """``ablated(names) -> [prompt]``: ``metric`` on ``test.clean`` with the named components mean-ablated over
     ``test.corrupted``. The means of every component of ``pool`` come from one cached pass, so each further
     circuit costs one forward pass (what makes 20+ random circuits cheap)."""

@@ -93,7 +93,8 @@ class SAEEval(Result):
                  f"  dead latents (never fired on these tokens) {self.dead_fraction:.1%}",
                  f"  CE loss (next-token, nats per token): clean {self.ce_clean:.4f}, with the SAE {self.ce_sae:.4f} "
                  f"({self.ce_sae - self.ce_clean:+.4f}), zero-ablated {self.ce_zero:.4f}",
-                 f"  CE loss recovered (fraction; 1 = as good as the model) {self.ce_recovered:.3f}{ci}"]
+                 f"  CE loss recovered {self.ce_recovered:.3f}{ci} (fraction of the zero-ablation loss gap closed; "
+                 "1 = as good as the model)"]
         lines += [f"  WARNING: {w}" for w in self.warnings()]
         return "\n".join(lines)
 
