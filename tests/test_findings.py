@@ -244,7 +244,7 @@ def test_feature_controls_are_active_features_of_similar_activation(model):
         assert fired[c] and c != target  # never a silent feature, never the target
     res = compare_features_to_random(model, sae, toks, T7, [target], n_random=20)
     assert len(res.random_effects) == 20 and all(e.value != 0.0 for e in res.random_effects)
-    assert "matched active features" in res.summary() and 0 < res.p_value <= 1
+    assert "active on the same prompts at a similar activation" in res.summary() and 0 < res.p_value <= 1
     silent = [i for i in range(64) if not fired[i]]
     if silent:
         with pytest.raises(InputError, match="never fire"):

@@ -21,7 +21,7 @@ import torch
 
 from ..analysis import viz
 from ..analysis.metrics import describe_metric
-from ..analysis.validation import bootstrap_ci, paired_bootstrap
+from ..analysis.validation import MIN_CI_N, bootstrap_ci, paired_bootstrap
 from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
@@ -97,10 +97,14 @@ class SteeringSweep(Result):
         lines = [f"steering with feature {self.feature}: strength in units of its {self.quantile:.0%} activation "
                  f"quantile, scale {self.scale:.4g} raw units", f"metric: {self.metric}",
                  f"{'strength':>9s} {'feature':>24s} {'random direction':>24s}"]
+        def cell(e) -> str:
+            return f"{e.value:+10.4f} [{e.low:+.3f}, {e.high:+.3f}]" if e.informative else f"{e.value:+10.4f}{'':16s}"
+
         for i, s in enumerate(self.strengths):
-            a, b = bootstrap_ci(self.values[i]), bootstrap_ci(self.control[i])
-            lines.append(f"{s:9.3g} {a.value:+10.4f} [{a.low:+.3f}, {a.high:+.3f}] {b.value:+10.4f} "
-                         f"[{b.low:+.3f}, {b.high:+.3f}]")
+            lines.append(f"{s:9.3g} {cell(bootstrap_ci(self.values[i]))} {cell(bootstrap_ci(self.control[i]))}")
+        n = self.values.shape[1]
+        lines.append(f"(mean over {n} prompts" + (", 95% CIs)" if n >= MIN_CI_N else
+                                                   f": too few for CIs, which need {MIN_CI_N}+)"))
         base = float(self.values[0].mean()) if self.strengths and self.strengths[0] == 0 else None
         if base is not None:
             diff = (self.values - self.control).mean(1)
@@ -216,11 +220,9 @@ def compare_features_to_random(model: HookedModel, sae: SAE, tokens: TextOrToken
     r_effs = [effect(c) for c in bar(controls, desc="ablating matched control features")]
     name = describe_metric(metric)
     target = AblationResult([f"F{i}" for i in features], "feature (error term kept)", base, base + t_eff,
-                            bootstrap_ci(t_eff, seed=seed), {"controls": controls}, name,
-                            f"controls: features active on the same {toks.shape[0]} prompts at a similar activation "
-                            f"(within {tolerance:g}x)")
+                            bootstrap_ci(t_eff, seed=seed), {"controls": controls}, name)
+    what = f"features (each active on the same prompts at a similar activation, within {tolerance:g}x)"
     if not r_effs:
-        return BaselineComparison(target.components, target.effect, [], target.effect, target, "features")
+        return BaselineComparison(target.components, target.effect, [], target.effect, target, what)
     return BaselineComparison(target.components, target.effect, [bootstrap_ci(r, seed=seed) for r in r_effs],
-                              paired_bootstrap(t_eff, torch.stack(r_effs).mean(0), seed=seed), target,
-                              "matched active features")
+                              paired_bootstrap(t_eff, torch.stack(r_effs).mean(0), seed=seed), target, what)

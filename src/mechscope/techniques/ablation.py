@@ -284,13 +284,26 @@ class BaselineComparison(Result):
             return head + "  no random baseline (n_random=0): the effect has no control"
         n = len(vals)
         beaten = sum(abs(self.effect.value) > abs(v) for v in vals)
-        verdict = self.difference.verdict("random " + self.what)
+        short = "random " + self.what.split(" (")[0]
+        verdict = self.difference.verdict(short)
         enough = "" if n >= 19 else f" ({n} draws cannot give p < 0.05; use at least 19)"
+        paired = self.difference.excludes(0.0)
+        ranked = self.p_value < 0.05
+        if paired and ranked:
+            overall = f"both tests put the effect above {short}"
+        elif not self.difference.informative:
+            overall = "too few prompts to decide; add prompts until the CIs are informative"
+        elif paired != ranked:
+            overall = (f"the tests disagree (paired CI {'excludes' if paired else 'includes'} 0, rank p = "
+                       f"{self.p_value:.3f}): not established; use more prompts, or more random draws")
+        else:
+            overall = f"not distinguishable from {short}"
         return (head + f"  baseline: {n} random sets of {len(self.components)} {self.what}: effects mean "
                 f"{sum(vals) / n:+.4f}, range [{min(vals):+.4f}, {max(vals):+.4f}]\n"
                 f"  the effect is larger in magnitude than {beaten} of {n} random sets (rank p = {self.p_value:.3f})"
                 f"{enough}\n"
-                f"  effect minus the random mean, per prompt: {self.difference} ({verdict})")
+                f"  effect minus the random mean, per prompt: {self.difference} ({verdict})\n"
+                f"  verdict: {overall}")
 
     def _dict_extra(self) -> dict:
         return {"p_value": self.p_value}
