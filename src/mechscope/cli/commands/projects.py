@@ -13,6 +13,11 @@ from ..registry import Outcome, arg, command
 from .common import MODEL, _load
 
 
+def _given_root(root: str | None) -> Path | None:
+    """A --root typed on the command line is relative to the shell's folder; without one, the project's runs/."""
+    return Path(root).resolve() if root else None
+
+
 @command("init", "scaffold a research project (README with hypothesis and validation plan, folders)",
          ("mechscope init ioi-circuit",), arg("name", help="the project folder to create"),
          arg("--root", default=".", help="where to create it"),
@@ -33,8 +38,9 @@ def init_cmd(args: argparse.Namespace) -> Result:
 def runs_cmd(args: argparse.Namespace) -> Result:
     from ...project import list_runs, runs_root, runs_table
 
-    recs = list_runs(args.root)
-    return Outcome(runs_table(recs) if recs else f"no runs under {runs_root(args.root)}/", recs)
+    root = _given_root(args.root)
+    recs = list_runs(root)
+    return Outcome(runs_table(recs) if recs else f"no runs under {runs_root(root)}/", recs)
 
 
 @command("report", "an offline HTML report comparing experiment records",
@@ -44,9 +50,10 @@ def runs_cmd(args: argparse.Namespace) -> Result:
 def report_cmd(args: argparse.Namespace) -> Result:
     from ...project import list_runs, runs_report, runs_root
 
-    recs = list_runs(args.root)
+    root = _given_root(args.root)
+    recs = list_runs(root)
     if not recs:
-        raise NotFoundError(f"no run records under {runs_root(args.root)}/ (runs/<time>-<name>/run.json)")
+        raise NotFoundError(f"no run records under {runs_root(root)}/ (runs/<time>-<name>/run.json)")
     path = atomic_write(args.out, runs_report(recs))
     return Outcome(f"report of {len(recs)} runs: {path}", {"report": path, "runs": len(recs)})
 
@@ -64,7 +71,7 @@ def demo_cmd(args: argparse.Namespace) -> Result:
     model = _load(args)
     print(f"loaded {model!r} in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     with Run("demo", config={"model": model.cfg.model_name, "out": args.out}, seeds=[0],
-             root=Path(args.out) / "runs") as run:
+             root=Path(args.out).resolve() / "runs") as run:  # beside report.html, wherever the project is
         rep = demo_investigation(model, args.out, echo=not args.json)
         run.log(**rep.metrics)
         run.artifact(Path(args.out) / "report.html")
