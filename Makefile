@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
 # two workers (one torch thread each, tests/conftest.py): the many small tests are Python-bound
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=15
 
 test: lint
 	$(PYTEST)

@@ -262,14 +262,12 @@ def test_falsification_line_is_read_from_the_readme(tmp_path, monkeypatch):
     assert falsification(tmp_path) is None  # outside any project
 
 
-def test_circuit_cli_compares_with_the_falsification_line(tmp_path, monkeypatch, capsys):
+def test_circuit_cli_compares_with_the_falsification_line(tmp_path, monkeypatch, capsys, toy):
     import mechscope
-    from mechscope.circuits.toy import train_attn_only
 
-    toy = train_attn_only(steps=150, seed=0).model
     path = init_project("circ", tmp_path, git=False)
     monkeypatch.chdir(path)
-    monkeypatch.setattr(mechscope, "load", lambda *a, **k: toy)
+    monkeypatch.setattr(mechscope, "load", lambda *a, **k: toy.model)
     assert main(["circuit", "--task", "induction", "--n", "12", "--n-random", "19", "--screen", "0"]) == 0
     out = capsys.readouterr().out
     assert "your falsification line (README.md)" in out and "threshold 0.50" in out

@@ -14,7 +14,7 @@ def test_demo_investigation_writes_report(smollm, tmp_path, monkeypatch):
     from mechscope.workflows import demo_investigation
 
     monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "empty-cache"))  # CI's case: no transcoders trained
-    rep = demo_investigation(smollm, tmp_path, n_prompts=4)
+    rep = demo_investigation(smollm, tmp_path, n_prompts=10)  # 10 held-out prompts: the fewest that give a CI
     html = (tmp_path / "report.html").read_text()
     assert [s.title[:2] for s in rep.sections] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9."]
     assert "mechscope transcoders train" in rep.sections[8].text and not (tmp_path / "graph.html").exists()
@@ -58,9 +58,11 @@ def test_technique_commands(capsys, monkeypatch, smollm, tmp_path):
     assert out["clean"] > 0 > out["corrupted"] and (tmp_path / "p.png").exists()
     assert main(["attrib", "--task", "ioi", "--n", "2", "--site", "z", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["values"]) == 30
-    assert main(["ablate", "--task", "ioi", "--n", "4", "L20H0", "L23H3", "--method", "mean", "--json"]) == 0
+    assert main(["ablate", "--task", "ioi", "--n", "12", "L20H0", "L23H3", "--method", "mean", "--n-random", "3",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["ci"][1] < 0
+    assert out["effect"]["high"] < 0 and out["target"]["ci"][1] < 0 and len(out["random_effects"]) == 3
+    assert "mean over the ablated prompts themselves (12)" in out["target"]["reference"]
     assert main(["patch", "--clean", "The capital of France is", "--corrupted", "The capital of Italy is",
                  "--answer", " Paris", "--wrong", " Rome", "--site", "z"]) == 0
     assert main(["patch", "--clean", "a b", "--corrupted", "a b c", "--answer", " c"]) == 2

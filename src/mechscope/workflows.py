@@ -392,7 +392,7 @@ def _reproducibility(rep: Report, model: HookedModel, seed: int, n_prompts: int)
                                  "changes") + f" (torch {v['torch']}, transformers {v['transformers']})")
 
 
-def demo_investigation(model: HookedModel, out: str | Path = "mechscope-demo", n_prompts: int = 8, seed: int = 0,
+def demo_investigation(model: HookedModel, out: str | Path = "mechscope-demo", n_prompts: int = 12, seed: int = 0,
                        echo: bool = True) -> Report:
     """Run the demo investigation on ``model`` and write ``out/report.html`` with PNGs beside it."""
     out = Path(out)
