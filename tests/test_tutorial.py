@@ -9,8 +9,13 @@ pytestmark = pytest.mark.slow
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "tutorial.ipynb"
 
 
-def test_tutorial_notebook_executes():
+def test_tutorial_notebook_executes(monkeypatch):
     nbformat = pytest.importorskip("nbformat")
+    # the kernel is a process of its own: give it this worker's share of the cores, not all of them (2 workers x 2
+    # threads on 2 cores oversubscribe, and OpenMP's spinning made the notebook ~5x slower than alone)
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
