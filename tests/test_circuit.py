@@ -177,14 +177,14 @@ def test_screened_head_patching_keeps_the_exact_values_of_its_candidates():
 
 
 def test_faithfulness_curve_scores_and_bounds(tmp_path):
-    from mechscope.circuits.discovery import FaithfulnessCurve, _area, faithfulness_curve
+    from mechscope.circuits.faithfulness import FaithfulnessCurve, _area, faithfulness_curve
 
     model = HookedModel(tiny_hf("llama"))
     ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
     res = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=2, curve=True)
     cv = res.extra["curve"]
-    assert cv.sizes == [1, 2, 4, 8, 12] and cv.fraction[-1] == 1.0 and set(cv.curves) == {"patching", "eap", "eap-ig"}
-    for c in cv.curves.values():  # every head kept: nothing is ablated, so faithfulness is exactly 1
+    assert cv.sizes == [1, 2, 4, 8, 15] and cv.fraction[-1] == 1.0 and set(cv.curves) == {"patching", "eap", "eap-ig"}
+    for c in cv.curves.values():  # every head and MLP kept: nothing is ablated, so faithfulness is exactly 1
         assert c[-1].value == pytest.approx(1.0, abs=1e-6)
     assert cv.random[-1] == pytest.approx(1.0, abs=1e-6)
     sc = cv.scores
@@ -199,5 +199,5 @@ def test_faithfulness_curve_scores_and_bounds(tmp_path):
     assert _area([0, 0.5, 1], [1, 1, 1]) == pytest.approx(1.0)
     perfect = FaithfulnessCurve([1, 2], [0.5, 1.0], {"p": [res.faithfulness.__class__(1, 1, 1)] * 2}, [0.0, 1.0], 2)
     assert perfect.scores["p"]["cpr"] == pytest.approx(0.75) and perfect.scores["random"]["cpr"] == pytest.approx(0.25)
-    with pytest.raises(ValueError, match=r"sizes \[99\] out of range: 1\.\.12"):
+    with pytest.raises(ValueError, match=r"sizes \[99\] out of range: 1\.\.15"):
         faithfulness_curve(model, ds, {"p": ["L0H0"]}, sizes=[99])

@@ -1,33 +1,20 @@
-"""Circuit discovery: patching, edge attribution, a thresholded circuit, and its validation.
+"""Circuit discovery: patching, edge attribution, a circuit chosen from the faithfulness curve, and its validation.
 
 :func:`find_circuit` follows the usual recipe on a task dataset (clean/corrupted pairs):
 
 1. residual-stream patching by layer x position finds where the task information lives;
 2. the layers that matter are the ones where it moves (reported as a window);
-3. every head (at ``hook_z``) and every MLP is patched;
-4. edge attribution patching (EAP; Syed et al. 2023) scores each edge from an upstream component
-   (the embedding, a head, an MLP) to a downstream reader as ``(out_u(clean) - out_u(corrupted)) . g_v``,
-   where ``g_v`` is the exact gradient of the metric that flows into the residual stream through
-   reader ``v``. Readers are the query input of each head (``L5H3.q``), the key and value inputs
-   of each KV head (``L5H3.k``, ``L5H3.v``; under grouped-query attention one KV head serves a
-   group of query heads and is written ``L5G1.k``), each MLP (``L5.mlp_in``) and the logits.
-   One backward pass gives them all: the gradient at ``attn.hook_q/k/v`` of a head, mapped back
-   through that head's ``W_Q``/``W_K``/``W_V`` and the vector-Jacobian product of the pre-attention
-   norm, is the part of ``dM/d resid_pre`` that flows through that head's input; the parts add up
-   exactly to the attention block's share ``dM/d resid_pre - dM/d resid_mid`` (tested), and the
-   MLP's share is ``dM/d resid_mid - dM/d resid_post``. With ``ig_steps > 0`` the gradients are
-   averaged along the path from corrupted to clean embeddings (EAP-IG, Hanna et al. 2024);
-5. the circuit keeps the components whose patching effect passes a threshold, and the edges
-   among them that pass an edge threshold;
-6. it is validated on held-out prompts: faithfulness (mean-ablate every head and MLP outside the
-   circuit; ``metric(circuit) / metric(full model)``), knockout (ablate the circuit itself), and
-   the faithfulness of random circuits of the same size, all with bootstrap CIs;
+3. every head (at ``hook_z``) and every MLP is patched (denoising: clean into corrupted), with
+   attribution-patching screening of the heads;
+4. edge attribution patching scores every edge (:mod:`mechscope.circuits.edges`);
+5. the circuit is the smallest top-``k`` of the signed patching ranking whose faithfulness on the
+   search prompts reaches ``target`` (:mod:`mechscope.circuits.faithfulness`: MIB's normalised
+   faithfulness, every head and MLP outside the circuit ablated, counterfactually or by the mean);
+   components whose patching effect opposes the behaviour are listed apart, never as members;
+6. it is validated on held-out prompts: faithfulness, knockout (ablating the circuit itself), the
+   faithfulness of random circuits of the same size, and the faithfulness curve over sizes, all
+   with bootstrap CIs;
 7. the result draws the circuit as a graph and prints its scores.
-
-In parallel-residual blocks (GPT-NeoX/Pythia with ``use_parallel_residual``, Phi), attention and
-MLP both read ``resid_pre``: the MLP's share of ``dM/d resid_pre`` is the vector-Jacobian product of
-``ln2`` applied to the gradient at its output (``ln2.hook_normalized``), the attention's is the rest
-(``dM/d resid_pre - dM/d resid_post - mlp share``), and a layer's heads do not feed its own MLP.
 """
 
 from __future__ import annotations
@@ -35,154 +22,33 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..analysis import viz
 from ..analysis.metrics import describe_metric
 from ..analysis.validation import Estimate, bootstrap_ci
-from ..batching import map_batches
-from ..compute import forward_bytes
-from ..core.components import Component, all_heads, all_mlps, head_readers, kv_component, parse_components
+from ..core.components import Component, all_heads, all_mlps, head_readers
 from ..core.errors import InputError
-from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
 from ..core.result import Result
-from ..core.types import Metric, TextOrTokens
+from ..core.types import Metric
 from ..datasets import TaskDataset
-from ..techniques.ablation import ablation_hooks, replacement_values
-from ..techniques.inputs import metric_on_rows
 from ..techniques.patching import PatchResult, patch
+from .edges import _layer, edge_attribution  # noqa: F401  (edge_attribution: re-exported)
+from .faithfulness import (
+    ABLATION_MODES,
+    Ablator,
+    ablatable,
+    check_mode,
+    curve_over_sizes,
+    curve_sizes,
+    eap_node_ranking,
+    faithfulness_curve,
+)
 
-
-def _ratio_ci(num: torch.Tensor, den: torch.Tensor, seed: int = 0) -> Estimate:
-    """``mean(num) / mean(den)`` with a bootstrap CI over prompts."""
-    pairs = torch.stack([num.double(), den.double()], 1)
-    return bootstrap_ci(pairs, stat=lambda p: p[:, 0].mean() / p[:, 1].mean(), seed=seed)
-
-
-def _area(x: list[float], y: list[float]) -> float:
-    """The trapezoid area under ``y(x)`` for increasing ``x`` in [0, 1]."""
-    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
-
-
-@dataclass(repr=False)
-class FaithfulnessCurve(Result):
-    """Faithfulness over circuit sizes (MIB, Mueller et al. 2025): one ranking of components, the top ``k``
-    kept for each ``k``, every other ablatable component mean-ablated on held-out prompts.
-
-    ``cpr`` is the area under the curve over the fraction of components kept (higher is better),
-    ``cmd`` the area between the curve and 1 (lower is better); both are computed against random
-    circuits of the same sizes too, and for every ranking given (e.g. exact patching against EAP).
-    """
-
-    sizes: list[int]
-    fraction: list[float]
-    curves: dict[str, list[Estimate]]  # ranking name -> faithfulness at each size
-    random: list[float]  # mean faithfulness of random circuits at each size
-    n_components: int
-
-    def _areas(self, ys: list[float]) -> tuple[float, float]:
-        x = [0.0] + self.fraction
-        y = [0.0] + ys
-        return _area(x, y), _area(x, [abs(1 - v) for v in y])
-
-    @property
-    def scores(self) -> dict[str, dict[str, float]]:
-        out = {name: dict(zip(("cpr", "cmd"), self._areas([e.value for e in c]))) for name, c in self.curves.items()}
-        out["random"] = dict(zip(("cpr", "cmd"), self._areas(self.random)))
-        return out
-
-    def summary(self) -> str:
-        lines = [f"faithfulness over circuit sizes (of {self.n_components} components; CPR: area under the curve, "
-                 f"higher is better; CMD: area between the curve and 1, lower is better)"]
-        head = "  size " + "".join(f"{n:>22s}" for n in self.curves) + f"{'random':>10s}"
-        lines.append(head)
-        for i, k in enumerate(self.sizes):
-            row = "".join(f"{c[i].value:+9.3f} [{c[i].low:+.2f},{c[i].high:+.2f}]" for c in self.curves.values())
-            lines.append(f"  {k:4d} {row}{self.random[i]:+10.3f}")
-        for name, sc in self.scores.items():
-            lines.append(f"  {name:>10s}: CPR {sc['cpr']:.3f}, CMD {sc['cmd']:.3f}")
-        return "\n".join(lines)
-
-    def _dict_extra(self) -> dict:
-        return {"scores": self.scores}
-
-    def plot(self, path: str | Path | None = None) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, c in self.curves.items():
-            ax.plot(self.fraction, [e.value for e in c], marker="o", label=f"{name} (CPR {self.scores[name]['cpr']:.2f})")
-            ax.fill_between(self.fraction, [e.low for e in c], [e.high for e in c], alpha=0.2)
-        ax.plot(self.fraction, self.random, marker="x", color="grey", label=f"random (CPR {self.scores['random']['cpr']:.2f})")
-        ax.axhline(1.0, color="black", lw=0.5)
-        ax.set_xscale("log")
-        ax.set_xlabel("fraction of components kept")
-        ax.set_ylabel("faithfulness (held out)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path or "faithfulness_curve.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
-
-
-def eap_node_ranking(eap: dict[tuple[str, str], float]) -> list[str]:
-    """Components ranked by EAP: each upstream component's summed |score| over the edges it writes into."""
-    total: dict[str, float] = {}
-    for (u, _), v in eap.items():
-        if u != "embed":
-            total[u] = total.get(u, 0.0) + abs(v)
-    return sorted(total, key=lambda k: -total[k])
-
-
-def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str, list[str]],
-                       metric: Metric | None = None, sizes: list[int] | None = None, n_random: int = 3,
-                       ablate_mlps: bool = False, seed: int = 0) -> FaithfulnessCurve:
-    """Faithfulness of the top-``k`` components of each ranking, for each ``k`` of ``sizes`` (default: powers of 2
-    up to every ablatable component), on ``test`` (held-out prompts), against random circuits of each size."""
-    metric = metric or test.metric
-    heads = [str(x) for x in all_heads(model.cfg)]
-    mlps = [str(x) for x in all_mlps(model.cfg)]
-    ablatable = heads + mlps if ablate_mlps else heads
-    if not rankings:
-        raise InputError("faithfulness_curve needs at least one ranking of components")
-    with torch.no_grad():
-        full = torch.as_tensor(metric(model(test.clean))).float().cpu()
-    ablated = mean_ablator(model, test, metric, ablatable, seed)
-
-    def faithful(kept: list[str]) -> Estimate:
-        outside = [x for x in ablatable if x not in set(kept)]
-        if not outside:  # nothing ablated: the model itself
-            return _ratio_ci(full, full, seed)
-        return _ratio_ci(ablated(outside), full, seed)
-
-    rankings = {name: [x for x in order if x in set(ablatable)]  # only ablatable components change the curve
-                for name, order in rankings.items()}
-    return curve_over_sizes(faithful, rankings, ablatable, sizes, n_random, seed, "the ablatable components")
-
-
-def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, list], pool: list,
-                     sizes: list[int] | None, n_random: int, seed: int, what: str) -> FaithfulnessCurve:
-    """The :class:`FaithfulnessCurve` of ``faithful(kept)`` for the top ``k`` of each ranking, for each ``k`` of
-    ``sizes`` (default: powers of 2 up to all of ``pool``), against random ``k``-subsets of ``pool``."""
-    n = len(pool)
-    sizes = sizes or sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
-    bad = [k for k in sizes if not 0 < k <= n]
-    if bad:
-        raise InputError(f"sizes {bad} out of range: 1..{n} ({what})")
-    curves = {name: [faithful(order[:k]) for k in bar(sizes, desc=f"faithfulness curve ({name})")]
-              for name, order in rankings.items()}
-    rng = random.Random(seed)
-    rand = [sum(faithful(rng.sample(pool, k)).value for _ in range(n_random)) / n_random
-            for k in bar(sizes, desc="faithfulness curve (random)")]
-    return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n)
+OPPOSING = 0.05  # a component whose normalised patching effect is at most -OPPOSING works against the behaviour
 
 
 @dataclass(repr=False)
@@ -202,6 +68,9 @@ class CircuitResult(Result):
     random_faithfulness: list[Estimate]
     n_components: int
     extra: dict = field(default_factory=dict)
+    mode: str = "mean"  # how components outside the circuit were ablated (see ABLATION_MODES)
+    opposing: dict[str, float] = field(default_factory=dict)  # components whose effect works against the behaviour
+    rule: str = ""  # how the circuit was chosen, in words
 
     _skip_in_dict = ("extra",)
 
@@ -226,32 +95,40 @@ class CircuitResult(Result):
 
     def summary(self) -> str:
         x = self.extra
+        kept = x.get("kept", "")
         lines = [
             f"circuit of {len(self.nodes)} components (of {self.n_components}), {len(self.edges)} edges",
+            f"  chosen: {self.rule}" if self.rule else "",
             f"  information moves in layers {self.layer_window[0]}..{self.layer_window[1]}, "
             f"at positions {self.positions}",
         ]
         if "metric_clean" in x:
             lines.append(f"  metric: {x['metric']}; on the {x.get('n_held_out', '?')} held-out prompts: clean run "
-                         f"{x['metric_clean']:+.4f}, corrupted run {x['metric_corrupted']:+.4f}")
+                         f"{x['metric_clean']:+.4f}, corrupted run {x['metric_corrupted']:+.4f}"
+                         + (f", every component ablated {x['metric_empty']:+.4f}" if "metric_empty" in x else ""))
         lines += [
-            f"  faithfulness on held-out prompts (metric with the circuit alone / metric of the whole model; "
-            f"{x.get('ablated_outside', 'heads')} outside the circuit mean-ablated over the corrupted prompts): "
-            f"{self.faithfulness}",
-            f"  knockout (the circuit mean-ablated): metric change {self.knockout}",
+            f"  ablation: {ABLATION_MODES.get(self.mode, self.mode)}" + (f"; {kept}" if kept else ""),
+            f"  faithfulness on held-out prompts ((circuit - every component ablated) / (whole model - every "
+            f"component ablated); 1 = the whole model, 0 = nothing): {self.faithfulness}",
+            f"  knockout (the circuit itself ablated): metric change {self.knockout}",
             f"  against random circuits: {self.verdict()}",
-            "  components (patching effect, normalised):",
+            "  members (denoising patching effect, normalised; + supports the behaviour):",
         ]
         for n in self.nodes:
             lines.append(f"    {n:>8} {self.node_scores[n]:+.3f}")
+        if self.opposing:
+            lines.append(f"  opposing the behaviour (patching effect <= -{OPPOSING}; not members, ablated with the rest):")
+            lines += [f"    {n:>8} {v:+.3f}" for n, v in self.opposing.items()]
         lines.append("  strongest edges (EAP score):")
         for u, v, s in sorted(self.edges, key=lambda e: -abs(e[2]))[:12]:
             lines.append(f"    {u:>8} -> {v:<10} {s:+.3f}")
+        if "held_out_curve" in x:
+            lines.append(x["held_out_curve"].summary())
         if "curve" in self.extra:
             lines.append(self.extra["curve"].summary())
         if "falsification" in self.extra:
             lines.append("  " + self.extra["falsification"])
-        return "\n".join(lines)
+        return "\n".join(line for line in lines if line)
 
     def plot(self, path: str | Path = "circuit.png") -> Path:
         """The circuit as a graph: components placed by layer, edges drawn by EAP score (red +, blue -)."""
@@ -286,17 +163,12 @@ class CircuitResult(Result):
 
     def _dict_extra(self) -> dict:
         out = {"eap_edges_scored": len(self.extra.get("eap", {})), "p_value": self.p_value,
-               **{k: self.extra[k] for k in ("metric", "metric_clean", "metric_corrupted", "falsification")
-                  if k in self.extra}}
-        if "curve" in self.extra:
-            out["curve"] = self.extra["curve"].to_dict()
+               **{k: self.extra[k] for k in ("metric", "metric_clean", "metric_corrupted", "metric_empty",
+                                             "falsification", "kept", "target", "search_curve") if k in self.extra}}
+        for k in ("curve", "held_out_curve"):
+            if k in self.extra:
+                out[k] = self.extra[k].to_dict()
         return out
-
-
-def _layer(name: str) -> int:
-    """``embed`` -> -1; ``L5H3``, ``L5G1``, ``L5.mlp``, ``L5H3.q`` -> 5."""
-    return Component.parse(name).layer
-
 
 def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
     """The circuit node an edge into ``reader`` is drawn at: the head itself for ``L5H3.q``, the first
@@ -312,203 +184,6 @@ def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
     elif r.kind == "head":
         heads = [c for c in heads if c.index == r.index]
     return str(heads[0]) if heads else None
-
-
-def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric, ig_steps: int = 0,
-                     per_head: bool = True, batch_size: int | None = None) -> dict[tuple[str, str], float]:
-    """EAP scores ``{(upstream, reader): score}`` (see the module docstring), summed over positions, mean over prompts.
-
-    ``clean``, ``corrupted``: ``[batch, pos]`` token ids of equal shape. ``metric(logits) -> [batch]``.
-    Upstream: ``embed``, ``L{l}H{h}``, ``L{l}.mlp``. Readers: ``L{l}H{h}.q``, the KV heads'
-    ``L{l}H{g}.k``/``.v`` (``L{l}G{g}`` under grouped-query attention), ``L{l}.mlp_in`` and
-    ``logits``; with ``per_head=False`` one ``L{l}.attn_in`` per attention block instead of the
-    q/k/v readers. Score: ``sum_{pos} (out_u(clean) - out_u(corrupted)) . g_v`` averaged over prompts.
-    Prompts run in batches sized from free memory (``batch_size`` overrides; see :mod:`mechscope.batching`).
-    """
-    c = model.cfg
-    if clean.shape != corrupted.shape:
-        raise InputError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
-                         f"and {tuple(corrupted.shape)}")
-    N, P = clean.shape
-    elt = torch.finfo(model.dtype).bits // 8
-    per_prompt = 4 * forward_bytes(c.to_dict(), 1, P, elt)  # two cached runs, a forward with its graph, gradients
-
-    def run(s: int, e: int) -> dict:
-        return _eap_batch(model, clean[s:e], corrupted[s:e], metric, ig_steps, per_head, torch.arange(s, e), N)
-
-    sums: dict[tuple[str, str], float] = {}
-    for part in map_batches(run, N, batch_size, per_prompt, model.device, "edge attribution",
-                            tokens_per_item=4 * P):  # two cached runs and a forward-backward pass
-        for k, v in part.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return {k: v / N for k, v in sums.items()}
-
-
-def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, rows: torch.Tensor,
-               n_prompts: int) -> dict[tuple[str, str], float]:
-    """EAP score sums over the prompts ``rows`` (``clean``/``corrupted`` ``[b, pos]``) of a dataset of ``n_prompts``."""
-    c = model.cfg
-    n = c.n_layers
-    out_names = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
-    out_names += [act_name("z", l) for l in range(n)] + [act_name("mlp_out", l) for l in range(n)]
-    with torch.no_grad():
-        _, cc = model.run_with_cache(clean, names_filter=out_names)
-        _, cx = model.run_with_cache(corrupted, names_filter=out_names)
-    grad_names = [act_name(s, l) for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
-    shared = c.parallel_residual and not model.has_hook(act_name("normalized", 0, "ln2"))
-    if c.parallel_residual:  # the MLP reads ln2(resid_pre) (or ln1's output, shared with attention)
-        grad_names = [g for g in grad_names if "resid_mid" not in g]
-        grad_names += [act_name("normalized", l, "ln1" if shared else "ln2") for l in range(n)]
-    if per_head or shared:
-        grad_names += [act_name(s, l) for l in range(n) for s in ("q", "k", "v")]
-        W = (model.W_Q, model.W_K_kv, model.W_V_kv)  # hoisted: each access rebuilds the stack
-    readers: dict[str, torch.Tensor] = {}
-    steps = max(1, ig_steps)
-    params = [p for p in model.hf.parameters() if p.requires_grad]
-    emb_c = cc["embed"] + (cc["pos_embed"] if model.has_hook("hook_pos_embed") else 0)
-    emb_x = cx["embed"] + (cx["pos_embed"] if model.has_hook("hook_pos_embed") else 0)
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for k in bar(range(steps), desc="EAP-IG steps"):
-            alpha = (k + 0.5) / steps if ig_steps else 0.0
-            store, resid = {}, {}
-
-            def start(act, hook, _a=alpha):  # the graph starts at the residual stream entering block 0
-                return (emb_x + _a * (emb_c - emb_x)).detach().requires_grad_(True)
-
-            def record(act, hook, _resid=resid):
-                _resid[hook.layer()] = act.detach()
-
-            def keep(g, hook, _store=store):
-                _store[hook.name] = g.detach()
-
-            fwd = [("blocks.0.hook_resid_pre", start)]
-            if per_head or c.parallel_residual:
-                fwd += [(act_name("resid_pre", l), record) for l in range(n)]
-            with torch.enable_grad(), model.hooks(fwd, [(g, keep) for g in grad_names]):
-                value = metric_on_rows(metric, model(corrupted), rows, n_prompts)
-                value.sum().backward()
-            for r, g in _reader_grads(model, store, resid, W if (per_head or shared) else None, per_head).items():
-                readers[r] = readers.get(r, 0.0) + g / steps
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    return _edge_scores(model, cc, cx, readers, emb_c, emb_x, clean.shape[0])  # sums over this batch
-
-
-def _reader_grads(model, store: dict, resid: dict, W, per_head: bool = True) -> dict[str, torch.Tensor]:
-    """``{reader: dM/d resid through that reader}`` ``[batch, pos, d_model]`` from one backward pass."""
-    n = model.cfg.n_layers
-    out = {}
-    for l in range(n):
-        g_pre, g_post = store[act_name("resid_pre", l)], store[act_name("resid_post", l)]
-        heads = _head_input_grads(model, l, store, resid[l], W) if W is not None else None
-        if model.cfg.parallel_residual:
-            # resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)): the MLP's share of dM/d resid_pre
-            # is ln2's vector-Jacobian product of the gradient at its output; the attention's is the rest
-            if act_name("normalized", l, "ln2") in store:
-                mlp = _norm_vjp(model.ln2(l), resid[l], store[act_name("normalized", l, "ln2")])
-            else:  # one norm feeds both: the MLP's part of the gradient at ln1's output is what q/k/v do not take
-                at_norm = store[act_name("normalized", l, "ln1")] - _head_input_grads(
-                    model, l, store, resid[l], W, at_norm=True)
-                mlp = _norm_vjp(model.ln1(l), resid[l], at_norm)
-            attn = g_pre - g_post - mlp
-        else:
-            g_mid = store[act_name("resid_mid", l)]
-            mlp, attn = g_mid - g_post, g_pre - g_mid
-        if per_head and heads is not None:
-            out.update(heads)
-        else:
-            out[f"L{l}.attn_in"] = attn
-        out[f"L{l}.mlp_in"] = mlp
-    out["logits"] = store[act_name("resid_post", n - 1)]
-    return out
-
-
-def _norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``J_norm(x)ᵀ g``: the gradient at the norm's input ``x [batch, pos, d_model]`` of ``g`` at its output."""
-    if norm is None:
-        return g
-    x = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        (gx,) = torch.autograd.grad(norm(x), x, g.to(x.dtype))
-    return gx
-
-
-def _head_input_grads(model, l: int, store: dict, resid_pre: torch.Tensor, W,
-                      at_norm: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
-    """Per-head shares of ``dM/d resid_pre`` through the attention input: ``J_ln1ᵀ (g_q[h] W_Q[h]ᵀ)`` etc.
-    With ``at_norm``: their sum at the norm's output instead (``Σ g W ᵀ``, before the norm's VJP)."""
-    W_Q, W_K, W_V = (w[l].to(resid_pre.dtype) for w in W)  # [head | kv_head, d_model, d_head]
-    g = {s: store[act_name(s, l)] for s in ("q", "k", "v")}  # [batch, pos, head | kv_head, d_head]
-    v = torch.cat([torch.einsum("bphe,hde->bphd", g["q"], W_Q), torch.einsum("bphe,hde->bphd", g["k"], W_K),
-                   torch.einsum("bphe,hde->bphd", g["v"], W_V)], dim=2)  # [batch, pos, readers, d_model]
-    if at_norm:
-        return v.sum(2)
-    ln1 = model.ln1(l)
-    if ln1 is None:  # attention reads the residual stream itself (OLMo-2): the map is the identity
-        gx = v
-    else:
-        x = resid_pre[:, :, None, :].expand(-1, -1, v.shape[2], -1).clone().requires_grad_(True)
-        with torch.enable_grad():
-            (gx,) = torch.autograd.grad(ln1(x), x, v)  # the norm's vector-Jacobian product, one per reader
-    kv = [kv_component(model.cfg, l, g) for g in range(model.cfg.n_kv_heads)]
-    names = [f"L{l}H{h}.q" for h in range(model.cfg.n_heads)] + [f"{c}.k" for c in kv] + [f"{c}.v" for c in kv]
-    return {name: gx[:, :, i] for i, name in enumerate(names)}
-
-
-@torch.no_grad()
-def _edge_scores(model, cc, cx, readers: dict, emb_c, emb_x, N) -> dict[tuple[str, str], float]:
-    """Every allowed (upstream, reader) pair as matmuls: ``sum_b U_b [n_up, P·D] @ R_b [n_read, P·D]ᵀ`` (summed over prompts)."""
-    c, n = model.cfg, model.cfg.n_layers
-    up_names, up_layer, deltas = ["embed"], [-1], [(emb_c - emb_x).float()]
-    for l in range(n):
-        res_c = model.head_results(l, cc["z", l])
-        res_x = model.head_results(l, cx["z", l])
-        for h in range(c.n_heads):
-            up_names.append(f"L{l}H{h}")
-            up_layer.append(l)
-            deltas.append((res_c[:, :, h] - res_x[:, :, h]).float())
-        up_names.append(f"L{l}.mlp")
-        up_layer.append(l)
-        deltas.append((cc["mlp_out", l] - cx["mlp_out", l]).float())
-    up_head = [Component.parse(u).kind == "head" for u in up_names]
-    r_names = list(readers)
-    r_layer = [n if r == "logits" else _layer(r) for r in r_names]
-    S = torch.zeros(len(up_names), len(r_names))
-    dev = model.device  # layers may sit on different devices: meet on the first one
-    for b in range(N):  # one prompt at a time keeps memory at (n_up + n_read) x pos x d_model
-        U = torch.stack([d[b].reshape(-1).to(dev) for d in deltas])  # [n_up, P·D]
-        R = torch.stack([readers[r][b].float().reshape(-1).to(dev) for r in r_names])  # [n_read, P·D]
-        S += (U @ R.T).cpu()
-    S = S.tolist()
-    scores = {}
-    for i, (u, lu) in enumerate(zip(up_names, up_layer)):
-        for j, (r, lr) in enumerate(zip(r_names, r_layer)):
-            # a reader reads the blocks before its own; a layer's MLP also reads that layer's heads, unless the
-            # block is parallel (attention and MLP both read resid_pre)
-            if lu < lr or (r.endswith("mlp_in") and lu == lr and up_head[i] and not c.parallel_residual):
-                scores[(u, r)] = S[i][j]
-    return scores
-
-
-@torch.no_grad()
-def mean_ablator(model: HookedModel, test: TaskDataset, metric: Metric, pool: list[str], seed: int = 0) -> Callable:
-    """``ablated(names) -> [prompt]``: ``metric`` on ``test.clean`` with the named components mean-ablated over
-    ``test.corrupted``. The means of every component of ``pool`` come from one cached pass, so each further
-    circuit costs one forward pass (what makes 20+ random circuits cheap)."""
-    comps = parse_components(model, pool)
-    values = replacement_values(model, comps, test.clean, "mean", test.corrupted, seed)
-    by_name = {str(c): c for c in comps}
-
-    @torch.no_grad()
-    def ablated(names: list[str]) -> torch.Tensor:
-        cs = [by_name[n] for n in names]
-        with model.hooks(ablation_hooks(model, cs, {c: values[c] for c in cs})):
-            return torch.as_tensor(metric(model(test.clean))).float().cpu()
-
-    return ablated
 
 
 def _screened_heads(model, search, metric, screen: int) -> PatchResult:
@@ -565,81 +240,135 @@ def _select_edges(model, eap: dict, nodes: list[str], edge_threshold: float) -> 
     return [(u, r, s) for (u, r), s in cand.items() if abs(s) >= edge_threshold * top]
 
 
-def _validate_circuit(model, test, metric, nodes: list[str], ablate_mlps: bool, n_random: int,
-                      seed: int) -> tuple[Estimate, Estimate, list[Estimate], dict]:
-    """Step 6 on held-out prompts: faithfulness, knockout, random circuits of the same size, and the clean and
-    corrupted metric they are read against."""
-    heads = [str(x) for x in all_heads(model.cfg)]
-    mlps = [str(x) for x in all_mlps(model.cfg)]
-    with torch.no_grad():
-        full = torch.as_tensor(metric(model(test.clean))).float().cpu()
-        corrupted = torch.as_tensor(metric(model(test.corrupted))).float().cpu()
-    ablatable = heads + mlps if ablate_mlps else heads
-    ablated = mean_ablator(model, test, metric, sorted(set(ablatable) | set(nodes)), seed)
 
-    def faithful(circuit_nodes):
-        return _ratio_ci(ablated([x for x in ablatable if x not in set(circuit_nodes)]), full, seed)
-
-    knocked = ablated(list(nodes))
+def _random_like(pool: list[str], nodes: list[str], n_random: int, seed: int) -> list[list[str]]:
+    """``n_random`` random circuits from ``pool`` with as many heads and as many MLPs as ``nodes``."""
+    heads = [x for x in pool if Component.parse(x).kind == "head"]
+    mlps = [x for x in pool if Component.parse(x).kind != "head"]
     n_heads = sum(Component.parse(x).kind == "head" for x in nodes)
     rng = random.Random(seed)
-    rand = [faithful(rng.sample(heads, n_heads) + rng.sample(mlps, len(nodes) - n_heads))
-            for _ in bar(range(n_random), desc="random circuits")]
-    base = {"clean": float(full.mean()), "corrupted": float(corrupted.mean()), "n": int(full.numel())}
-    return faithful(nodes), bootstrap_ci(knocked - full, seed=seed), rand, base
+    return [rng.sample(heads, n_heads) + rng.sample(mlps, len(nodes) - n_heads) for _ in range(n_random)]
 
 
-def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, node_threshold: float = 0.05,
+def choose_from_curve(abl: Ablator, ranking: list[str], target: float) -> tuple[list[str], list[tuple[int, float]], str]:
+    """The smallest top-``k`` of ``ranking`` whose faithfulness on ``abl``'s prompts reaches ``target``.
+
+    Sizes are tried about 25% apart (:func:`curve_sizes`), then the gap below the first size that reaches
+    the target is bisected. Returns the circuit, the ``(size, faithfulness)`` points tried, and the rule in words.
+    """
+    points: dict[int, float] = {}
+
+    def f(k: int) -> float:
+        if k not in points:
+            points[k] = abl.faithfulness(ranking[:k]).value
+        return points[k]
+
+    sizes = curve_sizes(len(ranking), fine=True)
+    chosen = None
+    for i, k in enumerate(bar(sizes, desc="choosing the circuit from the curve")):
+        if f(k) >= target:
+            lo, hi = (sizes[i - 1] if i else 0), k  # f(lo) < target <= f(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if f(mid) >= target else (mid, hi)
+            chosen = hi
+            break
+    curve = sorted(points.items())
+    if chosen is None:
+        best = max(curve, key=lambda p: p[1])
+        return (ranking[:best[0]], curve,
+                f"NO circuit of the {len(ranking)} candidates (every component but the opposing ones) reaches the target "
+                f"faithfulness {target} on the search prompts; the most faithful top-k tried is kept ({best[0]} "
+                f"components, {best[1]:.2f}). The behaviour may rest on components that also oppose it, or on "
+                f"the embeddings; try the other ablation mode, or more prompts")
+    return (ranking[:chosen], curve,
+            f"the smallest top-k of the signed patching ranking whose faithfulness on the {len(abl.full)} search "
+            f"prompts reaches {target} ({chosen} components: {points[chosen]:.2f}; {chosen - 1 if chosen > 1 else 0}"
+            f" components: {points.get(chosen - 1, 0.0):.2f})")
+
+
+def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
+                 ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
-                 seed: int = 0, max_nodes: int = 30, ablate_mlps: bool = False,
-                 screen_heads: int | None = None, curve: bool = False, curve_ig_steps: int = 5) -> CircuitResult:
+                 seed: int = 0, max_nodes: int | None = None, screen_heads: int | None = None, curve: bool = False,
+                 curve_ig_steps: int = 5) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
-    Components whose normalised patching effect reaches ``node_threshold`` (at most ``max_nodes``,
-    largest first) form the circuit; edges among them (and from the embedding, into the logits)
-    whose |EAP score| reaches ``edge_threshold`` times the largest are kept. Validation uses the
-    held-out part of the dataset (``held_out`` fraction). Faithfulness mean-ablates the *heads* outside
-    the circuit (as Wang et al. 2022 do for IOI); ``ablate_mlps=True`` ablates the MLPs outside it too,
-    which in models whose MLPs carry token identity (Llama, Gemma) removes far more than a circuit story
-    usually claims. Random circuits are judged the same way. ``screen_heads=K`` patches exactly only the
-    K heads that attribution patching ranks highest (the rest count as no effect): on SmolLM2 IOI with
-    K=64 of 270 the circuit is the same and head patching takes a fraction of the time. ``curve=True``
-    adds ``extra["curve"]``: the :func:`faithfulness_curve` of the patching ranking, the EAP ranking and the
-    EAP-IG ranking (``curve_ig_steps`` steps; 0 leaves it out) (:func:`eap_node_ranking`) over circuit sizes,
-    with CPR and CMD, against random circuits.
+    Components (every head and, with ``ablate_mlps``, every MLP) are ranked by their signed denoising
+    patching effect on the search split. The circuit is the smallest top-``k`` whose normalised
+    faithfulness (MIB; :mod:`mechscope.circuits.faithfulness`) on the search prompts reaches ``target``,
+    with every other component ablated in mode ``ablation`` (``"cf"``: from the corrupted run of the same
+    prompt; ``"mean"``: the mean over the corrupted prompts). Choosing on the search prompts and reporting on
+    the held-out ones keeps the reported faithfulness free of the choice. ``node_threshold`` instead keeps
+    every component whose effect reaches it (the older rule; at most ``max_nodes``). Components whose effect
+    is at most ``-OPPOSING`` are listed as opposing the behaviour, never as members. ``ablate_mlps=False``
+    judges heads only and keeps every MLP (the summary says so).
+
+    Edges among the circuit's nodes (from the embedding, into the logits) whose |EAP score| reaches
+    ``edge_threshold`` times the largest are kept. Validation on the held-out part (``held_out`` fraction):
+    faithfulness, knockout, ``n_random`` random circuits with as many heads and MLPs, and the faithfulness
+    curve of the ranking over sizes. ``screen_heads=K`` patches exactly only the K heads attribution
+    patching ranks highest (the rest count as no effect). ``curve=True`` adds ``extra["curve"]``: the
+    patching, EAP and EAP-IG (``curve_ig_steps``; 0 leaves it out) rankings over sizes against random circuits.
     """
+    check_mode(ablation)
+    if not 0 < target <= 1.5:
+        raise InputError(f"target faithfulness must be in (0, 1.5], got {target}")
     search, test = dataset.split(held_out, seed=seed)
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
     m_test = metric or test.metric
     c = model.cfg
-    stage(f"find_circuit 1/3: patching the residual stream, heads and MLPs on {len(search)} prompts")
+    stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {len(search)} prompts")
     resid, heads, mlps, window, positions = _locate(model, search, m_search, screen_heads)
     hv, mv = heads.normalized(), mlps.normalized()
-    node_scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(c)}
-    node_scores.update({str(m): float(mv[m.layer]) for m in all_mlps(c)})
-    ranked = sorted(node_scores, key=lambda k: -abs(node_scores[k]))
-    nodes = [k for k in ranked if abs(node_scores[k]) >= node_threshold][:max_nodes]
-    if not nodes:
-        raise InputError(f"no component reaches |effect| >= {node_threshold}; lower node_threshold "
-                         f"(largest: {ranked[0]} {node_scores[ranked[0]]:+.3f})")
-    stage(f"find_circuit 2/3: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
+    scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(c)}
+    scores.update({str(m): float(mv[m.layer]) for m in all_mlps(c)})
+    pool = ablatable(model, ablate_mlps)
+    ranking = sorted(pool, key=lambda k: -scores[k])  # signed: supporting first, opposing last
+    opposing = {k: scores[k] for k in sorted(pool, key=lambda k: scores[k]) if scores[k] <= -OPPOSING}
+    extra: dict = {}
+    if node_threshold is not None:
+        nodes = [k for k in ranking if scores[k] >= node_threshold and k not in opposing][:max_nodes]
+        if not nodes:
+            raise InputError(f"no component reaches an effect >= {node_threshold}; lower node_threshold "
+                             f"(largest: {ranking[0]} {scores[ranking[0]]:+.3f})")
+        rule = f"every component with patching effect >= {node_threshold}" + (f" (at most {max_nodes})"
+                                                                               if max_nodes else "")
+    else:
+        stage(f"find_circuit 2/4: choosing the smallest circuit that reaches faithfulness {target} on the search "
+              f"prompts ({ablation} ablation)")
+        candidates = [k for k in ranking if k not in opposing]  # an opposing component is never a member
+        nodes, points, rule = choose_from_curve(Ablator(model, search, m_search, pool, ablation, seed), candidates,
+                                                target)
+        extra.update(target=target, search_curve=points)
+    stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
     edges = _select_edges(model, eap, nodes, edge_threshold)
-    stage(f"find_circuit 3/3: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
-    faith, knockout, rand, base = _validate_circuit(model, test, m_test, nodes, ablate_mlps, n_random, seed)
-    extra_curve = {}
+    stage(f"find_circuit 4/4: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
+    abl = Ablator(model, test, m_test, pool, ablation, seed)
+    faith = abl.faithfulness(nodes)
+    knockout = bootstrap_ci(abl.ablated([x for x in nodes if x in set(pool)]) - abl.full, seed=seed)
+    rand = [abl.faithfulness(r) for r in bar(_random_like(pool, nodes, n_random, seed), desc="random circuits")]
+    sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
+    extra["held_out_curve"] = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
+                                               "the ablatable components", ablation)
     if curve:
-        rankings = {"patching": ranked, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
+        rankings = {"patching": ranking, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
         if not ig_steps and curve_ig_steps:
             stage(f"find_circuit: EAP-IG ({curve_ig_steps} steps) for the curve")
             rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, m_search,
                                                                    ig_steps=curve_ig_steps))
         stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
-        extra_curve["curve"] = faithfulness_curve(model, test, rankings, m_test, n_random=min(n_random, 5),
-                                                  ablate_mlps=ablate_mlps, seed=seed)  # a mean line per size
-    return CircuitResult(nodes, edges, {k: node_scores[k] for k in nodes}, resid, heads, mlps, window, positions,
-                         faith, knockout, rand, len(node_scores),
+        extra["curve"] = faithfulness_curve(model, test, rankings, m_test, n_random=min(n_random, 5),
+                                            ablate_mlps=ablate_mlps, seed=seed, ablator=abl)  # a mean line per size
+    with torch.no_grad():
+        corrupted = torch.as_tensor(m_test(model(test.corrupted))).float()
+    kept = ("every head and MLP outside the circuit ablated; embeddings kept" if ablate_mlps else
+            "heads outside the circuit ablated; EVERY MLP KEPT (ablate_mlps=False), so the circuit assumes all of them")
+    return CircuitResult(nodes, edges, {k: scores[k] for k in nodes}, resid, heads, mlps, window, positions,
+                         faith, knockout, rand, len(pool),
                          extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),
-                                "ablated_outside": "heads and MLPs" if ablate_mlps else "heads",
-                                "metric": describe_metric(m_test), "metric_clean": base["clean"],
-                                "metric_corrupted": base["corrupted"], **extra_curve})
+                                "kept": kept, "metric": describe_metric(m_test), "metric_clean": float(abl.full.mean()),
+                                "metric_corrupted": float(corrupted.mean()), "metric_empty": float(abl.empty.mean()),
+                                **extra},
+                         mode=ablation, opposing=opposing, rule=rule)

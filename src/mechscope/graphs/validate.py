@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..analysis.validation import Estimate
-from ..circuits.discovery import FaithfulnessCurve, curve_over_sizes
+from ..circuits.faithfulness import FaithfulnessCurve, curve_over_sizes
 from ..core import HookedModel, InputError
 from ..core.hookpoints import act_name
 from ..core.progress import quiet

@@ -8,7 +8,8 @@ reported as a mean with a percentile-bootstrap CI over prompts. Replacement valu
 zero (``0``); mean (the mean activation over a reference set, per position when the reference
 has the prompts' length, else over all positions; Wang et al. 2022 use this for IOI); resample
 (the activation of another prompt, chosen at random without choosing the prompt itself;
-Chan et al. 2022, "Causal scrubbing").
+Chan et al. 2022, "Causal scrubbing"); counterfactual (the activation of the same prompt's
+counterpart in the reference set, e.g. its corrupted version: MIB's "CF" ablation).
 
 Components are :class:`~mechscope.core.components.Component` or their strings: ``"L3H5"`` (head 5
 of layer 3, at ``attn.hook_z``), ``"L3N100"`` (neuron 100 at ``mlp.hook_post``), ``"L3.attn"``
@@ -136,6 +137,12 @@ def replacement_values(model: HookedModel, comps: list[Component], tokens: torch
         for c in comps:
             out[c] = cache[c.hook][pick.to(ref.device)][_select(cache[c.hook], c)]
         return out
+    if method == "counterfactual":  # the same prompt's activation in the reference (corrupted) run
+        if reference is None or ref.shape != tokens.shape:
+            raise InputError(f"counterfactual ablation needs one reference (corrupted) prompt per prompt, of the same "
+                             f"length: {tuple(tokens.shape)}; got "
+                             f"{'none' if reference is None else tuple(ref.shape)}")
+        return {c: cache[c.hook][_select(cache[c.hook], c)] for c in comps}
     if method == "mean":
         for c in comps:
             a = cache[c.hook][_select(cache[c.hook], c)]  # [M, P', ...]
@@ -144,7 +151,7 @@ def replacement_values(model: HookedModel, comps: list[Component], tokens: torch
             else:
                 out[c] = a.mean((0, 1), keepdim=True).expand(N, P, *a.shape[2:])
         return out
-    raise InputError(f"method must be 'zero', 'mean' or 'resample', got {method!r}")
+    raise InputError(f"method must be 'zero', 'mean', 'resample' or 'counterfactual', got {method!r}")
 
 
 def _cached(model: HookedModel, tokens: torch.Tensor, names: list[str], batch_size: int | None = None,
@@ -188,7 +195,8 @@ def describe_reference(method: str, n_prompts: int, reference: TextOrTokens | No
     """Where the replacement values come from, in words (the same default in the CLI and in Python)."""
     if method == "zero":
         return ""
-    what = "mean" if method == "mean" else "another prompt's activation"
+    what = {"mean": "mean", "counterfactual": "each prompt's own counterpart's activation"}.get(
+        method, "another prompt's activation")
     if reference is None:
         return f"{what} over the ablated prompts themselves ({n_prompts})"
     n = len(reference) if not isinstance(reference, str) else 1

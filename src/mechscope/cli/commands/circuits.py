@@ -63,9 +63,19 @@ def head_cmd(args: argparse.Namespace) -> Result:
     return Outcome(rep.summary() + f"\nreport: {path}", {**rep.to_dict(), "report": path})
 
 
-@command("circuit", "find a circuit for a task: patching, EAP edges, faithfulness vs random circuits",
-         ("mechscope circuit --task ioi --n 16 --png circuit.png", "mechscope circuit --task factual --threshold 0.1"),
-         MODEL, TASK, arg("--threshold", type=float, default=0.05, help="minimum |normalised patching effect|"),
+@command("circuit", "find a circuit for a task: the smallest that reaches a faithfulness target, EAP edges, vs random",
+         ("mechscope circuit --task ioi --n 16 --png circuit.png", "mechscope circuit --task factual --ablation mean",
+          "mechscope circuit --task-file my.jsonl --target 0.9"),
+         MODEL, TASK,
+         arg("--target", type=float, default=0.8,
+             help="choose the smallest circuit whose faithfulness on the search prompts reaches this"),
+         arg("--ablation", default="cf", choices=["cf", "mean"],
+             help="how components outside the circuit are ablated: cf takes the corrupted run's activation of the "
+                  "same prompt (MIB's standard), mean the mean over the corrupted prompts"),
+         arg("--heads-only", action="store_true",
+             help="build and judge the circuit from heads alone, keeping every MLP (the summary says so)"),
+         arg("--threshold", type=float, default=None,
+             help="instead of --target: keep every component whose normalised patching effect reaches this"),
          arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"),
          arg("--n-random", type=int, default=20, help="random circuits of the same size, for the rank p-value (19 or "
                                                       "more can give p < 0.05)"),
@@ -83,7 +93,8 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
         raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
     from ...project import falsification
 
-    res = find_circuit(model, ds, node_threshold=args.threshold, ig_steps=args.ig_steps,
+    res = find_circuit(model, ds, target=args.target, ablation=args.ablation, ablate_mlps=not args.heads_only,
+                       node_threshold=args.threshold, ig_steps=args.ig_steps,
                        screen_heads=args.screen or None, curve=args.curve is not None, n_random=args.n_random)
     line = falsification()
     if line is not None:

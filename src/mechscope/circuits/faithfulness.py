@@ -1,0 +1,246 @@
+"""Circuit faithfulness: ablating everything outside a circuit, curves over circuit sizes, CPR and CMD.
+
+A circuit ``C`` is judged by what the model does when every component outside it is ablated
+(MIB, Mueller et al. 2025):
+
+    faithfulness(C) = (m(C) - m(∅)) / (m(M) - m(∅))
+
+where ``m(M)`` is the metric of the whole model on the clean prompts, ``m(C)`` the metric with every
+ablatable component outside ``C`` ablated, and ``m(∅)`` the metric with all of them ablated. 0 is the
+empty circuit, 1 the whole model. Two ablation modes say what "ablated" means:
+
+- ``"cf"`` (counterfactual, MIB's standard): a component outside the circuit takes its activation
+  from the corrupted run of the same prompt, so ``m(∅)`` is the corrupted run's metric;
+- ``"mean"``: its mean activation over the corrupted prompts, per position (Wang et al. 2022).
+
+The curve over circuit sizes keeps the top ``k`` of a ranking for each ``k``. CPR is the area under
+it over the fraction of components kept, CMD the area between it and 1 (both from ``(0, 0)``, which
+the normalisation makes exact: the empty circuit scores 0 by definition).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..analysis.validation import Estimate, bootstrap_ci
+from ..core.components import all_heads, all_mlps, parse_components
+from ..core.errors import InputError
+from ..core.model import HookedModel
+from ..core.progress import bar
+from ..core.result import Result
+from ..core.types import Metric
+from ..datasets import TaskDataset
+from ..techniques.ablation import ablation_hooks, replacement_values
+
+ABLATION_MODES = {
+    "cf": "counterfactual: each ablated component takes its activation from the corrupted run of the same prompt",
+    "mean": "mean: each ablated component takes its mean activation over the corrupted prompts, per position",
+}
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is an ablation mode; a clear error naming the valid ones otherwise."""
+    if mode not in ABLATION_MODES:
+        raise InputError(f"ablation mode must be one of {', '.join(ABLATION_MODES)}, got {mode!r}")
+    return mode
+
+
+def _area(x: list[float], y: list[float]) -> float:
+    """The trapezoid area under ``y(x)`` for increasing ``x`` in [0, 1]."""
+    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
+
+
+def cpr_cmd(fraction: Sequence[float], faithfulness: Sequence[float]) -> tuple[float, float]:
+    """MIB's CPR (area under the faithfulness curve over the fraction kept) and CMD (area under
+    ``|1 - faithfulness|``), both from the point ``(0, 0)``. ``fraction`` increasing in (0, 1]."""
+    x, y = [0.0, *fraction], [0.0, *faithfulness]
+    return _area(x, y), _area(x, [abs(1 - v) for v in y])
+
+
+def normalised_ci(circuit: torch.Tensor, full: torch.Tensor, empty: torch.Tensor, seed: int = 0) -> Estimate:
+    """``(mean(circuit) - mean(empty)) / (mean(full) - mean(empty))`` over prompts ``[n]``, with a bootstrap CI."""
+    rows = torch.stack([circuit.double(), full.double(), empty.double()], 1)
+    return bootstrap_ci(rows, stat=lambda r: (r[:, 0].mean() - r[:, 2].mean()) / (r[:, 1].mean() - r[:, 2].mean()),
+                        seed=seed)
+
+
+class Ablator:
+    """``metric`` on ``data.clean`` with any subset of ``pool`` ablated in ``mode``, one forward pass per subset.
+
+    The replacement values of every component of ``pool`` come from one cached pass over the corrupted
+    prompts (what makes 20+ random circuits and a fine curve cheap). ``full`` and ``empty`` are the
+    whole model's and the empty circuit's metric ``[prompt]``.
+    """
+
+    def __init__(self, model: HookedModel, data: TaskDataset, metric: Metric, pool: list[str], mode: str = "cf",
+                 seed: int = 0):
+        self.model, self.data, self.metric, self.mode, self.seed = model, data, metric, check_mode(mode), seed
+        self.pool = list(dict.fromkeys(pool))
+        comps = parse_components(model, self.pool)
+        method = "counterfactual" if mode == "cf" else "mean"
+        self.values = replacement_values(model, comps, data.clean, method, data.corrupted, seed)
+        self.by_name = {str(c): c for c in comps}
+        with torch.no_grad():
+            self.full = self._run([])
+            self.empty = self._run(self.pool)
+
+    @torch.no_grad()
+    def _run(self, names: list[str]) -> torch.Tensor:
+        cs = [self.by_name[n] for n in names]
+        with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs})):
+            return torch.as_tensor(self.metric(self.model(self.data.clean))).float().cpu()
+
+    def ablated(self, names: list[str]) -> torch.Tensor:
+        """The metric ``[prompt]`` with the components ``names`` ablated (and nothing else)."""
+        unknown = [n for n in names if n not in self.by_name]
+        if unknown:
+            raise InputError(f"components {unknown[:5]} are not in the ablation pool")
+        return self._run(list(names))
+
+    def kept(self, circuit: Sequence[str]) -> torch.Tensor:
+        """The metric ``[prompt]`` with every component of the pool outside ``circuit`` ablated."""
+        keep = set(circuit)
+        return self._run([x for x in self.pool if x not in keep])
+
+    def faithfulness(self, circuit: Sequence[str]) -> Estimate:
+        """MIB's normalised faithfulness of ``circuit`` with a bootstrap CI over prompts."""
+        return normalised_ci(self.kept(circuit), self.full, self.empty, self.seed)
+
+
+def mean_ablator(model: HookedModel, test: TaskDataset, metric: Metric, pool: list[str], seed: int = 0) -> Callable:
+    """``ablated(names) -> [prompt]``: ``metric`` on ``test.clean`` with ``names`` mean-ablated over ``test.corrupted``."""
+    return Ablator(model, test, metric, pool, "mean", seed).ablated
+
+
+def eap_node_ranking(eap: dict[tuple[str, str], float], signed: bool = False) -> list[str]:
+    """Components ranked by EAP: each upstream component's summed |score| over the edges it writes into
+    (``signed=True``: the summed signed score, largest first, as MIB's signed ranking does)."""
+    total: dict[str, float] = {}
+    for (u, _), v in eap.items():
+        if u != "embed":
+            total[u] = total.get(u, 0.0) + (v if signed else abs(v))
+    return sorted(total, key=lambda k: -total[k])
+
+
+def curve_sizes(n: int, fine: bool = False) -> list[int]:
+    """Circuit sizes for a curve over ``n`` components: powers of 2 up to ``n``; ``fine``: about 25% apart
+    (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 19, ...), for choosing a circuit from the curve."""
+    if not fine:
+        return sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k = max(k + 1, int(k * 1.25))
+    return out + [n]
+
+
+@dataclass(repr=False)
+class FaithfulnessCurve(Result):
+    """Faithfulness over circuit sizes (MIB, Mueller et al. 2025): one ranking of components, the top ``k``
+    kept for each ``k``, every other ablatable component ablated on held-out prompts.
+
+    ``cpr`` is the area under the curve over the fraction of components kept (higher is better),
+    ``cmd`` the area between the curve and 1 (lower is better); both are computed against random
+    circuits of the same sizes too, and for every ranking given (e.g. exact patching against EAP).
+    """
+
+    sizes: list[int]
+    fraction: list[float]
+    curves: dict[str, list[Estimate]]  # ranking name -> faithfulness at each size
+    random: list[float]  # mean faithfulness of random circuits at each size
+    n_components: int
+    mode: str = ""  # how components outside the circuit were ablated
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        out = {name: dict(zip(("cpr", "cmd"), cpr_cmd(self.fraction, [e.value for e in c])))
+               for name, c in self.curves.items()}
+        if self.random:
+            out["random"] = dict(zip(("cpr", "cmd"), cpr_cmd(self.fraction, self.random)))
+        return out
+
+    def summary(self) -> str:
+        lines = [f"faithfulness over circuit sizes (of {self.n_components} components"
+                 f"{'; ' + self.mode if self.mode else ''}; CPR: area under the curve, higher is better; "
+                 f"CMD: area between the curve and 1, lower is better)"]
+        head = "  size " + "".join(f"{n:>22s}" for n in self.curves) + (f"{'random':>10s}" if self.random else "")
+        lines.append(head)
+        for i, k in enumerate(self.sizes):
+            row = "".join(f"{c[i].value:+9.3f} [{c[i].low:+.2f},{c[i].high:+.2f}]" for c in self.curves.values())
+            lines.append(f"  {k:4d} {row}" + (f"{self.random[i]:+10.3f}" if self.random else ""))
+        for name, sc in self.scores.items():
+            lines.append(f"  {name:>10s}: CPR {sc['cpr']:.3f}, CMD {sc['cmd']:.3f}")
+        return "\n".join(lines)
+
+    def _dict_extra(self) -> dict:
+        return {"scores": self.scores}
+
+    def plot(self, path: str | Path | None = None) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, c in self.curves.items():
+            ax.plot(self.fraction, [e.value for e in c], marker="o", label=f"{name} (CPR {self.scores[name]['cpr']:.2f})")
+            ax.fill_between(self.fraction, [e.low for e in c], [e.high for e in c], alpha=0.2)
+        if self.random:
+            ax.plot(self.fraction, self.random, marker="x", color="grey",
+                    label=f"random (CPR {self.scores['random']['cpr']:.2f})")
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of components kept")
+        ax.set_ylabel("faithfulness (held out)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path or "faithfulness_curve.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, list], pool: list,
+                     sizes: list[int] | None, n_random: int, seed: int, what: str, mode: str = "") -> FaithfulnessCurve:
+    """The :class:`FaithfulnessCurve` of ``faithful(kept)`` for the top ``k`` of each ranking, for each ``k`` of
+    ``sizes`` (default: powers of 2 up to all of ``pool``), against random ``k``-subsets of ``pool``."""
+    n = len(pool)
+    sizes = sizes or curve_sizes(n)
+    bad = [k for k in sizes if not 0 < k <= n]
+    if bad:
+        raise InputError(f"sizes {bad} out of range: 1..{n} ({what})")
+    curves = {name: [faithful(order[:k]) for k in bar(sizes, desc=f"faithfulness curve ({name})")]
+              for name, order in rankings.items()}
+    rng = random.Random(seed)
+    rand = [sum(faithful(rng.sample(pool, k)).value for _ in range(n_random)) / n_random
+            for k in bar(sizes, desc="faithfulness curve (random)")] if n_random else []
+    return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n, mode)
+
+
+def ablatable(model: HookedModel, ablate_mlps: bool = True) -> list[str]:
+    """The components a node circuit is built from and judged by: every head, and every MLP unless ``ablate_mlps``
+    is False (then the MLPs are always kept, and the circuit silently includes all of them)."""
+    heads = [str(x) for x in all_heads(model.cfg)]
+    return heads + ([str(x) for x in all_mlps(model.cfg)] if ablate_mlps else [])
+
+
+def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str, list[str]],
+                       metric: Metric | None = None, sizes: list[int] | None = None, n_random: int = 3,
+                       ablate_mlps: bool = True, seed: int = 0, mode: str = "cf",
+                       ablator: Ablator | None = None) -> FaithfulnessCurve:
+    """Faithfulness of the top-``k`` components of each ranking, for each ``k`` of ``sizes`` (default: powers of 2
+    up to every ablatable component), on ``test`` (held-out prompts), against random circuits of each size."""
+    if not rankings:
+        raise InputError("faithfulness_curve needs at least one ranking of components")
+    pool = ablatable(model, ablate_mlps)
+    abl = ablator or Ablator(model, test, metric or test.metric, pool, mode, seed)
+    rankings = {name: [x for x in order if x in set(pool)]  # only ablatable components change the curve
+                for name, order in rankings.items()}
+    return curve_over_sizes(abl.faithfulness, rankings, pool, sizes, n_random, seed, "the ablatable components",
+                            ABLATION_MODES[abl.mode].split(":")[0] + " ablation")
+
