@@ -272,3 +272,9 @@ def test_circuit_cli_compares_with_the_falsification_line(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "your falsification line (README.md)" in out and "threshold 0.50" in out
     assert "of 19 random circuits" in out and "rank p =" in out and "clean run" in out
+    assert "chosen: " in out and "counterfactual" in out  # the default: chosen from the curve, CF ablation
+    assert main(["circuit", "--task", "induction", "--n", "12", "--n-random", "0", "--screen", "0",
+                 "--ablation", "mean", "--heads-only", "--target", "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "reaches 0.6" in out or "NO circuit" in out
+    assert "mean activation" in out and "EVERY MLP KEPT" in out

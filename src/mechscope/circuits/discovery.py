@@ -35,11 +35,13 @@ from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric
 from ..datasets import TaskDataset
+from ..techniques.inputs import batched_metric
 from ..techniques.patching import PatchResult, patch
 from .edges import _layer, edge_attribution  # noqa: F401  (edge_attribution: re-exported)
 from .faithfulness import (
     ABLATION_MODES,
     Ablator,
+    FaithfulnessCurve,
     ablatable,
     check_mode,
     curve_over_sizes,
@@ -287,6 +289,51 @@ def choose_from_curve(abl: Ablator, ranking: list[str], target: float) -> tuple[
             f" components: {points.get(chosen - 1, 0.0):.2f})")
 
 
+def _choose_nodes(model, search, metric, scores, ranking, opposing, target, ablation, node_threshold, max_nodes,
+                  seed, extra) -> tuple[list[str], str]:
+    """Step 5: the threshold rule when ``node_threshold`` is given, else the smallest top-k reaching ``target``."""
+    if node_threshold is not None:
+        nodes = [k for k in ranking if scores[k] >= node_threshold and k not in opposing][:max_nodes]
+        if not nodes:
+            raise InputError(f"no component reaches an effect >= {node_threshold}; lower node_threshold "
+                             f"(largest: {ranking[0]} {scores[ranking[0]]:+.3f})")
+        return nodes, (f"every component with patching effect >= {node_threshold}"
+                       + (f" (at most {max_nodes})" if max_nodes else ""))
+    stage(f"find_circuit 2/4: choosing the smallest circuit that reaches faithfulness {target} on the search "
+          f"prompts ({ablation} ablation)")
+    candidates = [k for k in ranking if k not in opposing]  # an opposing component is never a member
+    nodes, points, rule = choose_from_curve(Ablator(model, search, metric, ranking, ablation, seed), candidates, target)
+    extra.update(target=target, search_curve=points)
+    return nodes, rule
+
+
+def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int, seed: int,
+              extra: dict) -> tuple[Estimate, Estimate, list[Estimate]]:
+    """Step 6 on the held-out prompts of ``abl``: faithfulness, knockout, random circuits of the same size, and
+    the held-out curve of ``ranking`` (into ``extra["held_out_curve"]``)."""
+    pool = abl.pool
+    faith = abl.faithfulness(nodes)
+    knockout = bootstrap_ci(abl.ablated([x for x in nodes if x in set(pool)]) - abl.full, seed=seed)
+    rand = [abl.faithfulness(r) for r in bar(_random_like(pool, nodes, n_random, seed), desc="random circuits")]
+    sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
+    extra["held_out_curve"] = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
+                                               "the ablatable components", abl.mode)
+    return faith, knockout, rand
+
+
+def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_steps, abl, n_random, ablate_mlps,
+                    seed) -> FaithfulnessCurve:
+    """The held-out curve of the patching, EAP and EAP-IG rankings against random circuits (``curve=True``)."""
+    rankings = {"patching": ranking, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
+    if not ig_steps and curve_ig_steps:
+        stage(f"find_circuit: EAP-IG ({curve_ig_steps} steps) for the curve")
+        rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, metric,
+                                                               ig_steps=curve_ig_steps))
+    stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
+    return faithfulness_curve(model, abl.data, rankings, abl.metric, n_random=min(n_random, 5),
+                              ablate_mlps=ablate_mlps, seed=seed, ablator=abl)  # a mean line per size
+
+
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
@@ -327,42 +374,18 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     ranking = sorted(pool, key=lambda k: -scores[k])  # signed: supporting first, opposing last
     opposing = {k: scores[k] for k in sorted(pool, key=lambda k: scores[k]) if scores[k] <= -OPPOSING}
     extra: dict = {}
-    if node_threshold is not None:
-        nodes = [k for k in ranking if scores[k] >= node_threshold and k not in opposing][:max_nodes]
-        if not nodes:
-            raise InputError(f"no component reaches an effect >= {node_threshold}; lower node_threshold "
-                             f"(largest: {ranking[0]} {scores[ranking[0]]:+.3f})")
-        rule = f"every component with patching effect >= {node_threshold}" + (f" (at most {max_nodes})"
-                                                                               if max_nodes else "")
-    else:
-        stage(f"find_circuit 2/4: choosing the smallest circuit that reaches faithfulness {target} on the search "
-              f"prompts ({ablation} ablation)")
-        candidates = [k for k in ranking if k not in opposing]  # an opposing component is never a member
-        nodes, points, rule = choose_from_curve(Ablator(model, search, m_search, pool, ablation, seed), candidates,
-                                                target)
-        extra.update(target=target, search_curve=points)
+    nodes, rule = _choose_nodes(model, search, m_search, scores, ranking, opposing, target, ablation, node_threshold,
+                                max_nodes, seed, extra)
     stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
     edges = _select_edges(model, eap, nodes, edge_threshold)
     stage(f"find_circuit 4/4: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
     abl = Ablator(model, test, m_test, pool, ablation, seed)
-    faith = abl.faithfulness(nodes)
-    knockout = bootstrap_ci(abl.ablated([x for x in nodes if x in set(pool)]) - abl.full, seed=seed)
-    rand = [abl.faithfulness(r) for r in bar(_random_like(pool, nodes, n_random, seed), desc="random circuits")]
-    sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
-    extra["held_out_curve"] = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
-                                               "the ablatable components", ablation)
+    faith, knockout, rand = _validate(abl, ranking, nodes, n_random, seed, extra)
     if curve:
-        rankings = {"patching": ranking, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
-        if not ig_steps and curve_ig_steps:
-            stage(f"find_circuit: EAP-IG ({curve_ig_steps} steps) for the curve")
-            rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, m_search,
-                                                                   ig_steps=curve_ig_steps))
-        stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
-        extra["curve"] = faithfulness_curve(model, test, rankings, m_test, n_random=min(n_random, 5),
-                                            ablate_mlps=ablate_mlps, seed=seed, ablator=abl)  # a mean line per size
-    with torch.no_grad():
-        corrupted = torch.as_tensor(m_test(model(test.corrupted))).float()
+        extra["curve"] = _rankings_curve(model, search, m_search, eap, ranking, ig_steps, curve_ig_steps, abl,
+                                         n_random, ablate_mlps, seed)
+    corrupted = batched_metric(model, test.corrupted, m_test)
     kept = ("every head and MLP outside the circuit ablated; embeddings kept" if ablate_mlps else
             "heads outside the circuit ablated; EVERY MLP KEPT (ablate_mlps=False), so the circuit assumes all of them")
     return CircuitResult(nodes, edges, {k: scores[k] for k in nodes}, resid, heads, mlps, window, positions,

@@ -36,6 +36,7 @@ from ..core.result import Result
 from ..core.types import Metric
 from ..datasets import TaskDataset
 from ..techniques.ablation import ablation_hooks, replacement_values
+from ..techniques.inputs import metric_on_rows, reads_last_only
 
 ABLATION_MODES = {
     "cf": "counterfactual: each ablated component takes its activation from the corrupted run of the same prompt",
@@ -85,7 +86,10 @@ class Ablator:
         method = "counterfactual" if mode == "cf" else "mean"
         self.values = replacement_values(model, comps, data.clean, method, data.corrupted, seed)
         self.by_name = {str(c): c for c in comps}
-        with torch.no_grad():
+        with torch.no_grad():  # only the last position's logits when the metric reads nothing else (exact)
+            last = model(data.clean[:1], logits_to_keep=1)
+            self.keep = 1 if reads_last_only(lambda lg: metric_on_rows(metric, lg, torch.zeros(1, dtype=torch.long),
+                                                                       len(data)), last, data.clean.shape[1]) else 0
             self.full = self._run([])
             self.empty = self._run(self.pool)
 
@@ -93,7 +97,7 @@ class Ablator:
     def _run(self, names: list[str]) -> torch.Tensor:
         cs = [self.by_name[n] for n in names]
         with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs})):
-            return torch.as_tensor(self.metric(self.model(self.data.clean))).float().cpu()
+            return torch.as_tensor(self.metric(self.model(self.data.clean, logits_to_keep=self.keep))).float().cpu()
 
     def ablated(self, names: list[str]) -> torch.Tensor:
         """The metric ``[prompt]`` with the components ``names`` ablated (and nothing else)."""
