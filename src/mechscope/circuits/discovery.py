@@ -313,7 +313,7 @@ def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int,
     the held-out curve of ``ranking`` (into ``extra["held_out_curve"]``)."""
     pool = abl.pool
     faith = abl.faithfulness(nodes)
-    knockout = bootstrap_ci(abl.ablated([x for x in nodes if x in set(pool)]) - abl.full, seed=seed)
+    knockout = bootstrap_ci(abl.ablated(nodes) - abl.full, seed=seed)
     rand = [abl.faithfulness(r) for r in bar(_random_like(pool, nodes, n_random, seed), desc="random circuits")]
     sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
     extra["held_out_curve"] = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
@@ -321,7 +321,7 @@ def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int,
     return faith, knockout, rand
 
 
-def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_steps, abl, n_random, ablate_mlps,
+def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_steps, abl, n_random,
                     seed) -> FaithfulnessCurve:
     """The held-out curve of the patching, EAP and EAP-IG rankings against random circuits (``curve=True``)."""
     rankings = {"patching": ranking, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
@@ -330,8 +330,8 @@ def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_step
         rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, metric,
                                                                ig_steps=curve_ig_steps))
     stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
-    return faithfulness_curve(model, abl.data, rankings, abl.metric, n_random=min(n_random, 5),
-                              ablate_mlps=ablate_mlps, seed=seed, ablator=abl)  # a mean line per size
+    return faithfulness_curve(model, abl.data, rankings, n_random=min(n_random, 5), seed=seed,
+                              ablator=abl)  # a mean line per size
 
 
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
@@ -384,7 +384,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     faith, knockout, rand = _validate(abl, ranking, nodes, n_random, seed, extra)
     if curve:
         extra["curve"] = _rankings_curve(model, search, m_search, eap, ranking, ig_steps, curve_ig_steps, abl,
-                                         n_random, ablate_mlps, seed)
+                                         n_random, seed)
     corrupted = batched_metric(model, test.corrupted, m_test)
     kept = ("every head and MLP outside the circuit ablated; embeddings kept" if ablate_mlps else
             "heads outside the circuit ablated; EVERY MLP KEPT (ablate_mlps=False), so the circuit assumes all of them")

@@ -36,7 +36,7 @@ from ..core.result import Result
 from ..core.types import Metric
 from ..datasets import TaskDataset
 from ..techniques.ablation import ablation_hooks, replacement_values
-from ..techniques.inputs import metric_on_rows, reads_last_only
+from ..techniques.inputs import logits_to_keep
 
 ABLATION_MODES = {
     "cf": "counterfactual: each ablated component takes its activation from the corrupted run of the same prompt",
@@ -86,12 +86,9 @@ class Ablator:
         method = "counterfactual" if mode == "cf" else "mean"
         self.values = replacement_values(model, comps, data.clean, method, data.corrupted, seed)
         self.by_name = {str(c): c for c in comps}
-        with torch.no_grad():  # only the last position's logits when the metric reads nothing else (exact)
-            last = model(data.clean[:1], logits_to_keep=1)
-            self.keep = 1 if reads_last_only(lambda lg: metric_on_rows(metric, lg, torch.zeros(1, dtype=torch.long),
-                                                                       len(data)), last, data.clean.shape[1]) else 0
-            self.full = self._run([])
-            self.empty = self._run(self.pool)
+        self.keep = logits_to_keep(model, data.clean, metric)  # the last position only, when that is all it reads
+        self.full = self._run([])
+        self.empty = self._run(self.pool)
 
     @torch.no_grad()
     def _run(self, names: list[str]) -> torch.Tensor:
@@ -114,11 +111,6 @@ class Ablator:
     def faithfulness(self, circuit: Sequence[str]) -> Estimate:
         """MIB's normalised faithfulness of ``circuit`` with a bootstrap CI over prompts."""
         return normalised_ci(self.kept(circuit), self.full, self.empty, self.seed)
-
-
-def mean_ablator(model: HookedModel, test: TaskDataset, metric: Metric, pool: list[str], seed: int = 0) -> Callable:
-    """``ablated(names) -> [prompt]``: ``metric`` on ``test.clean`` with ``names`` mean-ablated over ``test.corrupted``."""
-    return Ablator(model, test, metric, pool, "mean", seed).ablated
 
 
 def eap_node_ranking(eap: dict[tuple[str, str], float], signed: bool = False) -> list[str]:
@@ -238,11 +230,12 @@ def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str
                        ablate_mlps: bool = True, seed: int = 0, mode: str = "cf",
                        ablator: Ablator | None = None) -> FaithfulnessCurve:
     """Faithfulness of the top-``k`` components of each ranking, for each ``k`` of ``sizes`` (default: powers of 2
-    up to every ablatable component), on ``test`` (held-out prompts), against random circuits of each size."""
+    up to every ablatable component), on ``test`` (held-out prompts), against random circuits of each size.
+    ``ablator``: one already built on ``test`` (its pool and mode then stand for ``ablate_mlps`` and ``mode``)."""
     if not rankings:
         raise InputError("faithfulness_curve needs at least one ranking of components")
-    pool = ablatable(model, ablate_mlps)
-    abl = ablator or Ablator(model, test, metric or test.metric, pool, mode, seed)
+    abl = ablator or Ablator(model, test, metric or test.metric, ablatable(model, ablate_mlps), mode, seed)
+    pool = abl.pool
     rankings = {name: [x for x in order if x in set(pool)]  # only ablatable components change the curve
                 for name, order in rankings.items()}
     return curve_over_sizes(abl.faithfulness, rankings, pool, sizes, n_random, seed, "the ablatable components",

@@ -115,6 +115,16 @@ def metric_on_rows(metric: Metric, logits: torch.Tensor, rows: torch.Tensor, n: 
     return v[rows.to(v.device)]
 
 
+def logits_to_keep(model: HookedModel, tokens: torch.Tensor, metric: Metric) -> int:
+    """1 when ``metric`` reads only the last position of ``tokens [n, pos]``'s logits (exact, from one prompt's
+    forward pass; see :func:`reads_last_only`), else 0 (every position): ``model(..., logits_to_keep=...)``."""
+    n, P = tokens.shape
+    with torch.no_grad():
+        first = model(tokens[:1], logits_to_keep=1)
+    return 1 if reads_last_only(lambda lg: metric_on_rows(metric, lg, torch.zeros(1, dtype=torch.long), n), first,
+                                P) else 0
+
+
 def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
                    hooks_for: Callable[[int, int], HookList] | None = None, batch_size: int | None = None,
                    what: str = "forward passes", state: BatchState | None = None) -> torch.Tensor:
@@ -125,10 +135,7 @@ def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
     nothing else (detected exactly, see :func:`reads_last_only`).
     """
     n, P = tokens.shape
-    with torch.no_grad():
-        first = model(tokens[:1], logits_to_keep=1)
-    keep = 1 if reads_last_only(lambda lg: metric_on_rows(metric, lg, torch.zeros(1, dtype=torch.long), n), first,
-                                P) else 0
+    keep = logits_to_keep(model, tokens, metric)
     elt = torch.finfo(model.dtype).bits // 8
 
     def run(start: int, stop: int) -> torch.Tensor:

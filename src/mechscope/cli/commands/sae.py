@@ -13,6 +13,14 @@ from ...core.result import Result
 from ..registry import Outcome, arg, command
 from .common import CORPUS, MODEL, SAE_MODEL, _corpus, _held_out, _load, _load_sae
 
+TRAINING = (  # what an SAE and a transcoder run share: the optimisation and the data it reads
+    arg("--steps", type=int, default=1000, help="optimisation steps"),
+    arg("--batch", type=int, default=1024, help="activations (tokens) per step"),
+    arg("--seqs", type=int, default=256, help="training sequences"),
+    arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
+    arg("--seq-len", type=int, default=128, help="tokens per sequence"),
+)
+
 
 @command("sae train", "train an SAE on a corpus (default: the docstrings), save it (SAELens format) and evaluate it",
          ("mechscope sae train --hook blocks.15.hook_resid_post --arch topk --k 32 --width 4608 --out my-sae",
@@ -24,12 +32,8 @@ from .common import CORPUS, MODEL, SAE_MODEL, _corpus, _held_out, _load, _load_s
          arg("--width", type=int, default=None, help="number of latents (default 8 x d_in)"),
          arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"),
          arg("--l1", type=float, default=5.0, help="ReLU/JumpReLU: sparsity penalty coefficient"),
-         arg("--steps", type=int, default=1000, help="optimisation steps"),
-         arg("--batch", type=int, default=1024, help="activations (tokens) per step"),
+         TRAINING,
          arg("--lr", type=float, default=3e-4, help="Adam learning rate"),
-         arg("--seqs", type=int, default=256, help="training sequences"),
-         arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
-         arg("--seq-len", type=int, default=128, help="tokens per sequence"),
          arg("--out", default="sae-run", help="run folder: train/ (checkpoints) and sae/ (the SAE)"),
          arg("--resume", action="store_true", help="continue from the newest checkpoint in --out"),
          arg("--partitions", type=int, default=0,
@@ -88,12 +92,8 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
          arg("--width", type=int, default=None, help="latents per layer (default 8 x d_model)"),
          arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"),
          arg("--no-skip", action="store_true", help="no linear skip connection"),
-         arg("--steps", type=int, default=1000, help="optimisation steps"),
-         arg("--batch", type=int, default=1024, help="activations (tokens) per step"),
+         TRAINING,
          arg("--lr", type=float, default=1e-3, help="Adam learning rate"),
-         arg("--seqs", type=int, default=256, help="training sequences"),
-         arg("--eval-seqs", type=int, default=16, help="held-out sequences for evaluation"),
-         arg("--seq-len", type=int, default=128, help="tokens per sequence"),
          arg("--out", default=None, help="folder (default: $MECHSCOPE_CACHE/transcoders/<model>, where "
                                         "`mechscope graph` looks)"), CORPUS)
 def transcoders_train_cmd(args: argparse.Namespace) -> Result:
