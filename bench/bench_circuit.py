@@ -1,13 +1,14 @@
-"""`mechscope circuit --task ioi --n 100` on SmolLM2-135M: wall time by stage and peak memory, against the baseline.
+"""`mechscope circuit` and `mechscope investigate` (--task ioi --n 100) on SmolLM2-135M: wall time by stage and
+peak memory, against the baseline.
 
 Each configuration runs in a fresh process (the CLI's own ``main``), which reports its own peak resident memory
 (``mechscope.compute.peak_rss``: VmHWM, this process's high-water mark) and the time at which each stage line
-appeared on stderr. The baseline is the same command with CPU batches sized by free memory alone
-(``MECHSCOPE_CPU_BATCH_TOKENS=0``, the behaviour before the compute cap), measured in the same run.
-The issue's goals: at most 4 GB peak, and the same time or better (the circuit command's goal is 60 s).
-Run alone: other work on the machine changes both figures.
+appeared on stderr. The baseline is the circuit command with CPU batches sized by free memory alone
+(``MECHSCOPE_CPU_BATCH_TOKENS=0``, the behaviour before the compute cap), measured in the same run; investigate
+runs with ``--fresh`` (no stored stage reused) into a temporary folder. The goals: `circuit` at most 60 s,
+`investigate` (no SAE, no graph) at most 120 s, both at most 4 GB. Run alone: other work changes every figure.
 
-    python bench/bench_circuit.py [--n 100] [--extra "--screen 64"]
+    python bench/bench_circuit.py [--n 100] [--extra "--screen 64"] [--skip-investigate]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run(args: list[str], env: dict) -> dict:
         line = line.rstrip().split("\r")[-1]  # tqdm redraws with carriage returns
         if line.startswith("{") and '"peak_rss"' in line:
             last = json.loads(line)
-        elif "find_circuit" in line or line.startswith("loaded"):
+        elif any(k in line for k in ("find_circuit", "investigate", "edge_circuit")) or line.startswith("loaded"):
             stages.append((time.perf_counter() - t0, line[:90]))
     p.wait()
     if last is None or last["rc"] != 0:
@@ -48,31 +49,42 @@ def run(args: list[str], env: dict) -> dict:
 
 
 def main() -> None:
+    import tempfile
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--extra", default="", help="more circuit options, e.g. '--screen 64'")
+    ap.add_argument("--skip-investigate", action="store_true")
     a = ap.parse_args()
     argv = ["circuit", "--task", "ioi", "--n", str(a.n), *a.extra.split()]
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base_env.pop("MECHSCOPE_CPU_BATCH_TOKENS", None)
+    out = tempfile.mkdtemp(prefix="bench-investigate-")
+    runs = [("circuit (default)", argv, {}), ("baseline: circuit, batches by free memory", argv,
+                                              {"MECHSCOPE_CPU_BATCH_TOKENS": "0"})]
+    if not a.skip_investigate:
+        runs.append(("investigate (no SAE, no graph)", ["investigate", "--task", "ioi", "--n", str(a.n), "--fresh",
+                                                        "--out", out], {}))
     res = {}
-    for name, cap in (("compute-capped batches (default)", None), ("baseline: batches by free memory", "0")):
-        env = dict(base_env)
-        if cap is not None:
-            env["MECHSCOPE_CPU_BATCH_TOKENS"] = cap
-        else:
-            env.pop("MECHSCOPE_CPU_BATCH_TOKENS", None)
-        res[name] = r = run(argv, env)
+    for name, args, env in runs:
+        res[name] = r = run(args, {**base_env, **env})
         print(f"{name}: {r['seconds']:.1f} s wall, peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
         prev = 0.0
         for t, line in r["stages"]:
             print(f"    +{t - prev:6.1f} s  (at {t:6.1f} s)  {line}")
             prev = t
-    new, old = res["compute-capped batches (default)"], res["baseline: batches by free memory"]
-    print(f"ratio (default / baseline): time {new['seconds'] / old['seconds']:.2f}x, "
+    new, old = res["circuit (default)"], res["baseline: circuit, batches by free memory"]
+    print(f"ratio circuit (default / baseline): time {new['seconds'] / old['seconds']:.2f}x, "
           f"peak memory {new['peak_rss'] / old['peak_rss']:.2f}x")
-    print(f"goals: peak <= 4 GiB: {'met' if new['peak_rss'] <= 4 * 2**30 else 'NOT met'} "
-          f"({new['peak_rss'] / 2**30:.2f} GiB); `circuit` <= 60 s: {'met' if new['seconds'] <= 60 else 'NOT met'} "
-          f"({new['seconds']:.0f} s, {os.cpu_count()} cores)")
+    goals = [("circuit", new, 60)]
+    if not a.skip_investigate:
+        inv = res["investigate (no SAE, no graph)"]
+        print(f"ratio investigate / circuit (default): time {inv['seconds'] / new['seconds']:.2f}x")
+        goals.append(("investigate", inv, 120))
+    for name, r, limit in goals:
+        print(f"goals, {name}: <= {limit} s: {'met' if r['seconds'] <= limit else 'NOT met'} ({r['seconds']:.0f} s, "
+              f"{os.cpu_count()} cores); peak <= 4 GiB: {'met' if r['peak_rss'] <= 4 * 2**30 else 'NOT met'} "
+              f"({r['peak_rss'] / 2**30:.2f} GiB)")
 
 
 if __name__ == "__main__":

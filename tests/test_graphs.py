@@ -273,7 +273,10 @@ def test_qk_attribution_splits_the_score_exactly(arch):
                                                lambda a, h: scores.__setitem__("s", a.detach()))])
     res = qk_attribution(rm, 2, 1, q_pos=6, k_pos=3)
     assert res.score == pytest.approx(float(scores["s"][0, 1, 6, 3]), abs=1e-5)  # the model's own score
-    assert res.check < 1e-4  # Q_0 and K_0 equal the query and key with every source removed: the split is linear
+    # Q_0 and K_0 equal the query and key with every source removed: the split is linear. The bound is fp32
+    # rounding of the largest part (Qwen3's q/k norms leave pairs of transcoder errors near +-4e3 that cancel)
+    largest = max(abs(v) for _, v in res.query_side + res.key_side + [(None, p[-1]) for p in res.pairs])
+    assert res.check < max(1e-4, 1e-6 * largest), (res.check, largest)
     assert len(res.query_side) == 10 and len(res.pairs) == 10 and "query side" in res.summary()
     assert any(n.startswith("L") for n, _ in res.query_side + res.key_side)
     with pytest.raises(InputError, match="k_pos <= q_pos"):
@@ -301,17 +304,18 @@ def test_faithfulness_curve_of_a_graph(tmp_path):
 
 def test_the_demo_adds_a_graph_when_transcoders_are_cached(tmp_path, monkeypatch):
     from mechscope.sae import save_sae, transcoder_cache
-    from mechscope.workflows import Report, _graph
+    from mechscope.workflows import Report
+    from mechscope.workflows.investigate import graph_section
 
     model = worded_llama()
     monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
     rep = Report("t", echo=False)
-    _graph(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")  # nothing cached yet: a pointer, no graph
+    graph_section(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")  # nothing cached yet: a pointer, no graph
     assert "transcoders train" in rep.sections[0].text and not rep.findings
     for tc in transcoders(model):
         save_sae(tc, transcoder_cache(model.cfg.model_name) / f"layer_{tc.cfg.hook_name_out.split('.')[1]}")
     rep = Report("t", echo=False)
-    _graph(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")
+    graph_section(rep, model, tmp_path, prompt="t5 t6 t7 t8 t9")
     assert (tmp_path / "graph.html").stat().st_size > 1000 and len(rep.findings) == 2
     assert rep.findings[0].holds and rep.metrics["graph_certificate_worst_rel"] < 1e-4
 

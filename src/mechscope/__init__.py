@@ -16,6 +16,7 @@ from . import datasets
 from .analysis.metrics import induction_loss, kl_div, logit_diff, normalized_metric, token_prob, token_rank
 from .analysis.validation import Estimate, across_seeds, bootstrap_ci, cohens_d, paired_bootstrap, shuffled_labels
 from .circuits.discovery import CircuitResult, edge_attribution, find_circuit
+from .circuits.edge_circuits import edge_circuit
 from .circuits.experts import expert_report
 from .circuits.heads import detect_heads, head_report, induction_scores
 from .circuits.toy import train_attn_only
@@ -41,7 +42,7 @@ from .techniques.lens import logit_lens, train_tuned_lens
 from .techniques.patching import patch
 from .techniques.probing import probe_sweep, train_probe
 from .techniques.steering import expert_routing_hook, projection_ablation_hook, steering_hook
-from .workflows import demo_investigation
+from .workflows import demo_investigation, investigate
 
 __version__ = "0.2.0"
 
@@ -67,9 +68,9 @@ __all__ = [
     "patch", "probe_sweep", "projection_ablation_hook", "steering_hook", "train_probe", "train_tuned_lens",
     # circuits
     "CircuitResult", "FactoredMatrix", "OV", "QK", "composition_scores", "copying_scores", "detect_heads",
-    "edge_attribution", "expert_report", "find_circuit", "head_report", "induction_scores", "train_attn_only",
+    "edge_attribution", "edge_circuit", "expert_report", "find_circuit", "head_report", "induction_scores", "train_attn_only",
     # SAEs
     "SAE", "SAEConfig", "TrainConfig", "evaluate_sae", "fit_sae", "harvest", "load_sae", "save_sae", "train_sae",
     # workflows
-    "Run", "demo_investigation", "init_project",
+    "Run", "demo_investigation", "init_project", "investigate",
 ]

@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -42,14 +44,19 @@ from .faithfulness import (
     ABLATION_MODES,
     Ablator,
     FaithfulnessCurve,
+    Lazy,
     ablatable,
     check_mode,
+    choose_from_curve,
     curve_over_sizes,
     curve_sizes,
     eap_node_ranking,
     faithfulness_curve,
+    random_verdict,
+    rank_p,
 )
 
+T = TypeVar("T")
 OPPOSING = 0.05  # a component whose normalised patching effect is at most -OPPOSING works against the behaviour
 
 
@@ -78,22 +85,15 @@ class CircuitResult(Result):
 
     @property
     def p_value(self) -> float:
-        """One-sided rank p-value against the random circuits: ``(1 + #{random >= circuit}) / (n_random + 1)``."""
-        r = [e.value for e in self.random_faithfulness]
-        return (1 + sum(v >= self.faithfulness.value for v in r)) / (len(r) + 1)
+        """One-sided rank p-value against the random circuits (:func:`~.faithfulness.rank_p`)."""
+        return rank_p(self.faithfulness.value, [e.value for e in self.random_faithfulness])
 
     def verdict(self) -> str:
         """The circuit against random circuits of its size, in words, with the p-value and its limits."""
-        r = [e.value for e in self.random_faithfulness]
-        if not r:
-            return "no random circuits drawn (n_random=0): nothing to compare the faithfulness with"
-        n, p = len(r), self.p_value
-        beats = sum(self.faithfulness.value > v for v in r)
-        text = (f"more faithful than {beats} of {n} random circuits of the same size (rank p = {p:.3f}; random: mean "
-                f"{sum(r) / n:.2f}, range [{min(r):.2f}, {max(r):.2f}])")
-        if n < 19:
-            return text + f"; {n} draws cannot give p < 0.05: use n_random >= 19"
-        return text + ("" if p < 0.05 else ": NOT clearly better than random")
+        heads = sum(Component.parse(x).kind == "head" for x in self.nodes)
+        pool_heads = self.heads.values.numel()  # random circuits match the numbers of heads and of MLPs
+        n_distinct = math.comb(pool_heads, heads) * math.comb(self.n_components - pool_heads, len(self.nodes) - heads)
+        return random_verdict(self.faithfulness.value, [e.value for e in self.random_faithfulness], n_distinct)
 
     def summary(self) -> str:
         x = self.extra
@@ -196,7 +196,7 @@ def _screened_heads(model, search, metric, screen: int) -> PatchResult:
     ``stats["screened"]`` records how many heads were patched and the smallest candidate estimate.
     """
     from ..techniques.attribution_patching import attribution_patch
-    from ..techniques.patching import assemble, plan_patches, run_patches
+    from ..techniques.patching import assemble, label_result, plan_patches, run_patches
 
     est = attribution_patch(model, search.clean, search.corrupted, metric, sites=("z",))["z"].normalized().abs()
     order = est.flatten().argsort(descending=True)[:screen]
@@ -209,24 +209,36 @@ def _screened_heads(model, search, metric, screen: int) -> PatchResult:
         values[j.key] = runs.base_value.clone()
     stats["screened"] = {"patched": len(plan.jobs), "of": len(plan.jobs) + len(skipped),
                          "smallest_candidate_estimate": float(est.flatten()[order[-1]]) if len(order) else 0.0}
-    return assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
+    res = assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
+    return label_result(res, model, search.clean, search.corrupted, metric)
 
 
-def _locate(model, search, metric, screen_heads: int | None = None
-            ) -> tuple[PatchResult, PatchResult, PatchResult, tuple[int, int], list[int]]:
-    """Steps 1-3: residual-stream patching (where the information lives and moves), then heads and MLPs."""
-    c = model.cfg
-    resid = patch(model, search.clean, search.corrupted, metric, site="resid_pre")
+def _window(resid: PatchResult) -> tuple[tuple[int, int], list[int]]:
+    """Steps 1-2 read off residual patching: the layers where the information moves, and the positions it uses."""
     rn = resid.normalized().abs()
     positions = sorted({int(p) for p in torch.nonzero(rn.max(0).values > 0.1).flatten()})
     moving = torch.nonzero((rn[:, -1] < 0.5) | (rn[:, :-1].max(-1).values > 0.1)).flatten()
-    window = (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else c.n_layers - 1)
+    return (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else rn.shape[0] - 1), positions
+
+
+def patch_components(model: HookedModel, search: TaskDataset, metric: Metric,
+                     screen_heads: int | None = None) -> tuple[PatchResult, PatchResult]:
+    """Step 3: every head (``z``; with ``screen_heads=K`` only attribution patching's top K exactly) and every MLP
+    patched clean into corrupted on ``search``. Returns ``(heads [layer, head], mlps [layer])``."""
+    c = model.cfg
     if screen_heads is None or screen_heads >= c.n_layers * c.n_heads:
         heads = patch(model, search.clean, search.corrupted, metric, site="z")
     else:
         heads = _screened_heads(model, search, metric, screen_heads)
-    mlps = patch(model, search.clean, search.corrupted, metric, site=[m.hook for m in all_mlps(c)])
-    return resid, heads, mlps, window, positions
+    return heads, patch(model, search.clean, search.corrupted, metric, site=[m.hook for m in all_mlps(c)])
+
+
+def component_scores(model: HookedModel, heads: PatchResult, mlps: PatchResult) -> dict[str, float]:
+    """``{component: normalised denoising patching effect}`` for every head and MLP (+ supports the behaviour)."""
+    hv, mv = heads.normalized(), mlps.normalized()
+    scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(model.cfg)}
+    scores.update({str(m): float(mv[m.layer]) for m in all_mlps(model.cfg)})
+    return scores
 
 
 def _select_edges(model, eap: dict, nodes: list[str], edge_threshold: float) -> list[tuple[str, str, float]]:
@@ -252,73 +264,38 @@ def _random_like(pool: list[str], nodes: list[str], n_random: int, seed: int) ->
     return [rng.sample(heads, n_heads) + rng.sample(mlps, len(nodes) - n_heads) for _ in range(n_random)]
 
 
-def choose_from_curve(abl: Ablator, ranking: list[str], target: float) -> tuple[list[str], list[tuple[int, float]], str]:
-    """The smallest top-``k`` of ``ranking`` whose faithfulness on ``abl``'s prompts reaches ``target``.
-
-    Sizes are tried about 25% apart (:func:`curve_sizes`), then the gap below the first size that reaches
-    the target is bisected. Returns the circuit, the ``(size, faithfulness)`` points tried, and the rule in words.
-    """
-    points: dict[int, float] = {}
-
-    def f(k: int) -> float:
-        if k not in points:
-            points[k] = abl.faithfulness(ranking[:k]).value
-        return points[k]
-
-    sizes = curve_sizes(len(ranking), fine=True)
-    chosen = None
-    for i, k in enumerate(bar(sizes, desc="choosing the circuit from the curve")):
-        if f(k) >= target:
-            lo, hi = (sizes[i - 1] if i else 0), k  # f(lo) < target <= f(hi)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if f(mid) >= target else (mid, hi)
-            chosen = hi
-            break
-    curve = sorted(points.items())
-    if chosen is None:
-        best = max(curve, key=lambda p: p[1])
-        return (ranking[:best[0]], curve,
-                f"NO circuit of the {len(ranking)} candidates (every component but the opposing ones) reaches the target "
-                f"faithfulness {target} on the search prompts; the most faithful top-k tried is kept ({best[0]} "
-                f"components, {best[1]:.2f}). The behaviour may rest on components that also oppose it, or on "
-                f"the embeddings; try the other ablation mode, or more prompts")
-    return (ranking[:chosen], curve,
-            f"the smallest top-k of the signed patching ranking whose faithfulness on the {len(abl.full)} search "
-            f"prompts reaches {target} ({chosen} components: {points[chosen]:.2f}; {chosen - 1 if chosen > 1 else 0}"
-            f" components: {points.get(chosen - 1, 0.0):.2f})")
-
-
 def _choose_nodes(model, search, metric, scores, ranking, opposing, target, ablation, node_threshold, max_nodes,
-                  seed, extra) -> tuple[list[str], str]:
-    """Step 5: the threshold rule when ``node_threshold`` is given, else the smallest top-k reaching ``target``."""
+                  seed) -> tuple[list[str], str, dict]:
+    """Step 5: the threshold rule when ``node_threshold`` is given, else the smallest top-k reaching ``target``.
+    Returns the nodes, the rule in words, and what goes into ``extra``."""
     if node_threshold is not None:
         nodes = [k for k in ranking if scores[k] >= node_threshold and k not in opposing][:max_nodes]
         if not nodes:
             raise InputError(f"no component reaches an effect >= {node_threshold}; lower node_threshold "
                              f"(largest: {ranking[0]} {scores[ranking[0]]:+.3f})")
         return nodes, (f"every component with patching effect >= {node_threshold}"
-                       + (f" (at most {max_nodes})" if max_nodes else ""))
+                       + (f" (at most {max_nodes})" if max_nodes else "")), {}
     stage(f"find_circuit 2/4: choosing the smallest circuit that reaches faithfulness {target} on the search "
           f"prompts ({ablation} ablation)")
     candidates = [k for k in ranking if k not in opposing]  # an opposing component is never a member
     nodes, points, rule = choose_from_curve(Ablator(model, search, metric, ranking, ablation, seed), candidates, target)
-    extra.update(target=target, search_curve=points)
-    return nodes, rule
+    return nodes, rule, {"target": target, "search_curve": points}
 
 
-def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int, seed: int,
-              extra: dict) -> tuple[Estimate, Estimate, list[Estimate]]:
-    """Step 6 on the held-out prompts of ``abl``: faithfulness, knockout, random circuits of the same size, and
-    the held-out curve of ``ranking`` (into ``extra["held_out_curve"]``)."""
+def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int, seed: int) -> dict:
+    """Step 6 on the held-out prompts of ``abl``: faithfulness, knockout, random circuits of the same size, the
+    held-out curve of ``ranking``, and the clean, corrupted and empty-circuit metric."""
     pool = abl.pool
     faith = abl.faithfulness(nodes)
     knockout = bootstrap_ci(abl.ablated(nodes) - abl.full, seed=seed)
     rand = [abl.faithfulness(r) for r in bar(_random_like(pool, nodes, n_random, seed), desc="random circuits")]
     sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
-    extra["held_out_curve"] = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
-                                               "the ablatable components", abl.mode)
-    return faith, knockout, rand
+    curve = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
+                             "the ablatable components", abl.mode)
+    corrupted = batched_metric(abl.model, abl.data.corrupted, abl.metric)
+    return {"faithfulness": faith, "knockout": knockout, "random": rand, "held_out_curve": curve,
+            "metric_clean": float(abl.full.mean()), "metric_corrupted": float(corrupted.mean()),
+            "metric_empty": float(abl.empty.mean())}
 
 
 def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_steps, abl, n_random,
@@ -334,22 +311,26 @@ def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_step
                               ablator=abl)  # a mean line per size
 
 
+def no_memo(name: str, params: dict, compute: Callable[[], T]) -> T:
+    """The default stage store of :func:`find_circuit`: compute every stage (see ``memo`` there)."""
+    return compute()
+
+
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
                  seed: int = 0, max_nodes: int | None = None, screen_heads: int | None = None, curve: bool = False,
-                 curve_ig_steps: int = 5) -> CircuitResult:
+                 curve_ig_steps: int = 5, memo: Callable = no_memo) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
-    Components (every head and, with ``ablate_mlps``, every MLP) are ranked by their signed denoising
-    patching effect on the search split. The circuit is the smallest top-``k`` whose normalised
-    faithfulness (MIB; :mod:`mechscope.circuits.faithfulness`) on the search prompts reaches ``target``,
-    with every other component ablated in mode ``ablation`` (``"cf"``: from the corrupted run of the same
-    prompt; ``"mean"``: the mean over the corrupted prompts). Choosing on the search prompts and reporting on
-    the held-out ones keeps the reported faithfulness free of the choice. ``node_threshold`` instead keeps
-    every component whose effect reaches it (the older rule; at most ``max_nodes``). Components whose effect
-    is at most ``-OPPOSING`` are listed as opposing the behaviour, never as members. ``ablate_mlps=False``
-    judges heads only and keeps every MLP (the summary says so).
+    Components (every head and, with ``ablate_mlps``, every MLP) are ranked by their signed denoising patching
+    effect on the search split. The circuit is the smallest top-``k`` whose normalised faithfulness (MIB;
+    :mod:`mechscope.circuits.faithfulness`) on the search prompts reaches ``target``, with every other component
+    ablated in mode ``ablation`` (``"cf"``: from the corrupted run of the same prompt; ``"mean"``: the mean over
+    the corrupted prompts), chosen on the search prompts, reported on the others. ``node_threshold`` instead keeps
+    every component whose effect reaches it (the older rule; at most ``max_nodes``). Components whose effect is at
+    most ``-OPPOSING`` are listed as opposing the behaviour, never as members. ``ablate_mlps=False`` judges heads
+    only and keeps every MLP (the summary says so).
 
     Edges among the circuit's nodes (from the embedding, into the logits) whose |EAP score| reaches
     ``edge_threshold`` times the largest are kept. Validation on the held-out part (``held_out`` fraction):
@@ -357,41 +338,78 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     curve of the ranking over sizes. ``screen_heads=K`` patches exactly only the K heads attribution
     patching ranks highest (the rest count as no effect). ``curve=True`` adds ``extra["curve"]``: the
     patching, EAP and EAP-IG (``curve_ig_steps``; 0 leaves it out) rankings over sizes against random circuits.
+
+    ``memo(name, params, compute)`` stores the stages ("resid", "components", "choice", "eap", "validation",
+    "curve"): :class:`mechscope.workflows.StageCache` keeps them on disk, so that a killed run resumes and a
+    rerun with another ``target`` reuses the patching. It is only valid with the dataset's own metric.
     """
     check_mode(ablation)
     if not 0 < target <= 1.5:
         raise InputError(f"target faithfulness must be in (0, 1.5], got {target}")
+    if metric is not None and memo is not no_memo:
+        raise InputError("a stage store (memo) keys its stages by the dataset, so it needs the dataset's own metric")
     search, test = dataset.split(held_out, seed=seed)
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
     m_test = metric or test.metric
-    c = model.cfg
+    key = {"held_out": held_out, "seed": seed}
     stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {len(search)} prompts")
-    resid, heads, mlps, window, positions = _locate(model, search, m_search, screen_heads)
-    hv, mv = heads.normalized(), mlps.normalized()
-    scores = {str(h): float(hv[h.layer, h.index]) for h in all_heads(c)}
-    scores.update({str(m): float(mv[m.layer]) for m in all_mlps(c)})
-    pool = ablatable(model, ablate_mlps)
-    ranking = sorted(pool, key=lambda k: -scores[k])  # signed: supporting first, opposing last
-    opposing = {k: scores[k] for k in sorted(pool, key=lambda k: scores[k]) if scores[k] <= -OPPOSING}
-    extra: dict = {}
-    nodes, rule = _choose_nodes(model, search, m_search, scores, ranking, opposing, target, ablation, node_threshold,
-                                max_nodes, seed, extra)
+    resid = memo("resid", key, lambda: patch(model, search.clean, search.corrupted, m_search, site="resid_pre"))
+    how = {**key, "screen_heads": screen_heads, "ablation": ablation, "ablate_mlps": ablate_mlps}
+    heads, mlps, scores, (pool, ranking, opposing), (nodes, rule, extra) = _search(
+        model, search, m_search, how, target, node_threshold, max_nodes, memo)
     stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
-    eap = edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps)
-    edges = _select_edges(model, eap, nodes, edge_threshold)
+    eap = memo("eap", {**key, "ig_steps": ig_steps},
+               lambda: edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps))
     stage(f"find_circuit 4/4: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
-    abl = Ablator(model, test, m_test, pool, ablation, seed)
-    faith, knockout, rand = _validate(abl, ranking, nodes, n_random, seed, extra)
+    abl = Lazy(lambda: Ablator(model, test, m_test, pool, ablation, seed))
+    val = memo("validation", {**how, "nodes": nodes, "n_random": n_random},
+               lambda: _validate(abl(), ranking, nodes, n_random, seed))
     if curve:
-        extra["curve"] = _rankings_curve(model, search, m_search, eap, ranking, ig_steps, curve_ig_steps, abl,
-                                         n_random, seed)
-    corrupted = batched_metric(model, test.corrupted, m_test)
+        extra["curve"] = memo("curve", {**how, "ig_steps": ig_steps, "curve_ig_steps": curve_ig_steps, "n_random":
+                                        n_random}, lambda: _rankings_curve(model, search, m_search, eap, ranking,
+                                                                           ig_steps, curve_ig_steps, abl(), n_random,
+                                                                           seed))
     kept = ("every head and MLP outside the circuit ablated; embeddings kept" if ablate_mlps else
             "heads outside the circuit ablated; EVERY MLP KEPT (ablate_mlps=False), so the circuit assumes all of them")
-    return CircuitResult(nodes, edges, {k: scores[k] for k in nodes}, resid, heads, mlps, window, positions,
-                         faith, knockout, rand, len(pool),
-                         extra={"eap": eap, "n_groups": c.n_groups, "n_search": len(search), "n_held_out": len(test),
-                                "kept": kept, "metric": describe_metric(m_test), "metric_clean": float(abl.full.mean()),
-                                "metric_corrupted": float(corrupted.mean()), "metric_empty": float(abl.empty.mean()),
-                                **extra},
-                         mode=ablation, opposing=opposing, rule=rule)
+    extra.update({k: val[k] for k in ("held_out_curve", "metric_clean", "metric_corrupted", "metric_empty")},
+                 eap=eap, n_groups=model.cfg.n_groups, n_search=len(search), n_held_out=len(test), kept=kept,
+                 metric=describe_metric(m_test))
+    return CircuitResult(nodes, _select_edges(model, eap, nodes, edge_threshold), {k: scores[k] for k in nodes},
+                         resid, heads, mlps, *_window(resid), val["faithfulness"], val["knockout"], val["random"],
+                         len(pool), mode=ablation, opposing=opposing, rule=rule, extra=extra)
+
+
+def _search(model, search: TaskDataset, metric, how: dict, target: float, node_threshold, max_nodes, memo):
+    """Steps 3 and 5 on the search prompts: patch the components, rank them, choose the circuit (stages
+    "components" and "choice" of ``memo``)."""
+    heads, mlps = memo("components", {k: how[k] for k in ("held_out", "seed", "screen_heads")},
+                       lambda: patch_components(model, search, metric, how["screen_heads"]))
+    scores = component_scores(model, heads, mlps)
+    pool, ranking, opposing = ranked = _rank(model, scores, how["ablate_mlps"])
+    chosen = memo("choice", {**how, "target": target, "node_threshold": node_threshold, "max_nodes": max_nodes},
+                  lambda: _choose_nodes(model, search, metric, scores, ranking, opposing, target, how["ablation"],
+                                        node_threshold, max_nodes, how["seed"]))
+    return heads, mlps, scores, ranked, chosen
+
+
+def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target: float = 0.8, ablation: str = "cf",
+                    ablate_mlps: bool = True, held_out: float = 0.5, screen_heads: int | None = None,
+                    memo: Callable = no_memo) -> tuple[list[str], Estimate]:
+    """The circuit :func:`find_circuit` would choose on the split ``seed``, and its faithfulness on that split's
+    held-out prompts: whether the circuit depends on which prompts happened to be held out. Shares the
+    "components" and "choice" stages of ``memo`` with :func:`find_circuit`."""
+    check_mode(ablation)
+    search, test = dataset.split(held_out, seed=seed)
+    how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
+           "ablate_mlps": ablate_mlps}
+    *_, (pool, _, _), (nodes, _, _) = _search(model, search, search.metric, how, target, None, None, memo)
+    faith = memo("split_faithfulness", {**how, "nodes": nodes},
+                 lambda: Ablator(model, test, test.metric, pool, ablation, seed).faithfulness(nodes))
+    return nodes, faith
+
+
+def _rank(model, scores: dict[str, float], ablate_mlps: bool) -> tuple[list[str], list[str], dict[str, float]]:
+    """The ablatable pool, its signed ranking (supporting first, opposing last) and the opposing components."""
+    pool = ablatable(model, ablate_mlps)
+    ranking = sorted(pool, key=lambda k: -scores[k])
+    return pool, ranking, {k: scores[k] for k in reversed(ranking) if scores[k] <= -OPPOSING}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -151,6 +151,7 @@ class FaithfulnessCurve(Result):
     random: list[float]  # mean faithfulness of random circuits at each size
     n_components: int
     mode: str = ""  # how components outside the circuit were ablated
+    unit: str = "components"  # what the curve keeps: components, or edges
 
     @property
     def scores(self) -> dict[str, dict[str, float]]:
@@ -161,7 +162,7 @@ class FaithfulnessCurve(Result):
         return out
 
     def summary(self) -> str:
-        lines = [f"faithfulness over circuit sizes (of {self.n_components} components"
+        lines = [f"faithfulness over circuit sizes (of {self.n_components} {self.unit}"
                  f"{'; ' + self.mode if self.mode else ''}; CPR: area under the curve, higher is better; "
                  f"CMD: area between the curve and 1, lower is better)"]
         head = "  size " + "".join(f"{n:>22s}" for n in self.curves) + (f"{'random':>10s}" if self.random else "")
@@ -191,7 +192,7 @@ class FaithfulnessCurve(Result):
                     label=f"random (CPR {self.scores['random']['cpr']:.2f})")
         ax.axhline(1.0, color="black", lw=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("fraction of components kept")
+        ax.set_xlabel(f"fraction of {self.unit} kept")
         ax.set_ylabel("faithfulness (held out)")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -202,7 +203,8 @@ class FaithfulnessCurve(Result):
 
 
 def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, list], pool: list,
-                     sizes: list[int] | None, n_random: int, seed: int, what: str, mode: str = "") -> FaithfulnessCurve:
+                     sizes: list[int] | None, n_random: int, seed: int, what: str, mode: str = "",
+                     unit: str = "components") -> FaithfulnessCurve:
     """The :class:`FaithfulnessCurve` of ``faithful(kept)`` for the top ``k`` of each ranking, for each ``k`` of
     ``sizes`` (default: powers of 2 up to all of ``pool``), against random ``k``-subsets of ``pool``."""
     n = len(pool)
@@ -215,7 +217,7 @@ def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, l
     rng = random.Random(seed)
     rand = [sum(faithful(rng.sample(pool, k)).value for _ in range(n_random)) / n_random
             for k in bar(sizes, desc="faithfulness curve (random)")] if n_random else []
-    return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n, mode)
+    return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n, mode, unit)
 
 
 def ablatable(model: HookedModel, ablate_mlps: bool = True) -> list[str]:
@@ -241,3 +243,85 @@ def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str
     return curve_over_sizes(abl.faithfulness, rankings, pool, sizes, n_random, seed, "the ablatable components",
                             ABLATION_MODES[abl.mode].split(":")[0] + " ablation")
 
+
+
+class Judge(Protocol):
+    """What a circuit is judged by: the metric of the whole model per prompt, and a circuit's faithfulness
+    (:class:`Ablator` for components, :class:`~.edge_circuits.EdgeAblator` for edges)."""
+
+    full: torch.Tensor
+
+    def faithfulness(self, kept: Sequence) -> Estimate: ...
+
+
+def choose_from_curve(abl: Judge, ranking: list, target: float, sizes: list[int] | None = None, what: str = "components",
+                      ranking_name: str = "signed patching") -> tuple[list, list[tuple[int, float]], str]:
+    """The smallest top-``k`` of ``ranking`` whose faithfulness on ``abl``'s prompts reaches ``target``.
+
+    ``abl``: an :class:`Ablator` (components) or an :class:`~.edge_circuits.EdgeAblator` (edges). ``sizes``
+    (default: about 25% apart, :func:`curve_sizes`) are tried in order, then the gap below the first size that
+    reaches the target is bisected. Returns the circuit, the ``(size, faithfulness)`` points tried, and the rule.
+    """
+    points: dict[int, float] = {}
+
+    def f(k: int) -> float:
+        if k not in points:
+            points[k] = abl.faithfulness(ranking[:k]).value
+        return points[k]
+
+    sizes = sizes or curve_sizes(len(ranking), fine=True)
+    chosen = None
+    for i, k in enumerate(bar(sizes, desc="choosing the circuit from the curve")):
+        if f(k) >= target:
+            lo, hi = (sizes[i - 1] if i else 0), k  # f(lo) < target <= f(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if f(mid) >= target else (mid, hi)
+            chosen = hi
+            break
+    curve = sorted(points.items())
+    if chosen is None:
+        best = max(curve, key=lambda p: p[1])
+        return (ranking[:best[0]], curve,
+                f"NO circuit of the {len(ranking)} candidate {what} reaches the target "
+                f"faithfulness {target} on the search prompts; the most faithful top-k tried is kept ({best[0]} "
+                f"{what}, {best[1]:.2f}). The behaviour may rest on components that also oppose it, or on "
+                f"the embeddings; try the other ablation mode, or more prompts")
+    return (ranking[:chosen], curve,
+            f"the smallest top-k of the {ranking_name} ranking whose faithfulness on the {len(abl.full)} search "
+            f"prompts reaches {target} ({chosen} {what}: {points[chosen]:.2f}; {chosen - 1 if chosen > 1 else 0}"
+            f" {what}: {points.get(chosen - 1, 0.0):.2f})")
+
+
+def rank_p(value: float, random: list[float]) -> float:
+    """One-sided rank p-value of ``value`` against random draws: ``(1 + #{random >= value}) / (n_random + 1)``."""
+    return (1 + sum(v >= value for v in random)) / (len(random) + 1)
+
+
+def random_verdict(value: float, random: list[float], n_distinct: int | None = None) -> str:
+    """A circuit's faithfulness against random circuits of its size, in words, with the p-value and its limits.
+    ``n_distinct``: how many different circuits of that size exist (a small number limits the test)."""
+    if not random:
+        return "no random circuits drawn (n_random=0): nothing to compare the faithfulness with"
+    n, p = len(random), rank_p(value, random)
+    beats = sum(value > v for v in random)
+    text = (f"more faithful than {beats} of {n} random circuits of the same size (rank p = {p:.3f}; random: mean "
+            f"{sum(random) / n:.2f}, range [{min(random):.2f}, {max(random):.2f}])")
+    if n_distinct is not None and n_distinct < 10 * n:
+        text += (f"; only {n_distinct} different circuits of this size exist, so random draws repeat and can be the "
+                 "circuit itself: the rank test cannot separate them at this model size")
+    if n < 19:
+        return text + f"; {n} draws cannot give p < 0.05: use n_random >= 19"
+    return text + ("" if p < 0.05 else ": NOT clearly better than random")
+
+
+class Lazy:
+    """A value computed on its first call only (an ablator that a stored stage may make unnecessary)."""
+
+    def __init__(self, make: Callable):
+        self.make, self.value = make, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.make()
+        return self.value

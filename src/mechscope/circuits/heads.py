@@ -184,21 +184,24 @@ class HeadReport(Result):
 
 
 @torch.no_grad()
-def head_report(model: HookedModel, layer: int, head: int, prompts: list[str] | None = None, n_ov_tokens: int = 50,
-                ablation_seqs: int = 16, seed: int = 0) -> HeadReport:
+def head_report(model: HookedModel, layer: int, head: int, prompts: list | None = None, n_ov_tokens: int = 50,
+                ablation_seqs: int = 16, seed: int = 0, detectors: dict | None = None) -> HeadReport:
     """Answer "what does this head do?": patterns, detector scores with ranks, OV outputs, positional
-    preference, and the effect of mean-ablating it on held-out text loss (with a CI)."""
+    preference, and the effect of mean-ablating it on held-out text loss (with a CI). ``prompts``: texts or
+    token rows ``[pos]`` whose patterns are shown. ``detectors``: the
+    output of :func:`detect_heads` when several heads are reported (computed once, not per head)."""
     c = model.cfg
     if not (0 <= layer < c.n_layers and 0 <= head < c.n_heads):
         raise InputError(f"no head L{layer}H{head}: layers 0..{c.n_layers - 1}, heads 0..{c.n_heads - 1}")
-    det = detect_heads(model, seed=seed)
+    det = detectors if detectors is not None else detect_heads(model, seed=seed)
     scores = {k: (float(v.scores[layer, head]), v.rank(layer, head)) for k, v in det.items()}
     patterns = []
     texts = prompts
     if texts is None and model.tokenizer is not None:
         texts = ["When Mary and John went to the store, John gave a drink to"]
         texts += [t[:300] for _, t in zip(range(2), corpus.default_corpus("test"))]
-    toks_list = [model.to_tokens(t) for t in texts] if texts else [induction_tokens(model, 10, 1, seed)[0]]
+    toks_list = ([t.reshape(1, -1) if isinstance(t, torch.Tensor) else model.to_tokens(t) for t in texts] if texts
+                 else [induction_tokens(model, 10, 1, seed)[0]])
     dist = torch.zeros(9)
     for toks in toks_list:
         _, cache = model.run_with_cache(toks, names_filter=act_name("pattern", layer))

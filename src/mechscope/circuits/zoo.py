@@ -49,6 +49,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.progress import bar
 from ..core.result import Result
+from ..datasets import TaskDataset
 from .discovery import edge_attribution
 from .heads import detect_heads
 from .toy import BOS, FIRST_TOKEN, attn_only_neox, periodic_sequences, toy_tokenizer, train_attn_only
@@ -70,6 +71,13 @@ class PlantedModel:
     unscored: set[Edge] = field(default_factory=set)
     source_pos: int | None = None  # the position whose token the answer is (for token-level grading)
 
+    def task(self) -> TaskDataset:
+        """The prompts as a :class:`~mechscope.datasets.TaskDataset` (answers and wrong answers per prompt, the
+        last position's logit difference), for :func:`~mechscope.circuits.discovery.find_circuit` and investigate."""
+        kw = self.metric.keywords
+        texts = [[" ".join(str(int(t)) for t in row) for row in x] for x in (self.clean, self.corrupted)]
+        return TaskDataset(self.name, self.clean, self.corrupted, kw["correct"], kw["incorrect"], *texts)
+
 
 # ---------------------------------------------------------------------------------------------- the models
 def _fixed_patterns(kinds: dict[int, list[str]]) -> list[tuple[str, Callable]]:
@@ -77,11 +85,11 @@ def _fixed_patterns(kinds: dict[int, list[str]]) -> list[tuple[str, Callable]]:
     ``"self"`` (each query on itself), ``"free"`` (left as computed)."""
     def hook_for(layer: int) -> Callable:
         def fix(act: torch.Tensor, hook) -> torch.Tensor:
-            n = act.shape[-1]
+            n, q = act.shape[-1], act.shape[-2]  # fewer queries than keys: the last q (a reused prefix's suffix)
             eye = torch.eye(n, dtype=act.dtype, device=act.device)
             prev = torch.roll(eye, -1, dims=1)
             prev[0] = eye[0]
-            prev = torch.tril(prev)
+            prev, eye = torch.tril(prev)[n - q:], eye[n - q:]
             out = act.clone()
             for h, kind in enumerate(kinds[layer]):
                 if kind != "free":

@@ -1,4 +1,4 @@
-"""Commands for heads, experts and circuits: heads, head, expert, circuit, toy."""
+"""Commands for heads, experts and circuits: heads, head, expert, circuit, investigate, toy."""
 
 from __future__ import annotations
 
@@ -83,7 +83,14 @@ def head_cmd(args: argparse.Namespace) -> Result:
              help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
          arg("--curve", default=None, metavar="PNG",
              help="also the faithfulness curve over circuit sizes (patching, EAP and EAP-IG rankings vs random, CPR/CMD), "
-                  "drawn to PNG"), PICTURES)
+                  "drawn to PNG"),
+         arg("--edges", action="store_true",
+             help="an edge circuit instead: the smallest top-k EAP-IG edges reaching --target, every other edge "
+                  "ablated; the curve over MIB's edge fractions with CPR/CMD (--curve draws it)"),
+         arg("--patching-top", type=int, default=0,
+             help="with --edges: exactly patch the K edges EAP-IG ranks highest and choose from that ranking"),
+         arg("--signed", action="store_true", help="with --edges: rank edges by signed score (MIB's signed option)"),
+         PICTURES)
 def circuit_cmd(args: argparse.Namespace) -> Result:
     from ...circuits.discovery import find_circuit
 
@@ -91,6 +98,14 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
     _, _, _, ds = _task(args, model)
     if ds is None:
         raise InputError("circuit discovery needs a task dataset: pass --task or --task-file")
+    if args.edges:
+        from ...circuits.edge_circuits import edge_circuit
+
+        res = edge_circuit(model, ds, target=args.target, ablation=args.ablation, ig_steps=args.ig_steps or 5,
+                           n_random=args.n_random, seed=args.seed, patching_top=args.patching_top, signed=args.signed)
+        if args.curve:
+            res.plot(args.curve)
+        return _pictures(args, res, "edge circuit")
     from ...project import falsification
 
     res = find_circuit(model, ds, target=args.target, ablation=args.ablation, ablate_mlps=not args.heads_only,
@@ -107,6 +122,62 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
     if args.curve:
         res.extra["curve"].plot(args.curve)
     return _pictures(args, res, "circuit")
+
+
+@command("investigate", "find the circuit for a behaviour end to end: check the pairs, patch, choose and validate a "
+                        "circuit, read its components; one offline report (resumable)",
+         ("mechscope investigate --task ioi --n 100", "mechscope investigate --task-file my.jsonl --out my-report",
+          "mechscope investigate --task ioi --sae ./sae-folder --transcoders"),
+         MODEL, TASK,
+         arg("--out", default="mechscope-investigation", help="folder for report.html, its pictures and its stages"),
+         arg("--target", type=float, default=0.8,
+             help="choose the smallest circuit whose faithfulness on the search prompts reaches this"),
+         arg("--ablation", default="cf", choices=["cf", "mean"], help="how components outside the circuit are ablated"),
+         arg("--screen", type=int, default=64,
+             help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
+         arg("--n-random", type=int, default=20, help="random circuits of the same size"),
+         arg("--split-seeds", type=int, default=3, help="random search/held-out splits the circuit is chosen on"),
+         arg("--heads", type=int, default=3, help="head reports for the circuit's top N heads"),
+         arg("--sae", default=None, help="an SAE folder (or hf://...): list its features at the key position"),
+         arg("--transcoders", action="store_true",
+             help="add an attribution graph of the first prompt from the cached transcoders"),
+         arg("--fresh", action="store_true", help="recompute every stage instead of reusing OUT/stages"))
+def investigate_cmd(args: argparse.Namespace) -> Result:
+    from pathlib import Path
+
+    from ...project import Run
+    from ...workflows import investigate
+
+    model = _load(args)
+    _, _, _, ds = _task(args, model)
+    if ds is None:
+        ds = _one_pair_task(args, model)
+    sae = None
+    if args.sae:
+        from ...sae import load_sae
+
+        sae = load_sae(args.sae, model)
+    out = Path(args.out)
+    with Run("investigate", config={"model": model.cfg.model_name, "task": ds.name, "n": len(ds), "out": str(out),
+                                    "target": args.target, "ablation": args.ablation}, seeds=[args.seed],
+             root=out.resolve() / "runs") as run:
+        rep = investigate(model, ds, out, target=args.target, ablation=args.ablation,
+                          screen_heads=args.screen or None, n_random=args.n_random, split_seeds=args.split_seeds,
+                          n_heads=args.heads, sae=sae, transcoders=args.transcoders, resume=not args.fresh,
+                          echo=not args.json)
+        run.log(**rep.metrics)
+        run.artifact(out / "report.html")
+    return Outcome(f"report: {out / 'report.html'}\nrun record: {run.path}",
+                   {"report": out / "report.html", "sections": [s.title for s in rep.sections], "run": run.path,
+                    "metrics": rep.metrics, "findings": [f.text for f in rep.findings]})
+
+
+def _one_pair_task(args: argparse.Namespace, model):
+    """``--clean/--corrupted/--answer/--wrong`` as a one-pair task (too few for CIs: the report says so)."""
+    from ... import datasets as D
+
+    return D.TaskDataset.from_texts(model, [args.clean], [args.corrupted], [args.answer],
+                                    None if args.wrong is None else [args.wrong], name="one pair")
 
 
 @command("toy", "train the 2-layer attention-only toy (induction with a known answer) and save it",
