@@ -5,6 +5,7 @@ import torch
 
 from mechscope import HookedModel
 from mechscope.circuits.discovery import edge_attribution, find_circuit
+from mechscope.core.errors import InputError
 from mechscope.datasets import TaskDataset
 from tiny import V, tiny_hf
 
@@ -163,7 +164,9 @@ def test_screened_head_patching_keeps_the_exact_values_of_its_candidates():
     model = HookedModel(tiny_hf("llama"))
     ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
     full = patch(model, CLEAN, CORR, ds.metric, site="z")
-    part = _screened_heads(model, ds, ds.metric, screen=5)
+    from mechscope.techniques.inputs import prepare
+
+    part = _screened_heads(model, prepare(model, CLEAN, CORR, ds.metric), screen=5)
     assert part.stats["screened"]["patched"] == 5 and part.stats["screened"]["of"] == 12
     fv, pv = full.normalized(), part.normalized()
     patched = pv != 0
@@ -201,3 +204,40 @@ def test_faithfulness_curve_scores_and_bounds(tmp_path):
     assert perfect.scores["p"]["cpr"] == pytest.approx(0.75) and perfect.scores["random"]["cpr"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match=r"sizes \[99\] out of range: 1\.\.15"):
         faithfulness_curve(model, ds, {"p": ["L0H0"]}, sizes=[99])
+
+
+def test_one_prepared_pair_serves_every_technique_with_the_same_numbers_and_two_runs():
+    """Patching, attribution patching and EAP given one PreparedPair read its clean and corrupted runs (one forward
+    pass each, counted) and give exactly what they give from the raw prompts."""
+    from mechscope.circuits.discovery import circuit_hooks
+    from mechscope.techniques.attribution_patching import attribution_patch
+    from mechscope.techniques.inputs import PreparedPair, prepare
+    from mechscope.techniques.patching import patch
+
+    model = HookedModel(tiny_hf("llama"))
+    ds = TaskDataset("toy", CLEAN, CORR, torch.full((8,), 3), torch.full((8,), 5), ["x"] * 8, ["y"] * 8)
+    pair = prepare(model, CLEAN, CORR, ds.metric, circuit_hooks(model))
+    calls = []
+    real = model.run_with_cache
+    model.run_with_cache = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = {"resid": patch(model, pair, site="resid_pre").values, "z": patch(model, pair, site="z").values,
+               "mlp": patch(model, pair, site=["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]).values,
+               "attr": attribution_patch(model, pair, sites=("z",))["z"].values}
+        eap = edge_attribution(model, pair)
+    finally:
+        model.run_with_cache = real
+    assert len(calls) == 2  # one clean and one corrupted run, shared by all five
+    want = {"resid": patch(model, CLEAN, CORR, ds.metric, site="resid_pre").values,
+            "z": patch(model, CLEAN, CORR, ds.metric, site="z").values,
+            "mlp": patch(model, CLEAN, CORR, ds.metric, site=["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]).values,
+            "attr": attribution_patch(model, CLEAN, CORR, ds.metric, sites=("z",))["z"].values}
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+    ref = edge_attribution(model, CLEAN, CORR, ds.metric)
+    assert max(abs(eap[e] - ref[e]) for e in ref) < 1e-6
+    with pytest.raises(InputError, match="pass it alone"):
+        patch(model, pair, CORR, site="z")
+    with pytest.raises(InputError, match="and a metric"):
+        patch(model, CLEAN, CORR)
+    assert isinstance(pair, PreparedPair) and len(pair) == 8 and pair.value("clean").shape == (8,)

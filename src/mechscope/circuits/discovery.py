@@ -32,12 +32,13 @@ from ..analysis.metrics import describe_metric
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.components import Component, all_heads, all_mlps, head_readers
 from ..core.errors import InputError
+from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric
 from ..datasets import TaskDataset
-from ..techniques.inputs import batched_metric
+from ..techniques.inputs import PreparedPair, batched_metric, prepare
 from ..techniques.patching import PatchResult, patch
 from .edges import _layer, edge_attribution  # noqa: F401  (edge_attribution: re-exported)
 from .faithfulness import (
@@ -188,7 +189,7 @@ def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
     return str(heads[0]) if heads else None
 
 
-def _screened_heads(model, search, metric, screen: int) -> PatchResult:
+def _screened_heads(model, pair: PreparedPair, screen: int) -> PatchResult:
     """Head patching (``z``) run exactly for the ``screen`` heads that attribution patching ranks highest.
 
     Attribution patching estimates every head at once (about 3 forward-equivalents); the exact patch
@@ -198,19 +199,19 @@ def _screened_heads(model, search, metric, screen: int) -> PatchResult:
     from ..techniques.attribution_patching import attribution_patch
     from ..techniques.patching import assemble, label_result, plan_patches, run_patches
 
-    est = attribution_patch(model, search.clean, search.corrupted, metric, sites=("z",))["z"].normalized().abs()
+    est = attribution_patch(model, pair, sites=("z",))["z"].normalized().abs()
     order = est.flatten().argsort(descending=True)[:screen]
     keep = {tuple(int(i) for i in torch.unravel_index(k, est.shape)) for k in order}
-    plan = plan_patches(model, search.clean, search.corrupted, "z")
+    plan = plan_patches(model, pair, None, "z")
     skipped = [j for j in plan.jobs if tuple(j.key) not in keep]
     plan.jobs = [j for j in plan.jobs if tuple(j.key) in keep]
-    values, runs, stats = run_patches(model, plan, metric)
+    values, runs, stats = run_patches(model, plan, pair.metric)
     for j in skipped:  # estimated below the candidates: no effect, exactly the base run's value
         values[j.key] = runs.base_value.clone()
     stats["screened"] = {"patched": len(plan.jobs), "of": len(plan.jobs) + len(skipped),
                          "smallest_candidate_estimate": float(est.flatten()[order[-1]]) if len(order) else 0.0}
     res = assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
-    return label_result(res, model, search.clean, search.corrupted, metric)
+    return label_result(res, model, pair.clean, pair.corrupted, pair.metric)
 
 
 def _window(resid: PatchResult) -> tuple[tuple[int, int], list[int]]:
@@ -221,16 +222,26 @@ def _window(resid: PatchResult) -> tuple[tuple[int, int], list[int]]:
     return (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else rn.shape[0] - 1), positions
 
 
-def patch_components(model: HookedModel, search: TaskDataset, metric: Metric,
+def patch_components(model: HookedModel, pair: PreparedPair,
                      screen_heads: int | None = None) -> tuple[PatchResult, PatchResult]:
     """Step 3: every head (``z``; with ``screen_heads=K`` only attribution patching's top K exactly) and every MLP
-    patched clean into corrupted on ``search``. Returns ``(heads [layer, head], mlps [layer])``."""
+    patched clean into corrupted on the prepared search prompts. Returns ``(heads [layer, head], mlps [layer])``."""
     c = model.cfg
     if screen_heads is None or screen_heads >= c.n_layers * c.n_heads:
-        heads = patch(model, search.clean, search.corrupted, metric, site="z")
+        heads = patch(model, pair, site="z")
     else:
-        heads = _screened_heads(model, search, metric, screen_heads)
-    return heads, patch(model, search.clean, search.corrupted, metric, site=[m.hook for m in all_mlps(c)])
+        heads = _screened_heads(model, pair, screen_heads)
+    return heads, patch(model, pair, site=[m.hook for m in all_mlps(c)])
+
+
+def circuit_hooks(model: HookedModel) -> list[str]:
+    """What the circuit stages read from the unpatched clean and corrupted runs (the patching engine's inputs, keys
+    and values, heads' and MLPs' outputs, the embeddings): cached together, one pass of each serves them all."""
+    n = model.cfg.n_layers
+    k = "rot_k" if model.has_hook(act_name("rot_k", 0)) else "k"
+    names = ["hook_embed", "hook_pos_embed", act_name("resid_post", n - 1)]
+    names += [act_name(s, l) for l in range(n) for s in ("resid_pre", "z", "mlp_out", k, "v")]
+    return [x for x in names if model.has_hook(x)]
 
 
 def component_scores(model: HookedModel, heads: PatchResult, mlps: PatchResult) -> dict[str, float]:
@@ -298,14 +309,12 @@ def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int,
             "metric_empty": float(abl.empty.mean())}
 
 
-def _rankings_curve(model, search, metric, eap, ranking, ig_steps, curve_ig_steps, abl, n_random,
-                    seed) -> FaithfulnessCurve:
+def _rankings_curve(model, pair, eap, ranking, ig_steps, curve_ig_steps, abl, n_random, seed) -> FaithfulnessCurve:
     """The held-out curve of the patching, EAP and EAP-IG rankings against random circuits (``curve=True``)."""
     rankings = {"patching": ranking, ("eap-ig" if ig_steps else "eap"): eap_node_ranking(eap)}
     if not ig_steps and curve_ig_steps:
         stage(f"find_circuit: EAP-IG ({curve_ig_steps} steps) for the curve")
-        rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, search.clean, search.corrupted, metric,
-                                                               ig_steps=curve_ig_steps))
+        rankings["eap-ig"] = eap_node_ranking(edge_attribution(model, pair, ig_steps=curve_ig_steps))
     stage(f"find_circuit: the faithfulness curve over circuit sizes ({', '.join(rankings)} rankings, random)")
     return faithfulness_curve(model, abl.data, rankings, n_random=min(n_random, 5), seed=seed,
                               ablator=abl)  # a mean line per size
@@ -353,22 +362,22 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     m_test = metric or test.metric
     key = {"held_out": held_out, "seed": seed}
     stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {len(search)} prompts")
-    resid = memo("resid", key, lambda: patch(model, search.clean, search.corrupted, m_search, site="resid_pre"))
+    pair = prepare(model, search.clean, search.corrupted, m_search, circuit_hooks(model))  # one clean, one corrupted run
+    resid = memo("resid", key, lambda: patch(model, pair, site="resid_pre"))
     how = {**key, "screen_heads": screen_heads, "ablation": ablation, "ablate_mlps": ablate_mlps}
     heads, mlps, scores, (pool, ranking, opposing), (nodes, rule, extra) = _search(
-        model, search, m_search, how, target, node_threshold, max_nodes, memo)
+        model, search, pair, how, target, node_threshold, max_nodes, memo)
     stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = memo("eap", {**key, "ig_steps": ig_steps},
-               lambda: edge_attribution(model, search.clean, search.corrupted, m_search, ig_steps=ig_steps))
+               lambda: edge_attribution(model, pair, ig_steps=ig_steps))
     stage(f"find_circuit 4/4: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
     abl = Lazy(lambda: Ablator(model, test, m_test, pool, ablation, seed))
     val = memo("validation", {**how, "nodes": nodes, "n_random": n_random},
                lambda: _validate(abl(), ranking, nodes, n_random, seed))
     if curve:
         extra["curve"] = memo("curve", {**how, "ig_steps": ig_steps, "curve_ig_steps": curve_ig_steps, "n_random":
-                                        n_random}, lambda: _rankings_curve(model, search, m_search, eap, ranking,
-                                                                           ig_steps, curve_ig_steps, abl(), n_random,
-                                                                           seed))
+                                        n_random}, lambda: _rankings_curve(model, pair, eap, ranking, ig_steps,
+                                                                           curve_ig_steps, abl(), n_random, seed))
     kept = ("every head and MLP outside the circuit ablated; embeddings kept" if ablate_mlps else
             "heads outside the circuit ablated; EVERY MLP KEPT (ablate_mlps=False), so the circuit assumes all of them")
     extra.update({k: val[k] for k in ("held_out_curve", "metric_clean", "metric_corrupted", "metric_empty")},
@@ -379,15 +388,16 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
                          len(pool), mode=ablation, opposing=opposing, rule=rule, extra=extra)
 
 
-def _search(model, search: TaskDataset, metric, how: dict, target: float, node_threshold, max_nodes, memo):
+def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: float, node_threshold, max_nodes,
+            memo):
     """Steps 3 and 5 on the search prompts: patch the components, rank them, choose the circuit (stages
     "components" and "choice" of ``memo``)."""
     heads, mlps = memo("components", {k: how[k] for k in ("held_out", "seed", "screen_heads")},
-                       lambda: patch_components(model, search, metric, how["screen_heads"]))
+                       lambda: patch_components(model, pair, how["screen_heads"]))
     scores = component_scores(model, heads, mlps)
     pool, ranking, opposing = ranked = _rank(model, scores, how["ablate_mlps"])
     chosen = memo("choice", {**how, "target": target, "node_threshold": node_threshold, "max_nodes": max_nodes},
-                  lambda: _choose_nodes(model, search, metric, scores, ranking, opposing, target, how["ablation"],
+                  lambda: _choose_nodes(model, search, pair.metric, scores, ranking, opposing, target, how["ablation"],
                                         node_threshold, max_nodes, how["seed"]))
     return heads, mlps, scores, ranked, chosen
 
@@ -402,7 +412,8 @@ def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target:
     search, test = dataset.split(held_out, seed=seed)
     how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
            "ablate_mlps": ablate_mlps}
-    *_, (pool, _, _), (nodes, _, _) = _search(model, search, search.metric, how, target, None, None, memo)
+    pair = prepare(model, search.clean, search.corrupted, search.metric, circuit_hooks(model))
+    *_, (pool, _, _), (nodes, _, _) = _search(model, search, pair, how, target, None, None, memo)
     faith = memo("split_faithfulness", {**how, "nodes": nodes},
                  lambda: Ablator(model, test, test.metric, pool, ablation, seed).faithfulness(nodes))
     return nodes, faith

@@ -39,7 +39,7 @@ from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric
 from ..datasets import TaskDataset
-from ..techniques.inputs import logits_to_keep
+from ..techniques.inputs import logits_to_keep, prepare
 from .edges import edge_attribution
 from .faithfulness import (
     ABLATION_MODES,
@@ -339,11 +339,11 @@ class EdgeCircuitResult(Result):
 def _edge_rankings(model, search, key: dict, ig_steps: int, patching_top: int, signed: bool, memo,
                    search_abl) -> tuple[dict[str, list[Edge]], dict[str, dict[Edge, float]]]:
     """The EAP, EAP-IG and (``patching_top``) exact-patching edge rankings on the search prompts."""
-    scores = {"eap": memo("eap", {**key, "ig_steps": 0},
-                          lambda: edge_attribution(model, search.clean, search.corrupted, search.metric))}
+    pair = prepare(model, search.clean, search.corrupted, search.metric)  # EAP and EAP-IG share its two runs
+    scores = {"eap": memo("eap", {**key, "ig_steps": 0}, lambda: edge_attribution(model, pair))}
     if ig_steps:
-        scores["eap-ig"] = memo("eap", {**key, "ig_steps": ig_steps}, lambda: edge_attribution(
-            model, search.clean, search.corrupted, search.metric, ig_steps=ig_steps))
+        scores["eap-ig"] = memo("eap", {**key, "ig_steps": ig_steps},
+                                lambda: edge_attribution(model, pair, ig_steps=ig_steps))
     rankings = {k: edge_ranking(v, signed) for k, v in scores.items()}
     if patching_top:
         base = rankings["eap-ig" if ig_steps else "eap"]

@@ -24,13 +24,14 @@ import torch
 
 from ..batching import map_batches
 from ..compute import forward_bytes
+from ..core.cache import ActivationCache
 from ..core.components import Component, kv_component
 from ..core.errors import InputError
 from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.types import Metric, TextOrTokens
-from ..techniques.inputs import metric_on_rows
+from ..techniques.inputs import PreparedPair, as_pair, metric_on_rows
 
 
 def _layer(name: str) -> int:
@@ -38,8 +39,9 @@ def _layer(name: str) -> int:
     return Component.parse(name).layer
 
 
-def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric, ig_steps: int = 0,
-                     per_head: bool = True, batch_size: int | None = None) -> dict[tuple[str, str], float]:
+def edge_attribution(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupted: TextOrTokens | None = None,
+                     metric: Metric | None = None, ig_steps: int = 0, per_head: bool = True,
+                     batch_size: int | None = None) -> dict[tuple[str, str], float]:
     """EAP scores ``{(upstream, reader): score}`` (see the module docstring), summed over positions, mean over prompts.
 
     ``clean``, ``corrupted``: ``[batch, pos]`` token ids of equal shape. ``metric(logits) -> [batch]``.
@@ -48,17 +50,23 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
     ``logits``; with ``per_head=False`` one ``L{l}.attn_in`` per attention block instead of the
     q/k/v readers. Score: ``sum_{pos} (out_u(clean) - out_u(corrupted)) . g_v`` averaged over prompts.
     Prompts run in batches sized from free memory (``batch_size`` overrides; see :mod:`mechscope.batching`).
+    ``clean`` may be a :class:`~mechscope.techniques.inputs.PreparedPair` alone: the clean and corrupted
+    activations then come from its (shared) runs instead of two runs per batch.
     """
     c = model.cfg
-    if clean.shape != corrupted.shape:
-        raise InputError(f"clean and corrupted tokens must have the same shape, got {tuple(clean.shape)} "
-                         f"and {tuple(corrupted.shape)}")
+    pair = clean if isinstance(clean, PreparedPair) else None
+    if pair is not None:
+        clean, corrupted, metric = pair.clean, pair.corrupted, as_pair(model, pair, corrupted, metric).metric
+    elif corrupted is None or metric is None or clean.shape != corrupted.shape:
+        raise InputError("edge attribution needs clean and corrupted tokens of one shape and a metric (or one "
+                         f"PreparedPair); got {tuple(getattr(clean, 'shape', ()))} and "
+                         f"{tuple(getattr(corrupted, 'shape', ()))}")
     N, P = clean.shape
     elt = torch.finfo(model.dtype).bits // 8
     per_prompt = 4 * forward_bytes(c.to_dict(), 1, P, elt)  # two cached runs, a forward with its graph, gradients
 
     def run(s: int, e: int) -> dict:
-        return _eap_batch(model, clean[s:e], corrupted[s:e], metric, ig_steps, per_head, torch.arange(s, e), N)
+        return _eap_batch(model, clean[s:e], corrupted[s:e], metric, ig_steps, per_head, torch.arange(s, e), N, pair)
 
     sums: dict[tuple[str, str], float] = {}
     for part in map_batches(run, N, batch_size, per_prompt, model.device, "edge attribution",
@@ -69,15 +77,20 @@ def edge_attribution(model: HookedModel, clean: TextOrTokens, corrupted: TextOrT
 
 
 def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, rows: torch.Tensor,
-               n_prompts: int) -> dict[tuple[str, str], float]:
-    """EAP score sums over the prompts ``rows`` (``clean``/``corrupted`` ``[b, pos]``) of a dataset of ``n_prompts``."""
+               n_prompts: int, pair: PreparedPair | None = None) -> dict[tuple[str, str], float]:
+    """EAP score sums over the prompts ``rows`` (``clean``/``corrupted`` ``[b, pos]``) of a dataset of ``n_prompts``
+    (their activations from ``pair``'s runs when given)."""
     c = model.cfg
     n = c.n_layers
     out_names = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
     out_names += [act_name("z", l) for l in range(n)] + [act_name("mlp_out", l) for l in range(n)]
-    with torch.no_grad():
-        _, cc = model.run_with_cache(clean, names_filter=out_names)
-        _, cx = model.run_with_cache(corrupted, names_filter=out_names)
+    if pair is not None:
+        cc, cx = (ActivationCache({k: pair.run(w, out_names)[1][k][rows] for k in out_names}, model)
+                  for w in ("clean", "corrupted"))
+    else:
+        with torch.no_grad():
+            _, cc = model.run_with_cache(clean, names_filter=out_names)
+            _, cx = model.run_with_cache(corrupted, names_filter=out_names)
     grad_names = [act_name(s, l) for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
     shared = c.parallel_residual and not model.has_hook(act_name("normalized", 0, "ln2"))
     if c.parallel_residual:  # the MLP reads ln2(resid_pre) (or ln1's output, shared with attention)

@@ -16,8 +16,8 @@ from ..core.errors import InputError, UnknownNameError
 from ..core.hookpoints import ATTRIB_SITES, block_name
 from ..core.model import HookedModel
 from ..core.types import Metric, TextOrTokens
-from .inputs import prompt_pair
-from .patching import PatchResult, label_result, reads_last_only
+from .inputs import PreparedPair, as_pair
+from .patching import PatchResult, label_result
 
 
 def _base_gradients(model, base_t, metric, names: list[str], keep: int) -> tuple[dict, dict, torch.Tensor]:
@@ -74,31 +74,29 @@ def _axes(site: str, grid: torch.Tensor, n_layers: int, P: int, per_position: bo
     return ("layer", "pos"), {"layer": layers, "pos": list(range(P))}
 
 
-def attribution_patch(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric,
-                      sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
+def attribution_patch(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupted: TextOrTokens | None = None,
+                      metric: Metric | None = None, sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
                       direction: str = "denoise", per_position: bool = False) -> dict[str, PatchResult]:
     """Estimate every patch at ``sites`` at once; see the module docstring.
 
     Returns ``{site: PatchResult}`` with the axes of :func:`mechscope.techniques.patching.patch`
     (``[layer, pos]`` for residual sites; ``[layer, head]``, or ``[layer, pos, head]`` with
     ``per_position``, for ``z q k v pattern``; ``[layer, d_mlp]`` neurons for ``post``). The
-    metric must be differentiable and return a scalar or one value per prompt.
+    metric must be differentiable and return a scalar or one value per prompt. ``clean`` may be a
+    :class:`~mechscope.techniques.inputs.PreparedPair` alone: the source run is then its (shared) run.
     """
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     unknown = [s for s in sites if s not in ATTRIB_SITES]
     if unknown:
         raise UnknownNameError(f"unknown attribution sites {unknown}; use {sorted(ATTRIB_SITES)}")
-    clean_t, corr_t = prompt_pair(model, clean, corrupted)
+    pair = as_pair(model, clean, corrupted, metric)
+    metric, clean_t, corr_t = pair.metric, pair.clean, pair.corrupted
     P, n = clean_t.shape[1], model.cfg.n_layers
-    base_t, src_t = (corr_t, clean_t) if direction == "denoise" else (clean_t, corr_t)
+    base_t = corr_t if direction == "denoise" else clean_t
     names = [block_name(l, ATTRIB_SITES[s]) for s in sites for l in range(n)]
-    final = block_name(n - 1, "hook_resid_post")
-    with torch.no_grad():
-        src_logits, src = model.run_with_cache(src_t, names_filter=names + [final], logits_to_keep=1)
-        keep = 1 if reads_last_only(metric, src_logits, P) else 0
-        if not keep:  # the metric reads other positions: unembed them all
-            src_logits = model.unembed(model.ln_final(src[final]))
+    src_logits, src = pair.run("clean" if direction == "denoise" else "corrupted", names)
+    keep = pair.keep
     acts, grads, value = _base_gradients(model, base_t, metric, names, keep)
     base_value = float(value.float().mean())
     src_value = float(torch.as_tensor(metric(src_logits)).detach().float().mean())

@@ -6,7 +6,8 @@ prompts of one token length within a batch; these helpers give a clear error whe
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -147,3 +148,75 @@ def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
     per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None)
     parts = map_batches(run, n, batch_size, per, model.device, what, state, tokens_per_item=P)
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one batch: the metric's own shape)
+
+
+@dataclass(eq=False, repr=False)
+class PreparedPair:
+    """A clean/corrupted task normalised once, at the boundary, for every technique that reads it.
+
+    ``clean``/``corrupted``: ``[n, pos]`` token ids on the model's device, of one shape (checked once);
+    ``metric``: one value per prompt; ``keep``: 1 when the metric reads only the last position's logits
+    (:func:`logits_to_keep`), else 0. :meth:`run` gives the clean or the corrupted run's logits
+    ``[n, pos, d_vocab]`` and activations, computed on first use and shared: patching, attribution
+    patching and EAP given the same pair read the same two runs instead of each running its own.
+    ``wanted``: hook names every run caches (the union of what the callers will read, so that one pass
+    serves them all; a name asked for later costs one more pass).
+    """
+
+    model: HookedModel
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    metric: Metric
+    wanted: set = field(default_factory=set)
+    runs: dict = field(default_factory=dict)  # "clean" | "corrupted" -> (logits, ActivationCache)
+    _keep: int | None = None
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def keep(self) -> int:
+        """1 when the metric reads only the last position's logits, else 0 (probed once, on first use)."""
+        if self._keep is None:
+            self._keep = logits_to_keep(self.model, self.clean, self.metric)
+        return self._keep
+
+    @torch.no_grad()
+    def run(self, which: str, names: Iterable[str] = ()) -> tuple:
+        """``(logits [n, pos, d_vocab], ActivationCache)`` of the ``"clean"`` or ``"corrupted"`` prompts, holding at
+        least ``names``: one forward pass, repeated only when a name it does not hold is asked for."""
+        if which not in ("clean", "corrupted"):
+            raise InputError(f"a prepared pair runs 'clean' or 'corrupted', not {which!r}")
+        need = set(names) | self.wanted
+        have = self.runs.get(which)
+        if have is None or not need <= set(have[1].store):
+            need |= set(have[1].store) if have else set()
+            tokens = self.clean if which == "clean" else self.corrupted
+            self.runs[which] = self.model.run_with_cache(tokens, names_filter=sorted(
+                x for x in need if self.model.has_hook(x)))
+        return self.runs[which]
+
+    def value(self, which: str) -> torch.Tensor:
+        """The metric ``[n]`` (or a scalar) of the unpatched clean or corrupted run."""
+        return metric_value(self.metric(self.run(which)[0]), len(self))
+
+
+def prepare(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric,
+            names: Iterable[str] = ()) -> PreparedPair:
+    """Normalise a clean/corrupted task once (tokens checked, the metric probed); nothing runs until a technique
+    asks (:class:`PreparedPair`). ``names``: the hooks the callers will read, cached together in one pass."""
+    c, x = prompt_pair(model, clean, corrupted)
+    return PreparedPair(model, c, x, metric, set(names))
+
+
+def as_pair(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupted: TextOrTokens | None,
+            metric: Metric | None) -> PreparedPair:
+    """``clean`` itself when it is a :class:`PreparedPair` (then ``corrupted`` and ``metric`` stay None), else the
+    three prepared: how a technique accepts either."""
+    if isinstance(clean, PreparedPair):
+        if corrupted is not None or metric is not None:
+            raise InputError("a prepared pair carries its own corrupted prompts and metric: pass it alone")
+        return clean
+    if corrupted is None or metric is None:
+        raise InputError("give the clean prompts, the corrupted prompts and a metric (or one PreparedPair)")
+    return prepare(model, clean, corrupted, metric)

@@ -39,7 +39,7 @@ from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
 from ..core.types import Metric, TextOrTokens
-from .inputs import check_range, metric_value, prompt_pair, reads_last_only
+from .inputs import PreparedPair, as_pair, check_range, metric_value, prompt_pair, reads_last_only
 
 #: patching sites by shorthand: (hook suffix, what a head index refers to); from the hook-point registry
 SITES = PATCH_SITES
@@ -243,6 +243,7 @@ class PatchPlan:
     jobs: list[_Job]
     axes: tuple[str, ...]
     labels: dict[str, list]
+    pair: PreparedPair | None = None  # the prepared task whose clean and corrupted runs the patches start from
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -284,24 +285,28 @@ def _hook_jobs(model, names: list[str]) -> tuple[list[_Job], tuple, dict]:
     return jobs, ("hook",), {"hook": names}
 
 
-def plan_patches(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, site: str | Sequence[str] = "resid_pre",
-                 direction: str = "denoise",
+def plan_patches(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupted: TextOrTokens | None,
+                 site: str | Sequence[str] = "resid_pre", direction: str = "denoise",
                  layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None, per_position: bool = False) -> PatchPlan:
-    """Check the arguments and list the patches (see :func:`patch` for their meaning)."""
+    """Check the arguments and list the patches (see :func:`patch` for their meaning). ``clean`` may be a
+    :class:`~mechscope.techniques.inputs.PreparedPair` (``corrupted`` None): the patches then start from its runs."""
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if isinstance(site, str) and site not in SITES and not model.has_hook(site):
         raise UnknownNameError(f"unknown patching site {site!r}; use one of {sorted(SITES)} or a hook name "
                                f"(model.hook_names)")
-    clean_t, corr_t = prompt_pair(model, clean, corrupted)
+    pair = clean if isinstance(clean, PreparedPair) else None
+    if pair is not None and corrupted is not None:
+        raise InputError("a prepared pair carries its own corrupted prompts: pass it alone")
+    clean_t, corr_t = (pair.clean, pair.corrupted) if pair is not None else prompt_pair(model, clean, corrupted)
     base, source = (corr_t, clean_t) if direction == "denoise" else (clean_t, corr_t)
     if isinstance(site, str) and site in SITES:
         layers = check_range("layers", layers, model.cfg.n_layers)
         jobs, axes, labels = _site_jobs(model, site, layers, positions, heads, per_position, clean_t.shape[1])
     else:
         jobs, axes, labels = _hook_jobs(model, [site] if isinstance(site, str) else list(site))
-    return PatchPlan(site, direction, base, source, jobs, axes, labels)
+    return PatchPlan(site, direction, base, source, jobs, axes, labels, pair)
 
 
 # ---------------------------------------------------------------------------------- the runs
@@ -333,8 +338,14 @@ def _base_runs(model, plan: PatchPlan, metric, last_position_only) -> _BaseRuns:
     inputs = {block_name(j.start, "hook_resid_pre") for j in plan.jobs if 0 <= j.start < n}
     src_resid = {resid_in_name(j.start, n) for j in plan.jobs if j.name is None}
     base_names = inputs | set(knames) | set(vnames) | site_names | {block_name(n - 1, "hook_resid_post")} | src_resid
-    base_logits, base = model.run_with_cache(plan.base, names_filter=sorted(base_names))
-    src_logits, src = model.run_with_cache(plan.source, names_filter=sorted(site_names | src_resid))
+    src_names = site_names | src_resid
+    if plan.pair is not None:  # the prepared task's runs, shared with the other techniques given it
+        base_which, src_which = ("corrupted", "clean") if plan.direction == "denoise" else ("clean", "corrupted")
+        (base_logits, base), (src_logits, src) = plan.pair.run(base_which, base_names), plan.pair.run(src_which,
+                                                                                                        src_names)
+    else:
+        base_logits, base = model.run_with_cache(plan.base, names_filter=sorted(base_names))
+        src_logits, src = model.run_with_cache(plan.source, names_filter=sorted(src_names))
     clean_logits, corr_logits = (src_logits, base_logits) if plan.direction == "denoise" else (base_logits, src_logits)
     if last_position_only is None:
         keep_last = all(reads_last_only(metric, lg[:, -1:], P) for lg in (clean_logits, corr_logits))
@@ -445,9 +456,9 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: fl
 @torch.no_grad()
 def patch(
     model: HookedModel,
-    clean: TextOrTokens,
-    corrupted: TextOrTokens,
-    metric: Metric,
+    clean: TextOrTokens | PreparedPair,
+    corrupted: TextOrTokens | None = None,
+    metric: Metric | None = None,
     site: str | Sequence[str] = "resid_pre",
     direction: str = "denoise",
     layers: Sequence[int] | None = None,
@@ -464,7 +475,9 @@ def patch(
     """Activation patching over a grid of sites; see the module docstring.
 
     ``clean``/``corrupted``: text, a list of texts, or tokens ``[batch, pos]`` of equal length.
-    ``metric(logits [batch, pos, d_vocab]) -> scalar or [batch]``.
+    ``metric(logits [batch, pos, d_vocab]) -> scalar or [batch]``. Or ``clean`` is a
+    :class:`~mechscope.techniques.inputs.PreparedPair` alone: its two runs are shared with the other
+    techniques given it.
     ``site``: ``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` (grid ``[layer, pos]``);
     ``z|q|k|v|pattern`` (grid ``[layer, head]``, or ``[layer, pos, head]`` with ``per_position``;
     ``k``/``v`` index KV heads); or any hook name / list of names (patched whole, or through
@@ -474,6 +487,10 @@ def patch(
     ``skip_identical``: a patch whose source values equal the base values bit for bit (e.g. every
     position before the first token where the prompts differ) is not run; its value is the base run's.
     """
+    if isinstance(clean, PreparedPair):
+        metric = as_pair(model, clean, corrupted, metric).metric  # (checks that nothing else was given)
+    elif corrupted is None or metric is None:
+        raise InputError("patch needs the clean prompts, the corrupted prompts and a metric (or one PreparedPair)")
     plan = plan_patches(model, clean, corrupted, site, direction, layers, positions, heads, per_position)
     values, runs, stats = run_patches(model, plan, metric, fn, batch_size, reuse_prefix, last_position_only,
                                       overhead_tokens, skip_identical)
