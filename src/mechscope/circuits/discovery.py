@@ -134,15 +134,16 @@ class CircuitResult(Result):
         return "\n".join(line for line in lines if line)
 
     def plot(self, path: str | Path = "circuit.png") -> Path:
-        """The circuit as a graph: components placed by layer, edges drawn by EAP score (red +, blue -)."""
+        """The circuit as a graph: each head at its layer and head index, the MLPs in a column on the right (so that
+        edges between components of one column stay visible), edges drawn by EAP score (red +, blue -)."""
         L = max([_layer(n) for n in self.nodes] + [0]) + 2
-        pos: dict[str, tuple[float, float]] = {"embed": (0.0, -1.0), "logits": (0.0, float(L))}
+        H = self.heads.values.shape[-1] if self.heads.values.dim() > 1 else 1
+        pos: dict[str, tuple[float, float]] = {"embed": (-1.0, -1.0), "logits": (-1.0, float(L))}
         by_layer: dict[int, list[str]] = {}
         for n in self.nodes:
             by_layer.setdefault(_layer(n), []).append(n)
-        for l, ns in by_layer.items():
-            for i, n in enumerate(sorted(ns)):
-                pos[n] = (i - (len(ns) - 1) / 2, float(l))
+            c = Component.parse(n)
+            pos[n] = ((c.index - (H - 1) / 2) if c.kind == "head" else H / 2 + 1.0, float(c.layer))
         fig, ax = viz.figure(figsize=(8, max(4, 0.45 * L + 2)))
         m = max([abs(s) for _, _, s in self.edges] + [1e-9])
         for u, v, s in self.edges:
