@@ -53,7 +53,7 @@ def test_a_killed_run_resumes_and_a_new_target_reuses_the_patching(two_hop, tmp_
     with pytest.raises(KeyboardInterrupt):
         investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False)
     assert not (tmp_path / "report.html").exists()
-    assert not list((tmp_path / "stages").glob(".*tmp"))  # no half-written stage
+    assert not list((tmp_path / "stages").glob("*.tmp")) and not list((tmp_path / "stages").glob(".*tmp"))  # none half-written
     monkeypatch.undo()
     rep = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False)
     assert {"check", "resid", "components", "choice", "eap", "validation", "curve"} <= set(rep.metrics["stages_reused"])

@@ -137,7 +137,7 @@ class CircuitResult(Result):
         """The circuit as a graph: each head at its layer and head index, the MLPs in a column on the right (so that
         edges between components of one column stay visible), edges drawn by EAP score (red +, blue -)."""
         L = max([_layer(n) for n in self.nodes] + [0]) + 2
-        H = self.heads.values.shape[-1] if self.heads.values.dim() > 1 else 1
+        H = self.heads.values.shape[-1]  # [layer, head]
         pos: dict[str, tuple[float, float]] = {"embed": (-1.0, -1.0), "logits": (-1.0, float(L))}
         by_layer: dict[int, list[str]] = {}
         for n in self.nodes:
@@ -240,9 +240,8 @@ def circuit_hooks(model: HookedModel) -> list[str]:
     and values, heads' and MLPs' outputs, the embeddings): cached together, one pass of each serves them all."""
     n = model.cfg.n_layers
     k = "rot_k" if model.has_hook(act_name("rot_k", 0)) else "k"
-    names = ["hook_embed", "hook_pos_embed", act_name("resid_post", n - 1)]
-    names += [act_name(s, l) for l in range(n) for s in ("resid_pre", "z", "mlp_out", k, "v")]
-    return [x for x in names if model.has_hook(x)]
+    names = model.embed_hooks + [act_name("resid_post", n - 1)]
+    return names + [act_name(s, l) for l in range(n) for s in ("resid_pre", "z", "mlp_out", k, "v")]
 
 
 def component_scores(model: HookedModel, heads: PatchResult, mlps: PatchResult) -> dict[str, float]:

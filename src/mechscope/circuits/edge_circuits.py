@@ -40,6 +40,7 @@ from ..core.result import Result
 from ..core.types import Metric
 from ..datasets import TaskDataset
 from ..techniques.inputs import logits_to_keep, prepare
+from .discovery import no_memo
 from .edges import edge_attribution
 from .faithfulness import (
     ABLATION_MODES,
@@ -56,12 +57,6 @@ from .faithfulness import (
 Edge = tuple[str, str]
 #: the fractions of edges MIB evaluates an edge ranking at (its CPR/CMD integrate over them)
 EDGE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-def _norm(spec, x: torch.Tensor) -> torch.Tensor:
-    """``spec``'s norm of ``x`` computed from its parts (calling the module would fire its own hook)."""
-    y = spec.apply_frozen(x, spec.scale(x))
-    return y + spec.bias.to(y.dtype) if spec.bias is not None else y
 
 
 def graph_nodes(model: HookedModel) -> tuple[list[str], list[str]]:
@@ -122,23 +117,18 @@ class EdgeAblator:
         diff = (data.clean != data.corrupted).any(0).nonzero()
         self.start = int(diff[0]) if mode == "cf" and len(diff) else 0
         self.ref = self._reference(data.corrupted)
-        self.emb_delta = self._outputs(data.clean)["embed"][:, self.start:] - self.ref["out"][0]
+        with torch.no_grad():  # the model itself (every edge kept), and the embedding every run starts from
+            logits, cache = model.run_with_cache(data.clean, names_filter=model.embed_hooks)
+        self.emb_delta = sum(cache[e] for e in model.embed_hooks).float()[:, self.start:] - self.ref["out"][0]
+        self.full = torch.as_tensor(metric(logits)).float().cpu()
         self.keep = logits_to_keep(model, data.clean, metric)
-        self.full = self.kept(self.edges)
         self.empty = self.kept([])
-
-    def _outputs(self, tokens) -> dict:
-        """The embedding (with positions) ``[b, pos, d]`` of one run."""
-        names = ["hook_embed"] + (["hook_pos_embed"] if self.model.has_hook("hook_pos_embed") else [])
-        with torch.no_grad():
-            _, cache = self.model.run_with_cache(tokens, names_filter=names)
-        return {"embed": sum(cache[n] for n in names).float()}
 
     @torch.no_grad()
     def _reference(self, tokens) -> dict:
         """``out [n_up, b, pos, d]`` (every upstream output) and the residual stream each reader starts from."""
         model, n = self.model, self.model.cfg.n_layers
-        emb = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
+        emb = model.embed_hooks
         names = emb + [act_name(s, l) for l in range(n) for s in ("z", "mlp_out", "resid_pre", "resid_mid")]
         _, cache = model.run_with_cache(tokens, names_filter=names + [act_name("resid_post", n - 1)])
         outs = [sum(cache[e] for e in emb).float()]
@@ -175,7 +165,7 @@ class EdgeAblator:
         if unknown:
             raise InputError(f"edges {unknown[:3]} are not edges of this model's graph (see all_edges)")
         masks = self._masks(edges)
-        with self.model.hooks(_EdgeRun(self, masks).hooks()):
+        with self.model.hooks(_EdgeRun(self, masks).hooks() if masks else []):
             out = self.metric(self.model(self.data.clean, logits_to_keep=self.keep))
         return torch.as_tensor(out).float().cpu()
 
@@ -209,8 +199,6 @@ class _EdgeRun:
         return x
 
     def hooks(self) -> list:
-        if not self.masks:
-            return []
         model, n, c = self.model, self.model.cfg.n_layers, self.model.cfg
         hooks = []
         for l in range(n):
@@ -224,7 +212,7 @@ class _EdgeRun:
                 hooks.append((act_name("normalized", l, "ln2"), self._replace(
                     f"L{l}.mlp_in", self.ref["mid"][l], model.weights.ln2(l))))
         if "logits" in self.masks:
-            hooks.append(("ln_final.hook_normalized", self._replace("logits", self.ref["post"], model.weights.ln_final)))
+            hooks.append((act_name("ln_final"), self._replace("logits", self.ref["post"], model.weights.ln_final)))
         return hooks
 
     def _qkv(self, l: int, s: str, names: list[str]):
@@ -235,7 +223,7 @@ class _EdgeRun:
 
         def put(act, hook):
             x = self._inputs([names[i] for i in idx], self.ref["pre"][l])
-            x = _norm(ln1, x) if ln1 is not None else x
+            x = ln1.apply(x) if ln1 is not None else x
             act = act.clone()
             for j, i in enumerate(idx):
                 act[:, :, i] = (x[j].to(W.device, W.dtype) @ W[i] + b[i]).to(act.dtype)
@@ -262,7 +250,7 @@ class _EdgeRun:
 
     def _replace(self, reader: str, resid_ref: torch.Tensor, norm):
         def put(act, hook):
-            return _norm(norm, self._inputs([reader], resid_ref)[0]).to(act.device, act.dtype)
+            return norm.apply(self._inputs([reader], resid_ref)[0]).to(act.device, act.dtype)
 
         return put
 
@@ -296,10 +284,8 @@ class EdgeCircuitResult(Result):
     def nodes(self) -> list[str]:
         """The components the kept edges touch (upstream components and the components of their readers)."""
         out = {u for u, _, _ in self.edges if u != "embed"}
-        for _, r, _ in self.edges:
-            if r != "logits":
-                c = Component.parse(r)
-                out.add(f"L{c.layer}.mlp" if c.kind == "mlp" else f"L{c.layer}{'H' if c.kind == 'head' else 'G'}{c.index}")
+        for c in (Component.parse(r) for _, r, _ in self.edges if r != "logits"):
+            out.add(str(Component(c.layer, c.kind, c.index)))  # the reader's component, without its port
         return sorted(out, key=lambda x: (Component.parse(x).layer, x))
 
     @property
@@ -358,7 +344,7 @@ def _edge_rankings(model, search, key: dict, ig_steps: int, patching_top: int, s
 
 def edge_circuit(model: HookedModel, dataset: TaskDataset, target: float = 0.8, ablation: str = "cf",
                  ig_steps: int = 5, held_out: float = 0.5, n_random: int = 20, seed: int = 0, patching_top: int = 0,
-                 curve: bool = True, signed: bool = False, memo: Callable | None = None) -> EdgeCircuitResult:
+                 curve: bool = True, signed: bool = False, memo: Callable = no_memo) -> EdgeCircuitResult:
     """The smallest top-``k`` edges of a ranking whose faithfulness on the search prompts reaches ``target``,
     validated on the held-out prompts (``held_out`` fraction) against ``n_random`` random edge sets of its size.
 
@@ -370,7 +356,6 @@ def edge_circuit(model: HookedModel, dataset: TaskDataset, target: float = 0.8, 
     :func:`~mechscope.circuits.discovery.find_circuit` (the EAP stages are shared with it).
     """
     check_mode(ablation)
-    memo = memo or (lambda name, params, compute: compute())
     search, test = dataset.split(held_out, seed=seed)
     key = {"held_out": held_out, "seed": seed}
     search_abl = Lazy(lambda: EdgeAblator(model, search, search.metric, ablation, seed))

@@ -82,8 +82,7 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
     (their activations from ``pair``'s runs when given)."""
     c = model.cfg
     n = c.n_layers
-    out_names = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
-    out_names += [act_name("z", l) for l in range(n)] + [act_name("mlp_out", l) for l in range(n)]
+    out_names = model.embed_hooks + [act_name("z", l) for l in range(n)] + [act_name("mlp_out", l) for l in range(n)]
     if pair is not None:
         cc, cx = (ActivationCache({k: pair.run(w, out_names)[1][k][rows] for k in out_names}, model)
                   for w in ("clean", "corrupted"))
@@ -102,8 +101,7 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
     readers: dict[str, torch.Tensor] = {}
     steps = max(1, ig_steps)
     params = [p for p in model.hf.parameters() if p.requires_grad]
-    emb_c = cc["embed"] + (cc["pos_embed"] if model.has_hook("hook_pos_embed") else 0)
-    emb_x = cx["embed"] + (cx["pos_embed"] if model.has_hook("hook_pos_embed") else 0)
+    emb_c, emb_x = (sum(cache[e] for e in model.embed_hooks) for cache in (cc, cx))
     try:
         for p in params:
             p.requires_grad_(False)

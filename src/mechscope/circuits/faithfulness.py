@@ -27,6 +27,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.components import all_heads, all_mlps, parse_components
 from ..core.errors import InputError
@@ -178,12 +179,7 @@ class FaithfulnessCurve(Result):
         return {"scores": self.scores}
 
     def plot(self, path: str | Path | None = None) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = viz.figure(figsize=(6, 4))
         for name, c in self.curves.items():
             ax.plot(self.fraction, [e.value for e in c], marker="o", label=f"{name} (CPR {self.scores[name]['cpr']:.2f})")
             ax.fill_between(self.fraction, [e.low for e in c], [e.high for e in c], alpha=0.2)
@@ -195,11 +191,7 @@ class FaithfulnessCurve(Result):
         ax.set_xlabel(f"fraction of {self.unit} kept")
         ax.set_ylabel("faithfulness (held out)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path or "faithfulness_curve.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return viz.save_figure(fig, path or "faithfulness_curve.png")
 
 
 def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, list], pool: list,

@@ -246,7 +246,7 @@ def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tens
         layer = v.layer
         if v.kind == "logits":
             final = model.ln_final(cc[act_name("resid_post", c.n_layers - 1)] + delta)
-            return "ln_final.hook_normalized", lambda act, hook: final.to(act.dtype)
+            return act_name("ln_final"), lambda act, hook: final.to(act.dtype)
         if v.kind == "mlp":  # the MLP's input, L.mlp_in
             mlp = model.mlp_module(layer)(model.ln2(layer)(cc[act_name("resid_mid", layer)] + delta))
             mlp = mlp[0] if isinstance(mlp, tuple) else mlp

@@ -138,8 +138,7 @@ def _components(model, cache, logits) -> list[Identity]:
 def _norm_pairs(model, cache) -> list:
     """``(center(x) * scale(x) * gain + bias, norm(x))`` for the final norm and each block's pre-norms."""
     def pair(norm, x):
-        lin = norm.apply_frozen(x, norm.scale(x))
-        return (lin + norm.bias if norm.bias is not None else lin, norm(x))
+        return norm.apply(x), norm(x)
 
     pairs = [pair(model.ln_final, cache["resid_post", model.cfg.n_layers - 1])]
     for l in range(model.cfg.n_layers):

@@ -100,6 +100,12 @@ class HookedModel(torch.nn.Module):
         """Whether ``name`` is one of this model's hook points (full name, e.g. ``blocks.3.ln2.hook_normalized``)."""
         return name in self.manager.known
 
+    @property
+    def embed_hooks(self) -> list[str]:
+        """The hooks whose outputs add up to the residual stream entering block 0: ``hook_embed``, and
+        ``hook_pos_embed`` where the model has learned positions."""
+        return [n for n in (act_name("embed"), act_name("pos_embed")) if self.has_hook(n)]
+
     def attn_input(self, layer: int) -> str:
         """The hook point holding what block ``layer``'s attention projections read: its ``ln1`` output, or the
         residual stream itself where the block normalises only outputs (OLMo-2)."""

@@ -77,5 +77,11 @@ class NormSpec:
         out = self.center(parts.float()) * scale.to(parts.device).float() * self.gain.to(parts.device).float()
         return out.to(parts.dtype)
 
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of ``x`` computed from its parts, ``center(x) * scale(x) * gain + bias``, without calling the
+        module (so no hook of the module fires: safe inside that hook)."""
+        y = self.apply_frozen(x, self.scale(x))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)

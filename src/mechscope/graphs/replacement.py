@@ -89,12 +89,11 @@ class ReplacementModel:
         def keep(act, hook):
             seen[hook.name] = act.detach()[0]
 
-        names = ["hook_embed"] + (["hook_pos_embed"] if model.has_hook("hook_pos_embed") else [])
-        names += [act_name("mlp_out", layer) for layer in range(model.cfg.n_layers)]
+        names = model.embed_hooks + [act_name("mlp_out", layer) for layer in range(model.cfg.n_layers)]
         names += [tc.cfg.hook_name for tc in self.transcoders]
         with torch.no_grad(), record_frozen(model) as frozen:
             logits = model.run_with_hooks(self.tokens, fwd_hooks=[(n, keep) for n in dict.fromkeys(names)])
-        embed = seen["hook_embed"] + seen.get("hook_pos_embed", 0.0)
+        embed = sum(seen[e] for e in model.embed_hooks)
         layers = []
         for layer in range(model.cfg.n_layers):
             mlp = seen[act_name("mlp_out", layer)]
@@ -118,7 +117,7 @@ class ReplacementModel:
         points named in ``capture``) and the logits."""
         add = add or {}
         live = Run()
-        hooks = [("hook_embed", lambda act, hook: act + add[EMBED].to(act.device, act.dtype) if EMBED in add else act)]
+        hooks = [(act_name("embed"), lambda act, hook: act + add[EMBED].to(act.device, act.dtype) if EMBED in add else act)]
         hooks += [(name, lambda act, hook: live.extra.__setitem__(hook.name, act)) for name in capture]
         for st in self.layers:
             tc = st.transcoder
@@ -140,7 +139,7 @@ class ReplacementModel:
         def final(act, hook):
             live.final = act
 
-        hooks.append(("ln_final.hook_normalized", final))
+        hooks.append((act_name("ln_final"), final))
         tokens = self.tokens.expand(batch, -1)
         with self.frozen.applied():
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)

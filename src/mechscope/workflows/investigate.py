@@ -25,7 +25,7 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
-from ..circuits.discovery import CircuitResult, find_circuit, replicate_split
+from ..circuits.discovery import CircuitResult, find_circuit, no_memo, replicate_split
 from ..circuits.heads import detect_heads, head_report
 from ..core.components import Component
 from ..core.files import atomic_write
@@ -53,7 +53,7 @@ def check_pairs(model: HookedModel, data: TaskDataset, cache: StageCache | None 
         return {"clean": batched_metric(model, data.clean, data.metric),
                 "corrupted": batched_metric(model, data.corrupted, data.metric)}
 
-    m = (cache or (lambda name, params, f: f()))("check", {}, run)
+    m = (cache or no_memo)("check", {}, run)
     clean, corr = m["clean"].float().flatten(), m["corrupted"].float().flatten()
     ok = clean > 0 if data.wrong is not None else clean > corr
     gap = bootstrap_ci(clean - corr)
@@ -167,8 +167,7 @@ def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> 
                                          screen_heads=opts["screen_heads"], memo=cache)))
     if len(rows) == 1:
         return rows
-    first = set(res.nodes)
-    jac = [len(first & set(n)) / max(1, len(first | set(n))) for _, n, _ in rows]
+    jac = [_overlap(res.nodes, n) for _, n, _ in rows]
     lines = [f"the circuit chosen on {len(rows)} random search/held-out splits of the {len(data)} prompts:"]
     lines += [f"  split seed {s}: {len(n)} components, held-out faithfulness {f}, overlap with seed 0 (Jaccard) "
               f"{j:.2f}" for (s, n, f), j in zip(rows, jac)]
@@ -189,26 +188,37 @@ def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> 
     return rows
 
 
+def _overlap(a: list[str], b: list[str]) -> float:
+    """The Jaccard overlap of two circuits: shared components over all of theirs."""
+    return len(set(a) & set(b)) / max(1, len(set(a) | set(b)))
+
+
 def _order(name: str) -> tuple:
     c = Component.parse(name)
     return c.layer, c.kind, c.index or 0
 
 
+def _heads(res: CircuitResult) -> list[Component]:
+    """The circuit's heads, in its order (strongest patching effect first)."""
+    return [c for c in map(Component.parse, res.nodes) if c.kind == "head"]
+
+
 def _heads_section(rep: Report, model, data, res: CircuitResult, out: Path, n_heads: int) -> None:
     """Step 6: a head report for each of the top circuit heads, on the task's own prompts."""
-    heads = [Component.parse(n) for n in res.nodes if Component.parse(n).kind == "head"][:n_heads]
+    heads = _heads(res)[:n_heads]
     if not heads:
         rep.add(Section("the circuit's heads", "the circuit has no heads", key="heads"))
         return
     det = detect_heads(model)
     reports = [head_report(model, h.layer, h.index, prompts=list(data.clean[:2]), ablation_seqs=0, detectors=det)
                for h in heads]
+    summaries = [hr.summary() for hr in reports]
     links = []
-    for h, hr in zip(heads, reports):
+    for h, hr, text in zip(heads, reports, summaries):
         path = hr.write(out / f"head_{h}.html")
-        links.append(f"<li><a href='{viz.esc(path.name)}'>{viz.esc(str(h))}</a>: "
-                     f"{viz.esc(hr.summary().splitlines()[1] if len(hr.summary().splitlines()) > 1 else '')}</li>")
-    text = "\n\n".join(hr.summary() for hr in reports)
+        first = text.splitlines()[1] if len(text.splitlines()) > 1 else ""
+        links.append(f"<li><a href='{viz.esc(path.name)}'>{viz.esc(str(h))}</a>: {viz.esc(first)}</li>")
+    text = "\n\n".join(summaries)
     rep.add(Section(f"the circuit's top {len(heads)} heads", text + "\n\n(each head's task ablation is the circuit's "
                     "validation above; these reports show what the head reads and writes)",
                     f"<ul>{''.join(links)}</ul>", key="heads"))
@@ -233,7 +243,7 @@ def _dla_section(rep: Report, model, data: TaskDataset, res: CircuitResult, out:
     dla = direct_logit_attribution(model, data.clean[:n], data.answers[:n],
                                    None if data.wrong is None else data.wrong[:n], pos=pos)
     dla.plot(out / "task_dla.png")
-    heads = [Component.parse(x) for x in res.nodes if Component.parse(x).kind == "head"]
+    heads = _heads(res)
     direct = float(sum(dla.heads[h.layer, h.index] for h in heads)) if heads else 0.0
     sec = Section("direct logit attribution of the answer", f"{dla.summary()}\n\nthe circuit's {len(heads)} heads "
                   f"write {direct:+.3f} of {dla.target:+.3f} directly (the rest reaches the logits through later "
@@ -296,8 +306,7 @@ def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, split
         if res.opposing:
             todo.append(f"{len(res.opposing)} components oppose the behaviour ({', '.join(list(res.opposing)[:4])}): "
                         "read them (`mechscope head L.H` for a head) before calling the circuit complete")
-        if len(splits) > 1 and min(len(set(res.nodes) & set(n)) / max(1, len(set(res.nodes) | set(n)))
-                                   for _, n, _ in splits[1:]) < 0.5:
+        if len(splits) > 1 and min(_overlap(res.nodes, n) for _, n, _ in splits[1:]) < 0.5:
             todo.append("the circuit changes with the split of the prompts: trust only the components in every split's "
                         "circuit, and add prompts")
         if not todo:

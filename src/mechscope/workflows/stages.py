@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -22,7 +22,7 @@ import torch
 from ..analysis.validation import Estimate
 from ..circuits.faithfulness import FaithfulnessCurve
 from ..core.errors import MechscopeError
-from ..core.files import read_torch
+from ..core.files import atomic_write, read_torch
 from ..core.model import HookedModel
 from ..core.progress import stage as say
 from ..datasets import TaskDataset
@@ -106,8 +106,7 @@ class StageCache:
         value = compute()
         self.misses.append(name)
         if self.enabled:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(_encode(value), tmp)
-            os.replace(tmp, path)  # a kill leaves the old state or the new one, never half a file
+            buf = io.BytesIO()
+            torch.save(_encode(value), buf)
+            atomic_write(path, buf.getvalue())  # a kill leaves the old state or the new one, never half a file
         return value
