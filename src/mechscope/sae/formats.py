@@ -32,7 +32,9 @@ from ..core.hookpoints import act_name, block_name
 from .model import SAE, SAEConfig
 
 FORMATS = ("saelens", "gemma_scope", "llama_scope", "sparsify", "dictionary_learning")
-SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "transcoder": "relu",
+                "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu"}
+SAELENS_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
 def detect_format(folder: Path) -> str:
@@ -95,29 +97,52 @@ def build(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch
 
 
 def read_saelens(folder: Path) -> SAE:
+    """A SAELens v6 folder, read as SAELens's ``SAE.load_from_disk`` reads it (checked against SAELens 6.54's own
+    files in tests/test_saelens_roundtrip.py). Fields that mean something particular there are followed:
+
+    - ``transcoder`` / ``skip_transcoder`` / ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``: ``d_out`` and
+      ``metadata.hook_name_out``; SAELens's ``W_skip`` is ``[d_out, d_in]`` (applied as ``x @ W_skip.T``);
+    - ``rescale_acts_by_decoder_norm`` (TopK): SAELens multiplies pre-activations by ``‖W_dec[i]‖`` and divides
+      before decoding; that is folded into ``W_enc``, ``b_enc`` and ``W_dec`` (the same outputs);
+    - ``normalize_activations``: ``"expected_average_only_in"`` is a no-op at inference in SAELens (its factor is
+      folded at save time), so it is read as ``"none"``; a run-time normalisation (``layer_norm``,
+      ``constant_norm_rescale``, ``covariance_whitening``) is refused with an error;
+    - decoder rows are never renormalised (``load_from_disk`` does not fold ``W_dec`` norms by default).
+    """
     raw = read_json(folder / "cfg.json")
     _require(raw, ("d_in", "d_sae"), folder / "cfg.json")
     arch = raw.get("architecture", "standard")
     if arch not in SAELENS_ARCH:
         raise InputError(f"unsupported SAE architecture {arch!r} in {folder}; supported: {sorted(SAELENS_ARCH)}")
-    if raw.get("normalize_activations", "none") not in ("none", None):
-        raise InputError(f"{folder} asks for normalize_activations={raw['normalize_activations']!r} at run time; "
-                         "mechscope loads SAEs whose normalisation is folded into the weights ('none')")
+    if raw.get("normalize_activations", "none") not in ("none", None, "expected_average_only_in"):
+        raise InputError(f"{folder} asks for normalize_activations={raw['normalize_activations']!r}: a per-input "
+                         "normalisation at run time, which mechscope does not apply; valid: 'none' or "
+                         "'expected_average_only_in' (folded into the weights when SAELens saves)")
     meta = raw.get("metadata") or {}
+    out_hook = meta.get("hook_name_out") or raw.get("hook_name_out") or ""
+    is_tc = arch in SAELENS_TRANSCODERS
+    if is_tc and not out_hook:
+        raise InputError(f"{folder}/cfg.json is a SAELens {arch} without metadata.hook_name_out: add the hook it "
+                         "writes (e.g. 'blocks.1.hook_mlp_out') to its metadata")
+    skip = "skip" in arch if is_tc else bool(raw.get("skip", False)) and bool(out_hook)
     cfg = SAEConfig(d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=SAELENS_ARCH[arch],
                     hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
                     model_name=meta.get("model_name") or raw.get("model_name") or "",
                     k=int(raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k", 32))),
                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-                    hook_name_out=meta.get("hook_name_out") or raw.get("hook_name_out") or "",
-                    d_out=int(raw.get("d_out") or 0) if (meta.get("hook_name_out") or raw.get("hook_name_out")) else 0,
-                    skip=bool(raw.get("skip", False)) and bool(meta.get("hook_name_out") or raw.get("hook_name_out")))
+                    hook_name_out=out_hook, d_out=int(raw.get("d_out") or 0) if out_hook else 0, skip=skip)
     w = read_safetensors(folder / "sae_weights.safetensors")
     missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if cfg.skip else ()) if k not in w]
     if missing:
         raise InputError(f"{folder}/sae_weights.safetensors has no {missing} (has {sorted(w)})")
-    return build(cfg, w["W_enc"], w["W_dec"], w["b_enc"], w["b_dec"], w.get("threshold"), source=str(folder),
-                 W_skip=w.get("W_skip"))
+    W_enc, W_dec, b_enc = w["W_enc"], w["W_dec"], w["b_enc"]
+    if raw.get("rescale_acts_by_decoder_norm") and arch == "topk":
+        n = W_dec.float().norm(dim=-1).clamp_min(1e-12)
+        W_enc, b_enc, W_dec = W_enc.float() * n, b_enc.float() * n, W_dec.float() / n[:, None]
+    W_skip = w.get("W_skip")
+    if W_skip is not None and is_tc:
+        W_skip = W_skip.T  # SAELens: [d_out, d_in]; mechscope: [d_in, d_out]
+    return build(cfg, W_enc, W_dec, b_enc, w["b_dec"], w.get("threshold"), source=str(folder), W_skip=W_skip)
 
 
 def read_gemma_scope(folder: Path, hook: str, model_name: str = "") -> SAE:

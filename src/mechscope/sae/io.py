@@ -27,6 +27,19 @@ from ..core.model import HookedModel
 from .model import SAE
 
 SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+# SAELens's transcoder classes (a TopK transcoder has none: it is written as "topk" with transcoder fields,
+# which only mechscope reads)
+TRANSCODER_ARCH = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                   ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
+                   ("batchtopk", False): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_skip_transcoder"}
+
+
+def saved_architecture(sae: SAE) -> str:
+    """The ``architecture`` written to ``cfg.json``: SAELens's name for the SAE or transcoder."""
+    c = sae.cfg
+    if c.is_transcoder:
+        return TRANSCODER_ARCH.get((c.architecture, c.skip), SAVED_ARCH[c.architecture])
+    return SAVED_ARCH[c.architecture]
 
 
 @torch.no_grad()
@@ -38,7 +51,9 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     t = float(sae.output_scale) if sae.cfg.is_transcoder else s
     out = {"W_enc": (sae.W_enc * s), "W_dec": (sae.W_dec / t), "b_enc": sae.b_enc.clone(), "b_dec": (sae.b_dec / t)}
     if sae.cfg.skip:
-        out["W_skip"] = sae.W_skip * s / t
+        W_skip = sae.W_skip * s / t
+        # SAELens's skip transcoders hold [d_out, d_in]; mechscope's TopK transcoders keep [d_in, d_out]
+        out["W_skip"] = W_skip.T if saved_architecture(sae) in ("skip_transcoder", "jumprelu_skip_transcoder") else W_skip
     arch = sae.cfg.architecture
     if arch == "jumprelu":
         out["threshold"] = sae.log_threshold.float().exp()
@@ -53,7 +68,7 @@ def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = No
     """Write ``sae`` to folder ``path`` in SAELens's format (atomically; an existing folder is replaced)."""
     c = sae.cfg
     cfg = {
-        "architecture": SAVED_ARCH[c.architecture], "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype,
+        "architecture": saved_architecture(sae), "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype,
         "device": "cpu", "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"hook_name": c.hook_name, "model_name": c.model_name, "saved_by": "mechscope",

@@ -307,7 +307,8 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: TrainerState, train: TrainConfig, 
     dist = dist or Dist.single()
     global_rows = global_rows or x.shape[0]
     weight = x.shape[0] / global_rows
-    dead = st.dead(train.dead_window)
+    dead = st.dead(train.dead_window)  # the bookkeeping stays on the CPU; the SAE may be on a GPU
+    dead = dead.to(x.device) if dead is not None else None
     xi, yt = split_pairs(sae, x)
     terms = sae.training_loss(xi, st.step, dead, sparse=sparse, target=yt)
     finite = float(torch.isfinite(terms.loss.detach()))
@@ -318,7 +319,7 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: TrainerState, train: TrainConfig, 
     if dist.active:
         dist.sum_each_([p.grad for p in sae.parameters() if p.grad is not None])
         # one small collective: how many ranks have a finite loss, and the firing counts (exact in float64)
-        flags = torch.cat([torch.tensor([finite], dtype=torch.float64), terms.fires.to(torch.float64)])
+        flags = torch.cat([torch.tensor([finite], dtype=torch.float64), terms.fires.cpu().to(torch.float64)])
         dist.sum_(flags)
         _check_finite(terms, float(flags[0]), dist.world, st, out, dist)  # every rank stops at the same step
         terms.fires = flags[1:].round().long()
@@ -328,11 +329,12 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: TrainerState, train: TrainConfig, 
     if sae.cfg.architecture == "relu" and train.resample_every and (st.step + 1) % train.resample_every == 0 \
             and dead is not None:
         resample_dead(sae, x, dead, opt, seed=train.seed + st.step)
-        st.last_fired[dead] = st.seen  # give resampled latents a fresh window
+        st.last_fired[dead.cpu()] = st.seen  # give resampled latents a fresh window
     st.seen += global_rows
     st.step += 1
-    st.last_fired[terms.fires > 0] = st.seen
-    st.fired_count += terms.fires
+    fires = terms.fires.cpu()
+    st.last_fired[fires > 0] = st.seen
+    st.fired_count += fires
     return terms
 
 
@@ -357,7 +359,7 @@ class SAETrainer:
                  sparse: bool | None = None, out: Path | None = None):
         self.train = train or TrainConfig()
         self.dist = dist or Dist.single()
-        self.sae = SAE(cfg, seed=self.train.seed)
+        self.sae = SAE(cfg, seed=self.train.seed).to(self.dist.device)  # a GPU rank trains on its GPU
         self.sae.batch_group = _BatchGroup(self.dist, self.train.batch_size) if self.dist.active else None
         fused = self.sae.W_enc.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.train.lr, betas=(0.9, 0.999), fused=fused)
@@ -371,10 +373,11 @@ class SAETrainer:
 
     def init(self, rows: torch.Tensor) -> None:
         """Fit the input (and a transcoder's output) scale, then ``b_dec``, on ``rows [n, d_in (+ d_out)]``."""
-        init_from_sample(self.sae, rows, self.train.b_dec_init)
+        init_from_sample(self.sae, rows.to(self.dist.device), self.train.b_dec_init)
 
     def step(self, x: torch.Tensor, global_rows: int | None = None) -> LossTerms:
         """One optimiser step on ``x [rows, d_in (+ d_out)]`` (under torchrun, this rank's part of ``global_rows``)."""
+        x = x.to(self.dist.device, non_blocking=True)
         return _step(self.sae, self.opt, x, self.state, self.train, self.sparse, self.out, self.dist, global_rows)
 
     def checkpoint(self) -> dict:
@@ -470,7 +473,7 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     source = _source(source, cfg, train, dist)
     local_rows = getattr(source, "local_rows", train.batch_size)
     out = Path(out) if out is not None else None
-    on_cpu = getattr(source, "acts", torch.empty(0)).device.type == "cpu"  # the sparse kernels: faster on CPU only
+    on_cpu = dist.device.type == "cpu"  # the sparse kernels: faster on CPU only
     trainer = SAETrainer(cfg, train, dist, sparse=train.sparse if train.sparse is not None else (
         on_cpu and cfg.dtype in ("float32", "float64")), out=out)
     _start(trainer, source, out, resume, dist)

@@ -31,7 +31,14 @@ from .common import CORPUS, MODEL, _corpus, _load
          arg("--label-top", type=int, default=150, help="how many of them (most influential first) get labels"),
          arg("--seq-len", type=int, default=64, help="tokens per labelling sequence"), CORPUS,
          arg("--html", default=None, help="write the interactive graph here"),
-         arg("--save", default=None, help="write the graph here (.safetensors)"))
+         arg("--save", default=None, help="write the graph here (.safetensors)"),
+         arg("--json-graph", default=None, help="write the pruned graph here as the JSON Neuronpedia's graph viewer and "
+                                                "circuit-tracer's server display"),
+         arg("--scan", default=None, help="the transcoders' scan id written into --json-graph (default: "
+                                          "mechscope-<model>)"),
+         arg("--sink-errors", action="store_true", help="keep error nodes at the first (sink) position "
+                                                         "(circuit-tracer zeroes them; so does mechscope by default)"),
+         arg("--no-bos", action="store_true", help="do not put a BOS-like token in front of a prompt that lacks one"))
 def graph_cmd(args: argparse.Namespace) -> Result:
     from ...core.progress import stage
     from ...graphs import attribution_graph
@@ -46,7 +53,8 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     targets = [model.to_single_token(t) for t in args.target] if args.target else None
     stage(f"attribution graph through {len(tcs)} transcoders from {folder}")
     g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
-                          batch_size=args.batch, certify=args.certify)
+                          batch_size=args.batch, certify=args.certify, sink_errors=args.sink_errors,
+                          prepend_bos=not args.no_bos)
     pruned = g.prune(args.node_threshold, args.edge_threshold)
     dashboards = {}
     if args.labels:
@@ -55,6 +63,9 @@ def graph_cmd(args: argparse.Namespace) -> Result:
         dashboards = label_features(model, g, tcs, toks, g.top_features(args.label_top, among=kept))
     if args.save:
         g.save(args.save)
+    if args.json_graph:
+        g.to_json(args.json_graph, scan=args.scan, node_threshold=args.node_threshold,
+                  edge_threshold=args.edge_threshold)
     if args.html:
         atomic_write(args.html, page(f"attribution graph: {args.prompt[:60]}",
                                      graph_html(pruned, dashboards) + f"<pre>{esc(g.summary())}\n"
