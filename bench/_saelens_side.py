@@ -81,6 +81,13 @@ def fixtures(out: Path) -> None:
     randomise(sae, 50)
     sae.topk_threshold = torch.tensor(0.4)
     sae.save_inference_model(out / "batchtopk")
+    # Matryoshka BatchTopK: also written for inference as JumpReLU, its prefix sizes in the metadata
+    cfg = sl.MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6, matryoshka_widths=[12, 24, D_SAE])
+    cfg.metadata = SAEMetadata(hook_name="blocks.1.hook_resid_post", model_name="toy")
+    sae = sl.MatryoshkaBatchTopKTrainingSAE(cfg)
+    randomise(sae, 51)
+    sae.topk_threshold = torch.tensor(0.4)
+    sae.save_inference_model(out / "matryoshka_batchtopk")
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         loaded = sl.SAE.load_from_disk(folder)
         save_file({"x": x, **outputs(loaded, x)}, str(folder / "expected.safetensors"))

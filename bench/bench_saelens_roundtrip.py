@@ -5,7 +5,8 @@ SAELens 6.54 lives in bench/.venv-saelens (never a mechscope dependency) and run
 
 1. SAELens saves one small SAE of each architecture it has (standard, TopK, BatchTopK saved for inference as
    JumpReLU, JumpReLU, and the four transcoder classes), plus the fields that mean something particular there
-   (``rescale_acts_by_decoder_norm``, ``apply_b_dec_to_input=False``, ``normalize_activations``), with SAELens's
+   (``rescale_acts_by_decoder_norm``, ``apply_b_dec_to_input=False``, ``normalize_activations``) and a Matryoshka
+   BatchTopK SAE (saved for inference as JumpReLU, its prefix sizes in the metadata), with SAELens's
    outputs beside each. They are written to tests/fixtures/saelens_6_54/, where tests/test_saelens_roundtrip.py
    checks ``mechscope.load_sae`` against them in CI (no SAELens needed there). This bench prints the same check.
 2. The other direction: mechscope trains an SAE or transcoder of each architecture for a few steps on random
@@ -76,8 +77,8 @@ def mechscope_saes(out: Path) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, d, generator=g) @ torch.randn(d, d, generator=g) * 0.5 + 0.3
     y = torch.tanh(x @ torch.randn(d, d, generator=g)) * 2
-    cases = [(arch, False, False) for arch in ("relu", "topk", "batchtopk", "jumprelu")]
-    cases += [(arch, True, skip) for arch in ("relu", "jumprelu", "batchtopk") for skip in (False, True)]
+    cases = [(arch, False, False) for arch in ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")]
+    cases += [(arch, True, skip) for arch in ("relu", "jumprelu", "batchtopk", "matryoshka") for skip in (False, True)]
     probe = torch.randn(32, d, generator=torch.Generator().manual_seed(1))
     for arch, tc, skip in cases:
         cfg = SAEConfig(d_in=d, d_sae=width, architecture=arch, k=6, hook_name="blocks.1.ln2.hook_normalized",

@@ -23,6 +23,7 @@ JOBS = {  # name -> (SAEConfig kwargs, TrainConfig kwargs)
     "batchtopk_sparse": (dict(architecture="batchtopk", k=3), dict(sparse=True, dead_window=300, steps=20)),
     "batchtopk_dense": (dict(architecture="batchtopk", k=3), dict(sparse=False, steps=20)),
     "jumprelu": (dict(architecture="jumprelu"), dict()),
+    "matryoshka": (dict(architecture="matryoshka", k=3, matryoshka_widths=(6, 24, 48)), dict(sparse=False, steps=20)),
     "relu": (dict(architecture="relu"), dict()),
     "topk_3_partitions": (dict(architecture="topk", k=3), dict(partitions=3)),  # uneven: 2 + 1 over 2 ranks
     # BatchTopK keeps the k x batch largest values of the whole batch: equal to 1e-7 for 20 steps, then a value

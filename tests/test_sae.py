@@ -34,7 +34,7 @@ def planted(n=4000, d=16, atoms=48, active=3, seed=0):
     return 7.0 * x + 2.0  # an offset and a scale, as real activations have
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_architectures_learn(arch, tmp_path):
     acts = planted()
     cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, k=3, l1_coefficient=0.3, l0_coefficient=0.05,
@@ -56,7 +56,7 @@ def test_architectures_learn(arch, tmp_path):
     assert {"l0", "mse", "explained_variance", "dead", "dense", "log10_density_hist"} <= set(log[0])
     if arch == "jumprelu":
         assert abs(log[-1]["l0"] - log[0]["l0"]) > 0.5, "the JumpReLU thresholds did not move L0"
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         assert float(sae.threshold) > 0  # inference uses the learned threshold
 
 
@@ -149,7 +149,7 @@ def test_nan_stops_and_keeps_checkpoint(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_saelens_round_trip_reconstructs_raw_activations(arch, tmp_path):
     acts = planted(n=1500)
     cfg = SAEConfig(d_in=16, d_sae=32, architecture=arch, k=4, hook_name="blocks.1.hook_resid_post",
@@ -159,7 +159,8 @@ def test_saelens_round_trip_reconstructs_raw_activations(arch, tmp_path):
     path = save_sae(sae, tmp_path / "sae", log10_density=torch.zeros(32))
     raw = json.loads((path / "cfg.json").read_text())
     assert raw["normalize_activations"] == "none" and raw["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    assert raw["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
+    assert raw["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                                   "matryoshka": "jumprelu"}[arch]
     again = load_sae(path)
     x = acts[:200]
     torch.testing.assert_close(again(x), sae(x), atol=1e-4, rtol=1e-4)

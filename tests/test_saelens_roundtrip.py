@@ -17,7 +17,7 @@ from mechscope.sae import load_sae, save_sae
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens_6_54"
 LOADABLE = ["standard", "standard_no_b_dec_in", "topk", "topk_rescaled", "batchtopk", "jumprelu",
             "jumprelu_expected_average", "transcoder", "skip_transcoder", "jumprelu_transcoder",
-            "jumprelu_skip_transcoder"]
+            "jumprelu_skip_transcoder", "matryoshka_batchtopk"]
 
 
 def outputs(sae, x):
@@ -58,6 +58,8 @@ def test_saelens_6_54_fields_that_mean_something_else_are_followed(tmp_path):
     std = load_sae(FIXTURES / "standard")
     torch.testing.assert_close(std.W_dec, load_file(str(FIXTURES / "standard" / "sae_weights.safetensors"))["W_dec"])
     assert not load_sae(FIXTURES / "standard_no_b_dec_in").cfg.apply_b_dec_to_input
+    # a Matryoshka BatchTopK SAE saved for inference keeps its prefix sizes in the metadata: they are read
+    assert load_sae(FIXTURES / "matryoshka_batchtopk").cfg.matryoshka_widths == (12, 24, 48)
     # a run-time normalisation is refused by name, with what is valid
     with pytest.raises(InputError, match="normalize_activations='layer_norm'.*valid: 'none'"):
         load_sae(FIXTURES / "jumprelu_layer_norm")

@@ -27,7 +27,7 @@ def planted_pairs(n: int = 3000, d: int = 16, n_feat: int = 20, skip: bool = Fal
     return torch.cat([x, y], dim=-1)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_transcoder_learns_a_sparse_map_from_input_to_target(arch):
     rows = planted_pairs()
     cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, k=3, hook_name="a", hook_name_out="b",

@@ -130,7 +130,9 @@ def read_saelens(folder: Path) -> SAE:
                     model_name=meta.get("model_name") or raw.get("model_name") or "",
                     k=int(raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k", 32))),
                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-                    hook_name_out=out_hook, d_out=int(raw.get("d_out") or 0) if out_hook else 0, skip=skip)
+                    hook_name_out=out_hook, d_out=int(raw.get("d_out") or 0) if out_hook else 0, skip=skip,
+                    matryoshka_widths=tuple(raw.get("matryoshka_widths") or (meta.get("training_architecture_details")
+                                                                             or {}).get("matryoshka_widths") or ()))
     w = read_safetensors(folder / "sae_weights.safetensors")
     missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if cfg.skip else ()) if k not in w]
     if missing:

@@ -26,12 +26,13 @@ from ..core.hookpoints import spec
 from ..core.model import HookedModel
 from .model import SAE
 
-SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "matryoshka": "jumprelu"}
 # SAELens's transcoder classes (a TopK transcoder has none: it is written as "topk" with transcoder fields,
 # which only mechscope reads)
 TRANSCODER_ARCH = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
                    ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
-                   ("batchtopk", False): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_skip_transcoder"}
+                   ("batchtopk", False): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_skip_transcoder",
+                   ("matryoshka", False): "jumprelu_transcoder", ("matryoshka", True): "jumprelu_skip_transcoder"}
 
 
 def saved_architecture(sae: SAE) -> str:
@@ -57,7 +58,7 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     arch = sae.cfg.architecture
     if arch == "jumprelu":
         out["threshold"] = sae.log_threshold.float().exp()
-    elif arch == "batchtopk":
+    elif arch in ("batchtopk", "matryoshka"):
         if float(sae.threshold) < 0:
             raise InputError("this BatchTopK SAE has no inference threshold yet: train it before saving")
         out["threshold"] = torch.full((sae.cfg.d_sae,), float(sae.threshold))
@@ -76,6 +77,10 @@ def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = No
     }
     if c.architecture == "topk":
         cfg["k"] = c.k
+    if c.matryoshka_widths:  # the prefix sizes, where SAELens's matryoshka_batchtopk inference files keep them too
+        cfg["matryoshka_widths"] = list(c.matryoshka_widths)
+        cfg["metadata"].update(training_architecture="matryoshka_batchtopk",
+                               training_architecture_details={"k": c.k, "matryoshka_widths": list(c.matryoshka_widths)})
     if c.is_transcoder:  # SAELens's transcoder fields: the target hook and width
         cfg.update(hook_name_out=c.hook_name_out, d_out=c.width_out, skip=c.skip)
         cfg["metadata"]["hook_name_out"] = c.hook_name_out

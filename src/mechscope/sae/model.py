@@ -25,7 +25,8 @@ from torch import nn
 
 from ..core.errors import InputError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+BATCH_TOPK = ("batchtopk", "matryoshka")  # BatchTopK's activation and inference threshold
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LossTerms:
     l1: torch.Tensor | None = None
     l0_penalty: torch.Tensor | None = None
     aux: torch.Tensor | None = None
+    matryoshka: torch.Tensor | None = None  # the inner prefixes' reconstruction losses, summed
 
     def __getitem__(self, name: str) -> torch.Tensor:
         value = getattr(self, name, None) if name in {f.name for f in fields(self)} else None
@@ -79,6 +81,9 @@ class SAEConfig:
     hook_name_out: str = ""
     d_out: int = 0  # the target's width (0: d_in)
     skip: bool = False  # a linear skip connection x W_skip added to the output ("skip transcoder")
+    # Matryoshka BatchTopK (Bussmann et al. 2025; Nabeshima 2025): the nested prefixes, each reconstructing on its own
+    # (the last is d_sae; empty: d_sae/8, d_sae/4, d_sae/2, d_sae)
+    matryoshka_widths: tuple[int, ...] = ()
 
     @property
     def is_transcoder(self) -> bool:
@@ -97,8 +102,15 @@ class SAEConfig:
             raise InputError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.normalize_activations not in ("none", "expected_average_only_in"):
             raise InputError("normalize_activations must be 'none' or 'expected_average_only_in'")
-        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+        if self.architecture in ("topk",) + BATCH_TOPK and not 0 < self.k <= self.d_sae:
             raise InputError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        if self.architecture == "matryoshka" and not self.matryoshka_widths:
+            self.matryoshka_widths = tuple(w for w in (self.d_sae // 8, self.d_sae // 4, self.d_sae // 2) if w) + (self.d_sae,)
+        w = tuple(int(x) for x in self.matryoshka_widths)
+        if w and (list(w) != sorted(set(w)) or w[0] < 1 or w[-1] != self.d_sae):
+            raise InputError(f"matryoshka_widths must be increasing prefix sizes ending at d_sae ({self.d_sae}), "
+                             f"e.g. [{self.d_sae // 4}, {self.d_sae // 2}, {self.d_sae}]; got {list(w)}")
+        self.matryoshka_widths = w
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,11 +203,11 @@ class SAE(nn.Module):
         arch = self.cfg.architecture
         if arch == "relu":
             return torch.relu(pre)
-        if arch == "topk" or (arch == "batchtopk" and not training and self.threshold < 0):
+        if arch == "topk" or (arch in BATCH_TOPK and not training and self.threshold < 0):
             r = torch.relu(pre)
             vals, idx = r.topk(self.cfg.k, dim=-1)
             return torch.zeros_like(r).scatter(-1, idx, vals)
-        if arch == "batchtopk":
+        if arch in BATCH_TOPK:
             r = torch.relu(pre)
             if not training:  # inference: the learned global threshold
                 return r * (r > self.threshold)
@@ -226,9 +238,11 @@ class SAE(nn.Module):
             thr = float(self.log_threshold.exp().mean()) if c.architecture == "jumprelu" else float("nan")
             bthr = float(self.threshold)
         sparsity = {"topk": f"k={c.k}", "relu": f"l1={c.l1_coefficient}", "jumprelu": f"threshold mean {thr:.4g}",
-                    "batchtopk": f"k={c.k}, " + (f"threshold={bthr:.4g}" if bthr >= 0 else
-                                                 "no inference threshold yet (top-k per token)")
                     }.get(c.architecture, "")
+        if c.architecture in BATCH_TOPK:
+            sparsity = f"k={c.k}, " + (f"threshold={bthr:.4g}" if bthr >= 0 else "no inference threshold yet (top-k per token)")
+        if c.matryoshka_widths:
+            sparsity += f", prefixes {list(c.matryoshka_widths)}"
         hooks = f"hook={c.hook_name!r}" + (f" -> {c.hook_name_out!r} (transcoder{', skip' if c.skip else ''})"
                                            if c.is_transcoder else "")
         return (f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}" + (f", d_out={c.width_out}" if c.is_transcoder
@@ -318,7 +332,7 @@ class SAE(nn.Module):
         ``target [n, d_out]`` (``||y - (f W_dec + b_dec + x W_skip)||^2``) instead of ``x``.
         """
         cfg = self.cfg
-        if sparse and cfg.architecture in ("topk", "batchtopk"):
+        if sparse and cfg.architecture in ("topk", "batchtopk"):  # Matryoshka takes the dense path
             return self._sparse_training_loss(x, dead_mask, target)
         xs = self.scale_in(x)
         ts = self._target(x, target)
@@ -338,14 +352,34 @@ class SAE(nn.Module):
             out.l0_penalty = _Step.apply(pre, thr.to(pre.dtype), cfg.jumprelu_bandwidth).sum(-1).mean()
             out.loss = mse + cfg.l0_coefficient * out.l0_penalty
         else:
-            if cfg.architecture == "batchtopk":
+            if cfg.architecture in BATCH_TOPK:
                 self._update_threshold(f.detach()[on])
             if dead_mask is not None and bool(dead_mask.any()):
                 dead_pre = torch.relu(pre).masked_fill(~dead_mask, 0.0)
                 vals, idx = dead_pre.topk(self._k_aux(dead_mask), dim=-1)
                 aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ self.W_dec
                 self._add_aux(out, err, aux_recon)
+            if cfg.architecture == "matryoshka":
+                out.matryoshka = self._prefix_losses(f, ts, x)
+                out.loss = out.loss + out.matryoshka
         return out
+
+    def _prefix_losses(self, f: torch.Tensor, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Matryoshka: ``sum_m ||y - (f[:, :m] W_dec[:m] + b_dec + skip)||^2`` over the inner prefixes ``m`` (the
+        whole dictionary's term is the ordinary MSE), each prefix built on the last (Bussmann et al. 2025)."""
+        partial, start, total = self.b_dec + self._skip(x), 0, f.new_zeros(())
+        for width in self.cfg.matryoshka_widths[:-1]:
+            partial = partial + f[:, start:width] @ self.W_dec[start:width]
+            total = total + (ts - partial).pow(2).sum(-1).mean()
+            start = width
+        return total
+
+    @torch.no_grad()
+    def prefix_reconstruction(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """``[n, d_out]``: the reconstruction (raw space) from the first ``width`` latents only."""
+        f = self.encode(x)
+        out = (f[..., :width] @ self.W_dec[:width] + self.b_dec) / self._out_scale
+        return out + self.skip_term(x) if self.cfg.skip else out
 
     def _k_aux(self, dead_mask: torch.Tensor) -> int:
         return min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))

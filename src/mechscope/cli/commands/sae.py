@@ -27,10 +27,12 @@ TRAINING = (  # what an SAE and a transcoder run share: the optimisation and the
           "mechscope sae train --corpus my_corpus.txt --seqs 64 --steps 200 --out my-sae",
           "torchrun --nproc_per_node 2 -m mechscope sae train --steps 200 --out my-sae"),
          MODEL, arg("--hook", default="blocks.15.hook_resid_post", help="the hook point whose activations it reconstructs"),
-         arg("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"],
-             help="the activation: ReLU with an L1 penalty, TopK, BatchTopK or JumpReLU"),
+         arg("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka"],
+             help="the activation: ReLU with an L1 penalty, TopK, BatchTopK, JumpReLU, or Matryoshka BatchTopK"),
          arg("--width", type=int, default=None, help="number of latents (default 8 x d_in)"),
          arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"),
+         arg("--prefixes", type=int, nargs="*", default=None,
+             help="Matryoshka: the nested prefix sizes, ending at --width (default width/8 width/4 width/2 width)"),
          arg("--l1", type=float, default=5.0, help="ReLU/JumpReLU: sparsity penalty coefficient"),
          TRAINING,
          arg("--lr", type=float, default=3e-4, help="Adam learning rate"),
@@ -69,7 +71,7 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
             source = PartitionedSource({p: harvest(model, args.hook, toks[seqs[p].start:seqs[p].stop]) for p in mine},
                                        parts, args.batch, tc.seed, dist)
         cfg = SAEConfig(d_in=source.d_in, d_sae=args.width or 8 * source.d_in, architecture=args.arch, k=args.k,
-                        hook_name=args.hook, model_name=model.cfg.model_name,
+                        hook_name=args.hook, model_name=model.cfg.model_name, matryoshka_widths=tuple(args.prefixes or ()),
                         normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
         run = fit_sae(source, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
         if not dist.is_main:
@@ -88,7 +90,7 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
          ("mechscope transcoders train",
           "mechscope transcoders train --layers 0 1 2 --width 2304 --k 32 --steps 500 --out tc"),
          MODEL, arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
-         arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu"], help="the activation"),
+         arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "matryoshka"], help="the activation"),
          arg("--width", type=int, default=None, help="latents per layer (default 8 x d_model)"),
          arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"),
          arg("--no-skip", action="store_true", help="no linear skip connection"),
