@@ -234,6 +234,7 @@ def test_harvest_stops_early_and_splicing():
 
     assert all(math.isfinite(v) for v in (ev.ce_clean, ev.ce_sae, ev.ce_zero, ev.explained_variance))
     assert 0 <= ev.dead_fraction <= 1 and "recovered" in ev.summary() and ev.l0 <= 8
+    assert 0 < ev.l2_ratio < 2 and "shrinkage" in ev.summary() and ev.token_ci["l0"].low <= ev.l0 <= ev.token_ci["l0"].high
 
 
 @pytest.mark.slow

@@ -8,12 +8,22 @@ Conventional definitions (after SAELens's bug history; see ``shared/NOTES.md``):
 - MSE ``= mean over examples of ||x - x_hat||^2`` (divided once);
 - L0 = active latents per example; dead = latents that never fire on the evaluation tokens;
 - CE loss recovered ``= (CE_zero - CE_sae) / (CE_zero - CE_clean)``, reported with the raw
-  ``CE_sae - CE_clean`` because the ratio flatters residual-stream SAEs.
+  ``CE_sae - CE_clean`` because the ratio flatters residual-stream SAEs;
+- shrinkage (SAEBench's ``l2_ratio``) ``= mean over tokens of ||x_hat|| / ||x||``: below 1 when the
+  sparsity penalty shrinks activations (Wright & Sharkey 2024);
+- decoder similarity: each latent's largest cosine with another latent's decoder row; a share of
+  latents above 0.9 means near-duplicates;
+- feature density: each latent's log10 firing rate on the evaluation tokens (the histogram), and the
+  fraction of latents alive.
+
+L0, MSE, explained variance and shrinkage carry a 95 % bootstrap interval over tokens (500 resamples; the
+variance's mean is the whole sample's), CE recovered one over sequences.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -52,6 +62,37 @@ class SAEEval(Result):
     n_tokens: int = 0  # evaluation tokens (every position but the first of each sequence)
     n_seqs: int = 0
     ce_recovered_ci: Estimate | None = None  # bootstrap over sequences
+    l2_ratio: float = float("nan")  # shrinkage: mean ||x_hat|| / ||x||
+    decoder_max_cos: float = float("nan")  # mean over latents of the largest cosine with another decoder row
+    near_duplicates: float = float("nan")  # share of latents whose decoder row has a cosine > 0.9 with another
+    log10_density: torch.Tensor | None = None  # [d_sae] log10 firing rate on the evaluation tokens (-inf: never)
+    token_ci: dict = field(default_factory=dict)  # metric -> Estimate, bootstrap over tokens
+
+    _skip_in_dict = ("log10_density",)
+
+    @property
+    def alive_fraction(self) -> float:
+        return 1.0 - self.dead_fraction
+
+    def density_histogram(self, bins: int = 20) -> tuple[list[float], list[int]]:
+        """Bin edges (log10 firing rate) and counts of the latents that fired; the dead are left out."""
+        d = self.log10_density
+        if d is None or not torch.isfinite(d).any():
+            return [], []
+        d = d[torch.isfinite(d)]
+        lo, hi = float(d.min()), max(float(d.max()), float(d.min()) + 1e-6)
+        counts = torch.histc(d, bins=bins, min=lo, max=hi)
+        return torch.linspace(lo, hi, bins + 1).tolist(), [int(c) for c in counts]
+
+    def plot(self, path: "str | Path") -> Path:
+        """The feature-density histogram (log10 firing rate of the latents that fired) as a PNG."""
+        from ..analysis.viz import histogram_png
+
+        d = self.log10_density
+        if d is None:
+            raise InputError("this evaluation has no feature densities (evaluate_sae records them)")
+        return histogram_png(d[torch.isfinite(d)], path, title=f"feature density ({self.alive_fraction:.1%} alive, "
+                             f"{self.n_tokens} tokens)", xlabel="log10 firing rate (fraction of tokens)", log_y=True)
 
     @property
     def ce_recovered(self) -> float:
@@ -77,9 +118,13 @@ class SAEEval(Result):
         return out
 
     def summary(self) -> str:
-        ev = (f"{self.explained_variance_typical:.3f} on typical tokens, {self.explained_variance:.3f} including "
-              f"{self.n_outliers} massive-norm token(s) (> 5x the median)"
-              if self.n_outliers else f"{self.explained_variance:.3f}")
+        def band(name: str, fmt: str) -> str:
+            e = self.token_ci.get(name)
+            return f" [{e.low:{fmt}}, {e.high:{fmt}}]" if e is not None and e.informative else ""
+
+        every = f"{self.explained_variance:.3f}{band('explained_variance', '.3f')}"
+        ev = (f"{self.explained_variance_typical:.3f} on typical tokens, {every} including "
+              f"{self.n_outliers} massive-norm token(s) (> 5x the median)" if self.n_outliers else every)
         ci = ""
         if self.ce_recovered_ci is not None:
             ci = (f" [{self.ce_recovered_ci.low:.3f}, {self.ce_recovered_ci.high:.3f}] (95% CI over {self.n_seqs} "
@@ -87,11 +132,20 @@ class SAEEval(Result):
         data = f" on {self.n_tokens} held-out tokens ({self.n_seqs} sequences, first position left out)" \
             if self.n_tokens else ""
         lines = [f"SAE evaluation{data}:",
-                 f"  L0 (active latents per token) {self.l0:.1f}",
-                 f"  explained variance (fraction of the activation variance; 1 is perfect) {ev}",
-                 f"  MSE (squared L2 error per token) {self.mse:.4g}",
-                 f"  dead latents (never fired on these tokens) {self.dead_fraction:.1%}",
-                 f"  CE loss (next-token, nats per token): clean {self.ce_clean:.4f}, with the SAE {self.ce_sae:.4f} "
+                 f"  L0 (active latents per token) {self.l0:.1f}{band('l0', '.1f')}",
+                 f"  explained variance (fraction of the activation variance; 1 is perfect; [95% CI over tokens]) {ev}",
+                 f"  MSE (squared L2 error per token) {self.mse:.4g}{band('mse', '.4g')}",
+                 f"  dead latents (never fired on these tokens) {self.dead_fraction:.1%} (alive {self.alive_fraction:.1%})"]
+        if self.l2_ratio == self.l2_ratio:
+            lines += [f"  shrinkage (mean ||x_hat|| / ||x||; 1 = none) {self.l2_ratio:.3f}{band('l2_ratio', '.3f')}",
+                      f"  decoder similarity: largest cosine with another latent {self.decoder_max_cos:.3f} on average; "
+                      f"{self.near_duplicates:.1%} of latents above 0.9 (near-duplicates)"]
+        if self.log10_density is not None and torch.isfinite(self.log10_density).any():
+            d = self.log10_density[torch.isfinite(self.log10_density)]
+            q = torch.quantile(d, torch.tensor([0.1, 0.5, 0.9])).tolist()
+            lines.append(f"  feature density (log10 firing rate of the latents that fired): 10th/50th/90th percentile "
+                         f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}; densest {float(d.max()):.2f}")
+        lines += [f"  CE loss (next-token, nats per token): clean {self.ce_clean:.4f}, with the SAE {self.ce_sae:.4f} "
                  f"({self.ce_sae - self.ce_clean:+.4f}), zero-ablated {self.ce_zero:.4f}",
                  f"  CE loss recovered {self.ce_recovered:.3f}{ci} (fraction of the zero-ablation loss gap closed; "
                  "1 = as good as the model)"]
@@ -99,7 +153,9 @@ class SAEEval(Result):
         return "\n".join(lines)
 
     def _dict_extra(self) -> dict:
-        return {"ce_recovered": self.ce_recovered, "ce_delta": self.ce_sae - self.ce_clean, "warnings": self.warnings()}
+        edges, counts = self.density_histogram()
+        return {"ce_recovered": self.ce_recovered, "ce_delta": self.ce_sae - self.ce_clean, "warnings": self.warnings(),
+                "alive_fraction": self.alive_fraction, "density_histogram": {"log10_edges": edges, "counts": counts}}
 
 
 @torch.no_grad()
@@ -171,6 +227,7 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
         f = sae.encode(acts)
         recon = sae.decode(f)
         splice, zero_at = [(hook, splice_hook(sae))], hook
+    core = core_metrics(sae, acts, recon, f)
     ev = float(explained_variance(acts, recon))
     norms = acts.norm(dim=-1)
     typical = norms <= 5 * norms.median()  # massive-activation tokens (sinks, separators) dominate variance
@@ -182,7 +239,38 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     ce = per_seq.mean(1).tolist()
     recovered_ci = bootstrap_ci(per_seq.T, stat=_recovered) if per_seq.shape[1] > 1 else None
     return SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()), int(acts.shape[0]),
-                   int(tokens.shape[0]), recovered_ci)
+                   int(tokens.shape[0]), recovered_ci, **core)
+
+
+@torch.no_grad()
+def decoder_similarity(sae: SAE, chunk: int = 4096) -> torch.Tensor:
+    """``[d_sae]``: each latent's largest cosine similarity with another latent's decoder row (in chunks of rows)."""
+    W = torch.nn.functional.normalize(sae.W_dec.float(), dim=-1)
+    out = torch.empty(W.shape[0])
+    for s in range(0, W.shape[0], chunk):
+        cos = W[s:s + chunk] @ W.T
+        cos[torch.arange(cos.shape[0]), torch.arange(s, s + cos.shape[0])] = -2.0  # not itself
+        out[s:s + chunk] = cos.max(-1).values.cpu()
+    return out
+
+
+@torch.no_grad()
+def core_metrics(sae: SAE, acts: torch.Tensor, recon: torch.Tensor, f: torch.Tensor, n_boot: int = 500) -> dict:
+    """Shrinkage, decoder similarity, feature densities, and bootstrap intervals over tokens for L0, MSE,
+    explained variance and shrinkage (``acts``, ``recon`` ``[n, d]``, ``f`` ``[n, d_sae]``)."""
+    err = (acts - recon).pow(2).sum(-1).double()
+    dev = (acts - acts.mean(0)).pow(2).sum(-1).double()
+    ratio = (recon.norm(dim=-1) / acts.norm(dim=-1).clamp_min(1e-12)).double()
+    l0 = (f > 0).sum(-1).double()
+    cos = decoder_similarity(sae)
+    fires = (f > 0).sum(0).double()
+    ci = {"l0": bootstrap_ci(l0, n_boot=n_boot), "mse": bootstrap_ci(err, n_boot=n_boot),
+          "l2_ratio": bootstrap_ci(ratio, n_boot=n_boot),
+          "explained_variance": bootstrap_ci(torch.stack([err, dev], 1), stat=lambda v: 1 - v[:, 0].sum() / v[:, 1].sum(),
+                                             n_boot=n_boot)}
+    return {"l2_ratio": float(ratio.mean()), "decoder_max_cos": float(cos.mean()),
+            "near_duplicates": float((cos > 0.9).float().mean()), "log10_density": (fires / max(1, f.shape[0])).log10().float(),
+            "token_ci": ci}
 
 
 def _recovered(v: torch.Tensor) -> torch.Tensor:
