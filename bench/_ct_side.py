@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from _graph_run import rss_gib  # this folder's helper; it imports mechscope only when run as a script
+
 
 def hf_model(folder: str):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -113,8 +115,7 @@ def main(work: Path) -> None:
     t0 = time.perf_counter()
     graph = attribute(tokens, model, max_feature_nodes=cap or None, batch_size=job["batch_size"], verbose=False)
     res["seconds"] = time.perf_counter() - t0
-    with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss would include the forked parent's)
-        res["peak_rss_gib"] = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 2**20
+    res["peak_rss_gib"] = rss_gib("VmHWM")
     res["replacement"], res["completeness"] = compute_graph_scores(graph)
     res["n_active"] = int(graph.active_features.shape[0])
     feats = graph.active_features[graph.selected_features]

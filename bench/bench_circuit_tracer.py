@@ -47,6 +47,7 @@ FIXTURE = HERE.parent / "tests" / "fixtures" / "circuit_tracer_0_5" / "graph.jso
 
 def random_transcoders(model, tokens: torch.Tensor, k: int) -> list:
     """Random JumpReLU skip transcoders whose per-feature thresholds let about ``k`` features fire per token."""
+    from mechscope.core.hookpoints import act_name
     from mechscope.sae import SAE, SAEConfig
 
     d = model.cfg.d_model
@@ -56,7 +57,7 @@ def random_transcoders(model, tokens: torch.Tensor, k: int) -> list:
     out = []
     for i, name in enumerate(names):
         tc = SAE(SAEConfig(d_in=d, d_sae=4 * d, architecture="jumprelu", hook_name=name,
-                           hook_name_out=f"blocks.{i}.hook_mlp_out", skip=True), seed=i)
+                           hook_name_out=act_name("mlp_out", i), skip=True), seed=i)
         with torch.no_grad():
             tc.W_skip.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
             pre = tc.pre_acts(seen[name].float())

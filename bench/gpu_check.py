@@ -113,13 +113,14 @@ def check_memory(dev: str) -> None:
 
 
 def random_transcoders(model, k: int = 16):
+    from mechscope.core.hookpoints import act_name
     from mechscope.sae import SAE, SAEConfig
 
     d = model.cfg.d_model
     out = []
     for i in range(model.cfg.n_layers):
         tc = SAE(SAEConfig(d_in=d, d_sae=4 * d, architecture="jumprelu", hook_name=model.mlp_input(i),
-                           hook_name_out=f"blocks.{i}.hook_mlp_out", skip=True), seed=i)
+                           hook_name_out=act_name("mlp_out", i), skip=True), seed=i)
         with torch.no_grad():
             tc.log_threshold.fill_(float(torch.tensor(0.6).log()))
         out.append(tc)

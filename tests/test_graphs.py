@@ -444,6 +444,11 @@ def test_graph_json_has_circuit_tracers_schema_and_reads_back(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(InputError, match="unknown feature_type 'attention head'"):
         AttributionGraph.from_json(tmp_path / "bad.json")
+    doc["nodes"][0]["feature_type"] = "cross layer transcoder"
+    doc["nodes"][0]["node_id"] = "L3_F7"
+    (tmp_path / "bad_id.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="not circuit-tracer's form"):
+        AttributionGraph.from_json(tmp_path / "bad_id.json")
     (tmp_path / "none.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="needs 'metadata'"):
         AttributionGraph.from_json(tmp_path / "none.json")
@@ -496,6 +501,10 @@ def test_pruning_is_circuit_tracers_rule(thresholds):
     assert not pg.keep[g.kind == ERROR].all()  # error nodes can be pruned, unlike the earlier rule
     old = g.prune(*thresholds, features_only=True)
     assert old.keep[g.kind == ERROR].all() and not torch.equal(old.keep, pg.keep)
+    touched = torch.zeros(g.n_nodes, dtype=torch.bool)  # the earlier rule drops only features with no kept edge
+    touched[r[old.edges].long()] = True
+    touched[c[old.edges].long()] = True
+    assert touched[old.keep & (g.kind == FEATURE)].all()
 
 
 CT_FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "circuit_tracer_0_5" / "graph.json"

@@ -311,16 +311,15 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     budget = min(max_feature_nodes, src.n_feats)
     n_l = len(toks)
     visited = torch.zeros(src.n_feats, dtype=torch.bool)
-    n_batches, inf = 0, None
+    n_batches = 0
+    inf = torch.zeros(src.n_feats)  # when every feature gets a row the order does not matter: no estimates
 
     def weights() -> torch.Tensor:
         return torch.cat([probs, torch.zeros(rows.n_rows - n_l)])
 
     steps = range(0, budget, batch_size)
     for step in bar(steps, desc="attribution graph rows") if progress else steps:
-        if budget == src.n_feats:  # every feature gets a row: the order does not matter, so no estimates
-            inf = torch.zeros(src.n_feats)
-        elif inf is None or (step // batch_size) % update_every == 0:  # re-estimate which features matter most
+        if budget < src.n_feats and (step // batch_size) % update_every == 0:  # re-estimate which matter most
             inf = rows.influence(weights())[:src.n_feats]
         score = torch.where(visited, torch.tensor(-1.0), inf + 1e-12 * src.acts.abs() / (src.acts.abs().max() + 1))
         take = score.topk(min(batch_size, budget - (rows.n_rows - n_l))).indices

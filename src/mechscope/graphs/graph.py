@@ -214,8 +214,8 @@ class AttributionGraph(Result):
         influence-weighted score reaches ``edge_threshold`` the same way; then drop, until nothing changes, features
         and errors with no kept edge out and features with no kept edge in.
 
-        ``features_only=True``: mechscope's earlier rule, which ranks features only (every error node stays) and
-        scores edges without renormalising."""
+        ``features_only=True``: mechscope's earlier rule, which ranks features only (every error node stays),
+        scores edges without renormalising and drops only features left with no kept edge at all."""
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0 < v <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {v}")
@@ -239,9 +239,10 @@ class AttributionGraph(Result):
             out_, in_ = torch.zeros(self.n_nodes, dtype=torch.bool), torch.zeros(self.n_nodes, dtype=torch.bool)
             out_[c[edge_keep]] = True
             in_[r[edge_keep]] = True
-            new = keep & (~sends | out_) & (~is_feat | in_)
-            if features_only:
-                new |= self.kind == ERROR  # the earlier rule keeps every error node
+            if features_only:  # the earlier rule: drop features with no kept edge at all (errors all stay)
+                new = keep & ~(is_feat & ~(out_ | in_))
+            else:
+                new = keep & (~sends | out_) & (~is_feat | in_)
             if torch.equal(new, keep):
                 break
             keep = new

@@ -126,7 +126,7 @@ def _need(doc: dict, path: str) -> tuple[dict, list, list]:
 def _parse(node: dict) -> tuple[int, int, int, int]:
     """``(kind, layer, pos, index)`` of a JSON node (the layer of embeddings is -1, logits' is read later)."""
     k, pos = KIND_OF[node["feature_type"]], int(node["ctx_idx"])
-    parts = re.split("_", str(node["node_id"]))
+    parts = str(node["node_id"]).split("_")
     if k == FEATURE:
         return k, int(parts[0]), pos, int(parts[1])
     if k == ERROR:
@@ -153,7 +153,12 @@ def read_graph_json(path: str | Path, cls: type) -> Any:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"{path}: node id {dup!r} names two nodes (circuit-tracer's ids for a layer-0 feature and an "
                          "error node can clash), so its links are ambiguous")
-    parsed = [_parse(n) for n in nodes]
+    try:
+        parsed = [_parse(n) for n in nodes]
+    except (KeyError, ValueError, IndexError) as e:
+        raise InputError(f"{path}: a node's node_id, ctx_idx, layer or feature is not circuit-tracer's form "
+                         f"({type(e).__name__}: {e}); node ids look like '3_120_5' (feature), '0_3_5' (error), "
+                         "'E_791_0' (embedding)") from e
     n_layers = max([p[1] for p in parsed if p[0] == LOGIT], default=max([p[1] for p in parsed] + [-1]) + 1)
     order = sorted(range(len(nodes)), key=lambda i: (parsed[i][0], i) if parsed[i][0] == LOGIT else parsed[i])
     node_of = {ids[i]: j for j, i in enumerate(order)}

@@ -232,8 +232,7 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     norms = acts.norm(dim=-1)
     typical = norms <= 5 * norms.median()  # massive-activation tokens (sinks, separators) dominate variance
     ev_typ = float(explained_variance(acts[typical], recon[typical]))
-    mse = float((acts - recon).pow(2).sum(-1).mean())
-    l0 = float((f > 0).sum(-1).float().mean())
+    mse, l0 = core["token_ci"]["mse"].value, core["token_ci"]["l0"].value
     dead = float(((f > 0).sum(0) == 0).float().mean())
     per_seq = _ce_per_sequence(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state)
     ce = per_seq.mean(1).tolist()

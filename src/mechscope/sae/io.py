@@ -24,23 +24,20 @@ from ..core.errors import InputError
 from ..core.files import atomic_dir, path_then_model
 from ..core.hookpoints import spec
 from ..core.model import HookedModel
-from .model import SAE
+from .model import BATCH_TOPK, SAE
 
 SAVED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "matryoshka": "jumprelu"}
-# SAELens's transcoder classes (a TopK transcoder has none: it is written as "topk" with transcoder fields,
-# which only mechscope reads)
-TRANSCODER_ARCH = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
-                   ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
-                   ("batchtopk", False): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_skip_transcoder",
-                   ("matryoshka", False): "jumprelu_transcoder", ("matryoshka", True): "jumprelu_skip_transcoder"}
 
 
 def saved_architecture(sae: SAE) -> str:
-    """The ``architecture`` written to ``cfg.json``: SAELens's name for the SAE or transcoder."""
+    """The ``architecture`` written to ``cfg.json``: SAELens's name for the SAE, or for a transcoder its class
+    (``transcoder``, ``jumprelu_transcoder``, with ``skip_`` before ``transcoder`` for a skip one). A TopK
+    transcoder has no SAELens class: it is written as ``topk`` with transcoder fields, which only mechscope reads."""
     c = sae.cfg
-    if c.is_transcoder:
-        return TRANSCODER_ARCH.get((c.architecture, c.skip), SAVED_ARCH[c.architecture])
-    return SAVED_ARCH[c.architecture]
+    base = SAVED_ARCH[c.architecture]
+    if not c.is_transcoder or base == "topk":
+        return base
+    return ("" if base == "standard" else f"{base}_") + ("skip_" if c.skip else "") + "transcoder"
 
 
 @torch.no_grad()
@@ -54,11 +51,11 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     if sae.cfg.skip:
         W_skip = sae.W_skip * s / t
         # SAELens's skip transcoders hold [d_out, d_in]; mechscope's TopK transcoders keep [d_in, d_out]
-        out["W_skip"] = W_skip.T if saved_architecture(sae) in ("skip_transcoder", "jumprelu_skip_transcoder") else W_skip
+        out["W_skip"] = W_skip.T if saved_architecture(sae).endswith("skip_transcoder") else W_skip
     arch = sae.cfg.architecture
     if arch == "jumprelu":
         out["threshold"] = sae.log_threshold.float().exp()
-    elif arch in ("batchtopk", "matryoshka"):
+    elif arch in BATCH_TOPK:
         if float(sae.threshold) < 0:
             raise InputError("this BatchTopK SAE has no inference threshold yet: train it before saving")
         out["threshold"] = torch.full((sae.cfg.d_sae,), float(sae.threshold))
