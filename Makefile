@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-ct bench-transcoders gpu-check compat clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-synth bench-sae-eval bench-ct bench-transcoders gpu-check compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,14 @@ bench-saelens: $(STAMP) $(SAELENS_STAMP)
 
 bench-saelens-roundtrip: $(STAMP) $(SAELENS_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_saelens_roundtrip.py
+
+# SynthSAEBench: mechscope's synthetic world, metrics and trainers against SAELens's own runner (tests/fixtures/synthsaebench_saelens_6_54)
+bench-synth: $(STAMP) $(SAELENS_STAMP)
+	$(PY) bench/bench_synth.py
+
+# what sae eval --suite and sae explain cost (run alone)
+bench-sae-eval: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae_eval.py
 
 # circuit-tracer 0.5.0 in its own venv (it pulls transformers 4.57 and TransformerLens 3.2), for
 # bench/bench_circuit_tracer.py only (never a package dependency); about 15 min on 2 cores

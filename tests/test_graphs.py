@@ -533,3 +533,21 @@ def test_circuit_tracer_0_5s_own_graph_json_reads_back_and_has_our_schema(tmp_pa
     theirs = types(doc["nodes"])
     for kind, t in types(ours["nodes"]).items():
         assert t == theirs[kind], kind
+
+
+def test_feature_labels_lead_with_an_autointerp_explanation():
+    """label_features: a feature with an explanation (sae explain, read by load_sae) is labelled by it, then its
+    top tokens; the others by their top tokens alone."""
+    from mechscope.graphs.labels import label_features
+
+    model = worded_llama()
+    tcs = transcoders(model)
+    g = attribution_graph(model, tcs, prompt(), max_feature_nodes=12, batch_size=16, progress=False, certify=0)
+    feats = g.nodes_of(FEATURE)[:4]
+    n0 = int(feats[0])
+    tc = next(t for t in tcs if int(t.cfg.hook_name_out.split(".")[1]) == int(g.layer[n0]))
+    tc.explanations = {int(g.index[n0]): "the word after a name"}
+    label_features(model, g, tcs, torch.randint(5, 90, (8, 12)), nodes=feats, progress=False)
+    assert g.labels[n0].startswith("the word after a name [")
+    assert all(not g.labels[int(n)].startswith("the word after") for n in feats[1:] if int(g.index[n]) != int(g.index[n0])
+               or int(g.layer[n]) != int(g.layer[n0]))

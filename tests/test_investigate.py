@@ -138,7 +138,9 @@ def test_the_sae_section_finds_a_feature_that_reads_the_difference(two_hop, tmp_
         for f, pos in ((7, 14), (9, 13)):  # the position after the corrupted one (layer 0 moves it there), and it
             d = (acts[0] - acts[1])[:, pos].mean(0)
             sae.W_enc[:, f] = 10 * d / d.norm()
+    sae.explanations = {7: "the moved token", 9: "the moved token"}  # as `sae explain` leaves them (load_sae reads them)
     rep = investigate(model, ds, tmp_path, n_random=3, split_seeds=1, sae=sae, echo=False)
     sec = next(s for s in rep.sections if "SAE features" in s.title)
     assert rep.metrics["sae_top_features"][0] in (7, 9) and "control: the median" in sec.text
+    assert "explanation: 'the moved token'" in sec.text
     assert rep.findings[-1].holds  # the top feature's difference is over 3x the typical active feature's

@@ -6,7 +6,7 @@ Answer positions: by default the last position of each prompt. With right paddin
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -130,6 +130,15 @@ def kl_div(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     lp = torch.log_softmax(logits.float(), -1)
     lr = torch.log_softmax(ref_logits.float(), -1)
     return (lr.exp() * (lr - lp)).sum(-1)
+
+
+def auroc(pos: torch.Tensor | Sequence[float], neg: torch.Tensor | Sequence[float]) -> float:
+    """The area under the ROC curve for telling ``pos`` scores from ``neg`` ones (ties count half): the chance
+    that a random positive outscores a random negative (Mann-Whitney U / (n_pos n_neg))."""
+    p, n = torch.as_tensor(pos, dtype=torch.float64).flatten(), torch.as_tensor(neg, dtype=torch.float64).flatten()
+    if not p.numel() or not n.numel():
+        raise InputError("AUROC needs at least one positive and one negative score")
+    return float(((p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()).mean())
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

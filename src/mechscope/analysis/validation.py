@@ -83,6 +83,26 @@ def bootstrap_ci(values: torch.Tensor | Sequence[float], stat: Callable[[torch.T
     return Estimate(point, float(lo), float(hi), level, n)
 
 
+#: two-sided 97.5 % quantiles of Student's t for 1..10 degrees of freedom (beyond: the normal's 1.96 plus a tail term)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def seed_interval(values: Sequence[float]) -> Estimate:
+    """The mean of per-reseed values with its 95 % t-interval (``mean +- t_{n-1} sd / sqrt(n)``); ``n`` is the number
+    of reseeds, so three reseeds print as resting on three (a wide interval, and flagged as few)."""
+    v = torch.as_tensor([float(x) for x in values], dtype=torch.float64)
+    v = v[~torch.isnan(v)]
+    if v.numel() == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0.95, 0)
+    m = float(v.mean())
+    if v.numel() == 1:
+        return Estimate(m, m, m, 0.95, 1)
+    df = v.numel() - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+    half = t * float(v.std(unbiased=True)) / v.numel() ** 0.5
+    return Estimate(m, m - half, m + half, 0.95, int(v.numel()))
+
+
 def paired_bootstrap(a: torch.Tensor | Sequence[float], b: torch.Tensor | Sequence[float] | None, n_boot: int = 2000,
                      level: float = 0.95, seed: int = 0) -> Estimate:
     """Mean of ``a - b`` over paired samples (same prompts), with a bootstrap CI."""

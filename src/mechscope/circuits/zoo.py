@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from ..analysis.metrics import logit_diff
+from ..analysis.metrics import auroc, logit_diff
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.components import Component
 from ..core.errors import InputError
@@ -282,9 +282,7 @@ def edge_auroc(scores: dict[Edge, float], true: set[Edge], unscored: set[Edge] =
         raise InputError(f"the scores have no entry for the true edges {sorted(missing)}")
     if not pos or not neg:
         raise InputError("edge AUROC needs at least one true and one false edge")
-    p, n = torch.tensor(pos), torch.tensor(neg)
-    wins = (p[:, None] > n[None, :]).float() + 0.5 * (p[:, None] == n[None, :]).float()
-    return float(wins.mean())
+    return auroc(pos, neg)
 
 
 @dataclass(repr=False)

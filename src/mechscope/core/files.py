@@ -98,8 +98,10 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     return data
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "weights") -> dict:
-    """A safetensors file's tensors ``{name: tensor}``; a damaged or missing file gets an error naming it."""
+def read_safetensors(path: str | os.PathLike, what: str = "weights", with_metadata: bool = False) -> dict | tuple:
+    """A safetensors file's tensors ``{name: tensor}`` (with its string metadata too, as a pair, when asked);
+    a damaged or missing file gets an error naming it."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .errors import NotFoundError
@@ -108,6 +110,9 @@ def read_safetensors(path: str | os.PathLike, what: str = "weights") -> dict:
     if not path.exists():
         raise NotFoundError(f"{path} is missing ({what})")
     try:
+        if with_metadata:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise NotFoundError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); write or download it "

@@ -180,13 +180,15 @@ class HookedModel(torch.nn.Module):
 
     def run_from(self, layer: int, resid: torch.Tensor, position_ids: torch.Tensor | None = None,
                  past_key_values: object | None = None, attention_mask: torch.Tensor | None = None,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+                 logits_to_keep: int = 0, stop_at_layer: int | None = None) -> torch.Tensor:
         """Run blocks ``layer..n_layers-1`` (HF's own loop, masks and rotary) from a residual stream.
 
         ``resid`` ``[batch, pos, d_model]`` is the stream entering block ``layer`` (``hook_resid_pre``).
         With ``past_key_values`` (an HF cache holding earlier positions) only the new positions are run;
         pass their ``position_ids``. Returns logits ``[batch, pos, d_vocab]`` (the last ``logits_to_keep``
         positions only, when positive). Hooks on the blocks run fire as usual; earlier ones do not.
+        ``stop_at_layer=L`` (``L > layer``) stops before block L and returns the stream entering it, as in
+        :meth:`forward`.
         """
         if not 0 <= layer <= self.cfg.n_layers:
             raise InputError(f"layer must be in 0..{self.cfg.n_layers}, got {layer}")
@@ -206,6 +208,10 @@ class HookedModel(torch.nn.Module):
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         with self.parts.starting_at(layer):
+            if stop_at_layer is not None:
+                if stop_at_layer <= layer:
+                    raise InputError(f"stop_at_layer ({stop_at_layer}) must be after the starting layer ({layer})")
+                return self._run_until(stop_at_layer, kwargs)
             return self.hf(**kwargs).logits
 
     def run_with_hooks(self, input: TextOrTokens, fwd_hooks: HookList = (), bwd_hooks: HookList = (), **kwargs) -> torch.Tensor:

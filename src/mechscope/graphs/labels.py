@@ -1,4 +1,5 @@
-"""Labels for a graph's features: their top-activating tokens on a corpus, and their dashboards.
+"""Labels for a graph's features: their autointerp explanation where ``sae explain`` wrote one, and their
+top-activating tokens on a corpus, and their dashboards.
 
 One streaming pass per layer with features in the graph (:func:`mechscope.sae.features.feature_stats`);
 a feature's label is the tokens it fires on most, its dashboard the usual one (density,
@@ -38,6 +39,8 @@ def label_features(model: HookedModel, graph: AttributionGraph, transcoders: "Tr
         for n in ns:
             f = int(graph.index[n])
             tops = Counter(ex.tokens[ex.center] for ex in stats.top.get(f, []))
-            graph.labels[n] = " ".join(repr(t) for t, _ in tops.most_common(3)) or "(silent on the corpus)"
+            words = " ".join(repr(t) for t, _ in tops.most_common(3)) or "(silent on the corpus)"
+            expl = getattr(tc, "explanations", {}).get(f)
+            graph.labels[n] = f"{expl} [{words}]" if expl else words
             dashboards[n] = dashboard_html(model, tc, stats, f)
     return dashboards

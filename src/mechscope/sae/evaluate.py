@@ -67,6 +67,10 @@ class SAEEval(Result):
     near_duplicates: float = float("nan")  # share of latents whose decoder row has a cosine > 0.9 with another
     log10_density: torch.Tensor | None = None  # [d_sae] log10 firing rate on the evaluation tokens (-inf: never)
     token_ci: dict = field(default_factory=dict)  # metric -> Estimate, bootstrap over tokens
+    # the rest of the suite (evaluate_sae(..., suite=...)); None where not run
+    absorption: "Result | None" = None  # suite.AbsorptionResult
+    probing: "Result | None" = None  # suite.ProbingResult
+    autointerp: "Result | None" = None  # autointerp.ExplainResult
 
     _skip_in_dict = ("log10_density",)
 
@@ -150,6 +154,7 @@ class SAEEval(Result):
                  f"  CE loss recovered {self.ce_recovered:.3f}{ci} (fraction of the zero-ablation loss gap closed; "
                  "1 = as good as the model)"]
         lines += [f"  WARNING: {w}" for w in self.warnings()]
+        lines += [part.summary() for part in (self.absorption, self.probing, self.autointerp) if part is not None]
         return "\n".join(lines)
 
     def _dict_extra(self) -> dict:
@@ -205,15 +210,33 @@ def transcoder_hooks(transcoders: list[SAE], skip_first: int = 1) -> list[tuple[
     return hooks
 
 
+#: the parts of the evaluation suite, in the order they run
+SUITE = ("core", "absorption", "probing", "autointerp")
+
+
+def parse_suite(spec: "str | tuple[str, ...] | list[str]") -> tuple[str, ...]:
+    """``"core,absorption"`` (or a sequence) as a checked tuple; core always runs."""
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+    bad = [p for p in parts if p not in SUITE]
+    if bad:
+        raise InputError(f"unknown evaluation(s) {bad}: the suite has {', '.join(SUITE)}")
+    return tuple(p for p in SUITE if p in parts or p == "core")
+
+
 @torch.no_grad()
-def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size: int | None = None) -> SAEEval:
-    """L0, MSE, explained variance and CE loss recovered (against zero-ablation) on held-out ``tokens``.
+def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size: int | None = None,
+                 suite: "str | tuple[str, ...]" = ("core",), reseeds: int = 3, options: dict | None = None) -> SAEEval:
+    """L0, MSE, explained variance and CE loss recovered (against zero-ablation) on held-out ``tokens``,
+    then the other parts of ``suite`` (:data:`SUITE`): first-letter absorption and k-sparse probing
+    (:mod:`.suite`, each over ``reseeds`` data-order reseeds) and autointerp (:func:`.autointerp.explain_features`).
+    ``options`` maps a part's name to keyword arguments for it, e.g. ``{"absorption": {"n_words": 4000}}``.
 
     All positions but the first (the attention sink, see :func:`harvest`) are measured, spliced and
     zero-ablated, massive-norm rows included; ``explained_variance_typical`` leaves out the rows
     whose norm exceeds 5x the median. A transcoder is measured on its target (the MLP output it
     predicts from the MLP input): the CE loss with it in place of that MLP, against zeroing the MLP.
     """
+    parts = parse_suite(suite)
     state = BatchState()
     if sae.cfg.is_transcoder:
         rows = harvest_pairs(model, sae.cfg.hook_name, sae.cfg.hook_name_out, tokens, batch_size, max_norm_ratio=None)
@@ -237,8 +260,22 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     per_seq = _ce_per_sequence(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state)
     ce = per_seq.mean(1).tolist()
     recovered_ci = bootstrap_ci(per_seq.T, stat=_recovered) if per_seq.shape[1] > 1 else None
-    return SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()), int(acts.shape[0]),
-                   int(tokens.shape[0]), recovered_ci, **core)
+    out = SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()), int(acts.shape[0]),
+                  int(tokens.shape[0]), recovered_ci, **core)
+    opts = options or {}
+    if "absorption" in parts:
+        from .suite import absorption
+
+        out.absorption = absorption(model, sae, reseeds=reseeds, **opts.get("absorption", {}))
+    if "probing" in parts:
+        from .suite import sparse_probing
+
+        out.probing = sparse_probing(model, sae, reseeds=reseeds, **opts.get("probing", {}))
+    if "autointerp" in parts:
+        from .autointerp import explain_features
+
+        out.autointerp = explain_features(model, sae, tokens, **opts.get("autointerp", {}))
+    return out
 
 
 @torch.no_grad()

@@ -270,7 +270,11 @@ def dashboard_html(model: HookedModel, sae: SAE, stats: FeatureStats, feature: i
     dens = float(stats.density[feature])
     top, bot = logit_effects(model, sae, feature)
     band = f" (density band: {stats.bands[feature]})" if feature in stats.bands else ""
-    parts = [(f"<h2>feature {feature}</h2>" if heading else "") + f"<p>fires on {dens:.3%} of {stats.n_tokens} "
+    expl = getattr(sae, "explanations", {}).get(feature)
+    parts = [(f"<h2>feature {feature}</h2>" if heading else "")
+             + (f"<p><b>explanation</b> (autointerp; see its scores in explanations.json): {viz.esc(expl)}</p>"
+                if expl else "")
+             + f"<p>fires on {dens:.3%} of {stats.n_tokens} "
              f"tokens{viz.esc(band)}; max activation {float(stats.max_act[feature]):.3f}</p>"]
     if feature in stats.hist:
         h, e = stats.hist[feature], stats.hist_edges[feature]

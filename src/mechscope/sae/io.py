@@ -122,9 +122,29 @@ def load_sae(path: str | Path | None = None, model: HookedModel | None = None, r
     else:
         raise InputError("load_sae needs a folder, an hf://<org>/<repo>/<folder> path, or release= and sae_id=")
     sae = formats.read_folder(folder, format, hook, model_name)
+    sae.explanations = read_explanations(folder)
     if model is not None:
         check_fits(sae, model)
     return sae
+
+
+#: where `sae explain` keeps a folder's feature explanations (with their scores)
+EXPLANATIONS = "explanations.json"
+
+
+def read_explanations(folder: str | Path) -> dict[int, str]:
+    """``{feature: explanation}`` from ``folder/explanations.json`` (written by ``sae explain``); empty when absent."""
+    from ..core.files import read_json
+
+    p = Path(folder) / EXPLANATIONS
+    if not p.exists():
+        return {}
+    data = read_json(p, "feature explanations")
+    try:
+        return {int(k): str(v["explanation"]) for k, v in data.get("features", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise InputError(f"{p} is not an explanations file (it needs features: {{id: {{explanation: ...}}}}); "
+                         "write it again with `mechscope sae explain`") from None
 
 
 def check_fits(sae: SAE, model: HookedModel) -> None:

@@ -158,6 +158,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.explanations: dict[int, str] = {}  # feature -> its autointerp explanation (sae explain), where known
         g = torch.Generator().manual_seed(seed)
         d_out = cfg.width_out
         W_dec = torch.randn(cfg.d_sae, d_out, generator=g)

@@ -323,7 +323,7 @@ class _BaseRuns:
     keep_last: bool
 
 
-def _kv_names(model) -> tuple[list[str], list[str]]:
+def kv_hook_names(model: HookedModel) -> tuple[list[str], list[str]]:
     """Per layer, the hooks holding the keys and values attention uses (post-rotary keys where there are any)."""
     k = "attn.hook_rot_k" if model.has_hook(act_name("rot_k", 0)) else "attn.hook_k"
     n = model.cfg.n_layers
@@ -333,7 +333,7 @@ def _kv_names(model) -> tuple[list[str], list[str]]:
 def _base_runs(model, plan: PatchPlan, metric, last_position_only) -> _BaseRuns:
     n = model.cfg.n_layers
     N, P = plan.shape
-    knames, vnames = _kv_names(model)
+    knames, vnames = kv_hook_names(model)
     site_names = {j.name for j in plan.jobs if j.name is not None}
     inputs = {block_name(j.start, "hook_resid_pre") for j in plan.jobs if 0 <= j.start < n}
     src_resid = {resid_in_name(j.start, n) for j in plan.jobs if j.name is None}
@@ -382,7 +382,7 @@ def _run_chunk(model, plan: PatchPlan, runs: _BaseRuns, chunk: list[_Job], fn) -
     for i, job in enumerate(chunk):  # patches of the stream entering `start` are written into x directly
         if job.name is None and job.start == start:
             _write(x, runs.src[resid_in_name(start, n)], rows_of[i], job, p0, fn, None)
-    past = _prefix_cache(model, runs.base, p0, J * N) if p0 > 0 else None
+    past = prefix_cache(model, runs.base, p0, J * N) if p0 > 0 else None
     pos_ids = torch.arange(p0, P, device=model.device).expand(J * N, P - p0)
     with model.hooks(_chunk_hooks(chunk, start, runs.src, rows_of, p0, fn, n)):
         if start < 0:  # embedding hooks: a full forward pass from the tokens
@@ -562,11 +562,11 @@ def _is_noop(job: _Job, base, src, n_resid: int) -> bool:
     return torch.equal(a[idx], b[idx])
 
 
-def _prefix_cache(model, cache, p0: int, rows: int):
+def prefix_cache(model: HookedModel, cache: dict, p0: int, rows: int) -> object:
     """An HF DynamicCache holding the base run's keys/values for positions < p0, repeated for ``rows``."""
     from transformers import DynamicCache
 
-    knames, vnames = _kv_names(model)
+    knames, vnames = kv_hook_names(model)
     n = cache[knames[0]].shape[0]
     c = DynamicCache(config=model.hf.config)
     reps = rows // n

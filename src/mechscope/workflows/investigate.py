@@ -274,7 +274,9 @@ def _sae_section(rep: Report, model, data: TaskDataset, res: CircuitResult, sae)
     typical = float(diff.abs()[live].median()) if live.any() else 0.0
     lines = [f"SAE on {hook}, at position {pos} (the largest residual patching effect at layer {layer}), {n} prompt "
              f"pairs: features by mean activation, clean - corrupted"]
-    lines += [f"  feature {int(i):>6}: {float(diff[i]):+.3f} (active on {float(active[i]):.0%} of the prompts)" for i in top]
+    expl = getattr(sae, "explanations", {})
+    lines += [f"  feature {int(i):>6}: {float(diff[i]):+.3f} (active on {float(active[i]):.0%} of the prompts)"
+              + (f"  explanation: {expl[int(i)]!r}" if int(i) in expl else "") for i in top]
     lines.append(f"control: the median |clean - corrupted| over the {int(live.sum())} features active there: {typical:.3f}")
     sec = Section("SAE features at the key position", "\n".join(lines), key="sae-features")
     rep.add(sec)

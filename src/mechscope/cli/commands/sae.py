@@ -127,16 +127,83 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
 
 
 
-@command("sae eval", "evaluate a saved SAE on held-out text (L0, explained variance, CE loss recovered)",
-         ("mechscope sae eval my-sae/sae",), SAE_MODEL)
+EXPLAINER = (
+    arg("--explainer-url", default=None, help="an OpenAI-compatible API base (a vLLM or llama.cpp server), e.g. "
+                                              "http://127.0.0.1:8000/v1; default: the loaded model explains"),
+    arg("--explainer-model", default="default", help="the model name sent to --explainer-url"),
+    arg("--random", type=int, default=10, help="random directions explained and scored as the control"),
+)
+
+
+def _explain_kwargs(args: argparse.Namespace) -> dict:
+    from ...sae.autointerp import EndpointExplainer
+
+    ex = EndpointExplainer(args.explainer_url, model=args.explainer_model) if args.explainer_url else None
+    return {"explainer": ex, "n_random": args.random}
+
+
+def _feature_list(text: str | None, d_sae: int) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        feats = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError(f"--features takes comma-separated integers, e.g. 12,97; got {text!r}") from None
+    bad = [f for f in feats if not 0 <= f < d_sae]
+    if bad or not feats:
+        raise InputError(f"--features must be in 0..{d_sae - 1} (the SAE has {d_sae}); got {bad}")
+    return feats
+
+
+@command("sae eval", "evaluate a saved SAE on held-out text: reconstruction and CE loss (core), and with --suite "
+         "first-letter absorption, k-sparse probing and autointerp", (
+             "mechscope sae eval my-sae/sae",
+             "mechscope sae eval my-sae/sae --suite core,absorption,probing",
+             "mechscope sae eval my-sae/sae --suite core,autointerp --explainer-url http://127.0.0.1:8000/v1"),
+         SAE_MODEL,
+         arg("--suite", default="core", help="comma-separated parts: core, absorption, probing, autointerp "
+                                             "(core always runs)"),
+         arg("--reseeds", type=int, default=3, help="data-order reseeds behind the absorption and probing intervals"),
+         arg("--n-features", type=int, default=50, help="autointerp: features explained"), EXPLAINER)
 def sae_eval_cmd(args: argparse.Namespace) -> Result:
     from ...sae import evaluate_sae
+    from ...sae.evaluate import parse_suite
 
+    suite = parse_suite(args.suite)
+    if args.reseeds < 1:
+        raise InputError(f"--reseeds must be at least 1 (3 or more for an interval), got {args.reseeds}")
     model, sae = _load_sae(args)
     held, info = _held_out(args, model)
-    ev = evaluate_sae(model, sae, held)
+    opts = {"autointerp": {**_explain_kwargs(args), "n_features": args.n_features}}
+    ev = evaluate_sae(model, sae, held, suite=suite, reseeds=args.reseeds, options=opts)
     return Outcome(f"{ev.summary()}\nevaluated on {info['corpus']} ({info['corpus_tokens']} held-out tokens)",
-                   {**ev.to_dict(), **info})
+                   {**ev.to_dict(), **info, "suite": list(suite)})
+
+
+@command("sae explain", "explain SAE features with a language model and score the explanations by log-probabilities "
+         "against shuffled and random-direction controls; saves explanations.json in the SAE folder", (
+             "mechscope sae explain my-sae/sae",
+             "mechscope sae explain my-sae/sae --features 12,97 --explainer-url http://127.0.0.1:8000/v1"),
+         SAE_MODEL,
+         arg("--features", default=None, help="comma-separated feature ids (default: --n-features sampled across "
+                                              "firing-density bands)"),
+         arg("--n-features", type=int, default=50, help="features to explain when --features is not given"),
+         arg("--seqs", type=int, default=128, help="corpus sequences to draw contexts from"),
+         arg("--no-save", action="store_true", help="do not write explanations.json into the SAE folder"), EXPLAINER)
+def sae_explain_cmd(args: argparse.Namespace) -> Result:
+    from ...sae.autointerp import explain_features
+
+    model, sae = _load_sae(args)
+    feats = _feature_list(args.features, sae.cfg.d_sae)
+    toks, info = _corpus(args, model, "test", args.seqs, args.seq_len)
+    if toks.shape[0] < args.seqs:
+        toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+    res = explain_features(model, sae, toks, features=feats, n_features=args.n_features, **_explain_kwargs(args))
+    where = ""
+    if not args.no_save and args.path and Path(args.path).is_dir():
+        where = f"\nsaved {res.save(args.path)} (dashboards, graph labels and investigate read it)"
+    return Outcome(f"{res.summary()}\ncontexts from {info['corpus']} ({info['corpus_tokens']} tokens){where}",
+                   {**res.to_dict(), **info})
 
 
 @command("sae features", "the features that fire most on a text",
@@ -157,31 +224,35 @@ def sae_features_cmd(args: argparse.Namespace) -> Result:
          arg("--features", default=None, help="comma-separated feature ids (default: 20 sampled across firing-density "
                                               "bands, since the densest are rarely monosemantic)"),
          arg("--seqs", type=int, default=128, help="corpus sequences to find examples in: the held-out split when it "
-                                                   "has that many, else the training split"))
+                                                   "has that many, else the training split"),
+         arg("--explain", action="store_true", help="explain and score the dashboards' features first (autointerp; "
+                                                    "saved in the SAE folder) and show the explanations"), EXPLAINER)
 def sae_dashboard_cmd(args: argparse.Namespace) -> Result:
     from ...core.progress import stage
     from ...sae.features import feature_stats, write_dashboards
 
     model, sae = _load_sae(args)
-    feats = None
-    if args.features:
-        try:
-            feats = [int(x) for x in args.features.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise InputError(f"--features takes comma-separated integers, e.g. 12,97; got {args.features!r}") from None
-        bad = [f for f in feats if not 0 <= f < sae.cfg.d_sae]
-        if bad or not feats:
-            raise InputError(f"--features must be in 0..{sae.cfg.d_sae - 1} (the SAE has {sae.cfg.d_sae}); got {bad}")
+    feats = _feature_list(args.features, sae.cfg.d_sae)
     toks, info = _corpus(args, model, "test", args.seqs, args.seq_len)
     if toks.shape[0] < args.seqs:
         stage(f"the held-out split gave {toks.shape[0]} of {args.seqs} sequences: reading examples from the training "
               "split instead (dashboards are descriptive, not an evaluation)")
         toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
     stats = feature_stats(model, sae, toks, features=feats, n_top=20)
+    explained = None
+    if args.explain:
+        from ...sae.autointerp import explain_features
+
+        explained = explain_features(model, sae, toks, features=list(stats.top), **_explain_kwargs(args))
+        sae.explanations.update(explained.explanations)
+        if args.path and Path(args.path).is_dir():
+            explained.save(args.path)
     source = f"{info['corpus']}, {info['corpus_split']} split"
     index = write_dashboards(model, sae, stats, args.out, source=source)
     how = "named with --features" if feats else "sampled across firing-density bands"
     bands = sorted(set(stats.bands.values()))
     return Outcome(f"dashboards for {len(stats.top)} features ({how}) on {source} ({info['corpus_tokens']} tokens): "
-                   f"{index}" + (f"\ndensity bands: {'; '.join(bands)}" if bands else ""),
-                   {"index": index, "features": list(stats.top), "bands": stats.bands, **info})
+                   f"{index}" + (f"\ndensity bands: {'; '.join(bands)}" if bands else "")
+                   + (f"\n{explained.summary()}" if explained is not None else ""),
+                   {"index": index, "features": list(stats.top), "bands": stats.bands, **info,
+                    **({"autointerp": explained.to_dict()} if explained is not None else {})})

@@ -1,0 +1,55 @@
+"""What the SAE evaluation suite costs on this machine (issue goals: core+absorption+probing <= 5 min, autointerp
+<= 1 min for 50 features with the local model), on a 4,608-latent TopK SAE at SmolLM2-135M's layer 15.
+
+The SAE is the one in --sae when given, else a freshly initialised one of that shape (the cost does not depend on
+training; the scores do, and a random SAE's are printed as such). Prints each part's wall time, the ratio to its
+goal, and the scores. Run alone: `make bench-sae-eval` (nothing else on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sae", default=None, help="an SAE folder (default: a random 4,608-latent TopK SAE)")
+    ap.add_argument("--features", type=int, default=50)
+    args = ap.parse_args()
+    import mechscope
+    from mechscope import corpus
+    from mechscope.sae import SAE, SAEConfig, evaluate_sae, load_sae
+    from mechscope.sae.autointerp import explain_features
+
+    model = mechscope.load("smollm2-135m")
+    if args.sae:
+        sae, what = load_sae(args.sae, model), args.sae
+    else:
+        sae = SAE(SAEConfig(d_in=576, d_sae=4608, architecture="topk", k=32, hook_name="blocks.15.hook_resid_post"))
+        what = "a random 4,608-latent TopK SAE (scores are a random SAE's)"
+    held = corpus.pack(model, corpus.default_corpus("test"), 128, n_seqs=32)
+    print(f"SAE: {what}; {torch.get_num_threads()} torch threads")
+    t = time.time()
+    ev = evaluate_sae(model, sae, held, suite="core")
+    core = time.time() - t
+    t = time.time()
+    ev = evaluate_sae(model, sae, held, suite="core,absorption,probing")
+    suite = time.time() - t
+    print(ev.summary())
+    print(f"\ncore alone {core:.0f} s; core + absorption + probing {suite:.0f} s = {suite / 300:.2f} x the 5-minute goal "
+          f"({'met' if suite <= 300 else 'NOT met'})")
+    toks = corpus.pack(model, corpus.default_corpus("test"), 64, n_seqs=128)
+    t = time.time()
+    res = explain_features(model, sae, toks, n_features=args.features)
+    ai = time.time() - t
+    print(res.summary())
+    n = len(res.explanations)
+    print(f"\nautointerp: {ai:.0f} s for {n} features explained and scored (+ {len(res.random_explanations)} random "
+          f"directions, + the shuffled control) = {ai / 60:.2f} x the 1-minute goal ({'met' if ai <= 60 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
