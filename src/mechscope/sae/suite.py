@@ -79,8 +79,8 @@ def _decision(probe, X: torch.Tensor) -> torch.Tensor:
 def one_vs_rest_probe(X: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = 1e-3, max_iter: int = 100
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One logistic probe per class, fit jointly (binary cross-entropy per class + L2, L-BFGS on standardised
-    ``X`` ``[n, d]``), as SAEBench's first-letter probe. Returns ``(log-odds [n, C] function's weight [d, C] in
-    activation space, bias [C])``: ``decision = X @ W + b``."""
+    ``X`` ``[n, d]``), as SAEBench's first-letter probe. Returns the weight ``[d, C]`` in the activations' own
+    units and the bias ``[C]``: the log-odds of class c are ``X @ W[:, c] + b[c]``."""
     X = X.detach().float()
     mean, std = X.mean(0), X.std(0).clamp(min=1e-6)
     Z = (X - mean) / std
