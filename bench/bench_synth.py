@@ -117,7 +117,7 @@ def main() -> None:
     sl_world = SynthWorld.load(wpath)
     mine = SynthWorld.build(sl_world.cfg)
     print(f"world: {sl_world.summary()}")
-    for k in SynthWorld._skip_in_dict:
+    for k in SynthWorld.TENSORS:
         a, b = getattr(sl_world, k).float(), getattr(mine, k).float()
         print(f"  {k:<12} mechscope's build against SAELens's export: max |difference| {float((a - b).abs().max()):.2e}")
     sl_rate = torch.tensor(json.loads(wpath.with_suffix(".saelens.json").read_text())["rate"])

@@ -33,6 +33,17 @@ def stdlib_docstrings(split: str = "train", held_out: float = 0.1, min_chars: in
 
     ``split``: ``"train"``, ``"test"`` (about ``held_out`` of the files) or ``"all"``.
     """
+    for _, _, tree in _stdlib_files(split, held_out):
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    yield doc
+
+
+def _stdlib_files(split: str = "all", held_out: float = 0.1) -> Iterator[tuple[str, str, ast.Module]]:
+    """The standard library's source files outside tests and site-packages, in sorted order, as (path relative to
+    the library, source, parsed tree); files Python cannot parse are skipped."""
     if split not in ("train", "test", "all"):
         raise InputError(f"split must be 'train', 'test' or 'all', got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -43,14 +54,29 @@ def stdlib_docstrings(split: str = "train", held_out: float = 0.1, min_chars: in
         if split != "all" and _held_out(rel, held_out) != (split == "test"):
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            src = path.read_text(encoding="utf-8")
+            tree = ast.parse(src)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
+        yield rel, src, tree
+
+
+def stdlib_code(max_docs: int = 400, min_chars: int = 300) -> list[tuple[str, str]]:
+    """Up to ``max_docs`` function definitions from the standard library's source, their docstrings removed, as
+    (file, code): code to set against the docstrings (k-sparse probing's code-vs-prose task)."""
+    out: list[tuple[str, str]] = []
+    for rel, src, tree in _stdlib_files("all"):
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= min_chars:
-                    yield doc
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                seg = ast.get_source_segment(src, node) or ""
+                doc = ast.get_docstring(node, clean=False)
+                if doc:
+                    seg = seg.replace(doc, "", 1)
+                if len(seg) >= min_chars:
+                    out.append((rel, seg))
+        if len(out) >= max_docs:
+            break
+    return out[:max_docs]
 
 
 def text_files(paths: Iterable[str | Path], split: str = "all", held_out: float = 0.1) -> Iterator[str]:

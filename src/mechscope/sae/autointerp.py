@@ -215,7 +215,7 @@ def yes_no_logodds(scorer: HookedModel, prompts: list[str], batch: int = 32) -> 
     sp = "" if chat else " "
     yes, no = tok(sp + "Yes", add_special_tokens=False)["input_ids"][0], tok(sp + "No", add_special_tokens=False)["input_ids"][0]
     out = []
-    for s in range(0, len(prompts), batch):
+    for s in bar(range(0, len(prompts), batch), desc="scoring explanations"):
         logits = scorer(prompts[s:s + batch], padding_side="left", logits_to_keep=1,
                         prepend_bos=False if chat else None)[:, -1].float()
         lp = logits.log_softmax(-1)
@@ -243,9 +243,7 @@ def score_explanations(scorer: HookedModel, jobs: list[tuple[FeatureContexts, st
     flat = [p for ps in prompts for p in ps]
     order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
     scores = torch.empty(len(flat))
-    for s in bar(range(0, len(order), batch), desc="scoring explanations"):
-        idx = order[s:s + batch]
-        scores[idx] = yes_no_logodds(scorer, [flat[i] for i in idx], batch)
+    scores[order] = yes_no_logodds(scorer, [flat[i] for i in order], batch)
     out, at = [], 0
     for (c, _), ps in zip(jobs, prompts):
         out.append(_aurocs(c, scores[at:at + len(ps)]))
@@ -370,14 +368,15 @@ def explain_and_score(scorer: HookedModel, explainer: Explainer, contexts: dict,
                          time.time() - t0, skipped)
 
 
-def _feature_acts(acts: torch.Tensor, shape: tuple, sae: SAE, features: list[int], n_random: int,
+def _feature_acts(acts: torch.Tensor, latents: torch.Tensor, shape: tuple, features: list[int], n_random: int,
                   seed: int) -> tuple[dict, dict]:
-    """Per-token activations ``[n, pos]`` of the chosen latents (from the hook's ``acts`` ``[n * pos, d]``), and of
-    ``n_random`` random directions thresholded to fire as often as the median chosen latent (the control)."""
+    """Per-token activations ``[n, pos]`` of the chosen latents (columns of ``latents`` ``[n * pos, d_sae]``, the
+    SAE's encoding of the hook's ``acts`` ``[n * pos, d]``), and of ``n_random`` random directions thresholded to
+    fire as often as the median chosen latent (the control)."""
     n, P = shape
-    f = sae.encode(acts)[:, features].view(n, P, -1)
-    chosen = {feat: f[..., i] for i, feat in enumerate(features)}
-    density = (f.view(-1, len(features))[:, :] > 0).float().mean(0)
+    f = latents[:, features]
+    chosen = {feat: f[:, i].view(n, P) for i, feat in enumerate(features)}
+    density = (f > 0).float().mean(0)
     target = float(density.median()) if density.numel() else 0.01
     g = torch.Generator().manual_seed(seed + 7)
     randoms = {}
@@ -402,16 +401,17 @@ def explain_features(model: HookedModel, sae: SAE, tokens: torch.Tensor, feature
         explainer = EndpointExplainer(explainer_url) if explainer_url else LocalExplainer(model)
     scorer = scorer or model
     acts = harvest(model, sae.cfg.hook_name, tokens, skip_first=0, max_norm_ratio=None)  # [n*pos, d]
+    latents = sae.encode(acts)  # [n*pos, d_sae], once: it chooses the features and gives their activations
     if features is None:
         from .features import features_by_density
 
         keep = torch.ones(tokens.shape, dtype=torch.bool)
         keep[:, 0] = False  # the attention sink
-        features = list(features_by_density((sae.encode(acts[keep.flatten()]) > 0).float().mean(0), n_features, seed))
+        features = list(features_by_density((latents[keep.flatten()] > 0).float().mean(0), n_features, seed))
     bad = [f for f in features if not 0 <= int(f) < sae.cfg.d_sae]
     if bad:
         raise InputError(f"features must be in 0..{sae.cfg.d_sae - 1}; got {bad}")
-    chosen, randoms = _feature_acts(acts, tokens.shape, sae, [int(f) for f in features], n_random, seed)
+    chosen, randoms = _feature_acts(acts, latents, tokens.shape, [int(f) for f in features], n_random, seed)
     tok = model.tokenizer
     contexts = {f: feature_contexts(tok, tokens, a, seed=seed + i) for i, (f, a) in enumerate(chosen.items())}
     rand_ctx = {k: feature_contexts(tok, tokens, a, seed=seed + 1000 + i) for i, (k, a) in enumerate(randoms.items())}

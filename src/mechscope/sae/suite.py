@@ -29,12 +29,10 @@ Both repeat over data-order reseeds (the split and the sample) and report a t-in
 
 from __future__ import annotations
 
-import ast
 import random
 import re
-import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
@@ -109,13 +107,20 @@ def mean_difference_ranking(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- absorption
 
 
-def first_letter_words(tokenizer: "PreTrainedTokenizerBase", n_words: int, seed: int = 0) -> list[tuple[int, str]]:
-    """Up to ``n_words`` single-token words ``" word"`` (a space, then 2+ ASCII letters), as (token id, word)."""
-    words = []
+def single_token_words(tokenizer: "PreTrainedTokenizerBase") -> list[tuple[int, str]]:
+    """Every single-token word ``" word"`` (a space, then 2+ ASCII letters) of the vocabulary, as (token id, word)."""
+    out = []
     for tid in range(len(tokenizer)):
         s = tokenizer.decode([tid])
         if re.fullmatch(r" [A-Za-z]{2,}", s):
-            words.append((tid, s))
+            out.append((tid, s))
+    return out
+
+
+def first_letter_words(tokenizer: "PreTrainedTokenizerBase", n_words: int, seed: int = 0,
+                       vocab: list[tuple[int, str]] | None = None) -> list[tuple[int, str]]:
+    """Up to ``n_words`` of :func:`single_token_words` (or of ``vocab``, when already listed), shuffled by ``seed``."""
+    words = list(vocab) if vocab is not None else single_token_words(tokenizer)
     random.Random(seed).shuffle(words)
     return words[:n_words]
 
@@ -181,12 +186,15 @@ class AbsorptionResult(Result):
         return "\n".join(lines + [f"  WARNING: {w}" for w in self.warnings()])
 
 
-def _prompt_prefix(tokenizer, words: list[tuple[int, str]], n_icl: int = 10, seed: int = 0) -> torch.Tensor:
+def _prompt_prefix(tokenizer, words: list[tuple[int, str]], n_icl: int = 10, seed: int = 0,
+                   vocab: list[tuple[int, str]] | None = None) -> torch.Tensor:
     """``[P]`` the shared prompt prefix: BOS and ten solved examples ``{w} has the first letter: W`` drawn from words
     outside the list. Every prompt is this prefix, then its word, then `` has the first letter:``; causal attention
     makes the word position's activation independent of what follows it, so the suffix is never run."""
     rng = random.Random(seed)
-    pool = [w for w in first_letter_words(tokenizer, 10 * n_icl + len(words), seed + 1) if w not in words][:10 * n_icl]
+    taken = set(words)
+    pool = [w for w in first_letter_words(tokenizer, 10 * n_icl + len(words), seed + 1, vocab)
+            if w not in taken][:10 * n_icl]
     icl = rng.sample(pool, min(n_icl, len(pool)))
     prefix = "".join(f"{w} has the first letter: {w.strip()[0].upper()}\n" for _, w in icl)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -226,10 +234,11 @@ def absorption(model: HookedModel, sae: SAE, n_words: int = 12000, reseeds: int 
         raise InputError("absorption reads a residual-stream SAE's latents; this is a transcoder")
     if model.tokenizer is None:
         raise InputError("absorption needs the model's tokenizer (to find single-token words)")
-    words = first_letter_words(model.tokenizer, n_words, seed)
+    vocab = single_token_words(model.tokenizer)  # decoded once: the words and the solved examples come from it
+    words = first_letter_words(model.tokenizer, n_words, seed, vocab)
     if len(words) < 260:
         raise InputError(f"the tokenizer has only {len(words)} single-token words; absorption needs 260+ (10 a letter)")
-    prefix = _prompt_prefix(model.tokenizer, words, seed=seed)
+    prefix = _prompt_prefix(model.tokenizer, words, seed=seed, vocab=vocab)
     stage(f"absorption: {len(words)} first-letter prompts after a shared {prefix.numel()}-token prefix")
     acts = acts_after_prefix(model, sae.cfg.hook_name, prefix, torch.tensor([t for t, _ in words]))
     f = sae.encode(acts)
@@ -285,32 +294,6 @@ def _absorption_run(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, le
 
 
 # ------------------------------------------------------------------------------------------ sparse probing
-
-
-def stdlib_code(max_docs: int = 400, min_chars: int = 300) -> list[tuple[str, str]]:
-    """Function bodies from the standard library's source with their docstrings removed, as (file, code)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out: list[tuple[str, str]] = []
-    for path in sorted(root.rglob("*.py")):
-        rel = str(path.relative_to(root))
-        if "site-packages" in rel or "test" in rel.split("/")[0]:
-            continue
-        try:
-            src = path.read_text(encoding="utf-8")
-            tree = ast.parse(src)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                seg = ast.get_source_segment(src, node) or ""
-                doc = ast.get_docstring(node, clean=False)
-                if doc:
-                    seg = seg.replace(doc, "", 1)
-                if len(seg) >= min_chars:
-                    out.append((rel, seg))
-        if len(out) >= max_docs:
-            break
-    return out[:max_docs]
 
 
 def _string_spans(code: str) -> list[tuple[int, int]]:
@@ -395,11 +378,11 @@ class ProbingResult(Result):
 def sparse_probing(model: HookedModel, sae: SAE, n_docs: int = 240, seq_len: int = 64, per_class: int = 400,
                    reseeds: int = 3, batch_size: int | None = None, seed: int = 0) -> ProbingResult:
     """k-sparse probing of ``sae`` on the offline tasks in :data:`TASKS` (module docstring)."""
-    from ..corpus import stdlib_docstrings
+    from ..corpus import stdlib_code, stdlib_docstrings
 
     if model.tokenizer is None or not getattr(model.tokenizer, "is_fast", False):
         raise InputError("k-sparse probing needs the model's fast tokenizer (for character offsets)")
-    prose = [t for t in stdlib_docstrings("all", min_chars=400)][: n_docs // 2]
+    prose = list(islice(stdlib_docstrings("all", min_chars=400), n_docs // 2))
     code = [c for _, c in stdlib_code(n_docs // 2)]
     docs = [(t, False) for t in prose] + [(c, True) for c in code]
     rows, labs = [], []

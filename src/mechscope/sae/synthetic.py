@@ -167,7 +167,9 @@ class SynthWorld(Result):
     parent: torch.Tensor  # [N] long, -1 for none
     level: torch.Tensor  # [N] long
     exclusive: torch.Tensor  # [N] bool: this feature's children are mutually exclusive
-    _skip_in_dict = ("features", "bias", "probs", "mean_mag", "std_mag", "corr_factor", "parent", "level", "exclusive")
+    #: the world's tensors: what save/load/to carry, and what to_dict leaves out
+    TENSORS = ("features", "bias", "probs", "mean_mag", "std_mag", "corr_factor", "parent", "level", "exclusive")
+    _skip_in_dict = TENSORS
 
     @classmethod
     def build(cls, cfg: SynthConfig) -> "SynthWorld":
@@ -190,7 +192,7 @@ class SynthWorld(Result):
 
     def to(self, device: "str | torch.device") -> "SynthWorld":
         """The same world with its tensors on ``device`` (samples are then drawn there)."""
-        return SynthWorld(self.cfg, **{k: getattr(self, k).to(device) for k in self._skip_in_dict})
+        return SynthWorld(self.cfg, **{k: getattr(self, k).to(device) for k in self.TENSORS})
 
     @property
     def n_features(self) -> int:
@@ -267,7 +269,7 @@ class SynthWorld(Result):
 
         from safetensors.torch import save as st_save
 
-        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in self._skip_in_dict}
+        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in self.TENSORS}
         return atomic_write(path, st_save(tensors, metadata={"config": json.dumps(asdict(self.cfg))}))
 
     @classmethod
@@ -276,10 +278,10 @@ class SynthWorld(Result):
         import json
 
         tensors, meta = read_safetensors(path, "a synthetic world", with_metadata=True)
-        missing = [k for k in cls._skip_in_dict if k not in tensors]
+        missing = [k for k in cls.TENSORS if k not in tensors]
         if missing or "config" not in meta:
             raise InputError(f"{path} is not a synthetic world: it lacks {missing or ['the config metadata']}")
-        return cls(SynthConfig(**json.loads(meta["config"])), **{k: tensors[k] for k in cls._skip_in_dict})
+        return cls(SynthConfig(**json.loads(meta["config"])), **{k: tensors[k] for k in cls.TENSORS})
 
     def summary(self) -> str:
         c = self.cfg
