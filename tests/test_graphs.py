@@ -426,7 +426,7 @@ def test_graph_json_has_circuit_tracers_schema_and_reads_back(tmp_path):
     doc = json.loads(path.read_text())
     assert set(doc) == {"metadata", "qParams", "nodes", "links"}
     assert set(doc["metadata"]) == {"slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold",
-                                    "schema_version"} and doc["metadata"]["slug"] == "g"
+                                    "schema_version", "mechscope"} and doc["metadata"]["slug"] == "g"
     for node in doc["nodes"]:
         assert set(node) == set(CT_NODE_KEYS) and all(isinstance(node[k], t) for k, t in CT_NODE_KEYS.items())
     assert {n["feature_type"] for n in doc["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
@@ -440,6 +440,17 @@ def test_graph_json_has_circuit_tracers_schema_and_reads_back(tmp_path):
     assert "fires on <t9> & friends" in back.labels.values() and "read from" in back.summary()
     torch.testing.assert_close(back.logit_probs, g.logit_probs)
     back.prune()  # the viewer and checks run on a graph read back
+    # the scores of the graph read back are the pruned graph's, as drawn (they moved before the totals were written)
+    for name, value in pruned.scores().items():
+        assert abs(back.scores()[name] - value) < 1e-6, name
+    assert back.stats["scores_of"].startswith("the pruned graph as drawn")
+    assert pruned.scores()["replacement"] < g.scores()["replacement"] + 1e-6  # dropping cannot explain more
+    bare = json.loads(path.read_text())
+    del bare["metadata"]["mechscope"]  # a file written by circuit-tracer has no totals: the drawn edges alone
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    plain = AttributionGraph.from_json(tmp_path / "bare.json")
+    assert plain.stats["scores_of"].startswith("the drawn edges alone")
+    assert plain.scores()["replacement"] >= back.scores()["replacement"] - 1e-6
     doc["nodes"][0]["feature_type"] = "attention head"
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(InputError, match="unknown feature_type 'attention head'"):
@@ -528,7 +539,7 @@ def test_circuit_tracer_0_5s_own_graph_json_reads_back_and_has_our_schema(tmp_pa
     def types(nodes):
         return {n["feature_type"]: {k: type(v).__name__ for k, v in n.items()} for n in nodes}
 
-    assert set(ours) == set(doc) and set(ours["metadata"]) == set(doc["metadata"])
+    assert set(ours) == set(doc) and set(ours["metadata"]) == set(doc["metadata"]) | {"mechscope"}
     assert set(ours["qParams"]) == set(doc["qParams"]) and set(ours["links"][0]) == set(doc["links"][0])
     theirs = types(doc["nodes"])
     for kind, t in types(ours["nodes"]).items():

@@ -116,3 +116,27 @@ def worded_llama():
     from mechscope.circuits.toy import toy_tokenizer
 
     return HookedModel(tiny_hf("llama"), tokenizer=toy_tokenizer(V))
+
+
+def random_clt(model, tokens, d_sae: int = 40, k: int = 5, reach: int = 0, tied: bool = False, skip: bool = False,
+               architecture: str = "jumprelu", input: str = "resid_mid", seed: int = 0, layers=None):
+    """A random cross-layer transcoder for ``model`` whose JumpReLU thresholds let about ``k`` features per layer fire
+    on ``tokens`` (decoders scaled so that features matter), with a small random skip when asked."""
+    from mechscope.sae import CrossLayerTranscoder, clt_config
+
+    cfg = clt_config(model, d_sae, layers, input=input, architecture=architecture, k=k, reach=reach, tied=tied,
+                     skip=skip, normalize_activations="none")
+    clt = CrossLayerTranscoder(cfg, seed=seed)
+    _, cache = model.run_with_cache(tokens)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for s in range(cfg.n_layers):
+            x = cache[cfg.input_hooks[s]][0].reshape(tokens.shape[-1], -1).float()
+            pre = clt.pre_acts_index(s, x)
+            if architecture == "jumprelu":
+                clt.log_threshold[s] = pre.quantile(1 - k / d_sae, dim=-1).mean().clamp_min(1e-4).log()
+            clt.W_dec[s].mul_(3.0)
+            clt.b_dec[s].normal_(0, 0.02, generator=g)
+            if skip:
+                clt.W_skip[s].normal_(0, 0.05, generator=g)
+    return clt

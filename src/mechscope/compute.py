@@ -455,3 +455,15 @@ def gpu_fit(model_or_config: object, seq_len: int = 2048, batch: int = 8, sae_wi
             gpus = {f"{c}GB": -(-est.total // int(0.9 * c * 1e9)) for c in GPU_CLASSES_GB}
             rows.append({"workload": label, "dtype": dtype, "bytes": est.total, "gpus": gpus})
     return GPUFit(str(name), n_params, seq_len, rows)
+
+
+def estimate_clt_training(n_layers: int, d_model: int, d_sae: int, tokens: int, decoder_blocks: int,
+                          batch: int = 1024, k: int = 32) -> dict:
+    """Bytes a cross-layer transcoder's training holds (float32): its parameters (``L`` encoders ``d x F``,
+    ``decoder_blocks`` decoders ``F x d``, biases) four times over (weights, gradients, two Adam moments), the
+    harvested rows of ``tokens`` tokens (every covered layer's input and output: ``2 L d`` floats a token), and one
+    batch's dense pre-activations and sparse decode (``k`` active per token and layer)."""
+    params = n_layers * d_model * d_sae + decoder_blocks * d_sae * d_model + n_layers * (d_sae + d_model)
+    working = batch * n_layers * d_sae * 4 * 2 + batch * k * n_layers * 16 + batch * 2 * n_layers * d_model * 4 * 3
+    return {"params": params, "parameter_bytes": params * 4 * 4, "activations_bytes": tokens * 2 * n_layers * d_model * 4,
+            "working_bytes": working}

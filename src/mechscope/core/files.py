@@ -98,9 +98,30 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     return data
 
 
+def is_pickle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a pickle (``torch.save``'s zip archive, or a raw pickle stream): a file that would
+    run code when loaded, whatever its name says."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def refuse_pickle(path: str | os.PathLike, what: str = "weights") -> None:
+    """An error when ``path`` holds a pickle where safetensors are expected."""
+    from .errors import InputError
+
+    if is_pickle(path):
+        raise InputError(f"{path} is a pickle (a torch.save file), not safetensors ({what}): loading it would run "
+                         "code, so mechscope refuses it; convert it to safetensors (safetensors.torch.save_file) and "
+                         "load that")
+
+
 def read_safetensors(path: str | os.PathLike, what: str = "weights", with_metadata: bool = False) -> dict | tuple:
     """A safetensors file's tensors ``{name: tensor}`` (with its string metadata too, as a pair, when asked);
-    a damaged or missing file gets an error naming it."""
+    a damaged or missing file gets an error naming it, a pickle one saying that it is refused."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -115,8 +136,94 @@ def read_safetensors(path: str | os.PathLike, what: str = "weights", with_metada
                 return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        refuse_pickle(path, what)
         raise NotFoundError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); write or download it "
                             f"again") from e
+
+
+def safetensors_header(path: str | os.PathLike, what: str = "weights") -> tuple[dict, int]:
+    """A safetensors file's header (``{name: {dtype, shape, data_offsets}}``, without ``__metadata__``) and where its
+    data starts, read from the file's first bytes only: nothing is mapped or loaded. A damaged file, or a pickle, is
+    named."""
+    import json
+    import struct
+
+    from .errors import NotFoundError
+
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing ({what})")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"the tensors end at byte {8 + n + end} of a file of {size}")
+        for v in header.values():
+            v["shape"] = [int(x) for x in v["shape"]]
+        return header, 8 + n
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        refuse_pickle(path, what)
+        raise NotFoundError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); write or download it "
+                            f"again") from e
+
+
+def safetensors_shapes(path: str | os.PathLike, what: str = "weights") -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of a safetensors file, read from its header only (no tensor is loaded)."""
+    header, _ = safetensors_header(path, what)
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+
+
+_ST_DTYPES = {"F32": ("float32", 4), "F64": ("float64", 8), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
+
+
+def read_rows(path: str | os.PathLike, key: str, rows: "list[int]", what: str = "weights") -> "torch.Tensor":  # noqa: F821
+    """Rows ``rows`` (of the first dimension) of tensor ``key`` in a safetensors file, read with one seek and read per
+    run of consecutive rows: nothing else of the file is mapped or loaded (a lazily read decoder's active features).
+    Float32, float64, float16 and bfloat16 tensors."""
+    import torch
+
+    from .errors import InputError
+
+    header, start = safetensors_header(path, what)
+    if key not in header:
+        raise InputError(f"{path} has no tensor {key!r} (it has {sorted(header)})")
+    info = header[key]
+    if info["dtype"] not in _ST_DTYPES:
+        raise InputError(f"{path}: {key} is {info['dtype']}; rows are read from float tensors only")
+    name, elt = _ST_DTYPES[info["dtype"]]
+    shape = info["shape"]
+    row = elt
+    for x in shape[1:]:
+        row *= x
+    base = start + int(info["data_offsets"][0])
+    out = bytearray(len(rows) * row)
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    with open(path, "rb") as f:
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and rows[order[j + 1]] == rows[order[j]] + 1:
+                j += 1
+            first = rows[order[i]]
+            if first < 0 or rows[order[j]] >= shape[0]:
+                raise InputError(f"{path}: row {rows[order[j]]} of {key} is outside its {shape[0]} rows")
+            f.seek(base + first * row)
+            chunk = f.read((j - i + 1) * row)
+            p0 = order[i]
+            if order[i:j + 1] == list(range(p0, p0 + j - i + 1)):  # the usual case: sorted rows, one copy
+                out[p0 * row:(p0 + j - i + 1) * row] = chunk
+            else:
+                for k in range(i, j + 1):
+                    out[order[k] * row:(order[k] + 1) * row] = chunk[(k - i) * row:(k - i + 1) * row]
+            i = j + 1
+    raw = torch.frombuffer(out, dtype=torch.uint8) if out else torch.zeros(0, dtype=torch.uint8)
+    return raw.view(getattr(torch, name)).reshape(len(rows), *shape[1:])
 
 
 def read_npz(path: str | os.PathLike) -> dict:

@@ -250,3 +250,43 @@ def table() -> str:
     """The registry as a plain-text table (suffix, shape, meaning), for docs and ``mechscope info --hooks``."""
     rows = [f"{s.name(0).replace('blocks.0.', 'blocks.L.'):34} {s.shape:32} {s.meaning}" for s in HOOK_SPECS]
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class ForeignSite:
+    """A transcoder site as TransformerLens and circuit-tracer name it (``feature_input_hook`` and
+    ``feature_output_hook`` of a circuit-tracer ``config.yaml``), and where it lives in mechscope.
+
+    ``site``: ``"mlp_input"`` (what the block's MLP reads: :meth:`HookedModel.mlp_input`) or a mechscope hook
+    suffix. ``unweighted``: TransformerLens fires ``ln2.hook_normalized`` on ``x / scale``, *before* the norm's
+    gain (circuit-tracer loads models with ``fold_ln=False``), so that site is mechscope's ``ln2.hook_normalized``
+    divided by the gain (and less the bias of a LayerNorm). ``module_output``: the MLP module's own output,
+    which is ``hook_mlp_out`` only in a block without a post-MLP norm (Gemma 2/3 have one)."""
+
+    name: str
+    site: str
+    meaning: str
+    unweighted: bool = False
+    module_output: bool = False
+
+
+FOREIGN_SITES: dict[str, ForeignSite] = {s.name: s for s in (
+    ForeignSite("hook_resid_mid", "hook_resid_mid", "the residual stream between attention and the MLP"),
+    ForeignSite("mlp.hook_in", "mlp_input", "what the MLP reads: the pre-MLP norm's output"),
+    ForeignSite("ln2.hook_normalized", "mlp_input", "the pre-MLP norm's output before its gain (TransformerLens)",
+                unweighted=True),
+    ForeignSite("hook_mlp_out", "hook_mlp_out", "what the MLP adds to the residual stream"),
+    ForeignSite("mlp.hook_out", "hook_mlp_out", "the MLP module's output", module_output=True),
+)}
+_FOREIGN_RE = re.compile(r"^(?:blocks\.(?:\{+layer\}+|\d+)\.)?(?P<site>.+)$")
+
+
+def foreign_site(name: str) -> ForeignSite:
+    """The :class:`ForeignSite` of a TransformerLens / circuit-tracer hook name: ``"mlp.hook_in"``, or with a
+    block prefix (``"blocks.{layer}.mlp.hook_in"``, ``"blocks.{{layer}}.mlp.hook_in"``, ``"blocks.3.mlp.hook_in"``)."""
+    m = _FOREIGN_RE.match(str(name).strip())
+    site = FOREIGN_SITES.get(m.group("site")) if m else None
+    if site is None:
+        raise UnknownNameError(f"unknown transcoder hook {name!r}; mechscope maps these TransformerLens / "
+                               f"circuit-tracer names: {', '.join(FOREIGN_SITES)}")
+    return site

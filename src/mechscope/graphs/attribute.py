@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core import HookedModel, InputError
+from ..core.errors import InputTypeError
 from ..core.progress import bar
+from ..sae.clt import CrossLayerTranscoder
 from ..sae.model import SAE
 from ..sae.transcoders import TranscoderSet
 from .graph import KIND_NAMES, AttributionGraph, sweep_influence
@@ -61,7 +63,7 @@ class Sources:
 
 
 def active_features(rm: ReplacementModel) -> Sources:
-    """The replacement model's active features, ordered by (layer, pos, feature)."""
+    """The replacement model's active features, ordered by (layer, pos, feature) (the layer a feature reads)."""
     feats, acts = [], []
     for st in rm.layers:
         if st.acts is None:
@@ -91,6 +93,20 @@ def graph_tokens(model: HookedModel, prompt: str | torch.Tensor, prepend_bos: bo
     candidates = [getattr(tok, f"{n}_token_id", None) for n in ("bos", "pad", "eos")] + special
     bos = next(int(c) for c in candidates if c is not None)
     return torch.cat([torch.tensor([[bos]], dtype=tokens.dtype, device=tokens.device), tokens], 1), tok.decode([bos])
+
+
+def check_arguments(model: object, transcoders: object, prompt: object) -> None:
+    """Clear errors for arguments of the wrong type (swapped ones, say) before any work: ``model`` a HookedModel,
+    ``transcoders`` a replacement, ``prompt`` text or token ids."""
+    if not (hasattr(model, "run_with_cache") and hasattr(model, "cfg")):
+        raise InputTypeError(f"the model must be a mechscope HookedModel (mechscope.load), got {type(model).__name__}")
+    if not isinstance(prompt, (str, torch.Tensor, list)):
+        raise InputTypeError(f"the prompt must be text or token ids, got {type(prompt).__name__}"
+                             + (" (are the transcoders and the prompt swapped? the order is (model, transcoders, "
+                                "prompt))" if isinstance(transcoders, str) else ""))
+    if isinstance(transcoders, (str, torch.Tensor)):
+        raise InputTypeError(f"transcoders must be a TranscoderSet, a list of transcoders or a CrossLayerTranscoder, "
+                             f"got {type(transcoders).__name__} (the order is (model, transcoders, prompt))")
 
 
 def choose_logits(logits: torch.Tensor, target_logits: list[int] | None, prob_mass: float,
@@ -125,16 +141,18 @@ class RowEngine:
             self.run, _ = rm.run(1, add=self.z, capture=capture)
         self._feature_groups = self._group_sources()
 
-    def _group_sources(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """Per (layer, position): the source indices of its features and their write vectors ``a_f W_dec[f]``."""
-        feats, out = self.src.feats, []
+    def _group_sources(self) -> list[tuple[int, list[int], int, torch.Tensor, torch.Tensor]]:
+        """Per (layer, position): the layers its features write to, the source indices of its features and their
+        writes ``a_f W_dec[f]`` into each target, flattened to ``[n, targets x d_model]`` (a cross-layer transcoder's
+        feature writes into every later MLP output, so its edge sums over them)."""
+        feats, out, rep = self.src.feats, [], self.rm.transcoders
         key = feats[:, 0] * self.rm.n_pos + feats[:, 1]  # non-decreasing: features come in (layer, pos) order
         _, counts = torch.unique_consecutive(key, return_counts=True)
         for idx in torch.arange(len(key)).split(counts.tolist()):
             layer, pos = int(feats[idx[0], 0]), int(feats[idx[0], 1])
             with torch.no_grad():
-                w = self.rm.transcoders[layer].write_directions(feats[idx, 2]).float().cpu() * self.src.acts[idx, None]
-            out.append((layer, pos, idx, w))
+                w = rep.write_directions(layer, feats[idx, 2]).float().cpu() * self.src.acts[idx, None, None]
+            out.append((layer, rep.targets(layer), pos, idx, w.reshape(len(idx), -1)))
         return out
 
     def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
@@ -150,7 +168,7 @@ class RowEngine:
             x = self.run.x[layer]
             G = torch.zeros(B, *x.shape, dtype=x.dtype, device=x.device)
             feats = torch.tensor([targets[b][3] for b in bs])
-            dirs = rm.transcoders[layer].read_directions(feats).detach().to(x.device, x.dtype)
+            dirs = rm.transcoders.read_directions(layer, feats).detach().to(x.device, x.dtype)
             G[torch.tensor(bs), 0, torch.tensor([targets[b][2] for b in bs])] = dirs
             outputs.append(x)
             grads.append(G)
@@ -192,8 +210,9 @@ class RowEngine:
         src, rm = self.src, self.rm
         B = next(iter(g.values())).shape[0]
         out = torch.zeros(B, src.n)
-        for layer, pos, idx, w in self._feature_groups:
-            out[:, idx] = g[layer][:, pos] @ w.T
+        for _, targets, pos, idx, w in self._feature_groups:
+            grad = g[targets[0]][:, pos] if len(targets) == 1 else torch.cat([g[t][:, pos] for t in targets], -1)
+            out[:, idx] = grad @ w.T
         n = src.n_pos
         for st in rm.layers:
             out[:, src.error(st.layer, 0):src.error(st.layer, 0) + n] = (g[st.layer] * st.error.float().cpu()).sum(-1)
@@ -271,13 +290,15 @@ class SparseRows:
         return tgt, src, val
 
 
-def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE]", prompt: str | torch.Tensor,
+def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE] | CrossLayerTranscoder",
+                      prompt: str | torch.Tensor,
                       target_logits: list[int] | None = None, max_feature_nodes: int = 7500,
                       batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
                       skip_first: int | None = None, certify: int = 32, update_every: int = 4,
                       edge_tolerance: float = 0.0, prepend_bos: bool = True, sink_errors: bool = False,
                       progress: bool = True) -> AttributionGraph:
-    """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``.
+    """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``: per-layer
+    transcoders, or a cross-layer transcoder (:func:`mechscope.sae.load_replacement` reads published ones).
 
     ``target_logits``: token ids to explain (default: the most likely next tokens holding
     ``prob_mass`` of the probability, at most ``max_logits``). ``max_feature_nodes``: how many
@@ -298,6 +319,7 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     (mechscope's earlier convention), which lowers the replacement score.
     """
     t0 = time.perf_counter()
+    check_arguments(model, transcoders, prompt)
     if max_feature_nodes < 0 or batch_size < 1 or update_every < 1 or not 0 <= edge_tolerance < 1:
         raise InputError(f"max_feature_nodes must be >= 0, batch_size and update_every >= 1, edge_tolerance in "
                          f"[0, 1); got {max_feature_nodes}, {batch_size}, {update_every}, {edge_tolerance}")
@@ -334,7 +356,8 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
         "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
         "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
-        "transcoder_layers": sorted(rm.transcoders.layers), "prepended_bos": bos, "sink_errors": sink_errors,
+        "transcoder_layers": sorted(rm.transcoders.output_layers), "replacement": _describe(rm.transcoders),
+        "prepended_bos": bos, "sink_errors": sink_errors,
         "model": model.cfg.model_name, "prompt": prompt if isinstance(prompt, str) else "".join(_strs(model, tokens[0])),
         "skip_first": rm.skip_first})
     if certify:
@@ -370,6 +393,15 @@ def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torc
                             logit_probs=probs, stats=stats, n_layers=L,
                             token_labels=_strs(model, toks),
                             kind_names=list(KIND_NAMES))
+
+
+def _describe(rep: object) -> str:
+    """What a graph was built on, in a few words (its stats say it)."""
+    if isinstance(rep, CrossLayerTranscoder):
+        c = rep.cfg
+        return (f"{'per-layer transcoders' if c.reach == 1 else 'cross-layer transcoder'} ({c.architecture}, "
+                f"{c.n_layers} layers x {c.d_sae} features{', read from ' + rep.source if rep.source else ''})")
+    return f"per-layer transcoders ({len(rep)} layers)"
 
 
 def _strs(model: HookedModel, ids: torch.Tensor) -> list[str]:

@@ -122,9 +122,12 @@ class AttributionGraph(Result):
     kind_names: list[str] = field(default_factory=lambda: list(KIND_NAMES))
     labels: dict = field(default_factory=dict)  # feature node -> label (top-activating tokens), when known
     certificate: dict | None = None
+    # per node, the total |weight| of its inputs in the full graph, where that differs from its edges here (a
+    # pruned graph read from a JSON file): the part of a node's input not drawn counts as unexplained, like error
+    row_total: torch.Tensor | None = None
 
     _skip_in_dict = ("prompt_tokens", "kind", "layer", "pos", "index", "value", "edge_target", "edge_source",
-                     "edge_weight", "logit_probs")
+                     "edge_weight", "logit_probs", "row_total")
 
     def __post_init__(self):
         t, s = self.edge_target, self.edge_source
@@ -171,10 +174,23 @@ class AttributionGraph(Result):
         """The edges ``(targets, sources, weights)``, sorted by target then source (no copy)."""
         return self.edge_target, self.edge_source, self.edge_weight
 
+    def totals(self) -> torch.Tensor:
+        """``[n_nodes]``: the total ``|weight|`` of each node's inputs, the row normaliser of ``Â`` (for a graph read
+        from a pruned JSON, the full graph's, as written)."""
+        if self.row_total is not None:
+            return self.row_total.float()
+        r, _, v = self.entries()
+        return torch.zeros(self.n_nodes).index_add_(0, r, v.abs().float())
+
+    def normalised(self) -> torch.Tensor:
+        """``Â`` over the entries: ``|A[t, s]| / totals()[t]``."""
+        r, _, v = self.entries()
+        return v.abs().float() / self.totals()[r].clamp_min(1e-30)
+
     def influence(self) -> torch.Tensor:
         """``[n_nodes]``: each node's influence on the logits (see the module docstring)."""
-        r, c, v = self.entries()
-        return influence(r, c, row_normalised(r, v, self.n_nodes), self.logit_weights(), self.layer)
+        r, c, _ = self.entries()
+        return influence(r, c, self.normalised(), self.logit_weights(), self.layer)
 
     def top_features(self, k: int | None = None, among: torch.Tensor | None = None) -> torch.Tensor:
         """Feature nodes (of ``among``, default all) by influence on the logits, largest first; the first ``k``."""
@@ -182,21 +198,30 @@ class AttributionGraph(Result):
         return feats[self.influence()[feats].argsort(descending=True, stable=True)][:k]
 
     # ------------------------------------------------------------------ scores
-    def scores(self, keep: torch.Tensor | None = None) -> dict[str, float]:
+    def scores(self, keep: torch.Tensor | None = None, edges: torch.Tensor | None = None) -> dict[str, float]:
         """Replacement and completeness scores (circuit-tracer's definitions), and ``completeness_inputs``
         (the average over nodes with inputs only); with ``keep`` (a node mask), of the pruned graph, whose
-        dropped feature nodes count as error nodes."""
+        dropped feature nodes count as error nodes; with ``edges`` (a mask over the entries) too, of the graph as
+        drawn: the part of a node's input its dropped edges carried counts as unexplained, like error input.
+        :meth:`PrunedGraph.scores` is this, and a pruned graph's JSON keeps what makes it the same when read back."""
         r, c, v = self.entries()
-        a, w, n = row_normalised(r, v, self.n_nodes), self.logit_weights(), self.n_nodes
+        total, w, n = self.totals(), self.logit_weights(), self.n_nodes
+        if edges is not None:
+            r, c, v = r[edges], c[edges], v[edges]
+        a = v.abs().float() / total[r].clamp_min(1e-30)
         err = self.kind == ERROR
+        live = total > 0  # nodes with inputs
         if keep is not None:  # a dropped feature becomes a leaf, like an error node
             dropped = (self.kind == FEATURE) & ~keep
             err = err | dropped
             a = a * ~dropped[r]
+            live = live & ~dropped
+        unexplained = (1 - torch.zeros(n).index_add_(0, r, a)).clamp_min(0) * live  # input not drawn
         inf = influence(r, c, a, w, self.layer)
-        leaf_emb, leaf_err = float(inf[self.kind == EMBEDDING].sum()), float(inf[err].sum())
-        has_input = torch.zeros(n).index_add_(0, r, a) > 0
-        from_err = torch.zeros(n).index_add_(0, r, a * err[c])  # share of each node's input from error nodes
+        leaf_emb = float(inf[self.kind == EMBEDDING].sum())
+        leaf_err = float(inf[err].sum()) + float((unexplained * (inf + w)).sum())
+        has_input = live
+        from_err = torch.zeros(n).index_add_(0, r, a * err[c]) + unexplained  # share of each node's input from errors
         weight = inf + w
 
         def share(wt: torch.Tensor) -> float:
@@ -220,7 +245,7 @@ class AttributionGraph(Result):
             if not 0 < v <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {v}")
         r, c, v = self.entries()
-        a, w = row_normalised(r, v, self.n_nodes), self.logit_weights()
+        a, w = self.normalised(), self.logit_weights()
         inf = influence(r, c, a, w, self.layer)
         is_feat = self.kind == FEATURE
         if features_only:
@@ -337,6 +362,8 @@ class AttributionGraph(Result):
                    "index": self.index, "value": self.value.float(), "edge_target": self.edge_target,
                    "edge_source": self.edge_source, "edge_weight": self.edge_weight,
                    "logit_probs": self.logit_probs.float()}
+        if self.row_total is not None:
+            tensors["row_total"] = self.row_total.float()
         meta = {"mechscope": "attribution_graph", "n_layers": str(self.n_layers),
                 "json": json.dumps({"token_strs": self.token_strs, "token_labels": self.token_labels,
                                     "stats": self.stats, "labels": {str(k): v for k, v in self.labels.items()},
@@ -362,7 +389,7 @@ class AttributionGraph(Result):
         return cls(t["prompt_tokens"], j["token_strs"], t["kind"], t["layer"], t["pos"], t["index"], t["value"],
                    t["edge_target"], t["edge_source"], t["edge_weight"], t["logit_probs"], j["stats"],
                    int(meta["n_layers"]), j["token_labels"], labels={int(k): v for k, v in j["labels"].items()},
-                   certificate=j["certificate"])
+                   certificate=j["certificate"], row_total=t.get("row_total"))
 
 
 @dataclass(repr=False)
@@ -383,17 +410,24 @@ class PrunedGraph(Result):
         r, c, v = self.graph.entries()
         return r[self.edges], c[self.edges], v[self.edges]
 
+    def scores(self) -> dict[str, float]:
+        """The scores of the graph as drawn (:meth:`AttributionGraph.scores` with this node and edge mask): dropped
+        features count as errors, and the input a kept node loses with its dropped edges as unexplained. They are the
+        same for this graph's JSON read back (:meth:`AttributionGraph.from_json`)."""
+        return self.graph.scores(self.keep, self.edges)
+
     def summary(self) -> str:
-        g, sc = self.graph, self.graph.scores(self.keep)
+        g, sc = self.graph, self.scores()
         n_feat = int((self.keep & (g.kind == FEATURE)).sum())
         return (f"pruned graph (nodes {self.node_threshold}, edges {self.edge_threshold}): {n_feat} features of "
-                f"{len(g.nodes_of(FEATURE))}, {int(self.edges.sum())} edges of {g.n_edges}; replacement "
-                f"{sc['replacement']:.3f}, completeness {sc['completeness']:.3f}")
+                f"{len(g.nodes_of(FEATURE))}, {int(self.edges.sum())} edges of {g.n_edges}; as drawn (dropped features "
+                f"and edges count as unexplained): replacement {sc['replacement']:.3f}, completeness "
+                f"{sc['completeness']:.3f}")
 
     def _dict_extra(self) -> dict:
         g = self.graph
         return {"features_kept": int((self.keep & (g.kind == FEATURE)).sum()), "edges_kept": int(self.edges.sum()),
-                "scores": g.scores(self.keep)}
+                "scores": self.scores()}
 
     def _html_body(self) -> str:
         from .html import graph_html

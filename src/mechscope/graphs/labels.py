@@ -16,15 +16,17 @@ from ..core import HookedModel
 from ..core.progress import bar
 from ..sae.features import dashboard_html, feature_stats
 from ..sae.model import SAE
+from ..sae.replacement import Replacement, replacement_of
 from ..sae.transcoders import TranscoderSet
 from .graph import FEATURE, AttributionGraph
 
 
-def label_features(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE]", tokens: torch.Tensor,
+def label_features(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE] | Replacement",
+                   tokens: torch.Tensor,
                    nodes: torch.Tensor | None = None, n_top: int = 10, progress: bool = True) -> dict[int, str]:
     """Set ``graph.labels[node]`` to the tokens each feature node fires on most in ``tokens [n, pos]``
     (default: every feature node); return ``{node: dashboard HTML}``."""
-    by_layer = TranscoderSet.of(model, transcoders)
+    rep = replacement_of(model, transcoders)
     nodes = graph.nodes_of(FEATURE) if nodes is None else nodes
     groups: dict[int, list[int]] = {}
     for n in nodes.tolist():
@@ -33,7 +35,7 @@ def label_features(model: HookedModel, graph: AttributionGraph, transcoders: "Tr
     dashboards = {}
     items = sorted(groups.items())
     for layer, ns in bar(items, desc="feature labels") if progress else items:
-        tc = by_layer[layer]
+        tc = rep.layer_view(layer)
         feats = sorted({int(graph.index[n]) for n in ns})
         stats = feature_stats(model, tc, tokens, features=feats, n_top=n_top)
         for n in ns:

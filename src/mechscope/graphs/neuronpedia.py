@@ -3,7 +3,9 @@
 The schema is circuit-tracer 0.5's (``create_graph_files``): ``{"metadata", "qParams", "nodes", "links"}``.
 
 - ``metadata``: ``slug``, ``scan`` (which transcoders), ``transcoder_list``, ``prompt_tokens`` (text),
-  ``prompt``, ``node_threshold``, ``schema_version``;
+  ``prompt``, ``node_threshold``, ``schema_version``; and ``mechscope`` (circuit-tracer's and Neuronpedia's readers
+  ignore keys they do not know): each written node's total input ``|weight|`` in the full graph (``row_totals``),
+  the pruned graph's scores and its edge threshold, so that a graph read back scores as the pruned graph did;
 - a node: ``node_id``, ``feature``, ``layer`` (a string: ``"E"`` for embeddings, ``n_layers + 1`` for logits),
   ``ctx_idx`` (position), ``feature_type`` (``"cross layer transcoder"``, ``"mlp reconstruction error"``,
   ``"embedding"``, ``"logit"``), ``token_prob``, ``is_target_logit``, ``run_idx``, ``reverse_ctx_idx``,
@@ -101,6 +103,11 @@ def graph_json(pruned: Any, slug: str = "mechscope-graph", scan: str | list[str]
     meta = {"slug": slug, "scan": scan_id, "transcoder_list": transcoders, "prompt_tokens": list(g.token_strs),
             "prompt": g.stats.get("prompt", "".join(g.token_strs)), "node_threshold": pruned.node_threshold,
             "schema_version": 1}
+    total = g.totals()
+    by_id = {n["node_id"]: i for i, n in nodes.items()}
+    meta["mechscope"] = {  # what makes the scores of the graph read back equal the pruned graph's (ignored elsewhere)
+        "row_totals": {nid: float(total[i]) for nid, i in by_id.items() if nid in linked and float(total[i]) > 0},
+        "scores": pruned.scores(), "edge_threshold": pruned.edge_threshold}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": meta, "qParams": qparams, "nodes": used, "links": links}
 
@@ -177,13 +184,24 @@ def read_graph_json(path: str | Path, cls: type) -> Any:
     toks[pos[emb]] = index[emb]
     labels = {j: nodes[i]["clerp"] for j, i in enumerate(order) if parsed[i][0] == FEATURE and nodes[i].get("clerp")}
     token_labels = [_logit_text(nodes[i]) for i in logits]
+    extra = meta.get("mechscope") if isinstance(meta.get("mechscope"), dict) else {}
+    totals = extra.get("row_totals") if isinstance(extra.get("row_totals"), dict) else None
+    row_total = None
+    if totals is not None:
+        try:
+            row_total = torch.tensor([float(totals.get(ids[i], 0.0)) for i in order])
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path}: metadata.mechscope.row_totals must map node ids to numbers ({e})") from e
     stats = {"loaded_from": str(path), "slug": meta.get("slug"), "scan": meta.get("scan"),
              "node_threshold": meta.get("node_threshold"), "prompt": meta.get("prompt"),
+             "scores_of": "the pruned graph as drawn (its input totals were written with it)" if row_total is not None
+             else "the drawn edges alone: the file carries no input totals, so input the pruning dropped is not "
+                  "counted as unexplained and the replacement score can be too high",
              "active_features": int((kind == FEATURE).sum()), "feature_nodes": int((kind == FEATURE).sum()),
              "max_feature_nodes": int((kind == FEATURE).sum()), "dropped_features": 0, "dropped_influence": 0.0}
     return cls(toks, list(meta.get("prompt_tokens", [])), kind, layer, pos, index, value, tgt, src, w,
-                            torch.tensor([float(nodes[i].get("token_prob", 0.0)) for i in logits]), stats, n_layers,
-                            token_labels, labels=labels)
+               torch.tensor([float(nodes[i].get("token_prob", 0.0)) for i in logits]), stats, n_layers,
+               token_labels, labels=labels, row_total=row_total)
 
 
 def _logit_text(node: dict) -> str:

@@ -23,18 +23,20 @@ from ..core.hookpoints import act_name
 from ..core.progress import quiet
 from ..core.result import Result
 from ..sae.model import SAE
+from ..sae.replacement import Replacement, replacement_of
 from ..sae.transcoders import TranscoderSet
 from .graph import EMBEDDING, ERROR, FEATURE, LOGIT, AttributionGraph
 from .replacement import EMBED, ReplacementModel
 
 
-def _feature_write(transcoders: TranscoderSet, graph: AttributionGraph, node: int) -> tuple[int, int, torch.Tensor]:
-    """Feature node ``node``'s layer, position and write ``a_f W_dec[f]`` (``[d_model]``, CPU)."""
+def _feature_writes(rep: Replacement, graph: AttributionGraph, node: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Feature node ``node``'s writes ``a_f W_dec[f]`` as ``(target layer, position, [d_model] on the CPU)``: one for
+    a per-layer transcoder's feature, one per later layer for a cross-layer transcoder's."""
     layer, pos, f = int(graph.layer[node]), int(graph.pos[node]), int(graph.index[node])
-    if layer not in transcoders:
-        raise InputError(f"no transcoder for layer {layer} among those given")
-    direction = transcoders[layer].write_directions(torch.tensor([f]))[0].detach().float().cpu()
-    return layer, pos, float(graph.value[node]) * direction
+    if layer not in rep.layers:
+        raise InputError(f"no transcoder for layer {layer} among those given (they read layers {rep.layers})")
+    dirs = rep.write_directions(layer, torch.tensor([f]))[0].detach().float().cpu()  # [targets, d]
+    return [(t, pos, float(graph.value[node]) * dirs[j]) for j, t in enumerate(rep.targets(layer))]
 
 
 def _real_last_logits(model: HookedModel, tokens: torch.Tensor, writes: list[tuple[int, int, torch.Tensor]],
@@ -49,15 +51,15 @@ def _real_last_logits(model: HookedModel, tokens: torch.Tensor, writes: list[tup
     return last[tops] - last.mean()
 
 
-def _source_write(rm: ReplacementModel, graph: AttributionGraph, node: int) -> tuple[str | int, int, torch.Tensor]:
-    """Where source ``node`` writes (``"embed"`` or a layer), at which position, and the vector it writes."""
+def _source_writes(rm: ReplacementModel, graph: AttributionGraph, node: int) -> list[tuple[str | int, int, torch.Tensor]]:
+    """Where source ``node`` writes (``"embed"`` or a layer), at which position, and the vector it writes there."""
     kind, layer, pos = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
     if kind == FEATURE:
-        return _feature_write(rm.transcoders, graph, node)
+        return _feature_writes(rm.transcoders, graph, node)
     if kind == ERROR:
-        return layer, pos, rm.layers[layer].error[pos].float().cpu()
+        return [(layer, pos, rm.layers[layer].error[pos].float().cpu())]
     if kind == EMBEDDING:
-        return EMBED, pos, rm.embed[pos].float().cpu()
+        return [(EMBED, pos, rm.embed[pos].float().cpu())]
     raise InputError(f"node {node} ({graph.node_name(node)}) is a logit: it is no source")
 
 
@@ -84,8 +86,8 @@ def perturb_sources(rm: ReplacementModel, graph: AttributionGraph, edges: list[t
     B, d = len(edges), rm.model.cfg.d_model
     add: dict = {}
     for b, (_, s) in enumerate(edges):
-        site, pos, vec = _source_write(rm, graph, s)
-        add.setdefault(site, torch.zeros(B, rm.n_pos, d))[b, pos] -= vec
+        for site, pos, vec in _source_writes(rm, graph, s):
+            add.setdefault(site, torch.zeros(B, rm.n_pos, d))[b, pos] -= vec
     base, _ = rm.run(1)
     run, _ = rm.run(B, {k: v.to(rm.model.dtype) for k, v in add.items()})
     targets = [t for t, _ in edges]
@@ -156,19 +158,19 @@ def _graph_prediction(graph: AttributionGraph, delta: torch.Tensor) -> tuple[tor
 
 
 @torch.no_grad()
-def intervene(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE]", nodes: list[int],
+def intervene(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE] | Replacement",
+              nodes: list[int],
               scale: float = 0.0) -> Intervention:
     """Scale feature nodes ``nodes`` by ``scale`` (0: ablate) in the real model, through their decoder
     directions at ``hook_mlp_out``, and compare each target logit's change with the graph's prediction."""
-    by_layer = TranscoderSet.of(model, transcoders)
+    rep = replacement_of(model, transcoders)
     bad = [n for n in nodes if not 0 <= n < graph.n_nodes or int(graph.kind[n]) != FEATURE]
     if bad or not nodes:
         raise InputError(f"intervene takes feature nodes of the graph; {bad or 'none'} are not")
     tokens = graph.prompt_tokens[None].to(model.device)
     writes, delta = [], torch.zeros(graph.n_nodes)
     for n in nodes:
-        layer, pos, vec = _feature_write(by_layer, graph, n)
-        writes.append((layer, pos, (scale - 1.0) * vec))
+        writes += [(layer, pos, (scale - 1.0) * vec) for layer, pos, vec in _feature_writes(rep, graph, n)]
         delta[n] = (scale - 1.0) * float(graph.value[n])
     toks = graph.index[graph.nodes_of(LOGIT)]
     measured = _real_last_logits(model, tokens, writes, toks) - _real_last_logits(model, tokens, [], toks)
@@ -178,7 +180,7 @@ def intervene(model: HookedModel, graph: AttributionGraph, transcoders: "Transco
 
 
 @torch.no_grad()
-def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE]",
+def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE] | Replacement",
                 sizes: list[int] | None = None, n_random: int = 3, seed: int = 0) -> FaithfulnessCurve:
     """The faithfulness curve of a graph's features (MIB's CPR and CMD): keep the top ``k`` feature nodes, remove
     every other one from the real model (its decoder write subtracted at ``hook_mlp_out``; everything downstream
@@ -188,16 +190,13 @@ def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: "Trans
     feats = graph.nodes_of(FEATURE).tolist()
     if not feats:
         raise InputError("the graph has no feature nodes to rank")
-    by_layer = TranscoderSet.of(model, transcoders)
-    removals = {}
-    for i in feats:
-        layer, pos, vec = _feature_write(by_layer, graph, i)
-        removals[i] = (layer, pos, -vec)
+    rep = replacement_of(model, transcoders)
+    removals = {i: [(layer, pos, -vec) for layer, pos, vec in _feature_writes(rep, graph, i)] for i in feats}
     tokens = graph.prompt_tokens[None].to(model.device)
     top = graph.index[graph.nodes_of(LOGIT)[:1]]
 
     def metric(removed: list[int]) -> float:
-        return float(_real_last_logits(model, tokens, [removals[i] for i in removed], top)[0])
+        return float(_real_last_logits(model, tokens, [w for i in removed for w in removals[i]], top)[0])
 
     m_all, m_0 = metric([]), metric(feats)
     span = m_all - m_0 if abs(m_all - m_0) > 1e-9 else 1e-9

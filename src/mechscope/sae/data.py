@@ -62,16 +62,20 @@ def _stop_layer(model: HookedModel, hooks: list[str]) -> int | None:
 @torch.no_grad()
 def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, batch_size: int | None = None,
                  skip_first: int = 1, max_norm_ratio: float | None = 10.0, state: BatchState | None = None,
-                 pairs: Sequence[tuple[str, str]] = ()) -> dict:
+                 pairs: Sequence[tuple[str, str]] = (),
+                 bundles: Sequence[tuple[tuple[str, ...], tuple[str, ...]]] = ()) -> dict:
     """:func:`harvest` at several hook points from one forward pass (stopping after the deepest one).
 
     Each hook's rows are filtered on their own norms, so ``harvest_many(m, [a, b], t)[a]`` equals
     ``harvest(m, a, t)``. Each ``(a, b)`` of ``pairs`` adds the entry ``(a, b)``: rows ``[a | b]``
     (a transcoder's input and target) of the same tokens, filtered on ``a``'s norms
-    (:func:`harvest_pairs`).
+    (:func:`harvest_pairs`). Each ``(inputs, outputs)`` of ``bundles`` adds the entry ``(inputs, outputs)``:
+    rows ``[inputs... | outputs...]`` of the same tokens, kept where every input passes its norm rule
+    (a cross-layer transcoder's training rows: :func:`harvest_bundle`). A pair is the bundle ``((a,), (b,))``.
     """
-    pairs = [tuple(p) for p in pairs]
-    wanted = list(dict.fromkeys(list(hooks) + [h for p in pairs for h in p]))
+    bundles = [(tuple(p[:1]), tuple(p[1:])) for p in pairs] + [(tuple(i), tuple(o)) for i, o in bundles]
+    keys = [tuple(p) for p in pairs] + [(tuple(i), tuple(o)) for i, o in bundles[len(pairs):]]
+    wanted = list(dict.fromkeys(list(hooks) + [h for i, o in bundles for h in i + o]))
     if not wanted:
         raise InputError("harvest_many needs at least one hook point")
     for h in wanted:
@@ -91,10 +95,11 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
             a = got[h][:, skip_first:]
             acts[h] = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
         keep = {h: token_keep_mask(acts[h], 0, max_norm_ratio)
-                for h in dict.fromkeys(list(hooks) + [a for a, _ in pairs])}
+                for h in dict.fromkeys(list(hooks) + [a for i, _ in bundles for a in i])}
         out = {h: acts[h][keep[h]].float().cpu() for h in hooks}
-        for a, b in pairs:
-            out[(a, b)] = torch.cat([acts[a], acts[b]], dim=-1)[keep[a]].float().cpu()
+        for key, (ins, outs) in zip(keys, bundles):
+            mask = torch.stack([keep[a] for a in ins]).all(0)
+            out[key] = torch.cat([acts[h] for h in ins + outs], dim=-1)[mask].float().cpu()
         return out
 
     elt = torch.finfo(model.dtype).bits // 8
@@ -127,6 +132,16 @@ def harvest_pairs(model: HookedModel, hook_in: str, hook_out: str, tokens: torch
     (e.g. ``blocks.L.ln2.hook_normalized`` and ``blocks.L.hook_mlp_out``), filtered on the input's norms."""
     return harvest_many(model, [], tokens, batch_size, skip_first, max_norm_ratio, pairs=[(hook_in, hook_out)])[
         (hook_in, hook_out)]
+
+
+def harvest_bundle(model: HookedModel, inputs: Sequence[str], outputs: Sequence[str], tokens: torch.Tensor,
+                   batch_size: int | None = None, skip_first: int = 1,
+                   max_norm_ratio: float | None = 10.0) -> torch.Tensor:
+    """A cross-layer transcoder's training rows ``[m, (len(inputs) + len(outputs)) x width]``: every input hook,
+    then every output hook, at the same tokens, from one forward pass; a token is kept where every input passes
+    the norm rule of :func:`token_keep_mask`."""
+    key = (tuple(inputs), tuple(outputs))
+    return harvest_many(model, [], tokens, batch_size, skip_first, max_norm_ratio, bundles=[key])[key]
 
 
 class ActivationSource(Protocol):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -38,6 +38,9 @@ from ..core.progress import bar, stage
 from ..core.result import Result
 from .data import harvest, harvest_pairs
 from .model import SAE
+
+if TYPE_CHECKING:
+    from .clt import CrossLayerTranscoder
 
 #: Below this many evaluation tokens the CE and variance figures are flagged as resting on too little data.
 MIN_EVAL_TOKENS = 4096
@@ -371,3 +374,112 @@ def evaluate_transcoders(model: HookedModel, transcoders: list[SAE], tokens: tor
     ce_clean, ce_all = _ce(model, tokens, [[], transcoder_hooks(transcoders)], batch_size, BatchState())
     names = [f"{tc.cfg.hook_name} -> {tc.cfg.hook_name_out}" for tc in transcoders]
     return TranscodersEval(names, each, ce_clean, ce_all)
+
+
+def clt_hooks(clt: "CrossLayerTranscoder", skip_first: int = 1) -> list[tuple[str, Callable]]:
+    """Forward hooks putting a cross-layer transcoder in place of every MLP it covers, closed loop: each layer's
+    input hook encodes that layer's features, and each output hook returns the prediction from the features of that
+    layer and every earlier one (plus bias and skip); the first ``skip_first`` positions are kept."""
+    feats: dict = {}
+    hooks = []
+    for s, layer in enumerate(clt.cfg.layers):
+        def read(act, h, s=s, layer=layer):
+            x = act.reshape(*act.shape[:2], -1).float()
+            feats[s] = (x, clt.encode(layer, x))
+
+        def put(act, h, t=s, layer=layer):
+            x = feats[t][0]
+            out = clt.decoder_bias(layer) + (clt.skip_term(layer, x) if clt.cfg.skip else 0.0)
+            out = out.expand(*x.shape[:2], -1).clone()
+            for s_, (_, a) in feats.items():
+                if s_ <= t < s_ + clt.cfg.n_targets(s_):
+                    nz = a.flatten(0, 1).abs().sum(0).nonzero(as_tuple=True)[0]
+                    if nz.numel():
+                        w = clt.write_directions(clt.cfg.layers[s_], nz)[:, t - s_]  # [m, d]
+                        out = out + a[..., nz] @ w
+            out = out.to(act.dtype).reshape(act.shape)
+            if t == clt.cfg.n_layers - 1:
+                feats.clear()
+            return torch.cat([act[:, :skip_first], out[:, skip_first:]], dim=1) if skip_first else out
+
+        hooks += [(clt.input_hook(layer), read), (clt.output_hook(layer), put)]
+    return hooks
+
+
+@dataclass(repr=False)
+class CLTEval(Result):
+    """A cross-layer transcoder (or per-layer set) on held-out tokens: per layer, the normalised MSE of the MLP
+    output it predicts from the model's own inputs (NMSE ``= ||y - ŷ||² / ||y - mean(y)||²`` = 1 - explained
+    variance), the active features per token and the dead share; and the CE loss with it in place of every MLP at
+    once (closed loop: later layers read what earlier predictions made)."""
+
+    kind: str
+    layers: list[int]
+    nmse: list[float]
+    l0: list[float]
+    dead_fraction: list[float]
+    ce_clean: float
+    ce_clt: float
+    ce_zero: float
+    n_tokens: int
+    n_seqs: int
+
+    @property
+    def ce_recovered(self) -> float:
+        return (self.ce_zero - self.ce_clt) / (self.ce_zero - self.ce_clean)
+
+    @property
+    def mean_nmse(self) -> float:
+        return sum(self.nmse) / len(self.nmse)
+
+    def summary(self) -> str:
+        lines = [f"{self.kind.upper()} evaluation on {self.n_tokens} held-out tokens ({self.n_seqs} sequences, first "
+                 "position left out): per layer NMSE (normalised MSE of the MLP output, 1 - explained variance; 0 is "
+                 "perfect), L0 (active features per token) and dead (never fired here)",
+                 f"  {'layer':>5s} {'NMSE':>7s} {'L0':>7s} {'dead':>6s}"]
+        lines += [f"  {layer:5d} {n:7.3f} {l0:7.1f} {d:6.1%}" for layer, n, l0, d in
+                  zip(self.layers, self.nmse, self.l0, self.dead_fraction)]
+        lines += [f"  mean NMSE {self.mean_nmse:.3f}; L0 per token over all layers {sum(self.l0):.1f}",
+                  f"  CE loss (next-token, nats per token) with it in place of all {len(self.layers)} MLPs: "
+                  f"{self.ce_clt:.4f} (clean {self.ce_clean:.4f}, {self.ce_clt - self.ce_clean:+.4f}; those MLPs "
+                  f"zero-ablated {self.ce_zero:.4f}); CE loss recovered {self.ce_recovered:.3f}"]
+        if self.n_tokens < MIN_EVAL_TOKENS:
+            lines.append(f"  WARNING: only {self.n_tokens} evaluation tokens: these figures are noisy; use at least "
+                         f"{MIN_EVAL_TOKENS}")
+        return "\n".join(lines)
+
+    def _dict_extra(self) -> dict:
+        return {"ce_recovered": self.ce_recovered, "mean_nmse": self.mean_nmse, "l0_total": sum(self.l0)}
+
+
+@torch.no_grad()
+def evaluate_clt(model: HookedModel, clt: "CrossLayerTranscoder", tokens: torch.Tensor,
+                 batch_size: int | None = None, skip_first: int = 1) -> CLTEval:
+    """:class:`CLTEval` of ``clt`` on ``tokens [n, pos]`` (held-out text)."""
+    from .clt import CrossLayerTranscoder
+    from .data import harvest_bundle
+
+    if not isinstance(clt, CrossLayerTranscoder):
+        raise InputError(f"evaluate_clt takes a CrossLayerTranscoder, got {type(clt).__name__}")
+    clt.check_fits(model)
+    c = clt.cfg
+    rows = harvest_bundle(model, c.input_hooks, c.output_hooks, tokens, batch_size, skip_first, max_norm_ratio=None)
+    x, y = rows[:, :c.n_layers * c.d_model], rows[:, c.n_layers * c.d_model:]
+    x, y = x.reshape(-1, c.n_layers, c.d_model), y.reshape(-1, c.n_layers, c.d_model)
+    dev = clt.b_enc.device
+    sse, fired, l0 = torch.zeros(c.n_layers), torch.zeros(c.n_layers, c.d_sae, dtype=torch.bool), torch.zeros(c.n_layers)
+    for s0 in range(0, x.shape[0], 1024):
+        xb = x[s0:s0 + 1024].to(dev)
+        pred = clt(xb).cpu()
+        sse += (y[s0:s0 + 1024] - pred).pow(2).sum((0, 2))
+        for s in range(c.n_layers):
+            on = clt.encode_index(s, xb[:, s]) > 0
+            fired[s] |= on.any(0).cpu()
+            l0[s] += float(on.sum())
+    var = (y - y.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-30)
+    state = BatchState()
+    zero = [(clt.output_hook(layer), _zero_after_first) for layer in c.layers]
+    ce_clean, ce_clt, ce_zero = _ce(model, tokens, [[], clt_hooks(clt, skip_first), zero], batch_size, state)
+    n = x.shape[0]
+    return CLTEval(c.kind, list(c.layers), (sse / var).tolist(), (l0 / max(n, 1)).tolist(),
+                   (1 - fired.float().mean(1)).tolist(), ce_clean, ce_clt, ce_zero, n, tokens.shape[0])

@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.errors import InputError, NotFoundError
 from ..core.files import read_json as _read_json
 from ..core.files import read_npz, read_safetensors, read_torch
-from ..core.hookpoints import act_name, block_name
+from ..core.hookpoints import block_name
 from .model import SAE, SAEConfig
+
+if TYPE_CHECKING:
+    from ..core.model import HookedModel
 
 FORMATS = ("saelens", "gemma_scope", "llama_scope", "sparsify", "dictionary_learning")
 SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "transcoder": "relu",
@@ -225,8 +229,33 @@ def read_dictionary_learning(folder: Path, hook: str | None = None, model_name: 
                  threshold.float().reshape(-1) if arch == "jumprelu" else None, source=str(folder))
 
 
-def read_folder(folder: Path, fmt: str | None = None, hook: str | None = None, model_name: str = "") -> SAE:
-    """An SAE from a local folder in any supported format (detected from its files unless ``fmt`` is given)."""
+def read_gemma_scope_transcoder(folder: Path, layer: int, model: "HookedModel | None", model_name: str = "") -> SAE:
+    """A Gemma Scope transcoder (``params.npz``: MLP input -> ``hook_mlp_out``). It reads TransformerLens's
+    ``ln2.hook_normalized`` (before the norm's gain, as circuit-tracer reads it), so the gain of ``model``'s pre-MLP
+    norm is folded into its encoder (:func:`mechscope.sae.sites.fold_site`)."""
+    from .sites import fold_site, resolve_site
+
+    if model is None:
+        raise InputError(f"{folder} is a Gemma Scope transcoder: it reads the pre-MLP norm before its gain "
+                         "(TransformerLens's ln2.hook_normalized), which mechscope recovers from the model's norm; "
+                         "pass the model: load_sae(path, model), or load the whole set with load_replacement")
+    w = read_npz(folder / "params.npz")
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if k not in w]
+    if missing:
+        raise InputError(f"{folder}/params.npz has no {missing} (has {sorted(w)})")
+    site, out = resolve_site(model, "ln2.hook_normalized", layer), resolve_site(model, "hook_mlp_out", layer)
+    W_enc, b_enc, _, b_dec = fold_site(site, w["W_enc"].float(), w["b_enc"].float(), None, w["b_dec"].float())
+    d_in, d_sae = W_enc.shape
+    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_name=site.hook,
+                    hook_name_out=out.hook, model_name=model_name)
+    return build(cfg, W_enc, w["W_dec"], b_enc, b_dec, w["threshold"], source=str(folder))
+
+
+def read_folder(folder: Path, fmt: str | None = None, hook: str | None = None, model_name: str = "",
+                where: str | None = None, model: "HookedModel | None" = None) -> SAE:
+    """An SAE from a local folder in any supported format (detected from its files unless ``fmt`` is given).
+    ``where``: the hub repository and path it came from (a Gemma Scope folder's site is read from it, else from the
+    folder's own path)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotFoundError(f"no SAE folder at {folder}")
@@ -235,10 +264,20 @@ def read_folder(folder: Path, fmt: str | None = None, hook: str | None = None, m
         return read_saelens(folder)
     if fmt == "gemma_scope":
         if hook is None:
-            m = re.search(r"layer_(\d+)", str(folder))
-            if not m:
-                raise InputError(f"cannot tell which layer the Gemma Scope folder {folder} reads (no layer_L in its path)")
-            hook = act_name("resid_post", int(m.group(1)))
+            from .hub import gemma_scope_hook, gemma_scope_site
+
+            text = where or str(folder.resolve())
+            site, layer = gemma_scope_site(text)
+            if site is None or layer is None:
+                raise InputError(
+                    f"cannot tell which hook the Gemma Scope folder {folder} reads: its path names "
+                    f"{'no release (-res, -mlp, -att or -transcoders)' if site is None else 'no layer_L'}. Load it by "
+                    "its hub path (hf://google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_59) or give the hook: "
+                    "hook='blocks.3.hook_resid_post' (-res), 'blocks.3.hook_mlp_out' (-mlp), 'blocks.3.attn.hook_z' "
+                    "(-att); a -transcoders folder reads the MLP input (load_replacement reads the set)")
+            if site == "transcoders":
+                return read_gemma_scope_transcoder(folder, layer, model, model_name)
+            hook = gemma_scope_hook(site, layer)
         return read_gemma_scope(folder, hook, model_name)
     if fmt == "llama_scope":
         return read_llama_scope(folder, model_name)

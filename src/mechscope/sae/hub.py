@@ -32,19 +32,41 @@ def releases() -> dict[str, dict]:
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, str]:
-    """``"hf://org/name@rev/some/path"`` -> ``("org/name", "rev", "some/path")``."""
-    m = _SPEC.match(spec.strip())
+    """``"hf://org/name@rev/some/path"`` -> ``("org/name", "rev", "some/path")``; circuit-tracer's
+    ``hf://org/name/some/path?revision=rev`` is read too."""
+    text, _, query = spec.strip().partition("?")
+    m = _SPEC.match(text)
     if not m:
         raise InputError(f"cannot read hub path {spec!r}; write hf://<org>/<repo>[@<revision>]/<folder>")
-    return m.group("repo"), m.group("rev"), (m.group("path") or "").strip("/")
+    rev = m.group("rev") or next((v for k, _, v in (q.partition("=") for q in query.split("&")) if k == "revision"),
+                                 None) or None
+    return m.group("repo"), rev, (m.group("path") or "").strip("/")
 
 
-def download(repo: str, path: str, revision: str | None = None) -> Path:
-    """The local folder of ``repo``'s ``path`` at ``revision`` (from the hub cache when it is there)."""
+def download_file(repo: str, filename: str, revision: str | None = None) -> Path:
+    """The local path of one file of ``repo`` at ``revision`` (from the hub cache when it is there)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"{repo}{'@' + revision if revision else ''}/{filename}"
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise NotFoundError(f"{where} is not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE "
+                            f"or no network): {e}") from e
+    except (RepositoryNotFoundError, HfHubHTTPError) as e:
+        raise NotFoundError(f"the hub has no file {where} (or it needs a token): {e}") from e
+
+
+def download(repo: str, path: str, revision: str | None = None, only: str | None = None) -> Path:
+    """The local folder of ``repo``'s ``path`` at ``revision`` (from the hub cache when it is there); ``only``: a
+    glob below ``path`` that limits what is fetched (``"*_width_16k_l0_small_affine/*"``)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     patterns = [f"{path}/*", f"{path}/**/*"] if path else None
+    if only:
+        patterns = [f"{path}/{only}" if path else only]
     try:
         root = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OSError) as e:
@@ -58,10 +80,21 @@ def download(repo: str, path: str, revision: str | None = None) -> Path:
     return folder
 
 
-def gemma_scope_hook(repo: str, path: str) -> str | None:
-    """The hook point of a Gemma Scope folder (``layer_L`` in a ``*-res``/``*-mlp``/``*-att`` repository)."""
-    m, site = re.search(r"layer_(\d+)", path), re.search(r"-(res|mlp|att)(?:-|$)", repo)
-    return block_name(int(m.group(1)), _GEMMA_SCOPE_SITE[site.group(1)]) if m and site else None
+_GEMMA_SCOPE_RELEASE = re.compile(r"gemma-scope-[^/]*?-(res|mlp|att|transcoders)(?=$|[-/@])")
+
+
+def gemma_scope_site(where: str) -> tuple[str | None, int | None]:
+    """``(site, layer)`` of a Gemma Scope folder, from its release's name and its ``layer_L`` folder anywhere in
+    ``where`` (a repository and path, or a local path such as the hub cache's ``models--google--gemma-scope-2b-pt-res
+    /snapshots/<sha>/layer_3/...``): site ``res``, ``mlp``, ``att`` or ``transcoders``; None for what is not there."""
+    sites = _GEMMA_SCOPE_RELEASE.findall(where)
+    layers = re.findall(r"layer_(\d+)", where)
+    return (sites[-1] if sites else None), (int(layers[-1]) if layers else None)
+
+
+def gemma_scope_hook(site: str, layer: int) -> str:
+    """The hook point a Gemma Scope SAE of ``site`` (``res``, ``mlp``, ``att``) at ``layer`` reads."""
+    return block_name(layer, _GEMMA_SCOPE_SITE[site])
 
 
 def resolve_release(release: str, sae_id: str) -> dict:

@@ -91,7 +91,8 @@ def save_sae(sae: SAE, path: str | Path, log10_density: torch.Tensor | None = No
 
 
 def load_sae(path: str | Path | None = None, model: HookedModel | None = None, release: str | None = None,
-             sae_id: str | None = None, revision: str | None = None, format: str | None = None) -> SAE:
+             sae_id: str | None = None, revision: str | None = None, format: str | None = None,
+             hook: str | None = None) -> SAE:
     """Load a pretrained SAE: a local folder, a hub folder, or a known release.
 
     ``path``: a local folder, or ``"hf://<org>/<repo>[@<revision>]/<folder>"`` (through the Hugging Face
@@ -99,29 +100,33 @@ def load_sae(path: str | Path | None = None, model: HookedModel | None = None, r
     :func:`mechscope.sae.hub.releases` (e.g. ``load_sae(release="gpt2-small-res-jb",
     sae_id="blocks.8.hook_resid_pre")``). The folder may hold any format of :mod:`mechscope.sae.formats`
     (SAELens, Gemma Scope, Llama Scope, sparsify, dictionary_learning; ``format`` forces one). Each
-    format's hook naming is mapped to mechscope's hook names. With ``model``, checks that the hook
-    exists (suggesting the nearest names) and that ``d_in`` equals that hook's width.
+    format's hook naming is mapped to mechscope's hook names; a Gemma Scope folder's site comes from its release's
+    name (``-res``, ``-mlp``, ``-att``, ``-transcoders``) and its ``layer_L`` folder, and a folder whose site cannot be
+    known is refused unless ``hook`` names it. A Gemma Scope transcoder reads the pre-MLP norm before its gain
+    (TransformerLens's ``ln2.hook_normalized``, as circuit-tracer reads it), so it needs ``model`` to fold the gain.
+    With ``model``, checks that the hook exists (suggesting the nearest names) and that ``d_in`` equals that hook's
+    width.
     """
     from . import formats, hub
 
     path, model = path_then_model(path, model, "load_sae")
-    hook = None
     model_name = ""
+    where = None
     if release is not None:
         if sae_id is None:
             raise InputError(f"load_sae(release={release!r}) needs sae_id=...")
         entry = hub.resolve_release(release, sae_id)
         folder = hub.download(entry["repo_id"], entry["path"], revision)
-        format, hook, model_name = format or entry["format"], entry["hook"], entry["model"]
+        format, hook, model_name = format or entry["format"], hook or entry["hook"], entry["model"]
     elif path is not None and str(path).startswith("hf://"):
         repo, rev, sub = hub.parse_spec(str(path))
         folder = hub.download(repo, sub, rev or revision)
-        hook = hub.gemma_scope_hook(repo, sub)
+        where = f"{repo}/{sub}"
     elif path is not None:
         folder = Path(path)
     else:
         raise InputError("load_sae needs a folder, an hf://<org>/<repo>/<folder> path, or release= and sae_id=")
-    sae = formats.read_folder(folder, format, hook, model_name)
+    sae = formats.read_folder(folder, format, hook, model_name, where=where, model=model)
     sae.explanations = read_explanations(folder)
     if model is not None:
         check_fits(sae, model)

@@ -26,6 +26,7 @@ from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..distributed import Dist, split
+from .clt import CLTConfig, CrossLayerTranscoder
 from .data import harvest_many
 from .io import check_fits
 from .model import SAEConfig
@@ -70,17 +71,18 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
         raise InputError("train_many needs at least one SAEConfig")
     if train.resample_every:
         raise InputError("resample_every is not supported in train_many; use TopK/BatchTopK with AuxK")
-    missing = [c.hook_name for c in cfgs if not c.hook_name]
+    missing = [i for i, c in enumerate(cfgs) if isinstance(c, SAEConfig) and not c.hook_name]
     if missing:
-        raise InputError("every SAEConfig needs its hook_name in train_many")
+        raise InputError(f"every SAEConfig needs its hook_name in train_many (configs {missing} have none)")
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise InputError(f"tokens must be [n, pos] with n >= 1, got {tuple(tokens.shape)}")
     mine = list(split(len(cfgs), dist.world)[dist.rank])
-    hooks = list(dict.fromkeys(cfgs[i].hook_name for i in mine if not cfgs[i].is_transcoder))
-    pairs = list(dict.fromkeys(_key(cfgs[i]) for i in mine if cfgs[i].is_transcoder))
+    keys = list(dict.fromkeys(_key(cfgs[i]) for i in mine))
+    hooks = [k for k in keys if isinstance(k, str)]
+    bundles = [k for k in keys if not isinstance(k, str)]
     trainers = {i: SAETrainer(cfgs[i], train, sparse=train.sparse if train.sparse is not None else True) for i in mine}
-    for t in trainers.values():
-        check_fits(t.sae, model)  # the hooks exist and d_in (a transcoder's d_out too) match their widths
+    for t in trainers.values():  # the hooks exist and their widths match
+        t.sae.check_fits(model) if isinstance(t.sae, CrossLayerTranscoder) else check_fits(t.sae, model)
     bufs = {i: _Buffer(train.batch_size, buffer_rows or 4 * train.batch_size,
                        torch.Generator().manual_seed(train.seed + _config_key(cfgs[i]))) for i in mine}
     chunks = [range(s, min(s + seqs_per_chunk, tokens.shape[0])) for s in range(0, tokens.shape[0], seqs_per_chunk)]
@@ -88,7 +90,7 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
     c, first = 0, True
     while mine and any(trainers[i].state.step < train.steps for i in mine):
         r = chunks[c % len(chunks)]
-        acts = harvest_many(model, hooks, tokens[r.start:r.stop], pairs=pairs)
+        acts = harvest_many(model, hooks, tokens[r.start:r.stop], bundles=bundles)
         c += 1
         for i in mine:
             rows = acts[_key(cfgs[i])]
@@ -110,9 +112,11 @@ def train_many(model: HookedModel, tokens: torch.Tensor, cfgs: list[SAEConfig], 
     return out
 
 
-def _key(cfg: SAEConfig) -> str | tuple[str, str]:
-    """Which harvested rows an SAE reads: its hook, or a transcoder's (input, target) pair."""
-    return (cfg.hook_name, cfg.hook_name_out) if cfg.is_transcoder else cfg.hook_name
+def _key(cfg: "SAEConfig | CLTConfig") -> str | tuple[tuple[str, ...], tuple[str, ...]]:
+    """Which harvested rows a dictionary reads: an SAE's hook, or a transcoder's (inputs, targets) bundle."""
+    if isinstance(cfg, CLTConfig):
+        return tuple(cfg.input_hooks), tuple(cfg.output_hooks)
+    return ((cfg.hook_name,), (cfg.hook_name_out,)) if cfg.is_transcoder else cfg.hook_name
 
 
 def _config_key(cfg: SAEConfig) -> int:

@@ -93,6 +93,21 @@ class SAEConfig:
     def width_out(self) -> int:
         return self.d_out or self.d_in
 
+    @property
+    def n_latents(self) -> int:
+        """Latents the trainer keeps firing counts for."""
+        return self.d_sae
+
+    @property
+    def row_width(self) -> int:
+        """The width of a training row: ``d_in`` for an SAE, ``d_in + d_out`` (input, then target) for a transcoder."""
+        return self.d_in + self.width_out if self.is_transcoder else self.d_in
+
+    @property
+    def row_desc(self) -> str:
+        return f"d_in + d_out = {self.d_in} + {self.width_out} (input, then target)" if self.is_transcoder else \
+            f"d_in={self.d_in}"
+
     def __post_init__(self):
         if self.is_transcoder:
             self.apply_b_dec_to_input = False  # b_dec lives in the output space: it is never subtracted from x
@@ -116,8 +131,14 @@ class SAEConfig:
         return asdict(self)
 
 
+def _to_shape(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``g`` summed over the leading dimensions a broadcast threshold of ``shape`` did not have."""
+    return g.sum(tuple(range(g.dim() - len(shape)))) if g.dim() > len(shape) else g
+
+
 class _JumpReLU(torch.autograd.Function):
-    """``pre · H(pre - θ)``; gradient for θ through a rectangle kernel (Rajamanoharan et al. 2024)."""
+    """``pre · H(pre - θ)``; gradient for θ through a rectangle kernel (Rajamanoharan et al. 2024). ``θ`` is one per
+    latent (broadcast over the batch) or one per entry of ``pre`` (the sparse kernels' kept entries)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
@@ -131,7 +152,7 @@ class _JumpReLU(torch.autograd.Function):
         bw = ctx.bandwidth
         rect = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
         g_pre = grad * (pre > threshold)
-        g_thr = (-(threshold / bw) * rect * grad).sum(0)
+        g_thr = _to_shape(-(threshold / bw) * rect * grad, threshold.shape)
         return g_pre, g_thr, None
 
 
@@ -149,7 +170,17 @@ class _Step(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
         rect = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
-        return torch.zeros_like(pre), (-(1.0 / bw) * rect * grad).sum(0), None
+        return torch.zeros_like(pre), _to_shape(-(1.0 / bw) * rect * grad, threshold.shape), None
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``pre · H(pre - θ)`` with the straight-through gradient for ``θ`` (``θ`` per latent or per entry)."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def heaviside(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``H(pre - θ)``, whose sum is the L0 penalty, with the straight-through gradient for ``θ``."""
+    return _Step.apply(pre, threshold, bandwidth)
 
 
 class SAE(nn.Module):
@@ -220,7 +251,7 @@ class SAE(nn.Module):
             vals, idx = flat.topk(n)
             return torch.zeros_like(flat).scatter(0, idx, vals).reshape(r.shape)
         thr = self.log_threshold.float().exp()
-        return _JumpReLU.apply(pre, thr.to(pre.dtype), self.cfg.jumprelu_bandwidth)
+        return jumprelu(pre, thr.to(pre.dtype), self.cfg.jumprelu_bandwidth)
 
     def encode(self, x: torch.Tensor, grad: bool | None = None) -> torch.Tensor:
         """``[..., d_in] -> [..., d_sae]`` feature activations (inference mode).
@@ -290,6 +321,35 @@ class SAE(nn.Module):
         return out + self.skip_term(x) if self.cfg.skip else out
 
     # ------------------------------------------------------------------ training
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.d_sae
+
+    def split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A training row's input and target: ``(x, None)`` for an SAE; ``(x[:, :d_in], x[:, d_in:])`` for a
+        transcoder, whose rows are :func:`~mechscope.sae.data.harvest_pairs`'s ``[input | target]``."""
+        if not self.cfg.is_transcoder:
+            return rows, None
+        return rows[:, :self.cfg.d_in], rows[:, self.cfg.d_in:]
+
+    def scaled_target(self, rows: torch.Tensor) -> torch.Tensor:
+        """The decoder's target rows in the scaled space (the inputs of an SAE, the targets of a transcoder)."""
+        xi, yt = self.split_rows(rows)
+        return self.scale_out(xi if yt is None else yt)
+
+    def init_from_sample(self, rows: torch.Tensor, method: str = "geometric_median") -> None:
+        """Fit the input (and a transcoder's output) scale, then ``b_dec``, on a sample of training rows."""
+        xi, yt = self.split_rows(rows)
+        self.fit_input_scale(xi, yt)
+        self.init_b_dec(xi if yt is None else yt, method)
+
+    def step_loss(self, rows: torch.Tensor, step: int = 0, dead_mask: torch.Tensor | None = None,
+                  sparse: bool = False) -> LossTerms:
+        """:meth:`training_loss` of training rows (a transcoder's split into input and target): what the trainer
+        calls, for an SAE as for a :class:`~mechscope.sae.clt.CrossLayerTranscoder`."""
+        xi, yt = self.split_rows(rows)
+        return self.training_loss(xi, step, dead_mask, sparse=sparse, target=yt)
+
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8)
@@ -350,7 +410,7 @@ class SAE(nn.Module):
             out.loss = mse + warm * cfg.l1_coefficient * out.l1
         elif cfg.architecture == "jumprelu":
             thr = self.log_threshold.float().exp()
-            out.l0_penalty = _Step.apply(pre, thr.to(pre.dtype), cfg.jumprelu_bandwidth).sum(-1).mean()
+            out.l0_penalty = heaviside(pre, thr.to(pre.dtype), cfg.jumprelu_bandwidth).sum(-1).mean()
             out.loss = mse + cfg.l0_coefficient * out.l0_penalty
         else:
             if cfg.architecture in BATCH_TOPK:

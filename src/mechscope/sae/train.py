@@ -1,5 +1,8 @@
-"""Train an SAE on activations, with monitoring, checkpoints and exact resume. The LM is never seen here.
+"""Train a dictionary on activations, with monitoring, checkpoints and exact resume. The LM is never seen here.
 
+A dictionary is an SAE, a transcoder (:class:`~mechscope.sae.model.SAE`) or a cross-layer transcoder
+(:class:`~mechscope.sae.clt.CrossLayerTranscoder`): one trainer serves them all, through the methods they share
+(``step_loss``, ``init_from_sample``, ``scaled_target``, ``set_decoder_norm_to_unit``, ``remove_parallel_grad``).
 The trainer reads an :class:`~mechscope.sae.data.ActivationSource` (or an in-memory tensor of
 activations, sampled with replacement) and returns a :class:`TrainResult`: the SAE plus its
 monitoring history and feature densities. Harvesting lives in :mod:`.data`, evaluation in
@@ -33,6 +36,7 @@ from ..core.files import atomic_write, clear_leftovers, read_torch
 from ..core.progress import bar
 from ..core.result import Result
 from ..distributed import Dist
+from .clt import CLTConfig, CrossLayerTranscoder
 from .data import ActivationSource, PartitionedSource, default_partitions
 from .model import SAE, LossTerms, SAEConfig
 
@@ -104,7 +108,9 @@ class TrainResult(Result):
 
     def summary(self) -> str:
         c = self.sae.cfg
-        head = f"{c.architecture} SAE, {c.d_in} -> {c.d_sae} latents, {self.steps} steps on {self.tokens_seen} tokens"
+        what = (f"{c.kind.upper()} ({c.architecture}), {c.n_layers} layers x {c.d_sae} features" if isinstance(c, CLTConfig)
+                else f"{c.architecture} SAE, {c.d_in} -> {c.d_sae} latents")
+        head = f"{what}, {self.steps} steps on {self.tokens_seen} tokens"
         if not self.history:
             return head
         last = self.history[-1]
@@ -130,35 +136,20 @@ class TrainerState:
         return (self.seen - self.last_fired) >= window if self.seen >= window else None
 
 
-def _row_width(cfg: SAEConfig) -> int:
-    """The width of a training row: ``d_in`` for an SAE, ``d_in + d_out`` (input, then target) for a transcoder."""
-    return cfg.d_in + cfg.width_out if cfg.is_transcoder else cfg.d_in
-
-
-def _row_desc(cfg: SAEConfig) -> str:
-    return f"d_in + d_out = {cfg.d_in} + {cfg.width_out} (input, then target)" if cfg.is_transcoder else \
-        f"d_in={cfg.d_in}"
-
-
 def split_pairs(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A training row's input and target: ``(x, None)`` for an SAE; ``(x[:, :d_in], x[:, d_in:])`` for a transcoder,
-    whose rows are :func:`~mechscope.sae.data.harvest_pairs`'s ``[input | target]``."""
-    if not sae.cfg.is_transcoder:
-        return x, None
-    return x[:, :sae.cfg.d_in], x[:, sae.cfg.d_in:]
+    """A training row's input and target (:meth:`SAE.split_rows`)."""
+    return sae.split_rows(x)
 
 
-def _scaled_target(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """The decoder's target rows of ``x`` in the scaled space (the inputs of an SAE, the targets of a transcoder)."""
-    xi, yt = split_pairs(sae, x)
-    return sae.scale_out(xi if yt is None else yt)
-
-
-def init_from_sample(sae: SAE, rows: torch.Tensor, b_dec_init: str) -> None:
-    """Fit the input (and a transcoder's output) scale, then ``b_dec``, on a sample of training rows."""
-    xi, yt = split_pairs(sae, rows)
-    sae.fit_input_scale(xi, yt)
-    sae.init_b_dec(xi if yt is None else yt, b_dec_init)
+def build_dictionary(cfg: "SAEConfig | CLTConfig", seed: int = 0) -> "SAE | CrossLayerTranscoder":
+    """The dictionary a config describes, initialised with ``seed``: an :class:`SAE` (or transcoder) or a
+    :class:`~mechscope.sae.clt.CrossLayerTranscoder`. Everything the trainer does goes through the methods both
+    share (``step_loss``, ``init_from_sample``, ``scaled_target``, the decoder-norm constraint)."""
+    if isinstance(cfg, CLTConfig):
+        return CrossLayerTranscoder(cfg, seed=seed)
+    if isinstance(cfg, SAEConfig):
+        return SAE(cfg, seed=seed)
+    raise InputError(f"the trainer takes an SAEConfig or a CLTConfig, got {type(cfg).__name__}")
 
 
 @dataclass
@@ -263,7 +254,7 @@ def _start(trainer: "SAETrainer", source, out: Path | None, resume: bool, dist: 
 def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, dist: Dist) -> dict:
     """The logged batch statistics over the whole (distributed) batch: weighted means, and the explained
     variance from summed squared errors and moments (``1 - SSE / (sum ||x||^2 - n ||mean||^2)``)."""
-    xs = _scaled_target(sae, x).double()
+    xs = sae.scaled_target(x).double()
     err = (xs - terms.recon.double()).pow(2).sum()
     vals = torch.tensor([weight * float(terms.loss), weight * float(terms.mse), weight * float(terms.l0),
                          weight * (float(terms.l1) if terms.l1 is not None else float("nan")),
@@ -288,7 +279,7 @@ def _log_record(sae: SAE, x: torch.Tensor, terms: LossTerms, st: TrainerState, t
             g = _global_terms(sae, x, terms, weight, dist)
         else:
             g = {"loss": float(terms.loss), "mse": float(terms.mse),
-                 "explained_variance": float(explained_variance(_scaled_target(sae, x), terms.recon)),
+                 "explained_variance": float(explained_variance(sae.scaled_target(x), terms.recon)),
                  "l0": float(terms.l0), "l1": float(terms.l1) if terms.l1 is not None else float("nan"),
                  "aux": float(terms.aux) if terms.aux is not None else 0.0}
         return {"step": st.step, "tokens": st.seen, **g,
@@ -309,8 +300,7 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: TrainerState, train: TrainConfig, 
     weight = x.shape[0] / global_rows
     dead = st.dead(train.dead_window)  # the bookkeeping stays on the CPU; the SAE may be on a GPU
     dead = dead.to(x.device) if dead is not None else None
-    xi, yt = split_pairs(sae, x)
-    terms = sae.training_loss(xi, st.step, dead, sparse=sparse, target=yt)
+    terms = sae.step_loss(x, st.step, dead, sparse=sparse)
     finite = float(torch.isfinite(terms.loss.detach()))
     if not dist.active:
         _check_finite(terms, finite, 1, st, out, dist)
@@ -326,8 +316,8 @@ def _step(sae: SAE, opt, x: torch.Tensor, st: TrainerState, train: TrainConfig, 
     sae.remove_parallel_grad()
     opt.step()
     sae.set_decoder_norm_to_unit()
-    if sae.cfg.architecture == "relu" and train.resample_every and (st.step + 1) % train.resample_every == 0 \
-            and dead is not None:
+    if isinstance(sae, SAE) and sae.cfg.architecture == "relu" and train.resample_every \
+            and (st.step + 1) % train.resample_every == 0 and dead is not None:
         resample_dead(sae, x, dead, opt, seed=train.seed + st.step)
         st.last_fired[dead.cpu()] = st.seen  # give resampled latents a fresh window
     st.seen += global_rows
@@ -350,30 +340,31 @@ class SAETrainer:
         ck = trainer.checkpoint()       # the SAE, the optimiser and trainer.state, for torch.save
         result = trainer.result()       # a TrainResult
 
+    ``cfg``: an :class:`SAEConfig` or a :class:`~mechscope.sae.clt.CLTConfig` (:func:`build_dictionary`).
     ``dist``: data parallelism (each rank steps on its share of a ``global_rows`` batch; see :func:`fit_sae`).
     ``sparse``: the sparse TopK kernels (default: ``train.sparse``, else in float32/64). Adam runs its fused
     kernel for floating-point SAEs.
     """
 
-    def __init__(self, cfg: SAEConfig, train: TrainConfig | None = None, dist: Dist | None = None,
+    def __init__(self, cfg: "SAEConfig | CLTConfig", train: TrainConfig | None = None, dist: Dist | None = None,
                  sparse: bool | None = None, out: Path | None = None):
         self.train = train or TrainConfig()
         self.dist = dist or Dist.single()
-        self.sae = SAE(cfg, seed=self.train.seed).to(self.dist.device)  # a GPU rank trains on its GPU
+        self.sae = build_dictionary(cfg, self.train.seed).to(self.dist.device)  # a GPU rank trains on its GPU
         self.sae.batch_group = _BatchGroup(self.dist, self.train.batch_size) if self.dist.active else None
-        fused = self.sae.W_enc.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        dtype = next(self.sae.parameters()).dtype
+        fused = dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.train.lr, betas=(0.9, 0.999), fused=fused)
         if sparse is None:
-            sparse = self.train.sparse if self.train.sparse is not None else \
-                self.sae.W_enc.dtype in (torch.float32, torch.float64)
+            sparse = self.train.sparse if self.train.sparse is not None else dtype in (torch.float32, torch.float64)
         self.sparse = sparse
         self.out = out  # named in the error raised on a non-finite loss
-        d = cfg.d_sae
+        d = cfg.n_latents
         self.state = TrainerState(last_fired=torch.zeros(d, dtype=torch.long), fired_count=torch.zeros(d, dtype=torch.long))
 
     def init(self, rows: torch.Tensor) -> None:
         """Fit the input (and a transcoder's output) scale, then ``b_dec``, on ``rows [n, d_in (+ d_out)]``."""
-        init_from_sample(self.sae, rows.to(self.dist.device), self.train.b_dec_init)
+        self.sae.init_from_sample(rows.to(self.dist.device), self.train.b_dec_init)
 
     def step(self, x: torch.Tensor, global_rows: int | None = None) -> LossTerms:
         """One optimiser step on ``x [rows, d_in (+ d_out)]`` (under torchrun, this rank's part of ``global_rows``)."""
@@ -390,7 +381,7 @@ class SAETrainer:
     def load_checkpoint(self, ck: dict, where: str = "the checkpoint") -> None:
         """Continue from :meth:`checkpoint`'s dict (a clear error when it holds another SAE)."""
         d_saved = ck["sae"]["W_dec"].shape[0] if "W_dec" in ck["sae"] else None
-        if d_saved != self.sae.cfg.d_sae:
+        if isinstance(self.sae, SAE) and d_saved != self.sae.cfg.d_sae:
             raise InputError(f"{where} holds an SAE with d_sae={d_saved}, this run asks for d_sae={self.sae.cfg.d_sae}; "
                              "resume with the original width or train into a new folder")
         try:
@@ -430,8 +421,8 @@ def _wandb_run(train: TrainConfig, cfg: SAEConfig):
 def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig, dist: Dist):
     """The activation source for this rank: a tensor becomes a sampler (partitioned under torchrun)."""
     if isinstance(source, torch.Tensor):
-        if source.dim() != 2 or source.shape[1] != _row_width(cfg):
-            raise InputError(f"activations must be [n, {_row_desc(cfg)}], got {tuple(source.shape)}")
+        if source.dim() != 2 or source.shape[1] != cfg.row_width:
+            raise InputError(f"activations must be [n, {cfg.row_desc}], got {tuple(source.shape)}")
         parts = train.partitions or default_partitions(source.shape[0], train.batch_size)
         if parts < dist.world:
             raise InputError(f"partitions={parts} is fewer than the {dist.world} ranks: each rank needs one"
@@ -441,15 +432,17 @@ def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     if dist.active and not isinstance(source, PartitionedSource):
         raise InputError("under torchrun the activations must be a tensor or a PartitionedSource "
                          "(PartitionedSource.from_shards(folder, ...) reads each rank's own shards)")
-    if source.d_in != _row_width(cfg):
-        raise InputError(f"the activation source has width {source.d_in}, the SAE needs rows of {_row_desc(cfg)}")
+    if source.d_in != cfg.row_width:
+        raise InputError(f"the activation source has width {source.d_in}, the SAE needs rows of {cfg.row_desc}")
     return source
 
 
-def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = None,
+def fit_sae(source: ActivationSource | torch.Tensor, cfg: "SAEConfig | CLTConfig", train: TrainConfig | None = None,
             out: str | Path | None = None, resume: bool = False, progress: bool = True,
             stop_after: int | None = None, dist: Dist | None = None) -> TrainResult:
-    """Train an SAE for ``train.steps`` batches from ``source`` (a tensor ``[n, d_in]`` is sampled with replacement).
+    """Train an SAE, a transcoder or a cross-layer transcoder (``cfg``: an :class:`SAEConfig` or a
+    :class:`~mechscope.sae.clt.CLTConfig`) for ``train.steps`` batches from ``source`` (a tensor ``[n, row width]``
+    is sampled with replacement; a CLT's rows are :func:`~mechscope.sae.data.harvest_bundle`'s).
 
     With ``out``: JSON-lines monitoring in ``out/log.jsonl`` every ``log_every`` steps and a
     checkpoint every ``checkpoint_every`` steps; ``resume=True`` continues from the checkpoint.
@@ -465,7 +458,7 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     """
     train = train or TrainConfig()
     dist = dist or Dist.single()
-    if cfg.is_transcoder and train.resample_every:
+    if (isinstance(cfg, CLTConfig) or cfg.is_transcoder) and train.resample_every:
         raise InputError("resample_every is for ReLU SAEs; a transcoder uses AuxK (TopK/BatchTopK) against dead latents")
     if dist.active and train.resample_every:
         raise InputError("resample_every (dead-latent resampling of ReLU SAEs) is not supported across ranks; "
@@ -475,7 +468,7 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     out = Path(out) if out is not None else None
     on_cpu = dist.device.type == "cpu"  # the sparse kernels: faster on CPU only
     trainer = SAETrainer(cfg, train, dist, sparse=train.sparse if train.sparse is not None else (
-        on_cpu and cfg.dtype in ("float32", "float64")), out=out)
+        isinstance(cfg, CLTConfig) or on_cpu and cfg.dtype in ("float32", "float64")), out=out)
     _start(trainer, source, out, resume, dist)
     st = trainer.state
     steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))

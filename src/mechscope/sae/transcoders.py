@@ -84,6 +84,51 @@ class TranscoderSet:
         """The hook point it replaces: ``blocks.{layer}.hook_mlp_out``."""
         return act_name("mlp_out", layer)
 
+    # ------------------------------------------------------------------ the replacement API (sae.replacement.Replacement)
+    @property
+    def output_layers(self) -> list[int]:
+        """The layers whose MLP output a transcoder predicts: its own layers."""
+        return self.layers
+
+    def targets(self, layer: int) -> list[int]:
+        """The layers a feature of ``layer`` writes to: its own."""
+        return [layer]
+
+    def n_features(self, layer: int) -> int:
+        return self._by_layer[layer].cfg.d_sae
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]``: layer ``layer``'s feature activations."""
+        return self._by_layer[layer].encode(x)
+
+    def pre_acts_at(self, layer: int, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return self._by_layer[layer].pre_acts_at(x, feats)
+
+    def read_directions(self, layer: int, feats: torch.Tensor) -> torch.Tensor:
+        return self._by_layer[layer].read_directions(feats)
+
+    def write_directions(self, layer: int, feats: torch.Tensor) -> torch.Tensor:
+        """``[m, 1, d_out]``: each feature's write into its own layer's output."""
+        return self._by_layer[layer].write_directions(feats)[:, None]
+
+    def decoder_bias(self, layer: int) -> torch.Tensor:
+        """``[d_out]``: what the transcoder writes with no feature active (raw space)."""
+        tc = self._by_layer[layer]
+        return tc.decode(torch.zeros(tc.cfg.d_sae, device=tc.b_dec.device))
+
+    def has_skip(self, layer: int) -> bool:
+        return self._by_layer[layer].cfg.skip
+
+    def skip_term(self, layer: int, x: torch.Tensor) -> torch.Tensor | float:
+        return self._by_layer[layer].skip_term(x)
+
+    def explanations_of(self, layer: int) -> dict[int, str]:
+        return getattr(self._by_layer[layer], "explanations", {})
+
+    def layer_view(self, layer: int) -> SAE:
+        """Layer ``layer``'s transcoder (what dashboards and labels read)."""
+        return self._by_layer[layer]
+
     def to(self, device: "torch.device | str") -> "TranscoderSet":
         """The transcoders moved to ``device`` (in place); returns the set."""
         for layer, tc in self._by_layer.items():

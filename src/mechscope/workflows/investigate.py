@@ -11,7 +11,8 @@ The seed workflow of circuit discovery, in stages, each kept on disk (:mod:`.sta
    random circuits of the same size, the curve of the patching, EAP and EAP-IG rankings), and chosen
    again on other random splits of the prompts;
 6. the winning components: a head report for each top head on the task's own prompts, DLA, the SAE
-   features at the key position (``sae=``), an attribution graph of one prompt (``transcoders=True``);
+   features at the key position (``sae=``), an attribution graph of one prompt (``transcoders=True``, or a
+   replacement's spec: a folder, hf://, a published name);
 7. what to do next, when a result is unclear.
 """
 
@@ -320,14 +321,16 @@ def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, split
 def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechscope-investigation", target: float = 0.8,
                 ablation: str = "cf", held_out: float = 0.5, split_seeds: int = 3, n_random: int = 20,
                 screen_heads: int | None = 64, n_heads: int = 3, curve: bool = True, sae: SAE | None = None,
-                transcoders: bool = False, resume: bool = True, echo: bool = True, report: Report | None = None) -> Report:
+                transcoders: bool | str = False, resume: bool = True, echo: bool = True,
+                report: Report | None = None) -> Report:
     """Investigate the behaviour in ``data`` (clean/corrupted pairs) end to end and write ``out/report.html``.
 
     The stages are in the module docstring. ``target``, ``ablation``, ``held_out``, ``n_random`` and
     ``screen_heads`` are :func:`~mechscope.circuits.discovery.find_circuit`'s; ``split_seeds`` random
     splits choose the circuit again; ``n_heads`` top heads get a head report; ``sae``: an SAE whose
     features at the key position are listed; ``transcoders``: an attribution graph of the first prompt
-    from the cached transcoders. Stages are stored under ``out/stages`` (``resume=False``: recompute).
+    from the cached transcoders (``True``) or the replacement a spec names (:func:`mechscope.sae.load_replacement`).
+    Stages are stored under ``out/stages`` (``resume=False``: recompute).
     ``report``: add the sections to this report (the demo's) instead of a new one.
     """
     out = Path(out)
@@ -354,7 +357,7 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
         if sae is not None:
             _sae_section(rep, model, data, res, sae)
         if transcoders:
-            graph_section(rep, model, out, data.texts[0])
+            graph_section(rep, model, out, data.texts[0], spec=None if transcoders is True else str(transcoders))
     stage("investigate 5/5: the report")
     _next_steps(rep, data, res, splits, target)
     rep.metrics.update(stages_reused=sorted(set(cache.hits)), stages_computed=sorted(set(cache.misses)),
@@ -367,20 +370,25 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
 
 
 def graph_section(rep: Report, model: HookedModel, out: Path, prompt: str = GRAPH_PROMPT,
-                  max_features: int = 2048) -> None:
-    """An attribution graph of ``prompt``, when transcoders for every layer are in the cache (else a pointer)."""
+                  max_features: int = 2048, spec: str | None = None) -> None:
+    """An attribution graph of ``prompt`` on the replacement ``spec`` names (a folder, hf://, a published name), or
+    without one on the cached transcoders when every layer has one (else a pointer)."""
     from ..graphs import attribution_graph, intervene
     from ..graphs.html import graph_html
     from ..graphs.nodes import LOGIT
     from ..sae import load_transcoders, transcoder_cache
+    from ..sae.replacement import load_replacement
 
-    folder = transcoder_cache(model.cfg.model_name)
-    tcs = load_transcoders(folder, model) if folder.is_dir() else []
-    if len(tcs) != model.cfg.n_layers:
-        rep.add(Section("attribution graph", f"no transcoders for every layer in {folder}: run `mechscope "
-                        "transcoders train` once (about 30 min for SmolLM2 here) and an attribution graph of "
-                        f"{prompt!r} appears here", key="graph"))
-        return
+    if spec is not None:
+        tcs = load_replacement(spec, model)
+    else:
+        folder = transcoder_cache(model.cfg.model_name)
+        tcs = load_transcoders(folder, model) if folder.is_dir() else []
+        if len(tcs) != model.cfg.n_layers:
+            rep.add(Section("attribution graph", f"no transcoders for every layer in {folder}: run `mechscope "
+                            "transcoders train` once (about 30 min for SmolLM2 here), or name published ones with "
+                            f"--transcoders, and an attribution graph of {prompt!r} appears here", key="graph"))
+            return
     g = attribution_graph(model, tcs, prompt, max_feature_nodes=max_features, progress=False)
     pruned = g.prune()
     atomic_write(out / "graph.html", viz.page(f"attribution graph: {prompt}", graph_html(pruned)))
@@ -391,7 +399,7 @@ def graph_section(rep: Report, model: HookedModel, out: Path, prompt: str = GRAP
                   f"<pre>{viz.esc(summary)}</pre>", key="graph")
     rep.add(sec)
     cert = g.certificate or {"worst_rel": float("nan"), "n": 0}
-    rep.find(f"the attribution graph of {prompt!r} ({len(tcs)} transcoders) is exact about its replacement model: "
+    rep.find(f"the attribution graph of {prompt!r} ({g.stats['replacement']}) is exact about its replacement model: "
              f"{cert['n']} edges re-checked by perturbation, worst relative error", cert["worst_rel"],
              "1e-4, the exactness bar", sec, holds=cert["worst_rel"] < 1e-4)
     target = g.token_labels[0]

@@ -139,8 +139,10 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
          arg("--split-seeds", type=int, default=3, help="random search/held-out splits the circuit is chosen on"),
          arg("--heads", type=int, default=3, help="head reports for the circuit's top N heads"),
          arg("--sae", default=None, help="an SAE folder (or hf://...): list its features at the key position"),
-         arg("--transcoders", action="store_true",
-             help="add an attribution graph of the first prompt from the cached transcoders"),
+         arg("--transcoders", nargs="?", const=True, default=None,
+             help="add an attribution graph of the first prompt: alone, from the cached transcoders; with a value, "
+                  "from that replacement (a folder, hf://<org>/<repo>, or a published name such as "
+                  "clt-gemma-2-2b-426k)"),
          arg("--fresh", action="store_true", help="recompute every stage instead of reusing OUT/stages"))
 def investigate_cmd(args: argparse.Namespace) -> Result:
     from pathlib import Path
@@ -163,7 +165,7 @@ def investigate_cmd(args: argparse.Namespace) -> Result:
              root=out.resolve() / "runs") as run:
         rep = investigate(model, ds, out, target=args.target, ablation=args.ablation,
                           screen_heads=args.screen or None, n_random=args.n_random, split_seeds=args.split_seeds,
-                          n_heads=args.heads, sae=sae, transcoders=args.transcoders, resume=not args.fresh,
+                          n_heads=args.heads, sae=sae, transcoders=args.transcoders or False, resume=not args.fresh,
                           echo=not args.json)
         run.log(**rep.metrics)
         run.artifact(out / "report.html")

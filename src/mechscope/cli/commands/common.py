@@ -42,6 +42,18 @@ SITE = (
 CORPUS = arg("--corpus", default=None, help="your text: a .txt file (its paragraphs), a folder of .txt files, a .jsonl "
                                            "('text' field) or hf:<dataset>[:<split>] (default: the standard "
                                            "library's docstrings)")
+TRANSCODERS = (
+    arg("--transcoders", default=None, help="the replacement model: a folder (mechscope's transcoders or CLT, or "
+                                            "circuit-tracer's layouts), hf://<org>/<repo>[@<rev>][/<folder>], or a "
+                                            "published name (clt-gemma-2-2b-426k, ...; `mechscope info --replacements` "
+                                            "lists them); default: $MECHSCOPE_CACHE/transcoders/<model>"),
+    arg("--variant", default=None, help="which of several per-layer files to read (Gemma Scope 2: "
+                                        "width_16k_l0_small_affine)"),
+    arg("--revision", default=None, help="the hub revision of --transcoders"),
+    arg("--input-hook", default=None, help="for files that do not say (no config.yaml): the TransformerLens name "
+                                           "their encoders read (mlp.hook_in, hook_resid_mid, ln2.hook_normalized)"),
+    arg("--output-hook", default=None, help="likewise, what their decoders write (hook_mlp_out)"),
+)
 SAE_MODEL = MODEL + (arg("path", nargs="?", default=None,
                          help="an SAE folder (SAELens, Gemma Scope, Llama Scope, sparsify or dictionary_learning), or "
                               "hf://<org>/<repo>[@<revision>]/<folder>"),

@@ -8,7 +8,41 @@ from ...analysis.viz import esc, page
 from ...core.files import atomic_write
 from ...core.result import Result
 from ..registry import Outcome, arg, command
-from .common import CORPUS, MODEL, _corpus, _load
+from .common import CORPUS, MODEL, TRANSCODERS, _corpus, _load
+
+
+def _replacement(args: argparse.Namespace, model: object) -> tuple:
+    """The replacement ``--transcoders`` names (a folder, hf://, a published name; default: the model's cached
+    transcoders), loaded against ``model``; and where it came from."""
+    from ...sae import transcoder_cache
+    from ...sae.replacement import load_replacement
+
+    spec = args.transcoders or None
+    rep = load_replacement(spec, model, revision=args.revision, variant=args.variant, input_hook=args.input_hook,
+                           output_hook=args.output_hook)
+    return rep, spec or transcoder_cache(model.cfg.model_name)
+
+
+def _what(rep: object) -> str:
+    from ...sae.clt import CrossLayerTranscoder
+
+    if isinstance(rep, CrossLayerTranscoder):
+        c = rep.cfg
+        return (f"{'a cross-layer transcoder' if c.reach != 1 else 'per-layer transcoders'} ({c.n_layers} layers x "
+                f"{c.d_sae} features, {c.architecture})")
+    return f"{len(rep)} transcoders"
+
+
+def _scan(args: argparse.Namespace, model: object) -> str:
+    """The scan id a graph JSON names: a published set's repository (as circuit-tracer writes it), else mechscope's."""
+    from ...sae.replacement import releases
+
+    spec = str(args.transcoders or "")
+    if spec in releases():
+        spec = releases()[spec]["uri"]
+    if spec.startswith("hf://"):
+        return spec[len("hf://"):]
+    return f"mechscope-{model.cfg.model_name}"
 
 
 @command("graph", "the attribution graph of one prompt through transcoders (a frozen replacement model): nodes, "
@@ -17,7 +51,7 @@ from .common import CORPUS, MODEL, _corpus, _load
           'mechscope graph "When Mary and John went to the store, John gave a drink to" --transcoders tc '
           "--max-features 2048 --labels 64 --html ioi.html --save ioi.safetensors"),
          MODEL, arg("prompt", help="the prompt (its next-token logits are explained)"),
-         arg("--transcoders", default=None, help="folder of transcoders (default: $MECHSCOPE_CACHE/transcoders/<model>)"),
+         TRANSCODERS,
          arg("--target", nargs="*", default=None, help="target tokens (text, e.g. ' Paris'; default: the most likely "
                                                        "ones holding 95%% of the probability, at most 10)"),
          arg("--max-features", type=int, default=7500, help="feature rows to compute, most influential first"),
@@ -34,8 +68,8 @@ from .common import CORPUS, MODEL, _corpus, _load
          arg("--save", default=None, help="write the graph here (.safetensors)"),
          arg("--json-graph", default=None, help="write the pruned graph here as the JSON Neuronpedia's graph viewer and "
                                                 "circuit-tracer's server display"),
-         arg("--scan", default=None, help="the transcoders' scan id written into --json-graph (default: "
-                                          "mechscope-<model>)"),
+         arg("--scan", default=None, help="the transcoders' scan id written into --json-graph (default: a published "
+                                          "set's repository, else mechscope-<model>)"),
          arg("--sink-errors", action="store_true", help="keep error nodes at the first (sink) position "
                                                          "(circuit-tracer zeroes them; so does mechscope by default)"),
          arg("--no-bos", action="store_true", help="do not put a BOS-like token in front of a prompt that lacks one"))
@@ -45,13 +79,10 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     from ...graphs.graph import FEATURE, LOGIT
     from ...graphs.html import graph_html
     from ...graphs.labels import label_features
-    from ...sae import load_transcoders, transcoder_cache
-
     model = _load(args)
-    folder = args.transcoders or transcoder_cache(model.cfg.model_name)
-    tcs = load_transcoders(folder, model)
+    tcs, folder = _replacement(args, model)
     targets = [model.to_single_token(t) for t in args.target] if args.target else None
-    stage(f"attribution graph through {len(tcs)} transcoders from {folder}")
+    stage(f"attribution graph through {_what(tcs)} from {folder}")
     g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
                           batch_size=args.batch, certify=args.certify, sink_errors=args.sink_errors,
                           prepend_bos=not args.no_bos)
@@ -64,7 +95,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     if args.save:
         g.save(args.save)
     if args.json_graph:
-        g.to_json(args.json_graph, scan=args.scan, node_threshold=args.node_threshold,
+        g.to_json(args.json_graph, scan=args.scan or _scan(args, model), node_threshold=args.node_threshold,
                   edge_threshold=args.edge_threshold)
     if args.html:
         atomic_write(args.html, page(f"attribution graph: {args.prompt[:60]}",

@@ -85,33 +85,59 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
                     "held_out_tokens": held_info["corpus_tokens"]})
 
 
-@command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) from one harvest pass, "
-         "save them (SAELens layout, input and output hooks recorded) and evaluate each alone and all at once",
+@command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) or a cross-layer "
+         "transcoder (--kind clt: each layer's features write into every later MLP output), from one harvest pass, "
+         "save them and evaluate them",
          ("mechscope transcoders train",
-          "mechscope transcoders train --layers 0 1 2 --width 2304 --k 32 --steps 500 --out tc"),
-         MODEL, arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
-         arg("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "matryoshka"], help="the activation"),
+          "mechscope transcoders train --layers 0 1 2 --width 2304 --k 32 --steps 500 --out tc",
+          "mechscope transcoders train --kind clt --width 768 --k 8 --steps 2000 --out clt",
+          "torchrun --nproc_per_node 2 -m mechscope transcoders train --kind clt --out clt"),
+         MODEL, arg("--kind", choices=["plt", "clt"], default="plt",
+                    help="plt: one transcoder per layer (SAELens layout, layer_<L>/); clt: a cross-layer transcoder "
+                         "trained and saved in circuit-tracer's layout (<out>/clt, checkpoints in <out>/train)"),
+         arg("--layers", type=int, nargs="*", default=None, help="layers (default: all)"),
+         arg("--arch", default=None, choices=["topk", "batchtopk", "jumprelu", "matryoshka", "relu"],
+             help="the activation (default: topk for plt, batchtopk for clt, which is saved as JumpReLU thresholds)"),
          arg("--width", type=int, default=None, help="latents per layer (default 8 x d_model)"),
-         arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token"),
-         arg("--no-skip", action="store_true", help="no linear skip connection"),
+         arg("--k", type=int, default=32, help="TopK/BatchTopK: active latents per token (and layer); JumpReLU (clt): "
+                                               "about this many fire per layer at the start"),
+         arg("--skip", action=argparse.BooleanOptionalAction, default=None,
+             help="a linear skip connection per layer (default: on for plt, off for clt, as circuit-tracer's CLTs)"),
+         arg("--reach", type=int, default=0, help="clt: target layers per source (0: every later layer; 1: per-layer "
+                                                  "transcoders trained and saved as the CLT is)"),
+         arg("--tied", action="store_true", help="clt: one decoder per source layer shared by its targets (L decoder "
+                                                 "blocks instead of L(L+1)/2; see docs/sae.md for what it costs)"),
+         arg("--input", choices=["resid_mid", "mlp_in"], default="resid_mid",
+             help="clt: what the encoders read (the residual stream before the MLP, as circuit-tracer's CLTs, or the "
+                  "MLP's normalised input)"),
+         arg("--l0-coefficient", type=float, default=2e-4, help="clt JumpReLU: the L0 penalty per active feature"),
          TRAINING,
          arg("--lr", type=float, default=1e-3, help="Adam learning rate"),
-         arg("--out", default=None, help="folder (default: $MECHSCOPE_CACHE/transcoders/<model>, where "
-                                        "`mechscope graph` looks)"), CORPUS)
+         arg("--resume", action="store_true", help="clt: continue from the checkpoint in <out>/train"),
+         arg("--partitions", type=int, default=0, help="clt: training sequences split into this many partitions "
+                                                        "(default min(64, --seqs, --batch); the same value gives the "
+                                                        "same CLT on any number of ranks up to it)"),
+         arg("--out", default=None, help="folder (default: $MECHSCOPE_CACHE/transcoders/<model> for plt, where "
+                                        "`mechscope graph` looks; <that>-clt for clt)"), CORPUS)
 def transcoders_train_cmd(args: argparse.Namespace) -> Result:
     from ...core.progress import stage
     from ...sae import SAEConfig, TrainConfig, save_many, train_many, transcoder_cache
     from ...sae.evaluate import evaluate_transcoders
     from ...techniques.inputs import check_range
 
+    if args.kind == "clt":
+        return _train_clt_cmd(args)
+    if args.arch == "relu" or args.reach or args.tied or args.resume or args.partitions:
+        raise InputError("--arch relu, --reach, --tied, --resume and --partitions are for --kind clt; per-layer "
+                         "transcoders train with topk, batchtopk, jumprelu or matryoshka")
     model = _load(args)
     args.out = args.out or str(transcoder_cache(model.cfg.model_name))
     layers = check_range("layers", args.layers, model.cfg.n_layers)
     toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
     d = model.cfg.d_model
-    cfgs = [SAEConfig(d_in=d, d_sae=args.width or 8 * d, architecture=args.arch, k=args.k,
+    cfgs = [SAEConfig(d_in=d, d_sae=args.width or 8 * d, architecture=args.arch or "topk", k=args.k,
                       hook_name=model.mlp_input(l), hook_name_out=act_name("mlp_out", l),
-                      skip=not args.no_skip, model_name=model.cfg.model_name,
+                      skip=args.skip is not False, model_name=model.cfg.model_name,
                       normalize_activations="expected_average_only_in") for l in layers]
     stage(f"training {len(cfgs)} transcoders from one pass over {toks.numel()} tokens")
     res = train_many(model, toks, cfgs, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr))
@@ -124,6 +150,52 @@ def transcoders_train_cmd(args: argparse.Namespace) -> Result:
                    f"\ntrained on {info['corpus']} ({info['corpus_tokens']} tokens)",
                    {**ev.to_dict(), "paths": paths, "layers": layers, **info,
                     "held_out_tokens": held_info["corpus_tokens"]})
+
+
+def _train_clt_cmd(args: argparse.Namespace) -> Result:
+    """``transcoders train --kind clt``: harvest every layer at once, train with the one dictionary trainer (resumable,
+    torchrun), save in circuit-tracer's layout and evaluate per layer and all at once."""
+    from ... import distributed
+    from ...core.progress import is_quiet, quiet, stage
+    from ...sae import TrainConfig, transcoder_cache
+    from ...sae.clt_train import clt_config, train_clt
+    from ...sae.evaluate import evaluate_clt
+    from ...sae.replacement import save_replacement
+    from ...techniques.inputs import check_range
+
+    if args.arch == "matryoshka":
+        raise InputError("--arch matryoshka is for per-layer transcoders; a CLT trains with batchtopk, jumprelu, "
+                         "topk or relu")
+    if args.reach < 0:
+        raise InputError(f"--reach must be 0 (every later layer) or a positive number of layers, got {args.reach}")
+    with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
+        model = _load(args)
+        out = Path(args.out or f"{transcoder_cache(model.cfg.model_name)}-clt")
+        layers = check_range("layers", args.layers, model.cfg.n_layers)
+        cfg = clt_config(model, args.width or 8 * model.cfg.d_model, layers, input=args.input,
+                         architecture=args.arch or "batchtopk", k=args.k, reach=args.reach, tied=args.tied,
+                         skip=bool(args.skip), l0_coefficient=args.l0_coefficient)
+        toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+        tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, partitions=args.partitions)
+        stage(f"training a {cfg.kind.upper()} ({cfg.architecture}, {cfg.n_layers} layers x {cfg.d_sae} features, "
+              f"{cfg.decoder_blocks()} decoder blocks) on {toks.numel()} tokens")
+        run = train_clt(model, toks, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
+        if not dist.is_main:
+            return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
+        path = save_replacement(run.sae, out / "clt", model=model)
+    held, held_info = _held_out(args, model)
+    stage(f"evaluating on {held.numel()} held-out tokens")
+    ev = evaluate_clt(model, run.sae, held)
+    atomic_write(out / "evaluation.json", json.dumps({**ev.to_dict(), **info, "training": run.to_dict()}, indent=2))
+    side = json.loads((path / "mechscope.json").read_text())
+    ct = "circuit-tracer reads it (config.yaml)" if side["circuit_tracer_reads_it"] else \
+        "circuit-tracer cannot read it: " + "; ".join(side["why_not"])
+    ranks = f" on {dist.world} ranks" if dist.active else ""
+    return Outcome(f"{ev.summary()}\nsaved {path} in circuit-tracer's layout ({ct}); `mechscope graph --transcoders "
+                   f"{path}` builds graphs on it\ntrained{ranks} on {info['corpus']} ({info['corpus_tokens']} tokens)",
+                   {**ev.to_dict(), "path": path, "training": run.to_dict(), **info, "world": dist.world,
+                    "held_out_tokens": held_info["corpus_tokens"], "circuit_tracer_reads_it":
+                    side["circuit_tracer_reads_it"]})
 
 
 
