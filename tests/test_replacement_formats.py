@@ -20,8 +20,7 @@ from safetensors.torch import save, save_file
 import mechscope as ms
 from mechscope.core.errors import InputError, NotFoundError
 from mechscope.core.hookpoints import act_name
-from mechscope.graphs import attribution_graph
-from mechscope.sae import CrossLayerTranscoder, fit_sae, load_replacement, load_sae, releases, save_replacement
+from mechscope.sae import CrossLayerTranscoder, load_replacement, load_sae, releases, save_replacement
 from test_sae_hub import HubCache, hub  # noqa: F401 - the fixture
 from tiny import random_clt, tiny_hf
 
@@ -62,7 +61,7 @@ def tl_unweighted(model, layer):
     norm's gain, computed here from ``hook_resid_mid`` and the norm's epsilon."""
     x = acts(model, [act_name("resid_mid", layer)])[act_name("resid_mid", layer)]
     norm = model.ln2(layer).module
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
