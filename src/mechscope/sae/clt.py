@@ -157,6 +157,30 @@ class DecoderFiles:
         return sum(Path(p).stat().st_size for p, _, _ in dict.fromkeys(self.entries))
 
 
+class _Place(torch.autograd.Function):
+    """``base [B, L, d]`` plus each source's write ``outs[s] [B, T_s, d]`` into layers ``s .. s + spans[s] - 1`` (a tied
+    decoder's ``[B, 1, d]`` write goes to each of its ``spans[s]`` targets). The backward pass hands each write its
+    slice of the gradient (a view; summed over the targets for a tied one) instead of the full-size copies that
+    autograd's in-place slice writes make, which cost most of a step."""
+
+    @staticmethod
+    def forward(ctx, base, spans, *outs):
+        recon = base.clone()
+        for s, (span, out) in enumerate(zip(spans, outs)):
+            if out is not None and span:
+                recon[:, s:s + span] += out
+        ctx.spans, ctx.widths = spans, [None if o is None else o.shape[1] for o in outs]
+        return recon
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = []
+        for s, (span, width) in enumerate(zip(ctx.spans, ctx.widths)):
+            g = None if width is None else grad[:, s:s + span]
+            grads.append(g.sum(1, keepdim=True) if g is not None and width == 1 and span > 1 else g)
+        return (grad, None, *grads)
+
+
 class CrossLayerTranscoder(nn.Module):
     """A cross-layer transcoder (or, with ``reach`` 1, a set of per-layer transcoders); see the module docstring.
 
@@ -432,12 +456,10 @@ class CrossLayerTranscoder(nn.Module):
         x, y = self.split_rows(rows)
         B = x.shape[0]
         xs, ys = x * self.input_scale[:, None], y * self.output_scale[:, None]
-        parts = [self.b_dec[None].expand(B, n, d)]
-        if cfg.skip:
-            parts.append(torch.stack([xs[:, t] @ self.W_skip[t] for t in range(n)], 1))
-        fires, l0, penalty, sources = [], 0.0, 0.0, []
+        base = self.b_dec[None].expand(B, n, d) + (torch.stack([xs[:, t] @ self.W_skip[t] for t in range(n)], 1)
+                                                   if cfg.skip else 0.0)
+        fires, l0, penalty, sources, outs = [], 0.0, 0.0, [], []
         for s in range(n):
-            T = cfg.n_targets(s)
             D = self.W_dec[s].reshape(F, -1)  # [F, T d] (tied: [F, d])
             if sparse and cfg.architecture != "relu":
                 with torch.no_grad():
@@ -469,39 +491,35 @@ class CrossLayerTranscoder(nn.Module):
                 fires.append(on.sum(0))
                 l0 = l0 + float(on.sum()) / B
                 sources.append((None, None, pre.detach()))
-            out = out.reshape(B, -1, d)
-            pad = [0, 0, s, n - s - T] if not cfg.tied else None
-            parts.append(nn.functional.pad(out, (0, 0, s, n - s - T)) if pad else
-                         nn.functional.pad(out.expand(B, T, d), (0, 0, s, n - s - T)))
-        recon = torch.stack(parts).sum(0)
-        err = ys - recon
-        mse = err.pow(2).sum((-1, -2)).mean()
+            outs.append(out.reshape(B, -1, d))  # [B, T, d]; tied: [B, 1, d], one write broadcast over the targets
+        recon = _Place.apply(base, tuple(cfg.n_targets(s) for s in range(n)), *outs)
+        mse = nn.functional.mse_loss(recon, ys, reduction="sum") / B  # one fused pass (and one back) over [B, L, d]
         out = LossTerms(mse, mse, recon.detach().reshape(B, -1), torch.cat(fires), torch.tensor(float(l0)))
         if cfg.architecture == "jumprelu":
             out.l0_penalty = penalty
             out.loss = mse + cfg.l0_coefficient * penalty
         elif cfg.architecture in ("topk", "batchtopk") and dead_mask is not None and bool(dead_mask.any()):
-            out.aux = self._aux_loss(err, xs, sources, dead_mask.reshape(n, F))
+            out.aux = self._aux_loss(ys - recon.detach(), xs, sources, dead_mask.reshape(n, F))
             out.loss = mse + cfg.aux_coefficient * out.aux
         return out
 
     def _aux_loss(self, err: torch.Tensor, xs: torch.Tensor, sources: list, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024) per source: the ``k_aux`` largest pre-activations among a layer's dead features
-        decode into its targets, and together they fit the detached error."""
+        decode into its targets, and together they fit the (detached) error ``err [B, L, d]``."""
         cfg = self.cfg
         B, n, d = err.shape
-        aux = []
+        outs = []
         for s, (_, _, pre) in enumerate(sources):
             if not bool(dead[s].any()):
+                outs.append(None)
                 continue
-            T = cfg.n_targets(s)
             pattern, picked = K.select_topk(pre, self._k_aux(dead[s]), mask=dead[s])
             vals = K.sparse_latents(xs[:, s], self.W_enc[s], self.b_enc[s], pattern, picked)
-            out = K.sparse_decode(vals, self.W_dec[s].reshape(cfg.d_sae, -1), pattern).reshape(B, -1, d)
-            aux.append(nn.functional.pad(out.expand(B, T, d), (0, 0, s, n - s - T)))
-        if not aux:
+            outs.append(K.sparse_decode(vals, self.W_dec[s].reshape(cfg.d_sae, -1), pattern).reshape(B, -1, d))
+        if all(o is None for o in outs):
             return err.new_zeros(())
-        return (err.detach() - torch.stack(aux).sum(0)).pow(2).sum((-1, -2)).mean()
+        aux = _Place.apply(err.new_zeros(B, n, d), tuple(cfg.n_targets(s) for s in range(n)), *outs)
+        return nn.functional.mse_loss(aux, err, reduction="sum") / B
 
     # ------------------------------------------------------------------ conversion
     @classmethod

@@ -473,7 +473,8 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: "SAEConfig | CLTConfig
     st = trainer.state
     steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))
     if progress and dist.is_main:
-        steps = bar(steps, desc=f"SAE {cfg.architecture}" + (f" on {dist.world} ranks" if dist.active else ""),
+        what = f"{cfg.kind.upper()} {cfg.architecture}" if isinstance(cfg, CLTConfig) else f"SAE {cfg.architecture}"
+        steps = bar(steps, desc=what + (f" on {dist.world} ranks" if dist.active else ""),
                     initial=st.step, total=train.steps)
     run, history = _wandb_run(train, cfg) if dist.is_main else None, []
     for _ in steps:

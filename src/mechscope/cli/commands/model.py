@@ -16,12 +16,26 @@ def env_cmd(args: argparse.Namespace) -> Result:
     return env()
 
 
-@command("info", "the model card: architecture, sizes, hook names",
-         ("mechscope info", "mechscope info --model ./my-hf-folder --hooks"), MODEL,
-         arg("--hooks", action="store_true", help="list the hook points"))
+@command("info", "the model card: architecture, sizes, hook names; or the published replacement models mechscope "
+         "knows by name", ("mechscope info", "mechscope info --model ./my-hf-folder --hooks",
+                           "mechscope info --replacements"), MODEL,
+         arg("--hooks", action="store_true", help="list the hook points"),
+         arg("--replacements", action="store_true", help="list the published transcoder sets and CLTs (no model is "
+                                                         "loaded)"))
 def info_cmd(args: argparse.Namespace) -> Result:
     from ...core.hookpoints import table
 
+    if args.replacements:
+        from ...sae.replacement import releases
+
+        rel = releases()
+        lines = ["published replacement models (load_replacement(NAME, model), --transcoders NAME; the files must be in "
+                 "the Hugging Face cache or the hub reachable):"]
+        for name, r in sorted(rel.items()):
+            feats = f"{r['features_per_layer']:,}" if r["features_per_layer"] else "?"
+            lines.append(f"  {name:36s} {r['kind']:23s} {r['model']:26s} {r['n_layers']:3d} layers x {feats} features  "
+                         f"{r['uri']}")
+        return Outcome("\n".join(lines), {"replacements": rel})
     model = _load(args)
     d = {**model.cfg.to_dict(), "n_hook_points": len(model.hook_names)}
     text = [repr(model), "", "config:"] + [f"  {k:20} {v}" for k, v in d.items() if k != "extra"]
@@ -42,18 +56,37 @@ def info_cmd(args: argparse.Namespace) -> Result:
          arg("--seq-len", type=int, default=128, help="tokens per sequence"),
          arg("--cache", default=None, help="'all' or a comma list of hook names to cache"),
          arg("--sae-width", type=int, default=None, help="also estimate training an SAE of this many latents"),
-         arg("--patch-rows", type=int, default=64, help="patched prompts per pass, for the GPU table's patching row"))
+         arg("--patch-rows", type=int, default=64, help="patched prompts per pass, for the GPU table's patching row"),
+         arg("--transcoders", default=None, help="also estimate an attribution graph on this published replacement "
+                                                 "model (its sizes from mechscope's table; `mechscope info "
+                                                 "--replacements` lists them), with --seq-len tokens"),
+         arg("--l0", type=int, default=32, help="--transcoders: active features per layer and token assumed"))
 def estimate_cmd(args: argparse.Namespace) -> Result:
-    from ...compute import config_for, estimate_memory, gpu_fit
+    from ...compute import config_for, estimate_memory, estimate_replacement, gpu_fit
     from ...loading import DEFAULT_MODEL
 
     cache = args.cache if args.cache in (None, "all") else args.cache.split(",")
-    config = config_for(args.model or DEFAULT_MODEL)
+    model_name = args.model
+    if args.transcoders and not model_name:
+        from ...sae.replacement import release_sizes
+
+        model_name = release_sizes(args.transcoders)["model"]
+    config = config_for(model_name or DEFAULT_MODEL)
     est = estimate_memory(config, dtype=args.dtype or "float32", batch=args.batch, seq_len=args.seq_len,
                           cache_names=cache, sae_width=args.sae_width)
     fit = gpu_fit(config, seq_len=args.seq_len, batch=max(1, args.batch), sae_width=args.sae_width,
                   patch_rows=args.patch_rows)
-    return Outcome(f"{est.summary()}\n\n{fit.summary()}", {**est.to_dict(), "gpus": fit.to_dict()})
+    text, data = f"{est.summary()}\n\n{fit.summary()}", {**est.to_dict(), "gpus": fit.to_dict()}
+    if args.transcoders:
+        from ...sae.replacement import release_sizes
+
+        r = release_sizes(args.transcoders)
+        rep = estimate_replacement(args.transcoders, r["kind"], r["n_layers"], r["d_model"], r["features_per_layer"],
+                                   seq_len=args.seq_len, l0_per_layer=args.l0, model_bytes=est.weights,
+                                   disk_bytes_per_value=2 if r.get("dtype") in ("bfloat16", "float16") else 4)
+        text += f"\n\nattribution graph on {rep.summary()}"
+        data["replacement"] = rep.to_dict()
+    return Outcome(text, data)
 
 
 
