@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-synth bench-sae-eval bench-ct bench-transcoders gpu-check compat clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-synth bench-sae-eval bench-ct bench-clt bench-long-prompt bench-transcoders gpu-check compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,15 @@ bench-ct: $(STAMP)
 	test -x bench/.venv-ct/bin/python || $(PYTHON) -m venv bench/.venv-ct
 	bench/.venv-ct/bin/python -m pip install -q "$(TORCH)" "circuit-tracer==0.5.0"
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_circuit_tracer.py
+
+# cross-layer against per-layer transcoders on SmolLM2 (same features, same L0): NMSE, graph scores, path length
+# (about 2 h on 2 cores; resumable; keeps the last CLT for bench-ct's CLT section)
+bench-clt: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_clt.py
+
+# attribution graphs on long prompts: peak memory against prompt length, the largest prompt within 8 GiB
+bench-long-prompt: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_long_prompt.py
 
 # the one GPU check (bench/gpu_check.py; docs/compute.md): CUDA, bf16, memory estimate, NCCL, SAE speed
 gpu-check:

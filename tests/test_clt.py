@@ -315,3 +315,31 @@ def test_clt_bad_input_is_named():
         attribution_graph(model, "The capital of France is", prompt(), progress=False)
     with pytest.raises(TypeError, match="swapped"):
         attribution_graph(model, "t5 t6", TranscoderSet(model, []), progress=False)
+
+
+def test_transcoders_train_kind_clt_cli_saves_circuit_tracers_layout_and_graphs_on_it(tmp_path, capsys, monkeypatch):
+    import json
+
+    from mechscope.cli import main
+    from mechscope.sae import load_replacement
+
+    model = worded_llama()
+    monkeypatch.setattr(ms, "load", lambda *a, **k: model)
+    args = ["transcoders", "train", "--kind", "clt", "--width", "48", "--k", "3", "--steps", "12", "--batch", "32",
+            "--seqs", "12", "--seq-len", "10", "--eval-seqs", "2", "--out", str(tmp_path / "c"), "--json", "--quiet"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "clt" and len(out["nmse"]) == 3 and out["circuit_tracer_reads_it"]
+    assert (tmp_path / "c" / "clt" / "config.yaml").exists() and (tmp_path / "c" / "train" / "checkpoint.pt").exists()
+    clt = load_replacement(tmp_path / "c" / "clt", model)
+    assert clt.cfg.architecture == "jumprelu" and clt.cfg.reach == 0  # BatchTopK saved as its thresholds
+    assert main(args + ["--resume", "--steps", "16"]) == 0  # continues from step 12
+    assert json.loads(capsys.readouterr().out)["training"]["steps"] == 16
+    assert main(["graph", "t5 t6 t7 t8", "--transcoders", str(tmp_path / "c" / "clt"), "--html",
+                 str(tmp_path / "g.html"), "--quiet", "--json"]) == 0
+    assert "cross-layer transcoder" in json.loads(capsys.readouterr().out)["stats"]["replacement"]
+    assert "ms-graph" in (tmp_path / "g.html").read_text()
+    assert main(args[:4] + ["--arch", "matryoshka", "--out", str(tmp_path / "x")]) == 2
+    assert "matryoshka is for per-layer" in capsys.readouterr().err
+    assert main(["transcoders", "train", "--reach", "2", "--out", str(tmp_path / "y")]) == 2
+    assert "are for --kind clt" in capsys.readouterr().err

@@ -488,8 +488,8 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: "SAEConfig | CLTConfig
                     fh.write(json.dumps(rec) + "\n")
             if run is not None:
                 run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=trainer.state.step)
-        if out is not None and trainer.state.step % train.checkpoint_every == 0:
-            _save_checkpoint(out, trainer, source, dist)
+        if out is not None and (trainer.state.step % train.checkpoint_every == 0 or trainer.state.step == train.steps):
+            _save_checkpoint(out, trainer, source, dist)  # and at the end: --resume with more --steps continues
     if run is not None:
         run.finish()
     return trainer.result(history)
