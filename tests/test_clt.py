@@ -170,8 +170,10 @@ def test_interventions_qk_labels_and_the_curve_work_through_a_clt():
     model = worded_llama()
     toks = prompt()
     clt = random_clt(model, toks)
+    n_params = len(list(clt.parameters()))
     g = attribution_graph(model, clt, toks, max_feature_nodes=10_000, progress=False, certify=32)
     assert g.certificate["worst_rel"] < 1e-5 and "cross-layer transcoder" in g.stats["replacement"]
+    assert len(list(clt.parameters())) == n_params and not any("hf" in k for k in clt.state_dict())  # no model inside
     top = g.top_features(2).tolist()
     iv = intervene(model, g, clt, top, scale=0.0)
     assert len(iv.measured) == len(g.token_labels) and any(abs(m) > 1e-6 for m in iv.measured)

@@ -518,3 +518,26 @@ def test_a_gemma_3_270m_graph_on_gemma_scope_2_files_written_by_mechscope(gemma3
     g = attribution_graph(model, rep, "The capital of France is", max_feature_nodes=256, progress=False, certify=32)
     assert g.stats["active_features"] > 100 and g.certificate["worst_rel"] < 1e-4, g.summary()
     assert 0 < g.scores()["replacement"] < 1
+
+
+def test_estimate_sizes_a_graph_on_a_published_or_local_replacement(tmp_path, capsys):
+    from mechscope.cli import main
+    from mechscope.compute import estimate_replacement
+    from mechscope.sae.replacement import release_sizes
+
+    e = estimate_replacement("clt-gemma-2-2b-426k", **{k: release_sizes("clt-gemma-2-2b-426k")[k] for k in
+                                                        ("kind", "n_layers", "d_model", "features_per_layer")})
+    assert e.decoder_blocks == 26 * 27 // 2 and e.parts()["decoders on disk"] == 351 * 16384 * 2304 * 4
+    assert e.parts()["encoders"] == 26 * 2304 * 16384 * 4 + 26 * (16384 + 2304) * 4
+    assert main(["estimate", "--transcoders", "clt-gemma-2-2b-426k", "--seq-len", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["replacement"]["parts_bytes"]["decoders on disk"] == 351 * 16384 * 2304 * 4
+    assert out["n_params"] > 2e9  # the model the table names, sized offline
+    files, _ = ct_clt_files(3, 32, torch.bfloat16)  # a local CLT: sized from its headers
+    for k, v in files.items():
+        (tmp_path / k).write_bytes(v)
+    sizes = release_sizes(str(tmp_path))
+    assert sizes == {"model": "", "kind": "cross_layer_transcoder", "n_layers": 3, "d_model": 32,
+                     "features_per_layer": F, "dtype": "bfloat16"}
+    unknown = estimate_replacement("x", "transcoder_set", 16, 2048, None)
+    assert "not in mechscope's table" in unknown.summary()

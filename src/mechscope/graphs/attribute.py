@@ -155,19 +155,13 @@ class RowEngine:
         over them). Each active feature's decoder is held (and, read lazily, read) once however many positions it
         fires at: long prompts repeat features, and a CLT's decoder rows are ``targets`` times an SAE's."""
         feats, out, rep = self.src.feats, [], self.rm.transcoders
-        self._tables: dict[int, torch.Tensor] = {}
-        inverse: dict[int, torch.Tensor] = {}
-        for layer in feats[:, 0].unique().tolist():
-            here = feats[:, 0] == layer
-            uniq, inv = feats[here, 2].unique(return_inverse=True)
-            with torch.no_grad():
-                self._tables[layer] = rep.write_directions(layer, uniq).float().cpu().reshape(len(uniq), -1)
-            inverse[layer] = torch.full((len(feats),), -1, dtype=torch.long).index_put_((here.nonzero()[:, 0],), inv)
+        self._tables = {layer: table for layer, (_, table) in self.rm.tables.items()}
         key = feats[:, 0] * self.rm.n_pos + feats[:, 1]  # non-decreasing: features come in (layer, pos) order
         _, counts = torch.unique_consecutive(key, return_counts=True)
         for idx in torch.arange(len(key)).split(counts.tolist()):
             layer, pos = int(feats[idx[0], 0]), int(feats[idx[0], 1])
-            out.append((rep.targets(layer), pos, idx, self.src.acts[idx], layer, inverse[layer][idx]))
+            rows = torch.searchsorted(self.rm.tables[layer][0], feats[idx, 2].contiguous())
+            out.append((rep.targets(layer), pos, idx, self.src.acts[idx], layer, rows))
         return out
 
     def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:

@@ -93,6 +93,8 @@ class ReplacementModel:
         self.skip_first = 1 if skip_first is None else skip_first
         self.sink_errors = sink_errors
         self.transcoders = replacement_of(model, transcoders).to(model.device)
+        # per layer, its active features (sorted) and their decoder writes [u, targets x d_model] (the graph's edges
+        # read them here instead of reading a lazy CLT's files again)
         self.frozen, self.layers, self.embed, self.logits = self._clean_pass()
 
     # ------------------------------------------------------------------ the clean pass
@@ -109,6 +111,7 @@ class ReplacementModel:
         embed = sum(seen[e] for e in model.embed_hooks)
         xs = {layer: seen[rep.input_hook(layer)].reshape(self.n_pos, -1) for layer in rep.layers}
         acts, writes = {}, {}
+        self.tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for layer in rep.layers:
                 a = rep.encode(layer, xs[layer].float())
@@ -118,7 +121,9 @@ class ReplacementModel:
                 if not len(f):
                     continue
                 uniq, inv = f.unique(return_inverse=True)
-                w = rep.write_directions(layer, uniq).float()[inv] * a[pos, f][:, None, None]  # [m, T, d]
+                dirs = rep.write_directions(layer, uniq).float()  # [u, T, d]: read once (from disk, for a lazy CLT)
+                self.tables[layer] = (uniq.cpu(), dirs.cpu().reshape(len(uniq), -1))
+                w = dirs[inv] * a[pos, f][:, None, None]  # [m, T, d]
                 for j, target in enumerate(rep.targets(layer)):
                     buf = writes.setdefault(target, torch.zeros(self.n_pos, model.cfg.d_model, device=a.device))
                     buf.index_add_(0, pos, w[:, j])

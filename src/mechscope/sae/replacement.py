@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -85,9 +86,10 @@ def replacement_of(model: HookedModel, transcoders: object) -> "TranscoderSet | 
     """``transcoders`` as a replacement checked against ``model``: a :class:`TranscoderSet` or list of transcoder
     SAEs (validated as a set), or a :class:`CrossLayerTranscoder` (its hooks and widths checked once)."""
     if isinstance(transcoders, CrossLayerTranscoder):
-        if getattr(transcoders, "_checked_for", None) is not model:
+        checked = transcoders.__dict__.get("_checked_for")  # a weak reference: never a submodule of the CLT
+        if checked is None or checked() is not model:
             transcoders.check_fits(model)
-            transcoders._checked_for = model
+            transcoders.__dict__["_checked_for"] = weakref.ref(model)
         return transcoders
     if isinstance(transcoders, TranscoderSet):
         return transcoders
@@ -106,11 +108,64 @@ def releases() -> dict[str, dict]:
 
 
 def release_sizes(name: str) -> dict:
-    """A published replacement's sizes from the table (for :func:`mechscope.compute.estimate_replacement`)."""
+    """A replacement's sizes for :func:`mechscope.compute.estimate_replacement`, before anything is loaded: a published
+    name's from the table; a local folder's (or a cached ``hf://`` one's) from its files' headers alone (no tensor is
+    read): ``{model, kind, n_layers, d_model, features_per_layer, dtype}``."""
     table = releases()
-    if name not in table:
-        raise UnknownNameError(f"unknown published replacement {name!r}; known: {', '.join(sorted(table))}")
-    return table[name]
+    if name in table:
+        return table[name]
+    if str(name).startswith("hf://"):
+        from . import hub
+
+        repo, rev, sub = hub.parse_spec(str(name))
+        folder = hub.download(repo, sub, rev)
+    else:
+        folder = Path(name)
+    if not folder.is_dir():
+        raise UnknownNameError(f"{name!r} is neither a published replacement ({', '.join(sorted(table))}) nor a folder")
+    config = read_config_yaml(folder / "config.yaml") if (folder / "config.yaml").exists() else {}
+    enc = sorted(folder.glob("W_enc_*.safetensors"))
+    if enc:
+        F, d = safetensors_shapes(enc[0])["W_enc_0"][0] if "W_enc_0" in safetensors_shapes(enc[0]) else (0, 0)
+        dtype = safetensors_shapes(enc[0])["W_enc_0"][1]
+        kind, n = "cross_layer_transcoder", len(enc)
+    else:
+        files_ = _layer_files(folder)
+        if not files_:
+            raise NotFoundError(f"{folder} holds no replacement files whose sizes mechscope reads")
+        first = files_[0]
+        shapes = _npz_shapes(first) if first.suffix == ".npz" else safetensors_shapes(first)
+        w = shapes.get("W_enc", shapes.get("w_enc"))
+        if w is None:
+            raise InputError(f"{first} has no encoder (W_enc or w_enc); it has {sorted(shapes)}")
+        F, d = (w[0][1], w[0][0]) if "w_enc" in shapes or first.suffix == ".npz" else w[0]
+        dec = shapes.get("w_dec")
+        kind = "cross_layer_transcoder" if dec is not None and len(dec[0]) == 3 else "transcoder_set"
+        dtype, n = w[1], len(files_)
+    bytes_per = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "float32": 4, "float64": 8, "float16": 2}.get(dtype, 4)
+    return {"model": str(config.get("model_name", "")), "kind": kind, "n_layers": n, "d_model": int(d),
+            "features_per_layer": int(F), "dtype": {2: "bfloat16", 4: "float32", 8: "float64"}[bytes_per]}
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of an ``.npz`` file from its members' headers alone (no array is read)."""
+    import zipfile
+
+    import numpy as np
+
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                with z.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                out[name.removesuffix(".npy")] = (tuple(shape), str(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise NotFoundError(f"{path} is damaged or not an .npz file ({e})") from e
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -246,9 +301,9 @@ def _numbered(paths: list[Path], what: str) -> dict[int, Path]:
     """``{layer: path}`` of files named with ``layer_<L>`` (a missing number is an error naming it)."""
     out = {}
     for p in paths:
-        m = re.search(r"layer_(\d+)", str(p.relative_to(p.anchor)) if p.is_absolute() else str(p))
-        if m:
-            out[int(m.group(1))] = p
+        found = re.findall(r"layer_(\d+)", str(p))  # the file's own name or folder: the last one in its path
+        if found:
+            out[int(found[-1])] = p
     if out:
         gaps = [i for i in range(max(out) + 1) if i not in out]
         if gaps:
@@ -258,9 +313,13 @@ def _numbered(paths: list[Path], what: str) -> dict[int, Path]:
 
 
 def _fold_site(layer: _Layer, site: Site) -> None:
-    """Fold a TransformerLens site's gain into one layer's tensors (:func:`mechscope.sae.sites.fold_site`)."""
-    layer.W_enc, layer.b_enc, layer.W_skip, layer.b_dec = fold_site(site, layer.W_enc, layer.b_enc, layer.W_skip,
-                                                                    layer.b_dec)
+    """Fold a TransformerLens site's gain into one layer's tensors (:func:`mechscope.sae.sites.fold_site`), in float32
+    whatever the files hold."""
+    if site.gain is None:
+        return
+    skip = layer.W_skip.float() if layer.W_skip is not None else None
+    layer.W_enc, layer.b_enc, layer.W_skip, layer.b_dec = fold_site(site, layer.W_enc.float(), layer.b_enc.float(), skip,
+                                                                    layer.b_dec.float())
 
 
 def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:

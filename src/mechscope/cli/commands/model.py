@@ -57,9 +57,10 @@ def info_cmd(args: argparse.Namespace) -> Result:
          arg("--cache", default=None, help="'all' or a comma list of hook names to cache"),
          arg("--sae-width", type=int, default=None, help="also estimate training an SAE of this many latents"),
          arg("--patch-rows", type=int, default=64, help="patched prompts per pass, for the GPU table's patching row"),
-         arg("--transcoders", default=None, help="also estimate an attribution graph on this published replacement "
-                                                 "model (its sizes from mechscope's table; `mechscope info "
-                                                 "--replacements` lists them), with --seq-len tokens"),
+         arg("--transcoders", default=None, help="also estimate an attribution graph on this replacement model, with "
+                                                 "--seq-len tokens: a published name (its sizes from mechscope's table; "
+                                                 "`mechscope info --replacements` lists them), a folder or a cached "
+                                                 "hf:// one (sizes from its files' headers)"),
          arg("--l0", type=int, default=32, help="--transcoders: active features per layer and token assumed"))
 def estimate_cmd(args: argparse.Namespace) -> Result:
     from ...compute import config_for, estimate_memory, estimate_replacement, gpu_fit
@@ -70,7 +71,7 @@ def estimate_cmd(args: argparse.Namespace) -> Result:
     if args.transcoders and not model_name:
         from ...sae.replacement import release_sizes
 
-        model_name = release_sizes(args.transcoders)["model"]
+        model_name = release_sizes(args.transcoders)["model"] or None
     config = config_for(model_name or DEFAULT_MODEL)
     est = estimate_memory(config, dtype=args.dtype or "float32", batch=args.batch, seq_len=args.seq_len,
                           cache_names=cache, sae_width=args.sae_width)
