@@ -69,7 +69,7 @@ class CLTConfig:
     l0_coefficient: float = 1e-3
     jumprelu_init_threshold: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
-    k_aux: int | None = None
+    k_aux: int | None = None  # AuxK's dead features per token and layer (default: d_model / 2 / the mean targets)
     aux_coefficient: float = 1 / 32
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)
@@ -417,7 +417,12 @@ class CrossLayerTranscoder(nn.Module):
                 g -= (g * v).sum(-1, keepdim=True) * v
 
     def _k_aux(self, dead: torch.Tensor) -> int:
-        return min(self.cfg.k_aux or self.cfg.d_model // 2, int(dead.sum()))
+        """AuxK's dead features per token and layer: ``cfg.k_aux``, by default ``d_model / 2`` (Gao et al.'s choice for
+        an SAE) divided by the mean number of targets, so that the auxiliary decode costs what an SAE's does (each of
+        a CLT feature's writes goes to every later layer: at ``d_model / 2`` it tripled a step's time)."""
+        c = self.cfg
+        default = max(1, round(c.d_model / 2 * c.n_layers / c.decoder_blocks()))
+        return min(c.k_aux or default, int(dead.sum()))
 
     @torch.no_grad()
     def _update_threshold(self, s: int, kept: torch.Tensor) -> None:
