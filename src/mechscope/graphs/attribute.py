@@ -369,7 +369,7 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
         "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
         "batch_size": batch_size,
         "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
-        "transcoder_layers": sorted(rm.transcoders.output_layers), "replacement": _describe(rm.transcoders),
+        "transcoder_layers": sorted(rm.transcoders.output_layers), "replacement": rm.transcoders.describe(),
         "prepended_bos": bos, "sink_errors": sink_errors,
         "model": model.cfg.model_name, "prompt": prompt if isinstance(prompt, str) else "".join(_strs(model, tokens[0])),
         "skip_first": rm.skip_first})
@@ -406,15 +406,6 @@ def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torc
                             logit_probs=probs, stats=stats, n_layers=L,
                             token_labels=_strs(model, toks),
                             kind_names=list(KIND_NAMES))
-
-
-def _describe(rep: object) -> str:
-    """What a graph was built on, in a few words (its stats say it)."""
-    if isinstance(rep, CrossLayerTranscoder):
-        c = rep.cfg
-        return (f"{'per-layer transcoders' if c.reach == 1 else 'cross-layer transcoder'} ({c.architecture}, "
-                f"{c.n_layers} layers x {c.d_sae} features{', read from ' + rep.source if rep.source else ''})")
-    return f"per-layer transcoders ({len(rep)} layers)"
 
 
 def _strs(model: HookedModel, ids: torch.Tensor) -> list[str]:

@@ -259,6 +259,12 @@ class CrossLayerTranscoder(nn.Module):
     def explanations_of(self, layer: int) -> dict[int, str]:
         return self.explanations.get(layer, {})
 
+    def describe(self) -> str:
+        """What it is, in a few words (a graph's stats and the CLI say it)."""
+        c = self.cfg
+        return (f"{'per-layer transcoders' if c.reach == 1 else 'a cross-layer transcoder'} ({c.architecture}, "
+                f"{c.n_layers} layers x {c.d_sae} features{', read from ' + self.source if self.source else ''})")
+
     def __repr__(self) -> str:
         c = self.cfg
         sparsity = f"k={c.k}" if c.architecture in ("topk", "batchtopk") else ""

@@ -125,6 +125,10 @@ class TranscoderSet:
     def explanations_of(self, layer: int) -> dict[int, str]:
         return getattr(self._by_layer[layer], "explanations", {})
 
+    def describe(self) -> str:
+        """What it is, in a few words (a graph's stats and the CLI say it)."""
+        return f"per-layer transcoders ({len(self)} layers)"
+
     def layer_view(self, layer: int) -> SAE:
         """Layer ``layer``'s transcoder (what dashboards and labels read)."""
         return self._by_layer[layer]

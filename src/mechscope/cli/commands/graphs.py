@@ -23,16 +23,6 @@ def _replacement(args: argparse.Namespace, model: object) -> tuple:
     return rep, spec or transcoder_cache(model.cfg.model_name)
 
 
-def _what(rep: object) -> str:
-    from ...sae.clt import CrossLayerTranscoder
-
-    if isinstance(rep, CrossLayerTranscoder):
-        c = rep.cfg
-        return (f"{'a cross-layer transcoder' if c.reach != 1 else 'per-layer transcoders'} ({c.n_layers} layers x "
-                f"{c.d_sae} features, {c.architecture})")
-    return f"{len(rep)} transcoders"
-
-
 def _scan(args: argparse.Namespace, model: object) -> str:
     """The scan id a graph JSON names: a published set's repository (as circuit-tracer writes it), else mechscope's."""
     from ...sae.replacement import releases
@@ -82,7 +72,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     model = _load(args)
     tcs, folder = _replacement(args, model)
     targets = [model.to_single_token(t) for t in args.target] if args.target else None
-    stage(f"attribution graph through {_what(tcs)} from {folder}")
+    stage(f"attribution graph through {tcs.describe()} from {folder}")
     g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
                           batch_size=args.batch, certify=args.certify, sink_errors=args.sink_errors,
                           prepend_bos=not args.no_bos)
