@@ -120,7 +120,8 @@ def main() -> None:
                 ioi, caps = graph_metrics(model, run.sae, IOI, a.max_features), \
                     graph_metrics(model, run.sae, CAPITALS, a.max_features)
                 rec = {"kind": kind, "k": k, "seed": seed, "l0_per_token": sum(ev.l0), "nmse": ev.nmse,
-                       "mean_nmse": ev.mean_nmse, "ce_clean": ev.ce_clean, "ce_replaced": ev.ce_clt,
+                       "mean_nmse": ev.mean_nmse, "nmse_with_outliers": ev.nmse_all, "outliers": ev.n_outliers,
+                       "ce_clean": ev.ce_clean, "ce_replaced": ev.ce_clt,
                        "ce_recovered": ev.ce_recovered, "ioi": ioi, "capitals": caps, "train_seconds": train_s,
                        "seconds": time.perf_counter() - t1, "decoder_blocks": cfg.decoder_blocks()}
                 results.append(rec)

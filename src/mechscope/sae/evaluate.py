@@ -423,6 +423,8 @@ class CLTEval(Result):
     ce_zero: float
     n_tokens: int
     n_seqs: int
+    n_outliers: int = 0  # massive-norm tokens left out of NMSE and L0, as training leaves them out
+    nmse_all: list[float] = field(default_factory=list)  # with them in
 
     @property
     def ce_recovered(self) -> float:
@@ -434,11 +436,14 @@ class CLTEval(Result):
 
     def summary(self) -> str:
         lines = [f"{self.kind.upper()} evaluation on {self.n_tokens} held-out tokens ({self.n_seqs} sequences, first "
-                 "position left out): per layer NMSE (normalised MSE of the MLP output, 1 - explained variance; 0 is "
-                 "perfect), L0 (active features per token) and dead (never fired here)",
-                 f"  {'layer':>5s} {'NMSE':>7s} {'L0':>7s} {'dead':>6s}"]
-        lines += [f"  {layer:5d} {n:7.3f} {l0:7.1f} {d:6.1%}" for layer, n, l0, d in
-                  zip(self.layers, self.nmse, self.l0, self.dead_fraction)]
+                 f"position left out, and {self.n_outliers} massive-norm token(s) (> 10x their sequence's median at some "
+                 "layer's input, the harvest's rule: training never sees them)): per layer NMSE (normalised MSE of the "
+                 "MLP output, 1 - explained variance; 0 is perfect; in brackets with the massive-norm tokens in), L0 "
+                 "(active features per token) and dead (never fired here)",
+                 f"  {'layer':>5s} {'NMSE':>7s} {'(all)':>8s} {'L0':>7s} {'dead':>6s}"]
+        every = self.nmse_all or [float("nan")] * len(self.nmse)
+        lines += [f"  {layer:5d} {n:7.3f} {f'({a:.3f})':>8s} {l0:7.1f} {d:6.1%}" for layer, n, a, l0, d in
+                  zip(self.layers, self.nmse, every, self.l0, self.dead_fraction)]
         lines += [f"  mean NMSE {self.mean_nmse:.3f}; L0 per token over all layers {sum(self.l0):.1f}",
                   f"  CE loss (next-token, nats per token) with it in place of all {len(self.layers)} MLPs: "
                   f"{self.ce_clt:.4f} (clean {self.ce_clean:.4f}, {self.ce_clt - self.ce_clean:+.4f}; those MLPs "
@@ -463,23 +468,29 @@ def evaluate_clt(model: HookedModel, clt: "CrossLayerTranscoder", tokens: torch.
         raise InputError(f"evaluate_clt takes a CrossLayerTranscoder, got {type(clt).__name__}")
     clt.check_fits(model)
     c = clt.cfg
-    rows = harvest_bundle(model, c.input_hooks, c.output_hooks, tokens, batch_size, skip_first, max_norm_ratio=None)
-    x, y = rows[:, :c.n_layers * c.d_model], rows[:, c.n_layers * c.d_model:]
-    x, y = x.reshape(-1, c.n_layers, c.d_model), y.reshape(-1, c.n_layers, c.d_model)
+    every = harvest_bundle(model, c.input_hooks, c.output_hooks, tokens, batch_size, skip_first, max_norm_ratio=None)
+    kept = harvest_bundle(model, c.input_hooks, c.output_hooks, tokens, batch_size, skip_first)
     dev = clt.b_enc.device
-    sse, fired, l0 = torch.zeros(c.n_layers), torch.zeros(c.n_layers, c.d_sae, dtype=torch.bool), torch.zeros(c.n_layers)
-    for s0 in range(0, x.shape[0], 1024):
-        xb = x[s0:s0 + 1024].to(dev)
-        pred = clt(xb).cpu()
-        sse += (y[s0:s0 + 1024] - pred).pow(2).sum((0, 2))
-        for s in range(c.n_layers):
-            on = clt.encode_index(s, xb[:, s]) > 0
-            fired[s] |= on.any(0).cpu()
-            l0[s] += float(on.sum())
-    var = (y - y.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-30)
+
+    def pass_over(rows: torch.Tensor, count: bool) -> torch.Tensor:
+        x = rows[:, :c.n_layers * c.d_model].reshape(-1, c.n_layers, c.d_model)
+        y = rows[:, c.n_layers * c.d_model:].reshape(-1, c.n_layers, c.d_model)
+        sse = torch.zeros(c.n_layers)
+        for s0 in range(0, x.shape[0], 1024):
+            xb = x[s0:s0 + 1024].to(dev)
+            sse += (y[s0:s0 + 1024] - clt(xb).cpu()).pow(2).sum((0, 2))
+            if count:
+                for s in range(c.n_layers):
+                    on = clt.encode_index(s, xb[:, s]) > 0
+                    fired[s] |= on.any(0).cpu()
+                    l0[s] += float(on.sum())
+        return sse / (y - y.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-30)
+
+    fired, l0 = torch.zeros(c.n_layers, c.d_sae, dtype=torch.bool), torch.zeros(c.n_layers)
+    nmse, nmse_all = pass_over(kept, True), pass_over(every, False)
     state = BatchState()
     zero = [(clt.output_hook(layer), _zero_after_first) for layer in c.layers]
     ce_clean, ce_clt, ce_zero = _ce(model, tokens, [[], clt_hooks(clt, skip_first), zero], batch_size, state)
-    n = x.shape[0]
-    return CLTEval(c.kind, list(c.layers), (sse / var).tolist(), (l0 / max(n, 1)).tolist(),
-                   (1 - fired.float().mean(1)).tolist(), ce_clean, ce_clt, ce_zero, n, tokens.shape[0])
+    n = kept.shape[0]
+    return CLTEval(c.kind, list(c.layers), nmse.tolist(), (l0 / max(n, 1)).tolist(), (1 - fired.float().mean(1)).tolist(),
+                   ce_clean, ce_clt, ce_zero, every.shape[0], tokens.shape[0], every.shape[0] - n, nmse_all.tolist())
