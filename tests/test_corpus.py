@@ -86,3 +86,35 @@ def test_sae_train_on_a_one_paragraph_corpus(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert "train split" in out["corpus"] and out["corpus_tokens"] == 16 * 32
+
+
+def test_files_saved_by_excel_or_windows_editors_read_as_written(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark and ends lines with CRLF: once refused on every row as 'no
+    clean (fields: [..., '\\ufeffclean'])'. Task files (CSV and JSONL), corpora (text and JSONL) and JSON files read
+    it as the text it is."""
+    import json as js
+
+    import torch
+
+    from mechscope.core.files import read_json
+    from mechscope.datasets import load_task
+
+    model = worded_llama()
+    rows = [("t5 t6 t7", "t5 t8 t7", " t9", " t10"), ("t11 t6 t7", "t11 t8 t7", " t12", " t13")]
+    csv_text = "clean,corrupted,answer,wrong\r\n" + "".join(f"{a},{b},{c},{d}\r\n" for a, b, c, d in rows)
+    (tmp_path / "excel.csv").write_bytes("\ufeff".encode() + csv_text.encode())
+    (tmp_path / "plain.csv").write_text(csv_text.replace("\r\n", "\n"))
+    excel, plain = load_task(tmp_path / "excel.csv", model), load_task(tmp_path / "plain.csv", model)
+    assert len(excel) == 2 and torch.equal(excel.clean, plain.clean) and torch.equal(excel.answers, plain.answers)
+    jl = "".join(js.dumps(dict(zip(("clean", "corrupted", "answer", "wrong"), r))) + "\r\n" for r in rows)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jl.encode())
+    assert torch.equal(load_task(tmp_path / "bom.jsonl", model).corrupted, plain.corrupted)
+    text = "\r\n\r\n".join(f"Paragraph {i} says something about t{i}." for i in range(30))
+    (tmp_path / "win.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    part = corpus.split_text_file(tmp_path / "win.txt", "all")
+    assert part.n_units == 30 and part.kind == "paragraph"  # CRLF blank lines separate paragraphs
+    assert part.texts[0].startswith("Paragraph 0") and not any("\r" in t for t in part.texts)
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "t5 t6"}\r\n{"text": "t7"}\r\n')
+    assert list(corpus.jsonl(tmp_path / "c.jsonl")) == ["t5 t6", "t7"]
+    (tmp_path / "e.json").write_bytes(b"\xef\xbb\xbf" + b'{"features": {}}\r\n')
+    assert read_json(tmp_path / "e.json") == {"features": {}}

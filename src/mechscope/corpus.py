@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .core.errors import InputError, UnknownNameError
+from .core.files import read_text
 from .core.model import HookedModel
 
 
@@ -85,12 +86,12 @@ def text_files(paths: Iterable[str | Path], split: str = "all", held_out: float 
         p = Path(p)
         if split != "all" and _held_out(str(p), held_out) != (split == "test"):
             continue
-        yield p.read_text(encoding="utf-8", errors="replace")
+        yield read_text(p, errors="replace")
 
 
 def jsonl(path: str | Path, field: str = "text", split: str = "all", held_out: float = 0.1) -> Iterator[str]:
     """The ``field`` of each line of a JSON-lines file (lines are split by a hash of their number)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
@@ -175,7 +176,7 @@ def split_text_file(path: str | Path, split: str = "all", held_out: float = 0.1)
         raise InputError(f"no such text file: {path}")
     if split not in ("train", "test", "all"):
         raise InputError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    units, kind = text_units(path.read_text(encoding="utf-8", errors="replace"))
+    units, kind = text_units(read_text(path, errors="replace"))
     test = held_out_units([f"{path.name}:{i}" for i in range(len(units))], held_out)
     keep = [split == "all" or ((i in test) == (split == "test")) for i in range(len(units))]
     joiner = {"paragraph": "\n\n", "line": "\n", "piece": " "}[kind]

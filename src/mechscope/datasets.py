@@ -21,7 +21,7 @@ import torch
 
 from .analysis import metrics as M
 from .core.errors import InputError
-from .core.files import path_then_model
+from .core.files import path_then_model, read_text
 from .core.model import HookedModel
 from .core.result import Result
 
@@ -425,7 +425,7 @@ def load_task(path: str | Path, model: HookedModel, name: str | None = None) -> 
     rows: list[dict] = []
     problems: list[str] = []
     if p.suffix == ".jsonl":
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_text(p).splitlines()):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -437,7 +437,7 @@ def load_task(path: str | Path, model: HookedModel, name: str | None = None) -> 
                     continue
                 rows.append({**row, "_where": f"{p.name} line {i + 1}"})
     elif p.suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8": a byte-order mark, CRLF
             reader = csv.DictReader(f)
             for r in reader:
                 rows.append({**{k: (v.split("|") if k in ("answer", "wrong") and v and "|" in v else v or None)

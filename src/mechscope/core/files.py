@@ -77,6 +77,14 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         raise
 
 
+def read_text(path: str | os.PathLike, errors: str = "strict") -> str:
+    """A text file a user brings, as text: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" and Windows
+    editors write one), line ends ``\r\n`` and ``\r`` read as ``\n``. Every reader of task files, corpora, JSON and
+    YAML goes through it."""
+    text = Path(path).read_text(encoding="utf-8-sig", errors=errors)
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 # Safe readers: weights only from safetensors, .npz without pickle, or torch.load(weights_only=True).
 # A missing, damaged or refused file gets a mechscope error that names it and says what to do.
 
@@ -88,7 +96,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except FileNotFoundError as e:
         raise NotFoundError(f"{path} is missing ({what})") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

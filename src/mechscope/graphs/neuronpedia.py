@@ -33,7 +33,7 @@ from typing import Any  # AttributionGraph / PrunedGraph: .graph calls this modu
 import torch
 
 from ..core import InputError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, read_text
 from .nodes import EMBEDDING, ERROR, FEATURE, LOGIT
 
 # this module does not import .graph (whose methods call it): graphs arrive as arguments, and reading builds
@@ -151,7 +151,7 @@ def read_graph_json(path: str | Path, cls: type) -> Any:
     vector norms). The labels are the features' ``clerp``. Scores and influence are those of the pruned graph.
     """
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(read_text(path))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read a graph JSON from {path}: {e}") from e
     meta, nodes, links = _need(doc, str(path))

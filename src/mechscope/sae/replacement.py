@@ -50,7 +50,15 @@ from typing import Protocol
 import torch
 
 from ..core.errors import InputError, InputTypeError, NotFoundError, UnknownNameError
-from ..core.files import atomic_dir, read_json, read_npz, read_safetensors, refuse_pickle, safetensors_shapes
+from ..core.files import (
+    atomic_dir,
+    read_json,
+    read_npz,
+    read_safetensors,
+    read_text,
+    refuse_pickle,
+    safetensors_shapes,
+)
 from ..core.hookpoints import split_name
 from ..core.model import HookedModel
 from .clt import CLTConfig, CrossLayerTranscoder, DecoderFiles
@@ -428,7 +436,7 @@ def read_config_yaml(path: Path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except (OSError, yaml.YAMLError) as e:
         raise InputError(f"{path} is not readable YAML ({e})") from e
     if not isinstance(data, dict) or "model_kind" not in data:
