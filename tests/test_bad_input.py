@@ -17,7 +17,7 @@ import torch
 
 import mechscope as ms
 from mechscope.cli import main
-from mechscope.core.errors import MechscopeError
+from mechscope.core.errors import InputError, MechscopeError
 from tiny import V, tiny_hf, worded_llama
 
 
@@ -296,3 +296,38 @@ def test_quiet_and_json_keep_stdout_clean(env, worded, capsys, monkeypatch):
     out, err = capsys.readouterr()
     json.loads(out)
     assert err == "", err
+
+
+def test_every_numeric_option_is_checked_when_it_is_parsed(capsys):
+    """`sae train --steps -5` once exited 0 after saving an untrained SAE, and `sae explain --n-features 0` blamed the
+    tokens: every int or float option of every command now has a range (cli.registry.RANGES) checked by argparse."""
+    from mechscope.cli import main
+    from mechscope.cli.registry import COMMANDS, RANGES
+
+    unranged = sorted({f"{c.name} {a.flags[0]}" for c in COMMANDS.values() for a in c.args
+                       if a.options.get("type") in (int, float) and a.flags[0] not in RANGES})
+    assert not unranged, f"numeric options without a range in cli.registry.RANGES: {unranged}"
+    for argv, want in ((["sae", "train", "--steps", "-5"], "--steps: must be at least 1, got -5"),
+                       (["sae", "explain", "x", "--n-features", "0"], "--n-features: must be at least 1, got 0"),
+                       (["graph", "x", "--node-threshold", "1.5"], "must be above 0 and at most 1, got 1.5"),
+                       (["sae", "train", "--lr", "0"], "--lr: must be above 0, got 0"),
+                       (["transcoders", "train", "--width", "lots"], "--width: expected an integer, got 'lots'")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and want in capsys.readouterr().err, argv
+
+
+def test_synthetic_world_configs_refuse_what_they_cannot_build():
+    from mechscope.sae.synthetic import SynthConfig, SynthWorld, evaluate_on_world
+
+    for bad, want in (({"zipf_exponent": 0.0}, "zipf_exponent must be > 0"),
+                      ({"mutually_exclusive": -0.5}, r"mutually_exclusive is a share of parents, in \[0, 1\]"),
+                      ({"branching": 0}, "branching must be >= 1"),
+                      ({"std_magnitude": (0.5, -1.0)}, "std_magnitude")):
+        with pytest.raises(InputError, match=want):
+            SynthConfig(**bad)
+    from mechscope.sae import SAE, SAEConfig
+
+    world = SynthWorld.build(SynthConfig(num_features=16, hidden_dim=8, roots=2, depth=1, ortho_steps=0))
+    with pytest.raises(InputError, match="n_samples and chunk must be at least 1, got 0"):
+        evaluate_on_world(SAE(SAEConfig(d_in=8, d_sae=16, k=4)), world, n_samples=0)

@@ -73,15 +73,32 @@ class SynthConfig:
         return cls(num_features=16384, hidden_dim=768, roots=128, seed=seed)
 
     def __post_init__(self):
+        """Every field checked when the config is made, with its valid range."""
         if self.num_features < 2 or self.hidden_dim < 2:
             raise InputError(f"a world needs at least 2 features and 2 dimensions, got {self.num_features} "
                              f"features in {self.hidden_dim}")
         if not 0 < self.p_min < self.p_max <= 1:
             raise InputError(f"firing probabilities need 0 < p_min < p_max <= 1, got {self.p_min}, {self.p_max}")
+        if not self.zipf_exponent > 0:  # 0 makes every rank's probability equal: rescaling it is 0 / 0 (NaN)
+            raise InputError(f"zipf_exponent must be > 0 (0.5 in SynthSAEBench), got {self.zipf_exponent}; a world "
+                             "with equal firing rates is p_min = p_max, which Zipf's rescaling cannot give")
+        if not 0 <= self.mutually_exclusive <= 1:
+            raise InputError(f"mutually_exclusive is a share of parents, in [0, 1]; got {self.mutually_exclusive}")
+        for name in ("roots", "branching", "depth", "corr_rank", "ortho_steps"):
+            if int(getattr(self, name)) < 0 or (name in ("roots", "branching") and int(getattr(self, name)) < 1):
+                raise InputError(f"{name} must be {'>= 1' if name in ('roots', 'branching') else '>= 0'}, got "
+                                 f"{getattr(self, name)}")
+        if self.corr_scale < 0 or self.ortho_lr < 0 or self.bias_norm < 0:
+            raise InputError(f"corr_scale, ortho_lr and bias_norm must be >= 0; got {self.corr_scale}, {self.ortho_lr}, "
+                             f"{self.bias_norm}")
         if self.corr_rank * self.corr_scale ** 2 >= 1:
             raise InputError(f"corr_rank * corr_scale^2 must stay below 1 (got {self.corr_rank * self.corr_scale ** 2:.2f})")
         self.mean_magnitude = tuple(self.mean_magnitude)
         self.std_magnitude = tuple(self.std_magnitude)
+        if len(self.mean_magnitude) != 2 or len(self.std_magnitude) != 2 or min(self.mean_magnitude) <= 0 \
+                or min(self.std_magnitude) < 0:
+            raise InputError(f"mean_magnitude is (most frequent, rarest) > 0 and std_magnitude two values >= 0; got "
+                             f"{self.mean_magnitude}, {self.std_magnitude}")
 
 
 def _gen(seed: int, device: "str | torch.device" = "cpu") -> torch.Generator:
@@ -417,6 +434,8 @@ class SynthEval(Result):
 def evaluate_on_world(sae: SAE, world: SynthWorld, n_samples: int = 100_000, seed: int = 1,
                       chunk: int = 4096) -> SynthEval:
     """Ground-truth metrics of ``sae`` on ``n_samples`` fresh samples (SynthSAEBench's definitions)."""
+    if int(n_samples) < 1 or int(chunk) < 1:
+        raise InputError(f"n_samples and chunk must be at least 1, got {n_samples} and {chunk}")
     if sae.cfg.d_in != world.d:
         raise InputError(f"the SAE reads {sae.cfg.d_in} dimensions, the world has {world.d}")
     dec = sae.W_dec.detach().float().to(world.features.device)
