@@ -582,3 +582,33 @@ def test_mean_path_length_counts_edges_from_the_embeddings():
     assert g.mean_path_length() == pytest.approx(1.0)
     full = attribution_graph(model, transcoders(model), prompt(), progress=False, certify=0)
     assert 1.0 < full.mean_path_length() < model.cfg.n_layers + 2
+
+
+def test_a_graph_json_with_a_bad_link_is_refused_naming_the_file_and_the_link(tmp_path):
+    """A link without a weight once raised KeyError: weight, and a file with every link reversed was accepted and
+    failed later inside summary()."""
+    model = worded_llama()
+    path = attribution_graph(model, transcoders(model), "t5 t6 t7 t8", progress=False, certify=0).to_json(
+        tmp_path / "g.json")
+    doc = json.loads(path.read_text())
+    assert AttributionGraph.from_json(path).summary()  # the control: the file as written reads back
+
+    def write(name, change):
+        d = json.loads(json.dumps(doc))
+        change(d)
+        (tmp_path / name).write_text(json.dumps(d))
+        return tmp_path / name
+
+    no_weight = write("w.json", lambda d: d["links"][3].pop("weight"))
+    with pytest.raises(InputError, match=r"w.json: link 3 .* needs source, target and weight"):
+        AttributionGraph.from_json(no_weight)
+    text_weight = write("t.json", lambda d: d["links"][0].update(weight="big"))
+    with pytest.raises(InputError, match=r"link 0 .* has weight 'big'"):
+        AttributionGraph.from_json(text_weight)
+
+    def reverse(d):
+        for lk in d["links"]:
+            lk["source"], lk["target"] = lk["target"], lk["source"]
+
+    with pytest.raises(InputError, match=r"r.json: link 0 runs from .*source and target swapped"):
+        AttributionGraph.from_json(write("r.json", reverse))

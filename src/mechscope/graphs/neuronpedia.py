@@ -172,9 +172,7 @@ def read_graph_json(path: str | Path, cls: type) -> Any:
     kind, layer, pos, index = (torch.tensor([parsed[i][f] for i in order], dtype=torch.long) for f in range(4))
     value = torch.tensor([float(nodes[i].get("activation") or nodes[i].get("token_prob") or 0.0) for i in order])
     logits = [i for i in order if parsed[i][0] == LOGIT]
-    unknown = [lk for lk in links if lk["source"] not in node_of or lk["target"] not in node_of]
-    if unknown:
-        raise InputError(f"{path}: link {unknown[0]} names a node the file does not have")
+    _check_links(links, node_of, layer, path)
     tgt = torch.tensor([node_of[lk["target"]] for lk in links], dtype=torch.long)
     src = torch.tensor([node_of[lk["source"]] for lk in links], dtype=torch.long)
     w = torch.tensor([float(lk["weight"]) for lk in links])
@@ -202,6 +200,27 @@ def read_graph_json(path: str | Path, cls: type) -> Any:
     return cls(toks, list(meta.get("prompt_tokens", [])), kind, layer, pos, index, value, tgt, src, w,
                torch.tensor([float(nodes[i].get("token_prob", 0.0)) for i in logits]), stats, n_layers,
                token_labels, labels=labels, row_total=row_total)
+
+
+def _check_links(links: list, node_of: dict, layer: torch.Tensor, path: str | Path) -> None:
+    """Each link names two of the file's nodes, carries a finite numeric weight, and runs from a lower layer to a
+    higher one (an attribution graph's edges all do: embeddings below every layer, logits above); a clear error
+    naming the file and the link otherwise."""
+    import math
+
+    for i, lk in enumerate(links):
+        if not isinstance(lk, dict) or not {"source", "target", "weight"} <= lk.keys():
+            raise InputError(f"{path}: link {i} ({lk!r}) needs source, target and weight")
+        if lk["source"] not in node_of or lk["target"] not in node_of:
+            raise InputError(f"{path}: link {i} ({lk}) names a node the file does not have")
+        w = lk["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise InputError(f"{path}: link {i} ({lk}) has weight {w!r}; a link's weight is a finite number")
+        s, t = node_of[lk["source"]], node_of[lk["target"]]
+        if int(layer[s]) >= int(layer[t]):
+            raise InputError(f"{path}: link {i} runs from {lk['source']} (layer {int(layer[s])}) to {lk['target']} "
+                             f"(layer {int(layer[t])}); an attribution graph's links run from a lower layer to a "
+                             "higher one (are source and target swapped?)")
 
 
 def _logit_text(node: dict) -> str:
