@@ -20,7 +20,7 @@ ROOT = SRC.parents[1]
 # the workflow order: a module may import from its own level or below, never above
 LEVELS = {"core": 0, "loading": 1, "compute": 1, "corpus": 1, "sizes": 1, "batching": 1, "distributed": 1, "gitstate": 1,
           "analysis": 2, "datasets": 3, "techniques": 3, "circuits": 4, "sae": 4, "sweeps": 4, "project": 5,
-          "workflows": 5, "graphs": 5, "cli": 6, "__main__": 6}
+          "workflows": 5, "graphs": 5, "diffing": 5, "cli": 6, "__main__": 6}
 
 
 def _modules() -> dict[str, Path]:

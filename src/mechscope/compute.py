@@ -547,3 +547,57 @@ def estimate_replacement(name: str, kind: str, n_layers: int, d_model: int, feat
     from mechscope's table: ``mechscope estimate --model ... --transcoders NAME``)."""
     return ReplacementEstimate(name, kind, n_layers, d_model, features_per_layer, seq_len, l0_per_layer,
                                max_feature_nodes, batch, disk_bytes_per_value, model_bytes)
+
+
+@dataclass(repr=False)
+class PairEstimate(Result):
+    """What diffing a model pair holds: the weights (two models, or one model and an adapter's factors, which are
+    switched on and off on the same weights), one forward pass of each model for the activation methods, and, with a
+    crosscoder, its training (parameters four times over: weights, gradients, two Adam moments) and its paired rows."""
+
+    base: MemoryEstimate
+    two_models: bool
+    adapter_bytes: int
+    crosscoder_width: int = 0
+    crosscoder_hooks: int = 1
+    crosscoder_tokens: int = 0
+    crosscoder_d_model: int = 0
+
+    def parts(self) -> dict[str, int]:
+        b, d = self.base, self.crosscoder_d_model
+        p = {"weights": b.weights * (2 if self.two_models else 1) + self.adapter_bytes,
+             "one forward pass (either model)": b.activations}
+        if self.crosscoder_width:
+            S, F = 2 * self.crosscoder_hooks, self.crosscoder_width
+            params = 2 * S * d * F + F + S * d
+            p["crosscoder training (float32, Adam)"] = params * 4 * 4
+            p["paired rows"] = self.crosscoder_tokens * S * d * 4
+        return p
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    def summary(self) -> str:
+        how = "two models" if self.two_models else f"one model plus an adapter ({self.adapter_bytes / 2**20:.1f} MiB)"
+        lines = [f"model pair ({how}), {self.base.dtype}, batch {self.base.batch} x {self.base.seq_len} tokens:"]
+        lines += [f"  {k:<38} {v / GiB:8.3f} GiB" for k, v in self.parts().items()]
+        lines.append(f"  {'total':<38} {self.total / GiB:8.3f} GiB of {self.base.available / GiB:.1f} GiB free on "
+                     f"{self.base.device}: {'fits' if self.total <= 0.9 * self.base.available else 'does NOT fit'}")
+        if not self.two_models:
+            lines.append("  (an adapter pair holds one copy of the weights: the fine-tune is the base plus the adapter)")
+        return "\n".join(lines)
+
+    def _dict_extra(self) -> dict:
+        return {"parts_bytes": self.parts(), "total_bytes": self.total}
+
+
+def estimate_pair(model_or_config: object, adapter_bytes: int = 0, two_models: bool = True,
+                  dtype: str | torch.dtype = "float32", batch: int = 8, seq_len: int = 64, crosscoder_width: int = 0,
+                  crosscoder_hooks: int = 1, crosscoder_tokens: int = 0) -> PairEstimate:
+    """:class:`PairEstimate` for diffing the base model ``model_or_config`` against a fine-tune held as its own model
+    (``two_models``) or as an adapter of ``adapter_bytes``."""
+    base = estimate_memory(model_or_config, dtype=dtype, batch=batch, seq_len=seq_len)
+    dims, _, _ = _dims_of(model_or_config)
+    return PairEstimate(base, two_models, int(adapter_bytes), int(crosscoder_width), int(crosscoder_hooks),
+                        int(crosscoder_tokens), int(dims["d_model"]))

@@ -254,3 +254,25 @@ def pack(model: HookedModel, texts: Iterable[str], seq_len: int, n_seqs: int | N
         raise InputError(f"{source} gave {n_tokens} tokens from {n_texts} text(s), fewer than one sequence of {seq_len} "
                          f"tokens; give more text or a shorter --seq-len")
     return torch.tensor(rows, dtype=torch.long)
+
+
+def document_starts(model: HookedModel, texts: Iterable[str], seq_len: int, n_docs: int,
+                    prepend_bos: bool | None = None, source: str = "the corpus") -> torch.Tensor:
+    """The first ``seq_len`` tokens of each of up to ``n_docs`` documents, one row each ``[n, seq_len]`` (BOS first with
+    BOS-using models): unlike :func:`pack`, every row starts where a document starts (what the activation-difference
+    lens reads). Documents shorter than a row are skipped; a clear error when none is long enough."""
+    tok = model.tokens.need_tokenizer()
+    bos = prepend_bos if prepend_bos is not None else model.cfg.default_prepend_bos
+    body = seq_len - (1 if bos else 0)
+    rows, seen = [], 0
+    for text in texts:
+        seen += 1
+        ids = tok(text, add_special_tokens=False).input_ids
+        if len(ids) >= body:
+            rows.append(([tok.bos_token_id] if bos else []) + ids[:body])
+            if len(rows) >= n_docs:
+                break
+    if not rows:
+        raise InputError(f"none of the {seen} documents of {source} has {body} tokens; give longer documents or a "
+                         "shorter --seq-len")
+    return torch.tensor(rows, dtype=torch.long)

@@ -268,3 +268,26 @@ def histogram_png(values: torch.Tensor | Sequence[float], path: str | os.PathLik
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     return save_figure(fig, path)
+
+
+def histogram_svg(values: Sequence[float], bins: int = 40, lo: float | None = None, hi: float | None = None,
+                  title: str = "", width: int = 480, height: int = 140) -> str:
+    """A histogram of ``values`` as an inline SVG fragment (no JavaScript, no file): what HTML reports embed."""
+    v = [float(x) for x in values if x == x]
+    if not v:
+        return ""
+    lo = min(v) if lo is None else lo
+    hi = max(v) if hi is None else hi
+    span = (hi - lo) or 1.0
+    counts = [0] * bins
+    for x in v:
+        counts[min(bins - 1, max(0, int((x - lo) / span * bins)))] += 1
+    top = max(counts) or 1
+    w = width / bins
+    bars = "".join(f"<rect x='{i * w:.1f}' y='{height - 20 - (height - 30) * c / top:.1f}' width='{max(w - 1, 1):.1f}' "
+                   f"height='{(height - 30) * c / top:.1f}' fill='#36c'><title>{lo + i * span / bins:.3g}.."
+                   f"{lo + (i + 1) * span / bins:.3g}: {c}</title></rect>" for i, c in enumerate(counts))
+    axis = (f"<text x='0' y='{height - 5}' font-size='10'>{esc(f'{lo:.3g}')}</text>"
+            f"<text x='{width - 30}' y='{height - 5}' font-size='10'>{esc(f'{hi:.3g}')}</text>")
+    return (f"<figure><figcaption>{esc(title)} (n={len(v)}; tallest bar {top})</figcaption>"
+            f"<svg width='{width}' height='{height}' role='img'>{bars}{axis}</svg></figure>")

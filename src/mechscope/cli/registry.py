@@ -29,6 +29,10 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "--prefixes": (1, None, False), "--l0": (1, None, False), "--lr": (0, None, True),
     "--l1": (0, None, False), "--l0-coefficient": (0, None, False), "--node-threshold": (0, 1, True),
     "--edge-threshold": (0, 1, True), "--target": (0, None, True), "--threshold": (None, None, False),
+    "--docs": (1, None, False), "--first": (1, None, False), "--alpha": (None, None, False),
+    "--crosscoder-width": (1, None, False), "--crosscoder-k": (1, None, False), "--crosscoder-steps": (1, None, False),
+    "--crosscoder-batch": (1, None, False), "--domain-seed": (0, None, False), "--words": (3, None, False),
+    "--rank": (1, None, False), "--crosscoder-tokens": (1, None, False),
 }
 
 

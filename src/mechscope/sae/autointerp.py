@@ -40,7 +40,6 @@ from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
 from ..core.result import Result
-from .data import harvest
 from .model import SAE
 
 if TYPE_CHECKING:
@@ -400,8 +399,10 @@ def explain_features(model: HookedModel, sae: SAE, tokens: torch.Tensor, feature
     if explainer is None:
         explainer = EndpointExplainer(explainer_url) if explainer_url else LocalExplainer(model)
     scorer = scorer or model
-    acts = harvest(model, sae.cfg.hook_name, tokens, skip_first=0, max_norm_ratio=None)  # [n*pos, d]
-    latents = sae.encode(acts)  # [n*pos, d_sae], once: it chooses the features and gives their activations
+    from .features import token_latents
+
+    # [n*pos, d] and [n*pos, d_sae], once: they choose the features and give their activations
+    acts, latents = token_latents(model, sae, tokens)
     if features is None:
         from .features import features_by_density
 

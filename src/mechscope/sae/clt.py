@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core.errors import InputError
 from . import kernels as K
-from .model import LossTerms, heaviside, jumprelu
+from .model import LossTerms, geometric_median, heaviside, jumprelu
 
 if TYPE_CHECKING:
     from ..core.model import HookedModel
@@ -398,15 +398,7 @@ class CrossLayerTranscoder(nn.Module):
             for s in range(self.cfg.n_layers):
                 pre = xs[:, s] @ self.W_enc[s] + self.b_enc[s]
                 self.log_threshold[s] = pre.flatten()[:2_000_000].quantile(q).clamp_min(1e-3).log()
-        ys = y * self.output_scale[:, None]
-        m = ys.mean(0)
-        if method == "geometric_median":
-            for _ in range(iters):
-                w = 1.0 / (ys - m).norm(dim=-1).clamp(min=1e-6)  # [B, L]
-                m = (w[..., None] * ys).sum(0) / w.sum(0)[:, None]
-        elif method != "mean":
-            raise InputError("method must be 'geometric_median' or 'mean'")
-        self.b_dec.copy_(m)
+        self.b_dec.copy_(geometric_median(y * self.output_scale[:, None], method, iters))
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:

@@ -34,6 +34,17 @@ def _token_acts(model: HookedModel, hook: str, tokens: torch.Tensor, batch_size:
     return harvest(model, hook, tokens, batch_size, skip_first=0, max_norm_ratio=None)
 
 
+def token_latents(model: HookedModel, sae: "SAE", tokens: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(acts [n * pos, width], latents [n * pos, d_sae])`` for every token of ``tokens [n, pos]``, in order: the
+    activations its encoder reads at ``sae.cfg.hook_name`` and its latents. A dictionary whose latents need more than
+    one hook of one model (a crosscoder's view, which reads two models) supplies its own ``token_latents``."""
+    own = getattr(sae, "token_latents", None)
+    if own is not None:
+        return own(tokens, batch_size)
+    acts = _token_acts(model, sae.cfg.hook_name, tokens, batch_size)
+    return acts, sae.encode(acts)
+
+
 @dataclass
 class Example:
     activation: float
@@ -195,9 +206,9 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
         pre = _Density(d)
         for s in bar(range(0, tokens.shape[0], batch_size), desc="feature density"):
             toks = tokens[s:s + batch_size]
-            acts = _token_acts(model, sae.cfg.hook_name, toks, batch_size)
+            acts, lat = token_latents(model, sae, toks, batch_size)
             keep = token_keep_mask(acts.reshape(toks.shape[0], P, -1), skip_first, max_norm_ratio)
-            pre.update(sae.encode(acts).reshape(toks.shape[0], P, d) * keep[..., None], keep)
+            pre.update(lat.reshape(toks.shape[0], P, d) * keep[..., None], keep)
         bands = features_by_density(pre.fire.float() / max(pre.n_tokens, 1), 20, seed)
         features = list(bands)
     elif features == "densest":
@@ -209,9 +220,9 @@ def feature_stats(model: HookedModel, sae: SAE, tokens: torch.Tensor, features: 
     hists: dict[int, _Histogram] = {}
     for s in range(0, tokens.shape[0], batch_size):
         toks = tokens[s:s + batch_size]
-        acts = _token_acts(model, sae.cfg.hook_name, toks, batch_size)
+        acts, lat = token_latents(model, sae, toks, batch_size)
         keep = token_keep_mask(acts.reshape(toks.shape[0], P, -1), skip_first, max_norm_ratio)
-        f = sae.encode(acts).reshape(toks.shape[0], P, d) * keep[..., None]
+        f = lat.reshape(toks.shape[0], P, d) * keep[..., None]
         density.update(f, keep)
         if features is None:
             live = torch.nonzero(density.fire > 0).flatten()

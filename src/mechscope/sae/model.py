@@ -183,6 +183,20 @@ def heaviside(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> t
     return _Step.apply(pre, threshold, bandwidth)
 
 
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, method: str = "geometric_median", iters: int = 50) -> torch.Tensor:
+    """``[n, ..., d] -> [..., d]``: the point minimising ``Σ_i ||x_i - m||`` for each index of ``...`` (Weiszfeld's
+    iterations from the mean), or the mean with ``method="mean"``: where a decoder bias starts."""
+    m = x.mean(0)
+    if method == "geometric_median":
+        for _ in range(iters):
+            w = 1.0 / (x - m).norm(dim=-1).clamp(min=1e-6)  # [n, ...]
+            m = (w[..., None] * x).sum(0) / w.sum(0)[..., None]
+    elif method != "mean":
+        raise InputError("method must be 'geometric_median' or 'mean'")
+    return m
+
+
 class SAE(nn.Module):
     """A sparse autoencoder over ``[..., d_in]`` activations; see the module docstring for the maths."""
 
@@ -358,15 +372,7 @@ class SAE(nn.Module):
     def init_b_dec(self, x: torch.Tensor, method: str = "geometric_median", iters: int = 50) -> None:
         """Set ``b_dec`` to the geometric median (Weiszfeld iterations) or the mean of the scaled decoder
         target ``[n, d_out]`` (the inputs for an SAE, the outputs for a transcoder)."""
-        x = self.scale_out(x.float())
-        m = x.mean(0)
-        if method == "geometric_median":
-            for _ in range(iters):
-                w = 1.0 / (x - m).norm(dim=-1).clamp(min=1e-6)
-                m = (w[:, None] * x).sum(0) / w.sum()
-        elif method != "mean":
-            raise InputError("method must be 'geometric_median' or 'mean'")
-        self.b_dec.copy_(m)
+        self.b_dec.copy_(geometric_median(self.scale_out(x.float()), method, iters))
 
     @torch.no_grad()
     def fit_input_scale(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:

@@ -1,7 +1,8 @@
 """Train a dictionary on activations, with monitoring, checkpoints and exact resume. The LM is never seen here.
 
-A dictionary is an SAE, a transcoder (:class:`~mechscope.sae.model.SAE`) or a cross-layer transcoder
-(:class:`~mechscope.sae.clt.CrossLayerTranscoder`): one trainer serves them all, through the methods they share
+A dictionary is an SAE, a transcoder (:class:`~mechscope.sae.model.SAE`), a cross-layer transcoder
+(:class:`~mechscope.sae.clt.CrossLayerTranscoder`) or a crosscoder (:class:`~mechscope.sae.crosscoder.Crosscoder`): one
+trainer serves them all, through the methods they share
 (``step_loss``, ``init_from_sample``, ``scaled_target``, ``set_decoder_norm_to_unit``, ``remove_parallel_grad``).
 The trainer reads an :class:`~mechscope.sae.data.ActivationSource` (or an in-memory tensor of
 activations, sampled with replacement) and returns a :class:`TrainResult`: the SAE plus its
@@ -37,6 +38,7 @@ from ..core.progress import bar
 from ..core.result import Result
 from ..distributed import Dist
 from .clt import CLTConfig, CrossLayerTranscoder
+from .crosscoder import Crosscoder, CrosscoderConfig
 from .data import ActivationSource, PartitionedSource, default_partitions
 from .model import SAE, LossTerms, SAEConfig
 
@@ -108,8 +110,7 @@ class TrainResult(Result):
 
     def summary(self) -> str:
         c = self.sae.cfg
-        what = (f"{c.kind.upper()} ({c.architecture}), {c.n_layers} layers x {c.d_sae} features" if isinstance(c, CLTConfig)
-                else f"{c.architecture} SAE, {c.d_in} -> {c.d_sae} latents")
+        what = _what(c)
         head = f"{what}, {self.steps} steps on {self.tokens_seen} tokens"
         if not self.history:
             return head
@@ -119,6 +120,15 @@ class TrainResult(Result):
 
     def _dict_extra(self) -> dict:
         return {"config": self.sae.cfg.to_dict(), "dead_fraction": float((self.log10_density <= -10).float().mean())}
+
+
+def _what(c: "SAEConfig | CLTConfig | CrosscoderConfig") -> str:
+    """A dictionary config in a few words (a result's summary)."""
+    if isinstance(c, CLTConfig):
+        return f"{c.kind.upper()} ({c.architecture}), {c.n_layers} layers x {c.d_sae} features"
+    if isinstance(c, CrosscoderConfig):
+        return f"{c.architecture} crosscoder, {c.n_sources} sources x {c.d_model} -> {c.d_sae} latents"
+    return f"{c.architecture} SAE, {c.d_in} -> {c.d_sae} latents"
 
 
 @dataclass
@@ -141,15 +151,20 @@ def split_pairs(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor |
     return sae.split_rows(x)
 
 
-def build_dictionary(cfg: "SAEConfig | CLTConfig", seed: int = 0) -> "SAE | CrossLayerTranscoder":
-    """The dictionary a config describes, initialised with ``seed``: an :class:`SAE` (or transcoder) or a
-    :class:`~mechscope.sae.clt.CrossLayerTranscoder`. Everything the trainer does goes through the methods both
-    share (``step_loss``, ``init_from_sample``, ``scaled_target``, the decoder-norm constraint)."""
-    if isinstance(cfg, CLTConfig):
-        return CrossLayerTranscoder(cfg, seed=seed)
-    if isinstance(cfg, SAEConfig):
-        return SAE(cfg, seed=seed)
-    raise InputError(f"the trainer takes an SAEConfig or a CLTConfig, got {type(cfg).__name__}")
+#: each dictionary config and the dictionary it describes
+DICTIONARIES = {SAEConfig: SAE, CLTConfig: CrossLayerTranscoder, CrosscoderConfig: Crosscoder}
+
+
+def build_dictionary(cfg: "SAEConfig | CLTConfig | CrosscoderConfig", seed: int = 0) -> "SAE | CrossLayerTranscoder | Crosscoder":
+    """The dictionary a config describes, initialised with ``seed``: an :class:`SAE` (or transcoder), a
+    :class:`~mechscope.sae.clt.CrossLayerTranscoder` or a :class:`~mechscope.sae.crosscoder.Crosscoder`. Everything the
+    trainer does goes through the methods they share (``step_loss``, ``init_from_sample``, ``scaled_target``, the
+    decoder-norm constraint)."""
+    kind = DICTIONARIES.get(type(cfg))
+    if kind is None:
+        raise InputError(f"the trainer takes one of {', '.join(c.__name__ for c in DICTIONARIES)}, got "
+                         f"{type(cfg).__name__}")
+    return kind(cfg, seed=seed)
 
 
 @dataclass
@@ -171,6 +186,18 @@ def _checkpoint_path(out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
+#: where dictionaries trained in lockstep keep their one checkpoint (in the first one's parent folder)
+LOCKSTEP_CHECKPOINT = "lockstep_checkpoint.pt"
+
+
+def _lockstep_path(outs: "list[Path | None]") -> Path | None:
+    """One run's checkpoint file: ``out/checkpoint.pt`` for one dictionary, ``<parent>/lockstep_checkpoint.pt`` for
+    several (one file, written atomically, so the dictionaries can never be saved at different steps)."""
+    if not outs or outs[0] is None:
+        return None
+    return _checkpoint_path(outs[0]) if len(outs) == 1 else outs[0].parent / LOCKSTEP_CHECKPOINT
+
+
 # Settings a resumed run may change: how long it runs, how often it logs and checkpoints, and where it logs.
 RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "wandb_project")
 
@@ -181,14 +208,17 @@ def _settings(sae: SAE, train: TrainConfig) -> dict:
             "train": json.loads(json.dumps(dataclasses.asdict(train), default=str))}
 
 
-def _save_checkpoint(out: Path, trainer: "SAETrainer", source, dist: Dist) -> None:
-    """Every rank takes part (the source's state is gathered); rank 0 alone writes, atomically."""
+def _save_checkpoint(path: Path, trainers: "list[SAETrainer]", source, dist: Dist) -> None:
+    """Every rank takes part (the source's state is gathered); rank 0 alone writes, atomically. One dictionary's
+    checkpoint is its trainer's dict plus the source's state; several share one file (``"trainers"``)."""
     src = source.state_dict()
     if not dist.is_main:
         return
     buf = io.BytesIO()
-    torch.save({**trainer.checkpoint(), "source": src, "world": dist.world}, buf)
-    atomic_write(_checkpoint_path(out), buf.getvalue())
+    body = trainers[0].checkpoint() if len(trainers) == 1 else \
+        {"trainers": [t.checkpoint() for t in trainers], "step": trainers[0].state.step}
+    torch.save({**body, "source": src, "world": dist.world}, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def _check_settings(path: Path, saved: dict, now: dict) -> None:
@@ -220,35 +250,49 @@ def _read_log(log: Path, upto: int) -> list[str]:
     return kept
 
 
-def _resume(trainer: "SAETrainer", source, out: Path, dist: Dist) -> None:
-    """Continue ``trainer`` and ``source`` from the checkpoint in ``out``, after checking it matches this run (rank 0
+def _resume(trainers: "list[SAETrainer]", source, path: Path, outs: "list[Path]", dist: Dist) -> None:
+    """Continue ``trainers`` and ``source`` from the checkpoint at ``path``, after checking it matches this run (rank 0
     reads, all receive)."""
-    path = _checkpoint_path(out)
-    if dist.is_main:  # a run killed while writing leaves temporary files beside the checkpoint and log
+    if dist.is_main:  # a run killed while writing leaves temporary files beside the checkpoint and logs
         clear_leftovers(path)
-        clear_leftovers(out / "log.jsonl")
+        for out in outs:
+            clear_leftovers(out / "log.jsonl")
     ck = dist.broadcast(read_torch(path, "the SAE training checkpoint") if dist.is_main else None)
-    if not isinstance(ck, dict) or not {"sae", "opt", "source", "step"} <= set(ck):
-        has = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
-        raise InputError(f"{path} is not a mechscope SAE training checkpoint (it has {has})")
-    if "settings" in ck:
-        _check_settings(path, json.loads(ck["settings"]), _settings(trainer.sae, trainer.train))
-    trainer.load_checkpoint(ck, str(path))
+    if len(trainers) == 1:
+        cks = [ck]
+    elif isinstance(ck, dict) and isinstance(ck.get("trainers"), list) and len(ck["trainers"]) == len(trainers):
+        cks = ck["trainers"]
+    else:
+        n = len(ck["trainers"]) if isinstance(ck, dict) and isinstance(ck.get("trainers"), list) else "no"
+        raise InputError(f"{path} holds {n} dictionaries' states, this run trains {len(trainers)} in lockstep; resume "
+                         "with the original configs or train into a new folder")
+    for one in cks:
+        if not isinstance(one, dict) or not {"sae", "opt", "step"} <= set(one) or "source" not in ck:
+            has = sorted(one) if isinstance(one, dict) else type(one).__name__
+            raise InputError(f"{path} is not a mechscope SAE training checkpoint (it has {has})")
+    for trainer, one in zip(trainers, cks):
+        if "settings" in one:
+            _check_settings(path, json.loads(one["settings"]), _settings(trainer.sae, trainer.train))
+        trainer.load_checkpoint(one, str(path))
     source.load_state_dict(ck["source"])
-    log = out / "log.jsonl"
-    if dist.is_main and log.exists():  # drop records of steps that will be run again
-        atomic_write(log, "".join(ln + "\n" for ln in _read_log(log, trainer.state.step)))
+    for trainer, out in zip(trainers, outs):
+        log = out / "log.jsonl"
+        if dist.is_main and log.exists():  # drop records of steps that will be run again
+            atomic_write(log, "".join(ln + "\n" for ln in _read_log(log, trainer.state.step)))
 
 
-def _start(trainer: "SAETrainer", source, out: Path | None, resume: bool, dist: Dist) -> None:
+def _start(trainers: "list[SAETrainer]", source, outs: "list[Path | None]", resume: bool, dist: Dist) -> None:
     """A fresh run (input scale and ``b_dec`` fitted on a sample) or the state of the last checkpoint."""
-    has_ck = dist.broadcast(bool(resume and out is not None and _checkpoint_path(out).exists()))
+    path = _lockstep_path(outs)
+    has_ck = dist.broadcast(bool(resume and path is not None and path.exists()))
     if has_ck:
-        return _resume(trainer, source, out, dist)
-    trainer.init(source.sample(4096))
-    if out is not None and dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "log.jsonl").unlink(missing_ok=True)
+        return _resume(trainers, source, path, outs, dist)
+    sample = source.sample(4096)
+    for trainer, out in zip(trainers, outs):
+        trainer.init(sample)
+        if out is not None and dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "log.jsonl").unlink(missing_ok=True)
 
 
 def _global_terms(sae: SAE, x: torch.Tensor, terms: LossTerms, weight: float, dist: Dist) -> dict:
@@ -437,12 +481,13 @@ def _source(source: ActivationSource | torch.Tensor, cfg: SAEConfig, train: Trai
     return source
 
 
-def fit_sae(source: ActivationSource | torch.Tensor, cfg: "SAEConfig | CLTConfig", train: TrainConfig | None = None,
-            out: str | Path | None = None, resume: bool = False, progress: bool = True,
-            stop_after: int | None = None, dist: Dist | None = None) -> TrainResult:
-    """Train an SAE, a transcoder or a cross-layer transcoder (``cfg``: an :class:`SAEConfig` or a
-    :class:`~mechscope.sae.clt.CLTConfig`) for ``train.steps`` batches from ``source`` (a tensor ``[n, row width]``
-    is sampled with replacement; a CLT's rows are :func:`~mechscope.sae.data.harvest_bundle`'s).
+def fit_sae(source: ActivationSource | torch.Tensor, cfg: "SAEConfig | CLTConfig | CrosscoderConfig",
+            train: TrainConfig | None = None, out: str | Path | None = None, resume: bool = False,
+            progress: bool = True, stop_after: int | None = None, dist: Dist | None = None) -> TrainResult:
+    """Train an SAE, a transcoder, a cross-layer transcoder or a crosscoder (``cfg``: an :class:`SAEConfig`, a
+    :class:`~mechscope.sae.clt.CLTConfig` or a :class:`~mechscope.sae.crosscoder.CrosscoderConfig`) for ``train.steps``
+    batches from ``source`` (a tensor ``[n, row width]`` is sampled with replacement; a CLT's rows are
+    :func:`~mechscope.sae.data.harvest_bundle`'s).
 
     With ``out``: JSON-lines monitoring in ``out/log.jsonl`` every ``log_every`` steps and a
     checkpoint every ``checkpoint_every`` steps; ``resume=True`` continues from the checkpoint.
@@ -456,43 +501,73 @@ def fit_sae(source: ActivationSource | torch.Tensor, cfg: "SAEConfig | CLTConfig
     (:func:`~mechscope.sae.data.default_partitions`: ``min(64, rows, batch_size)``) does not depend on the
     number of ranks, so the same call gives the same SAE on 1 rank and on 2.
     """
+    return fit_saes(source, [cfg], train, [out], resume, progress, stop_after, dist)[0]
+
+
+def fit_saes(source: ActivationSource | torch.Tensor, cfgs: list, train: TrainConfig | None = None,
+             outs: "list[str | Path | None] | None" = None, resume: bool = False, progress: bool = True,
+             stop_after: int | None = None, dist: Dist | None = None) -> list[TrainResult]:
+    """:func:`fit_sae` for several dictionaries in lockstep (a sweep of widths, ``k`` or seeds over one set of rows):
+    every step draws one batch and each dictionary takes its step on it, so each ends as it would trained alone on the
+    same stream, and the rows are read once. ``outs``: a folder per dictionary (logs there; the one checkpoint of the
+    sweep is ``lockstep_checkpoint.pt`` beside them, so all resume from the same step)."""
     train = train or TrainConfig()
     dist = dist or Dist.single()
-    if (isinstance(cfg, CLTConfig) or cfg.is_transcoder) and train.resample_every:
-        raise InputError("resample_every is for ReLU SAEs; a transcoder uses AuxK (TopK/BatchTopK) against dead latents")
+    if not cfgs:
+        raise InputError("fit_saes needs at least one dictionary config")
+    outs = [None] * len(cfgs) if outs is None else [Path(o) if o is not None else None for o in outs]
+    if len(outs) != len(cfgs) or (len(cfgs) > 1 and any(o is None for o in outs) and any(o is not None for o in outs)):
+        raise InputError(f"give one output folder per dictionary ({len(cfgs)}), or none")
+    if len(cfgs) > 1 and outs[0] is not None and len({o.parent for o in outs}) > 1:
+        raise InputError("dictionaries trained in lockstep keep their folders side by side (one parent folder, where "
+                         "their one checkpoint lives)")
+    widths = {c.row_width for c in cfgs}
+    if len(widths) > 1:
+        raise InputError(f"dictionaries trained in lockstep read the same rows; their row widths differ ({sorted(widths)})")
+    for cfg in cfgs:
+        if train.resample_every and (not isinstance(cfg, SAEConfig) or cfg.is_transcoder):
+            raise InputError("resample_every is for ReLU SAEs; a transcoder or crosscoder uses AuxK (TopK/BatchTopK) "
+                             "against dead latents")
     if dist.active and train.resample_every:
         raise InputError("resample_every (dead-latent resampling of ReLU SAEs) is not supported across ranks; "
                          "use a TopK/BatchTopK SAE with AuxK, or train in one process")
-    source = _source(source, cfg, train, dist)
+    source = _source(source, cfgs[0], train, dist)
     local_rows = getattr(source, "local_rows", train.batch_size)
-    out = Path(out) if out is not None else None
     on_cpu = dist.device.type == "cpu"  # the sparse kernels: faster on CPU only
-    trainer = SAETrainer(cfg, train, dist, sparse=train.sparse if train.sparse is not None else (
-        isinstance(cfg, CLTConfig) or on_cpu and cfg.dtype in ("float32", "float64")), out=out)
-    _start(trainer, source, out, resume, dist)
-    st = trainer.state
-    steps = range(st.step, train.steps if stop_after is None else min(train.steps, st.step + stop_after))
+    trainers = [SAETrainer(cfg, train, dist, sparse=train.sparse if train.sparse is not None else (
+        not isinstance(cfg, SAEConfig) or on_cpu and cfg.dtype in ("float32", "float64")), out=out)
+        for cfg, out in zip(cfgs, outs)]
+    _start(trainers, source, outs, resume, dist)
+    ck_path = _lockstep_path(outs)
+    first = trainers[0].state
+    steps = range(first.step, train.steps if stop_after is None else min(train.steps, first.step + stop_after))
     if progress and dist.is_main:
-        what = f"{cfg.kind.upper()} {cfg.architecture}" if isinstance(cfg, CLTConfig) else f"SAE {cfg.architecture}"
+        cfg = cfgs[0]
+        what = f"SAE {cfg.architecture}" if isinstance(cfg, SAEConfig) else f"{cfg.kind.upper()} {cfg.architecture}"
+        what = what if len(cfgs) == 1 else f"{len(cfgs)} dictionaries in lockstep"
         steps = bar(steps, desc=what + (f" on {dist.world} ranks" if dist.active else ""),
-                    initial=st.step, total=train.steps)
-    run, history = _wandb_run(train, cfg) if dist.is_main else None, []
+                    initial=first.step, total=train.steps)
+    runs = [_wandb_run(train, c) if dist.is_main else None for c in cfgs]
+    histories: list[list[dict]] = [[] for _ in cfgs]
     for _ in steps:
         x = next(source)
-        terms = trainer.step(x, train.batch_size if dist.active else None)
-        if out is not None and trainer.state.step % train.log_every == 0:
-            rec = _log_record(trainer.sae, x, terms, trainer.state, train, dist, local_rows / train.batch_size)
-            history.append(rec)
-            if dist.is_main:
-                with open(out / "log.jsonl", "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-            if run is not None:
-                run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=trainer.state.step)
-        if out is not None and (trainer.state.step % train.checkpoint_every == 0 or trainer.state.step == train.steps):
-            _save_checkpoint(out, trainer, source, dist)  # and at the end: --resume with more --steps continues
-    if run is not None:
-        run.finish()
-    return trainer.result(history)
+        for trainer, out, run, history in zip(trainers, outs, runs, histories):
+            terms = trainer.step(x, train.batch_size if dist.active else None)
+            if out is not None and trainer.state.step % train.log_every == 0:
+                rec = _log_record(trainer.sae, x, terms, trainer.state, train, dist, local_rows / train.batch_size)
+                history.append(rec)
+                if dist.is_main:
+                    with open(out / "log.jsonl", "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                if run is not None:
+                    run.log({k: v for k, v in rec.items() if k != "log10_density_hist"}, step=trainer.state.step)
+        step = trainers[0].state.step
+        if ck_path is not None and (step % train.checkpoint_every == 0 or step == train.steps):
+            _save_checkpoint(ck_path, trainers, source, dist)  # and at the end: --resume with more --steps continues
+    for run in runs:
+        if run is not None:
+            run.finish()
+    return [t.result(h) for t, h in zip(trainers, histories)]
 
 
 def train_sae(acts: ActivationSource | torch.Tensor, cfg: SAEConfig, train: TrainConfig | None = None,

@@ -35,6 +35,11 @@ STORABLE = {cls.__name__: cls for cls in (PatchResult, Estimate, FaithfulnessCur
 _TAG = "__mechscope_dataclass__"
 
 
+def register_storable(*classes: type) -> None:
+    """Let stages hold these dataclasses too (a workflow's own results), rebuilt field by field."""
+    STORABLE.update({c.__name__: c for c in classes})
+
+
 def _encode(x):
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         if type(x).__name__ not in STORABLE:
@@ -76,15 +81,19 @@ def dataset_fingerprint(data: TaskDataset) -> str:
 class StageCache:
     """Stages of one investigation of ``data`` on ``model`` under ``folder`` (``folder/<stage>-<key>.pt``).
 
+    ``base``: the content key of another kind of run (a model pair and its corpus: ``mechscope diff``) in place of
+    ``model`` and ``data``.
+
     Call it as ``find_circuit``'s ``memo``: ``cache(name, params, compute)`` returns the stored value when
     a stage with this name and these parameters was finished before, else computes and stores it.
     ``hits`` and ``misses`` list the stage names, for the report and the tests; ``enabled=False`` computes
     everything and stores nothing.
     """
 
-    def __init__(self, folder: str | Path, model: HookedModel, data: TaskDataset, enabled: bool = True):
+    def __init__(self, folder: str | Path, model: HookedModel | None = None, data: TaskDataset | None = None,
+                 enabled: bool = True, base: dict | None = None):
         self.folder, self.enabled = Path(folder), enabled
-        self.base = {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}
+        self.base = base if base is not None else {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}
         self.hits: list[str] = []
         self.misses: list[str] = []
 

@@ -3,4 +3,4 @@
 Importing this package registers them all, in the order ``mechscope --help`` lists them.
 """
 
-from . import model, techniques, circuits, sae, graphs, projects  # noqa: F401, I001  (registration order)
+from . import model, techniques, circuits, sae, graphs, diffing, projects  # noqa: F401, I001  (registration order)
