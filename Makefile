@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-synth bench-sae-eval bench-ct bench-clt bench-long-prompt bench-transcoders gpu-check compat clean
+.PHONY: install demo test test-fast lint bench bench-tl bench-saelens bench-saelens-roundtrip bench-synth bench-sae-eval bench-ct bench-clt bench-diff bench-diff-formats bench-long-prompt bench-transcoders gpu-check compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,19 @@ bench-ct: $(STAMP)
 # (about 2 h on 2 cores; resumable; keeps the last CLT for bench-ct's CLT section)
 bench-clt: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_clt.py
+
+# model diffing on organisms with a known answer (SmolLM2 fine-tuned on an invented domain, and its control):
+# every method's recovery score with intervals over seeds, Latent Scaling L1 vs BatchTopK, stage times (~30 min)
+bench-diff: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_diff.py
+
+# peft 0.21 and crosscoder_learning's dictionary_learning in their own venv: adapters and crosscoders both ways
+# (DL_REPO: a git checkout of github.com/science-of-finetuning/crosscoder_learning)
+bench-diff-formats: $(STAMP)
+	test -x bench/.venv-diff/bin/python || $(PYTHON) -m venv bench/.venv-diff
+	bench/.venv-diff/bin/python -m pip install -q "$(TORCH)" "transformers>=5,<6" "peft==0.21.*" einops \
+		huggingface_hub safetensors datasets zstandard
+	$(PY) bench/bench_diff_formats.py --dl-repo "$(DL_REPO)"
 
 # attribution graphs on long prompts: peak memory against prompt length, the largest prompt within 8 GiB
 bench-long-prompt: $(STAMP)

@@ -64,6 +64,20 @@ def clt_configs(name: str):
     return cfg, TrainConfig(steps=steps, batch_size=96, lr=2e-3, partitions=2, dead_window=300)
 
 
+# crosscoders over a model pair's paired rows [base | fine-tune]: BatchTopK (8 steps, as for the CLT above) and L1
+CROSSCODER_JOBS = {"cc_batchtopk": (dict(architecture="batchtopk", k=4), 8),
+                   "cc_l1": (dict(architecture="relu", l1_coefficient=0.05), 20)}
+
+
+def crosscoder_configs(name: str):
+    from mechscope.sae import TrainConfig
+    from mechscope.sae.crosscoder import CrosscoderConfig
+
+    kw, steps = CROSSCODER_JOBS[name]
+    return (CrosscoderConfig(d_model=16, d_sae=48, hooks=("blocks.1.hook_resid_post",), **kw),
+            TrainConfig(steps=steps, batch_size=96, lr=2e-3, partitions=2, dead_window=300))
+
+
 def configs(name: str):
     from mechscope.sae import SAEConfig, TrainConfig
 
@@ -126,6 +140,13 @@ def run(rank: int, world: int, port: int, out: str, job: str) -> None:
             rows = planted_clt_rows()
             for name in CLT_JOBS:
                 cfg, tc = clt_configs(name)
+                res = fit_sae(rows, cfg, tc, progress=False, dist=dist)
+                if dist.is_main:
+                    _save(res.sae, out / f"{name}.safetensors")
+        elif job == "crosscoder":  # crosscoders on 2 ranks: BatchTopK selects on c_j f_j over the whole batch
+            rows = planted(n=1500, d=32)
+            for name in CROSSCODER_JOBS:
+                cfg, tc = crosscoder_configs(name)
                 res = fit_sae(rows, cfg, tc, progress=False, dist=dist)
                 if dist.is_main:
                     _save(res.sae, out / f"{name}.safetensors")

@@ -308,6 +308,20 @@ def test_crosscoders_train_in_lockstep_as_they_would_alone_and_resume_exactly(tm
         fit_saes(rows, [a, b, a], tc, outs=outs + [tmp_path / "c"], resume=True, progress=False)
 
 
+def test_two_ranks_train_the_one_process_crosscoder(tmp_path):
+    from dist_worker import CROSSCODER_JOBS, crosscoder_configs, planted
+    from test_distributed import _spawn
+
+    _spawn("crosscoder", tmp_path)
+    for name in CROSSCODER_JOBS:
+        cfg, tc = crosscoder_configs(name)
+        one = fit_sae(planted(n=1500, d=32), cfg, tc, progress=False).sae.state_dict()
+        two = load_file(str(tmp_path / f"{name}.safetensors"))
+        for k, v in one.items():
+            torch.testing.assert_close(two[k], v, rtol=0, atol=1e-5, msg=f"{name}: {k}")
+        assert float((one["W_dec"] - Crosscoder(cfg, seed=tc.seed).W_dec.detach()).abs().max()) > 1e-3  # it trained
+
+
 def test_a_crosscoder_on_a_pair_trains_evaluates_and_classifies(pair, tmp_path):
     toks = _docs(24)
     cfg = crosscoder_config(pair, 64, architecture="batchtopk", k=4)
@@ -451,3 +465,35 @@ def test_mechscope_diff_refuses_bad_arguments_before_loading(tmp_path, capsys):
     assert "--docs: must be at least 1" in capsys.readouterr().err
     assert main(["diff", "no-such-model", "x", "--methods", "kl,klx", "--quiet"]) == 2
     assert "unknown ['klx']" in capsys.readouterr().err
+
+
+def test_crosscoder_latents_get_dashboards_through_the_view(pair, tmp_path):
+    from mechscope.diffing.crosscoding import CrosscoderView
+    from mechscope.sae.features import feature_stats, write_dashboards
+
+    toks = _docs(8)
+    cc = Crosscoder(crosscoder_config(pair, 32, architecture="relu"), seed=0)
+    view = CrosscoderView(pair, cc)
+    acts, lat = view.token_latents(toks)
+    assert acts.shape == (8 * 12, 32) and lat.shape == (8 * 12, 32)
+    rows = harvest_pair(pair, [HOOK], toks, keep_all=True)
+    assert torch.allclose(lat, cc.encode(cc.split_rows(rows)), atol=1e-6)  # both models read, in token order
+    live = torch.nonzero((lat > 0).sum(0)).flatten()[:2].tolist()
+    with pair.side("ft") as m:
+        stats = feature_stats(m, view, toks, features=live)
+        page = write_dashboards(m, view, stats, tmp_path / "dash")
+    assert page.is_file() and all((tmp_path / "dash" / f"feature_{f}.html").is_file() for f in live)
+    with pytest.raises(InputError, match="both models"):
+        view.encode(acts)
+
+
+def test_estimate_covers_a_pair(capsys):
+    from mechscope.cli import main
+
+    assert main(["estimate", "--finetuned", str(FIX / "peft" / "lora"), "--crosscoder-width", "1024", "--json",
+                 "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    parts = data["pair"]["parts_bytes"]
+    assert data["pair"]["two_models"] is False and parts["weights"] == data["weights"] + \
+        (FIX / "peft" / "lora" / "adapter_model.safetensors").stat().st_size
+    assert parts["crosscoder training (float32, Adam)"] == (2 * 2 * 576 * 1024 + 1024 + 2 * 576) * 16

@@ -130,8 +130,12 @@ def train_crosscoder(pair: ModelPair, tokens: torch.Tensor, cfgs: "CrosscoderCon
         raise InputError(f"{parts} partitions for {dist.world} ranks: each rank needs one; give more sequences")
     source = PartitionedSource(pair_partitions(pair, cfgs[0], tokens, parts, dist), parts, train.batch_size,
                                train.seed, dist)
-    outs = out if isinstance(out, (list, tuple)) else ([out] if out is None or not many else
-                                                        [Path(out) / f"crosscoder_{i}" for i in range(len(cfgs))])
+    if isinstance(out, (list, tuple)):
+        outs = list(out)
+    elif out is None:
+        outs = [None] * len(cfgs)
+    else:
+        outs = [Path(out) / f"crosscoder_{i}" for i in range(len(cfgs))] if many else [out]
     if len(outs) != len(cfgs):
         raise InputError(f"{len(outs)} output folders for {len(cfgs)} crosscoders")
     results = fit_saes(source, cfgs, train, outs=outs, resume=resume, progress=progress, stop_after=stop_after,

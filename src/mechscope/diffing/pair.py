@@ -75,6 +75,17 @@ class ModelPair(Result):
     def name(self, which: str) -> str:
         return self.base_name if which == "base" else self.ft_name
 
+    def close(self) -> None:
+        """Take the adapter's hooks out of the base model (it is the plain base model again); nothing for two models."""
+        if self.adapter is not None:
+            self.adapter.detach()
+
+    def __enter__(self) -> "ModelPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def require_same_vocab(self, method: str) -> None:
         """A clear error when ``method`` compares next-token distributions and the vocabularies differ."""
         if not self.same_vocab:

@@ -105,6 +105,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
     ids = domain_token_ids(pair.base, domain) if domain is not None and pair.tokenizer is not None else None
     scores: dict[str, float] = {}
     t0 = time.time()
+    clock = _Clock()
     n = tokens.shape[0]
     stage(f"diff 1/{len(methods) + 2}: the pair")
     lines = [pair.summary(), f"corpus: {corpus_desc}: {n} documents, the first {tokens.shape[1]} tokens of each"]
@@ -121,6 +122,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
                                   f"{pair.ft_name or 'its fine-tune'}?", "#pair")
     rep.checklist.add("technique", f"model diffing: {', '.join(methods)}", "#pair")
     if "weights" in methods:
+        clock("weights")
         stage("diff: weight differences")
         wd = cache("weights", {}, lambda: W.weight_diff(pair))
         sec = Section("where the weights changed", wd.summary(), key="weights")
@@ -132,6 +134,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         rep.metrics["weights_changed"] = len(wd.modules)
     ln = None
     if "norms" in methods:
+        clock("norms")
         stage("diff: per-layer activation differences")
         ln = cache("norms", {}, lambda: A.layer_norms(pair, tokens))
         sec = Section("where the activations changed", ln.summary(), key="norms")
@@ -145,6 +148,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         rep.checklist.add("alternatives", "per-layer differences beside a split-half noise floor", "#norms")
     kld = None
     if "kl" in methods:
+        clock("kl")
         stage("diff: next-token distributions")
         if pair.same_vocab:
             kld = cache("kl", {}, lambda: KL.kl_diff(pair, tokens))
@@ -168,6 +172,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
                             key="kl"))
     adl = None
     if "adl" in methods:
+        clock("adl")
         stage("diff: the activation-difference lens")
 
         def run_adl():
@@ -198,6 +203,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
                     scores["adl_steering"] = text_recovery(r.texts, ids, pair.base)
                     scores["adl_steering_control"] = text_recovery(r.control_texts, ids, pair.base)
     if "crosscoder" in methods:
+        clock("crosscoder")
         _crosscoder_stage(rep, pair, tokens, crosscoder_tokens, held_out, out, hook, crosscoder_width, crosscoder_k,
                           crosscoder_steps, crosscoder_batch, crosscoder_archs, l1_coefficient, n_dashboards, seed,
                           resume, cache, ids, scores)
@@ -206,14 +212,32 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         rep.add(Section("recovery of the organism's known domain", "the share of each method's top outputs that are "
                         f"domain tokens ({len(ids or [])} token ids from {domain.words}):\n{text}", key="recovery"))
         rep.metrics["recovery"] = scores
+    clock("report")
     _next_steps(rep, pair, kld, adl, methods)
-    rep.metrics.update(stages_reused=sorted(set(cache.hits)), stages_computed=sorted(set(cache.misses)),
+    rep.metrics.update(stage_seconds=clock.done(), stages_reused=sorted(set(cache.hits)),
+                       stages_computed=sorted(set(cache.misses)),
                        diff_seconds=round(time.time() - t0, 1), n_docs=n, methods=methods)
     from .report import reproducibility
 
     reproducibility(rep, pair.base, seed, n)
     rep.write(out)
     return rep
+
+
+class _Clock:
+    """Seconds per stage: each call starts a stage and ends the one before."""
+
+    def __init__(self):
+        self.t, self.name, self.seconds = time.perf_counter(), "pair", {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.name] = round(self.seconds.get(self.name, 0.0) + now - self.t, 2)
+        self.t, self.name = now, name
+
+    def done(self) -> dict:
+        self("")
+        return {k: v for k, v in self.seconds.items() if k}
 
 
 def _tokens_key(tokens: torch.Tensor) -> str:

@@ -61,7 +61,12 @@ def info_cmd(args: argparse.Namespace) -> Result:
                                                  "--seq-len tokens: a published name (its sizes from mechscope's table; "
                                                  "`mechscope info --replacements` lists them), a folder or a cached "
                                                  "hf:// one (sizes from its files' headers)"),
-         arg("--l0", type=int, default=32, help="--transcoders: active features per layer and token assumed"))
+         arg("--l0", type=int, default=32, help="--transcoders: active features per layer and token assumed"),
+         arg("--finetuned", default=None, help="also estimate diffing the model against this fine-tune: a model (two "
+                                              "copies of the weights) or a PEFT adapter folder (one copy plus the "
+                                              "adapter)"),
+         arg("--crosscoder-width", type=int, default=None, help="--finetuned: also a crosscoder of this many latents"),
+         arg("--crosscoder-tokens", type=int, default=65536, help="--finetuned: the crosscoder's training tokens"))
 def estimate_cmd(args: argparse.Namespace) -> Result:
     from ...compute import config_for, estimate_memory, estimate_replacement, gpu_fit
     from ...loading import DEFAULT_MODEL
@@ -87,6 +92,19 @@ def estimate_cmd(args: argparse.Namespace) -> Result:
                                    disk_bytes_per_value=2 if r.get("dtype") in ("bfloat16", "float16") else 4)
         text += f"\n\nattribution graph on {rep.summary()}"
         data["replacement"] = rep.to_dict()
+    if args.finetuned:
+        from pathlib import Path
+
+        from ...compute import estimate_pair
+        from ...diffing.lora import WEIGHTS, is_adapter_folder
+
+        adapter = is_adapter_folder(args.finetuned)
+        pe = estimate_pair(config, adapter_bytes=(Path(args.finetuned) / WEIGHTS).stat().st_size if adapter and
+                           (Path(args.finetuned) / WEIGHTS).is_file() else 0, two_models=not adapter,
+                           dtype=args.dtype or "float32", batch=max(1, args.batch), seq_len=args.seq_len,
+                           crosscoder_width=args.crosscoder_width or 0, crosscoder_tokens=args.crosscoder_tokens)
+        text += f"\n\ndiffing against {args.finetuned}: {pe.summary()}"
+        data["pair"] = pe.to_dict()
     return Outcome(text, data)
 
 
