@@ -497,3 +497,28 @@ def test_estimate_covers_a_pair(capsys):
     assert data["pair"]["two_models"] is False and parts["weights"] == data["weights"] + \
         (FIX / "peft" / "lora" / "adapter_model.safetensors").stat().st_size
     assert parts["crosscoder training (float32, Adam)"] == (2 * 2 * 576 * 1024 + 1024 + 2 * 576) * 16
+
+
+def test_a_fine_tune_offloaded_to_disk_diffs_as_the_in_memory_one(tmp_path):
+    """Each model of a pair has its own placement: the fine-tune split between memory and disk (accelerate) gives the
+    in-memory pair's KL, activation difference and weight differences."""
+    import mechscope
+
+    base, ft = tiny_hf("llama"), tiny_hf("llama")
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    nbytes = sum(p.numel() * p.element_size() for p in ft.parameters())
+    off = mechscope.load(str(tmp_path / "ft"), max_memory={"cpu": nbytes // 2}, offload_folder=str(tmp_path / "off"))
+    assert "disk" in set(off.cfg.device_map.values())
+    ref = load_pair(str(tmp_path / "base"), str(tmp_path / "ft"))
+    split = load_pair(mechscope.load(str(tmp_path / "base")), off)
+    toks = _docs(8)
+    assert kl_diff(ref, toks).kl.value == pytest.approx(kl_diff(split, toks).kl.value, abs=1e-6)
+    a, b = activation_difference(ref, toks, HOOK), activation_difference(split, toks, HOOK)
+    assert torch.allclose(a.delta, b.delta, atol=1e-6)
+    wa, wb = weight_diff(ref), weight_diff(split)
+    assert len(wa.modules) == len(wb.modules) > 0
+    assert {m.name: round(m.delta_norm, 5) for m in wa.modules} == {m.name: round(m.delta_norm, 5) for m in wb.modules}

@@ -320,8 +320,14 @@ class LatentScaling(Result):
             b = self.baseline
             lines.append(f"  control, {len(b.latents)} shared latents: median ν_ε {_median(b.nu_error):.2f}, median ν_r "
                          f"{_median(b.nu_recon):.2f} (a latent both models use sits near 1)")
-        for j, e, r, k in list(zip(self.latents, self.nu_error, self.nu_recon, self.fired))[:10]:
-            lines.append(f"  latent {j}: ν_ε {e:.2f}, ν_r {r:.2f} ({k} tokens){'  FLAGGED' if j in fl else ''}")
+        rows = list(zip(self.latents, self.nu_error, self.nu_recon, self.fired))
+        for title, group in (("kept (likely genuinely fine-tune-only)", [r for r in rows if r[0] not in fl]),
+                             ("flagged (the base model holds the direction)", [r for r in rows if r[0] in fl])):
+            if group:
+                lines.append(f"  {title}:")
+                lines += [f"    latent {j}: ν_ε {e:.2f}, ν_r {r:.2f} ({k} tokens)" for j, e, r, k in group[:8]]
+                if len(group) > 8:
+                    lines.append(f"    ... and {len(group) - 8} more")
         few = [j for j, k in zip(self.latents, self.fired) if 0 < k < 20]
         if few:
             lines.append(f"  {len(few)} latent(s) fired on fewer than 20 tokens: their ratios rest on little data")

@@ -62,25 +62,36 @@ def effective_rank(m: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _real(hf: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """Parameter ``name`` of ``hf`` as a real tensor, also when accelerate keeps it offloaded (on ``meta``)."""
+    from ..core.placement import param
+
+    mod, _, leaf = name.rpartition(".")
+    try:
+        return param(hf.get_submodule(mod), leaf)
+    except AttributeError:
+        return None
+
+
 @torch.no_grad()
 def weight_diff(pair: ModelPair) -> WeightDiff:
     """:class:`WeightDiff` of ``pair``: from the adapter's factors, or from the two models' shared matrices."""
     out, same = [], 0
     if pair.adapter is not None:
-        params = dict(pair.base.hf.named_parameters())
         for name in pair.adapter.names:
             d = pair.adapter.delta(name)
-            w = params.get(f"{name}.weight")
-            ref = float(w.float().norm()) if w is not None and w.device.type != "meta" else float("nan")
+            w = _real(pair.base.hf, f"{name}.weight")
+            ref = float(w.float().norm()) if w is not None else float("nan")
             out.append(ModuleDelta(name, tuple(d.shape), float(d.norm()), float(d.norm()) / ref if ref else float("nan"),
                                    effective_rank(d)))
         source = f"LoRA adapter, {len(pair.adapter.names)} adapted modules"
     else:
         base = dict(pair.base.hf.named_parameters())
-        for name, w in pair.ft.hf.named_parameters():
-            b = base.get(name)
-            if b is None or b.dim() != 2 or b.shape != w.shape or "meta" in (b.device.type, w.device.type):
+        for name, w0 in pair.ft.hf.named_parameters():
+            b0 = base.get(name)
+            if b0 is None or b0.dim() != 2 or b0.shape != w0.shape:
                 continue
+            b, w = _real(pair.base.hf, name), _real(pair.ft.hf, name)  # offloaded weights read from where they live
             d = w.detach().float().cpu() - b.detach().float().cpu()
             if not bool(d.any()):
                 same += 1

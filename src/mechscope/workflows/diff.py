@@ -77,13 +77,15 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
          crosscoder_batch: int = 512, crosscoder_archs: "tuple[str, ...]" = ("batchtopk",), l1_coefficient: float = 0.5,
          n_dashboards: int = 10, seed: int = 0, resume: bool = True, echo: bool = True,
          corpus_desc: str = "the corpus", crosscoder_tokens: torch.Tensor | None = None,
-         domain: Domain | None = None) -> Report:
+         domain: Domain | None = None, explain: bool = False, explainer_url: str | None = None) -> Report:
     """Diff ``pair`` on ``tokens [n_docs, pos]`` (one document start per row) and write ``out/report.html``; the
     stages are in the module docstring. ``crosscoder_tokens``: what the crosscoder trains on (default: the first half
     of ``tokens``); ``held_out``: what it is evaluated and read on (default: the second half). ``hook``: where the ADL
     and the crosscoder read (default: the residual stream after the middle block). ``domain``: score every method's
     output against this known domain (default: the organism's own, when the fine-tune is an organism adapter; a
-    control fine-tune is scored against its organism's). ``resume=False`` recomputes every stage."""
+    control fine-tune is scored against its organism's). ``explain``: explain and score the kept fine-tune-only latents
+    with ``sae explain``'s machinery (the explainer at ``explainer_url``, else the fine-tune itself, which a small model
+    cannot do well). ``resume=False`` recomputes every stage."""
     methods = list(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -206,7 +208,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         clock("crosscoder")
         _crosscoder_stage(rep, pair, tokens, crosscoder_tokens, held_out, out, hook, crosscoder_width, crosscoder_k,
                           crosscoder_steps, crosscoder_batch, crosscoder_archs, l1_coefficient, n_dashboards, seed,
-                          resume, cache, ids, scores)
+                          resume, cache, ids, scores, explain, explainer_url)
     if domain is not None:
         text = "\n".join(f"  {k}: {v:.2f}" for k, v in scores.items())
         rep.add(Section("recovery of the organism's known domain", "the share of each method's top outputs that are "
@@ -261,7 +263,8 @@ def _floor_at(ln: "A.LayerNorms | None", hook: str) -> float:
 def _crosscoder_stage(rep: Report, pair: ModelPair, tokens: torch.Tensor, train_toks, held_out, out: Path, hook: str,
                       width: int,
                       k: int, steps: int, batch: int, archs, l1: float, n_dash: int, seed: int, resume: bool,
-                      cache: StageCache, ids, scores: dict) -> None:
+                      cache: StageCache, ids, scores: dict, explain: bool = False,
+                      explainer_url: str | None = None) -> None:
     from ..sae.crosscoder import load_crosscoder, save_crosscoder
     from ..sae.features import feature_stats, write_dashboards
     from ..sae.train import TrainConfig
@@ -305,9 +308,14 @@ def _crosscoder_stage(rep: Report, pair: ModelPair, tokens: torch.Tensor, train_
         kept = ls.kept()[:n_dash]
         if kept:
             view = C.CrosscoderView(pair, cc)
-            stats = feature_stats(pair.base if pair.adapter is not None else pair.ft, view, test_toks, features=kept,
-                                  batch_size=8)
             with pair.side("ft") as m:
+                if explain:
+                    from ..sae.autointerp import explain_features
+
+                    ex = explain_features(m, view, test_toks, features=kept, explainer_url=explainer_url, seed=seed)
+                    view.explanations = dict(ex.explanations)
+                    text += f"\n\nautointerp of the kept latents:\n{ex.summary()}"
+                stats = feature_stats(m, view, test_toks, features=kept, batch_size=8)
                 page = write_dashboards(m, view, stats, out / f"dashboards-{arch}",
                                         source="the held-out documents")
             dash = f"<p><a href='{viz.esc(page.parent.name)}/index.html'>dashboards of {len(kept)} kept fine-tune-only " \
@@ -325,7 +333,11 @@ def _crosscoder_stage(rep: Report, pair: ModelPair, tokens: torch.Tensor, train_
                  f"{C._median(ls.baseline.nu_error) if ls.baseline else float('nan'):.2f}", sec,
                  holds=bool(ls.kept()))
         rep.metrics[f"crosscoder_{arch}"] = {"fvu": ev.fvu, "l0": ev.l0, "classes": lc.counts(),
-                                             "flagged": len(ls.flagged()), "kept": len(ls.kept())}
+                                             "flagged": len(ls.flagged()), "kept": len(ls.kept()),
+                                             "kept_latents": ls.kept(), "flagged_latents": ls.flagged()}
+        rep.checklist.add("edge_cases", f"{arch} crosscoder: {len(ls.flagged())} of {len(ls.latents)} fine-tune-only "
+                                        f"latents flagged by Latent Scaling, {len(ls.kept())} kept, on "
+                                        f"{rows.shape[0]} held-out tokens", f"#crosscoder-{arch}")
     rep.checklist.add("alternatives", "Latent Scaling of the fine-tune-only latents, with shared latents as the "
                                       "control" + (" and an L1 crosscoder beside the BatchTopK one" if len(archs) > 1
                                                    else ""), f"#crosscoder-{archs[0]}")

@@ -44,6 +44,9 @@ def _pair(args: argparse.Namespace):
          arg("--crosscoder-arch", default="batchtopk", help="batchtopk, l1, or both (batchtopk,l1: trained in "
                                                             "lockstep on the same batches)"),
          arg("--l1", type=float, default=0.5, help="the L1 crosscoder's sparsity coefficient"),
+         arg("--explain", action="store_true", help="explain and score the kept fine-tune-only latents (sae explain's "
+                                                    "machinery; a small local explainer cannot label features well)"),
+         arg("--explainer-url", default=None, help="with --explain: an OpenAI-compatible endpoint for the explainer"),
          arg("--dtype", default=None, help="float32 (default), bfloat16 or float16"),
          arg("--device", default=None, help="cpu, cuda, ... (default: cuda if available)"),
          arg("--no-check-base", action="store_true",
@@ -76,7 +79,7 @@ def diff_cmd(args: argparse.Namespace) -> Result:
                    crosscoder_width=args.crosscoder_width, crosscoder_k=args.crosscoder_k,
                    crosscoder_steps=args.crosscoder_steps, crosscoder_batch=args.crosscoder_batch,
                    crosscoder_archs=tuple(archs), l1_coefficient=args.l1, seed=args.seed, resume=not args.fresh,
-                   echo=not args.json, corpus_desc=desc)
+                   echo=not args.json, corpus_desc=desc, explain=args.explain, explainer_url=args.explainer_url)
         run.log(**{k: v for k, v in rep.metrics.items() if k != "versions"})
         run.artifact(out / "report.html")
     return Outcome(f"{format_summary(rep)}\n\nreport: {out / 'report.html'}\nrun record: {run.path}",
