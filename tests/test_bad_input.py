@@ -214,7 +214,7 @@ CASES = {
     "SAE with NaN weights": (_load_sae(lambda tmp: _saved_sae(tmp, "sae4", nan=True)), r"NaN or infinite"),
     "SAE d_in does not fit the model": (_load_sae(lambda tmp: _saved_sae(tmp, "sae3", d_in=16), with_model=True),
                                         r"d_in=16 but blocks.0.hook_resid_post .* has width 32"),
-    "pickle-only checkpoint": (_pickle_checkpoint, r"needs arbitrary pickled code.*refuses"),
+    "pickle-only checkpoint": (_pickle_checkpoint, r"would run code when loaded.*refuses"),
     "SAE unknown architecture": (lambda tmp, m, t: ms.sae.SAEConfig(d_in=4, d_sae=8, architecture="gated2"),
                                  r"architecture must be one of"),
     "activations of the wrong width": (
@@ -331,3 +331,127 @@ def test_synthetic_world_configs_refuse_what_they_cannot_build():
     world = SynthWorld.build(SynthConfig(num_features=16, hidden_dim=8, roots=2, depth=1, ortho_steps=0))
     with pytest.raises(InputError, match="n_samples and chunk must be at least 1, got 0"):
         evaluate_on_world(SAE(SAEConfig(d_in=8, d_sae=16, k=4)), world, n_samples=0)
+
+
+# ---------------------------------------------------------------------------------------------- issue 36, section 2-3
+
+
+def test_a_pickle_payload_is_refused_saying_it_would_run_code(tmp_path, env):
+    """A stage file and a pytorch_model.bin holding a pickle payload: refused, nothing runs, the message says why."""
+    import os
+
+    from mechscope.core.files import read_torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Payload()}, tmp_path / "stage.pt")
+    with pytest.raises(InputError, match="would run code when loaded.*refuses it"):
+        read_torch(tmp_path / "stage.pt", "a stored stage")
+    m = tiny_hf("llama")
+    m.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()
+    torch.save({**m.state_dict(), "x": Payload()}, tmp_path / "model" / "pytorch_model.bin")
+    with pytest.raises(InputError, match="(?i)pytorch_model.bin .*would run code when loaded.*convert it to safetensors"):
+        ms.load(str(tmp_path / "model"))
+    assert not marker.exists()
+
+
+def test_padded_logits_are_read_at_each_row_s_last_real_token(worded):
+    """`logit_diff(model(["Hi", longer]))` without a mask: the logits carry the padding, so row 0 is read at its last
+    real token (the value its own forward pass gives), never at a padding position; left padding too."""
+    from mechscope import logit_diff
+
+    short, longer = "t5 t6", "t5 t6 t7 t8 t9"
+    alone = logit_diff(worded(short), 11, 12)
+    for side in ("right", "left"):
+        both = logit_diff(worded([short, longer], padding_side=side), 11, 12)
+        assert torch.allclose(both[0], alone[0], atol=1e-4), side
+        assert torch.allclose(both[1], logit_diff(worded(longer), 11, 12)[0], atol=1e-4), side
+
+
+def test_positions_tokens_and_hooks_that_do_not_fit_are_named(worded):
+    import warnings
+
+    from mechscope import token_prob
+    from mechscope.core.errors import InputTypeError
+
+    with pytest.raises(InputError, match=r"pos_slice \[100\] is outside the prompt: it has 5 positions"):
+        worded.run_with_cache("t5 t6 t7 t8", pos_slice=[100])
+    with pytest.raises(InputError, match="one token id per prompt.*multi-token answer"):
+        token_prob(worded("t5 t6"), worded.to_tokens("t5 t6", prepend_bos=False))
+    with pytest.raises(InputTypeError, match="logit_lens: tokens must be str or Tensor, got NoneType"):
+        ms.logit_lens(worded, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = worded.run_with_hooks("t5 t6", fwd_hooks=[("blocks.0.hook_resid_post", lambda a, h: a.double())])
+    assert out.dtype == torch.float32
+    assert any("returned torch.float64" in str(w.message) and "blocks.0.hook_resid_post" in str(w.message)
+               for w in caught)
+
+
+def test_every_public_function_of_graphs_and_circuits_checks_its_model_argument():
+    """A string (or anything else) where a HookedModel belongs gets an error naming the argument, in every public
+    function of mechscope.graphs and mechscope.circuits that takes a model, before any work."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mechscope.circuits as c
+    import mechscope.graphs as g
+    from mechscope.core.errors import InputTypeError
+
+    seen = 0
+    for pkg in (g, c):
+        for mi in pkgutil.iter_modules(pkg.__path__):
+            mod = importlib.import_module(f"{pkg.__name__}.{mi.name}")
+            for name, f in vars(mod).items():
+                if not (inspect.isfunction(f) and not name.startswith("_") and f.__module__ == mod.__name__):
+                    continue
+                params = inspect.signature(f).parameters
+                if not params or next(iter(params)) != "model":
+                    continue
+                args = ["gpt2"] + [None] * sum(1 for p in list(params.values())[1:] if p.default is p.empty
+                                                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+                with pytest.raises(InputTypeError, match="model must be (a mechscope )?HookedModel.*got str"):
+                    f(*args)
+                seen += 1
+    assert seen >= 30
+
+
+def test_task_rows_that_cannot_measure_anything_are_refused_by_line(tmp_path, worded):
+    from mechscope.datasets import load_task
+
+    same = "".join(json.dumps({"clean": f"t5 t6 t{10 + i}", "corrupted": f"t7 t6 t{10 + i}", "answer": " t9",
+                               "wrong": " t9"}) + "\n" for i in range(3))
+    (tmp_path / "same.jsonl").write_text(same)
+    with pytest.raises(InputError, match=r"(?s)3 problem.*same.jsonl line 1: the wrong answer is the answer itself"):
+        load_task(tmp_path / "same.jsonl", worded)
+    moved = _rows(3) + json.dumps({"clean": "t5 t6 t40", "corrupted": "t5 t7 t40", "answer": " t9",
+                                   "wrong": " t8"}) + "\n"
+    (tmp_path / "moved.jsonl").write_text(moved)
+    with pytest.raises(InputError, match=r"(?s)moved.jsonl line 4: the prompts differ at position\(s\) \[2\], but in 3 of "
+                                         r"4 rows at \[1\]"):
+        load_task(tmp_path / "moved.jsonl", worded)
+
+
+def test_investigate_on_a_few_pairs_patches_and_marks_every_finding_not_enough_data(tmp_path, worded):
+    from mechscope.datasets import load_task
+    from mechscope.workflows import investigate
+
+    (tmp_path / "few.jsonl").write_text(_rows(3))
+    rep = investigate(worded, load_task(tmp_path / "few.jsonl", worded), tmp_path / "out", echo=False)
+    assert rep.findings and not any(f.holds for f in rep.findings)
+    assert all("not enough data" in f.text for f in rep.findings)
+    titles = " ".join(s.title for s in rep.sections)
+    assert "no split" in titles and "circuit, validated" not in titles
+    assert "give at least 20 prompt pairs" in rep.sections[-1].text
+    # one pair, as the README's --clean/--corrupted/--answer/--wrong make it: runs what one pair supports
+    from mechscope.datasets import TaskDataset
+
+    one = TaskDataset.from_texts(worded, ["t5 t6 t7"], ["t8 t6 t7"], [" t9"], [" t8"], name="one pair")
+    rep = investigate(worded, one, tmp_path / "one", echo=False)
+    assert (tmp_path / "one" / "report.html").is_file() and not any(f.holds for f in rep.findings)

@@ -102,9 +102,12 @@ def test_killed_runs_are_stale_and_bad_records_do_not_break_listing(tmp_path, ca
     (tmp_path / "zz-broken" / "run.json").write_text('{"name": "broken", "sta')
     (tmp_path / "zz-list").mkdir()
     (tmp_path / "zz-list" / "run.json").write_text("[1, 2]")
+    (tmp_path / "zz-metrics").mkdir()  # a record whose fields are not what its readers use
+    (tmp_path / "zz-metrics" / "run.json").write_text('{"name": "m", "status": "done", "metrics": [1, 2]}')
     recs = list_runs(tmp_path)
-    assert [r["status"] for r in recs][-2:] == ["unreadable", "unreadable"]
-    assert "not valid JSON" in recs[-2]["error"]["message"]
+    assert [r["status"] for r in recs][-3:] == ["unreadable", "unreadable", "unreadable"]
+    assert "not valid JSON" in recs[-3]["error"]["message"]
+    assert "'metrics' should be an object of metrics, got list" in recs[-1]["error"]["message"]
     assert main(["runs", "--root", str(tmp_path)]) == 0
     assert "stale" in capsys.readouterr().out
     assert main(["report", "--root", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0

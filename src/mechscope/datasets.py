@@ -308,6 +308,26 @@ def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list
     return out
 
 
+def _position_problems(rows: list[dict], toks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Rows whose clean and corrupted prompts do not differ at all, or differ at other positions than most rows do:
+    patching reads one position across every row, so such rows would mix unrelated tokens into each effect."""
+    diffs = [tuple(torch.nonzero(c != x).flatten().tolist()) for c, x in toks]
+    out = [f"{_where(rows[i], i)}: the clean and corrupted prompts are the same tokens (nothing to patch)"
+           for i, d in enumerate(diffs) if not d]
+    kinds = [d for d in diffs if d]
+    if not kinds:
+        return out
+    counts = {d: kinds.count(d) for d in set(kinds)}
+    common = max(counts, key=counts.get)
+    odd = [i for i, d in enumerate(diffs) if d and d != common]
+    if odd and len(kinds) > 1:
+        out += [f"{_where(rows[i], i)}: the prompts differ at position(s) {list(diffs[i])}, but in {counts[common]} of "
+                f"{len(kinds)} rows at {list(common)}: patching reads each position across every row, so effects would "
+                "mix different tokens; reword the row, or split the rows into one task per position"
+                for i in odd[:20]]
+    return out
+
+
 def _where(row: dict, i: int) -> str:
     """Where a row came from, 1-based: ``my.jsonl line 7`` for a file, ``row 7`` for lists given in Python."""
     return row.get("_where") or f"row {i + 1}"
@@ -392,6 +412,12 @@ def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[i
                      for i, (r, w) in enumerate(zip(rows, has_wrong)) if not w]
     wrong = ([_answer_ids(model, r["wrong"], _where(r, i), "wrong", problems) for i, r in enumerate(rows)]
              if all(has_wrong) else None)
+    if wrong is not None:
+        same = [(i, sorted(set(a) & set(w))) for i, (a, w) in enumerate(zip(answers, wrong)) if set(a) & set(w)]
+        problems += [f"{_where(rows[i], i)}: the wrong answer is the answer itself "
+                     f"({', '.join(repr(model.to_string([t])) for t in ids)}), so the metric is 0 on this prompt "
+                     "whatever the model does (a copy-paste slip?)" for i, ids in same]
+    problems += _position_problems(rows, toks)
     P = lengths[0]
     problems += [f"{_where(r, i)}: answer position {r['pos']} is out of range: the prompts are {P} tokens, so a "
                  f"position is in -{P}..{P - 1}" for i, r in enumerate(rows)

@@ -307,6 +307,12 @@ def load(
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
     except Exception as e:  # noqa: BLE001 - name the damaged file when there is one; re-raise otherwise
+        from .core.files import pickle_refusal
+
+        bins = sorted(Path(where).glob("*.bin")) if kind != "hub" else []
+        refused = pickle_refusal(e, bins[0] if bins else where, f"the weights of {name!r}")
+        if refused is not None:
+            raise refused from e
         bad = _damaged_weights(Path(where)) if kind != "hub" else None
         if bad:
             raise NotFoundError(f"the weights of {name!r} are damaged or incomplete: {bad}. Re-download or "

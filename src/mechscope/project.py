@@ -326,14 +326,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: the fields a run record's readers use, and what each must be (a record failing one is listed as unreadable)
+_RECORD_FIELDS = {"metrics": (dict, "an object of metrics"), "status": (str, "a string"),
+                  "seeds": (list, "a list"), "git": ((dict, type(None)), "an object"),
+                  "checklist": ((dict, type(None)), "an object"), "process": ((dict, type(None)), "an object"),
+                  "config": ((dict, type(None)), "an object"), "name": (str, "a string")}
+
+
 def _read_record(p: Path) -> dict:
     """One run record; an unreadable one becomes a row saying why, so one bad file never hides the others."""
     try:
         rec = read_json(p, "a run record")
     except MechscopeError as e:
         return {"name": p.parent.name, "status": "unreadable", "error": {"message": str(e)}, "metrics": {}}
-    if not isinstance(rec.get("metrics"), dict):
-        rec["metrics"] = {}
+    bad = [f"{k!r} should be {what}, got {type(rec[k]).__name__}" for k, (types, what) in _RECORD_FIELDS.items()
+           if k in rec and not isinstance(rec[k], types)]
+    if bad:
+        return {"name": p.parent.name, "status": "unreadable", "metrics": {},
+                "error": {"message": f"{p}: {'; '.join(bad)}: not a run record mechscope wrote, or edited by hand"}}
+    rec.setdefault("metrics", {})
     proc = rec.get("process") or {}
     if rec.get("status") == "running" and proc.get("host") == socket.gethostname() \
             and isinstance(proc.get("pid"), int) and not _alive(proc["pid"]):

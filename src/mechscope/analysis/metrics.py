@@ -37,13 +37,21 @@ def answer_logits(logits: torch.Tensor, pos: int | torch.Tensor = -1,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[batch, d_vocab]`` in float32: the logits at the answer position of each prompt.
 
-    ``pos`` is an int (same for every row) or a ``[batch]`` tensor; with ``attention_mask`` (right
-    padding) and ``pos=-1`` it is each row's last unmasked position. Every metric computes in
-    float32, whatever the model's dtype (a bf16 logit difference would lose its low bits).
+    ``pos`` is an int (same for every row) or a ``[batch]`` tensor; with ``attention_mask`` (either
+    padding side) and ``pos=-1`` it is each row's last unmasked position. Logits of a padded batch
+    from :meth:`HookedModel.forward` carry their mask, so ``pos=-1`` never reads a padding position
+    even when no mask is passed. Every metric computes in float32, whatever the model's dtype (a bf16
+    logit difference would lose its low bits).
     """
     b = logits.shape[0]
+    if attention_mask is None:
+        attention_mask = getattr(logits, "attention_mask", None)
     if attention_mask is not None and isinstance(pos, int) and pos == -1:
-        pos = attention_mask.long().sum(-1) - 1
+        mask = attention_mask.to(logits.device).long()
+        if mask.shape != logits.shape[:2]:
+            raise InputError(f"attention_mask {tuple(mask.shape)} does not match the logits' [batch, pos] "
+                             f"{tuple(logits.shape[:2])}")
+        pos = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(-1)  # the last real token
     if isinstance(pos, int):
         return logits[:, pos].float()
     return logits[torch.arange(b, device=logits.device), pos.to(logits.device)].float()
@@ -59,6 +67,11 @@ def _reject_text(x) -> None:
 def _ids(x, b: int, device) -> torch.Tensor:
     _reject_text(x)
     t = torch.as_tensor(x, device=device)
+    if t.dim() > 1:
+        raise InputError(f"expected one token id per prompt, got ids of shape {tuple(t.shape)}: a multi-token answer "
+                         "(e.g. model.to_tokens(' New York')) cannot be read at one position: score its first token "
+                         "(ids[..., 0]), or the whole continuation's log-probability from a forward pass of prompt + "
+                         "answer")
     if t.dim() == 0:
         t = t.expand(b)
     if t.shape[0] != b:

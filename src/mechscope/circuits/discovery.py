@@ -36,7 +36,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
 from ..core.result import Result
-from ..core.types import Metric
+from ..core.types import Metric, checked
 from ..datasets import TaskDataset
 from ..techniques.inputs import PreparedPair, batched_metric, prepare
 from ..techniques.patching import PatchResult, patch
@@ -198,7 +198,8 @@ def _screened_heads(model, pair: PreparedPair, screen: int) -> PatchResult:
     ``stats["screened"]`` records how many heads were patched and the smallest candidate estimate.
     """
     from ..techniques.attribution_patching import attribution_patch
-    from ..techniques.patching import assemble, label_result, plan_patches, run_patches
+    from ..techniques.patch_engine import plan_patches, run_patches
+    from ..techniques.patching import assemble, label_result
 
     est = attribution_patch(model, pair, sites=("z",))["z"].normalized().abs()
     order = est.flatten().argsort(descending=True)[:screen]
@@ -223,6 +224,7 @@ def _window(resid: PatchResult) -> tuple[tuple[int, int], list[int]]:
     return (int(moving.min()) if len(moving) else 0, int(moving.max()) if len(moving) else rn.shape[0] - 1), positions
 
 
+@checked
 def patch_components(model: HookedModel, pair: PreparedPair,
                      screen_heads: int | None = None) -> tuple[PatchResult, PatchResult]:
     """Step 3: every head (``z``; with ``screen_heads=K`` only attribution patching's top K exactly) and every MLP
@@ -235,6 +237,7 @@ def patch_components(model: HookedModel, pair: PreparedPair,
     return heads, patch(model, pair, site=[m.hook for m in all_mlps(c)])
 
 
+@checked
 def circuit_hooks(model: HookedModel) -> list[str]:
     """What the circuit stages read from the unpatched clean and corrupted runs (the patching engine's inputs, keys
     and values, heads' and MLPs' outputs, the embeddings): cached together, one pass of each serves them all."""
@@ -244,6 +247,7 @@ def circuit_hooks(model: HookedModel) -> list[str]:
     return names + [act_name(s, l) for l in range(n) for s in ("resid_pre", "z", "mlp_out", k, "v")]
 
 
+@checked
 def component_scores(model: HookedModel, heads: PatchResult, mlps: PatchResult) -> dict[str, float]:
     """``{component: normalised denoising patching effect}`` for every head and MLP (+ supports the behaviour)."""
     hv, mv = heads.normalized(), mlps.normalized()
@@ -325,6 +329,7 @@ def no_memo(name: str, params: dict, compute: Callable[[], T]) -> T:
     return compute()
 
 
+@checked
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
@@ -402,6 +407,7 @@ def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: f
     return heads, mlps, scores, ranked, chosen
 
 
+@checked
 def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target: float = 0.8, ablation: str = "cf",
                     ablate_mlps: bool = True, held_out: float = 0.5, screen_heads: int | None = None,
                     memo: Callable = no_memo) -> tuple[list[str], Estimate]:

@@ -37,7 +37,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar, stage
 from ..core.result import Result
-from ..core.types import Metric
+from ..core.types import Metric, checked
 from ..datasets import TaskDataset
 from ..techniques.inputs import logits_to_keep, prepare
 from .discovery import no_memo
@@ -59,6 +59,7 @@ Edge = tuple[str, str]
 EDGE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
+@checked
 def graph_nodes(model: HookedModel) -> tuple[list[str], list[str]]:
     """``(upstream, readers)`` in forward order: ``embed``, ``L{l}H{h}``, ``L{l}.mlp``; ``L{l}H{h}.q``, the KV
     heads' ``.k``/``.v``, ``L{l}.mlp_in`` and ``logits``."""
@@ -72,6 +73,7 @@ def graph_nodes(model: HookedModel) -> tuple[list[str], list[str]]:
     return up, readers + ["logits"]
 
 
+@checked
 def all_edges(model: HookedModel) -> list[Edge]:
     """Every edge of the model's graph: ``u`` writes before ``r`` reads (a layer's heads feed its own MLP)."""
     up, readers = graph_nodes(model)
@@ -342,6 +344,7 @@ def _edge_rankings(model, search, key: dict, ig_steps: int, patching_top: int, s
     return rankings, scores
 
 
+@checked
 def edge_circuit(model: HookedModel, dataset: TaskDataset, target: float = 0.8, ablation: str = "cf",
                  ig_steps: int = 5, held_out: float = 0.5, n_random: int = 20, seed: int = 0, patching_top: int = 0,
                  curve: bool = True, signed: bool = False, memo: Callable = no_memo) -> EdgeCircuitResult:

@@ -30,7 +30,7 @@ from ..core.errors import InputError
 from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
-from ..core.types import Metric, TextOrTokens
+from ..core.types import Metric, TextOrTokens, checked
 from ..techniques.inputs import PreparedPair, as_pair, metric_on_rows
 
 
@@ -39,6 +39,7 @@ def _layer(name: str) -> int:
     return Component.parse(name).layer
 
 
+@checked
 def edge_attribution(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupted: TextOrTokens | None = None,
                      metric: Metric | None = None, ig_steps: int = 0, per_head: bool = True,
                      batch_size: int | None = None) -> dict[tuple[str, str], float]:

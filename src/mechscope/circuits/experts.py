@@ -23,6 +23,7 @@ from ..core.components import Component
 from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.result import Result
+from ..core.types import checked
 from ..techniques.ablation import ablation_hooks
 
 
@@ -71,6 +72,7 @@ def _routed(model: HookedModel, tokens: torch.Tensor, layer: int, expert: int) -
     return routed, weight, mean_out
 
 
+@checked
 def expert_report(model: HookedModel, layer: int, expert: int, tokens: torch.Tensor | None = None, n_seqs: int = 16,
                   seq_len: int = 64, seed: int = 0) -> ExpertReport:
     """Answer "what does this expert do?" for expert ``expert`` of MoE block ``layer`` (see the module docstring)."""

@@ -34,7 +34,7 @@ from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
-from ..core.types import Metric
+from ..core.types import Metric, checked
 from ..datasets import TaskDataset
 from ..techniques.ablation import ablation_hooks, replacement_values
 from ..techniques.inputs import logits_to_keep
@@ -212,6 +212,7 @@ def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, l
     return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n, mode, unit)
 
 
+@checked
 def ablatable(model: HookedModel, ablate_mlps: bool = True) -> list[str]:
     """The components a node circuit is built from and judged by: every head, and every MLP unless ``ablate_mlps``
     is False (then the MLPs are always kept, and the circuit silently includes all of them)."""
@@ -219,6 +220,7 @@ def ablatable(model: HookedModel, ablate_mlps: bool = True) -> list[str]:
     return heads + ([str(x) for x in all_mlps(model.cfg)] if ablate_mlps else [])
 
 
+@checked
 def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str, list[str]],
                        metric: Metric | None = None, sizes: list[int] | None = None, n_random: int = 3,
                        ablate_mlps: bool = True, seed: int = 0, mode: str = "cf",

@@ -28,10 +28,12 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.placement import stack_on
 from ..core.result import Result
+from ..core.types import checked
 from ..techniques.ablation import ablate
 from .weights import HeadScores, copying_scores, full_OV, full_QK
 
 
+@checked
 def induction_tokens(model: HookedModel, n: int = 20, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
     """``[batch, prefix + 2n]`` random tokens repeated twice (:func:`~mechscope.analysis.metrics.repeated_tokens`),
     with the model's BOS when it uses one; and ``prefix`` (0 or 1)."""
@@ -85,30 +87,36 @@ def _repeated(model: HookedModel, tokens, n, prefix, seed):
     return tokens, n, prefix or 0
 
 
+@checked
 def previous_token_scores(model: HookedModel, tokens: torch.Tensor | None = None, seed: int = 0) -> HeadScores:
     toks = tokens if tokens is not None else induction_tokens(model, seed=seed)[0]
     return _attention_scores(model, toks, None, 0)["previous-token"]
 
 
+@checked
 def sink_scores(model: HookedModel, tokens: torch.Tensor | None = None, seed: int = 0) -> HeadScores:
     toks = tokens if tokens is not None else induction_tokens(model, seed=seed)[0]
     return _attention_scores(model, toks, None, 0)["attention sink"]
 
 
+@checked
 def duplicate_token_scores(model: HookedModel, tokens: torch.Tensor | None = None, n: int = 20, prefix: int | None = None,
                            seed: int = 0) -> HeadScores:
     return _attention_scores(model, *_repeated(model, tokens, n, prefix, seed))["duplicate-token"]
 
 
+@checked
 def induction_scores(model: HookedModel, tokens: torch.Tensor | None = None, n: int = 20, prefix: int | None = None,
                      seed: int = 0) -> HeadScores:
     return _attention_scores(model, *_repeated(model, tokens, n, prefix, seed))["induction"]
 
 
+@checked
 def copying_head_scores(model: HookedModel) -> HeadScores:
     return HeadScores("copying", copying_scores(model).cpu(), "eigenvalue score of W_E W_V W_O W_U")
 
 
+@checked
 def detect_heads(model: HookedModel, n: int = 20, batch: int = 8, seed: int = 0) -> dict[str, HeadScores]:
     """Every detector on one batch of repeated random tokens (one forward pass for the attention ones).
 
@@ -183,6 +191,7 @@ class HeadReport(Result):
                                ylabel="query position: token")
 
 
+@checked
 @torch.no_grad()
 def head_report(model: HookedModel, layer: int, head: int, prompts: list | None = None, n_ov_tokens: int = 50,
                 ablation_seqs: int = 16, seed: int = 0, detectors: dict | None = None) -> HeadReport:

@@ -25,6 +25,7 @@ from ..analysis import viz
 from ..core.errors import InputError
 from ..core.model import HookedModel
 from ..core.result import Result
+from ..core.types import checked
 
 
 class FactoredMatrix:
@@ -95,6 +96,7 @@ class FactoredMatrix:
         return f"FactoredMatrix(shape={self.shape}, rank<={self.rdim})"
 
 
+@checked
 @torch.no_grad()
 def OV(model: HookedModel, layer: int | None = None) -> FactoredMatrix:
     """``W_V W_O`` per head: ``[layer, head, d_model, d_model]`` (or ``[head, ...]`` for one layer).
@@ -107,6 +109,7 @@ def OV(model: HookedModel, layer: int | None = None) -> FactoredMatrix:
     return FactoredMatrix(W_V, W_O)
 
 
+@checked
 @torch.no_grad()
 def QK(model: HookedModel, layer: int | None = None) -> FactoredMatrix:
     """``W_Q W_K^T`` per head: ``[layer, head, d_model, d_model]``; the content part (see module docstring)."""
@@ -116,6 +119,7 @@ def QK(model: HookedModel, layer: int | None = None) -> FactoredMatrix:
     return FactoredMatrix(W_Q, W_K.transpose(-1, -2))
 
 
+@checked
 @torch.no_grad()
 def full_OV(model: HookedModel, layer: int, head: int) -> FactoredMatrix:
     """``W_E W_V W_O W_U`` ``[d_vocab, d_vocab]`` for one head: token in -> logits out (kept factored)."""
@@ -123,6 +127,7 @@ def full_OV(model: HookedModel, layer: int, head: int) -> FactoredMatrix:
                           model.W_O[layer, head].float() @ model.W_U.float())
 
 
+@checked
 @torch.no_grad()
 def full_QK(model: HookedModel, layer: int, head: int) -> FactoredMatrix:
     """``W_E W_Q W_K^T W_E^T`` ``[d_vocab, d_vocab]``: query token x key token scores (content part)."""
@@ -130,6 +135,7 @@ def full_QK(model: HookedModel, layer: int, head: int) -> FactoredMatrix:
     return FactoredMatrix(W_E @ model.W_Q[layer, head].float(), model.W_K[layer, head].float().T @ W_E.T)
 
 
+@checked
 @torch.no_grad()
 def copying_scores(model: HookedModel) -> torch.Tensor:
     """``[layer, head]`` eigenvalue copying score ``sum(λ) / sum(|λ|)`` of ``W_E W_V W_O W_U`` (Elhage et al. 2021).
@@ -145,6 +151,7 @@ def copying_scores(model: HookedModel) -> torch.Tensor:
     return (lam.sum(-1).real / lam.abs().sum(-1)).float()
 
 
+@checked
 @torch.no_grad()
 def composition_scores(model: HookedModel, mode: str = "K") -> torch.Tensor:
     """``[layer1, head1, layer2, head2]`` composition of writer head 1 into reader head 2 (zero unless layer1 < layer2).

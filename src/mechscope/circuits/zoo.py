@@ -49,6 +49,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel, lm_loss
 from ..core.progress import bar
 from ..core.result import Result
+from ..core.types import checked
 from ..datasets import TaskDataset
 from .discovery import edge_attribution
 from .heads import detect_heads
@@ -216,6 +217,7 @@ def induction_free(seed: int = 0, steps: int = 800, n_prompts: int = 16) -> Plan
 
 
 # ---------------------------------------------------------------------------------------------- exact edge patching
+@checked
 @torch.no_grad()
 def edge_patching(model: HookedModel, clean: torch.Tensor, corrupted: torch.Tensor,
                   metric: Callable[[torch.Tensor], torch.Tensor], edges: list[Edge],

@@ -256,17 +256,32 @@ def read_torch(path: str | os.PathLike, what: str = "weights") -> dict:
     """``torch.load(path, weights_only=True)`` on CPU; pickled code is refused with an error saying so."""
     import torch
 
-    from .errors import InputError, NotFoundError
+    from .errors import NotFoundError
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise NotFoundError(f"{path} is missing ({what})") from e
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError ... for what it refuses
-        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
-            raise InputError(f"{path} needs arbitrary pickled code to load, which mechscope refuses "
-                             f"(torch.load(weights_only=True) only); re-save its tensors with safetensors") from e
+        refused = pickle_refusal(e, path, what)
+        if refused is not None:
+            raise refused from e
         raise NotFoundError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def pickle_refusal(error: BaseException, path: object, what: str = "weights") -> "Exception | None":
+    """mechscope's error for ``torch.load(weights_only=True)`` refusing a pickle payload (torch words it "Unsupported
+    global", "unsupported GLOBAL ... is blocked", "Unsupported operand", all under "Weights only load failed"): the file
+    would run code, so it is refused, and nothing ran. None for any other error."""
+    from .errors import InputError
+
+    text = str(error)
+    if "Weights only load failed" not in text and "nsupported global" not in text.lower():
+        return None
+    detail = next((ln.strip() for ln in text.splitlines() if "nsupported" in ln), "")
+    return InputError(f"{path} ({what}) holds pickled objects that would run code when loaded{': ' + detail if detail else ''}"
+                      "; mechscope refuses it (nothing was run). Convert it to safetensors (safetensors.torch.save_file "
+                      "of its tensors) and load that")
 
 
 def _is_model(x) -> bool:

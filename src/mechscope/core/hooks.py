@@ -11,6 +11,7 @@ hooks it did not add (TransformerLens #1636), so user hooks added with :meth:`ad
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,6 +217,8 @@ class HookManager:
                             f"hook on {name} returned shape {tuple(out.shape)}, but the activation has shape "
                             f"{tuple(act.shape)}; a hook must return a tensor of the same shape"
                         )
+                    if out.dtype != act.dtype or out.device != act.device:
+                        out = _cast_back(name, out, act)
                     act = out
         bfns = self._bwd.get(name)
         if bfns and act.requires_grad:
@@ -230,6 +233,21 @@ class HookManager:
 
             act.register_hook(on_grad)
         return act
+
+
+_WARNED_CASTS: set[tuple[str, str, str]] = set()
+
+
+def _cast_back(name: str, out: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """A hook's result in another dtype or on another device, cast back to the activation's (the model's next layer
+    reads that dtype); said once per hook and dtype pair."""
+    key = (name, str(out.dtype), str(out.device))
+    if key not in _WARNED_CASTS:
+        _WARNED_CASTS.add(key)
+        warnings.warn(f"hook on {name} returned {out.dtype} on {out.device}; the activation is {act.dtype} on "
+                      f"{act.device}, so mechscope casts the result back (the model computes in {act.dtype}). Return "
+                      f"the activation's dtype to silence this", stacklevel=4)
+    return out.to(act.device, act.dtype)
 
 
 class HookHandle:

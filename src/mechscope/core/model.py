@@ -158,6 +158,9 @@ class HookedModel(torch.nn.Module):
         if stop_at_layer is not None:
             return self._run_until(stop_at_layer, kwargs)
         logits = self.hf(**kwargs).logits
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # padded rows: the metrics read each row's last real token from this, never a padding position
+            logits.attention_mask = attention_mask
         if return_type is None:
             return None
         if return_type == "logits":
@@ -239,10 +242,16 @@ class HookedModel(torch.nn.Module):
         store: dict[str, torch.Tensor] = {}
         index = pos_index(pos_slice)
 
+        checked = []
+
         def save(act, hook):
             a = act.detach()
             if index is not None:
-                a = a[:, :, index] if hook.name.endswith(("hook_pattern", "hook_attn_scores")) else a[:, index]
+                on_query = hook.name.endswith(("hook_pattern", "hook_attn_scores"))
+                if not checked:  # before the first index: an IndexError deep in a hook names nothing
+                    _check_positions(pos_slice, a.shape[2 if on_query else 1])
+                    checked.append(True)
+                a = a[:, :, index] if on_query else a[:, index]
             store[hook.name] = a.to(device) if device is not None else a
 
         with self.hooks([(n, save) for n in names]):

@@ -28,3 +28,79 @@ Device = Union[str, torch.device]
 HFConfig = Any
 #: an HF tokenizer
 HFTokenizer = Any
+
+
+def checked(fn: Callable) -> Callable:
+    """Check a public function's arguments against its annotations at the call, naming the argument, what was given
+    and what is expected (a swapped or wrong argument otherwise fails deep inside torch with a message that names
+    none of them). Annotations that are not plain classes or unions of them (callables, type variables, names only
+    known to type checkers) are not checked; an ``int`` is accepted for ``float``."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+    wants: dict[str, tuple[type, ...]] | None = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal wants
+        if wants is None:
+            wants = _runtime_types(fn, sig)
+        if wants:
+            try:
+                bound = sig.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                return fn(*args, **kwargs)  # Python names the missing or extra argument itself
+            for name, value in bound.items():
+                want = wants.get(name)
+                if want is not None and not isinstance(value, want):
+                    from .errors import InputTypeError
+
+                    order = ", ".join(sig.parameters)
+                    raise InputTypeError(f"{fn.__name__}: {name} must be {_names(want)}, got {type(value).__name__} "
+                                         f"(the arguments are ({order}))")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _runtime_types(fn: Callable, sig) -> dict[str, tuple[type, ...]]:
+    import collections.abc as cabc
+    import types
+    import typing
+
+    out = {}
+    for name, p in sig.parameters.items():
+        ann = p.annotation
+        if ann is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        try:
+            ann = eval(ann, fn.__globals__) if isinstance(ann, str) else ann  # noqa: S307 - the function's own annotation
+        except Exception:  # noqa: BLE001 - a name only a type checker knows: not checked, except the model
+            if name == "model":
+                from .model import HookedModel
+
+                out[name] = (HookedModel,)
+            continue
+        parts = typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)
+        classes = []
+        for a in parts:
+            a = typing.get_origin(a) or a  # list[int] -> list, Sequence[str] -> Sequence
+            if a is None or a is type(None):
+                classes.append(type(None))
+            elif a is float:
+                classes += [float, int]
+            elif isinstance(a, type) and a not in (cabc.Callable, typing.Any):
+                classes.append(a)
+            else:
+                classes = []
+                break
+        if classes:
+            out[name] = tuple(classes)
+    return out
+
+
+def _names(types_: tuple[type, ...]) -> str:
+    names = [t.__name__ for t in types_ if t is not int or float not in types_]
+    names = ["None" if n == "NoneType" else n for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

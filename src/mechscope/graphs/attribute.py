@@ -28,6 +28,7 @@ import torch
 from ..core import HookedModel, InputError
 from ..core.errors import InputTypeError
 from ..core.progress import bar
+from ..core.types import checked
 from ..sae.clt import CrossLayerTranscoder
 from ..sae.model import SAE
 from ..sae.transcoders import TranscoderSet
@@ -76,6 +77,7 @@ def active_features(rm: ReplacementModel) -> Sources:
     return Sources(torch.cat(feats), torch.cat(acts).float(), rm.model.cfg.n_layers, rm.n_pos)
 
 
+@checked
 def graph_tokens(model: HookedModel, prompt: str | torch.Tensor, prepend_bos: bool = True) -> tuple[torch.Tensor, str | None]:
     """``[1, pos]`` tokens of ``prompt`` (text, or tokens ``[pos]`` / ``[1, pos]``) and the text of the token put in
     front (None when none was). With ``prepend_bos``, a prompt whose first token is not a special token gets the
@@ -102,6 +104,7 @@ def fit_batch(batch_size: int, rm: ReplacementModel, src: Sources, budget: float
     return max(1, min(batch_size, int(budget // per_row)))
 
 
+@checked
 def check_arguments(model: object, transcoders: object, prompt: object) -> None:
     """Clear errors for arguments of the wrong type (swapped ones, say) before any work: ``model`` a HookedModel,
     ``transcoders`` a replacement, ``prompt`` text or token ids."""
@@ -299,6 +302,7 @@ class SparseRows:
         return tgt, src, val
 
 
+@checked
 def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE] | CrossLayerTranscoder",
                       prompt: str | torch.Tensor,
                       target_logits: list[int] | None = None, max_feature_nodes: int = 7500,

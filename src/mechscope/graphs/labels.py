@@ -14,6 +14,7 @@ import torch
 
 from ..core import HookedModel
 from ..core.progress import bar
+from ..core.types import checked
 from ..sae.features import dashboard_html, feature_stats
 from ..sae.model import SAE
 from ..sae.replacement import Replacement, replacement_of
@@ -21,6 +22,7 @@ from ..sae.transcoders import TranscoderSet
 from .graph import FEATURE, AttributionGraph
 
 
+@checked
 def label_features(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE] | Replacement",
                    tokens: torch.Tensor,
                    nodes: torch.Tensor | None = None, n_top: int = 10, progress: bool = True) -> dict[int, str]:

@@ -22,6 +22,7 @@ from ..core import HookedModel, InputError
 from ..core.hookpoints import act_name
 from ..core.progress import quiet
 from ..core.result import Result
+from ..core.types import checked
 from ..sae.model import SAE
 from ..sae.replacement import Replacement, replacement_of
 from ..sae.transcoders import TranscoderSet
@@ -157,6 +158,7 @@ def _graph_prediction(graph: AttributionGraph, delta: torch.Tensor) -> tuple[tor
     return direct, apply(total)[logits]
 
 
+@checked
 @torch.no_grad()
 def intervene(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE] | Replacement",
               nodes: list[int],
@@ -179,6 +181,7 @@ def intervene(model: HookedModel, graph: AttributionGraph, transcoders: "Transco
                         direct.tolist(), through.tolist())
 
 
+@checked
 @torch.no_grad()
 def graph_curve(model: HookedModel, graph: AttributionGraph, transcoders: "TranscoderSet | list[SAE] | Replacement",
                 sizes: list[int] | None = None, n_random: int = 3, seed: int = 0) -> FaithfulnessCurve:

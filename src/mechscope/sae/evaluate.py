@@ -111,7 +111,8 @@ class SAEEval(Result):
         if self.n_tokens and self.n_tokens < MIN_EVAL_TOKENS:
             per_seq = max(1, self.n_tokens // max(1, self.n_seqs))
             out.append(f"only {self.n_tokens} evaluation tokens: these figures are noisy; use at least "
-                       f"{MIN_EVAL_TOKENS} (e.g. --eval-seqs {-(-MIN_EVAL_TOKENS // per_seq)} at this --seq-len)")
+                       f"{MIN_EVAL_TOKENS} (e.g. --eval-seqs {-(-MIN_EVAL_TOKENS // per_seq)} at this --seq-len, if "
+                       "the corpus's held-out split has that many sequences; if it does not, a larger --corpus)")
         if self.ce_recovered > 1:
             out.append(f"CE recovered {self.ce_recovered:.3f} is above 1: the SAE would beat the model itself. That is "
                        "implausible; on this much data it is noise" + (

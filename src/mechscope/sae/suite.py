@@ -208,7 +208,7 @@ def acts_after_prefix(model: HookedModel, hook: str, prefix: torch.Tensor, ids: 
     ``[P]``. The prefix runs once; each token then runs alone on its keys and values (equal, to float rounding,
     to running every ``prefix + token`` row in full)."""
     from ..core.hookpoints import split_name
-    from ..techniques.patching import kv_hook_names, prefix_cache
+    from ..techniques.patch_engine import kv_hook_names, prefix_cache
 
     layer = split_name(hook)[0]
     stop = None if layer is None or layer + 1 >= model.cfg.n_layers else layer + 1

@@ -100,12 +100,21 @@ def _answer_direction(model, answer, wrong, N: int) -> tuple[torch.Tensor, torch
     """``(u [N, d_model], b_u [N], label)``: the unembedding direction of ``answer`` (minus ``wrong``) per prompt."""
     a = answer_ids(model, answer, N)
     u, b_u = model.W_U[:, a].T.float(), model.b_U[a].float()
-    name = (lambda ids: repr(model.to_str_tokens(ids[:1])[0])) if model.tokenizer is not None else None
-    label = f"logit({name(a)})" if name else "logit"
+
+    def name(ids: torch.Tensor, what: str) -> str:
+        """The answer's token when every prompt has the same one, else "each prompt's <what>" (never the first
+        prompt's token standing for all of them)."""
+        if model.tokenizer is None:
+            return what
+        if bool((ids == ids[0]).all()):
+            return repr(model.to_str_tokens(ids[:1])[0])
+        return f"each prompt's {what}"
+
+    label = f"logit({name(a, 'answer')})"
     if wrong is not None:
         b = answer_ids(model, wrong, N)
         u, b_u = u - model.W_U[:, b].T.float(), b_u - model.b_U[b].float()
-        label = f"logit({name(a)}) - logit({name(b)})" if name else label
+        label = f"logit({name(a, 'answer')}) - logit({name(b, 'wrong answer')})"
     return u, b_u, label
 
 

@@ -22,6 +22,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
+from ..core.types import checked
 
 
 @dataclass(repr=False)
@@ -87,6 +88,7 @@ class LogitLensResult(Result):
 
 
 @torch.no_grad()
+@checked
 def logit_lens(model: HookedModel, tokens: str | torch.Tensor, targets: Sequence[str | int] | None = None, k: int = 5,
                prepend_bos: bool | None = None) -> LogitLensResult:
     """Logit lens over one prompt (text or tokens ``[1, pos]``).

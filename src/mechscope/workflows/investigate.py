@@ -40,6 +40,7 @@ from .report import Figures, Report, Section, estimates_table, fmt, reproducibil
 from .stages import StageCache
 
 MIN_PROMPTS = 20  # each half of the split needs 10 prompts for a bootstrap CI
+NOT_ENOUGH = " [not enough data: too few pairs for this to hold]"
 GRAPH_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
@@ -60,7 +61,8 @@ def check_pairs(model: HookedModel, data: TaskDataset, cache: StageCache | None 
     gap = bootstrap_ci(clean - corr)
     acc = float(ok.float().mean())
     return {"clean": clean, "corrupted": corr, "gap": gap, "accuracy": acc,
-            "failing": [i for i in range(len(clean)) if not ok[i]], "does_task": gap.low > 0 and acc >= 0.5,
+            "failing": [i for i in range(len(clean)) if not ok[i]],
+            "does_task": gap.excludes(0.0) and gap.value > 0 and acc >= 0.5,
             "rule": "clean metric > 0 (the answer beats the wrong answer)" if data.wrong is not None
             else "clean metric > the corrupted prompt's"}
 
@@ -75,22 +77,55 @@ def _check(rep: Report, model, data: TaskDataset, cache) -> bool:
     if c["failing"]:
         lines.append(f"the model fails the behaviour on {len(c['failing'])} prompts (first 10 listed):")
         lines += [f"  #{i}: {data.texts[i]!r}: clean {clean[i]:+.2f}, corrupted {corr[i]:+.2f}" for i in c["failing"][:10]]
-    if n < MIN_PROMPTS:
-        lines.append(f"only {n} prompts: each half of the search/held-out split has fewer than 10, too few for the "
-                     f"confidence intervals below; give at least {MIN_PROMPTS}")
-    if not c["does_task"]:
+    few = n < MIN_PROMPTS
+    if few:
+        lines.append(f"only {n} prompt pair(s): too few to tell the clean from the corrupted behaviour with a "
+                     f"confidence interval, or to choose a circuit on half of them and judge it on the other half "
+                     f"(each half needs 10). mechscope runs what {n} pair(s) can support: this check and patching on "
+                     f"all of them, with no circuit chosen and nothing held out; every finding below is marked as not "
+                     f"enough data. Give at least {MIN_PROMPTS} pairs for the whole investigation")
+    elif not c["does_task"]:
         lines.append("=> the model does NOT reliably do this task, so there is no behaviour to find a circuit for: "
                      "stopping here")
     sec = Section("does the model do the task?", "\n".join(lines), key="check")
     rep.add(sec)
     rep.find(f"the model tells the clean prompts from the corrupted ones ({data.metric_name}, clean - corrupted; "
-             f"accuracy {c['accuracy']:.0%} of {n})", c["gap"], "0: no difference between clean and corrupted", sec,
-             holds=c["does_task"])
+             f"accuracy {c['accuracy']:.0%} of {n}){NOT_ENOUGH if few else ''}", c["gap"],
+             "0: no difference between clean and corrupted", sec, holds=c["does_task"] and not few)
     rep.metrics.update(accuracy=c["accuracy"], clean_minus_corrupted=c["gap"].value, n_prompts=n,
                        n_failing=len(c["failing"]))
     rep.checklist.add("question", f"which components carry the behaviour of the task {data.name!r} "
                                   f"({data.metric_name})?", "#check")
     return c["does_task"]
+
+
+def _patching_only(rep: Report, model, data: TaskDataset, out: Path, cache) -> None:
+    """What a handful of pairs supports: residual patching and every head and MLP patched, on all of them (no split,
+    no circuit, no held-out validation), each finding marked as resting on too little data."""
+    from ..circuits.discovery import circuit_hooks, patch_components
+    from ..techniques.inputs import prepare
+    from ..techniques.patching import patch
+
+    pair = prepare(model, data.clean, data.corrupted, data.metric, circuit_hooks(model))
+    resid = cache("resid-all", {}, lambda: patch(model, pair, site="resid_pre"))
+    heads, mlps = cache("components-all", {}, lambda: patch_components(model, pair, 64))
+    figs = Figures()
+    resid.plot(out / "resid_patching.png")
+    sec = Section(f"residual stream patching on all {len(data)} pair(s) (no split)", resid.summary(8),
+                  figs.heatmap(*resid.grid(), title="patching the residual stream (clean into corrupted), normalised"),
+                  ["resid_patching.png"], key="resid")
+    rep.add(sec)
+    hv = heads.normalized()
+    rep.add(Section("heads and MLPs (no split)", f"{heads.summary(8)}\n\n{mlps.summary(8)}",
+                    figs.heatmap(hv, [f"L{layer}" for layer in range(hv.shape[0])],
+                                 [f"H{h}" for h in range(hv.shape[1])],
+                                 title="patching each head's output (z), normalised"), key="components"))
+    top = hv.abs().flatten().argmax()
+    layer, head = divmod(int(top), hv.shape[1])
+    rep.find(f"head L{layer}H{head} has the largest patching effect on these {len(data)} pair(s) (normalised)"
+             f"{NOT_ENOUGH}", float(hv[layer, head]), "the other heads, on the same pairs", sec, holds=False)
+    rep.checklist.add("technique", f"activation patching of the residual stream, heads and MLPs on {len(data)} "
+                                   "pair(s); no circuit chosen (too few pairs to hold any out)", "#components")
 
 
 def _patching_sections(rep: Report, res: CircuitResult, out: Path, figs: Figures) -> None:
@@ -132,7 +167,16 @@ def _circuit_section(rep: Report, res: CircuitResult, out: Path) -> None:
             res.extra[k].plot(out / f"{k}.png")
             imgs.append(f"{k}.png")
     n_out = res.extra["n_held_out"]
-    sec = Section("the circuit, validated on held-out prompts", res.summary(), f"<pre>{viz.esc(res.verdict())}</pre>",
+    text = res.summary()
+    curves = [c for c in (res.extra.get("held_out_curve"), res.extra.get("curve")) if c is not None]
+    top = max((float(e.value) for c in curves for ests in getattr(c, "curves", {}).values() for e in ests),
+              default=0.0)
+    if top > 1.2:
+        text += (f"\n\nthe faithfulness curve rises to {top:.2f}, above 1: once components that OPPOSE the behaviour "
+                 "are ablated too, the metric exceeds the clean model's (they were pushing against the answer). This "
+                 "is not an error; it is why the circuit is chosen as the smallest size reaching the target, and why "
+                 "the opposing components are listed apart")
+    sec = Section("the circuit, validated on held-out prompts", text, f"<pre>{viz.esc(res.verdict())}</pre>",
                   imgs, key="circuit")
     rep.add(sec)
     r = [e.value for e in res.random_faithfulness]
@@ -140,7 +184,8 @@ def _circuit_section(rep: Report, res: CircuitResult, out: Path) -> None:
              f") keeps this fraction of the behaviour on {n_out} held-out prompts (normalised faithfulness, "
              f"{res.mode} ablation)", res.faithfulness,
              f"{len(r)} random circuits of the same size: mean {sum(r) / max(1, len(r)):+.2f} (rank p = "
-             f"{res.p_value:.3f})" if r else "no random circuits drawn", sec,
+             f"{res.p_value:.3f}; with {len(r)} random circuits the smallest p possible is {1 / (len(r) + 1):.3f})"
+             if r else "no random circuits drawn", sec,
              holds=bool(r) and res.p_value < 0.05 and res.faithfulness.low > 0)
     rep.find("ablating the circuit itself (knockout) changes the metric by", res.knockout,
              f"0: the whole model ({res.extra['metric']})", sec, holds=res.knockout.excludes(0.0))
@@ -174,14 +219,15 @@ def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> 
               f"{j:.2f}" for (s, n, f), j in zip(rows, jac)]
     shared = set.intersection(*(set(n) for _, n, _ in rows))
     lines.append(f"  in every split's circuit: {', '.join(sorted(shared, key=_order)) or 'nothing'}")
-    spread = bootstrap_ci(torch.tensor([f.value for _, _, f in rows]))
+    spread = bootstrap_ci(torch.tensor([f.value for _, _, f in rows]))  # n = splits: fmt shows n, not a CI, below 10
     sec = Section("does the circuit depend on the split?", "\n".join(lines),
                   estimates_table([(f"split seed {s}: {len(n)} components", f) for s, n, f in rows],
                                   "held-out faithfulness"), key="splits")
     rep.add(sec)
     stable = min(jac[1:]) >= 0.5 and all(f.low > 0 for _, _, f in rows)
-    rep.find(f"the circuit holds across {len(rows)} splits of the prompts (mean held-out faithfulness; overlap with "
-             f"seed 0's circuit {min(jac[1:]):.2f} to {max(jac[1:]):.2f})", spread,
+    rep.find(f"the circuit holds across {len(rows)} splits of the prompts (mean held-out faithfulness of "
+             f"{', '.join(f'{f.value:.3f}' for _, _, f in rows)}; overlap with seed 0's circuit {min(jac[1:]):.2f} to "
+             f"{max(jac[1:]):.2f})", spread,
              "each split's own circuit and held-out prompts", sec, holds=stable)
     rep.checklist.add("edge_cases", f"the circuit chosen again on {len(rows) - 1} other splits of the prompts",
                       "#splits")
@@ -287,10 +333,15 @@ def _sae_section(rep: Report, model, data: TaskDataset, res: CircuitResult, sae)
     rep.metrics["sae_top_features"] = [int(i) for i in top]
 
 
-def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, splits, target: float) -> None:
+def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, splits, target: float,
+                few: bool = False) -> None:
     """Step 7: what to do next, for each result that came out unclear."""
     todo = []
-    if res is None:
+    if few:
+        todo += [f"give at least {MIN_PROMPTS} prompt pairs (now {len(data)}): a task file with one pair per line "
+                 "(--task-file), or a built-in task with --n; then the circuit is chosen on half and judged on the "
+                 "other half"]
+    elif res is None:
         todo += ["the model does not do the task: check the answers and wrong answers (the failing prompts are listed), "
                  "try a larger model of the same family, or make the behaviour easier (shorter prompts, clearer "
                  "contrasts); a circuit found now would explain noise"]
@@ -307,8 +358,10 @@ def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, split
             todo.append(f"the held-out faithfulness {f.value:.2f} is below the target {target}: try the other ablation "
                         "mode (--ablation mean|cf), more prompts, or a larger --target")
         if res.opposing:
-            todo.append(f"{len(res.opposing)} components oppose the behaviour ({', '.join(list(res.opposing)[:4])}): "
-                        "read them (`mechscope head L.H` for a head) before calling the circuit complete")
+            names = list(res.opposing)
+            shown = ", ".join(names[:6]) + (f", and {len(names) - 6} more" if len(names) > 6 else "")
+            todo.append(f"{len(names)} component(s) oppose the behaviour ({shown}): read them (`mechscope head L.H` "
+                        "for a head) before calling the circuit complete")
         if len(splits) > 1 and min(_overlap(res.nodes, n) for _, n, _ in splits[1:]) < 0.5:
             todo.append("the circuit changes with the split of the prompts: trust only the components in every split's "
                         "circuit, and add prompts")
@@ -343,7 +396,11 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
     t0 = time.time()
     stage(f"investigate 1/5: checking the {len(data)} pairs")
     res, splits = None, []
-    if _check(rep, model, data, cache):
+    does = _check(rep, model, data, cache)
+    if len(data) < MIN_PROMPTS:
+        stage(f"investigate 2/5: {len(data)} pair(s): patching only (no circuit is chosen from so few)")
+        _patching_only(rep, model, data, out, cache)
+    elif does:
         stage("investigate 2/5: patching, the circuit from the curve, its validation")
         res = find_circuit(model, data, target=target, ablation=ablation, held_out=held_out, n_random=n_random,
                            screen_heads=screen_heads, curve=curve, memo=cache)
@@ -359,7 +416,7 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
         if transcoders:
             graph_section(rep, model, out, data.texts[0], spec=None if transcoders is True else str(transcoders))
     stage("investigate 5/5: the report")
-    _next_steps(rep, data, res, splits, target)
+    _next_steps(rep, data, res, splits, target, few=len(data) < MIN_PROMPTS)
     rep.metrics.update(stages_reused=sorted(set(cache.hits)), stages_computed=sorted(set(cache.misses)),
                        investigate_seconds=round(time.time() - t0, 1))
     rep.prefix = prefix

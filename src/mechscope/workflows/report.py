@@ -44,7 +44,15 @@ class Finding:
 
 
 def fmt(e: Estimate | float) -> str:
-    return f"{e.value:+.3g} [{e.low:+.3g}, {e.high:+.3g}]" if isinstance(e, Estimate) else f"{e:+.3g}"
+    """An effect as the findings show it: a value with its CI, or, resting on too few samples for one, the value and
+    how few (never a CI the estimate itself calls uninformative)."""
+    if not isinstance(e, Estimate):
+        return f"{e:+.3g}"
+    if e.exact:
+        return f"{e.value:+.3g} (exact)"
+    if not e.informative:
+        return f"{e.value:+.3g} (n={e.n}: too few for a CI)"
+    return f"{e.value:+.3g} [{e.low:+.3g}, {e.high:+.3g}]"
 
 
 REPORT_CSS = """
@@ -108,7 +116,8 @@ class Report(Result):
         toc = "".join(f"<li><a href='#{viz.esc(s.anchor())}'>{viz.esc(s.title)}</a></li>" for s in self.sections)
         parts = [f"<style>{REPORT_CSS}</style>",
                  f"<section id='findings'><h2>findings</h2><p>Effects are means with 95% bootstrap CIs over "
-                 f"held-out prompts or seeds, each beside the baseline it is compared with.</p>"
+                 f"held-out prompts or seeds (where fewer than 10 values were measured, the value and n instead: too "
+                 f"few for a CI), each beside the baseline it is compared with.</p>"
                  f"<ol class='ms-findings'>{find}</ol></section>",
                  f"<nav class='ms-toc'><h2>contents</h2><ol><li><a href='#checklist'>quality checklist</a></li>"
                  f"{toc}</ol></nav>",

@@ -177,7 +177,11 @@ def investigate_cmd(args: argparse.Namespace) -> Result:
 def _one_pair_task(args: argparse.Namespace, model):
     """``--clean/--corrupted/--answer/--wrong`` as a one-pair task (too few for CIs: the report says so)."""
     from ... import datasets as D
+    from .common import check_answer_spaces
 
+    if not (args.clean and args.corrupted and args.answer):
+        raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
+    check_answer_spaces(args, model)
     return D.TaskDataset.from_texts(model, [args.clean], [args.corrupted], [args.answer],
                                     None if args.wrong is None else [args.wrong], name="one pair")
 

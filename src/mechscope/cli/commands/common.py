@@ -82,7 +82,12 @@ def _corpus(args: argparse.Namespace, model, split: str, n_seqs: int, seq_len: i
         raise InputError(f"the corpus ({desc}, {split} split) gave no sequence of {seq_len} tokens; give more text "
                          f"or a shorter --seq-len")
     stage(f"corpus: {desc}, {split} split: {toks.shape[0]} sequences x {toks.shape[1]} = {toks.numel()} tokens")
-    return toks, {"corpus": desc, "corpus_split": split, "corpus_tokens": int(toks.numel())}
+    info = {"corpus": desc, "corpus_split": split, "corpus_tokens": int(toks.numel())}
+    if toks.shape[0] < n_seqs:
+        stage(f"the corpus's {split} split gives {toks.shape[0]} sequences of {seq_len} tokens, fewer than the {n_seqs} "
+              f"asked: using {toks.shape[0]} (a larger --corpus gives more; a larger number asked cannot)")
+        info["corpus_seqs_asked"] = n_seqs
+    return toks, info
 
 
 def _pictures(args: argparse.Namespace, res: Result, title: str) -> Result:
@@ -112,6 +117,7 @@ def _task(args: argparse.Namespace, model):
         return ds.clean, ds.corrupted, ds.metric, ds
     if not (args.clean and args.corrupted and args.answer):
         raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
+    check_answer_spaces(args, model)
     a = model.to_single_token(args.answer)
     b = model.to_single_token(args.wrong) if args.wrong else None
 
@@ -120,6 +126,24 @@ def _task(args: argparse.Namespace, model):
 
     return args.clean, args.corrupted, metric, None
 
+
+
+def check_answer_spaces(args: argparse.Namespace, model) -> None:
+    """Say so when ``--answer`` (or ``--wrong``) has no leading space after a prompt that ends in a word: the next
+    token there is almost always the spaced one (``' Paris'``, not ``'Paris'``), a different token."""
+    from ...core.progress import stage
+
+    tok = model.tokenizer
+    if tok is None or not args.clean or args.clean[-1:].isspace():
+        return
+    for flag, value in (("--answer", args.answer), ("--wrong", args.wrong)):
+        if not value or value[:1].isspace():
+            continue
+        spaced = tok(" " + value, add_special_tokens=False).input_ids
+        bare = tok(value, add_special_tokens=False).input_ids
+        if len(spaced) == 1 and spaced != bare:
+            stage(f"{flag} {value!r} has no leading space: after {args.clean.split()[-1]!r} the next token is usually "
+                  f"{' ' + value!r}, a different token; write {flag} {' ' + value!r} if that is what you mean")
 
 
 def _held_out(args, model) -> tuple:

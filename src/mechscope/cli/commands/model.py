@@ -36,9 +36,17 @@ def info_cmd(args: argparse.Namespace) -> Result:
             lines.append(f"  {name:36s} {r['kind']:23s} {r['model']:26s} {r['n_layers']:3d} layers x {feats} features  "
                          f"{r['uri']}")
         return Outcome("\n".join(lines), {"replacements": rel})
+    from ...loading import ALIASES, DEFAULT_MODEL
+
     model = _load(args)
     d = {**model.cfg.to_dict(), "n_hook_points": len(model.hook_names)}
-    text = [repr(model), "", "config:"] + [f"  {k:20} {v}" for k, v in d.items() if k != "extra"]
+    text = [repr(model)]
+    alias = ALIASES.get(args.model or DEFAULT_MODEL)
+    if alias is not None:
+        d["source"] = (f"{alias.description}, from the {alias.package} package, dequantised to {model.cfg.dtype} on "
+                       "load: its numbers are the quantised model's, not the original weights'")
+        text.append(f"source: {d['source']}")
+    text += ["", "config:"] + [f"  {k:20} {v}" for k, v in d.items() if k not in ("extra", "source")]
     if args.hooks:
         d["hook_names"] = model.hook_names
         per = [n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.0.")]

@@ -53,6 +53,7 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
 
     with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
         model = _load(args)
+        model.manager.check(args.hook)  # before the corpus is read and packed
         out = Path(args.out)
         tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, partitions=args.partitions)
         if args.acts:
