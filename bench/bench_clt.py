@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from _results import results_file
+
 IOI = ["When Mary and John went to the store, John gave a drink to",
        "When Tom and Sarah went to the park, Sarah gave a ball to",
        "After Lisa and Mark met at the cafe, Mark handed a cup to"]
@@ -81,16 +83,12 @@ def main() -> None:
     import mechscope as ms
     import mechscope.graphs  # noqa: F401 - imported before the hours of training, whatever changes on disk meanwhile
     from mechscope import corpus
-    from mechscope.loading import cache_dir
     from mechscope.sae import TrainConfig, clt_config, evaluate_clt, fit_sae, save_replacement, transcoder_cache
     from mechscope.sae.clt_train import clt_activations
     from mechscope.sae.data import PartitionedSource, default_partitions
 
     model = ms.load("smollm2-135m")
-    out = cache_dir() / "bench_clt"
-    out.mkdir(parents=True, exist_ok=True)
-    res_path = out / "results.json"
-    results = [] if a.fresh or not res_path.exists() else json.loads(res_path.read_text())["runs"]
+    out, res_path, results = results_file("bench_clt", a.fresh)
     texts, desc = corpus.from_spec(None, "train")
     toks = corpus.pack(model, texts, a.seq_len, n_seqs=a.seqs, source=desc)
     held_texts, _ = corpus.from_spec(None, "test")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from _results import results_file
+
 
 def args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,14 +54,10 @@ def main() -> None:
     from mechscope.analysis.validation import seed_interval
     from mechscope.diffing import load_pair
     from mechscope.diffing.organisms import OrganismSpec, build_organism, draw_domain
-    from mechscope.loading import cache_dir
     from mechscope.workflows.diff import diff
 
     model = ms.load("smollm2-135m")
-    out = cache_dir() / "bench_diff"
-    out.mkdir(parents=True, exist_ok=True)
-    res_path = out / "results.json"
-    runs = [] if a.fresh or not res_path.exists() else json.loads(res_path.read_text())["runs"]
+    out, res_path, runs = results_file("bench_diff", a.fresh)
     generic_test, desc = corpus.from_spec(None, "test")
     tokens = corpus.document_starts(model, generic_test, a.seq_len, a.docs, source=desc)
     generic_train = list(t for _, t in zip(range(4000), corpus.default_corpus("train")))

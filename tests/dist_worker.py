@@ -136,17 +136,12 @@ def run(rank: int, world: int, port: int, out: str, job: str) -> None:
             res = fit_sae(acts, cfg, tc, out=out / "resume", resume=True, progress=False, dist=dist)
             if dist.is_main:
                 _save(res.sae, out / "resumed.safetensors")
-        elif job == "clt":  # cross-layer transcoders on 2 ranks (BatchTopK selects per layer over the whole batch)
-            rows = planted_clt_rows()
-            for name in CLT_JOBS:
-                cfg, tc = clt_configs(name)
-                res = fit_sae(rows, cfg, tc, progress=False, dist=dist)
-                if dist.is_main:
-                    _save(res.sae, out / f"{name}.safetensors")
-        elif job == "crosscoder":  # crosscoders on 2 ranks: BatchTopK selects on c_j f_j over the whole batch
-            rows = planted(n=1500, d=32)
-            for name in CROSSCODER_JOBS:
-                cfg, tc = crosscoder_configs(name)
+        elif job in ("clt", "crosscoder"):  # other dictionaries on 2 ranks: CLTs (BatchTopK per layer over the whole
+            # batch) and crosscoders (BatchTopK on c_j f_j over the whole batch), by the same trainer
+            rows, names, make = ((planted_clt_rows(), CLT_JOBS, clt_configs) if job == "clt" else
+                                 (planted(n=1500, d=32), CROSSCODER_JOBS, crosscoder_configs))
+            for name in names:
+                cfg, tc = make(name)
                 res = fit_sae(rows, cfg, tc, progress=False, dist=dist)
                 if dist.is_main:
                     _save(res.sae, out / f"{name}.safetensors")

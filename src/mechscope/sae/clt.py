@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core.errors import InputError
 from . import kernels as K
-from .model import LossTerms, geometric_median, heaviside, jumprelu
+from .model import LossTerms, geometric_median, heaviside, jumprelu, update_threshold
 
 if TYPE_CHECKING:
     from ..core.model import HookedModel
@@ -422,14 +422,9 @@ class CrossLayerTranscoder(nn.Module):
         default = max(1, round(c.d_model / 2 * c.n_layers / c.decoder_blocks()))
         return min(c.k_aux or default, int(dead.sum()))
 
-    @torch.no_grad()
     def _update_threshold(self, s: int, kept: torch.Tensor) -> None:
         """BatchTopK's inference threshold of source ``s``: a running mean (0.99) of its smallest kept activation."""
-        m = kept.min() if kept.numel() else torch.tensor(float("inf"), device=kept.device)
-        if self.batch_group is not None and self.batch_group.active:
-            m = -self.batch_group.kth_largest(-m.reshape(1).float(), 1)
-        if torch.isfinite(m):
-            self.threshold[s] = m if self.threshold[s] < 0 else 0.99 * self.threshold[s] + 0.01 * m
+        update_threshold(self.threshold[s], kept, self.batch_group)
 
     def _select(self, s: int, pre: torch.Tensor) -> tuple[K.Pattern, torch.Tensor]:
         """The entries of source ``s`` that take part in this step (and their pre-activations): TopK's and

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.errors import InputError
 from . import kernels as K
-from .model import LossTerms, geometric_median
+from .model import LossTerms, geometric_median, update_threshold
 
 ARCHITECTURES = ("batchtopk", "relu")
 CODE_NORMS = ("crosscoder", "sae", "none")
@@ -255,15 +255,6 @@ class Crosscoder(nn.Module):
     def _k_aux(self, dead: torch.Tensor) -> int:
         return min(self.cfg.k_aux or max(1, self.cfg.row_width // 2), int(dead.sum()))
 
-    @torch.no_grad()
-    def _update_threshold(self, kept: torch.Tensor) -> None:
-        """BatchTopK's inference threshold: a running mean (0.99) of the smallest kept ``c_j f_j``."""
-        m = kept.min() if kept.numel() else torch.tensor(float("inf"), device=kept.device)
-        if self.batch_group is not None and self.batch_group.active:
-            m = -self.batch_group.kth_largest(-m.reshape(1).float(), 1)
-        if torch.isfinite(m):
-            self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
-
     def step_loss(self, rows: torch.Tensor, step_: int = 0, dead_mask: torch.Tensor | None = None,
                   sparse: bool = True) -> LossTerms:
         """The :class:`~mechscope.sae.model.LossTerms` of rows ``[B, S d]`` (scaled space): ``Σ_s ||g_s x_s - x̂_s'||²``
@@ -282,7 +273,7 @@ class Crosscoder(nn.Module):
             g = self.batch_group
             thr = g.kth_largest(score.reshape(-1), cfg.k * g.global_rows) if g is not None and g.active else None
             pattern, kept = K.select_batch_topk(score, cfg.k, threshold=thr)
-            self._update_threshold(kept)
+            update_threshold(self.threshold, kept, self.batch_group)  # on c_j f_j
             picked = pre[pattern.rows, pattern.cols]
             if sparse:
                 vals = K.sparse_latents(xs, W_enc, self.b_enc, pattern, picked)

@@ -184,6 +184,18 @@ def heaviside(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> t
 
 
 @torch.no_grad()
+def update_threshold(threshold: torch.Tensor, kept: torch.Tensor, batch_group=None) -> None:
+    """BatchTopK's inference threshold (Bussmann et al. 2024), updated in place: a running mean (0.99) of the smallest
+    value kept this step (over the whole batch when it is spread over ranks: ``batch_group``); unset (< 0) it starts at
+    that value. Shared by SAEs, CLTs (one per layer) and crosscoders."""
+    m = kept.min() if kept.numel() else torch.tensor(float("inf"), dtype=kept.dtype, device=kept.device)
+    if batch_group is not None and batch_group.active:  # the smallest kept value of the whole batch
+        m = -batch_group.kth_largest(-m.reshape(1).float(), 1)
+    if torch.isfinite(m):
+        threshold.copy_(m if threshold < 0 else 0.99 * threshold + 0.01 * m)
+
+
+@torch.no_grad()
 def geometric_median(x: torch.Tensor, method: str = "geometric_median", iters: int = 50) -> torch.Tensor:
     """``[n, ..., d] -> [..., d]``: the point minimising ``Σ_i ||x_i - m||`` for each index of ``...`` (Weiszfeld's
     iterations from the mean), or the mean with ``method="mean"``: where a decoder bias starts."""
@@ -459,11 +471,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
         """BatchTopK's inference threshold: a running mean (0.99) of the smallest kept activation."""
-        m = kept.min() if kept.numel() else torch.tensor(float("inf"), dtype=kept.dtype, device=kept.device)
-        if self.batch_group is not None and self.batch_group.active:  # the smallest kept value of the whole batch
-            m = -self.batch_group.kth_largest(-m.reshape(1), 1)
-        if torch.isfinite(m):
-            self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
+        update_threshold(self.threshold, kept, self.batch_group)
 
     def _sparse_training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None,
                               target: torch.Tensor | None = None) -> LossTerms:
