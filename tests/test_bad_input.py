@@ -263,7 +263,8 @@ CLI_CASES = {
                                            "unrecognized arguments: --corpus"),
     "an unknown command": (["frobnicate"], "invalid choice: 'frobnicate'"),
     "a task file that does not exist": (["patch", "--task-file", "{tmp}/none.jsonl"], "no such task file"),
-    "a corpus that does not exist": (["sae", "train", "--corpus", "{tmp}/nope", "--steps", "2"], "is not a file"),
+    "a corpus that does not exist": (["sae", "train", "--corpus", "{tmp}/nope", "--hook", "blocks.1.hook_resid_post",
+                                      "--steps", "2"], "is not a file"),
     "a built-in task without a tokenizer": (["ablate", "--task", "ioi", "L0H0"], "no tokenizer"),
     "a component out of range": (["ablate", "--task-file", "{tmp}/t.jsonl", "L9H0"], "layer 9 out of range"),
 }

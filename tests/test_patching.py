@@ -92,7 +92,7 @@ def test_result_outputs(tmp_path):
 
 
 def test_reads_last_only_probe():
-    from mechscope.techniques.patching import reads_last_only
+    from mechscope.techniques.inputs import reads_last_only
 
     last = torch.randn(2, 1, 11)
     assert reads_last_only(metric, last, 7)

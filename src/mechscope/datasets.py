@@ -68,9 +68,34 @@ class TaskDataset(Result):
     #: (what the metric is, its unit, which way is the behaviour): printed with every number it produces
     metric_label: tuple[str, str, str] = ("logit difference (answer - wrong answer) at the answer position", "logits",
                                           "higher = more of the clean behaviour")
+    #: rows of ``clean``/``corrupted`` per prompt pair: 2 when multi-token answers are scored against multi-token
+    #: wrong answers (row ``2i`` continues pair ``i`` with its answer, row ``2i + 1`` with its wrong answer), else 1
+    rows_per_pair: int = 1
+    #: the prompt's token count when answer continuations are appended after it (patching reads only these
+    #: positions); None when the rows are the prompts themselves
+    prompt_len: int | None = None
 
     def __len__(self) -> int:
+        """Rows, as every technique sees them (``clean.shape[0]``); :attr:`n_pairs` counts prompt pairs."""
         return self.clean.shape[0]
+
+    @property
+    def n_pairs(self) -> int:
+        """Prompt pairs: the data every estimate rests on (rows / :attr:`rows_per_pair`)."""
+        return self.clean.shape[0] // self.rows_per_pair
+
+    def per_pair(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row values ``[rows, ...]`` as per-pair ones ``[n_pairs, ...]``: the mean of each pair's rows. With two
+        rows a pair, each row holds twice its part of ``log p(answer) - log p(wrong)``, so the mean is the pair's
+        value and a mean over rows equals the mean over pairs."""
+        if self.rows_per_pair == 1:
+            return values
+        return values.reshape(self.n_pairs, self.rows_per_pair, *values.shape[1:]).mean(1)
+
+    @property
+    def positions(self) -> list[int] | None:
+        """The prompt positions patching reads (None: all of them)."""
+        return None if self.prompt_len is None else list(range(self.prompt_len))
 
     @property
     def metric_name(self) -> str:
@@ -91,26 +116,32 @@ class TaskDataset(Result):
         return M.logit_diff(logits, self.answers.to(logits.device), self.wrong.to(logits.device))
 
     def subset(self, idx: Sequence[int] | torch.Tensor) -> TaskDataset:
+        """The prompt pairs ``idx`` (with all their rows)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        pick = lambda xs: [xs[int(i)] for i in idx]  # noqa: E731
-        return TaskDataset(self.name, self.clean[idx], self.corrupted[idx],
-                           None if self.answers is None else self.answers[idx],
-                           None if self.wrong is None else self.wrong[idx],
+        r = self.rows_per_pair
+        rows = (idx[:, None] * r + torch.arange(r)).flatten() if r > 1 else idx
+        pick = lambda xs: [xs[int(i)] for i in rows]  # noqa: E731
+        return TaskDataset(self.name, self.clean[rows], self.corrupted[rows],
+                           None if self.answers is None else self.answers[rows],
+                           None if self.wrong is None else self.wrong[rows],
                            pick(self.texts), pick(self.corrupted_texts), pick(self.meta) if self.meta else [],
-                           self.metric_fn, self.seed, self.metric_label)
+                           self.metric_fn, self.seed, self.metric_label, self.rows_per_pair, self.prompt_len)
 
     def split(self, held_out: float = 0.5, seed: int | None = None) -> tuple[TaskDataset, TaskDataset]:
-        """A random (train, held-out) split; use the held-out part to confirm what the train part found."""
+        """A random (train, held-out) split of the pairs; use the held-out part to confirm what the train part found."""
         if not 0 < held_out < 1:
             raise InputError(f"held_out must be a fraction in (0, 1), got {held_out}")
-        n = len(self)
+        n = self.n_pairs
         g = torch.Generator().manual_seed(self.seed if seed is None else seed)
         perm = torch.randperm(n, generator=g)
         k = max(1, min(n - 1, round(n * held_out)))
         return self.subset(perm[k:]), self.subset(perm[:k])
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self)} pairs of {self.clean.shape[1]} tokens\n"
+        P = self.prompt_len or self.clean.shape[1]
+        cont = (f"; answers of several tokens are scored teacher-forced after the prompt ({self.rows_per_pair} "
+                "row(s) a pair)" if self.prompt_len else "")
+        return (f"{self.name}: {self.n_pairs} pairs of {P} tokens{cont}\n"
                 f"  clean:     {self.texts[0]!r}\n  corrupted: {self.corrupted_texts[0]!r}")
 
     _skip_in_dict = ("metric_fn",)
@@ -118,19 +149,29 @@ class TaskDataset(Result):
     @classmethod
     def from_texts(cls, model: HookedModel, clean: Sequence[str], corrupted: Sequence[str],
                    answers: Sequence[str | Sequence[str]], wrong: Sequence[str | Sequence[str]] | None = None,
-                   name: str = "task", positions: Sequence[int] | None = None) -> "TaskDataset":
+                   name: str = "task", positions: Sequence[int] | None = None,
+                   answer_tokens: str = "all") -> "TaskDataset":
         """A dataset of your own prompts: ``clean[i]``/``corrupted[i]`` pairs with their answers.
 
-        ``answers[i]`` is a single-token string or a list of them (several correct answers); ``wrong[i]``
-        (optional) likewise. The metric is ``mean logit(answers) - mean logit(wrong)`` at the answer
-        position, or without ``wrong`` the log of the answers' total probability; ``positions[i]`` is the
-        answer position (default: the last token). All prompts must tokenize to one length, each pair
-        alike: an error lists the pairs that do not, with their tokens.
+        ``answers[i]`` is a string or a list of single-token strings (several correct answers); ``wrong[i]``
+        (optional) likewise. With single-token answers the metric is ``mean logit(answers) - mean logit(wrong)``
+        at the answer position, or without ``wrong`` the log of the answers' total probability; ``positions[i]``
+        is the answer position (default: the last token).
+
+        An answer of several tokens (``" New York"``) is scored whole: ``log p(answer | prompt) - log p(wrong |
+        prompt)``, each the sum of its tokens' log-probabilities teacher-forced after the prompt (MIB's
+        continuation scoring; Mueller et al. 2025). Each pair then has a row continuing with its answer and, with
+        wrong answers, a second continuing with its wrong one (:attr:`rows_per_pair`); patching reads the prompt
+        positions only (:attr:`positions`). ``answer_tokens="first"`` scores the first token of each answer
+        instead, as single-token answers are, and says so in the metric's name.
+
+        All prompts must tokenize to one length, each pair alike: an error lists the pairs that do not, with
+        their tokens.
         """
         return _from_rows(model, [dict(clean=c, corrupted=x, answer=a, wrong=None if wrong is None else wrong[i],
                                        pos=None if positions is None else positions[i])
                                   for i, (c, x, a) in enumerate(zip(clean, corrupted, answers))], name,
-                          n_given=(len(clean), len(corrupted), len(answers)))
+                          n_given=(len(clean), len(corrupted), len(answers)), answer_tokens=answer_tokens)
 
 
 def _single(model, words: list[str], space: bool = True) -> list[str]:
@@ -293,23 +334,38 @@ def greater_than(model: HookedModel, n: int = 32, seed: int = 0, century: int = 
                        metric_label=("p(later year) - p(earlier year)", "probability", "higher = the clean behaviour"))
 
 
-def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list[str]) -> list[int]:
-    """The token ids of one row's answers; a problem is appended to ``problems`` (and ``[]`` returned)."""
-    vals = value if isinstance(value, (list, tuple)) else [value]
-    if not vals or not all(isinstance(v, str) for v in vals):
-        problems.append(f"{where}: {what} must be a single-token string or a list of them, got {value!r}")
+def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list[str]) -> list[list[int]]:
+    """A row's answer (or wrong answer) as its alternatives, each a list of token ids: a string is one alternative
+    (one token, or several: a continuation), a list of strings is several single-token alternatives."""
+    if isinstance(value, str):
+        ids = _string_ids(model, value)
+        if not ids:
+            problems.append(f"{where}: {what} {value!r} gives no tokens")
+            return []
+        return [ids]
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        problems.append(f"{where}: {what} must be a string (one token or several) or a list of single-token "
+                        f"alternatives, got {value!r}")
         return []
     out = []
-    for v in vals:
-        try:
-            out.append(model.to_single_token(v))
-        except InputError as e:
-            problems.append(f"{where}: {what} {v!r}: {e}")
+    for v in value:
+        ids = _string_ids(model, v)
+        if len(ids) == 1:
+            out.append(ids)
+        else:
+            problems.append(f"{where}: {what} {v!r} is {len(ids)} tokens {[model.to_string([i]) for i in ids]}: a "
+                            "list gives single-token alternatives; give an answer of several tokens as one string "
+                            "(and one per row)")
     return out
 
 
+def _string_ids(model: HookedModel, text: str) -> list[int]:
+    """The token ids of ``text`` as it would continue a prompt (no BOS)."""
+    return list(model.tokens.need_tokenizer()(text, add_special_tokens=False).input_ids)
+
+
 def _position_problems(rows: list[dict], toks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
-    """Rows whose clean and corrupted prompts do not differ at all, or differ at other positions than most rows do:
+    """Rows whose clean and corrupted prompts do not differ at all, or differ at positions where most rows do not:
     patching reads one position across every row, so such rows would mix unrelated tokens into each effect."""
     diffs = [tuple(torch.nonzero(c != x).flatten().tolist()) for c, x in toks]
     out = [f"{_where(rows[i], i)}: the clean and corrupted prompts are the same tokens (nothing to patch)"
@@ -319,7 +375,8 @@ def _position_problems(rows: list[dict], toks: list[tuple[torch.Tensor, torch.Te
         return out
     counts = {d: kinds.count(d) for d in set(kinds)}
     common = max(counts, key=counts.get)
-    odd = [i for i, d in enumerate(diffs) if d and d != common]
+    # a row that differs at only some of the common positions (a random corruption that drew the clean token) is fine
+    odd = [i for i, d in enumerate(diffs) if d and not set(d) <= set(common)]
     if odd and len(kinds) > 1:
         out += [f"{_where(rows[i], i)}: the prompts differ at position(s) {list(diffs[i])}, but in {counts[common]} of "
                 f"{len(kinds)} rows at {list(common)}: patching reads each position across every row, so effects would "
@@ -379,7 +436,8 @@ def _lengths_error(bad: list[tuple[str, list[str], list[str]]]) -> InputError:
                       "shorter prompt with a neutral word.")
 
 
-def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[int, ...] | None = None) -> TaskDataset:
+def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[int, ...] | None = None,
+               answer_tokens: str = "all") -> TaskDataset:
     """A dataset from row dicts; every bad row is reported at once, by its 1-based line or row number."""
     if n_given is not None and len(set(n_given)) != 1:
         raise InputError(f"clean, corrupted and answers must have one entry per pair; got {n_given[0]}, {n_given[1]} "
@@ -412,32 +470,110 @@ def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[i
                      for i, (r, w) in enumerate(zip(rows, has_wrong)) if not w]
     wrong = ([_answer_ids(model, r["wrong"], _where(r, i), "wrong", problems) for i, r in enumerate(rows)]
              if all(has_wrong) else None)
+    if answer_tokens not in ("all", "first"):
+        raise InputError(f"answer_tokens must be 'all' (score every token of an answer) or 'first', got {answer_tokens!r}")
+    if answer_tokens == "first":  # today's metric on answers of several tokens: their first token only
+        answers = [[alt[:1] for alt in a] for a in answers]
+        wrong = None if wrong is None else [[alt[:1] for alt in w] for w in wrong]
     if wrong is not None:
-        same = [(i, sorted(set(a) & set(w))) for i, (a, w) in enumerate(zip(answers, wrong)) if set(a) & set(w)]
+        same = [(i, a[0]) for i, (a, w) in enumerate(zip(answers, wrong)) if a and w and any(x in w for x in a)]
         problems += [f"{_where(rows[i], i)}: the wrong answer is the answer itself "
-                     f"({', '.join(repr(model.to_string([t])) for t in ids)}), so the metric is 0 on this prompt "
+                     f"({model.to_string(ids)!r}), so the metric is 0 on this prompt "
                      "whatever the model does (a copy-paste slip?)" for i, ids in same]
     problems += _position_problems(rows, toks)
     P = lengths[0]
     problems += [f"{_where(r, i)}: answer position {r['pos']} is out of range: the prompts are {P} tokens, so a "
                  f"position is in -{P}..{P - 1}" for i, r in enumerate(rows)
                  if r.get("pos") is not None and not -P <= int(r["pos"]) < P]
+    multi = any(len(alt) > 1 for alts in answers + (wrong or []) for alt in alts)
+    if multi:
+        problems += _continuation_problems(rows, answers, wrong, P)
     if problems:
         raise _problems_error(problems, name)
+    if multi:
+        return _continuation_task(model, rows, toks, answers, wrong, name)
+    first_mode = answer_tokens == "first" and any(len(_string_ids(model, r["answer"])) > 1 for r in rows
+                                                  if isinstance(r["answer"], str))
+    answers = [[alt[0] for alt in a] for a in answers]
+    wrong = None if wrong is None else [[alt[0] for alt in w] for w in wrong]
     meta = [{"answers": a, "wrong": None if wrong is None else wrong[i],
              "pos": P - 1 if r.get("pos") is None else int(r["pos"]) % P} for i, (a, r) in enumerate(zip(answers, rows))]
     dev = model.device
     first = torch.tensor([a[0] for a in answers], device=dev)
+    label = _OWN_LABEL_WRONG if wrong else _OWN_LABEL_LOGP
+    if first_mode:
+        label = (label[0] + ", first token of each answer only (--answer-tokens first)",) + label[1:]
     return TaskDataset(name, torch.stack([c for c, _ in toks]).to(dev), torch.stack([x for _, x in toks]).to(dev),
                        first, torch.tensor([w[0] for w in wrong], device=dev) if wrong else None,
                        [r["clean"] for r in rows], [r["corrupted"] for r in rows], meta, _own_metric,
-                       metric_label=_OWN_LABEL_WRONG if wrong else _OWN_LABEL_LOGP)
+                       metric_label=label)
 
 
-def load_task(path: str | Path, model: HookedModel, name: str | None = None) -> TaskDataset:
+def _continuation_problems(rows: list[dict], answers: list, wrong: list | None, P: int) -> list[str]:
+    """What answers of several tokens cannot have: alternatives (one answer, one wrong answer a row) and an answer
+    position other than the last prompt token (the answer continues the prompt)."""
+    out = [f"{_where(r, i)}: with answers of several tokens, each row has one answer and at most one wrong answer "
+           "(lists of alternatives are for single-token answers); give one string"
+           for i, r in enumerate(rows) if len(answers[i]) > 1 or (wrong is not None and len(wrong[i]) > 1)]
+    out += [f"{_where(r, i)}: answer position {r['pos']}: an answer of several tokens continues the prompt, so it "
+            "is read after the last token; drop pos" for i, r in enumerate(rows)
+            if r.get("pos") is not None and int(r["pos"]) % P != P - 1]
+    return out
+
+
+_CONT_LABEL_WRONG = ("log-probability of the answer minus that of the wrong answer, every token teacher-forced after "
+                     "the prompt", "nats", "higher = more of the clean behaviour")
+_CONT_LABEL_LOGP = ("log-probability of the answer, every token teacher-forced after the prompt", "nats",
+                    "higher = more of the clean behaviour")
+
+
+def _continuation_task(model: HookedModel, rows: list[dict], toks: list, answers: list, wrong: list | None,
+                       name: str) -> TaskDataset:
+    """A task whose answers have several tokens: each prompt continues with its answer (and, in a second row, its
+    wrong answer), teacher-forced, right-padded to one length; patching reads the prompt positions only."""
+    P = len(toks[0][0])
+    conts = [[a[0]] + ([w[0]] if wrong is not None else []) for a, w in zip(answers, wrong or [None] * len(rows))]
+    r = len(conts[0])
+    K = max(len(c) for cs in conts for c in cs)
+    pad = int(conts[0][0][-1])  # never read: positions after a row's continuation do not reach its metric
+    clean, corrupted, meta, texts, ctexts = [], [], [], [], []
+    for i, (row, (c, x), cs) in enumerate(zip(rows, toks, conts)):
+        for j, cont in enumerate(cs):
+            tail = torch.tensor(cont[:-1] + [pad] * (K - len(cont)), dtype=c.dtype)
+            clean.append(torch.cat([c.cpu(), tail]))
+            corrupted.append(torch.cat([x.cpu(), tail]))
+            meta.append({"cont": cont, "sign": 1 if j == 0 else -1, "pos": P - 1, "pair": i,
+                         "answers": [answers[i][0][0]], "wrong": None if wrong is None else [wrong[i][0][0]]})
+            said = model.to_string(cont)
+            texts.append(row["clean"] + said)
+            ctexts.append(row["corrupted"] + said)
+    dev = model.device
+    first = torch.tensor([m["answers"][0] for m in meta], device=dev)
+    second = torch.tensor([m["wrong"][0] for m in meta], device=dev) if wrong is not None else None
+    return TaskDataset(name, torch.stack(clean).to(dev), torch.stack(corrupted).to(dev), first, second, texts, ctexts,
+                       meta, _continuation_metric, metric_label=_CONT_LABEL_WRONG if wrong else _CONT_LABEL_LOGP,
+                       rows_per_pair=r, prompt_len=P)
+
+
+def _continuation_metric(ds: TaskDataset, logits: torch.Tensor) -> torch.Tensor:
+    """Each row's ``rows_per_pair * sign * sum_j log p(cont_j | prompt, cont_<j)`` from the logits at the prompt's
+    last position and the continuation's (teacher forcing); a pair's value, the mean of its rows, is
+    ``log p(answer) - log p(wrong)`` ([rows])."""
+    dev = logits.device
+    P = ds.prompt_len
+    K = max(len(m["cont"]) for m in ds.meta)
+    ids, mask = (t.to(dev) for t in _padded([m["cont"] for m in ds.meta]))
+    logp = torch.log_softmax(logits[:, P - 1:P - 1 + K].float(), -1)  # [rows, K, d_vocab]
+    got = logp.gather(-1, ids[:, :, None])[..., 0]
+    sign = torch.tensor([m["sign"] * ds.rows_per_pair for m in ds.meta], device=dev, dtype=got.dtype)
+    return (got * mask).sum(-1) * sign
+
+
+def load_task(path: str | Path, model: HookedModel, name: str | None = None, answer_tokens: str = "all") -> TaskDataset:
     """Your task from a ``.jsonl`` or ``.csv`` file: one row per pair, with ``clean``, ``corrupted``, ``answer`` and
     optionally ``wrong`` and ``pos`` (the answer position). Several answers: a JSON list in JSONL, or
-    ``"a|b"`` in CSV. See :meth:`TaskDataset.from_texts`.
+    ``"a|b"`` in CSV. Answers of several tokens are scored whole (``answer_tokens="first"``: their first token).
+    See :meth:`TaskDataset.from_texts`.
 
     Path first, then the model, like every mechscope loader (``load_sae(path, model)``). The old order
     ``load_task(model, path)`` still works, with a ``DeprecationWarning``, until mechscope 1.0."""
@@ -477,4 +613,4 @@ def load_task(path: str | Path, model: HookedModel, name: str | None = None) -> 
                             "); each row needs clean, corrupted and answer (wrong and pos are optional)")
     if problems:
         raise _problems_error(problems, str(p))
-    return _from_rows(model, rows, name or p.stem)
+    return _from_rows(model, rows, name or p.stem, answer_tokens=answer_tokens)

@@ -269,15 +269,24 @@ def read_torch(path: str | os.PathLike, what: str = "weights") -> dict:
         raise NotFoundError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {e})") from e
 
 
+# the pickle opcodes that build objects by calling code: GLOBAL, STACK_GLOBAL, REDUCE, INST, OBJ, NEWOBJ, NEWOBJ_EX
+_CODE_OPCODES = {ord(c) for c in "c\x93Rio\x81\x92"}
+
+
 def pickle_refusal(error: BaseException, path: object, what: str = "weights") -> "Exception | None":
     """mechscope's error for ``torch.load(weights_only=True)`` refusing a pickle payload (torch words it "Unsupported
     global", "unsupported GLOBAL ... is blocked", "Unsupported operand", all under "Weights only load failed"): the file
     would run code, so it is refused, and nothing ran. None for any other error."""
+    import re
+
     from .errors import InputError
 
     text = str(error)
     if "Weights only load failed" not in text and "nsupported global" not in text.lower():
         return None
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if "nsupported global" not in text.lower() and (operand is None or int(operand.group(1)) not in _CODE_OPCODES):
+        return None  # bytes that are no pickle at all: a damaged file, said by the caller
     detail = next((ln.strip() for ln in text.splitlines() if "nsupported" in ln), "")
     return InputError(f"{path} ({what}) holds pickled objects that would run code when loaded{': ' + detail if detail else ''}"
                       "; mechscope refuses it (nothing was run). Convert it to safetensors (safetensors.torch.save_file "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -57,11 +58,26 @@ def checked(fn: Callable) -> Callable:
                     from .errors import InputTypeError
 
                     order = ", ".join(sig.parameters)
+                    other = next((o for o in bound if o != name and isinstance(bound[o], want)
+                                  and (o not in wants or isinstance(value, wants[o]))), None)
+                    swap = f"; are {name} and {other} swapped?" if other else ""
                     raise InputTypeError(f"{fn.__name__}: {name} must be {_names(want)}, got {type(value).__name__} "
-                                         f"(the arguments are ({order}))")
+                                         f"(the arguments are ({order}){swap})")
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+class _HookedModelLike(abc.ABC):  # noqa: B024 - checked through __subclasshook__ alone
+    """What ``model`` arguments are checked against without importing core.model (which imports this module): any
+    object with hook points and a cached forward pass, as HookedModel has."""
+
+    @classmethod
+    def __subclasshook__(cls, other):
+        return all(any(n in vars(k) for k in other.__mro__) for n in ("run_with_cache", "hooks")) or NotImplemented
+
+
+_HookedModelLike.__name__ = "HookedModel"
 
 
 def _runtime_types(fn: Callable, sig) -> dict[str, tuple[type, ...]]:
@@ -78,9 +94,7 @@ def _runtime_types(fn: Callable, sig) -> dict[str, tuple[type, ...]]:
             ann = eval(ann, fn.__globals__) if isinstance(ann, str) else ann  # noqa: S307 - the function's own annotation
         except Exception:  # noqa: BLE001 - a name only a type checker knows: not checked, except the model
             if name == "model":
-                from .model import HookedModel
-
-                out[name] = (HookedModel,)
+                out[name] = (_HookedModelLike,)
             continue
         parts = typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)
         classes = []

@@ -184,7 +184,7 @@ def heaviside(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> t
 
 
 @torch.no_grad()
-def update_threshold(threshold: torch.Tensor, kept: torch.Tensor, batch_group=None) -> None:
+def update_threshold(threshold: torch.Tensor, kept: torch.Tensor, batch_group: object | None = None) -> None:
     """BatchTopK's inference threshold (Bussmann et al. 2024), updated in place: a running mean (0.99) of the smallest
     value kept this step (over the whole batch when it is spread over ranks: ``batch_group``); unset (< 0) it starts at
     that value. Shared by SAEs, CLTs (one per layer) and crosscoders."""

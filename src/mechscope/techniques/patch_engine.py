@@ -17,6 +17,7 @@ import torch
 from ..batching import BatchState, map_batches
 from ..core.errors import InputError, UnknownNameError
 from ..core.hookpoints import PATCH_SITES, act_name, block_name, split_name
+from ..core.hooks import HookPoint
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.types import Metric, TextOrTokens
@@ -243,10 +244,9 @@ def run_patches(model: HookedModel, plan: PatchPlan, metric: Metric, fn: Callabl
     return values, runs, stats
 
 
-
-
 # ---------------------------------------------------------------------------------- engine parts
-def write_patch(act: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, job: _Job, p0: int, fn, hook) -> None:
+def write_patch(act: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, job: _Job, p0: int,
+                fn: Callable | None, hook: HookPoint | None) -> None:
     """In place: patch ``act`` rows ``rows`` (one per prompt) with the source activation ``src`` [N, ...]."""
     pattern = hook is not None and hook.name.endswith(("hook_pattern", "hook_attn_scores"))
     src, rows = src.to(act.device), rows.to(act.device)  # the hook's layer may sit on another device

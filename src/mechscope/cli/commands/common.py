@@ -7,6 +7,7 @@ import argparse
 from ...analysis.viz import page
 from ...core.errors import InputError
 from ...core.files import atomic_write
+from ...core.model import HookedModel
 from ...core.result import Result
 from ..registry import arg
 
@@ -128,7 +129,7 @@ def _task(args: argparse.Namespace, model):
 
 
 
-def check_answer_spaces(args: argparse.Namespace, model) -> None:
+def check_answer_spaces(args: argparse.Namespace, model: HookedModel) -> None:
     """Say so when ``--answer`` (or ``--wrong``) has no leading space after a prompt that ends in a word: the next
     token there is almost always the spaced one (``' Paris'``, not ``'Paris'``), a different token."""
     from ...core.progress import stage
