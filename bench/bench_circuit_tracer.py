@@ -255,13 +255,14 @@ def clt_parity(model, tokens: torch.Tensor, work: Path) -> None:
         print(f"  {name} score: mechscope {sc[name]:.4f}, circuit-tracer {ct[name]:.4f} (|diff| {d:.1e}; goal <= 1e-3: "
               f"{'met' if d <= 1e-3 else 'NOT met'})")
     print(f"  wall time (2 threads): mechscope {ms_run['seconds']:.1f} s, circuit-tracer {ct['seconds']:.1f} s "
-          f"(mechscope {ct['seconds'] / ms_run['seconds']:.2f}x faster); peak RSS of the whole process: mechscope "
+          f"(circuit-tracer's time / mechscope's: {ct['seconds'] / ms_run['seconds']:.2f}x); peak RSS of the whole "
+          f"process: mechscope "
           f"{ms_run['peak_rss_gib']:.2f} GiB, circuit-tracer {ct['peak_rss_gib']:.2f} GiB "
           f"({'less' if ms_run['peak_rss_gib'] < ct['peak_rss_gib'] else 'NOT less'})")
     ct_cap, ms_cap = run_ct(work, CAP, "clt"), graph_run(work, CAP, "ms_clt")
     print(f"  cap {CAP:,} features: mechscope {ms_cap['seconds']:.1f} s / {ms_cap['peak_rss_gib']:.2f} GiB peak, "
           f"circuit-tracer {ct_cap['seconds']:.1f} s / {ct_cap['peak_rss_gib']:.2f} GiB "
-          f"(mechscope {ct_cap['seconds'] / ms_cap['seconds']:.2f}x faster)")
+          f"(circuit-tracer's time / mechscope's: {ct_cap['seconds'] / ms_cap['seconds']:.2f}x)")
     cache = work / "hf_cache"
     hub_cache(cache, "mechscope/clt-parity", path)
     hub = run_ct(work, 0, "hub", {"HF_HUB_CACHE": str(cache), "HF_HOME": str(work / "hf_home")})
@@ -320,14 +321,14 @@ def main() -> None:
               f"  {name} score: mechscope {sc[name]:.4f}, circuit-tracer {ct_all[name]:.4f} (|diff| {d:.1e}; goal "
               f"<= 1e-3: {'met' if d <= 1e-3 else 'NOT met'})")
     print(f"  wall time (2 threads): mechscope {ms_all['seconds']:.1f} s, circuit-tracer {ct_all['seconds']:.1f} s "
-          f"(mechscope {ct_all['seconds'] / ms_all['seconds']:.2f}x faster)")
+          f"(circuit-tracer's time / mechscope's: {ct_all['seconds'] / ms_all['seconds']:.2f}x)")
     print(f"  peak RSS of the whole process: mechscope {ms_all['peak_rss_gib']:.2f} GiB (sparse, {ms_all['edges']:,} "
           f"edges), circuit-tracer {ct_all['peak_rss_gib']:.2f} GiB (dense); file: mechscope "
           f"{ms_all['file_bytes'] / 2**20:.0f} MiB, circuit-tracer .pt {ct_all['dense_file_bytes'] / 2**20:.0f} MiB")
     ct_cap, ms_cap = run_ct(work, CAP), graph_run(work, CAP)
     print(f"cap {CAP:,} features: mechscope {ms_cap['seconds']:.1f} s / {ms_cap['peak_rss_gib']:.2f} GiB peak, "
           f"circuit-tracer {ct_cap['seconds']:.1f} s / {ct_cap['peak_rss_gib']:.2f} GiB "
-          f"(mechscope {ct_cap['seconds'] / ms_cap['seconds']:.2f}x faster)")
+          f"(circuit-tracer's time / mechscope's: {ct_cap['seconds'] / ms_cap['seconds']:.2f}x)")
     ct_json = json.loads((work / "ct_json" / "ct-parity.json").read_text())
     ours = json.loads(g.to_json(work / "ms.json", scan="mechscope-parity").read_text())
     a, b = json_schema(ct_json), json_schema(ours)

@@ -38,7 +38,7 @@ from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric, checked
 from ..datasets import TaskDataset
-from ..techniques.inputs import PreparedPair, batched_metric, prepare
+from ..techniques.inputs import PreparedPair, batched_metric, prepare_task
 from ..techniques.patching import PatchResult, patch
 from .edges import _layer, edge_attribution  # noqa: F401  (edge_attribution: re-exported)
 from .faithfulness import (
@@ -307,7 +307,7 @@ def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int,
     sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
     curve = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
                              "the ablatable components", abl.mode)
-    corrupted = batched_metric(abl.model, abl.data.corrupted, abl.metric)
+    corrupted = abl.data.per_pair(batched_metric(abl.model, abl.data.corrupted, abl.metric))
     return {"faithfulness": faith, "knockout": knockout, "random": rand, "held_out_curve": curve,
             "metric_clean": float(abl.full.mean()), "metric_corrupted": float(corrupted.mean()),
             "metric_empty": float(abl.empty.mean())}
@@ -366,8 +366,8 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
     m_test = metric or test.metric
     key = {"held_out": held_out, "seed": seed}
-    stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {len(search)} prompts")
-    pair = prepare(model, search.clean, search.corrupted, m_search, circuit_hooks(model))  # one clean, one corrupted run
+    stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {search.n_pairs} prompts")
+    pair = prepare_task(model, search, circuit_hooks(model), m_search)  # one clean, one corrupted run
     resid = memo("resid", key, lambda: patch(model, pair, site="resid_pre"))
     how = {**key, "screen_heads": screen_heads, "ablation": ablation, "ablate_mlps": ablate_mlps}
     heads, mlps, scores, (pool, ranking, opposing), (nodes, rule, extra) = _search(
@@ -375,7 +375,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = memo("eap", {**key, "ig_steps": ig_steps},
                lambda: edge_attribution(model, pair, ig_steps=ig_steps))
-    stage(f"find_circuit 4/4: faithfulness on {len(test)} held-out prompts, against {n_random} random circuits")
+    stage(f"find_circuit 4/4: faithfulness on {test.n_pairs} held-out prompts, against {n_random} random circuits")
     abl = Lazy(lambda: Ablator(model, test, m_test, pool, ablation, seed))
     val = memo("validation", {**how, "nodes": nodes, "n_random": n_random},
                lambda: _validate(abl(), ranking, nodes, n_random, seed))
@@ -386,7 +386,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     kept = ("every head and MLP outside the circuit ablated; embeddings kept" if ablate_mlps else
             "heads outside the circuit ablated; EVERY MLP KEPT (ablate_mlps=False), so the circuit assumes all of them")
     extra.update({k: val[k] for k in ("held_out_curve", "metric_clean", "metric_corrupted", "metric_empty")},
-                 eap=eap, n_groups=model.cfg.n_groups, n_search=len(search), n_held_out=len(test), kept=kept,
+                 eap=eap, n_groups=model.cfg.n_groups, n_search=search.n_pairs, n_held_out=test.n_pairs, kept=kept,
                  metric=describe_metric(m_test))
     return CircuitResult(nodes, _select_edges(model, eap, nodes, edge_threshold), {k: scores[k] for k in nodes},
                          resid, heads, mlps, *_window(resid), val["faithfulness"], val["knockout"], val["random"],
@@ -418,7 +418,7 @@ def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target:
     search, test = dataset.split(held_out, seed=seed)
     how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
            "ablate_mlps": ablate_mlps}
-    pair = prepare(model, search.clean, search.corrupted, search.metric, circuit_hooks(model))
+    pair = prepare_task(model, search, circuit_hooks(model))
     *_, (pool, _, _), (nodes, _, _) = _search(model, search, pair, how, target, None, None, memo)
     faith = memo("split_faithfulness", {**how, "nodes": nodes},
                  lambda: Ablator(model, test, test.metric, pool, ablation, seed).faithfulness(nodes))

@@ -39,7 +39,7 @@ from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric, checked
 from ..datasets import TaskDataset
-from ..techniques.inputs import logits_to_keep, prepare
+from ..techniques.inputs import logits_to_keep, prepare_task
 from .discovery import no_memo
 from .edges import edge_attribution
 from .faithfulness import (
@@ -168,8 +168,8 @@ class EdgeAblator:
             raise InputError(f"edges {unknown[:3]} are not edges of this model's graph (see all_edges)")
         masks = self._masks(edges)
         with self.model.hooks(_EdgeRun(self, masks).hooks() if masks else []):
-            out = self.metric(self.model(self.data.clean, logits_to_keep=self.keep))
-        return torch.as_tensor(out).float().cpu()
+            out = torch.as_tensor(self.metric(self.model(self.data.clean, logits_to_keep=self.keep))).float().cpu()
+        return self.data.per_pair(out) if out.dim() else out  # a prompt pair's rows give one value
 
     def faithfulness(self, edges: Sequence[Edge]) -> Estimate:
         """MIB's normalised faithfulness of the edge set with a bootstrap CI over prompts."""
@@ -327,7 +327,8 @@ class EdgeCircuitResult(Result):
 def _edge_rankings(model, search, key: dict, ig_steps: int, patching_top: int, signed: bool, memo,
                    search_abl) -> tuple[dict[str, list[Edge]], dict[str, dict[Edge, float]]]:
     """The EAP, EAP-IG and (``patching_top``) exact-patching edge rankings on the search prompts."""
-    pair = prepare(model, search.clean, search.corrupted, search.metric)  # EAP and EAP-IG share its two runs
+    # EAP and EAP-IG share its two runs
+    pair = prepare_task(model, search)
     scores = {"eap": memo("eap", {**key, "ig_steps": 0}, lambda: edge_attribution(model, pair))}
     if ig_steps:
         scores["eap-ig"] = memo("eap", {**key, "ig_steps": ig_steps},
@@ -362,7 +363,7 @@ def edge_circuit(model: HookedModel, dataset: TaskDataset, target: float = 0.8, 
     search, test = dataset.split(held_out, seed=seed)
     key = {"held_out": held_out, "seed": seed}
     search_abl = Lazy(lambda: EdgeAblator(model, search, search.metric, ablation, seed))
-    stage(f"edge_circuit 1/3: edge scores on {len(search)} search prompts")
+    stage(f"edge_circuit 1/3: edge scores on {search.n_pairs} search prompts")
     rankings, scores = _edge_rankings(model, search, key, ig_steps, patching_top, signed, memo, search_abl)
     chooser = "patching" if patching_top else ("eap-ig" if ig_steps else "eap")
     n = len(rankings[chooser])
@@ -370,13 +371,13 @@ def edge_circuit(model: HookedModel, dataset: TaskDataset, target: float = 0.8, 
     how = {**key, "ig_steps": ig_steps, "patching_top": patching_top, "signed": signed, "ablation": ablation}
     edges, points, rule = memo("edge_choice", {**how, "target": target}, lambda: choose_from_curve(
         search_abl(), rankings[chooser], target, _sizes(n), "edges", chooser))
-    stage(f"edge_circuit 3/3: faithfulness on {len(test)} held-out prompts, random edge sets, the curve")
+    stage(f"edge_circuit 3/3: faithfulness on {test.n_pairs} held-out prompts, random edge sets, the curve")
     val = memo("edge_validation", {**how, "edges": [list(e) for e in edges], "n_random": n_random, "curve": curve},
                lambda: _validate_edges(model, test, ablation, seed, edges, rankings, n_random, curve))
     return EdgeCircuitResult([(u, r, scores[chooser].get((u, r), 0.0)) for u, r in edges], n, val["faithfulness"],
                              val["random"], chooser, ablation, rule,
-                             val.get("curve"), {"metric": describe_metric(test.metric), "n_search": len(search),
-                                                "n_held_out": len(test), "search_curve": points})
+                             val.get("curve"), {"metric": describe_metric(test.metric), "n_search": search.n_pairs,
+                                                "n_held_out": test.n_pairs, "search_curve": points})
 
 
 def _validate_edges(model, test, ablation, seed, edges, rankings, n_random, curve) -> dict:

@@ -87,6 +87,9 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
     if pair is not None:
         cc, cx = (ActivationCache({k: pair.run(w, out_names)[1][k][rows] for k in out_names}, model)
                   for w in ("clean", "corrupted"))
+        if pair.prompt_len is not None:  # an answer continuation follows: differences at the prompt's positions only
+            cc = ActivationCache({k: torch.cat([cc[k][:, :pair.prompt_len], cx[k][:, pair.prompt_len:]], 1)
+                                  for k in out_names}, model)
     else:
         with torch.no_grad():
             _, cc = model.run_with_cache(clean, names_filter=out_names)

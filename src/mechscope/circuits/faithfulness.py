@@ -95,7 +95,8 @@ class Ablator:
     def _run(self, names: list[str]) -> torch.Tensor:
         cs = [self.by_name[n] for n in names]
         with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs})):
-            return torch.as_tensor(self.metric(self.model(self.data.clean, logits_to_keep=self.keep))).float().cpu()
+            out = torch.as_tensor(self.metric(self.model(self.data.clean, logits_to_keep=self.keep))).float().cpu()
+        return self.data.per_pair(out) if out.dim() else out  # a prompt pair's rows give one value
 
     def ablated(self, names: list[str]) -> torch.Tensor:
         """The metric ``[prompt]`` with the components ``names`` ablated (and nothing else)."""

@@ -16,7 +16,7 @@ from ..core.errors import InputError, UnknownNameError
 from ..core.hookpoints import ATTRIB_SITES, block_name
 from ..core.model import HookedModel
 from ..core.types import Metric, TextOrTokens
-from .inputs import PreparedPair, as_pair
+from .inputs import PreparedPair, as_pair, prompt_positions_only
 from .patching import PatchResult, label_result
 
 
@@ -104,7 +104,7 @@ def attribution_patch(model: HookedModel, clean: TextOrTokens | PreparedPair, co
     out = {}
     for s in sites:
         layer_names = [block_name(l, ATTRIB_SITES[s]) for l in range(n)]
-        deltas = [(src[x] - acts[x]).float() * grads[x].float() for x in layer_names]
+        deltas = [prompt_positions_only(pair, (src[x] - acts[x]).float()) * grads[x].float() for x in layer_names]
         grid = base_value + _site_grid(s, deltas, per_position)
         axes, labels = _axes(s, grid, n, P, per_position)
         out[s] = label_result(

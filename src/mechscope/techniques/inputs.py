@@ -7,7 +7,7 @@ prompts of one token length within a batch; these helpers give a clear error whe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -16,6 +16,9 @@ from ..compute import forward_bytes
 from ..core.errors import InputError, InputTypeError
 from ..core.model import HookedModel
 from ..core.types import Answer, HookList, Metric, TextOrTokens
+
+if TYPE_CHECKING:
+    from ..datasets import TaskDataset
 
 
 def equal_length_tokens(model: HookedModel, x: TextOrTokens, purpose: str = "patching") -> torch.Tensor:
@@ -160,7 +163,9 @@ class PreparedPair:
     ``[n, pos, d_vocab]`` and activations, computed on first use and shared: patching, attribution
     patching and EAP given the same pair read the same two runs instead of each running its own.
     ``wanted``: hook names every run caches (the union of what the callers will read, so that one pass
-    serves them all; a name asked for later costs one more pass).
+    serves them all; a name asked for later costs one more pass). ``prompt_len``: when the rows continue the
+    prompts with answer tokens (a task with answers of several tokens), the prompt's length: patching and
+    attribution then read positions ``< prompt_len`` only, the continuation being the same in both runs.
     """
 
     model: HookedModel
@@ -170,6 +175,8 @@ class PreparedPair:
     wanted: set = field(default_factory=set)
     runs: dict = field(default_factory=dict)  # "clean" | "corrupted" -> (logits, ActivationCache)
     _keep: int | None = None
+    prompt_len: int | None = None
+    rows_per_pair: int = 1  # rows that make one prompt pair (an answer's row and a wrong answer's): values per pair
 
     def __len__(self) -> int:
         return self.clean.shape[0]
@@ -202,11 +209,32 @@ class PreparedPair:
 
 
 def prepare(model: HookedModel, clean: TextOrTokens, corrupted: TextOrTokens, metric: Metric,
-            names: Iterable[str] = ()) -> PreparedPair:
+            names: Iterable[str] = (), prompt_len: int | None = None) -> PreparedPair:
     """Normalise a clean/corrupted task once (tokens checked, the metric probed); nothing runs until a technique
-    asks (:class:`PreparedPair`). ``names``: the hooks the callers will read, cached together in one pass."""
+    asks (:class:`PreparedPair`). ``names``: the hooks the callers will read, cached together in one pass;
+    ``prompt_len``: the prompt positions to read when answer tokens follow them (a task's ``prompt_len``)."""
     c, x = prompt_pair(model, clean, corrupted)
-    return PreparedPair(model, c, x, metric, set(names))
+    if prompt_len is not None and not 0 < prompt_len <= c.shape[1]:
+        raise InputError(f"prompt_len must be in 1..{c.shape[1]} (the rows' length), got {prompt_len}")
+    return PreparedPair(model, c, x, metric, set(names), prompt_len=prompt_len)
+
+
+def prepare_task(model: HookedModel, task: TaskDataset, names: Iterable[str] = (), metric: Metric | None = None) -> PreparedPair:
+    """:func:`prepare` for a task dataset (its clean and corrupted rows, its metric unless ``metric`` is given, and,
+    for answers of several tokens, its ``prompt_len`` and ``rows_per_pair``)."""
+    pair = prepare(model, task.clean, task.corrupted, metric or task.metric, names, task.prompt_len)
+    pair.rows_per_pair = task.rows_per_pair
+    return pair
+
+
+def prompt_positions_only(pair: PreparedPair, delta: torch.Tensor) -> torch.Tensor:
+    """``delta [n, pos, ...]`` (clean - corrupted activations) with the answer continuation's positions zeroed
+    when ``pair`` continues its prompts (``prompt_len``): attribution reads the prompt positions only."""
+    if pair.prompt_len is None or pair.prompt_len >= delta.shape[1]:
+        return delta
+    out = delta.clone()
+    out[:, pair.prompt_len:] = 0
+    return out
 
 
 def as_pair(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupted: TextOrTokens | None,

@@ -42,6 +42,7 @@ class _Job:
     head: int | None
     key: tuple  # index into the result grid
     p0: int = 0  # first position that must be recomputed
+    stop: int | None = None  # a whole-sequence patch writes positions < stop (the prompt's, before an answer)
 
 
 @dataclass
@@ -113,11 +114,16 @@ def plan_patches(model: HookedModel, clean: TextOrTokens | PreparedPair, corrupt
         raise InputError("a prepared pair carries its own corrupted prompts: pass it alone")
     clean_t, corr_t = (pair.clean, pair.corrupted) if pair is not None else prompt_pair(model, clean, corrupted)
     base, source = (corr_t, clean_t) if direction == "denoise" else (clean_t, corr_t)
+    stop = pair.prompt_len if pair is not None else None
     if isinstance(site, str) and site in SITES:
         layers = check_range("layers", layers, model.cfg.n_layers)
+        if positions is None and stop is not None:  # the prompt's positions, not the answer continuation's
+            positions = range(stop)
         jobs, axes, labels = _site_jobs(model, site, layers, positions, heads, per_position, clean_t.shape[1])
     else:
         jobs, axes, labels = _hook_jobs(model, [site] if isinstance(site, str) else list(site))
+    for j in jobs:
+        j.stop = stop if j.pos is None else None
     return PatchPlan(site, direction, base, source, jobs, axes, labels, pair)
 
 
@@ -253,17 +259,21 @@ def write_patch(act: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, job: _
     if fn is not None:
         act[rows] = fn(act[rows], src, hook)
         return
+    stop = job.stop if job.stop is not None else src.shape[2 if pattern else 1]
     if job.pos is None and job.head is None:
-        act[rows] = src[:, p0:] if not pattern else src[:, :, p0:]
+        if pattern:
+            act[rows, :, :stop - p0] = src[:, :, p0:stop]
+        else:
+            act[rows, :stop - p0] = src[:, p0:stop]
     elif job.head is None:
         act[rows, job.pos - p0] = src[:, job.pos]
     elif pattern:  # [batch, head, q, k]
         if job.pos is None:
-            act[rows, job.head] = src[:, job.head, p0:]
+            act[rows, job.head, :stop - p0] = src[:, job.head, p0:stop]
         else:
             act[rows, job.head, job.pos - p0] = src[:, job.head, job.pos]
     elif job.pos is None:
-        act[rows, :, job.head] = src[:, p0:, job.head]
+        act[rows, :stop - p0, job.head] = src[:, p0:stop, job.head]
     else:
         act[rows, job.pos - p0, job.head] = src[:, job.pos, job.head]
 

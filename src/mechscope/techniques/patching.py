@@ -224,6 +224,9 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: fl
         for k, v in values.items():
             per_prompt[k] = v
         grid = per_prompt.mean(-1)
+        r = plan.pair.rows_per_pair if plan.pair is not None else 1
+        if r > 1:  # a prompt pair's rows (its answer's and its wrong answer's) give one value
+            per_prompt = per_prompt.reshape(*shape, N // r, r).mean(-1)
     else:
         grid = torch.zeros(shape)
         for k, v in values.items():

@@ -56,7 +56,7 @@ def check_pairs(model: HookedModel, data: TaskDataset, cache: StageCache | None 
                 "corrupted": batched_metric(model, data.corrupted, data.metric)}
 
     m = (cache or no_memo)("check", {}, run)
-    clean, corr = m["clean"].float().flatten(), m["corrupted"].float().flatten()
+    clean, corr = (data.per_pair(m[k].float().flatten()) for k in ("clean", "corrupted"))  # one value a prompt pair
     ok = clean > 0 if data.wrong is not None else clean > corr
     gap = bootstrap_ci(clean - corr)
     acc = float(ok.float().mean())
@@ -69,7 +69,7 @@ def check_pairs(model: HookedModel, data: TaskDataset, cache: StageCache | None 
 
 def _check(rep: Report, model, data: TaskDataset, cache) -> bool:
     c = check_pairs(model, data, cache)
-    n, clean, corr = len(data), c["clean"], c["corrupted"]
+    n, clean, corr = data.n_pairs, c["clean"], c["corrupted"]
     lines = [data.summary(), f"metric: {data.metric_name} ({data.metric_unit}; {data.metric_direction})",
              f"clean prompts: mean {clean.mean():+.3f}; corrupted prompts: mean {corr.mean():+.3f} {data.metric_unit}",
              f"clean - corrupted (paired, {n} prompts): {c['gap']}",
@@ -103,15 +103,15 @@ def _patching_only(rep: Report, model, data: TaskDataset, out: Path, cache) -> N
     """What a handful of pairs supports: residual patching and every head and MLP patched, on all of them (no split,
     no circuit, no held-out validation), each finding marked as resting on too little data."""
     from ..circuits.discovery import circuit_hooks, patch_components
-    from ..techniques.inputs import prepare
+    from ..techniques.inputs import prepare_task
     from ..techniques.patching import patch
 
-    pair = prepare(model, data.clean, data.corrupted, data.metric, circuit_hooks(model))
+    pair = prepare_task(model, data, circuit_hooks(model))
     resid = cache("resid-all", {}, lambda: patch(model, pair, site="resid_pre"))
     heads, mlps = cache("components-all", {}, lambda: patch_components(model, pair, 64))
     figs = Figures()
     resid.plot(out / "resid_patching.png")
-    sec = Section(f"residual stream patching on all {len(data)} pair(s) (no split)", resid.summary(8),
+    sec = Section(f"residual stream patching on all {data.n_pairs} pair(s) (no split)", resid.summary(8),
                   figs.heatmap(*resid.grid(), title="patching the residual stream (clean into corrupted), normalised"),
                   ["resid_patching.png"], key="resid")
     rep.add(sec)
@@ -122,9 +122,9 @@ def _patching_only(rep: Report, model, data: TaskDataset, out: Path, cache) -> N
                                  title="patching each head's output (z), normalised"), key="components"))
     top = hv.abs().flatten().argmax()
     layer, head = divmod(int(top), hv.shape[1])
-    rep.find(f"head L{layer}H{head} has the largest patching effect on these {len(data)} pair(s) (normalised)"
+    rep.find(f"head L{layer}H{head} has the largest patching effect on these {data.n_pairs} pair(s) (normalised)"
              f"{NOT_ENOUGH}", float(hv[layer, head]), "the other heads, on the same pairs", sec, holds=False)
-    rep.checklist.add("technique", f"activation patching of the residual stream, heads and MLPs on {len(data)} "
+    rep.checklist.add("technique", f"activation patching of the residual stream, heads and MLPs on {data.n_pairs} "
                                    "pair(s); no circuit chosen (too few pairs to hold any out)", "#components")
 
 
@@ -214,7 +214,7 @@ def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> 
     if len(rows) == 1:
         return rows
     jac = [_overlap(res.nodes, n) for _, n, _ in rows]
-    lines = [f"the circuit chosen on {len(rows)} random search/held-out splits of the {len(data)} prompts:"]
+    lines = [f"the circuit chosen on {len(rows)} random search/held-out splits of the {data.n_pairs} prompts:"]
     lines += [f"  split seed {s}: {len(n)} components, held-out faithfulness {f}, overlap with seed 0 (Jaccard) "
               f"{j:.2f}" for (s, n, f), j in zip(rows, jac)]
     shared = set.intersection(*(set(n) for _, n, _ in rows))
@@ -273,7 +273,10 @@ def _heads_section(rep: Report, model, data, res: CircuitResult, out: Path, n_he
 
 
 def _answer_position(data: TaskDataset) -> int | None:
-    """The one answer position of every prompt (-1 for the last), or None when they differ."""
+    """The one answer position of every prompt (-1 for the last), or None when they differ (answers of several
+    tokens: the prompt's last position, where their first token is read)."""
+    if data.prompt_len is not None:
+        return data.prompt_len - 1
     P = data.clean.shape[1]
     pos = {int(m.get("pos", P - 1)) % P for m in data.meta} if data.meta else {P - 1}
     return None if len(pos) > 1 else (-1 if pos == {P - 1} else pos.pop())
@@ -286,13 +289,16 @@ def _dla_section(rep: Report, model, data: TaskDataset, res: CircuitResult, out:
         rep.add(Section("direct logit attribution", "skipped: the prompts have different answer positions (DLA reads "
                         "one position)", key="task-dla"))
         return
-    n = min(len(data), 32)
-    dla = direct_logit_attribution(model, data.clean[:n], data.answers[:n],
-                                   None if data.wrong is None else data.wrong[:n], pos=pos)
+    n = min(data.n_pairs, 32)
+    first = slice(0, n * data.rows_per_pair, data.rows_per_pair)  # a pair's first row (its prompt, then its answer)
+    dla = direct_logit_attribution(model, data.clean[first], data.answers[first],
+                                   None if data.wrong is None else data.wrong[first], pos=pos)
     dla.plot(out / "task_dla.png")
     heads = _heads(res)
     direct = float(sum(dla.heads[h.layer, h.index] for h in heads)) if heads else 0.0
-    sec = Section("direct logit attribution of the answer", f"{dla.summary()}\n\nthe circuit's {len(heads)} heads "
+    first_only = ("\n(answers of several tokens: DLA reads their first tokens at the prompt's last position; the "
+                  "task's metric scores them whole)" if data.prompt_len is not None else "")
+    sec = Section("direct logit attribution of the answer", f"{dla.summary()}{first_only}\n\nthe circuit's {len(heads)} heads "
                   f"write {direct:+.3f} of {dla.target:+.3f} directly (the rest reaches the logits through later "
                   f"components, or comes from others)", "", ["task_dla.png"], key="task-dla")
     rep.add(sec)
@@ -310,9 +316,11 @@ def _sae_section(rep: Report, model, data: TaskDataset, res: CircuitResult, sae)
     rn = res.resid.normalized().abs()
     layer = min(int(m.group(1)), rn.shape[0] - 1) if m else rn.shape[0] - 1
     pos = int(res.resid.labels["pos"][int(rn[layer].argmax())])
-    n = min(len(data), 32)
+    n = min(data.n_pairs, 32)
+    first = slice(0, n * data.rows_per_pair, data.rows_per_pair)  # one row a pair (its prompt's activations)
     with torch.no_grad():
-        acts = [model.run_with_cache(t[:n], names_filter=[hook])[1][hook][:, pos] for t in (data.clean, data.corrupted)]
+        acts = [model.run_with_cache(t[first], names_filter=[hook])[1][hook][:, pos]
+                for t in (data.clean, data.corrupted)]
         fc, fx = (sae.encode(a.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu() for a in acts)
     diff = (fc - fx).mean(0)
     active = ((fc > 0) | (fx > 0)).float().mean(0)
@@ -338,7 +346,7 @@ def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, split
     """Step 7: what to do next, for each result that came out unclear."""
     todo = []
     if few:
-        todo += [f"give at least {MIN_PROMPTS} prompt pairs (now {len(data)}): a task file with one pair per line "
+        todo += [f"give at least {MIN_PROMPTS} prompt pairs (now {data.n_pairs}): a task file with one pair per line "
                  "(--task-file), or a built-in task with --n; then the circuit is chosen on half and judged on the "
                  "other half"]
     elif res is None:
@@ -349,7 +357,7 @@ def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, split
         f = res.faithfulness
         if f.high - f.low > 0.3:
             todo.append(f"the faithfulness CI is wide ({f.low:.2f} to {f.high:.2f}): give more prompts (now "
-                        f"{len(data)}; the CI narrows about as 1/sqrt(n))")
+                        f"{data.n_pairs}; the CI narrows about as 1/sqrt(n))")
         if not res.random_faithfulness or res.p_value >= 0.05:
             todo.append("the circuit is not clearly better than random circuits of its size: the behaviour may be "
                         "spread over many components; compare the rankings on the faithfulness curve, or try an edge "
@@ -394,11 +402,11 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
     opts = dict(target=target, ablation=ablation, held_out=held_out, split_seeds=max(1, split_seeds),
                 screen_heads=screen_heads)
     t0 = time.time()
-    stage(f"investigate 1/5: checking the {len(data)} pairs")
+    stage(f"investigate 1/5: checking the {data.n_pairs} pairs")
     res, splits = None, []
     does = _check(rep, model, data, cache)
-    if len(data) < MIN_PROMPTS:
-        stage(f"investigate 2/5: {len(data)} pair(s): patching only (no circuit is chosen from so few)")
+    if data.n_pairs < MIN_PROMPTS:
+        stage(f"investigate 2/5: {data.n_pairs} pair(s): patching only (no circuit is chosen from so few)")
         _patching_only(rep, model, data, out, cache)
     elif does:
         stage("investigate 2/5: patching, the circuit from the curve, its validation")
@@ -416,12 +424,12 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
         if transcoders:
             graph_section(rep, model, out, data.texts[0], spec=None if transcoders is True else str(transcoders))
     stage("investigate 5/5: the report")
-    _next_steps(rep, data, res, splits, target, few=len(data) < MIN_PROMPTS)
+    _next_steps(rep, data, res, splits, target, few=data.n_pairs < MIN_PROMPTS)
     rep.metrics.update(stages_reused=sorted(set(cache.hits)), stages_computed=sorted(set(cache.misses)),
                        investigate_seconds=round(time.time() - t0, 1))
     rep.prefix = prefix
     if report is None:
-        reproducibility(rep, model, 0, len(data))
+        reproducibility(rep, model, 0, data.n_pairs)
         rep.write(out)
     return rep
 

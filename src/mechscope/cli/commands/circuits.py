@@ -183,7 +183,8 @@ def _one_pair_task(args: argparse.Namespace, model):
         raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
     check_answer_spaces(args, model)
     return D.TaskDataset.from_texts(model, [args.clean], [args.corrupted], [args.answer],
-                                    None if args.wrong is None else [args.wrong], name="one pair")
+                                    None if args.wrong is None else [args.wrong], name="one pair",
+                                    answer_tokens=args.answer_tokens)
 
 
 @command("toy", "train the 2-layer attention-only toy (induction with a known answer) and save it",

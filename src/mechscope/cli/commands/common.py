@@ -26,9 +26,13 @@ TASK = (
     arg("--seed", type=int, default=0, help="seed of the task generator, splits and random controls"),
     arg("--clean", default=None, help="one clean prompt (with --corrupted and --answer)"),
     arg("--corrupted", default=None, help="its corrupted prompt, of the same token length"),
-    arg("--answer", default=None, help="the clean answer token, e.g. ' Paris'"),
-    arg("--wrong", default=None, help="the contrasting token; the metric is the logit difference (without it: the "
-                                      "answer's logit)"),
+    arg("--answer", default=None, help="the clean answer, e.g. ' Paris' (several tokens, e.g. ' New York', are "
+                                       "scored whole: their log-probability, teacher-forced)"),
+    arg("--wrong", default=None, help="the contrasting answer; the metric is the logit difference (several tokens: "
+                                      "the log-probability difference; without it: the answer's logit)"),
+    arg("--answer-tokens", choices=["all", "first"], default="all",
+        help="answers of several tokens: score all their tokens (default) or only the first, as single-token "
+             "answers are"),
 )
 PICTURES = (
     arg("--png", default=None, help="write a PNG picture here"),
@@ -108,8 +112,9 @@ def _task(args: argparse.Namespace, model):
     if getattr(args, "task_file", None):
         if args.task:
             raise InputError("give --task or --task-file, not both")
-        ds = D.load_task(args.task_file, model)
-        return ds.clean, ds.corrupted, ds.metric, ds
+        ds = D.load_task(args.task_file, model, answer_tokens=args.answer_tokens)
+        _say_answer_scoring(ds)
+        return _task_inputs(model, ds)
     if args.task:
         makers = {"ioi": lambda: D.ioi(model, args.n, seed=args.seed), "factual": lambda: D.factual(model, args.n),
                   "greater-than": lambda: D.greater_than(model, args.n, seed=args.seed),
@@ -119,6 +124,13 @@ def _task(args: argparse.Namespace, model):
     if not (args.clean and args.corrupted and args.answer):
         raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
     check_answer_spaces(args, model)
+    tok = model.tokens.need_tokenizer()
+    if any(len(tok(t, add_special_tokens=False).input_ids) > 1 for t in (args.answer, args.wrong) if t):
+        ds = D.TaskDataset.from_texts(model, [args.clean], [args.corrupted], [args.answer],
+                                      None if args.wrong is None else [args.wrong], name="one pair",
+                                      answer_tokens=args.answer_tokens)
+        _say_answer_scoring(ds)
+        return _task_inputs(model, ds)
     a = model.to_single_token(args.answer)
     b = model.to_single_token(args.wrong) if args.wrong else None
 
@@ -127,6 +139,27 @@ def _task(args: argparse.Namespace, model):
 
     return args.clean, args.corrupted, metric, None
 
+
+
+def _task_inputs(model, ds) -> tuple:
+    """``(clean, corrupted, metric, ds)`` of a dataset; for answers of several tokens ``(pair, None, None, ds)``: a
+    prepared pair that tells patching and attribution to read the prompt positions only."""
+    if ds.prompt_len is None:
+        return ds.clean, ds.corrupted, ds.metric, ds
+    from ...techniques.inputs import prepare_task
+
+    return prepare_task(model, ds), None, None, ds
+
+
+def _say_answer_scoring(ds) -> None:
+    """Say on stderr how answers of several tokens are scored (whole, or --answer-tokens first)."""
+    from ...core.progress import stage
+
+    if ds.prompt_len is not None:
+        stage(f"answers of several tokens: the metric is the {ds.metric_name} ({ds.metric_unit}); patching and "
+              f"attribution read the {ds.prompt_len} prompt positions only (--answer-tokens first: the first token)")
+    elif "--answer-tokens first" in ds.metric_name:
+        stage(f"--answer-tokens first: the metric is the {ds.metric_name}")
 
 
 def check_answer_spaces(args: argparse.Namespace, model: HookedModel) -> None:

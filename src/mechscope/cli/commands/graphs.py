@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ...analysis.viz import esc, page
+from ...core.errors import InputError
 from ...core.files import atomic_write
 from ...core.result import Result
 from ..registry import Outcome, arg, command
@@ -71,7 +72,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     from ...graphs.labels import label_features
     model = _load(args)
     tcs, folder = _replacement(args, model)
-    targets = [model.to_single_token(t) for t in args.target] if args.target else None
+    targets = [_graph_target(model, t) for t in args.target] if args.target else None
     stage(f"attribution graph through {tcs.describe()} from {folder}")
     g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
                           batch_size=args.batch, certify=args.certify, sink_errors=args.sink_errors,
@@ -97,3 +98,15 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     return Outcome("\n".join(lines), {**g.to_dict(), "pruned": pruned.to_dict(),
                                       "top_edges_into_first_logit": top, "transcoders": str(folder)})
 
+
+def _graph_target(model, text: str) -> int:
+    """A ``--target``'s token id; one of several tokens is refused saying what a graph explains and what to do."""
+    ids = model.tokens.need_tokenizer()(text, add_special_tokens=False).input_ids
+    if len(ids) > 1:
+        pieces = [model.to_string([i]) for i in ids]
+        raise InputError(f"--target {text!r} is {len(ids)} tokens {pieces}: an attribution graph explains one "
+                         f"next-token logit, so its targets are single tokens. Give the first token ({pieces[0]!r}), or, to "
+                         f"explain a later one, put the tokens before it at the end of the prompt (prompt + "
+                         f"{''.join(pieces[:-1])!r}, target {pieces[-1]!r}). Tasks score answers of several tokens "
+                         "whole (mechscope patch/circuit/investigate --task-file)")
+    return model.to_single_token(text)

@@ -8,7 +8,7 @@ from ...core.errors import InputError
 from ...core.hookpoints import act_name
 from ...core.result import Result
 from ..registry import Outcome, arg, command
-from .common import CORPUS, MODEL, PICTURES, SITE, TASK, _corpus, _load, _pictures, _task
+from .common import CORPUS, MODEL, PICTURES, SITE, TASK, _corpus, _load, _pictures, _say_answer_scoring, _task
 
 
 @command("lens", "logit lens over a prompt", ('mechscope lens "The capital of France is" --target " Paris"',
@@ -36,7 +36,8 @@ def dla_cmd(args: argparse.Namespace) -> Result:
     if args.task_file:
         if args.prompt or args.answer:
             raise InputError("give a prompt with --answer, or --task-file, not both")
-        ds = D.load_task(args.task_file, model)
+        ds = D.load_task(args.task_file, model, answer_tokens="first")  # DLA reads one logit: an answer's first token
+        _say_answer_scoring(ds)
         res = direct_logit_attribution(model, ds.clean, ds.answers, ds.wrong)
     else:
         if not (args.prompt and args.answer):
@@ -86,7 +87,11 @@ def ablate_cmd(args: argparse.Namespace) -> Result:
     from ...techniques.ablation import ablate, compare_to_random
 
     model = _load(args)
-    clean, corrupted, metric, _ = _task(args, model)
+    clean, corrupted, metric, ds = _task(args, model)
+    if ds is not None and ds.prompt_len is not None:
+        raise InputError("ablate reads one row per prompt, and answers of several tokens take a row each for the "
+                         "answer and the wrong answer: use --answer-tokens first here, or patch, attrib, circuit or "
+                         "investigate, which score them whole")
     reference = corrupted if args.reference == "corrupted" else None
     comps = parse_components(model, args.components)
     kinds = {c.kind for c in comps}
