@@ -14,9 +14,10 @@ thresholds; input hook ``mlp.hook_in`` = mechscope's ``ln2.hook_normalized``, ou
    process) of mechscope's sparse graph against circuit-tracer's dense one, and the size of each file.
 4. Graph JSON: circuit-tracer's own file (``create_graph_files``) and mechscope's ``to_json`` for the same graph
    have the same keys and value types, and circuit-tracer's file reads back into an ``AttributionGraph``.
-5. A cross-layer transcoder (``--no-clt`` skips it): mechscope's trained one from ``$MECHSCOPE_CACHE/transcoders/
-   smollm2-135m-clt/clt`` (bench/bench_clt.py puts it there) or a random JumpReLU one (BENCH_CLT_WIDTH features per
-   layer, about BENCH_CLT_K per layer and token), written by mechscope in circuit-tracer's layout and read by
+5. A cross-layer transcoder (``--no-clt`` skips it, ``--clt-only`` runs it alone): mechscope's trained one from
+   ``$MECHSCOPE_CACHE/transcoders/smollm2-135m-clt/clt`` (bench/bench_clt.py or `mechscope transcoders train --kind
+   clt --out $MECHSCOPE_CACHE/transcoders/smollm2-135m-clt` puts it there) or a random JumpReLU one (BENCH_CLT_WIDTH
+   features per layer, about BENCH_CLT_K per layer and token), written by mechscope in circuit-tracer's layout and read by
    circuit-tracer's own ``load_clt``; the same comparisons, time and peak memory of both, and the same files as a hub
    repository loaded by circuit-tracer's ``load_transcoder_from_hub`` (its ``config.yaml``) offline.
 
@@ -283,6 +284,14 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     model = ms.load("smollm2-135m")
     tokens, bos = graph_tokens(model, PROMPT)
+    if "--clt-only" in sys.argv:  # section 5 alone
+        work = Path(tempfile.mkdtemp(prefix="ct-parity-"))
+        save_file({"logits": model(tokens)[0].float().detach().contiguous()}, str(work / "ms_logits.safetensors"))
+        (work / "job.json").write_text(json.dumps({"tokens": tokens[0].tolist(), "model_folder": str(hf_folder()),
+                                                   "skip": False, "batch_size": 128}))
+        clt_parity(model, tokens, work)
+        print(f"(files kept in {work})")
+        return
     folder = transcoder_cache(model.cfg.model_name)
     if folder.is_dir() and all(t.cfg.architecture in ("jumprelu", "batchtopk") for t in load_transcoders(folder)):
         tcs, where = list(load_transcoders(folder, model)), f"trained ({folder})"

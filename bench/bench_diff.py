@@ -13,7 +13,8 @@ t-interval over seeds; Latent Scaling's flags are compared between the L1 and th
 CPU note: 2 threads; one LoRA fine-tune of 150 steps takes about a minute here.
 
 Options: --seeds, --steps, --rank, --lr, --docs, --seq-len, --crosscoder-width, --crosscoder-k, --crosscoder-steps,
---l1, --no-crosscoder, --fresh. Results: $MECHSCOPE_CACHE/bench_diff/results.json and recovery.png.
+--l1, --no-crosscoder, --adl-hook, --results (another results file), --fresh. Results:
+$MECHSCOPE_CACHE/bench_diff/results.json and recovery.png.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def args() -> argparse.Namespace:
     p.add_argument("--crosscoder-steps", type=int, default=600)
     p.add_argument("--l1", type=float, default=0.5)
     p.add_argument("--no-crosscoder", action="store_true")
+    p.add_argument("--adl-hook", default=None, help="where the ADL reads (default: the middle layer, as the crosscoder)")
+    p.add_argument("--results", default="results.json", help="results file in $MECHSCOPE_CACHE/bench_diff (the "
+                                                              "stages are shared: another ADL hook reuses the rest)")
     p.add_argument("--fresh", action="store_true")
     return p.parse_args()
 
@@ -57,7 +61,7 @@ def main() -> None:
     from mechscope.workflows.diff import diff
 
     model = ms.load("smollm2-135m")
-    out, res_path, runs = results_file("bench_diff", a.fresh)
+    out, res_path, runs = results_file("bench_diff", a.fresh, a.results)
     generic_test, desc = corpus.from_spec(None, "test")
     tokens = corpus.document_starts(model, generic_test, a.seq_len, a.docs, source=desc)
     generic_train = list(t for _, t in zip(range(4000), corpus.default_corpus("train")))
@@ -83,7 +87,8 @@ def main() -> None:
                 rep = diff(pair, tokens, out / f"seed{seed}-{kind}", methods=methods, crosscoder_tokens=mix_train,
                            held_out=mix_test, crosscoder_width=a.crosscoder_width, crosscoder_k=a.crosscoder_k,
                            crosscoder_steps=a.crosscoder_steps, crosscoder_archs=("batchtopk", "l1"),
-                           l1_coefficient=a.l1, domain=domain, seed=seed, echo=False, corpus_desc=desc)
+                           l1_coefficient=a.l1, domain=domain, seed=seed, echo=False, corpus_desc=desc,
+                           adl_hook=a.adl_hook)
             m = rep.metrics
             rec = {"seed": seed, "kind": kind, "domain": [domain.entity, domain.words], "recovery": m.get("recovery", {}),
                    "kl": m.get("kl"), "stage_seconds": m["stage_seconds"], "fine_tune_seconds": ft_s,
@@ -92,7 +97,7 @@ def main() -> None:
             res_path.write_text(json.dumps({"config": vars(a), "runs": runs}, indent=1))
             print(f"seed {seed} {kind}: recovery {json.dumps({k: round(v, 3) for k, v in rec['recovery'].items()})}; "
                   f"stages (s) {rec['stage_seconds']}; fine-tune {ft_s:.0f} s", flush=True)
-    report(runs, out, seed_interval)
+    report(runs, out, seed_interval, Path(a.results).stem.replace('results', 'recovery') + '.png')
 
 
 def _domain_rows(model, domain, n: int, seed: int, seq_len: int) -> torch.Tensor:
@@ -103,7 +108,7 @@ def _domain_rows(model, domain, n: int, seed: int, seq_len: int) -> torch.Tensor
     return pack_documents(model, docs, seq_len)[:n]
 
 
-def report(runs: list[dict], out: Path, seed_interval) -> None:
+def report(runs: list[dict], out: Path, seed_interval, figure: str = "recovery.png") -> None:
     methods = sorted({k for r in runs for k in r["recovery"]})
     print("\nrecovery: the share of each method's top outputs that are domain tokens; mean [95% t-interval] over seeds"
           " (n seeds); the control is scored against its organism's domain")
@@ -148,7 +153,7 @@ def report(runs: list[dict], out: Path, seed_interval) -> None:
         ax.set_title(f"recovery of a narrow fine-tune's domain, {len([r for r in runs if r['kind'] == 'organism'])} "
                      "seeds (95% t-intervals)")
         ax.legend()
-        print(f"\nfigure: {viz.save_figure(fig, out / 'recovery.png')}")
+        print(f"\nfigure: {viz.save_figure(fig, out / figure)}")
     except ImportError:
         pass
 

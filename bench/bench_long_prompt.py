@@ -6,7 +6,8 @@ token and layer), ``max_feature_nodes`` BENCH_ROWS (default 2048) and ``edge_tol
 sparsely as they are computed and the tolerance drops each row's small edges as it goes, the batch of rows
 shrinks to fit 2 GiB (``batch_bytes``), and each active feature's decoder row is held once. circuit-tracer's
 users ask for this (its issue #92: a dense adjacency overflows); this states the largest prompt within 8 GiB here.
-Lengths: BENCH_LENGTHS (default "128 256 512 1024"); text: the standard library's docstrings, concatenated.
+Lengths: BENCH_LENGTHS (default "128 256 512 1024"); threads: BENCH_THREADS (default 2); text: the standard library's
+docstrings, concatenated.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ CHILD = r'''
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from _graph_run import rss_gib
-torch.set_num_threads(2)
+import os; torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
 import mechscope as ms
 from mechscope.graphs import attribution_graph
 from mechscope.sae import load_transcoders

@@ -28,6 +28,7 @@ from mechscope.diffing import (
     logit_lens_readout,
     patchscope_readout,
     steering_readout,
+    token_effect_readout,
     weight_diff,
 )
 from mechscope.diffing.crosscoding import crosscoder_config, evaluate_crosscoder, train_crosscoder
@@ -200,6 +201,20 @@ def test_the_activation_difference_equals_a_cache_difference_and_its_readouts_ha
     st = steering_readout(pair, adl, max_new_tokens=4, prompts=("t5 t6", "t7"))
     assert len(ll.tokens) == len(ll.control) == 20 and [t for t, _ in ll.tokens] != [t for t, _ in ll.control]
     assert len(ps.tokens) == 20 and st.texts and st.texts != st.control_texts
+    # the next-token effect: δ added at positions 1..4 of the base run, the mean rise of each token's log-probability
+    te = token_effect_readout(pair, adl, toks, k=5)
+    with pair.side("base") as m, torch.no_grad():
+        before = torch.log_softmax(m(toks[:, :5]).float(), -1)[:, 1:5].mean((0, 1))
+
+        def add(act, hook):
+            act = act.clone()
+            act[:, 1:5] += adl.delta
+            return act
+        with m.hooks([(HOOK, add)]):
+            rise = torch.log_softmax(m(toks[:, :5]).float(), -1)[:, 1:5].mean((0, 1)) - before
+    val, idx = rise.topk(5)
+    assert [t for t, _ in te.tokens] == [m.tokenizer.decode([int(i)]) for i in idx]
+    assert torch.allclose(torch.tensor([v for _, v in te.tokens]), val, atol=1e-5) and te.control != te.tokens
     with pytest.raises(InputError, match="first=20"):
         activation_difference(pair, toks, HOOK, first=20)
 

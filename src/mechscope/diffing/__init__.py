@@ -18,6 +18,7 @@ from .adl import (
            logit_lens_readout,
            patchscope_readout,
            steering_readout,
+           token_effect_readout,
 )
 from .crosscoding import (
            CrosscoderEval,
@@ -38,5 +39,5 @@ from .weights import WeightDiff, weight_diff
 __all__ = ["ActivationDifference", "CrosscoderEval", "KLDiff", "LatentClasses", "LatentScaling", "LayerNorms",
            "LoraAdapter", "ModelPair", "WeightDiff", "activation_difference", "crosscoder_config",
            "evaluate_crosscoder", "harvest_pair", "kl_diff", "latent_classes", "latent_scaling", "layer_norms",
-           "load_pair", "logit_lens_readout", "patchscope_readout", "steering_readout", "train_crosscoder",
-           "weight_diff"]
+           "load_pair", "logit_lens_readout", "patchscope_readout", "steering_readout", "token_effect_readout",
+           "train_crosscoder", "weight_diff"]

@@ -5,14 +5,16 @@ the mean difference of the two models' residual streams over the first few posit
 
     δ = mean_{documents, positions 1..k} (h_ft - h_base)                       [d_model]
 
-and read it three ways, each here beside a control, a random direction of the same norm:
+and read it four ways, each here beside a control, a random direction of the same norm:
 
 - **logit lens**: the top tokens of ``W_U · norm_final(δ)``;
 - **Patchscope** (Ghandeharioun et al. 2024): the base model reads δ (scaled to the layer's mean residual norm) in
   place of the last token of an identity prompt (``"cat → cat; 1135 → 1135; hello → hello; ? →"``) and says what it
   decodes to: its top next tokens;
 - **steering**: the base model generates from neutral prompts with ``α δ̂`` added at that layer at every position
-  (``α`` a multiple of the mean residual norm), against the same with the random direction.
+  (``α`` a multiple of the mean residual norm), against the same with the random direction;
+- **next-token effect**: δ added to the base model's residual stream on the documents it came from; the tokens whose
+  log-probability rises most (:func:`token_effect_readout`).
 
 :func:`layer_norms` gives, per layer, ``||δ_l||`` and the mean per-token ``||h_ft - h_base||`` relative to
 ``||h_base||``, with a noise floor: ``||δ_l||`` from the difference of two halves of the documents.
@@ -122,8 +124,12 @@ def _random_like(v: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _top(model, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
-    p = torch.softmax(logits.float(), -1)
-    v, i = p.topk(k)
+    return _named(model, torch.softmax(logits.float(), -1), k)
+
+
+def _named(model, scores: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    """The ``k`` highest ``scores [d_vocab]`` as (token string, score)."""
+    v, i = scores.topk(k)
     tok = model.tokenizer
     return [(tok.decode([int(x)]) if tok is not None else str(int(x)), float(y)) for y, x in zip(v, i)]
 
@@ -159,6 +165,32 @@ def patchscope_readout(pair: ModelPair, adl: ActivationDifference, k: int = 20, 
             with m.hooks([(adl.hook, put)]):
                 return m(toks)[0, -1]
         return Readout("Patchscope of δ (base model)", _top(m, run(adl.delta), k), _top(m, run(_random_like(adl.delta, seed)), k))
+
+
+@torch.no_grad()
+def token_effect_readout(pair: ModelPair, adl: ActivationDifference, tokens: torch.Tensor, k: int = 20,
+                         seed: int = 0) -> Readout:
+    """The next-token effect of δ: δ added to the base model's own residual stream at δ's hook and positions on the
+    documents ``tokens [n_docs, pos]`` it was measured on, the rest of the network run; the tokens whose mean
+    log-probability over those positions rises most, ``mean_{docs, p} (log p(t | h + δ) - log p(t | h))``, beside the
+    same for a random direction of the same norm. The causal counterpart of the logit lens (activation addition,
+    Turner et al. 2023), on one step of the documents instead of generated text; where a small model's middle
+    layers do not read through the unembedding, its later layers can."""
+    t = tokens[:, :adl.positions[-1] + 1]
+    pos = torch.tensor(adl.positions)
+    with pair.side("base") as m:
+        t = t.to(m.device)
+        before = torch.log_softmax(m(t).float(), -1)[:, pos].mean((0, 1))
+
+        def top(v):
+            def add(act, hook):
+                out = act.clone()
+                out[:, pos] += v.to(act.device, act.dtype)
+                return out
+            with m.hooks([(adl.hook, add)]):
+                return _named(m, torch.log_softmax(m(t).float(), -1)[:, pos].mean((0, 1)) - before, k)
+        return Readout("next-token effect of δ (base model; rise in log-probability)", top(adl.delta),
+                       top(_random_like(adl.delta, seed)))
 
 
 @torch.no_grad()

@@ -77,11 +77,13 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
          crosscoder_batch: int = 512, crosscoder_archs: "tuple[str, ...]" = ("batchtopk",), l1_coefficient: float = 0.5,
          n_dashboards: int = 10, seed: int = 0, resume: bool = True, echo: bool = True,
          corpus_desc: str = "the corpus", crosscoder_tokens: torch.Tensor | None = None,
-         domain: Domain | None = None, explain: bool = False, explainer_url: str | None = None) -> Report:
+         domain: Domain | None = None, explain: bool = False, explainer_url: str | None = None,
+         adl_hook: str | None = None) -> Report:
     """Diff ``pair`` on ``tokens [n_docs, pos]`` (one document start per row) and write ``out/report.html``; the
     stages are in the module docstring. ``crosscoder_tokens``: what the crosscoder trains on (default: the first half
     of ``tokens``); ``held_out``: what it is evaluated and read on (default: the second half). ``hook``: where the ADL
-    and the crosscoder read (default: the residual stream after the middle block). ``domain``: score every method's
+    and the crosscoder read (default: the residual stream after the middle block); ``adl_hook``: where the ADL reads
+    instead (a small model's domain shows at later layers, docs/diffing.md). ``domain``: score every method's
     output against this known domain (default: the organism's own, when the fine-tune is an organism adapter; a
     control fine-tune is scored against its organism's). ``explain``: explain and score the kept fine-tune-only latents
     with ``sae explain``'s machinery (the explainer at ``explainer_url``, else the fine-tune itself, which a small model
@@ -98,6 +100,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hook = hook or C.default_hooks(pair)[0]
+    adl_hook = adl_hook or hook
     rep = Report(f"what fine-tuning changed: {pair.base_name} -> {pair.ft_name}", echo=echo)
     keys = {"pair": fingerprint(pair), "tokens": _tokens_key(tokens)}
     keys.update({k: _tokens_key(t) for k, t in (("crosscoder_tokens", crosscoder_tokens), ("held_out", held_out))
@@ -178,16 +181,18 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         stage("diff: the activation-difference lens")
 
         def run_adl():
-            a = A.activation_difference(pair, tokens, hook, first)
+            a = A.activation_difference(pair, tokens, adl_hook, first)
             if pair.same_vocab:
                 a.readouts = [A.logit_lens_readout(pair, a, seed=seed), A.patchscope_readout(pair, a, seed=seed)]
             a.readouts.append(A.steering_readout(pair, a, alpha=steer_alpha, seed=seed))
+            a.readouts.append(A.token_effect_readout(pair, a, tokens, seed=seed))
             return a
-        adl = cache("adl", {"hook": hook, "first": first, "alpha": steer_alpha, "seed": seed}, run_adl)
+        adl = cache("adl", {"hook": adl_hook, "first": first, "alpha": steer_alpha, "seed": seed, "readouts": 4},
+                    run_adl)
         sec = Section("the activation-difference lens", adl.summary(), key="adl")
         rep.add(sec)
-        floor = _floor_at(ln, hook)
-        rep.find(f"the mean activation difference at {hook} on the first {first} tokens of each document (its norm)",
+        floor = _floor_at(ln, adl_hook)
+        rep.find(f"the mean activation difference at {adl_hook} on the first {first} tokens of each document (its norm)",
                  adl.norm, f"the norm of half the difference of two halves' means: {floor:.3g}" if floor == floor else
                  "a random direction of the same norm, in each readout", sec,
                  holds=adl.norm.informative and (floor != floor or adl.norm.low > 3 * floor))
@@ -196,8 +201,8 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
                                     "norm) against a random direction", "#adl")
         if ids is not None:
             for r in adl.readouts:
-                key = {"logit lens of δ": "adl_logit_lens", "Patchscope of δ (base model)": "adl_patchscope"}.get(
-                    r.method)
+                key = {"logit lens of δ": "adl_logit_lens", "Patchscope of δ (base model)": "adl_patchscope",
+                       "next-token effect of δ (base model; rise in log-probability)": "adl_token_effect"}.get(r.method)
                 if key:
                     scores[key] = recovery([t for t, _ in r.tokens], ids, pair.base)
                     scores[key + "_control"] = recovery([t for t, _ in r.control], ids, pair.base)

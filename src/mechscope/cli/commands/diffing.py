@@ -35,6 +35,8 @@ def _pair(args: argparse.Namespace):
          arg("--seq-len", type=int, default=64, help="tokens per document"),
          arg("--hook", default=None, help="where the ADL and the crosscoder read (default: the residual stream after "
                                           "the middle block, blocks.L.hook_resid_post)"),
+         arg("--adl-hook", default=None, help="where the ADL reads instead of --hook (a small model's fine-tune can "
+                                              "show at later layers only, e.g. blocks.28.hook_resid_post)"),
          arg("--first", type=int, default=5, help="ADL: the first positions of each document averaged"),
          arg("--alpha", type=float, default=1.0, help="ADL steering: the direction's size, in residual norms"),
          arg("--crosscoder-width", type=int, default=1024, help="latents of the crosscoder"),
@@ -79,7 +81,8 @@ def diff_cmd(args: argparse.Namespace) -> Result:
                    crosscoder_width=args.crosscoder_width, crosscoder_k=args.crosscoder_k,
                    crosscoder_steps=args.crosscoder_steps, crosscoder_batch=args.crosscoder_batch,
                    crosscoder_archs=tuple(archs), l1_coefficient=args.l1, seed=args.seed, resume=not args.fresh,
-                   echo=not args.json, corpus_desc=desc, explain=args.explain, explainer_url=args.explainer_url)
+                   echo=not args.json, corpus_desc=desc, explain=args.explain, explainer_url=args.explainer_url,
+                   adl_hook=args.adl_hook)
         run.log(**{k: v for k, v in rep.metrics.items() if k != "versions"})
         run.artifact(out / "report.html")
     return Outcome(f"{format_summary(rep)}\n\nreport: {out / 'report.html'}\nrun record: {run.path}",
