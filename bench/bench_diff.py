@@ -10,7 +10,7 @@ that are domain tokens, for the organism and for its control (scored against the
 t-interval over seeds; Latent Scaling's flags are compared between the L1 and the BatchTopK crosscoder (Minder et al.
 2025 report that L1 invents more "fine-tune-only" latents). Stage times are printed for each run.
 
-CPU note: 2 threads; one LoRA fine-tune of 150 steps takes about a minute here.
+CPU note: 2 threads; one LoRA fine-tune of 150 steps takes about 5 minutes here (2 s a step), the two crosscoders about 3.
 
 Options: --seeds, --steps, --rank, --lr, --docs, --seq-len, --crosscoder-width, --crosscoder-k, --crosscoder-steps,
 --l1, --no-crosscoder, --adl-hook, --results (another results file), --fresh. Results:
