@@ -138,10 +138,13 @@ def test_task_file_errors_use_line_numbers_and_list_every_bad_row(model, tmp_pat
     msg = str(e.value)
     assert "2 problem(s)" in msg and "bad.jsonl line 2: no corrupted" in msg and "bad.jsonl line 4: no answer" in msg
     rows = [{"clean": "t5 t6", "corrupted": "t5 t7", "answer": " t8"}] * 6 + \
-        [{"clean": "t5 t6", "corrupted": "t5 t7", "answer": " t8 t9"}]  # the seventh line: a two-token answer
+        [{"clean": "t5 t6", "corrupted": "t5 t7", "answer": [" t8", " t8 t9"]}]  # line 7: a two-token alternative
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(InputError, match="bad.jsonl line 7: answer"):
+    with pytest.raises(InputError, match="bad.jsonl line 7: answer ' t8 t9' is 2 tokens"):
         ms.datasets.load_task(str(p), model)
+    rows[-1] = {"clean": "t5 t6", "corrupted": "t5 t7", "answer": " t8 t9"}  # one string of two tokens: scored whole
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert ms.datasets.load_task(str(p), model).prompt_len == 3
     with pytest.raises(InputError, match=r"row 2: 'corrupted'"):  # lists given in Python: 1-based rows
         ms.datasets.TaskDataset.from_texts(model, ["t5 t6", "t5 t6"], ["t5 t7", ""], [" t8", " t8"])
 
