@@ -5,9 +5,9 @@ at several layers over positions 1..5 of the same unrelated documents, and read 
 of its top 20 tokens that are the domain's (the bench's recovery score) beside a random direction of the same norm:
 
 - the Patchscope at several scales (`patchscope_readout`, as in the bench);
-- the **next-token effect** of δ: δ added to the base model's own residual stream at those positions and layer,
-  the rest of the network run, and the tokens whose mean log-probability rises most (the causal reading that
-  steering makes in generated text, here on one step of the documents themselves).
+- the **next-token effect** of δ (`token_effect_readout`, as `mechscope diff` reads it): δ added to the base model's
+  own residual stream at those positions and layer, the rest of the network run, and the tokens whose mean
+  log-probability rises most.
 
 Usage: python bench/bench_diff_adl_layers.py [SEED] [organism|control] (2 threads; about a minute a layer).
 """
@@ -24,8 +24,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     import mechscope as ms
     from mechscope import corpus
+    from mechscope.core.hookpoints import act_name
     from mechscope.diffing import load_pair
-    from mechscope.diffing.adl import _random_like, activation_difference, patchscope_readout
+    from mechscope.diffing.adl import activation_difference, patchscope_readout, token_effect_readout
     from mechscope.diffing.organisms import OrganismSpec, build_organism, domain_token_ids, draw_domain, recovery
 
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
@@ -38,32 +39,21 @@ def main() -> None:
     generic_test, desc = corpus.from_spec(None, "test")
     tokens = corpus.document_starts(model, generic_test, 64, 64, source=desc)
     ids = domain_token_ids(model, domain)
-    t = tokens[:, :6]
     print(f"seed {seed} {kind}, scored against {domain.entity}: {', '.join(domain.words)}; 64 documents of {desc}; "
           "recovery = share of the top 20 tokens that are domain tokens (δ / random direction of the same norm)")
     with load_pair(model, folder) as pair:
         for layer in (10, 15, 20, 25, 28):
-            adl = activation_difference(pair, tokens, hook=f"blocks.{layer}.hook_resid_post")
+            adl = activation_difference(pair, tokens, hook=act_name("resid_post", layer))
             scopes = []
             for scale in (0.5, 1, 2, 4):
                 r = patchscope_readout(pair, adl, k=20, scale=scale)
                 scopes.append(f"x{scale:g} {recovery([x for x, _ in r.tokens], ids, pair.base):.2f}/"
                               f"{recovery([x for x, _ in r.control], ids, pair.base):.2f}")
-            with pair.side("base") as m, torch.no_grad():
-                before = torch.log_softmax(m(t).float(), -1)[:, 1:].mean((0, 1))
-                effect = {}
-                for name, v in (("delta", adl.delta), ("control", _random_like(adl.delta, 0))):
-                    def add(act, hook, _v=v):
-                        act = act.clone()
-                        act[:, 1:] += _v.to(act.dtype)
-                        return act
-                    with m.hooks([(adl.hook, add)]):
-                        after = torch.log_softmax(m(t).float(), -1)[:, 1:].mean((0, 1))
-                    top = (after - before).topk(20).indices.tolist()
-                    effect[name] = (recovery(top, ids), [m.tokenizer.decode([i]) for i in top[:8]])
+            effect = token_effect_readout(pair, adl, tokens, k=20)
+            hits = [recovery([x for x, _ in side], ids, pair.base) for side in (effect.tokens, effect.control)]
             print(f"layer {layer:>2}: ||δ|| {float(adl.delta.norm()):6.1f} (residual {adl.resid_norm:.0f}); Patchscope "
-                  f"{'; '.join(scopes)}; next-token effect {effect['delta'][0]:.2f}/{effect['control'][0]:.2f} "
-                  f"{effect['delta'][1]}", flush=True)
+                  f"{'; '.join(scopes)}; next-token effect {hits[0]:.2f}/{hits[1]:.2f} "
+                  f"{[x for x, _ in effect.tokens[:8]]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ class TaskDataset(Result):
             return values
         return values.reshape(self.n_pairs, self.rows_per_pair, *values.shape[1:]).mean(1)
 
+    def pair_rows(self, n: int | None = None) -> slice:
+        """The first row of each of the first ``n`` pairs (all: None): one row a pair, its prompt's."""
+        n = self.n_pairs if n is None else min(n, self.n_pairs)
+        return slice(0, n * self.rows_per_pair, self.rows_per_pair)
+
     @property
     def positions(self) -> list[int] | None:
         """The prompt positions patching reads (None: all of them)."""
@@ -338,7 +343,7 @@ def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list
     """A row's answer (or wrong answer) as its alternatives, each a list of token ids: a string is one alternative
     (one token, or several: a continuation), a list of strings is several single-token alternatives."""
     if isinstance(value, str):
-        ids = _string_ids(model, value)
+        ids = model.tokens.encode(value, prepend_bos=False)
         if not ids:
             problems.append(f"{where}: {what} {value!r} gives no tokens")
             return []
@@ -349,7 +354,7 @@ def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list
         return []
     out = []
     for v in value:
-        ids = _string_ids(model, v)
+        ids = model.tokens.encode(v, prepend_bos=False)
         if len(ids) == 1:
             out.append(ids)
         else:
@@ -357,11 +362,6 @@ def _answer_ids(model: HookedModel, value, where: str, what: str, problems: list
                             "list gives single-token alternatives; give an answer of several tokens as one string "
                             "(and one per row)")
     return out
-
-
-def _string_ids(model: HookedModel, text: str) -> list[int]:
-    """The token ids of ``text`` as it would continue a prompt (no BOS)."""
-    return list(model.tokens.need_tokenizer()(text, add_special_tokens=False).input_ids)
 
 
 def _position_problems(rows: list[dict], toks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
@@ -472,9 +472,12 @@ def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[i
              if all(has_wrong) else None)
     if answer_tokens not in ("all", "first"):
         raise InputError(f"answer_tokens must be 'all' (score every token of an answer) or 'first', got {answer_tokens!r}")
-    if answer_tokens == "first":  # today's metric on answers of several tokens: their first token only
+    multi = any(len(alt) > 1 for alts in answers + (wrong or []) for alt in alts)
+    first_mode = answer_tokens == "first" and multi
+    if first_mode:  # today's metric on answers of several tokens: their first token only
         answers = [[alt[:1] for alt in a] for a in answers]
         wrong = None if wrong is None else [[alt[:1] for alt in w] for w in wrong]
+        multi = False
     if wrong is not None:
         same = [(i, a[0]) for i, (a, w) in enumerate(zip(answers, wrong)) if a and w and any(x in w for x in a)]
         problems += [f"{_where(rows[i], i)}: the wrong answer is the answer itself "
@@ -485,15 +488,12 @@ def _from_rows(model: HookedModel, rows: list[dict], name: str, n_given: tuple[i
     problems += [f"{_where(r, i)}: answer position {r['pos']} is out of range: the prompts are {P} tokens, so a "
                  f"position is in -{P}..{P - 1}" for i, r in enumerate(rows)
                  if r.get("pos") is not None and not -P <= int(r["pos"]) < P]
-    multi = any(len(alt) > 1 for alts in answers + (wrong or []) for alt in alts)
     if multi:
         problems += _continuation_problems(rows, answers, wrong, P)
     if problems:
         raise _problems_error(problems, name)
     if multi:
         return _continuation_task(model, rows, toks, answers, wrong, name)
-    first_mode = answer_tokens == "first" and any(len(_string_ids(model, r["answer"])) > 1 for r in rows
-                                                  if isinstance(r["answer"], str))
     answers = [[alt[0] for alt in a] for a in answers]
     wrong = None if wrong is None else [[alt[0] for alt in w] for w in wrong]
     meta = [{"answers": a, "wrong": None if wrong is None else wrong[i],

@@ -290,7 +290,7 @@ def _dla_section(rep: Report, model, data: TaskDataset, res: CircuitResult, out:
                         "one position)", key="task-dla"))
         return
     n = min(data.n_pairs, 32)
-    first = slice(0, n * data.rows_per_pair, data.rows_per_pair)  # a pair's first row (its prompt, then its answer)
+    first = data.pair_rows(n)
     dla = direct_logit_attribution(model, data.clean[first], data.answers[first],
                                    None if data.wrong is None else data.wrong[first], pos=pos)
     dla.plot(out / "task_dla.png")
@@ -317,7 +317,7 @@ def _sae_section(rep: Report, model, data: TaskDataset, res: CircuitResult, sae)
     layer = min(int(m.group(1)), rn.shape[0] - 1) if m else rn.shape[0] - 1
     pos = int(res.resid.labels["pos"][int(rn[layer].argmax())])
     n = min(data.n_pairs, 32)
-    first = slice(0, n * data.rows_per_pair, data.rows_per_pair)  # one row a pair (its prompt's activations)
+    first = data.pair_rows(n)
     with torch.no_grad():
         acts = [model.run_with_cache(t[first], names_filter=[hook])[1][hook][:, pos]
                 for t in (data.clean, data.corrupted)]

@@ -124,8 +124,7 @@ def _task(args: argparse.Namespace, model):
     if not (args.clean and args.corrupted and args.answer):
         raise InputError("give --task, --task-file, or --clean, --corrupted and --answer (and usually --wrong)")
     check_answer_spaces(args, model)
-    tok = model.tokens.need_tokenizer()
-    if any(len(tok(t, add_special_tokens=False).input_ids) > 1 for t in (args.answer, args.wrong) if t):
+    if any(len(model.tokens.encode(t, prepend_bos=False)) > 1 for t in (args.answer, args.wrong) if t):
         ds = D.TaskDataset.from_texts(model, [args.clean], [args.corrupted], [args.answer],
                                       None if args.wrong is None else [args.wrong], name="one pair",
                                       answer_tokens=args.answer_tokens)

@@ -101,7 +101,7 @@ def graph_cmd(args: argparse.Namespace) -> Result:
 
 def _graph_target(model, text: str) -> int:
     """A ``--target``'s token id; one of several tokens is refused saying what a graph explains and what to do."""
-    ids = model.tokens.need_tokenizer()(text, add_special_tokens=False).input_ids
+    ids = model.tokens.encode(text, prepend_bos=False)
     if len(ids) > 1:
         pieces = [model.to_string([i]) for i in ids]
         raise InputError(f"--target {text!r} is {len(ids)} tokens {pieces}: an attribution graph explains one "
