@@ -78,6 +78,65 @@ def test_contexts_mark_firing_tokens_and_hold_out_scoring_examples():
     assert feature_contexts(_Tok(), tokens, torch.zeros_like(act)) is None  # never fires: nothing to score
 
 
+def test_contexts_have_one_length_wherever_the_feature_fires():
+    """A firing token near the start or the end of a sequence still gets a full window: the scorer must not be able
+    to tell firing from silent contexts by their length (short windows near the start are silent more often)."""
+    tokens = torch.arange(5, 5 + 40 * 24).remainder(50).view(40, 24)
+    act = torch.zeros(tokens.shape)
+    act[:, 1] = act[:, 23] = act[::3, 12] = 1.0  # the first and last usable positions, and one in the middle
+    c = feature_contexts(_Tok(), tokens, act, n_shown=6, n_score=8, window=10, seed=0)
+    lengths = {s.count(" t") for s in c.shown + c.detect_pos + c.detect_neg + c.fuzz_pos + c.fuzz_neg}
+    assert lengths == {10}
+
+
+def _text_scorer(rule):
+    """A stand-in for the scorer's Yes/No log-odds: ``rule(text, explanation)`` on each detection or fuzzing prompt."""
+    import re as _re
+
+    def logodds(scorer, prompts, batch=32):
+        return torch.tensor([float(rule(*_re.match(r"Text: (.*)\n(?:Does this text contain|Is the token marked "
+                                                   r"<<like this>> one of) (.*)\? Answer", p).groups()))
+                             for p in prompts])
+    return logodds
+
+
+def _has(text: str, piece: str) -> bool:
+    """Whether the token ``piece`` (``t7``: not ``t75``) is in ``text``."""
+    import re as _re
+
+    return bool(_re.search(rf"(?<![\w]){piece}(?![\w])", text))
+
+
+def test_calibration_cancels_a_scorer_that_reads_only_the_text(monkeypatch):
+    """The artefact behind random directions beating features: a scorer whose answer depends on the text alone
+    separates firing from silent contexts whatever the explanation says. The raw AUROC is then 1.0 with the right
+    explanation, the shuffled one and for a random direction alike; the calibrated AUROC is 0.5. A scorer that
+    reads the explanation keeps its calibrated AUROC above 0.5."""
+    import mechscope.sae.autointerp as ai
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, 500, (200, 24), generator=g)
+    for t in (7, 9, 11, 13):  # each marker planted 16 times: rare enough that silent windows seldom hold another
+        tokens.view(-1)[torch.randperm(tokens.numel(), generator=g)[:16]] = t
+    ctx = {f: feature_contexts(_Tok(), tokens, (tokens == t).float(), n_score=8, seed=i)
+           for i, (f, t) in enumerate({"a": 7, "b": 9}.items())}
+    rand = {"random-0": feature_contexts(_Tok(), tokens, (tokens == 11).float(), n_score=8, seed=5),
+            "random-1": feature_contexts(_Tok(), tokens, (tokens == 13).float(), n_score=8, seed=6)}
+    given = {"a": "t7", "b": "t9"}
+    explainer = type("E", (), {"name": "stub", "explain": lambda self, ps: ["t11", "t13"]})()
+    monkeypatch.setattr(ai, "yes_no_logodds", _text_scorer(lambda text, e: any(_has(text, f"t{t}") for t in (7, 9, 11, 13))))
+    scorer = type("S", (), {"cfg": type("C", (), {"model_name": "stub"})})()
+    res = explain_and_score(scorer, explainer, ctx, rand, explanations=given)
+    raw = [*res.detection.values(), *res.shuffled_detection.values(), *res.random_detection.values()]
+    assert min(raw) > 0.7 and res.detection == res.shuffled_detection  # the text alone separates them
+    assert res.calibrated_detection == {"a": 0.5, "b": 0.5} and set(res.random_calibrated_detection.values()) == {0.5}
+    assert "calibrated" in res.summary()
+    monkeypatch.setattr(ai, "yes_no_logodds", _text_scorer(lambda text, e: _has(text, e)))  # reads the explanation
+    res = explain_and_score(scorer, explainer, ctx, rand, explanations=given)
+    assert min(res.calibrated_detection.values()) > 0.8 and min(res.random_calibrated_detection.values()) > 0.8
+    assert max(res.shuffled_detection.values()) < 0.8
+
+
 def test_auroc_by_construction():
     assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1], [2]) == 0.0 and auroc([1, 2], [1, 2]) == 0.5
     with pytest.raises(InputError):

@@ -126,6 +126,8 @@ def test_suite_on_the_real_model(smollm):
     ab, pr = ev.absorption, ev.probing
     assert ab.reseeds == 3 and ab.absorption_fraction.n == 3 and ab.letters_used >= 8 and ab.probe_f1 > 0.55
     assert 0 <= ab.absorption_fraction.value <= 1 and 0 <= ab.full_absorption.value <= 1
+    # a random SAE has no first-letter latents: its score is flagged as not evidence of no absorption
+    assert any("no main latent points along the letter probe" in w for w in ab.warnings())
     assert set(pr.tasks) == set(TASKS)
     assert pr.mean_dense.value > 0.85  # the activations hold every task's label
     assert pr.tasks["digit"]["dense"].value > pr.tasks["digit"]["control"].value
@@ -133,3 +135,55 @@ def test_suite_on_the_real_model(smollm):
     text = ev.summary()
     assert "absorption" in text and "k-sparse probing" in text and "reseeds" in text
     assert ev.to_dict()["probing"]["reseeds"] == 3
+
+
+class _PlantedSAE(SAE):
+    """An SAE whose latents are planted per word on real activations: ``encode`` looks each activation up in
+    ``table`` ``[n, d]`` (the words' activations, computed the same way) and returns that word's ``codes`` row."""
+
+    def __init__(self, hook: str, table: torch.Tensor, codes: torch.Tensor, W_dec: torch.Tensor):
+        super().__init__(SAEConfig(d_in=table.shape[1], d_sae=codes.shape[1], architecture="relu", hook_name=hook))
+        self.table, self.codes = table, codes
+        with torch.no_grad():
+            self.W_dec.copy_(W_dec)
+
+    def encode(self, x, grad=None):
+        dist, i = torch.cdist(x.float(), self.table, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+        assert float(dist.max()) < 1e-3 * float(self.table.norm(dim=1).mean()), float(dist.max())  # a table word
+        return self.codes[i]
+
+
+@pytest.mark.slow
+def test_absorption_sees_absorption_planted_on_real_activations(smollm):
+    """SmolLM2's own activations of 3,000 first-letter words. Each letter has a main latent along its direction;
+    on 30% of the letter's words it is silent and a latent of that word alone, whose decoder leans on the letter
+    direction (A is for Absorption's "short" absorbing "starts with S"), fires instead. The whole pipeline (probe,
+    main latents by ranking, true positives, scores) must find about 0.3, the same SAE without the absorbed words
+    about 0, and both must count their main latents as aligned with the letter probe."""
+    from mechscope.sae.suite import LETTERS, _prompt_prefix, absorption, first_letter_words, single_token_words
+
+    hook, tok = "blocks.15.hook_resid_post", smollm.tokenizer
+    vocab = single_token_words(tok)
+    words = first_letter_words(tok, 3000, 0, vocab)
+    acts = acts_after_prefix(smollm, hook, _prompt_prefix(tok, words, seed=0, vocab=vocab),
+                             torch.tensor([t for t, _ in words]))
+    letter = torch.tensor([LETTERS.index(w.strip()[0].lower()) for _, w in words])
+    mu, g = acts.mean(0), torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.stack([acts[letter == i].mean(0) - mu if (letter == i).any() else mu
+                                                   for i in range(26)]), dim=1)
+    absorbed = (torch.rand(len(words), generator=g) < 0.3).nonzero().flatten()
+    noise = torch.nn.functional.normalize(torch.randn(len(absorbed), acts.shape[1], generator=g), dim=1)
+    W_dec = torch.cat([u, torch.nn.functional.normalize(u[letter[absorbed]] + 0.5 * noise, dim=1)])
+    big = 10 * float(acts.norm(dim=1).max())  # the main latent's projection always covers the activation's
+    codes = torch.zeros(len(words), W_dec.shape[0])
+    codes[torch.arange(len(words)), letter] = big
+    clean = _PlantedSAE(hook, acts, codes.clone(), W_dec)
+    codes[absorbed, letter[absorbed]] = 0.0
+    codes[absorbed, 26 + torch.arange(len(absorbed))] = big
+    planted = _PlantedSAE(hook, acts, codes, W_dec)
+    got = absorption(smollm, planted, n_words=3000, reseeds=2)
+    none = absorption(smollm, clean, n_words=3000, reseeds=2)
+    assert 0.2 < got.absorption_fraction.value < 0.4 and 0.2 < got.full_absorption.value < 0.4
+    assert none.absorption_fraction.value < 0.02 and none.full_absorption.value < 0.02
+    assert len(got.aligned_letters) == len([v for v in got.per_letter.values() if v["probe_f1"] >= 0.6]) >= 15
+    assert not any("no main latent points" in w for w in got.warnings() + none.warnings())

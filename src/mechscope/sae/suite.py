@@ -14,8 +14,17 @@ words the probe calls positive, SAEBench's two scores are then computed word by 
   carries >= 40 % of the activation's projection.
 
 Each letter's score is its mean over the probe's true positives, the SAE's the mean over letters whose probe
-reaches F1 >= 0.6. Differences from SAEBench: one shared set of in-context examples (so every prompt has the
-same length and one batch), the main latents ranked by class-mean difference instead of an L1 probe, and a
+reaches F1 >= 0.6.
+
+A score of 0 means two different things. Absorption is the main latent's share of the letter direction
+taken over by other latents; an SAE that has no latent along the letter direction at all (the main latents'
+decoder cosine with the probe below 0.1, the threshold an absorbing latent must reach) has nothing to
+absorb, and scores 0 by construction. Each letter therefore records its main latents' largest cosine with
+the probe and their share of the probe projection, and the result warns when most letters have no aligned
+main latent: there, 0 is not evidence that the SAE avoids absorption.
+
+Differences from SAEBench: one shared set of in-context examples (so every prompt has the same length and one
+batch), the main latents ranked by class-mean difference instead of an L1 probe, and a
 capped vocabulary sample (``n_words``).
 
 **k-sparse probing** (Gao et al. 2024; Kantamneni et al. 2025, sae-probes): binary token-level tasks built
@@ -150,6 +159,16 @@ def absorption_scores(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, 
     return frac, full
 
 
+def main_alignment(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, probe_dir: torch.Tensor,
+                   main: list[int]) -> tuple[float, float]:
+    """Whether the main latents represent the letter at all: their largest decoder cosine with the probe, and the
+    median over words of their projection's share of the activation's (``acts`` ``[n, d]``, ``f`` ``[n, d_sae]``)."""
+    p = probe_dir / probe_dir.norm()
+    cos = torch.nn.functional.cosine_similarity(p[None], W_dec[main].float(), dim=-1)  # [k]
+    share = (f[:, main] * cos).sum(1) / (acts.float() @ p)
+    return float(cos.max()), float(share.median())
+
+
 @dataclass(repr=False)
 class AbsorptionResult(Result):
     """First-letter absorption: per reseed and per letter, with a t-interval over reseeds."""
@@ -157,14 +176,29 @@ class AbsorptionResult(Result):
     absorption_fraction: Estimate
     full_absorption: Estimate
     split_features: Estimate  # main latents per letter beyond the first, mean over letters
-    per_letter: dict  # letter -> {"fraction", "full", "main", "probe_f1", "true_positives"} (first reseed)
+    per_letter: dict  # letter -> {"fraction", "full", "main", "probe_f1", "true_positives", "main_cos",
+    #                               "main_share"} (first reseed)
     letters_used: int
     n_words: int
     reseeds: int
     probe_f1: float  # mean over letters, first reseed
 
+    @property
+    def aligned_letters(self) -> list[str]:
+        """The letters (of those scored) whose main latents include one along the letter probe (cosine >= 0.1)."""
+        return [L for L, v in self.per_letter.items() if v["probe_f1"] >= MIN_PROBE_F1 and v["main_cos"] >= FRACTION_COS]
+
     def warnings(self) -> list[str]:
         out = []
+        scored = [v for v in self.per_letter.values() if v["probe_f1"] >= MIN_PROBE_F1]
+        if scored and 2 * len(self.aligned_letters) < len(scored):
+            cos = max(v["main_cos"] for v in scored)
+            share = sorted(v["main_share"] for v in scored)[len(scored) // 2]
+            out.append(f"on {len(scored) - len(self.aligned_letters)} of {len(scored)} letters no main latent points "
+                       f"along the letter probe (largest cosine {cos:.3f}; an absorbing latent needs {FRACTION_COS}), "
+                       f"and the main latents carry a median {share:.1%} of the probe projection: the SAE has no "
+                       "first-letter latents to absorb, so a score near 0 here is not evidence that it avoids "
+                       "absorption (train longer or wider, or evaluate a layer where letters are represented)")
         if self.letters_used < MIN_LETTERS:
             out.append(f"only {self.letters_used} letters have a probe with F1 >= {MIN_PROBE_F1} (SAEBench asks for "
                        f"{MIN_LETTERS}): the model may not represent first letters at this hook, or n_words "
@@ -182,7 +216,9 @@ class AbsorptionResult(Result):
                  f"  full absorption rate (main latents silent, another latent carries the direction) "
                  f"{iv(self.full_absorption)}",
                  f"  split features (main latents per letter beyond the first) {iv(self.split_features)}; "
-                 f"first-letter probe F1 {self.probe_f1:.3f}"]
+                 f"first-letter probe F1 {self.probe_f1:.3f}",
+                 f"  letters with a main latent along the probe (decoder cosine >= {FRACTION_COS}): "
+                 f"{len(self.aligned_letters)} of {sum(v['probe_f1'] >= MIN_PROBE_F1 for v in self.per_letter.values())}"]
         return "\n".join(lines + [f"  WARNING: {w}" for w in self.warnings()])
 
 
@@ -280,8 +316,9 @@ def _absorption_run(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, le
         if not tp.numel():
             continue
         frac, full = absorption_scores(acts[tp], f[tp], W_dec, W[:, li], main)
+        cos, share = main_alignment(acts[tp], f[tp], W_dec, W[:, li], main)
         per[L] = {"fraction": float(frac.mean()), "full": float(full.float().mean()), "main": main,
-                  "probe_f1": probe_f1, "true_positives": int(tp.numel())}
+                  "probe_f1": probe_f1, "true_positives": int(tp.numel()), "main_cos": cos, "main_share": share}
         if probe_f1 >= MIN_PROBE_F1:
             fracs.append(per[L]["fraction"])
             fulls.append(per[L]["full"])
