@@ -35,3 +35,29 @@ def gemma3():
     import mechscope
 
     return mechscope.load("gemma3-270m")
+
+
+# ------------------------------------------------------------------ time budgets of the slow tests (tests/budget.toml)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests with a budget run first, the longest first, dealt in turn to the workers (see budgets.order)."""
+    from budgets import load, order
+
+    items[:] = order(items, load(), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A slow test must have a budget in tests/budget.toml, and fails when it takes more than twice that."""
+    import time
+
+    from budgets import load, verdict
+
+    start = time.perf_counter()
+    result = yield  # a failing test raises here, and its own failure is what is reported
+    if item.get_closest_marker("slow") is not None:
+        problem = verdict(item.nodeid, time.perf_counter() - start, load())
+        if problem:
+            pytest.fail(problem, pytrace=False)
+    return result

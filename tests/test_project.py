@@ -281,3 +281,21 @@ def test_circuit_cli_compares_with_the_falsification_line(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "reaches 0.6" in out or "NO circuit" in out
     assert "mean activation" in out and "EVERY MLP KEPT" in out
+
+
+def test_slow_test_budgets_fail_at_twice_and_order_the_longest_first():
+    """tests/budget.toml: every slow test has a budget; one over twice its budget fails with a message naming the
+    file; the budgeted tests start first, the longest first, one to each worker's starting share."""
+    from types import SimpleNamespace
+
+    from budgets import load, order, verdict
+
+    budgets = load()
+    assert "tests/test_workflows.py::test_demo_investigation_writes_report" in budgets
+    assert verdict("t::a", 19.0, {"t::a": 10.0}) is None
+    assert "more than twice its budget of 10 s in tests/budget.toml" in verdict("t::a", 21.0, {"t::a": 10.0})
+    assert "has no budget in tests/budget.toml" in verdict("t::b", 1.0, {"t::a": 10.0})
+    items = [SimpleNamespace(nodeid=f"t::{i}") for i in range(10)]
+    got = [it.nodeid for it in order(items, {"t::8": 300.0, "t::9": 250.0, "t::3": 5.0}, 2)]
+    assert sorted(got) == sorted(it.nodeid for it in items)  # nothing lost or repeated
+    assert got[0] == "t::8" and got[5] == "t::9" and got[1] == "t::3"  # worker 0 starts at 0, worker 1 at 10 // 2

@@ -34,7 +34,7 @@ from ..core.components import Component, all_heads, all_mlps, head_readers
 from ..core.errors import InputError
 from ..core.hookpoints import act_name
 from ..core.model import HookedModel
-from ..core.progress import bar, stage
+from ..core.progress import stage
 from ..core.result import Result
 from ..core.types import Metric, checked
 from ..datasets import TaskDataset
@@ -303,10 +303,10 @@ def _validate(abl: Ablator, ranking: list[str], nodes: list[str], n_random: int,
     pool = abl.pool
     faith = abl.faithfulness(nodes)
     knockout = bootstrap_ci(abl.ablated(nodes) - abl.full, seed=seed)
-    rand = [abl.faithfulness(r) for r in bar(_random_like(pool, nodes, n_random, seed), desc="random circuits")]
+    rand = abl.faithfulness_many(_random_like(pool, nodes, n_random, seed))  # stacked passes
     sizes = sorted(set(curve_sizes(len(pool))) | {len(nodes)})
     curve = curve_over_sizes(abl.faithfulness, {"patching (signed)": ranking}, pool, sizes, 0, seed,
-                             "the ablatable components", abl.mode)
+                             "the ablatable components", abl.mode, many=abl.faithfulness_many)
     corrupted = abl.data.per_pair(batched_metric(abl.model, abl.data.corrupted, abl.metric))
     return {"faithfulness": faith, "knockout": knockout, "random": rand, "held_out_curve": curve,
             "metric_clean": float(abl.full.mean()), "metric_corrupted": float(corrupted.mean()),

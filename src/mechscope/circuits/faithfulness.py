@@ -71,12 +71,18 @@ def normalised_ci(circuit: torch.Tensor, full: torch.Tensor, empty: torch.Tensor
                         seed=seed)
 
 
+#: tokens per forward pass when many ablations run as stacked copies of the prompts (:meth:`Ablator.kept_many`)
+STACK_TOKENS = 2048
+
+
 class Ablator:
-    """``metric`` on ``data.clean`` with any subset of ``pool`` ablated in ``mode``, one forward pass per subset.
+    """``metric`` on ``data.clean`` with any subset of ``pool`` ablated in ``mode``.
 
     The replacement values of every component of ``pool`` come from one cached pass over the corrupted
     prompts (what makes 20+ random circuits and a fine curve cheap). ``full`` and ``empty`` are the
-    whole model's and the empty circuit's metric ``[prompt]``.
+    whole model's and the empty circuit's metric ``[prompt]``. One subset is one forward pass; many subsets
+    (:meth:`kept_many`, :meth:`faithfulness_many`) run as stacked copies of the prompts, about
+    :data:`STACK_TOKENS` tokens a pass, each copy with its own ablation: equal to one pass each, to float rounding.
     """
 
     def __init__(self, model: HookedModel, data: TaskDataset, metric: Metric, pool: list[str], mode: str = "cf",
@@ -88,11 +94,20 @@ class Ablator:
         self.values = replacement_values(model, comps, data.clean, method, data.corrupted, seed)
         self.by_name = {str(c): c for c in comps}
         self.keep = logits_to_keep(model, data.clean, metric)  # the last position only, when that is all it reads
+        self.memo: dict[frozenset, torch.Tensor] = {}  # ablated set -> metric [prompt]: each set runs once
+        self.passes = 0  # forward passes run (a stacked pass counts once)
         self.full = self._run([])
         self.empty = self._run(self.pool)
 
     @torch.no_grad()
     def _run(self, names: list[str]) -> torch.Tensor:
+        key = frozenset(names)
+        if key not in self.memo:
+            self.memo[key] = self._forward(names)
+            self.passes += 1
+        return self.memo[key]
+
+    def _forward(self, names: list[str]) -> torch.Tensor:
         cs = [self.by_name[n] for n in names]
         with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs})):
             out = torch.as_tensor(self.metric(self.model(self.data.clean, logits_to_keep=self.keep))).float().cpu()
@@ -113,6 +128,40 @@ class Ablator:
     def faithfulness(self, circuit: Sequence[str]) -> Estimate:
         """MIB's normalised faithfulness of ``circuit`` with a bootstrap CI over prompts."""
         return normalised_ci(self.kept(circuit), self.full, self.empty, self.seed)
+
+    def kept_many(self, circuits: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """:meth:`kept` for each circuit ``[prompt]``, the circuits not yet run going as stacked copies of the
+        prompts (a set asked for twice runs once)."""
+        sets = [[x for x in self.pool if x not in set(c)] for c in circuits]
+        todo = list({frozenset(s): s for s in sets if frozenset(s) not in self.memo}.values())
+        N, P = self.data.clean.shape
+        per = max(1, STACK_TOKENS // (N * P))  # copies a forward pass
+        for s in range(0, len(todo), per):
+            chunk = todo[s:s + per]
+            self.memo.update(zip(map(frozenset, chunk), self._run_stacked(chunk)))
+            self.passes += 1
+        return [self.memo[frozenset(s)] for s in sets]
+
+    def faithfulness_many(self, circuits: Sequence[Sequence[str]]) -> list[Estimate]:
+        """:meth:`faithfulness` of each circuit, the circuits run as stacked copies of the prompts."""
+        return [normalised_ci(k, self.full, self.empty, self.seed) for k in self.kept_many(circuits)]
+
+    @torch.no_grad()
+    def _run_stacked(self, sets: list[list[str]]) -> list[torch.Tensor]:
+        """The metric ``[prompt]`` for each set of ablated components, one forward pass over ``len(sets)`` copies."""
+        if len(sets) == 1:
+            return [self._forward(sets[0])]
+        N = self.data.clean.shape[0]
+        names = list(dict.fromkeys(n for s in sets for n in s))
+        cs = [self.by_name[n] for n in names]
+        which = {c: torch.tensor([n in set(s) for s in sets]) for n, c in zip(names, cs)}
+        with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs}, which)):
+            logits = self.model(self.data.clean.repeat(len(sets), 1), logits_to_keep=self.keep)
+        out = []
+        for b in range(len(sets)):
+            v = torch.as_tensor(self.metric(logits[b * N:(b + 1) * N])).float().cpu()
+            out.append(self.data.per_pair(v) if v.dim() else v)
+        return out
 
 
 def eap_node_ranking(eap: dict[tuple[str, str], float], signed: bool = False) -> list[str]:
@@ -197,19 +246,28 @@ class FaithfulnessCurve(Result):
 
 def curve_over_sizes(faithful: Callable[[list], Estimate], rankings: dict[str, list], pool: list,
                      sizes: list[int] | None, n_random: int, seed: int, what: str, mode: str = "",
-                     unit: str = "components") -> FaithfulnessCurve:
+                     unit: str = "components", many: Callable[[list], list[Estimate]] | None = None
+                     ) -> FaithfulnessCurve:
     """The :class:`FaithfulnessCurve` of ``faithful(kept)`` for the top ``k`` of each ranking, for each ``k`` of
-    ``sizes`` (default: powers of 2 up to all of ``pool``), against random ``k``-subsets of ``pool``."""
+    ``sizes`` (default: powers of 2 up to all of ``pool``), against random ``k``-subsets of ``pool``.
+    ``many``: the faithfulness of a list of circuits at once (:meth:`Ablator.faithfulness_many`), which then
+    judges every point of the curve in one call; the circuits are the same either way."""
     n = len(pool)
     sizes = sizes or curve_sizes(n)
     bad = [k for k in sizes if not 0 < k <= n]
     if bad:
         raise InputError(f"sizes {bad} out of range: 1..{n} ({what})")
-    curves = {name: [faithful(order[:k]) for k in bar(sizes, desc=f"faithfulness curve ({name})")]
-              for name, order in rankings.items()}
     rng = random.Random(seed)
-    rand = [sum(faithful(rng.sample(pool, k)).value for _ in range(n_random)) / n_random
-            for k in bar(sizes, desc="faithfulness curve (random)")] if n_random else []
+    tops = [order[:k] for order in rankings.values() for k in sizes]
+    draws = [rng.sample(pool, k) for k in sizes for _ in range(n_random)]
+    if many is not None:
+        got = many(tops + draws)
+    else:
+        got = [faithful(c) for c in bar(tops + draws, desc="faithfulness curve")]
+    curves = {name: got[i * len(sizes):(i + 1) * len(sizes)] for i, name in enumerate(rankings)}
+    rest = got[len(tops):]
+    rand = [sum(e.value for e in rest[i * n_random:(i + 1) * n_random]) / n_random
+            for i in range(len(sizes))] if n_random else []
     return FaithfulnessCurve(list(sizes), [k / n for k in sizes], curves, rand, n, mode, unit)
 
 
@@ -236,7 +294,7 @@ def faithfulness_curve(model: HookedModel, test: TaskDataset, rankings: dict[str
     rankings = {name: [x for x in order if x in set(pool)]  # only ablatable components change the curve
                 for name, order in rankings.items()}
     return curve_over_sizes(abl.faithfulness, rankings, pool, sizes, n_random, seed, "the ablatable components",
-                            ABLATION_MODES[abl.mode].split(":")[0] + " ablation")
+                            ABLATION_MODES[abl.mode].split(":")[0] + " ablation", many=abl.faithfulness_many)
 
 
 

@@ -172,20 +172,34 @@ def _rows(values: dict, start: int, stop: int) -> dict:
     return {c: None if v is None else v[start:stop] for c, v in values.items()}
 
 
-def ablation_hooks(model: HookedModel, comps: list[Component], values: dict) -> list:
-    """Forward hooks that write the replacement values into each component's slice."""
+def ablation_hooks(model: HookedModel, comps: list[Component], values: dict, which: dict | None = None) -> list:
+    """Forward hooks that write the replacement values into each component's slice.
+
+    ``which``: ``{component: [copies] bool}`` for a batch of ``copies`` stacked copies of the prompts
+    (``[copies * n, pos, ...]``), each copy its own ablation: the component is written only into the copies where
+    its mask is True (its value ``[n, pos, ...]`` the same in each). Experts are not batched this way."""
     by_hook: dict[str, list[Component]] = {}
     for c in comps:
         if c.kind != "expert":
             by_hook.setdefault(c.hook, []).append(c)
-    hooks = _expert_hooks([c for c in comps if c.kind == "expert"])
+    experts = [c for c in comps if c.kind == "expert"]
+    if which is not None and experts:
+        raise InputError("experts cannot be ablated in stacked copies (their routing differs per token); ablate them "
+                         "one set at a time")
+    hooks = _expert_hooks(experts)
     for name, cs in by_hook.items():
         def fn(act, hook, _cs=cs):
             act = act.clone()
+            copies = None if which is None else len(which[_cs[0]])
+            view = act if copies is None else act.view(copies, act.shape[0] // copies, *act.shape[1:])
             for c in _cs:
                 idx = _select(act, c)
+                if copies is not None:
+                    if not bool(which[c].any()):
+                        continue
+                    idx = (which[c].to(act.device), *idx)
                 v = values[c]
-                act[idx] = 0.0 if v is None else v.to(act.device, act.dtype)
+                view[idx] = 0.0 if v is None else v.to(act.device, act.dtype)
             return act
         hooks.append((name, fn))
     return hooks
