@@ -4,7 +4,8 @@ peak memory, against the baseline.
 Each configuration runs in a fresh process (the CLI's own ``main``), which reports its own peak resident memory
 (``mechscope.compute.peak_rss``: VmHWM, this process's high-water mark) and the time at which each stage line
 appeared on stderr. The baseline is the circuit command with CPU batches sized by free memory alone
-(``MECHSCOPE_CPU_BATCH_TOKENS=0``, the behaviour before the compute cap), measured in the same run; investigate
+(``MECHSCOPE_CPU_BATCH_TOKENS=0``, the behaviour before the compute cap), and the circuit command with one forward
+pass per ablation (``MECHSCOPE_STACK_TOKENS=0``, before ablations were stacked), measured in the same run; investigate
 runs with ``--fresh`` (no stored stage reused) into a temporary folder. The goals: `circuit` at most 60 s,
 `investigate` (no SAE, no graph) at most 120 s, both at most 4 GB. Run alone: other work changes every figure.
 
@@ -61,7 +62,8 @@ def main() -> None:
     base_env.pop("MECHSCOPE_CPU_BATCH_TOKENS", None)
     out = tempfile.mkdtemp(prefix="bench-investigate-")
     runs = [("circuit (default)", argv, {}), ("baseline: circuit, batches by free memory", argv,
-                                              {"MECHSCOPE_CPU_BATCH_TOKENS": "0"})]
+                                              {"MECHSCOPE_CPU_BATCH_TOKENS": "0"}),
+            ("baseline: circuit, one forward pass per ablation", argv, {"MECHSCOPE_STACK_TOKENS": "0"})]
     if not a.skip_investigate:
         runs.append(("investigate (no SAE, no graph)", ["investigate", "--task", "ioi", "--n", str(a.n), "--fresh",
                                                         "--out", out], {}))
@@ -76,6 +78,8 @@ def main() -> None:
     new, old = res["circuit (default)"], res["baseline: circuit, batches by free memory"]
     print(f"ratio circuit (default / baseline): time {new['seconds'] / old['seconds']:.2f}x, "
           f"peak memory {new['peak_rss'] / old['peak_rss']:.2f}x")
+    one = res["baseline: circuit, one forward pass per ablation"]
+    print(f"ratio circuit (stacked ablations / one pass per ablation): time {new['seconds'] / one['seconds']:.2f}x")
     goals = [("circuit", new, 60)]
     if not a.skip_investigate:
         inv = res["investigate (no SAE, no graph)"]

@@ -166,3 +166,25 @@ def test_find_circuit_keeps_opposing_components_out_and_states_its_ablation(setu
     heads_only = find_circuit(model, ds, target=0.8, n_random=0, ablate_mlps=False, ablation="mean")
     assert all(not n.endswith(".mlp") for n in heads_only.nodes)
     assert "EVERY MLP KEPT" in heads_only.summary() and "mean activation" in heads_only.summary()
+
+
+def test_patching_every_pair_once_then_restricting_equals_patching_the_split(setup):
+    """Per-prompt effects computed once on every pair, averaged over a split's pairs, are the split's own patching
+    (heads and MLPs, raw and normalised, clean and corrupted values) within 1e-5: other splits reuse them."""
+    from mechscope.circuits.discovery import circuit_hooks, patch_components
+    from mechscope.techniques.inputs import prepare_task
+
+    model, ds = setup
+    every = patch_components(model, prepare_task(model, ds, circuit_hooks(model)))
+    for seed in (0, 3):
+        pairs = ds.split_pairs(0.5, seed)[0]
+        search = ds.split(0.5, seed)[0]
+        assert torch.equal(search.clean, ds.clean[pairs])  # split and split_pairs agree
+        alone = patch_components(model, prepare_task(model, search, circuit_hooks(model)))
+        for a, b in zip(every, alone):
+            r = a.restrict(pairs)
+            assert torch.allclose(r.values, b.values, atol=1e-5) and torch.allclose(r.normalized(), b.normalized(),
+                                                                                    atol=1e-5)
+            assert r.clean_value == pytest.approx(b.clean_value, abs=1e-5)
+            assert r.corrupted_value == pytest.approx(b.corrupted_value, abs=1e-5)
+        assert not torch.allclose(every[0].values, alone[0].values, atol=1e-4)  # the split really differs

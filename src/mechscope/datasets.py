@@ -136,11 +136,18 @@ class TaskDataset(Result):
         """A random (train, held-out) split of the pairs; use the held-out part to confirm what the train part found."""
         if not 0 < held_out < 1:
             raise InputError(f"held_out must be a fraction in (0, 1), got {held_out}")
+        search, held = self.split_pairs(held_out, seed)
+        return self.subset(search), self.subset(held)
+
+    def split_pairs(self, held_out: float = 0.5, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair indices of :meth:`split`'s two parts, ``(search [n - k], held out [k])``."""
+        if not 0 < held_out < 1:
+            raise InputError(f"held_out must be a fraction in (0, 1), got {held_out}")
         n = self.n_pairs
         g = torch.Generator().manual_seed(self.seed if seed is None else seed)
         perm = torch.randperm(n, generator=g)
         k = max(1, min(n - 1, round(n * held_out)))
-        return self.subset(perm[k:]), self.subset(perm[:k])
+        return perm[k:], perm[:k]
 
     def summary(self) -> str:
         P = self.prompt_len or self.clean.shape[1]

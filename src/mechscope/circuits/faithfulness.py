@@ -20,6 +20,7 @@ the normalisation makes exact: the empty circuit scores 0 by definition).
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,9 @@ def normalised_ci(circuit: torch.Tensor, full: torch.Tensor, empty: torch.Tensor
                         seed=seed)
 
 
-#: tokens per forward pass when many ablations run as stacked copies of the prompts (:meth:`Ablator.kept_many`)
-STACK_TOKENS = 2048
+#: tokens per forward pass when many ablations run as stacked copies of the prompts (:meth:`Ablator.kept_many`);
+#: ``MECHSCOPE_STACK_TOKENS=0`` runs one pass per ablation (the path before stacking, for comparison)
+STACK_TOKENS = int(os.environ.get("MECHSCOPE_STACK_TOKENS", "2048"))
 
 
 class Ablator:

@@ -62,6 +62,8 @@ class PatchResult(Result):
     tokens: list[str] | None = None  # the first clean prompt's tokens, for position labels
     corrupted_tokens: list[str] | None = None
     metric: str = "metric (unnamed)"
+    clean_per_prompt: torch.Tensor | None = None  # [pair] the clean run's metric per prompt pair, where known
+    corrupted_per_prompt: torch.Tensor | None = None
 
     def axis_labels(self, axis: str) -> list[str]:
         """Display labels of one axis: positions with their tokens (``11: ' big'``, and ``→`` the corrupted token
@@ -76,6 +78,21 @@ class PatchResult(Result):
         if abs(gap) < 1e-8:
             raise InputError("clean and corrupted metrics are equal: the corruption does not change the metric")
         return (self.values - self.corrupted_value) / gap
+
+    def restrict(self, pairs: torch.Tensor) -> "PatchResult":
+        """The result on the prompt pairs ``pairs`` only: each patch's value is the mean of its per-prompt values over
+        them, as patching those pairs alone gives (to float rounding), and so are the clean and corrupted values.
+        Computing per-prompt effects once and restricting them is how other splits of the prompts reuse them."""
+        from dataclasses import replace
+
+        if self.per_prompt is None or self.clean_per_prompt is None or self.corrupted_per_prompt is None:
+            raise InputError("restrict needs per-prompt values (a metric with one value per prompt, more than one pair)")
+        pairs = torch.as_tensor(pairs, dtype=torch.long)
+        pp = self.per_prompt[..., pairs]
+        c, x = self.clean_per_prompt[pairs], self.corrupted_per_prompt[pairs]
+        return replace(self, values=pp.mean(-1), per_prompt=pp, clean_value=float(c.mean()),
+                       corrupted_value=float(x.mean()), clean_per_prompt=c, corrupted_per_prompt=x,
+                       stats={**self.stats, "restricted_to_pairs": len(pairs)})
 
     def ci(self, key: tuple, level: float = 0.95) -> "Estimate | None":
         """Bootstrap CI over prompts of the normalised value at ``key`` (needs a per-prompt metric)."""
@@ -212,10 +229,14 @@ def label_result(res: PatchResult, model: HookedModel, clean: torch.Tensor, corr
 
 
 
-def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: float, corrupted_value: float,
-             stats: dict | None = None) -> PatchResult:
-    """The result grid from per-job metric values (with a per-prompt axis when the metric gives one)."""
+def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: "float | torch.Tensor",
+             corrupted_value: "float | torch.Tensor", stats: dict | None = None) -> PatchResult:
+    """The result grid from per-job metric values (with a per-prompt axis when the metric gives one).
+    ``clean_value``/``corrupted_value``: the unpatched runs' metric, per prompt ``[N]`` or its mean."""
     N = plan.shape[0]
+    r = plan.pair.rows_per_pair if plan.pair is not None else 1
+    cv, xv = (torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for v in (clean_value, corrupted_value))
+    per_pair = (lambda v: v.reshape(-1, r).mean(-1) if r > 1 else v) if cv.numel() == N > 1 else None
     shape = tuple(len(plan.labels[a]) for a in plan.axes)
     first = next(iter(values.values()))
     per_prompt = None
@@ -224,7 +245,6 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: fl
         for k, v in values.items():
             per_prompt[k] = v
         grid = per_prompt.mean(-1)
-        r = plan.pair.rows_per_pair if plan.pair is not None else 1
         if r > 1:  # a prompt pair's rows (its answer's and its wrong answer's) give one value
             per_prompt = per_prompt.reshape(*shape, N // r, r).mean(-1)
     else:
@@ -232,8 +252,10 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: fl
         for k, v in values.items():
             grid[k] = v.mean()
     site = plan.site if isinstance(plan.site, str) else "hooks"
-    return PatchResult(site, plan.direction, grid, plan.axes, plan.labels, clean_value, corrupted_value, per_prompt,
-                       stats=stats or {})
+    return PatchResult(site, plan.direction, grid, plan.axes, plan.labels, float(cv.mean()), float(xv.mean()),
+                       per_prompt, stats=stats or {},
+                       clean_per_prompt=per_pair(cv) if per_pair and per_prompt is not None else None,
+                       corrupted_per_prompt=per_pair(xv) if per_pair and per_prompt is not None else None)
 
 
 @torch.no_grad()
@@ -277,7 +299,7 @@ def patch(
     plan = plan_patches(model, clean, corrupted, site, direction, layers, positions, heads, per_position)
     values, runs, stats = run_patches(model, plan, metric, fn, batch_size, reuse_prefix, last_position_only,
                                       overhead_tokens, skip_identical)
-    res = assemble(plan, values, float(runs.clean_value.mean()), float(runs.corr_value.mean()), stats)
+    res = assemble(plan, values, runs.clean_value, runs.corr_value, stats)
     clean_t, corr_t = (plan.source, plan.base) if direction == "denoise" else (plan.base, plan.source)
     return label_result(res, model, clean_t, corr_t, metric)
 
