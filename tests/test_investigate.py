@@ -56,14 +56,11 @@ def test_a_killed_run_resumes_and_a_new_target_reuses_the_patching(two_hop, tmp_
     assert not list((tmp_path / "stages").glob("*.tmp")) and not list((tmp_path / "stages").glob(".*tmp"))  # none half-written
     monkeypatch.undo()
     rep = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False)
-    assert {"check", "resid", "components-all", "choice", "eap", "validation", "curve"} <= set(
-        rep.metrics["stages_reused"])
-    # the other splits: their choice and validation only; their patching is the one run on every pair, restricted
-    assert set(rep.metrics["stages_computed"]) == {"choice", "split_faithfulness"}
+    assert {"check", "resid", "components", "choice", "eap", "validation", "curve"} <= set(rep.metrics["stages_reused"])
+    assert set(rep.metrics["stages_computed"]) == {"components", "choice", "split_faithfulness"}  # the other splits
     again = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False, target=0.95)
-    assert "choice" in again.metrics["stages_computed"] and not {"components", "components-all"} & set(
-        again.metrics["stages_computed"])
-    assert {"resid", "components-all", "eap", "check"} <= set(again.metrics["stages_reused"])
+    assert "choice" in again.metrics["stages_computed"] and "components" not in again.metrics["stages_computed"]
+    assert {"resid", "components", "eap", "check"} <= set(again.metrics["stages_reused"])
     fresh = investigate(two_hop.model, ds, tmp_path / "fresh", n_random=5, echo=False, resume=False)
     assert not fresh.metrics["stages_reused"] and fresh.metrics["circuit"] == rep.metrics["circuit"]
 

@@ -334,8 +334,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
                  seed: int = 0, max_nodes: int | None = None, screen_heads: int | None = None, curve: bool = False,
-                 curve_ig_steps: int = 5, memo: Callable = no_memo,
-                 components: tuple[PatchResult, PatchResult] | None = None) -> CircuitResult:
+                 curve_ig_steps: int = 5, memo: Callable = no_memo) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
     Components (every head and, with ``ablate_mlps``, every MLP) are ranked by their signed denoising patching
@@ -357,11 +356,6 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     ``memo(name, params, compute)`` stores the stages ("resid", "components", "choice", "eap", "validation",
     "curve"): :class:`mechscope.workflows.StageCache` keeps them on disk, so that a killed run resumes and a
     rerun with another ``target`` reuses the patching. It is only valid with the dataset's own metric.
-
-    ``components``: ``(heads, mlps)`` from :func:`patch_components` on every pair of ``dataset``, with per-prompt
-    values; the search split's are then their mean over its pairs (:meth:`PatchResult.restrict`) instead of a
-    patching run of their own. :func:`~mechscope.workflows.investigate` patches once and chooses the circuit on
-    several splits this way.
     """
     check_mode(ablation)
     if not 0 < target <= 1.5:
@@ -375,11 +369,9 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {search.n_pairs} prompts")
     pair = prepare_task(model, search, circuit_hooks(model), m_search)  # one clean, one corrupted run
     resid = memo("resid", key, lambda: patch(model, pair, site="resid_pre"))
-    how = {**key, "screen_heads": screen_heads, "ablation": ablation, "ablate_mlps": ablate_mlps,
-           **_from_all(components)}
+    how = {**key, "screen_heads": screen_heads, "ablation": ablation, "ablate_mlps": ablate_mlps}
     heads, mlps, scores, (pool, ranking, opposing), (nodes, rule, extra) = _search(
-        model, search, pair, how, target, node_threshold, max_nodes, memo,
-        _restricted(components, dataset, held_out, seed))
+        model, search, pair, how, target, node_threshold, max_nodes, memo)
     stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = memo("eap", {**key, "ig_steps": ig_steps},
                lambda: edge_attribution(model, pair, ig_steps=ig_steps))
@@ -401,26 +393,12 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
                          len(pool), mode=ablation, opposing=opposing, rule=rule, extra=extra)
 
 
-def _from_all(components) -> dict:
-    """What stage keys add when the components come from one patching run on every pair (their choice then
-    differs from one patched on the split alone, so the two are stored apart)."""
-    return {} if components is None else {"components": "patched on every pair, restricted to the split"}
-
-
-def _restricted(components, dataset: TaskDataset, held_out: float, seed: int):
-    """``components`` (heads, MLPs on every pair) restricted to the search pairs of the split ``seed``."""
-    if components is None:
-        return None
-    search = dataset.split_pairs(held_out, seed)[0]
-    return tuple(c.restrict(search) for c in components)
-
-
 def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: float, node_threshold, max_nodes,
-            memo, components=None):
-    """Steps 3 and 5 on the search prompts: patch the components (unless given), rank them, choose the circuit
-    (stages "components" and "choice" of ``memo``)."""
-    heads, mlps = components or memo("components", {k: how[k] for k in ("held_out", "seed", "screen_heads")},
-                                     lambda: patch_components(model, pair, how["screen_heads"]))
+            memo):
+    """Steps 3 and 5 on the search prompts: patch the components, rank them, choose the circuit (stages
+    "components" and "choice" of ``memo``)."""
+    heads, mlps = memo("components", {k: how[k] for k in ("held_out", "seed", "screen_heads")},
+                       lambda: patch_components(model, pair, how["screen_heads"]))
     scores = component_scores(model, heads, mlps)
     pool, ranking, opposing = ranked = _rank(model, scores, how["ablate_mlps"])
     chosen = memo("choice", {**how, "target": target, "node_threshold": node_threshold, "max_nodes": max_nodes},
@@ -432,19 +410,16 @@ def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: f
 @checked
 def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target: float = 0.8, ablation: str = "cf",
                     ablate_mlps: bool = True, held_out: float = 0.5, screen_heads: int | None = None,
-                    memo: Callable = no_memo, components: tuple[PatchResult, PatchResult] | None = None
-                    ) -> tuple[list[str], Estimate]:
+                    memo: Callable = no_memo) -> tuple[list[str], Estimate]:
     """The circuit :func:`find_circuit` would choose on the split ``seed``, and its faithfulness on that split's
     held-out prompts: whether the circuit depends on which prompts happened to be held out. Shares the
-    "components" and "choice" stages of ``memo`` with :func:`find_circuit`; ``components`` as there (patched once
-    on every pair: the split then costs only its choice and its validation)."""
+    "components" and "choice" stages of ``memo`` with :func:`find_circuit`."""
     check_mode(ablation)
     search, test = dataset.split(held_out, seed=seed)
     how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
-           "ablate_mlps": ablate_mlps, **_from_all(components)}
+           "ablate_mlps": ablate_mlps}
     pair = prepare_task(model, search, circuit_hooks(model))
-    *_, (pool, _, _), (nodes, _, _) = _search(model, search, pair, how, target, None, None, memo,
-                                              _restricted(components, dataset, held_out, seed))
+    *_, (pool, _, _), (nodes, _, _) = _search(model, search, pair, how, target, None, None, memo)
     faith = memo("split_faithfulness", {**how, "nodes": nodes},
                  lambda: Ablator(model, test, test.metric, pool, ablation, seed).faithfulness(nodes))
     return nodes, faith

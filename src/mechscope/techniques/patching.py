@@ -81,8 +81,10 @@ class PatchResult(Result):
 
     def restrict(self, pairs: torch.Tensor) -> "PatchResult":
         """The result on the prompt pairs ``pairs`` only: each patch's value is the mean of its per-prompt values over
-        them, as patching those pairs alone gives (to float rounding), and so are the clean and corrupted values.
-        Computing per-prompt effects once and restricting them is how other splits of the prompts reuse them."""
+        them, as patching those pairs alone gives (to float rounding), and so are the clean and corrupted values:
+        patch once, then read any subset of the prompts (a split, a template) without patching again. A screened
+        head patching (``find_circuit(screen_heads=K)``) is the exception: its candidates were chosen on all the
+        pairs, and a subset's own screening may choose others."""
         from dataclasses import replace
 
         if self.per_prompt is None or self.clean_per_prompt is None or self.corrupted_per_prompt is None:

@@ -102,13 +102,13 @@ def _check(rep: Report, model, data: TaskDataset, cache) -> bool:
 def _patching_only(rep: Report, model, data: TaskDataset, out: Path, cache) -> None:
     """What a handful of pairs supports: residual patching and every head and MLP patched, on all of them (no split,
     no circuit, no held-out validation), each finding marked as resting on too little data."""
-    from ..circuits.discovery import circuit_hooks
+    from ..circuits.discovery import circuit_hooks, patch_components
     from ..techniques.inputs import prepare_task
     from ..techniques.patching import patch
 
     pair = prepare_task(model, data, circuit_hooks(model))
     resid = cache("resid-all", {}, lambda: patch(model, pair, site="resid_pre"))
-    heads, mlps = _all_components(model, data, cache, 64, pair)
+    heads, mlps = cache("components-all", {}, lambda: patch_components(model, pair, 64))
     figs = Figures()
     resid.plot(out / "resid_patching.png")
     sec = Section(f"residual stream patching on all {data.n_pairs} pair(s) (no split)", resid.summary(8),
@@ -126,16 +126,6 @@ def _patching_only(rep: Report, model, data: TaskDataset, out: Path, cache) -> N
              f"{NOT_ENOUGH}", float(hv[layer, head]), "the other heads, on the same pairs", sec, holds=False)
     rep.checklist.add("technique", f"activation patching of the residual stream, heads and MLPs on {data.n_pairs} "
                                    "pair(s); no circuit chosen (too few pairs to hold any out)", "#components")
-
-
-def _all_components(model, data: TaskDataset, cache, screen_heads: int | None, pair=None):
-    """Every head and MLP patched once on all the pairs, with per-prompt values (stage "components-all"): the
-    circuit's search split and every other split take their means over their own pairs from it."""
-    from ..circuits.discovery import circuit_hooks, patch_components
-    from ..techniques.inputs import prepare_task
-
-    return cache("components-all", {"screen_heads": screen_heads}, lambda: patch_components(
-        model, pair or prepare_task(model, data, circuit_hooks(model)), screen_heads))
 
 
 def _patching_sections(rep: Report, res: CircuitResult, out: Path, figs: Figures) -> None:
@@ -214,15 +204,13 @@ def _circuit_section(rep: Report, res: CircuitResult, out: Path) -> None:
         rep.metrics["cpr_cmd"] = res.extra["curve"].scores
 
 
-def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache, components=None
-            ) -> list[tuple[int, list[str], Estimate]]:
-    """Step 5, again: the circuit chosen on other random splits, with its held-out faithfulness (each split's
-    ranking from ``components``, patched once on every pair, when given)."""
+def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> list[tuple[int, list[str], Estimate]]:
+    """Step 5, again: the circuit chosen on other random splits, with its held-out faithfulness."""
     rows = [(0, res.nodes, res.faithfulness)]
     for s in range(1, opts["split_seeds"]):
         stage(f"investigate: choosing the circuit again on split seed {s}")
         rows.append((s, *replicate_split(model, data, s, opts["target"], opts["ablation"], held_out=opts["held_out"],
-                                         screen_heads=opts["screen_heads"], memo=cache, components=components)))
+                                         screen_heads=opts["screen_heads"], memo=cache)))
     if len(rows) == 1:
         return rows
     jac = [_overlap(res.nodes, n) for _, n, _ in rows]
@@ -421,15 +409,13 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
         stage(f"investigate 2/5: {data.n_pairs} pair(s): patching only (no circuit is chosen from so few)")
         _patching_only(rep, model, data, out, cache)
     elif does:
-        stage(f"investigate 2/5: every head and MLP patched once on the {data.n_pairs} pairs; the circuit from the "
-              "curve, its validation")
-        comps = _all_components(model, data, cache, screen_heads)
+        stage("investigate 2/5: patching, the circuit from the curve, its validation")
         res = find_circuit(model, data, target=target, ablation=ablation, held_out=held_out, n_random=n_random,
-                           screen_heads=screen_heads, curve=curve, memo=cache, components=comps)
+                           screen_heads=screen_heads, curve=curve, memo=cache)
         _patching_sections(rep, res, out, Figures())
         _circuit_section(rep, res, out)
         stage(f"investigate 3/5: the circuit on {opts['split_seeds'] - 1} more splits")
-        splits = _splits(rep, model, data, res, opts, cache, comps)
+        splits = _splits(rep, model, data, res, opts, cache)
         stage("investigate 4/5: the winning components")
         _heads_section(rep, model, data, res, out, n_heads)
         _dla_section(rep, model, data, res, out)
