@@ -284,11 +284,11 @@ def test_train_clt_on_a_model_harvests_every_layer_in_one_pass_and_evaluates(mon
     model = ms.HookedModel(tiny_hf("llama"))
     toks = torch.randint(3, 90, (12, 10), generator=torch.Generator().manual_seed(1))
     passes = []
-    real = data.harvest_many
-    monkeypatch.setattr(data, "harvest_many", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = data._harvest
+    monkeypatch.setattr(data, "_harvest", lambda *a, **k: passes.append(a[2].shape[0]) or real(*a, **k))
     cfg = clt_config(model, 64, architecture="batchtopk", k=4)
     res = train_clt(model, toks, cfg, TrainConfig(steps=60, batch_size=32, lr=3e-3, partitions=3), progress=False)
-    assert len(passes) == 3  # one forward pass per partition, every layer at once
+    assert passes == [12]  # one harvest of all 12 sequences for the 3 partitions, every layer at once
     ev = evaluate_clt(model, res.sae, toks[:4])
     assert len(ev.nmse) == 3 and all(0 <= n < 1.5 for n in ev.nmse) and sum(ev.l0) > 3
     assert ev.ce_zero != ev.ce_clean and "NMSE" in ev.summary() and ev.to_dict()["mean_nmse"] == ev.mean_nmse

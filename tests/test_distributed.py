@@ -47,6 +47,31 @@ def test_split_is_deterministic_and_uneven():
         split(3, 0)
 
 
+def test_one_harvest_over_a_ranks_partitions_equals_one_harvest_each():
+    """`sae train` and `transcoders train --kind clt` harvest all of a rank's partitions in one pass: each partition's
+    rows (a hook's, and a bundle's of inputs and outputs) equal harvesting that partition alone, with a norm rule that
+    drops different numbers of rows in different sequences."""
+    from mechscope import HookedModel
+    from mechscope.sae.data import harvest, harvest_bundle, harvest_partitions
+
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, 64, (11, 9), generator=torch.Generator().manual_seed(0))
+    hook, ins, outs = "blocks.1.hook_resid_post", ["blocks.0.ln2.hook_normalized"], ["blocks.0.hook_mlp_out"]
+    seqs = split(11, 5)
+    for mine in ([0, 1, 2, 3, 4], [3, 4]):
+        for ratio in (10.0, 1.2):  # 1.2 x the median norm: some rows dropped, unevenly over sequences
+            got = harvest_partitions(model, toks, 5, mine, hook=hook, max_norm_ratio=ratio)
+            each = {p: harvest(model, hook, toks[seqs[p]], max_norm_ratio=ratio) for p in mine}
+            assert list(got) == mine and all(torch.allclose(got[p], each[p], atol=1e-5) for p in mine)
+            dropped = sum((seqs[p].stop - seqs[p].start) * 8 - len(each[p]) for p in mine)
+            got = harvest_partitions(model, toks, 5, mine, bundle=(ins, outs), max_norm_ratio=ratio)
+            assert all(torch.allclose(got[p], harvest_bundle(model, ins, outs, toks[seqs[p]], max_norm_ratio=ratio),
+                                      atol=1e-5) for p in mine)
+        assert dropped > 0  # at 1.2 x the median norm the rule drops rows, so partitions are not a fixed size
+    with pytest.raises(Exception, match="a hook or a bundle"):
+        harvest_partitions(model, toks, 5, [0])
+
+
 def test_partitioned_source_is_the_union_of_its_ranks():
     acts = planted(n=300)
     whole = PartitionedSource.from_tensor(acts, 3, 30, seed=1)

@@ -21,7 +21,7 @@ from ..core.model import HookedModel
 from ..core.progress import stage
 from ..distributed import Dist, split
 from .clt import CLTConfig
-from .data import PartitionedSource, default_partitions, harvest_bundle
+from .data import PartitionedSource, default_partitions, harvest_partitions
 from .train import TrainConfig, TrainResult, fit_sae
 
 #: what a CLT's encoders read: the residual stream between attention and the MLP (circuit-tracer's and Anthropic's
@@ -63,11 +63,10 @@ def clt_activations(model: HookedModel, cfg: CLTConfig, tokens: torch.Tensor, pa
                          f"GiB ({cfg.row_width} floats a token: every covered layer's input and output), more than the "
                          f"{free / 2**30:.1f} GiB free; give fewer --seqs or layers")
     mine = split(partitions, dist.world)[dist.rank]
-    seqs = split(tokens.shape[0], partitions)
     stage(f"harvesting {cfg.n_layers} layers' inputs and outputs on {tokens.numel()} tokens "
           f"({cost['activations_bytes'] / 2**30:.2f} GiB of rows)" + (
               f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {partitions})" if dist.active else ""))
-    return {p: harvest_bundle(model, cfg.input_hooks, cfg.output_hooks, tokens[seqs[p].start:seqs[p].stop]) for p in mine}
+    return harvest_partitions(model, tokens, partitions, mine, bundle=(cfg.input_hooks, cfg.output_hooks))
 
 
 def train_clt(model: HookedModel, tokens: torch.Tensor, cfg: CLTConfig, train: TrainConfig | None = None,

@@ -73,6 +73,12 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
     rows ``[inputs... | outputs...]`` of the same tokens, kept where every input passes its norm rule
     (a cross-layer transcoder's training rows: :func:`harvest_bundle`). A pair is the bundle ``((a,), (b,))``.
     """
+    return _harvest(model, hooks, tokens, batch_size, skip_first, max_norm_ratio, state, pairs, bundles)[0]
+
+
+def _harvest(model: HookedModel, hooks, tokens: torch.Tensor, batch_size, skip_first, max_norm_ratio, state, pairs,
+             bundles) -> tuple[dict, dict]:
+    """:func:`harvest_many`'s rows, and for each of its keys how many rows each sequence gave ``[n]``."""
     bundles = [(tuple(p[:1]), tuple(p[1:])) for p in pairs] + [(tuple(i), tuple(o)) for i, o in bundles]
     keys = [tuple(p) for p in pairs] + [(tuple(i), tuple(o)) for i, o in bundles[len(pairs):]]
     wanted = list(dict.fromkeys(list(hooks) + [h for i, o in bundles for h in i + o]))
@@ -97,16 +103,40 @@ def harvest_many(model: HookedModel, hooks: list[str], tokens: torch.Tensor, bat
         keep = {h: token_keep_mask(acts[h], 0, max_norm_ratio)
                 for h in dict.fromkeys(list(hooks) + [a for i, _ in bundles for a in i])}
         out = {h: acts[h][keep[h]].float().cpu() for h in hooks}
+        counts = {h: keep[h].sum(1).cpu() for h in hooks}
         for key, (ins, outs) in zip(keys, bundles):
             mask = torch.stack([keep[a] for a in ins]).all(0)
             out[key] = torch.cat([acts[h] for h in ins + outs], dim=-1)[mask].float().cpu()
-        return out
+            counts[key] = mask.sum(1).cpu()
+        return out, counts
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt, 0)
     parts = map_batches(run, tokens.shape[0], batch_size, per, model.device, "harvest", state,
                         tokens_per_item=tokens.shape[1])
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return ({k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]},
+            {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]})
+
+
+def harvest_partitions(model: HookedModel, tokens: torch.Tensor, partitions: int, mine: Sequence[int],
+                       hook: str | None = None, bundle: tuple[Sequence[str], Sequence[str]] | None = None,
+                       **kwargs) -> dict[int, torch.Tensor]:
+    """The rows of the partitions ``mine`` (contiguous; partition ``p`` holds the sequences
+    ``split(n, partitions)[p]`` of ``tokens [n, pos]``) from one harvest over all their sequences: ``hook``'s
+    rows (:func:`harvest`) or a ``bundle`` ``(inputs, outputs)``'s (:func:`harvest_bundle`). Equal, partition by
+    partition, to harvesting each partition on its own, without one call (and its small batches) per partition.
+    ``kwargs``: :func:`harvest_many`'s ``batch_size``, ``skip_first``, ``max_norm_ratio``."""
+    if (hook is None) == (bundle is None):
+        raise InputError("harvest_partitions takes a hook or a bundle (inputs, outputs), one of them")
+    seqs = split(tokens.shape[0], partitions)
+    mine = list(mine)
+    lo, hi = seqs[mine[0]].start, seqs[mine[-1]].stop
+    key = hook if bundle is None else (tuple(bundle[0]), tuple(bundle[1]))
+    opts = {"batch_size": None, "skip_first": 1, "max_norm_ratio": 10.0, **kwargs}
+    rows, counts = _harvest(model, [hook] if bundle is None else [], tokens[lo:hi], opts["batch_size"],
+                            opts["skip_first"], opts["max_norm_ratio"], None, (), [] if bundle is None else [key])
+    sizes = [int(counts[key][seqs[p].start - lo:seqs[p].stop - lo].sum()) for p in mine]
+    return dict(zip(mine, rows[key].split(sizes)))
 
 
 def token_keep_mask(acts: torch.Tensor, skip_first: int = 1, max_norm_ratio: float | None = 10.0) -> torch.Tensor:

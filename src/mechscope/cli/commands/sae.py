@@ -48,8 +48,8 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
     from ... import distributed
     from ...core.progress import is_quiet, quiet, stage
     from ...distributed import split
-    from ...sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, harvest, save_sae
-    from ...sae.data import PartitionedSource, default_partitions
+    from ...sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, save_sae
+    from ...sae.data import PartitionedSource, default_partitions, harvest_partitions
 
     with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
         model = _load(args)
@@ -68,9 +68,9 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
             mine = split(parts, dist.world)[dist.rank]
             stage(f"harvesting {args.hook} on {toks.numel()} tokens" + (
                 f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {parts})" if dist.active else ""))
-            seqs = split(toks.shape[0], parts)  # partition p = the activations of sequences seqs[p]
-            source = PartitionedSource({p: harvest(model, args.hook, toks[seqs[p].start:seqs[p].stop]) for p in mine},
-                                       parts, args.batch, tc.seed, dist)
+            # partition p = the activations of sequences split(n, parts)[p]: one harvest over all of this rank's
+            source = PartitionedSource(harvest_partitions(model, toks, parts, mine, hook=args.hook), parts, args.batch,
+                                       tc.seed, dist)
         cfg = SAEConfig(d_in=source.d_in, d_sae=args.width or 8 * source.d_in, architecture=args.arch, k=args.k,
                         hook_name=args.hook, model_name=model.cfg.model_name, matryoshka_widths=tuple(args.prefixes or ()),
                         normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
