@@ -130,7 +130,7 @@ def test_calibration_cancels_a_scorer_that_reads_only_the_text(monkeypatch):
     raw = [*res.detection.values(), *res.shuffled_detection.values(), *res.random_detection.values()]
     assert min(raw) > 0.7 and res.detection == res.shuffled_detection  # the text alone separates them
     assert res.calibrated_detection == {"a": 0.5, "b": 0.5} and set(res.random_calibrated_detection.values()) == {0.5}
-    assert "calibrated" in res.summary()
+    assert "calibrated" in res.summary() and "s a feature, its controls included" in res.summary()
     monkeypatch.setattr(ai, "yes_no_logodds", _text_scorer(lambda text, e: _has(text, e)))  # reads the explanation
     res = explain_and_score(scorer, explainer, ctx, rand, explanations=given)
     assert min(res.calibrated_detection.values()) > 0.8 and min(res.random_calibrated_detection.values()) > 0.8

@@ -330,7 +330,8 @@ class ExplainResult(Result):
 
         n = len(self.explanations)
         lines = [f"autointerp: {n} features explained by {self.explainer}, scored by {self.scorer}'s log-odds of "
-                 f"Yes/No (no sampling) on {self.n_tokens} tokens in {self.seconds:.0f} s",
+                 f"Yes/No (no sampling) on {self.n_tokens} tokens in {self.seconds:.0f} s "
+                 f"({self.seconds / max(1, n):.1f} s a feature, its controls included)",
                  f"  detection AUROC (held-out firing vs never-firing contexts; 0.5 = chance) mean "
                  f"{mean(self.detection):.3f}; with a shuffled explanation {mean(self.shuffled_detection):.3f}; "
                  f"random directions {mean(self.random_detection):.3f}",
