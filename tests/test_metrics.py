@@ -47,3 +47,18 @@ def test_induction_loss_drops_on_real_model(smollm):
     logp = torch.log_softmax(logits[:, :29].float(), -1)
     first = -logp.gather(-1, toks[:, 1:30, None])[..., 0].mean(-1)
     assert (first > 8).all() and (second < 4).all(), (first, second)
+
+
+def test_streamed_explained_variance_equals_the_held_one():
+    """evaluate_on_world no longer holds its samples: explained variance summed over batches equals the formula on
+    all of them at once, within 1e-9."""
+    from mechscope.analysis.metrics import StreamedExplainedVariance, explained_variance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 16, generator=g) * 3 + 5  # a mean far from 0: the centring matters
+    x_hat = x + 0.5 * torch.randn(1000, 16, generator=g)
+    acc = StreamedExplainedVariance()
+    for s in range(0, 1000, 77):
+        acc.add(x[s:s + 77], x_hat[s:s + 77])
+    assert acc.n == 1000 and abs(acc.value - float(explained_variance(x.double(), x_hat.double()))) < 1e-9
+    assert 0.9 < acc.value < 1.0

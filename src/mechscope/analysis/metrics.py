@@ -162,6 +162,29 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
+class StreamedExplainedVariance:
+    """:func:`explained_variance` over batches ``x``, ``x_hat`` ``[n, d]`` without holding them: float64 sums of
+    ``||x - x_hat||^2``, ``||x||^2`` and ``x``, then ``1 - sse / (sum ||x||^2 - n ||mean x||^2)``."""
+
+    def __init__(self):
+        self.sse = self.sxx = 0.0
+        self.sx: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x64 = x.double()
+        self.sse += float((x64 - x_hat.double()).pow(2).sum())
+        self.sxx += float(x64.pow(2).sum())
+        self.sx = x64.sum(0) if self.sx is None else self.sx + x64.sum(0)
+        self.n += x.shape[0]
+
+    @property
+    def value(self) -> float:
+        if self.sx is None:
+            raise InputError("no batches were added")
+        return 1.0 - self.sse / (self.sxx - float(self.sx @ self.sx) / self.n)
+
+
 def repeated_tokens(n_tokens: int, batch: int = 1, vocab_low: int = 100, vocab_high: int = 20000,
                     seed: int = 0, bos: int | None = None) -> torch.Tensor:
     """Random tokens repeated twice, ``[batch, (1 +) 2 * n_tokens]``: the induction test input.
