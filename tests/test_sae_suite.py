@@ -39,6 +39,7 @@ def test_absorption_scores_match_saebench_formulas_word_by_word():
     W_dec = torch.randn(L, d, generator=g)
     probe = torch.randn(d, generator=g)
     W_dec[:4] += 2 * probe  # latents aligned with the probe: candidate main and absorbing latents
+    W_dec = torch.nn.functional.normalize(W_dec, dim=1)  # unit rows, as SAEBench's formulas assume
     acts = torch.randn(n, d, generator=g) + probe * torch.rand(n, 1, generator=g) * 3
     f = torch.relu(torch.randn(n, L, generator=g)) * (torch.rand(n, L, generator=g) < 0.3)
     f[:50, :2] = 0  # main latents silent on some words
@@ -48,6 +49,23 @@ def test_absorption_scores_match_saebench_formulas_word_by_word():
         assert torch.allclose(frac.double(), torch.tensor([r[0] for r in ref], dtype=torch.float64), atol=1e-5)
         assert full.tolist() == [r[1] for r in ref]
         assert 0 < float(frac.mean()) < 1 and full.any()  # the fixture exercises both branches
+
+
+def test_absorption_is_in_the_activations_units_whatever_the_sae_scale():
+    """An SAE that normalises its input writes ``f`` in scaled units; its latents' projections must be compared with
+    the activation's in the activation's units. Moving a factor between the latents and the decoder rows
+    (f x 8, W / 8: the same reconstruction) leaves every score unchanged; ``f · cos`` alone would not."""
+    g = torch.Generator().manual_seed(1)
+    d, L, n = 12, 30, 200
+    probe = torch.randn(d, generator=g)
+    W_dec = torch.nn.functional.normalize(torch.randn(L, d, generator=g) + 3 * probe * (torch.arange(L) < 4)[:, None],
+                                          dim=1)
+    acts = torch.randn(n, d, generator=g) + probe * 3
+    f = torch.relu(torch.randn(n, L, generator=g)) * 4 * (torch.rand(n, L, generator=g) < 0.3)
+    f[:80, 0] = 0
+    frac, full = absorption_scores(acts, f, W_dec, probe, [0])
+    frac8, full8 = absorption_scores(acts, f * 8, W_dec / 8, probe, [0])
+    assert torch.allclose(frac, frac8, atol=1e-6) and torch.equal(full, full8) and 0 < float(frac.mean()) < 1
 
 
 def test_planted_absorption_is_measured_as_planted():

@@ -137,10 +137,16 @@ def first_letter_words(tokenizer: "PreTrainedTokenizerBase", n_words: int, seed:
 def absorption_scores(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, probe_dir: torch.Tensor,
                       main: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """SAEBench's per-word absorption fraction ``[n]`` and full-absorption flag ``[n]`` for activations ``acts``
-    ``[n, d]`` with latents ``f`` ``[n, d_sae]``, a probe direction ``[d]`` and the letter's main latents."""
+    ``[n, d]`` with latents ``f`` ``[n, d_sae]``, a probe direction ``[d]`` and the letter's main latents.
+
+    ``W_dec`` ``[d_sae, d]``: what one unit of each latent adds to the activation, in the activation's own units
+    (:meth:`SAE.write_directions`). A latent's projection on the probe is ``f · (W_dec · p)``: SAEBench's
+    ``f · cos`` when the rows are unit vectors, as in its SAEs, and in the same units as ``acts · p`` when an SAE
+    normalises its input (otherwise the two sides of every ratio would be in different units)."""
     p = probe_dir / probe_dir.norm()
-    cos = torch.nn.functional.cosine_similarity(p[None], W_dec.float(), dim=-1)  # [d_sae]
-    proj = f * cos  # [n, d_sae] each latent's projection on the probe
+    W = W_dec.float()
+    cos = torch.nn.functional.cosine_similarity(p[None], W, dim=-1)  # [d_sae]
+    proj = f * (W @ p)  # [n, d_sae] each latent's projection on the probe, in the activation's units
     act_proj = acts.float() @ p  # [n]
     main_t = torch.tensor(main, dtype=torch.long)
     main_proj = proj[:, main_t].sum(1)
@@ -164,8 +170,9 @@ def main_alignment(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, pro
     """Whether the main latents represent the letter at all: their largest decoder cosine with the probe, and the
     median over words of their projection's share of the activation's (``acts`` ``[n, d]``, ``f`` ``[n, d_sae]``)."""
     p = probe_dir / probe_dir.norm()
-    cos = torch.nn.functional.cosine_similarity(p[None], W_dec[main].float(), dim=-1)  # [k]
-    share = (f[:, main] * cos).sum(1) / (acts.float() @ p)
+    W = W_dec[main].float()
+    cos = torch.nn.functional.cosine_similarity(p[None], W, dim=-1)  # [k]
+    share = (f[:, main] * (W @ p)).sum(1) / (acts.float() @ p)
     return float(cos.max()), float(share.median())
 
 
@@ -279,7 +286,8 @@ def absorption(model: HookedModel, sae: SAE, n_words: int = 12000, reseeds: int 
     acts = acts_after_prefix(model, sae.cfg.hook_name, prefix, torch.tensor([t for t, _ in words]))
     f = sae.encode(acts)
     letter = torch.tensor([LETTERS.index(w.strip()[0].lower()) for _, w in words])
-    runs = [_absorption_run(acts, f, sae.W_dec.detach(), letter, s) for s in range(seed, seed + reseeds)]
+    W = sae.write_directions(torch.arange(sae.cfg.d_sae)).detach()  # the activation's units, as ``acts``
+    runs = [_absorption_run(acts, f, W, letter, s) for s in range(seed, seed + reseeds)]
     first = runs[0]
     return AbsorptionResult(seed_interval([r["fraction"] for r in runs]), seed_interval([r["full"] for r in runs]),
                             seed_interval([r["splits"] for r in runs]), first["per_letter"], first["letters_used"],
