@@ -134,8 +134,6 @@ class TaskDataset(Result):
 
     def split(self, held_out: float = 0.5, seed: int | None = None) -> tuple[TaskDataset, TaskDataset]:
         """A random (train, held-out) split of the pairs; use the held-out part to confirm what the train part found."""
-        if not 0 < held_out < 1:
-            raise InputError(f"held_out must be a fraction in (0, 1), got {held_out}")
         search, held = self.split_pairs(held_out, seed)
         return self.subset(search), self.subset(held)
 

@@ -24,7 +24,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Collection, Protocol, Sequence
 
 import torch
 
@@ -101,19 +101,12 @@ class Ablator:
         self.full = self._run([])
         self.empty = self._run(self.pool)
 
-    @torch.no_grad()
     def _run(self, names: list[str]) -> torch.Tensor:
         key = frozenset(names)
         if key not in self.memo:
-            self.memo[key] = self._forward(names)
+            self.memo[key] = self._forward([names])[0]
             self.passes += 1
         return self.memo[key]
-
-    def _forward(self, names: list[str]) -> torch.Tensor:
-        cs = [self.by_name[n] for n in names]
-        with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs})):
-            out = torch.as_tensor(self.metric(self.model(self.data.clean, logits_to_keep=self.keep))).float().cpu()
-        return self.data.per_pair(out) if out.dim() else out  # a prompt pair's rows give one value
 
     def ablated(self, names: list[str]) -> torch.Tensor:
         """The metric ``[prompt]`` with the components ``names`` ablated (and nothing else)."""
@@ -124,8 +117,12 @@ class Ablator:
 
     def kept(self, circuit: Sequence[str]) -> torch.Tensor:
         """The metric ``[prompt]`` with every component of the pool outside ``circuit`` ablated."""
+        return self._run(self._outside(circuit))
+
+    def _outside(self, circuit: Sequence[str]) -> list[str]:
+        """The pool's components outside ``circuit``: what keeping ``circuit`` ablates."""
         keep = set(circuit)
-        return self._run([x for x in self.pool if x not in keep])
+        return [x for x in self.pool if x not in keep]
 
     def faithfulness(self, circuit: Sequence[str]) -> Estimate:
         """MIB's normalised faithfulness of ``circuit`` with a bootstrap CI over prompts."""
@@ -134,35 +131,34 @@ class Ablator:
     def kept_many(self, circuits: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         """:meth:`kept` for each circuit ``[prompt]``, the circuits not yet run going as stacked copies of the
         prompts (a set asked for twice runs once)."""
-        sets = [[x for x in self.pool if x not in set(c)] for c in circuits]
-        todo = list({frozenset(s): s for s in sets if frozenset(s) not in self.memo}.values())
+        keys = [frozenset(self._outside(c)) for c in circuits]
+        todo = [k for k in dict.fromkeys(keys) if k not in self.memo]
         N, P = self.data.clean.shape
         per = max(1, STACK_TOKENS // (N * P))  # copies a forward pass
         for s in range(0, len(todo), per):
             chunk = todo[s:s + per]
-            self.memo.update(zip(map(frozenset, chunk), self._run_stacked(chunk)))
+            self.memo.update(zip(chunk, self._forward(chunk)))
             self.passes += 1
-        return [self.memo[frozenset(s)] for s in sets]
+        return [self.memo[k] for k in keys]
 
     def faithfulness_many(self, circuits: Sequence[Sequence[str]]) -> list[Estimate]:
         """:meth:`faithfulness` of each circuit, the circuits run as stacked copies of the prompts."""
         return [normalised_ci(k, self.full, self.empty, self.seed) for k in self.kept_many(circuits)]
 
     @torch.no_grad()
-    def _run_stacked(self, sets: list[list[str]]) -> list[torch.Tensor]:
-        """The metric ``[prompt]`` for each set of ablated components, one forward pass over ``len(sets)`` copies."""
-        if len(sets) == 1:
-            return [self._forward(sets[0])]
+    def _forward(self, sets: Sequence[Collection[str]]) -> list[torch.Tensor]:
+        """The metric ``[prompt]`` for each set of ablated components: one forward pass over ``len(sets)`` stacked
+        copies of the prompts (a single set: the prompts themselves)."""
         N = self.data.clean.shape[0]
         names = list(dict.fromkeys(n for s in sets for n in s))
         cs = [self.by_name[n] for n in names]
-        which = {c: torch.tensor([n in set(s) for s in sets]) for n, c in zip(names, cs)}
+        which = None if len(sets) == 1 else {c: torch.tensor([n in s for s in sets]) for n, c in zip(names, cs)}
         with self.model.hooks(ablation_hooks(self.model, cs, {c: self.values[c] for c in cs}, which)):
             logits = self.model(self.data.clean.repeat(len(sets), 1), logits_to_keep=self.keep)
         out = []
         for b in range(len(sets)):
             v = torch.as_tensor(self.metric(logits[b * N:(b + 1) * N])).float().cpu()
-            out.append(self.data.per_pair(v) if v.dim() else v)
+            out.append(self.data.per_pair(v) if v.dim() else v)  # a prompt pair's rows give one value
         return out
 
 

@@ -120,21 +120,21 @@ def _harvest(model: HookedModel, hooks, tokens: torch.Tensor, batch_size, skip_f
 
 def harvest_partitions(model: HookedModel, tokens: torch.Tensor, partitions: int, mine: Sequence[int],
                        hook: str | None = None, bundle: tuple[Sequence[str], Sequence[str]] | None = None,
-                       **kwargs) -> dict[int, torch.Tensor]:
+                       batch_size: int | None = None, skip_first: int = 1,
+                       max_norm_ratio: float | None = 10.0) -> dict[int, torch.Tensor]:
     """The rows of the partitions ``mine`` (contiguous; partition ``p`` holds the sequences
     ``split(n, partitions)[p]`` of ``tokens [n, pos]``) from one harvest over all their sequences: ``hook``'s
     rows (:func:`harvest`) or a ``bundle`` ``(inputs, outputs)``'s (:func:`harvest_bundle`). Equal, partition by
     partition, to harvesting each partition on its own, without one call (and its small batches) per partition.
-    ``kwargs``: :func:`harvest_many`'s ``batch_size``, ``skip_first``, ``max_norm_ratio``."""
+    ``batch_size``, ``skip_first``, ``max_norm_ratio``: :func:`harvest_many`'s."""
     if (hook is None) == (bundle is None):
         raise InputError("harvest_partitions takes a hook or a bundle (inputs, outputs), one of them")
     seqs = split(tokens.shape[0], partitions)
     mine = list(mine)
     lo, hi = seqs[mine[0]].start, seqs[mine[-1]].stop
     key = hook if bundle is None else (tuple(bundle[0]), tuple(bundle[1]))
-    opts = {"batch_size": None, "skip_first": 1, "max_norm_ratio": 10.0, **kwargs}
-    rows, counts = _harvest(model, [hook] if bundle is None else [], tokens[lo:hi], opts["batch_size"],
-                            opts["skip_first"], opts["max_norm_ratio"], None, (), [] if bundle is None else [key])
+    rows, counts = _harvest(model, [hook] if bundle is None else [], tokens[lo:hi], batch_size, skip_first,
+                            max_norm_ratio, None, (), [] if bundle is None else [key])
     sizes = [int(counts[key][seqs[p].start - lo:seqs[p].stop - lo].sum()) for p in mine]
     return dict(zip(mine, rows[key].split(sizes)))
 

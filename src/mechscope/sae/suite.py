@@ -143,11 +143,8 @@ def absorption_scores(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, 
     (:meth:`SAE.write_directions`). A latent's projection on the probe is ``f · (W_dec · p)``: SAEBench's
     ``f · cos`` when the rows are unit vectors, as in its SAEs, and in the same units as ``acts · p`` when an SAE
     normalises its input (otherwise the two sides of every ratio would be in different units)."""
-    p = probe_dir / probe_dir.norm()
-    W = W_dec.float()
-    cos = torch.nn.functional.cosine_similarity(p[None], W, dim=-1)  # [d_sae]
-    proj = f * (W @ p)  # [n, d_sae] each latent's projection on the probe, in the activation's units
-    act_proj = acts.float() @ p  # [n]
+    cos, along, act_proj = _probe_terms(acts, W_dec, probe_dir)
+    proj = f * along  # [n, d_sae] each latent's projection on the probe, in the activation's units
     main_t = torch.tensor(main, dtype=torch.long)
     main_proj = proj[:, main_t].sum(1)
     others = torch.ones(f.shape[1], dtype=torch.bool)
@@ -169,11 +166,18 @@ def main_alignment(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, pro
                    main: list[int]) -> tuple[float, float]:
     """Whether the main latents represent the letter at all: their largest decoder cosine with the probe, and the
     median over words of their projection's share of the activation's (``acts`` ``[n, d]``, ``f`` ``[n, d_sae]``)."""
-    p = probe_dir / probe_dir.norm()
-    W = W_dec[main].float()
-    cos = torch.nn.functional.cosine_similarity(p[None], W, dim=-1)  # [k]
-    share = (f[:, main] * (W @ p)).sum(1) / (acts.float() @ p)
+    cos, along, act_proj = _probe_terms(acts, W_dec[main], probe_dir)
+    share = (f[:, main] * along).sum(1) / act_proj
     return float(cos.max()), float(share.median())
+
+
+def _probe_terms(acts: torch.Tensor, W_dec: torch.Tensor, probe_dir: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each decoder row's cosine with the probe ``[k]``, its projection on the unit probe ``[k]`` (activation units),
+    and each activation's projection ``[n]``: what both absorption readings compare."""
+    p = probe_dir / probe_dir.norm()
+    W = W_dec.float()
+    return torch.nn.functional.cosine_similarity(p[None], W, dim=-1), W @ p, acts.float() @ p
 
 
 @dataclass(repr=False)

@@ -237,8 +237,11 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: "f
     ``clean_value``/``corrupted_value``: the unpatched runs' metric, per prompt ``[N]`` or its mean."""
     N = plan.shape[0]
     r = plan.pair.rows_per_pair if plan.pair is not None else 1
+
+    def by_pair(v: torch.Tensor) -> torch.Tensor:  # [..., N] -> [..., N // r]: a prompt pair's rows give one value
+        return v.reshape(*v.shape[:-1], N // r, r).mean(-1) if r > 1 else v
+
     cv, xv = (torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for v in (clean_value, corrupted_value))
-    per_pair = (lambda v: v.reshape(-1, r).mean(-1) if r > 1 else v) if cv.numel() == N > 1 else None
     shape = tuple(len(plan.labels[a]) for a in plan.axes)
     first = next(iter(values.values()))
     per_prompt = None
@@ -247,8 +250,7 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: "f
         for k, v in values.items():
             per_prompt[k] = v
         grid = per_prompt.mean(-1)
-        if r > 1:  # a prompt pair's rows (its answer's and its wrong answer's) give one value
-            per_prompt = per_prompt.reshape(*shape, N // r, r).mean(-1)
+        per_prompt = by_pair(per_prompt)
     else:
         grid = torch.zeros(shape)
         for k, v in values.items():
@@ -256,8 +258,8 @@ def assemble(plan: PatchPlan, values: dict[tuple, torch.Tensor], clean_value: "f
     site = plan.site if isinstance(plan.site, str) else "hooks"
     return PatchResult(site, plan.direction, grid, plan.axes, plan.labels, float(cv.mean()), float(xv.mean()),
                        per_prompt, stats=stats or {},
-                       clean_per_prompt=per_pair(cv) if per_pair and per_prompt is not None else None,
-                       corrupted_per_prompt=per_pair(xv) if per_pair and per_prompt is not None else None)
+                       **({"clean_per_prompt": by_pair(cv), "corrupted_per_prompt": by_pair(xv)}
+                          if per_prompt is not None and cv.numel() == N else {}))
 
 
 @torch.no_grad()
