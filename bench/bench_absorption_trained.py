@@ -19,6 +19,7 @@ import time
 import torch
 
 import mechscope
+from mechscope.core.hookpoints import act_name
 from mechscope.sae import SAEConfig
 from mechscope.sae import suite as S
 from mechscope.sae.train import TrainConfig, fit_sae
@@ -35,10 +36,11 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     model = mechscope.load("smollm2-135m")
+    hook = act_name("resid_post", 15)
     vocab = S.single_token_words(model.tokenizer)
     words = S.first_letter_words(model.tokenizer, 12000, 0, vocab)
     prefix = S._prompt_prefix(model.tokenizer, words, seed=0, vocab=vocab)
-    acts = S.acts_after_prefix(model, "blocks.15.hook_resid_post", prefix, torch.tensor([t for t, _ in words]))
+    acts = S.acts_after_prefix(model, hook, prefix, torch.tensor([t for t, _ in words]))
     letter = torch.tensor([S.LETTERS.index(w.strip()[0].lower()) for _, w in words])
     n, d = acts.shape
     g = torch.Generator().manual_seed(0)
@@ -56,7 +58,7 @@ def main() -> None:
     pick = torch.rand(200_000, generator=g) < 0.4
     draw[pick] = kids[torch.randint(0, len(kids), (int(pick.sum()),), generator=g)]
     extra = {"l1_coefficient": a.l1} if a.arch == "relu" else {"k": a.k}
-    cfg = SAEConfig(d_in=d, d_sae=2048, architecture=a.arch, hook_name="blocks.15.hook_resid_post",
+    cfg = SAEConfig(d_in=d, d_sae=2048, architecture=a.arch, hook_name=hook,
                     normalize_activations="expected_average_only_in", **extra)
     t0 = time.time()
     sae = fit_sae(planted(draw), cfg, TrainConfig(steps=a.steps, batch_size=512, lr=1e-3), progress=False).sae
