@@ -13,7 +13,7 @@ t-interval over seeds; Latent Scaling's flags are compared between the L1 and th
 CPU note: 2 threads; one LoRA fine-tune of 150 steps takes about 5 minutes here (2 s a step), the two crosscoders about 3.
 
 Options: --seeds, --steps, --rank, --lr, --docs, --seq-len, --crosscoder-width, --crosscoder-k, --crosscoder-steps,
---l1, --no-crosscoder, --adl-hook, --results (another results file), --fresh. Results:
+--l1, --no-crosscoder, --hook, --adl-hook, --results (another results file), --fresh. Results:
 $MECHSCOPE_CACHE/bench_diff/results.json and recovery.png.
 """
 
@@ -43,7 +43,8 @@ def args() -> argparse.Namespace:
     p.add_argument("--crosscoder-steps", type=int, default=600)
     p.add_argument("--l1", type=float, default=0.5)
     p.add_argument("--no-crosscoder", action="store_true")
-    p.add_argument("--adl-hook", default=None, help="where the ADL reads (default: the middle layer, as the crosscoder)")
+    p.add_argument("--hook", default=None, help="where the ADL and the crosscoders read (default: the middle layer)")
+    p.add_argument("--adl-hook", default=None, help="where the ADL reads (default: --hook)")
     p.add_argument("--results", default="results.json", help="results file in $MECHSCOPE_CACHE/bench_diff (the "
                                                               "stages are shared: another ADL hook reuses the rest)")
     p.add_argument("--fresh", action="store_true")
@@ -88,7 +89,7 @@ def main() -> None:
                            held_out=mix_test, crosscoder_width=a.crosscoder_width, crosscoder_k=a.crosscoder_k,
                            crosscoder_steps=a.crosscoder_steps, crosscoder_archs=("batchtopk", "l1"),
                            l1_coefficient=a.l1, domain=domain, seed=seed, echo=False, corpus_desc=desc,
-                           adl_hook=a.adl_hook)
+                           hook=a.hook, adl_hook=a.adl_hook)
             m = rep.metrics
             rec = {"seed": seed, "kind": kind, "domain": [domain.entity, domain.words], "recovery": m.get("recovery", {}),
                    "kl": m.get("kl"), "stage_seconds": m["stage_seconds"], "fine_tune_seconds": ft_s,
