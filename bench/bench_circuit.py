@@ -6,7 +6,9 @@ Each configuration runs in a fresh process (the CLI's own ``main``), which repor
 appeared on stderr. The baseline is the circuit command with CPU batches sized by free memory alone
 (``MECHSCOPE_CPU_BATCH_TOKENS=0``, the behaviour before the compute cap), and the circuit command with one forward
 pass per ablation (``MECHSCOPE_STACK_TOKENS=0``, before ablations were stacked), measured in the same run; investigate
-runs with ``--fresh`` (no stored stage reused) into a temporary folder. The goals: `circuit` at most 60 s,
+runs with ``--fresh`` (no stored stage reused) into a temporary folder. Each run also prints its work per stage
+(``--json``'s work log, :mod:`mechscope.core.work`): the token-layers each stage ran against the floor its answer
+needs, and the ratio. The goals: `circuit` at most 60 s,
 `investigate` (no SAE, no graph) at most 120 s, both at most 4 GB. Run alone: other work changes every figure.
 
     python bench/bench_circuit.py [--n 100] [--extra "--screen 64"] [--skip-investigate]
@@ -19,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 CHILD = r"""
@@ -30,11 +33,33 @@ rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "peak_rss": peak_rss(), "seconds": time.perf_counter() - t0}), file=sys.stderr)
 """
 
+THROUGHPUT = r"""
+import json, sys, time, torch
+import mechscope
+from mechscope.core.work import WorkMeter
+m = mechscope.load(mechscope.DEFAULT_MODEL)
+t = torch.randint(100, 10000, (64, 32))
+with torch.no_grad(), WorkMeter(m) as w:
+    m(t)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        m(t)
+    s = time.perf_counter() - t0
+print(json.dumps({"token_layers_per_s": (w.token_layers * 3 / 4) / s}))
+"""
+
+
+def throughput(env: dict) -> float:
+    """Token-layers a second of one plain batched forward pass (64 x 32 tokens) here: what a floor costs in time."""
+    r = subprocess.run([sys.executable, "-c", THROUGHPUT], capture_output=True, text=True, env=env)
+    return json.loads(r.stdout.strip().splitlines()[-1])["token_layers_per_s"]
+
 
 def run(args: list[str], env: dict) -> dict:
     """One run: stage lines with their arrival time, the child's peak RSS and total seconds."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    out = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen([sys.executable, "-c", CHILD, *args, "--json"], stdout=out, stderr=subprocess.PIPE,
                          text=True, env=env)
     stages, last = [], None
     for line in p.stderr:
@@ -46,12 +71,24 @@ def run(args: list[str], env: dict) -> dict:
     p.wait()
     if last is None or last["rc"] != 0:
         raise SystemExit(f"the run failed (exit {p.returncode}): {args}")
-    return {**last, "stages": stages}
+    out.seek(0)
+    data = json.loads(out.read())
+    work = data.get("work") or data.get("metrics", {}).get("work") or {"stages": []}  # circuit / investigate
+    return {**last, "stages": stages, "work": work}
+
+
+def work_table(work: dict, per_s: float) -> list[str]:
+    """Each metered stage's token-layers against its floor (mechscope.core.work), and its time against the time its
+    floor takes at a plain forward pass's throughput ``per_s``; and the total."""
+    rows = [(w["name"], w["seconds"], w["token_layers"], w["floor"]) for w in work["stages"]]
+    rows.append(("total (with the work outside the stages)", sum(r[1] for r in rows), work["token_layers"],
+                 work["floor"]))
+    return [f"    {n:<44} {s:7.1f} s {t:>12,} token-layers, floor {f:>12,} "
+            + (f"{t / f:5.2f}x; time {s / (f / per_s):5.1f}x the floor's {f / per_s:5.1f} s" if f
+               else "(no floor claimed)") for n, s, t, f in rows]
 
 
 def main() -> None:
-    import tempfile
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--extra", default="", help="more circuit options, e.g. '--screen 64'")
@@ -67,6 +104,9 @@ def main() -> None:
     if not a.skip_investigate:
         runs.append(("investigate (no SAE, no graph)", ["investigate", "--task", "ioi", "--n", str(a.n), "--fresh",
                                                         "--out", out], {}))
+    per_s = throughput(base_env)
+    print(f"a plain forward pass (64 x 32 tokens, batched): {per_s:,.0f} token-layers a second here; a floor's time is "
+          "its token-layers at that rate")
     res = {}
     for name, args, env in runs:
         res[name] = r = run(args, {**base_env, **env})
@@ -75,6 +115,8 @@ def main() -> None:
         for t, line in r["stages"]:
             print(f"    +{t - prev:6.1f} s  (at {t:6.1f} s)  {line}")
             prev = t
+        print("  work per stage (token-layers: tokens x blocks run forward; floor: what the answer needs):")
+        print("\n".join(work_table(r["work"], per_s)))
     new, old = res["circuit (default)"], res["baseline: circuit, batches by free memory"]
     print(f"ratio circuit (default / baseline): time {new['seconds'] / old['seconds']:.2f}x, "
           f"peak memory {new['peak_rss'] / old['peak_rss']:.2f}x")

@@ -27,6 +27,7 @@ from mechscope.diffing import (
     load_pair,
     logit_lens_readout,
     patchscope_readout,
+    state_transfer,
     steering_readout,
     token_effect_readout,
     weight_diff,
@@ -217,6 +218,41 @@ def test_the_activation_difference_equals_a_cache_difference_and_its_readouts_ha
     assert torch.allclose(torch.tensor([v for _, v in te.tokens]), val, atol=1e-5) and te.control != te.tokens
     with pytest.raises(InputError, match="first=20"):
         activation_difference(pair, toks, HOOK, first=20)
+
+
+def test_state_transfer_is_a_patch_from_the_fine_tune_and_the_last_layer_gives_its_predictions(pair):
+    toks = _docs(16)
+    st = state_transfer(pair, toks, first=4, n_boot=200)
+    L = pair.cfg.n_layers
+    assert st.layers == sorted(set(range(L))) and st.positions == [1, 2, 3, 4] and st.n_docs == 16
+    # the adapter leaves the final norm and the unembedding alone: the last layer's state is the fine-tune's output
+    assert abs(st.state[-1].value - 1.0) < 1e-4 and st.first_reaching(0.5) is not None
+    # a plain computation of one layer's shares: KL(ft || patched) against KL(ft || base) over positions 1..4
+    h = f"blocks.{st.layers[0]}.hook_resid_post"
+    t = toks[:, :5]
+    with pair.side("ft") as m, torch.no_grad():
+        hf = m.run_with_cache(t, names_filter=[h])[1][h]
+        lp = torch.log_softmax(m(t).float(), -1)[:, 1:5]
+    with pair.side("base") as m, torch.no_grad():
+        hb = m.run_with_cache(t, names_filter=[h])[1][h]
+
+        def kl(logits):
+            return float((lp.exp() * (lp - torch.log_softmax(logits.float(), -1)[:, 1:5])).sum(-1).mean())
+        kb = kl(m(t))
+        with m.hooks([(h, lambda a, hook: hf)]):
+            k_state = kl(m(t))
+
+        def add(a, hook):
+            a = a.clone()
+            a[:, 1:5] += (hf - hb)[:, 1:5].mean((0, 1))
+            return a
+        with m.hooks([(h, add)]):
+            k_delta = kl(m(t))
+    assert abs(st.kl_base - kb) < 1e-5
+    assert abs(st.state[0].value - (1 - k_state / kb)) < 1e-4 and abs(st.delta[0].value - (1 - k_delta / kb)) < 1e-4
+    assert st.state[0].low <= st.state[0].value <= st.state[0].high and "first layer" in st.summary()
+    with pytest.raises(InputError, match="not in 0"):
+        state_transfer(pair, toks, layers=[L])
 
 
 def test_layer_norms_and_weight_differences(pair):
@@ -463,13 +499,15 @@ def test_mechscope_diff_resumes_after_kill_and_writes_its_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(r.stdout)  # stdout is clean JSON
     assert {"weights", "norms", "kl"} <= set(data["metrics"]["stages_reused"]), data["metrics"]
-    assert "adl" in data["metrics"]["stages_computed"]
+    assert {"adl", "transfer"} <= set(data["metrics"]["stages_computed"])
     html = (tmp_path / "out" / "report.html").read_text()
     for part in ("activation-difference lens", "quality checklist", "what to do next", "batchtopk crosscoder",
-                 "random direction"):
+                 "random direction", "where the difference becomes readable by the base model"):
         assert part in html, part
     assert (tmp_path / "out" / "crosscoders").is_dir()
     assert any(f["text"].startswith("the fine-tune's next-token distribution") for f in data["findings"])
+    moved = [f for f in data["findings"] if f["text"].startswith("the fine-tune's residual state at")]
+    assert len(moved) == 1 and -1 <= moved[0]["effect"]["value"] <= 1 + 1e-6
 
 
 def test_mechscope_diff_refuses_bad_arguments_before_loading(tmp_path, capsys):

@@ -40,6 +40,12 @@ def test_investigate_recovers_the_planted_circuit(two_hop, tmp_path):
     assert does.holds and knockout.holds
     # four heads hold only 6 circuits of two: the rank test against random ones cannot pass, and says why
     assert not beats.holds and "only 6 different circuits of this size exist" in rep.sections[4].html
+    # every stage's work against its floor, the three splits' stages apart
+    work = {w["name"]: w for w in rep.metrics["work"]["stages"]}
+    assert {"patching: heads and MLPs [split 0]", "patching: heads and MLPs [split 1]", "validation: held-out [split 2]",
+            "checking the pairs", "reading the components"} <= set(work)
+    assert all(w["token_layers"] >= w["floor"] for w in work.values()) and work["edge attribution [split 0]"]["floor"]
+    assert any("work per stage" in t for t in titles)
 
 
 def test_a_killed_run_resumes_and_a_new_target_reuses_the_patching(two_hop, tmp_path, monkeypatch):
@@ -58,6 +64,8 @@ def test_a_killed_run_resumes_and_a_new_target_reuses_the_patching(two_hop, tmp_
     rep = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False)
     assert {"check", "resid", "components", "choice", "eap", "validation", "curve"} <= set(rep.metrics["stages_reused"])
     assert set(rep.metrics["stages_computed"]) == {"components", "choice", "split_faithfulness"}  # the other splits
+    reused = {w["name"]: w for w in rep.metrics["work"]["stages"]}["patching: residual stream [split 0]"]
+    assert reused["token_layers"] == 0  # read from the store: no work
     again = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False, target=0.95)
     assert "choice" in again.metrics["stages_computed"] and "components" not in again.metrics["stages_computed"]
     assert {"resid", "components", "eap", "check"} <= set(again.metrics["stages_reused"])

@@ -30,6 +30,7 @@ import torch
 from ..analysis import viz
 from ..analysis.metrics import describe_metric
 from ..analysis.validation import Estimate, bootstrap_ci
+from ..core import work
 from ..core.components import Component, all_heads, all_mlps, head_readers
 from ..core.errors import InputError
 from ..core.hookpoints import act_name
@@ -131,6 +132,8 @@ class CircuitResult(Result):
             lines.append(self.extra["curve"].summary())
         if "falsification" in self.extra:
             lines.append("  " + self.extra["falsification"])
+        if "work" in self.extra:
+            lines.append(self.extra["work"].summary())
         return "\n".join(line for line in lines if line)
 
     def plot(self, path: str | Path = "circuit.png") -> Path:
@@ -169,7 +172,7 @@ class CircuitResult(Result):
         out = {"eap_edges_scored": len(self.extra.get("eap", {})), "p_value": self.p_value,
                **{k: self.extra[k] for k in ("metric", "metric_clean", "metric_corrupted", "metric_empty",
                                              "falsification", "kept", "target", "search_curve") if k in self.extra}}
-        for k in ("curve", "held_out_curve"):
+        for k in ("curve", "held_out_curve", "work"):
             if k in self.extra:
                 out[k] = self.extra[k].to_dict()
         return out
@@ -329,6 +332,21 @@ def no_memo(name: str, params: dict, compute: Callable[[], T]) -> T:
     return compute()
 
 
+#: what each stage of :func:`find_circuit` is called in a work log (:mod:`mechscope.core.work`)
+STAGE_WORK_NAMES = {"resid": "patching: residual stream", "components": "patching: heads and MLPs",
+                    "choice": "choice: search curve", "eap": "edge attribution", "validation": "validation: held-out",
+                    "curve": "curve: rankings", "split_faithfulness": "validation: held-out"}
+
+
+def _metered(memo: Callable, seed: int) -> Callable:
+    """``memo`` with each stage marked in the open work meter, if any (named by :data:`STAGE_WORK_NAMES` and the
+    split)."""
+    def run(name: str, params: dict, compute: Callable[[], T]) -> T:
+        with work.stage(f"{STAGE_WORK_NAMES.get(name, name)} [split {seed}]"):
+            return memo(name, params, compute)
+    return run
+
+
 @checked
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
@@ -363,8 +381,8 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     if metric is not None and memo is not no_memo:
         raise InputError("a stage store (memo) keys its stages by the dataset, so it needs the dataset's own metric")
     search, test = dataset.split(held_out, seed=seed)
-    m_search = metric or search.metric  # a dataset's own metric knows its answers, so each split uses its own
-    m_test = metric or test.metric
+    memo = _metered(memo, seed)
+    m_search, m_test = metric or search.metric, metric or test.metric  # a dataset's metric knows its own answers
     key = {"held_out": held_out, "seed": seed}
     stage(f"find_circuit 1/4: patching the residual stream, heads and MLPs on {search.n_pairs} prompts")
     pair = prepare_task(model, search, circuit_hooks(model), m_search)  # one clean, one corrupted run
@@ -416,6 +434,7 @@ def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target:
     "components" and "choice" stages of ``memo`` with :func:`find_circuit`."""
     check_mode(ablation)
     search, test = dataset.split(held_out, seed=seed)
+    memo = _metered(memo, seed)
     how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
            "ablate_mlps": ablate_mlps}
     pair = prepare_task(model, search, circuit_hooks(model))

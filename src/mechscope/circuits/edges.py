@@ -31,6 +31,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.types import Metric, TextOrTokens, checked
+from ..core.work import add_floor
 from ..techniques.inputs import PreparedPair, as_pair, metric_on_rows
 
 
@@ -94,6 +95,7 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
         with torch.no_grad():
             _, cc = model.run_with_cache(clean, names_filter=out_names)
             _, cx = model.run_with_cache(corrupted, names_filter=out_names)
+        add_floor(2 * clean.numel() * n)  # the clean and corrupted runs the scores difference
     grad_names = [act_name(s, l) for l in range(n) for s in ("resid_pre", "resid_mid", "resid_post")]
     shared = c.parallel_residual and not model.has_hook(act_name("normalized", 0, "ln2"))
     if c.parallel_residual:  # the MLP reads ln2(resid_pre) (or ln1's output, shared with attention)
@@ -104,6 +106,7 @@ def _eap_batch(model, clean, corrupted, metric, ig_steps: int, per_head: bool, r
         W = (model.W_Q, model.W_K_kv, model.W_V_kv)  # hoisted: each access rebuilds the stack
     readers: dict[str, torch.Tensor] = {}
     steps = max(1, ig_steps)
+    add_floor(steps * corrupted.numel() * n)  # one forward (with its backward) per integration step
     params = [p for p in model.hf.parameters() if p.requires_grad]
     emb_c, emb_x = (sum(cache[e] for e in model.embed_hooks) for cache in (cc, cx))
     try:

@@ -36,6 +36,7 @@ from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
 from ..core.types import Metric, checked
+from ..core.work import add_floor
 from ..datasets import TaskDataset
 from ..techniques.ablation import ablation_hooks, replacement_values
 from ..techniques.inputs import logits_to_keep
@@ -94,6 +95,7 @@ class Ablator:
         comps = parse_components(model, self.pool)
         method = "counterfactual" if mode == "cf" else "mean"
         self.values = replacement_values(model, comps, data.clean, method, data.corrupted, seed)
+        add_floor(data.corrupted.numel() * model.cfg.n_layers)  # the one reference pass every ablation reads
         self.by_name = {str(c): c for c in comps}
         self.keep = logits_to_keep(model, data.clean, metric)  # the last position only, when that is all it reads
         self.memo: dict[frozenset, torch.Tensor] = {}  # ablated set -> metric [prompt]: each set runs once
@@ -149,7 +151,10 @@ class Ablator:
     def _forward(self, sets: Sequence[Collection[str]]) -> list[torch.Tensor]:
         """The metric ``[prompt]`` for each set of ablated components: one forward pass over ``len(sets)`` stacked
         copies of the prompts (a single set: the prompts themselves)."""
-        N = self.data.clean.shape[0]
+        N, P = self.data.clean.shape
+        L = self.model.cfg.n_layers
+        # needed: each set from its first ablated block on (the blocks before it are the unablated run's)
+        add_floor(sum(N * P * (L - max(0, min((self.by_name[n].layer for n in s), default=0))) for s in sets))
         names = list(dict.fromkeys(n for s in sets for n in s))
         cs = [self.by_name[n] for n in names]
         which = None if len(sets) == 1 else {c: torch.tensor([n in s for s in sets]) for n, c in zip(names, cs)}

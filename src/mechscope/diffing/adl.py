@@ -259,3 +259,104 @@ def layer_norms(pair: ModelPair, tokens: torch.Tensor, skip_first: int = 1, batc
     halves = sums / counts.clamp_min(1)[:, None, None]
     floor = ((halves[0] - halves[1]).norm(dim=-1) / 2).tolist() if n >= 2 else [float("nan")] * L
     return LayerNorms(list(range(L)), mean.norm(dim=-1).tolist(), floor, (rel / max(m_tok, 1)).tolist(), m_tok)
+
+
+@dataclass(repr=False)
+class StateTransfer(Result):
+    """Per layer, how much of the fine-tune's next-token shift its residual state there carries into the base model.
+
+    ``state[i]``: the fine-tune's whole residual stream after layer ``layers[i]`` (every position of the first
+    ``positions[-1] + 1``) written into the base model there, the base model's later layers run;
+    ``delta[i]``: only the mean difference δ of that layer added at the ADL's positions (what the ADL reads). Each is
+    the share of the shift reproduced, ``1 - KL(p_ft || p_patched) / KL(p_ft || p_base)`` over the documents and the
+    ADL's positions (1: the fine-tune's own predictions; 0: the base model's), with a bootstrap interval over
+    documents. Every readout of δ through the base model (Patchscope, steering, next-token effect) runs the base
+    model's later layers, so where ``state`` is near 0 the fine-tune has not yet written, at that layer, anything
+    those layers act on: no such readout can find it there (an upper bound, not a property of the readout)."""
+
+    layers: list[int]
+    positions: list[int]
+    state: list[Estimate]
+    delta: list[Estimate]
+    kl_base: float  # mean KL(p_ft || p_base), nats per token, at the positions read
+    n_docs: int
+
+    def first_reaching(self, share: float = 0.5) -> int | None:
+        """The first layer whose state reproduces at least ``share`` of the shift (None if none does)."""
+        return next((layer for layer, e in zip(self.layers, self.state) if e.value >= share), None)
+
+    def at(self, layer: int) -> tuple[Estimate, Estimate] | None:
+        return next(((s, d) for l, s, d in zip(self.layers, self.state, self.delta) if l == layer), None)
+
+    def summary(self) -> str:
+        lines = [f"where the fine-tune's difference becomes readable by the base model: its residual state after each "
+                 f"layer written into the base model (state), or only the mean difference δ added (δ); the share of "
+                 f"the fine-tune's next-token shift reproduced, 1 - KL(ft || patched) / KL(ft || base), positions "
+                 f"{self.positions[0]}..{self.positions[-1]} of {self.n_docs} documents (KL(ft || base) "
+                 f"{self.kl_base:.3f} nats per token)"]
+        for layer, s, d in zip(self.layers, self.state, self.delta):
+            lines.append(f"  layer {layer:>3}: state {s.value:+.2f} [{s.low:+.2f}, {s.high:+.2f}]   δ {d.value:+.2f} "
+                         f"[{d.low:+.2f}, {d.high:+.2f}]")
+        first = self.first_reaching()
+        if first is None:
+            lines.append("no layer's state reproduces half of the shift: the fine-tune writes its change in the "
+                         "unembedding or the final norm, which no residual readout sees")
+        else:
+            lines.append(f"the first layer whose state reproduces half of the shift: {first}. A readout of δ through "
+                         f"the base model at an earlier layer cannot find what the fine-tune adds after it")
+        if self.n_docs < 10:
+            lines.append(f"only {self.n_docs} documents: these intervals rest on too few")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def state_transfer(pair: ModelPair, tokens: torch.Tensor, layers: "list[int] | None" = None, first: int = 5,
+                   skip_first: int = 1, n_boot: int = 1000, seed: int = 0) -> StateTransfer:
+    """:class:`StateTransfer` of ``pair`` on ``tokens [n_docs, pos]`` at ``layers`` (default: 8 layers from the first
+    to the last, and the middle one), read at positions ``skip_first .. skip_first + first - 1`` as the ADL is.
+
+    A layer-by-layer activation patch from the fine-tune into the base model (Meng et al. 2022's patching, across
+    models): it says where the difference the ADL reads is already what the fine-tune acts on."""
+    pair.require_same_vocab("the state transfer (it compares next-token distributions)")
+    L = pair.cfg.n_layers
+    layers = sorted(set(layers if layers is not None else
+                        [round(i * (L - 1) / 7) for i in range(8)] + [L // 2]))
+    bad = [layer for layer in layers if not 0 <= layer < L]
+    if bad:
+        raise InputError(f"layers {bad} are not in 0..{L - 1}")
+    if tokens.dim() != 2 or first < 1 or skip_first + first > tokens.shape[1]:
+        raise InputError(f"tokens must be [documents, pos] with at least {skip_first + first} positions, got "
+                         f"{tuple(tokens.shape)}")
+    t = tokens[:, :skip_first + first]
+    pos = torch.arange(skip_first, skip_first + first)
+    hooks = [act_name("resid_post", layer) for layer in layers]
+    with pair.side("ft") as m:
+        t = t.to(m.device)
+        ft_states = harvest_many(m, hooks, t, None, 0, None)
+        lp_ft = torch.log_softmax(m(t).float(), -1)[:, pos]  # [n, k, V]
+    p_ft = lp_ft.exp()
+
+    def kl_per_doc(logits: torch.Tensor) -> torch.Tensor:  # KL(p_ft || q) averaged over the positions: [n]
+        return (p_ft * (lp_ft - torch.log_softmax(logits.float(), -1)[:, pos])).sum(-1).double().mean(-1).cpu()
+
+    with pair.side("base") as m:
+        base_states = harvest_many(m, hooks, t, None, 0, None)
+        kl_b = kl_per_doc(m(t))
+        shares = {"state": [], "delta": []}
+        for h in hooks:
+            f = ft_states[h].reshape(t.shape[0], t.shape[1], -1)
+            d = (f - base_states[h].reshape(f.shape))[:, skip_first:].mean((0, 1))
+
+            def write(act, hook, _f=f):
+                return _f.to(act.device, act.dtype)
+
+            def add(act, hook, _d=d):
+                out = act.clone()
+                out[:, pos] += _d.to(act.device, act.dtype)
+                return out
+            for name, fn in (("state", write), ("delta", add)):
+                with m.hooks([(h, fn)]):
+                    kl_p = kl_per_doc(m(t))
+                shares[name].append(bootstrap_ci(torch.stack([kl_p, kl_b], 1), n_boot=n_boot, seed=seed,
+                                                 stat=lambda v: 1 - v[:, 0].mean() / v[:, 1].mean().clamp_min(1e-12)))
+    return StateTransfer(layers, pos.tolist(), shares["state"], shares["delta"], float(kl_b.mean()), int(t.shape[0]))

@@ -16,6 +16,7 @@ from ..core.errors import InputError, UnknownNameError
 from ..core.hookpoints import ATTRIB_SITES, block_name
 from ..core.model import HookedModel
 from ..core.types import Metric, TextOrTokens
+from ..core.work import add_floor
 from .inputs import PreparedPair, as_pair, prompt_positions_only
 from .patching import PatchResult, label_result
 
@@ -33,6 +34,7 @@ def _base_gradients(model, base_t, metric, names: list[str], keep: int) -> tuple
     def leaf(act, hook):  # the graph starts at the embedding: no weight gradients are computed
         return act.detach().requires_grad_(True)
 
+    add_floor(base_t.numel() * model.cfg.n_layers)  # the one forward (with its backward) the gradients need
     params = [p for p in model.hf.parameters() if p.requires_grad]
     try:
         for prm in params:

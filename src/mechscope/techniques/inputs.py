@@ -16,6 +16,7 @@ from ..compute import forward_bytes
 from ..core.errors import InputError, InputTypeError
 from ..core.model import HookedModel
 from ..core.types import Answer, HookList, Metric, TextOrTokens
+from ..core.work import add_floor
 
 if TYPE_CHECKING:
     from ..datasets import TaskDataset
@@ -199,6 +200,8 @@ class PreparedPair:
         if have is None or not need <= set(have[1].store):
             need |= set(have[1].store) if have else set()
             tokens = self.clean if which == "clean" else self.corrupted
+            if have is None:  # each side's first run is needed work; a rerun for a late name is not
+                add_floor(tokens.numel() * self.model.cfg.n_layers)
             self.runs[which] = self.model.run_with_cache(tokens, names_filter=sorted(
                 x for x in need if self.model.has_hook(x)))
         return self.runs[which]

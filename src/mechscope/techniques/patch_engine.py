@@ -21,6 +21,7 @@ from ..core.hooks import HookPoint
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.types import Metric, TextOrTokens
+from ..core.work import add_floor
 from .inputs import PreparedPair, check_range, metric_value, prompt_pair, reads_last_only
 
 #: patching sites by shorthand: (hook suffix, what a head index refers to); from the hook-point registry
@@ -164,6 +165,7 @@ def _base_runs(model, plan: PatchPlan, metric, last_position_only) -> _BaseRuns:
     else:
         base_logits, base = model.run_with_cache(plan.base, names_filter=sorted(base_names))
         src_logits, src = model.run_with_cache(plan.source, names_filter=sorted(src_names))
+        add_floor(2 * N * P * n)  # the two unpatched runs every patch starts from
     clean_logits, corr_logits = (src_logits, base_logits) if plan.direction == "denoise" else (base_logits, src_logits)
     if last_position_only is None:
         keep_last = all(reads_last_only(metric, lg[:, -1:], P) for lg in (clean_logits, corr_logits))
@@ -247,6 +249,7 @@ def run_patches(model: HookedModel, plan: PatchPlan, metric: Metric, fn: Callabl
              "token_layers": token_layers,
              "floor_token_layers": sum(N * (P - j.p0) * (n - max(j.start, 0)) for j in live),
              "naive_token_layers": len(plan.jobs) * N * P * n, "last_position_only": runs.keep_last}
+    add_floor(stats["floor_token_layers"])
     return values, runs, stats
 
 

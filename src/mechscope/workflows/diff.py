@@ -7,8 +7,9 @@ what they change), the cheap methods first:
 2. ``weights``: ``||ΔW||`` and effective rank per matrix (exact; no control needed);
 3. ``norms``: per-layer activation-difference norms, each beside its split-half noise floor;
 4. ``kl``: per-token KL and loss differences, the contexts and tokens that moved, with the split-half control;
-5. ``adl``: the activation-difference lens at one layer (logit lens, Patchscope, steering), each beside a random
-   direction of the same norm;
+5. ``adl``: the activation-difference lens at one layer (logit lens, Patchscope, steering, next-token effect), each
+   beside a random direction of the same norm, and where the difference becomes readable: the fine-tune's residual
+   state at 8 layers written into the base model, the share of its next-token shift each reproduces;
 6. ``crosscoder`` (optional; it says what it costs before it starts): a BatchTopK crosscoder (and an L1 one to
    compare, ``crosscoder_archs``) trained on paired activations, its reconstruction of each model, latent classes,
    Latent Scaling of the fine-tune-only latents with shared latents as the control, their dashboards;
@@ -28,6 +29,7 @@ import torch
 from ..analysis import viz
 from ..analysis.validation import Estimate
 from ..core.errors import InputError
+from ..core.hookpoints import split_name
 from ..core.progress import stage
 from ..diffing import adl as A
 from ..diffing import crosscoding as C
@@ -43,8 +45,8 @@ DEFAULT_METHODS = ("weights", "norms", "kl", "adl")
 ARCHS = {"batchtopk": "batchtopk", "l1": "relu"}
 MIN_DOCS = 10
 
-register_storable(KL.KLDiff, KL.Context, Estimate, A.ActivationDifference, A.Readout, A.LayerNorms, W.WeightDiff,
-                  W.ModuleDelta, C.CrosscoderEval, C.LatentScaling)
+register_storable(KL.KLDiff, KL.Context, Estimate, A.ActivationDifference, A.Readout, A.LayerNorms, A.StateTransfer,
+                  W.WeightDiff, W.ModuleDelta, C.CrosscoderEval, C.LatentScaling)
 
 
 def _organism_domain(pair: ModelPair) -> Domain | None:
@@ -199,6 +201,8 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         rep.checklist.add("alternatives", "each ADL readout beside a random direction of the same norm", "#adl")
         rep.checklist.add("causal", f"steering the base model with the difference (α = {steer_alpha:g} x the residual "
                                     "norm) against a random direction", "#adl")
+        if pair.same_vocab:
+            _transfer_section(rep, pair, tokens, adl, cache, first, seed)
         if ids is not None:
             for r in adl.readouts:
                 key = {"logit lens of δ": "adl_logit_lens", "Patchscope of δ (base model)": "adl_patchscope",
@@ -255,14 +259,42 @@ def _tokens_key(tokens: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _transfer_section(rep: Report, pair: ModelPair, tokens: torch.Tensor, adl: "A.ActivationDifference",
+                      cache: StageCache, first: int, seed: int) -> None:
+    """Where the fine-tune's difference becomes readable by the base model (:func:`~mechscope.diffing.adl.
+    state_transfer`), at 8 layers and the ADL's own, with a finding on the ADL's layer."""
+    layer = _resid_layer(adl.hook)
+    L = pair.cfg.n_layers
+    layers = sorted({round(i * (L - 1) / 7) for i in range(8)} | {L // 2} | ({layer} if layer is not None else set()))
+    st = cache("transfer", {"layers": layers, "first": first, "seed": seed},
+               lambda: A.state_transfer(pair, tokens, layers, first, seed=seed))
+    sec = Section("where the difference becomes readable by the base model", st.summary(), key="transfer")
+    rep.add(sec)
+    rep.metrics["transfer_first_half"] = st.first_reaching()
+    if layer is None:
+        return
+    state, delta = st.at(layer)
+    rep.find(f"the fine-tune's residual state at {adl.hook}, written into the base model, reproduces this share of its "
+             f"next-token shift (1 - KL(ft || patched) / KL(ft || base); δ alone: {fmt(delta)})", state,
+             f"0: the base model's predictions; the last layer's state: {st.state[-1].value:.2f}", sec,
+             holds=state.low > 0.5)
+    rep.metrics.update(transfer_state=state.value, transfer_delta=delta.value)
+    rep.checklist.add("alternatives", "the ADL layer's state patched into the base model, an upper bound on any "
+                                      "readout of δ through it", "#transfer")
+
+
 def _floor_at(ln: "A.LayerNorms | None", hook: str) -> float:
     """The per-layer noise floor at ``hook`` when the norms stage ran (NaN otherwise)."""
-    import re
-
-    m = re.match(r"blocks\.(\d+)\.hook_resid_post$", hook)
-    if ln is None or not m or int(m.group(1)) >= len(ln.noise_floor):
+    layer = _resid_layer(hook)
+    if ln is None or layer is None or layer >= len(ln.noise_floor):
         return float("nan")
-    return ln.noise_floor[int(m.group(1))]
+    return ln.noise_floor[layer]
+
+
+def _resid_layer(hook: str) -> int | None:
+    """The layer of a ``blocks.L.hook_resid_post`` name (None for any other hook)."""
+    layer, suffix = split_name(hook)
+    return layer if suffix == "hook_resid_post" else None
 
 
 def _crosscoder_stage(rep: Report, pair: ModelPair, tokens: torch.Tensor, train_toks, held_out, out: Path, hook: str,
@@ -369,6 +401,13 @@ def _next_steps(rep: Report, pair: ModelPair, kld, adl, methods) -> None:
         elif not kld.kl.excludes(0.0):
             todo.append("the next-token distributions do not differ clearly on this corpus: try text closer to the "
                         "fine-tuning data, or more documents")
+    first_half = rep.metrics.get("transfer_first_half")
+    if adl is not None and "transfer_state" in rep.metrics and rep.metrics["transfer_state"] < 0.5:
+        where = (f"from layer {first_half} on: rerun with --adl-hook blocks.{first_half}.hook_resid_post"
+                 if first_half is not None else "at no layer before the unembedding")
+        todo.append(f"the fine-tune's state at {adl.hook} carries only {rep.metrics['transfer_state']:.2f} of its "
+                    f"next-token shift into the base model, so the ADL's readouts there cannot show what it adds "
+                    f"later; it carries half {where}")
     if adl is not None and not adl.norm.informative:
         todo.append(f"the activation difference rests on {adl.n_docs} documents: give at least {MIN_DOCS}")
     if "crosscoder" not in methods:

@@ -28,10 +28,12 @@ from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..circuits.discovery import CircuitResult, find_circuit, no_memo, replicate_split
 from ..circuits.heads import detect_heads, head_report
+from ..core import work
 from ..core.components import Component
 from ..core.files import atomic_write
 from ..core.model import HookedModel
 from ..core.progress import stage
+from ..core.work import WorkLog, WorkMeter
 from ..datasets import TaskDataset
 from ..sae import SAE
 from ..techniques.attribution import direct_logit_attribution
@@ -402,28 +404,33 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
     opts = dict(target=target, ablation=ablation, held_out=held_out, split_seeds=max(1, split_seeds),
                 screen_heads=screen_heads)
     t0 = time.time()
-    stage(f"investigate 1/5: checking the {data.n_pairs} pairs")
-    res, splits = None, []
-    does = _check(rep, model, data, cache)
-    if data.n_pairs < MIN_PROMPTS:
-        stage(f"investigate 2/5: {data.n_pairs} pair(s): patching only (no circuit is chosen from so few)")
-        _patching_only(rep, model, data, out, cache)
-    elif does:
-        stage("investigate 2/5: patching, the circuit from the curve, its validation")
-        res = find_circuit(model, data, target=target, ablation=ablation, held_out=held_out, n_random=n_random,
-                           screen_heads=screen_heads, curve=curve, memo=cache)
-        _patching_sections(rep, res, out, Figures())
-        _circuit_section(rep, res, out)
-        stage(f"investigate 3/5: the circuit on {opts['split_seeds'] - 1} more splits")
-        splits = _splits(rep, model, data, res, opts, cache)
-        stage("investigate 4/5: the winning components")
-        _heads_section(rep, model, data, res, out, n_heads)
-        _dla_section(rep, model, data, res, out)
-        if sae is not None:
-            _sae_section(rep, model, data, res, sae)
-        if transcoders:
-            graph_section(rep, model, out, data.texts[0], spec=None if transcoders is True else str(transcoders))
+    with WorkMeter(model) as meter:
+        stage(f"investigate 1/5: checking the {data.n_pairs} pairs")
+        res, splits = None, []
+        with work.stage("checking the pairs"):
+            does = _check(rep, model, data, cache)
+        if data.n_pairs < MIN_PROMPTS:
+            stage(f"investigate 2/5: {data.n_pairs} pair(s): patching only (no circuit is chosen from so few)")
+            _patching_only(rep, model, data, out, cache)
+        elif does:
+            stage("investigate 2/5: patching, the circuit from the curve, its validation")
+            res = find_circuit(model, data, target=target, ablation=ablation, held_out=held_out, n_random=n_random,
+                               screen_heads=screen_heads, curve=curve, memo=cache)
+            _patching_sections(rep, res, out, Figures())
+            _circuit_section(rep, res, out)
+            stage(f"investigate 3/5: the circuit on {opts['split_seeds'] - 1} more splits")
+            splits = _splits(rep, model, data, res, opts, cache)
+            stage("investigate 4/5: the winning components")
+            with work.stage("reading the components"):
+                _heads_section(rep, model, data, res, out, n_heads)
+                _dla_section(rep, model, data, res, out)
+            if sae is not None:
+                _sae_section(rep, model, data, res, sae)
+            if transcoders:
+                graph_section(rep, model, out, data.texts[0], spec=None if transcoders is True else str(transcoders))
     stage("investigate 5/5: the report")
+    if res is not None:  # a run that stopped at the check has nothing to account for
+        _work_section(rep, meter.log)
     _next_steps(rep, data, res, splits, target, few=data.n_pairs < MIN_PROMPTS)
     rep.metrics.update(stages_reused=sorted(set(cache.hits)), stages_computed=sorted(set(cache.misses)),
                        investigate_seconds=round(time.time() - t0, 1))
@@ -432,6 +439,15 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
         reproducibility(rep, model, 0, data.n_pairs)
         rep.write(out)
     return rep
+
+
+def _work_section(rep: Report, log: WorkLog) -> None:
+    """What each stage ran against the floor its answer needs (:mod:`mechscope.core.work`)."""
+    rep.add(Section("work per stage", log.summary() + "\n\nA stage read from the stage store shows no work. Floors: "
+                    "the patching engine's live patches from their block and position on, each ablated set from its "
+                    "first ablated block on, one forward per gradient pass, and each side's first clean and "
+                    "corrupted run; anything above them is repeated work.", key="work"))
+    rep.metrics["work"] = log.to_dict()
 
 
 def graph_section(rep: Report, model: HookedModel, out: Path, prompt: str = GRAPH_PROMPT,

@@ -42,6 +42,13 @@ class Finding:
     section: str  # the anchor of the section that shows it
     holds: bool = True  # False: the check did not come out as the hypothesis predicts (shown as such)
 
+    def to_dict(self) -> dict:
+        """The finding for ``--json``: its text, effect (value and 95% interval when it has one), baseline, verdict."""
+        e = self.effect
+        effect = ({"value": e.value, "low": e.low, "high": e.high, "n": e.n} if isinstance(e, Estimate)
+                  else {"value": float(e)})
+        return {"text": self.text, "effect": effect, "baseline": self.baseline, "holds": self.holds}
+
 
 def fmt(e: Estimate | float) -> str:
     """An effect as the findings show it: a value with its CI, or, resting on too few samples for one, the value and

@@ -106,11 +106,14 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
         if args.curve:
             res.plot(args.curve)
         return _pictures(args, res, "edge circuit")
+    from ...core.work import WorkMeter
     from ...project import falsification
 
-    res = find_circuit(model, ds, target=args.target, ablation=args.ablation, ablate_mlps=not args.heads_only,
-                       node_threshold=args.threshold, ig_steps=args.ig_steps,
-                       screen_heads=args.screen or None, curve=args.curve is not None, n_random=args.n_random)
+    with WorkMeter(model) as meter:
+        res = find_circuit(model, ds, target=args.target, ablation=args.ablation, ablate_mlps=not args.heads_only,
+                           node_threshold=args.threshold, ig_steps=args.ig_steps,
+                           screen_heads=args.screen or None, curve=args.curve is not None, n_random=args.n_random)
+    res.extra["work"] = meter.log
     line = falsification()
     if line is not None:
         text, thr = line

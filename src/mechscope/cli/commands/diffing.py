@@ -87,7 +87,7 @@ def diff_cmd(args: argparse.Namespace) -> Result:
         run.artifact(out / "report.html")
     return Outcome(f"{format_summary(rep)}\n\nreport: {out / 'report.html'}\nrun record: {run.path}",
                    {"report": out / "report.html", "run": run.path, "metrics": rep.metrics,
-                    "findings": [{"text": f.text, "holds": f.holds, "baseline": f.baseline} for f in rep.findings]})
+                    "findings": [f.to_dict() for f in rep.findings]})
 
 
 @command("organism", "a model organism with a known answer: fine-tune a LoRA adapter on documents of false facts about "
