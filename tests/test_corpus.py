@@ -86,6 +86,9 @@ def test_sae_train_on_a_one_paragraph_corpus(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert "train split" in out["corpus"] and out["corpus_tokens"] == 16 * 32
+    # the harvest runs blocks 0 and 1 of the tiny model (it stops after the hook) for every token: its floor exactly
+    harvest = {w["name"]: w for w in out["work"]["stages"]}["harvest"]
+    assert harvest["token_layers"] == harvest["floor"] == 16 * 32 * 2
 
 
 def test_files_saved_by_excel_or_windows_editors_read_as_written(tmp_path):

@@ -186,6 +186,7 @@ def test_torchrun_sae_train_cli(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     out = json.loads(two.stdout)  # one JSON document: only rank 0 printed
     assert out["world"] == 2 and out["training"]["steps"] == 20
+    assert {w["name"] for w in out["work"]["stages"]} >= {"harvest", "training (the dictionary alone)"}
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
                          env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -26,6 +26,7 @@ from ..core.errors import InputError, NotFoundError
 from ..core.files import atomic_write, read_json, read_safetensors
 from ..core.hookpoints import split_name
 from ..core.model import HookedModel
+from ..core.work import add_floor
 from ..distributed import Dist, split
 
 
@@ -96,6 +97,7 @@ def _harvest(model: HookedModel, hooks, tokens: torch.Tensor, batch_size, skip_f
 
         with model.hooks([(h, grab) for h in wanted]):
             model(tokens[s:e].to(model.device), stop_at_layer=stop)
+        add_floor(tokens[s:e].numel() * (model.cfg.n_layers if stop is None else stop))  # up to the last hook read
         acts = {}
         for h in wanted:
             a = got[h][:, skip_first:]

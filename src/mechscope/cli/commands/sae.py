@@ -46,44 +46,61 @@ TRAINING = (  # what an SAE and a transcoder run share: the optimisation and the
          CORPUS)
 def sae_train_cmd(args: argparse.Namespace) -> Result:
     from ... import distributed
-    from ...core.progress import is_quiet, quiet, stage
-    from ...distributed import split
-    from ...sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, save_sae
-    from ...sae.data import PartitionedSource, default_partitions, harvest_partitions
+    from ...core.progress import is_quiet, quiet
+    from ...core.work import WorkMeter
 
     with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
         model = _load(args)
         model.manager.check(args.hook)  # before the corpus is read and packed
-        out = Path(args.out)
-        tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, partitions=args.partitions)
-        if args.acts:
-            source = PartitionedSource.from_shards(args.acts, args.batch, tc.seed, dist)
-            info = {"corpus": f"activation shards in {args.acts}", "corpus_tokens": None}
-        else:
-            toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
-            parts = args.partitions or default_partitions(toks.shape[0], args.batch)
-            if parts < dist.world:
-                raise InputError(f"{parts} partitions for {dist.world} ranks: each rank needs one; give more --seqs "
-                                 f"or fewer ranks")
-            mine = split(parts, dist.world)[dist.rank]
-            stage(f"harvesting {args.hook} on {toks.numel()} tokens" + (
-                f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {parts})" if dist.active else ""))
-            # partition p = the activations of sequences split(n, parts)[p]: one harvest over all of this rank's
-            source = PartitionedSource(harvest_partitions(model, toks, parts, mine, hook=args.hook), parts, args.batch,
-                                       tc.seed, dist)
-        cfg = SAEConfig(d_in=source.d_in, d_sae=args.width or 8 * source.d_in, architecture=args.arch, k=args.k,
-                        hook_name=args.hook, model_name=model.cfg.model_name, matryoshka_widths=tuple(args.prefixes or ()),
-                        normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
-        run = fit_sae(source, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
-        if not dist.is_main:
-            return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
-        path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
-    held, held_info = _held_out(args, model)
-    ev = evaluate_sae(model, run.sae, held)
+        with WorkMeter(model) as meter:  # the harvest, the training and the evaluation, each against its floor
+            done = _train_one_sae(args, model, dist, meter)
+    if done is None:
+        return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
+    path, ev, run, info, held_info = done
     ranks = f" on {dist.world} ranks" if dist.active else ""
-    return Outcome(f"saved {path}\n{ev.summary()}\ntrained{ranks} on {info['corpus']} ({info['corpus_tokens']} tokens)",
+    return Outcome(f"saved {path}\n{ev.summary()}\ntrained{ranks} on {info['corpus']} ({info['corpus_tokens']} tokens)"
+                   f"\n{meter.log.summary()}",
                    {**ev.to_dict(), "path": path, "training": run.to_dict(), **info, "world": dist.world,
-                    "held_out_tokens": held_info["corpus_tokens"]})
+                    "held_out_tokens": held_info["corpus_tokens"], "work": meter.log.to_dict()})
+
+
+def _train_one_sae(args: argparse.Namespace, model, dist, meter):
+    """``sae train``'s harvest, training and evaluation (None on a rank other than the main one)."""
+    from ...core.progress import stage
+    from ...distributed import split
+    from ...sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, save_sae
+    from ...sae.data import PartitionedSource, default_partitions, harvest_partitions
+
+    out = Path(args.out)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, partitions=args.partitions)
+    if args.acts:
+        source = PartitionedSource.from_shards(args.acts, args.batch, tc.seed, dist)
+        info = {"corpus": f"activation shards in {args.acts}", "corpus_tokens": None}
+    else:
+        toks, info = _corpus(args, model, "train", args.seqs, args.seq_len)
+        parts = args.partitions or default_partitions(toks.shape[0], args.batch)
+        if parts < dist.world:
+            raise InputError(f"{parts} partitions for {dist.world} ranks: each rank needs one; give more --seqs "
+                             f"or fewer ranks")
+        mine = split(parts, dist.world)[dist.rank]
+        stage(f"harvesting {args.hook} on {toks.numel()} tokens" + (
+            f" (rank {dist.rank} of {dist.world}: partitions {list(mine)} of {parts})" if dist.active else ""))
+        # partition p = the activations of sequences split(n, parts)[p]: one harvest over all of this rank's
+        with meter.stage("harvest"):
+            source = PartitionedSource(harvest_partitions(model, toks, parts, mine, hook=args.hook), parts,
+                                       args.batch, tc.seed, dist)
+    cfg = SAEConfig(d_in=source.d_in, d_sae=args.width or 8 * source.d_in, architecture=args.arch, k=args.k,
+                    hook_name=args.hook, model_name=model.cfg.model_name, matryoshka_widths=tuple(args.prefixes or ()),
+                    normalize_activations="expected_average_only_in", l1_coefficient=args.l1)
+    with meter.stage("training (the dictionary alone)"):
+        run = fit_sae(source, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
+    if not dist.is_main:
+        return None
+    path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
+    held, held_info = _held_out(args, model)
+    with meter.stage("evaluation (no floor claimed)"):
+        ev = evaluate_sae(model, run.sae, held)
+    return path, ev, run, info, held_info
 
 
 @command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) or a cross-layer "
