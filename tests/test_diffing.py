@@ -255,6 +255,18 @@ def test_state_transfer_is_a_patch_from_the_fine_tune_and_the_last_layer_gives_i
         state_transfer(pair, toks, layers=[L])
 
 
+def test_diff_reads_the_adl_where_the_state_transfers_when_asked_to(pair, tmp_path):
+    from mechscope.workflows.diff import diff
+
+    toks = _docs(16)
+    rep = diff(pair, toks, tmp_path, methods=["adl"], adl_hook="auto", first=4, echo=False)
+    st = state_transfer(pair, toks, first=4)
+    want = st.first_reaching()
+    assert rep.metrics["adl_hook"] == f"blocks.{want if want is not None else pair.cfg.n_layers - 1}.hook_resid_post"
+    assert any(f.text.startswith(f"the fine-tune's residual state at {rep.metrics['adl_hook']}") for f in rep.findings)
+    assert abs(rep.metrics["transfer_state"] - st.at(int(rep.metrics["adl_hook"].split(".")[1]))[0].value) < 1e-6
+
+
 def test_layer_norms_and_weight_differences(pair):
     ln = layer_norms(pair, _docs(10))
     assert len(ln.layers) == 3 and all(v > 0 for v in ln.mean_diff_norm) and all(f >= 0 for f in ln.noise_floor)

@@ -29,7 +29,7 @@ import torch
 from ..analysis import viz
 from ..analysis.validation import Estimate
 from ..core.errors import InputError
-from ..core.hookpoints import split_name
+from ..core.hookpoints import act_name, split_name
 from ..core.progress import stage
 from ..diffing import adl as A
 from ..diffing import crosscoding as C
@@ -85,7 +85,9 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
     stages are in the module docstring. ``crosscoder_tokens``: what the crosscoder trains on (default: the first half
     of ``tokens``); ``held_out``: what it is evaluated and read on (default: the second half). ``hook``: where the ADL
     and the crosscoder read (default: the residual stream after the middle block); ``adl_hook``: where the ADL reads
-    instead (a small model's domain shows at later layers, docs/diffing.md). ``domain``: score every method's
+    instead (a small model's domain shows at later layers, docs/diffing.md); ``"auto"``: the first layer whose
+    residual state, patched from the fine-tune into the base model, reproduces half of its next-token shift
+    (:func:`~mechscope.diffing.adl.state_transfer`; no knowledge of the domain is used). ``domain``: score every method's
     output against this known domain (default: the organism's own, when the fine-tune is an organism adapter; a
     control fine-tune is scored against its organism's). ``explain``: explain and score the kept fine-tune-only latents
     with ``sae explain``'s machinery (the explainer at ``explainer_url``, else the fine-tune itself, which a small model
@@ -103,6 +105,9 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
     out.mkdir(parents=True, exist_ok=True)
     hook = hook or C.default_hooks(pair)[0]
     adl_hook = adl_hook or hook
+    if adl_hook == "auto" and not pair.same_vocab:
+        raise InputError("adl_hook='auto' reads where the fine-tune's state carries its next-token shift, which compares "
+                         "next-token distributions: it needs one vocabulary; name a hook instead")
     rep = Report(f"what fine-tuning changed: {pair.base_name} -> {pair.ft_name}", echo=echo)
     keys = {"pair": fingerprint(pair), "tokens": _tokens_key(tokens)}
     keys.update({k: _tokens_key(t) for k, t in (("crosscoder_tokens", crosscoder_tokens), ("held_out", held_out))
@@ -182,6 +187,11 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         clock("adl")
         stage("diff: the activation-difference lens")
 
+        transfer = _transfer(pair, tokens, cache, first, seed, adl_hook) if pair.same_vocab else None
+        if adl_hook == "auto":
+            at = transfer.first_reaching()
+            adl_hook = act_name("resid_post", at if at is not None else pair.cfg.n_layers - 1)
+
         def run_adl():
             a = A.activation_difference(pair, tokens, adl_hook, first)
             if pair.same_vocab:
@@ -201,8 +211,8 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
         rep.checklist.add("alternatives", "each ADL readout beside a random direction of the same norm", "#adl")
         rep.checklist.add("causal", f"steering the base model with the difference (α = {steer_alpha:g} x the residual "
                                     "norm) against a random direction", "#adl")
-        if pair.same_vocab:
-            _transfer_section(rep, pair, tokens, adl, cache, first, seed)
+        if transfer is not None:
+            _transfer_section(rep, transfer, adl)
         if ids is not None:
             for r in adl.readouts:
                 key = {"logit lens of δ": "adl_logit_lens", "Patchscope of δ (base model)": "adl_patchscope",
@@ -259,26 +269,30 @@ def _tokens_key(tokens: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _transfer_section(rep: Report, pair: ModelPair, tokens: torch.Tensor, adl: "A.ActivationDifference",
-                      cache: StageCache, first: int, seed: int) -> None:
-    """Where the fine-tune's difference becomes readable by the base model (:func:`~mechscope.diffing.adl.
-    state_transfer`), at 8 layers and the ADL's own, with a finding on the ADL's layer."""
-    layer = _resid_layer(adl.hook)
+def _transfer(pair: ModelPair, tokens: torch.Tensor, cache: StageCache, first: int, seed: int,
+              adl_hook: str) -> "A.StateTransfer":
+    """:func:`~mechscope.diffing.adl.state_transfer` at 8 layers, the middle one and the ADL's own (a stage)."""
+    layer = _resid_layer(adl_hook)
     L = pair.cfg.n_layers
     layers = sorted({round(i * (L - 1) / 7) for i in range(8)} | {L // 2} | ({layer} if layer is not None else set()))
-    st = cache("transfer", {"layers": layers, "first": first, "seed": seed},
-               lambda: A.state_transfer(pair, tokens, layers, first, seed=seed))
+    return cache("transfer", {"layers": layers, "first": first, "seed": seed},
+                 lambda: A.state_transfer(pair, tokens, layers, first, seed=seed))
+
+
+def _transfer_section(rep: Report, st: "A.StateTransfer", adl: "A.ActivationDifference") -> None:
+    """Where the fine-tune's difference becomes readable by the base model, with a finding on the ADL's layer."""
     sec = Section("where the difference becomes readable by the base model", st.summary(), key="transfer")
     rep.add(sec)
     rep.metrics["transfer_first_half"] = st.first_reaching()
-    if layer is None:
+    layer = _resid_layer(adl.hook)
+    if layer is None or st.at(layer) is None:
         return
     state, delta = st.at(layer)
     rep.find(f"the fine-tune's residual state at {adl.hook}, written into the base model, reproduces this share of its "
              f"next-token shift (1 - KL(ft || patched) / KL(ft || base); δ alone: {fmt(delta)})", state,
              f"0: the base model's predictions; the last layer's state: {st.state[-1].value:.2f}", sec,
              holds=state.low > 0.5)
-    rep.metrics.update(transfer_state=state.value, transfer_delta=delta.value)
+    rep.metrics.update(transfer_state=state.value, transfer_delta=delta.value, adl_hook=adl.hook)
     rep.checklist.add("alternatives", "the ADL layer's state patched into the base model, an upper bound on any "
                                       "readout of δ through it", "#transfer")
 

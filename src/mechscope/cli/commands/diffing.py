@@ -36,7 +36,9 @@ def _pair(args: argparse.Namespace):
          arg("--hook", default=None, help="where the ADL and the crosscoder read (default: the residual stream after "
                                           "the middle block, blocks.L.hook_resid_post)"),
          arg("--adl-hook", default=None, help="where the ADL reads instead of --hook (a small model's fine-tune can "
-                                              "show at later layers only, e.g. blocks.28.hook_resid_post)"),
+                                              "show at later layers only, e.g. blocks.28.hook_resid_post); 'auto': "
+                                              "the first layer whose state carries half the fine-tune's next-token "
+                                              "shift into the base model"),
          arg("--first", type=int, default=5, help="ADL: the first positions of each document averaged"),
          arg("--alpha", type=float, default=1.0, help="ADL steering: the direction's size, in residual norms"),
          arg("--crosscoder-width", type=int, default=1024, help="latents of the crosscoder"),
