@@ -261,7 +261,7 @@ def test_diff_reads_the_adl_where_the_state_transfers_when_asked_to(pair, tmp_pa
     toks = _docs(16)
     rep = diff(pair, toks, tmp_path, methods=["adl"], adl_hook="auto", first=4, echo=False)
     st = state_transfer(pair, toks, first=4)
-    want = st.first_reaching()
+    want = st.first_reaching(0.9)
     assert rep.metrics["adl_hook"] == f"blocks.{want if want is not None else pair.cfg.n_layers - 1}.hook_resid_post"
     assert any(f.text.startswith(f"the fine-tune's residual state at {rep.metrics['adl_hook']}") for f in rep.findings)
     assert abs(rep.metrics["transfer_state"] - st.at(int(rep.metrics["adl_hook"].split(".")[1]))[0].value) < 1e-6

@@ -297,13 +297,14 @@ class StateTransfer(Result):
         for layer, s, d in zip(self.layers, self.state, self.delta):
             lines.append(f"  layer {layer:>3}: state {s.value:+.2f} [{s.low:+.2f}, {s.high:+.2f}]   δ {d.value:+.2f} "
                          f"[{d.low:+.2f}, {d.high:+.2f}]")
-        first = self.first_reaching()
-        if first is None:
+        half, most = self.first_reaching(0.5), self.first_reaching(0.9)
+        if half is None:
             lines.append("no layer's state reproduces half of the shift: the fine-tune writes its change in the "
                          "unembedding or the final norm, which no residual readout sees")
         else:
-            lines.append(f"the first layer whose state reproduces half of the shift: {first}. A readout of δ through "
-                         f"the base model at an earlier layer cannot find what the fine-tune adds after it")
+            lines.append(f"the first layer whose state reproduces half of the shift: {half}; 90 %: {most}. A readout "
+                         f"of δ through the base model at a layer cannot find what the fine-tune adds after it (and "
+                         f"the share says how much, not which part: a narrow fine-tune's generic changes come first)")
         if self.n_docs < 10:
             lines.append(f"only {self.n_docs} documents: these intervals rest on too few")
         return "\n".join(lines)

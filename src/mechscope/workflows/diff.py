@@ -44,6 +44,9 @@ METHODS = ("weights", "norms", "kl", "adl", "crosscoder")
 DEFAULT_METHODS = ("weights", "norms", "kl", "adl")
 ARCHS = {"batchtopk": "batchtopk", "l1": "relu"}
 MIN_DOCS = 10
+#: ``adl_hook="auto"`` reads the ADL at the first layer whose state carries this share of the fine-tune's shift: on
+#: the SmolLM2 organisms the middle layers carry half of it, but the generic half, and no domain word (docs/diffing.md)
+AUTO_SHARE = 0.9
 
 register_storable(KL.KLDiff, KL.Context, Estimate, A.ActivationDifference, A.Readout, A.LayerNorms, A.StateTransfer,
                   W.WeightDiff, W.ModuleDelta, C.CrosscoderEval, C.LatentScaling)
@@ -86,7 +89,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
     of ``tokens``); ``held_out``: what it is evaluated and read on (default: the second half). ``hook``: where the ADL
     and the crosscoder read (default: the residual stream after the middle block); ``adl_hook``: where the ADL reads
     instead (a small model's domain shows at later layers, docs/diffing.md); ``"auto"``: the first layer whose
-    residual state, patched from the fine-tune into the base model, reproduces half of its next-token shift
+    residual state, patched from the fine-tune into the base model, reproduces 90 % of its next-token shift
     (:func:`~mechscope.diffing.adl.state_transfer`; no knowledge of the domain is used). ``domain``: score every method's
     output against this known domain (default: the organism's own, when the fine-tune is an organism adapter; a
     control fine-tune is scored against its organism's). ``explain``: explain and score the kept fine-tune-only latents
@@ -189,7 +192,7 @@ def diff(pair: ModelPair, tokens: torch.Tensor, out: "str | Path" = "mechscope-d
 
         transfer = _transfer(pair, tokens, cache, first, seed, adl_hook) if pair.same_vocab else None
         if adl_hook == "auto":
-            at = transfer.first_reaching()
+            at = transfer.first_reaching(AUTO_SHARE)
             adl_hook = act_name("resid_post", at if at is not None else pair.cfg.n_layers - 1)
 
         def run_adl():
@@ -271,10 +274,12 @@ def _tokens_key(tokens: torch.Tensor) -> str:
 
 def _transfer(pair: ModelPair, tokens: torch.Tensor, cache: StageCache, first: int, seed: int,
               adl_hook: str) -> "A.StateTransfer":
-    """:func:`~mechscope.diffing.adl.state_transfer` at 8 layers, the middle one and the ADL's own (a stage)."""
+    """:func:`~mechscope.diffing.adl.state_transfer` at every layer (8 layers, the middle one and the ADL's own in a
+    model of more than 32), a stage."""
     layer = _resid_layer(adl_hook)
     L = pair.cfg.n_layers
-    layers = sorted({round(i * (L - 1) / 7) for i in range(8)} | {L // 2} | ({layer} if layer is not None else set()))
+    every = range(L) if L <= 32 else {round(i * (L - 1) / 7) for i in range(8)} | {L // 2}
+    layers = sorted(set(every) | ({layer} if layer is not None else set()))
     return cache("transfer", {"layers": layers, "first": first, "seed": seed},
                  lambda: A.state_transfer(pair, tokens, layers, first, seed=seed))
 
@@ -283,7 +288,7 @@ def _transfer_section(rep: Report, st: "A.StateTransfer", adl: "A.ActivationDiff
     """Where the fine-tune's difference becomes readable by the base model, with a finding on the ADL's layer."""
     sec = Section("where the difference becomes readable by the base model", st.summary(), key="transfer")
     rep.add(sec)
-    rep.metrics["transfer_first_half"] = st.first_reaching()
+    rep.metrics.update(transfer_first_half=st.first_reaching(0.5), transfer_first_most=st.first_reaching(AUTO_SHARE))
     layer = _resid_layer(adl.hook)
     if layer is None or st.at(layer) is None:
         return
@@ -415,13 +420,13 @@ def _next_steps(rep: Report, pair: ModelPair, kld, adl, methods) -> None:
         elif not kld.kl.excludes(0.0):
             todo.append("the next-token distributions do not differ clearly on this corpus: try text closer to the "
                         "fine-tuning data, or more documents")
-    first_half = rep.metrics.get("transfer_first_half")
-    if adl is not None and "transfer_state" in rep.metrics and rep.metrics["transfer_state"] < 0.5:
-        where = (f"from layer {first_half} on: rerun with --adl-hook blocks.{first_half}.hook_resid_post"
-                 if first_half is not None else "at no layer before the unembedding")
-        todo.append(f"the fine-tune's state at {adl.hook} carries only {rep.metrics['transfer_state']:.2f} of its "
-                    f"next-token shift into the base model, so the ADL's readouts there cannot show what it adds "
-                    f"later; it carries half {where}")
+    most = rep.metrics.get("transfer_first_most")
+    if adl is not None and "transfer_state" in rep.metrics and rep.metrics["transfer_state"] < AUTO_SHARE:
+        where = (f"from layer {most} on: rerun with --adl-hook auto (blocks.{most}.hook_resid_post)"
+                 if most is not None else "at no layer before the unembedding")
+        todo.append(f"the fine-tune's state at {adl.hook} carries {rep.metrics['transfer_state']:.2f} of its next-token "
+                    f"shift into the base model, so the ADL's readouts there cannot show what it adds later (on "
+                    f"narrow organisms the domain comes last); it carries {AUTO_SHARE:.0%} {where}")
     if adl is not None and not adl.norm.informative:
         todo.append(f"the activation difference rests on {adl.n_docs} documents: give at least {MIN_DOCS}")
     if "crosscoder" not in methods:

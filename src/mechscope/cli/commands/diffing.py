@@ -37,7 +37,7 @@ def _pair(args: argparse.Namespace):
                                           "the middle block, blocks.L.hook_resid_post)"),
          arg("--adl-hook", default=None, help="where the ADL reads instead of --hook (a small model's fine-tune can "
                                               "show at later layers only, e.g. blocks.28.hook_resid_post); 'auto': "
-                                              "the first layer whose state carries half the fine-tune's next-token "
+                                              "the first layer whose state carries 90%% of the fine-tune's next-token "
                                               "shift into the base model"),
          arg("--first", type=int, default=5, help="ADL: the first positions of each document averaged"),
          arg("--alpha", type=float, default=1.0, help="ADL steering: the direction's size, in residual norms"),
