@@ -302,6 +302,7 @@ class StateTransfer(Result):
             lines.append("no layer's state reproduces half of the shift: the fine-tune writes its change in the "
                          "unembedding or the final norm, which no residual readout sees")
         else:
+            most = "none" if most is None else most
             lines.append(f"the first layer whose state reproduces half of the shift: {half}; 90 %: {most}. A readout "
                          f"of δ through the base model at a layer cannot find what the fine-tune adds after it (and "
                          f"the share says how much, not which part: a narrow fine-tune's generic changes come first)")
@@ -310,18 +311,24 @@ class StateTransfer(Result):
         return "\n".join(lines)
 
 
+def transfer_layers(n_layers: int, also: "int | None" = None) -> list[int]:
+    """The layers :func:`state_transfer` reads by default: every layer of a model of up to 32, else 8 from the first
+    to the last and the middle one; and ``also``."""
+    every = range(n_layers) if n_layers <= 32 else {round(i * (n_layers - 1) / 7) for i in range(8)} | {n_layers // 2}
+    return sorted(set(every) | ({also} if also is not None else set()))
+
+
 @torch.no_grad()
 def state_transfer(pair: ModelPair, tokens: torch.Tensor, layers: "list[int] | None" = None, first: int = 5,
                    skip_first: int = 1, n_boot: int = 1000, seed: int = 0) -> StateTransfer:
-    """:class:`StateTransfer` of ``pair`` on ``tokens [n_docs, pos]`` at ``layers`` (default: 8 layers from the first
-    to the last, and the middle one), read at positions ``skip_first .. skip_first + first - 1`` as the ADL is.
+    """:class:`StateTransfer` of ``pair`` on ``tokens [n_docs, pos]`` at ``layers`` (default:
+    :func:`transfer_layers`), read at positions ``skip_first .. skip_first + first - 1`` as the ADL is.
 
     A layer-by-layer activation patch from the fine-tune into the base model (Meng et al. 2022's patching, across
     models): it says where the difference the ADL reads is already what the fine-tune acts on."""
     pair.require_same_vocab("the state transfer (it compares next-token distributions)")
     L = pair.cfg.n_layers
-    layers = sorted(set(layers if layers is not None else
-                        [round(i * (L - 1) / 7) for i in range(8)] + [L // 2]))
+    layers = sorted(set(layers)) if layers is not None else transfer_layers(L)
     bad = [layer for layer in layers if not 0 <= layer < L]
     if bad:
         raise InputError(f"layers {bad} are not in 0..{L - 1}")

@@ -274,12 +274,8 @@ def _tokens_key(tokens: torch.Tensor) -> str:
 
 def _transfer(pair: ModelPair, tokens: torch.Tensor, cache: StageCache, first: int, seed: int,
               adl_hook: str) -> "A.StateTransfer":
-    """:func:`~mechscope.diffing.adl.state_transfer` at every layer (8 layers, the middle one and the ADL's own in a
-    model of more than 32), a stage."""
-    layer = _resid_layer(adl_hook)
-    L = pair.cfg.n_layers
-    every = range(L) if L <= 32 else {round(i * (L - 1) / 7) for i in range(8)} | {L // 2}
-    layers = sorted(set(every) | ({layer} if layer is not None else set()))
+    """:func:`~mechscope.diffing.adl.state_transfer` at its default layers and the ADL's own, a stage."""
+    layers = A.transfer_layers(pair.cfg.n_layers, _resid_layer(adl_hook))
     return cache("transfer", {"layers": layers, "first": first, "seed": seed},
                  lambda: A.state_transfer(pair, tokens, layers, first, seed=seed))
 
