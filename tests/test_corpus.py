@@ -87,8 +87,11 @@ def test_sae_train_on_a_one_paragraph_corpus(tmp_path):
     out = json.loads(r.stdout)
     assert "train split" in out["corpus"] and out["corpus_tokens"] == 16 * 32
     # the harvest runs blocks 0 and 1 of the tiny model (it stops after the hook) for every token: its floor exactly
-    harvest = {w["name"]: w for w in out["work"]["stages"]}["harvest"]
-    assert harvest["token_layers"] == harvest["floor"] == 16 * 32 * 2
+    stages = {w["name"]: w for w in out["work"]["stages"]}
+    assert stages["harvest"]["token_layers"] == stages["harvest"]["floor"] == 16 * 32 * 2
+    # the evaluation runs once the ranks' group is closed, in the same meter opened again: its passes counted
+    assert stages["evaluation (no floor claimed)"]["token_layers"] > 0
+    assert out["work"]["token_layers"] == sum(w["token_layers"] for w in stages.values())
 
 
 def test_files_saved_by_excel_or_windows_editors_read_as_written(tmp_path):

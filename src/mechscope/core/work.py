@@ -81,7 +81,8 @@ class WorkLog(Result):
 
 class WorkMeter:
     """Counts the token-layers ``model`` runs while open (``with WorkMeter(model) as w``), and the floors the
-    techniques claim; :meth:`stage` splits them by stage into :attr:`log`."""
+    techniques claim; :meth:`stage` splits them by stage into :attr:`log`. Opened again, it carries on counting (a
+    command whose stages run in two places, such as ``sae train``'s evaluation after the ranks' group closes)."""
 
     def __init__(self, model) -> None:
         self.model = model

@@ -418,7 +418,7 @@ def _next_steps(rep: Report, pair: ModelPair, kld, adl, methods) -> None:
                         "fine-tuning data, or more documents")
     most = rep.metrics.get("transfer_first_most")
     if adl is not None and "transfer_state" in rep.metrics and rep.metrics["transfer_state"] < AUTO_SHARE:
-        where = (f"from layer {most} on: rerun with --adl-hook auto (blocks.{most}.hook_resid_post)"
+        where = (f"from layer {most} on: rerun with --adl-hook auto ({act_name('resid_post', most)})"
                  if most is not None else "at no layer before the unembedding")
         todo.append(f"the fine-tune's state at {adl.hook} carries {rep.metrics['transfer_state']:.2f} of its next-token "
                     f"shift into the base model, so the ADL's readouts there cannot show what it adds later (on "

@@ -43,10 +43,8 @@ class Finding:
     holds: bool = True  # False: the check did not come out as the hypothesis predicts (shown as such)
 
     def to_dict(self) -> dict:
-        """The finding for ``--json``: its text, effect (value and 95% interval when it has one), baseline, verdict."""
-        e = self.effect
-        effect = ({"value": e.value, "low": e.low, "high": e.high, "n": e.n} if isinstance(e, Estimate)
-                  else {"value": float(e)})
+        """The finding for ``--json``: its text, effect (an estimate's own fields, or the value), baseline, verdict."""
+        effect = self.effect.to_dict() if isinstance(self.effect, Estimate) else {"value": float(self.effect)}
         return {"text": self.text, "effect": effect, "baseline": self.baseline, "holds": self.holds}
 
 

@@ -48,15 +48,20 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
     from ... import distributed
     from ...core.progress import is_quiet, quiet
     from ...core.work import WorkMeter
+    from ...sae import evaluate_sae
 
     with distributed.session() as dist, quiet(not dist.is_main or is_quiet()):
         model = _load(args)
         model.manager.check(args.hook)  # before the corpus is read and packed
-        with WorkMeter(model) as meter:  # the harvest, the training and the evaluation, each against its floor
+        meter = WorkMeter(model)  # the harvest, the training and the evaluation, each against its floor
+        with meter:
             done = _train_one_sae(args, model, dist, meter)
-    if done is None:
-        return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
-    path, ev, run, info, held_info = done
+        if done is None:
+            return Outcome(f"rank {dist.rank}: done", {"rank": dist.rank})
+    path, run, info = done
+    held, held_info = _held_out(args, model)  # the main rank alone, once the ranks' group is gone
+    with meter, meter.stage("evaluation (no floor claimed)"):
+        ev = evaluate_sae(model, run.sae, held)
     ranks = f" on {dist.world} ranks" if dist.active else ""
     return Outcome(f"saved {path}\n{ev.summary()}\ntrained{ranks} on {info['corpus']} ({info['corpus_tokens']} tokens)"
                    f"\n{meter.log.summary()}",
@@ -65,10 +70,11 @@ def sae_train_cmd(args: argparse.Namespace) -> Result:
 
 
 def _train_one_sae(args: argparse.Namespace, model, dist, meter):
-    """``sae train``'s harvest, training and evaluation (None on a rank other than the main one)."""
+    """``sae train``'s harvest and training, and the saved SAE: ``(path, run, corpus info)`` (None on a rank other than
+    the main one)."""
     from ...core.progress import stage
     from ...distributed import split
-    from ...sae import SAEConfig, TrainConfig, evaluate_sae, fit_sae, save_sae
+    from ...sae import SAEConfig, TrainConfig, fit_sae, save_sae
     from ...sae.data import PartitionedSource, default_partitions, harvest_partitions
 
     out = Path(args.out)
@@ -96,11 +102,7 @@ def _train_one_sae(args: argparse.Namespace, model, dist, meter):
         run = fit_sae(source, cfg, tc, out=out / "train", resume=args.resume, dist=dist)
     if not dist.is_main:
         return None
-    path = save_sae(run.sae, out / "sae", log10_density=run.log10_density)
-    held, held_info = _held_out(args, model)
-    with meter.stage("evaluation (no floor claimed)"):
-        ev = evaluate_sae(model, run.sae, held)
-    return path, ev, run, info, held_info
+    return save_sae(run.sae, out / "sae", log10_density=run.log10_density), run, info
 
 
 @command("transcoders train", "train per-layer transcoders (each MLP's input -> its output) or a cross-layer "
