@@ -6,12 +6,14 @@ Each configuration runs in a fresh process (the CLI's own ``main``), which repor
 appeared on stderr. The baseline is the circuit command with CPU batches sized by free memory alone
 (``MECHSCOPE_CPU_BATCH_TOKENS=0``, the behaviour before the compute cap), and the circuit command with one forward
 pass per ablation (``MECHSCOPE_STACK_TOKENS=0``, before ablations were stacked), measured in the same run; investigate
-runs with ``--fresh`` (no stored stage reused) into a temporary folder. Each run also prints its work per stage
+runs with ``--fresh`` (no stored stage reused) into a temporary folder, and again with
+``MECHSCOPE_SHARE_PAIRS=0`` (each split patches its heads and MLPs on its own, the path before per-pair sharing)
+as its baseline. Each run also prints its work per stage
 (``--json``'s work log, :mod:`mechscope.core.work`): the token-layers each stage ran against the floor its answer
 needs, and the ratio. The goals: `circuit` at most 60 s,
 `investigate` (no SAE, no graph) at most 120 s, both at most 4 GB. Run alone: other work changes every figure.
 
-    python bench/bench_circuit.py [--n 100] [--extra "--screen 64"] [--skip-investigate]
+    python bench/bench_circuit.py [--n 100] [--extra "--screen 64"] [--skip-investigate | --investigate-only]
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--extra", default="", help="more circuit options, e.g. '--screen 64'")
     ap.add_argument("--skip-investigate", action="store_true")
+    ap.add_argument("--investigate-only", action="store_true", help="only investigate and its baseline")
     a = ap.parse_args()
     argv = ["circuit", "--task", "ioi", "--n", str(a.n), *a.extra.split()]
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -102,8 +105,12 @@ def main() -> None:
                                               {"MECHSCOPE_CPU_BATCH_TOKENS": "0"}),
             ("baseline: circuit, one forward pass per ablation", argv, {"MECHSCOPE_STACK_TOKENS": "0"})]
     if not a.skip_investigate:
-        runs.append(("investigate (no SAE, no graph)", ["investigate", "--task", "ioi", "--n", str(a.n), "--fresh",
-                                                        "--out", out], {}))
+        inv = ["investigate", "--task", "ioi", "--n", str(a.n), "--fresh", "--out"]
+        runs += [("investigate (no SAE, no graph)", inv + [out + "/shared"], {}),
+                 ("baseline: investigate, each split patched on its own", inv + [out + "/own"],
+                  {"MECHSCOPE_SHARE_PAIRS": "0"})]
+    if a.investigate_only:
+        runs = runs[3:]
     per_s = throughput(base_env)
     print(f"a plain forward pass (64 x 32 tokens, batched): {per_s:,.0f} token-layers a second here; a floor's time is "
           "its token-layers at that rate")
@@ -117,15 +124,21 @@ def main() -> None:
             prev = t
         print("  work per stage (token-layers: tokens x blocks run forward; floor: what the answer needs):")
         print("\n".join(work_table(r["work"], per_s)))
-    new, old = res["circuit (default)"], res["baseline: circuit, batches by free memory"]
-    print(f"ratio circuit (default / baseline): time {new['seconds'] / old['seconds']:.2f}x, "
-          f"peak memory {new['peak_rss'] / old['peak_rss']:.2f}x")
-    one = res["baseline: circuit, one forward pass per ablation"]
-    print(f"ratio circuit (stacked ablations / one pass per ablation): time {new['seconds'] / one['seconds']:.2f}x")
-    goals = [("circuit", new, 60)]
+    goals = []
+    if not a.investigate_only:
+        new, old = res["circuit (default)"], res["baseline: circuit, batches by free memory"]
+        print(f"ratio circuit (default / baseline): time {new['seconds'] / old['seconds']:.2f}x, "
+              f"peak memory {new['peak_rss'] / old['peak_rss']:.2f}x")
+        one = res["baseline: circuit, one forward pass per ablation"]
+        print(f"ratio circuit (stacked ablations / one pass per ablation): time {new['seconds'] / one['seconds']:.2f}x")
+        goals.append(("circuit", new, 60))
     if not a.skip_investigate:
-        inv = res["investigate (no SAE, no graph)"]
-        print(f"ratio investigate / circuit (default): time {inv['seconds'] / new['seconds']:.2f}x")
+        inv, own = res["investigate (no SAE, no graph)"], res["baseline: investigate, each split patched on its own"]
+        print(f"ratio investigate (pairs shared by the splits / each split patched on its own): time "
+              f"{inv['seconds'] / own['seconds']:.2f}x, token-layers "
+              f"{inv['work']['token_layers'] / max(1, own['work']['token_layers']):.2f}x")
+        if not a.investigate_only:
+            print(f"ratio investigate / circuit (default): time {inv['seconds'] / new['seconds']:.2f}x")
         goals.append(("investigate", inv, 120))
     for name, r, limit in goals:
         print(f"goals, {name}: <= {limit} s: {'met' if r['seconds'] <= limit else 'NOT met'} ({r['seconds']:.0f} s, "

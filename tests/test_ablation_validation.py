@@ -117,3 +117,48 @@ def test_random_components_and_baseline(model):
     assert len(cmp.random_effects) == 3 and "random sets" in cmp.summary()
     with pytest.raises(ValueError, match="one kind"):
         compare_to_random(model, TOKENS, metric, ["L2H1", "L0N3"])
+
+
+def test_a_run_resumed_from_the_plain_runs_stream_equals_the_full_pass(model):
+    """An intervention whose hooks sit in block b or later, resumed from the unhooked run's stream entering b (or an
+    earlier kept block), gives what the full pass gives (1e-5), for hooks at the block's input, inside it and at its
+    output; compare_to_random's target and random sets equal each set ablated on its own by full passes."""
+    from mechscope.techniques.ablation import compare_to_random, random_components
+    from mechscope.techniques.inputs import batched_metric, hook_block, plain_run
+
+    plain = plain_run(model, TOKENS, metric, [1, 2, 0, 99])  # block 0 and blocks past the last need no stream
+    assert sorted(plain.streams) == [1, 2] and torch.allclose(plain.value, batched_metric(model, TOKENS, metric))
+    assert (plain.resume_layer(0), plain.resume_layer(1), plain.resume_layer(3)) == (0, 1, 2)
+    for name in ("blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.2.attn.hook_z", "blocks.2.hook_mlp_out",
+                 "blocks.2.hook_resid_post"):
+        hooks = lambda s, e, _n=name: [(_n, lambda a, h: a * 0.5)]  # noqa: E731
+        full = batched_metric(model, TOKENS, metric, hooks)
+        resumed = batched_metric(model, TOKENS, metric, hooks, plain=plain, start=hook_block(name))
+        assert torch.allclose(resumed, full, atol=1e-5) and not torch.allclose(full, plain.value, atol=1e-3), name
+    # resumed past its hook, the hook never fires: why the start is the hook's own block
+    late = batched_metric(model, TOKENS, metric, lambda s, e: [("blocks.1.hook_mlp_out", lambda a, h: a * 0.5)],
+                          plain=plain, start=2)
+    assert torch.allclose(late, plain.value, atol=1e-6)
+    target = ["L2H1", "L1H3"]
+    cmp = compare_to_random(model, TOKENS, metric, target, method="mean", n_random=3, seed=0)
+    own = ablate(model, TOKENS, metric, target, "mean", seed=0)
+    assert torch.allclose(cmp.target.ablated, own.ablated, atol=1e-5)
+    assert torch.allclose(cmp.target.baseline, own.baseline, atol=1e-6)
+    for i, e in enumerate(cmp.random_effects):
+        st = random_components(model, 2, "head", target, 1 + i)
+        assert e.value == pytest.approx(ablate(model, TOKENS, metric, st, "mean", seed=0).effect.value, abs=1e-5)
+
+
+def test_logits_under_several_hook_sets_run_the_shared_blocks_once_and_equal_full_passes(model):
+    from mechscope.techniques.inputs import logits_under
+
+    def half(a, h):
+        return a * 0.5
+
+    sets = [[], [("blocks.2.hook_mlp_out", half)], [("blocks.1.attn.hook_z", half), ("blocks.2.hook_resid_post", half)]]
+    want = [model.run_with_hooks(TOKENS, fwd_hooks=hs) for hs in sets]
+    for got in (logits_under(model, TOKENS, sets), [None] + logits_under(model, TOKENS, sets[1:])):
+        for g, w in zip(got[1:], want[1:]):
+            assert torch.allclose(g, w, atol=1e-5) and not torch.allclose(w, want[0], atol=1e-3)
+    assert torch.allclose(logits_under(model, TOKENS, sets)[0], want[0], atol=1e-6)
+    assert logits_under(model, TOKENS, sets, keep=1)[1].shape[1] == 1

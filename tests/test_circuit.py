@@ -241,3 +241,58 @@ def test_one_prepared_pair_serves_every_technique_with_the_same_numbers_and_two_
     with pytest.raises(InputError, match="and a metric"):
         patch(model, CLEAN, CORR)
     assert isinstance(pair, PreparedPair) and len(pair) == 8 and pair.value("clean").shape == (8,)
+
+
+def test_per_pair_effects_give_each_split_what_patching_it_alone_gives(tmp_path):
+    """Issue 35 §1: the heads' and MLPs' patching kept per prompt pair and averaged over a split's pairs equals patching
+    that split alone (1e-5), screened or not; a later split patches only the (component, pair) cells no earlier one
+    did; a stage store replays the blocks; find_circuit and replicate_split choose the same circuits with it."""
+    from mechscope.circuits.discovery import PairEffects, circuit_hooks, patch_components, replicate_split
+    from mechscope.techniques.inputs import prepare_task
+    from mechscope.workflows.stages import StageCache
+
+    model = HookedModel(tiny_hf("llama"))
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, V, (12, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 2] = (corr[:, 2] + 7) % V
+    ds = TaskDataset("toy", clean, corr, torch.full((12,), 3), torch.full((12,), 5), ["x"] * 12, ["y"] * 12)
+    cells = 12 * (model.cfg.n_layers * model.cfg.n_heads + model.cfg.n_layers)  # every (component, pair)
+    for screen in (None, 4):
+        effects, cache = PairEffects(model, ds), StageCache(tmp_path / f"s{screen}", model, ds)
+        for seed in range(3):
+            idx = ds.split_pairs(0.5, seed)[0]
+            pair = prepare_task(model, ds.subset(idx), circuit_hooks(model))
+            before = dict(effects.cells)
+            h, m = effects.components(idx, pair, screen, cache)
+            rh, rm = patch_components(model, pair, screen)
+            for a, b in ((h, rh), (m, rm)):
+                assert torch.allclose(a.values, b.values, atol=1e-5, rtol=1e-5)
+                assert torch.allclose(a.normalized(), b.normalized(), atol=1e-5)
+                assert torch.allclose(a.per_prompt, b.per_prompt, atol=1e-5, rtol=1e-5)
+                assert a.clean_value == pytest.approx(b.clean_value, abs=1e-5) and a.values.shape == b.values.shape
+            assert h.stats.get("screened", {}).get("patched") == rh.stats.get("screened", {}).get("patched")
+            if seed:  # a later split shares pairs with the earlier ones: those cells are read, not patched
+                assert effects.cells["reused"] > before["reused"]
+            again = dict(effects.cells)
+            effects.components(idx, pair, screen, cache)  # the same split again: nothing to patch
+            assert effects.cells["patched"] == again["patched"]
+        assert effects.cells["patched"] <= cells and effects.cells["reused"] > 0
+        replay = PairEffects(model, ds)
+        n_hits, n_misses = len(cache.hits), len(cache.misses)
+        for seed in range(3):
+            idx = ds.split_pairs(0.5, seed)[0]
+            replay.components(idx, prepare_task(model, ds.subset(idx)), screen, cache)
+        assert cache.misses[n_misses:] == [] and "component_pairs" in cache.hits[n_hits:]  # every block from disk
+        assert torch.equal(replay.heads.isnan(), effects.heads.isnan())
+    effects = PairEffects(model, ds)
+    res = find_circuit(model, ds, n_random=1, effects=effects)
+    ref = find_circuit(model, ds, n_random=1)
+    assert res.nodes == ref.nodes and res.faithfulness.value == pytest.approx(ref.faithfulness.value, abs=1e-5)
+    for seed in (1, 2):
+        got, want = replicate_split(model, ds, seed, effects=effects), replicate_split(model, ds, seed)
+        assert got[0] == want[0] and got[1].value == pytest.approx(want[1].value, abs=1e-5)
+    with pytest.raises(InputError, match="another dataset"):
+        find_circuit(model, ds.subset(list(range(10))), effects=effects)
+    with pytest.raises(InputError, match="no other metric"):
+        find_circuit(model, ds, metric=metric, effects=effects)

@@ -247,6 +247,11 @@ def test_feature_controls_are_active_features_of_similar_activation(model):
         assert fired[c] and c != target  # never a silent feature, never the target
     res = compare_features_to_random(model, sae, toks, T7, [target], n_random=20)
     assert len(res.random_effects) == 20 and all(e.value != 0.0 for e in res.random_effects)
+    from mechscope.sae.interventions import ablate_features_hook
+    from mechscope.techniques.inputs import batched_metric
+
+    full = batched_metric(model, toks, T7, lambda a, b: [(sae.cfg.hook_name, ablate_features_hook(sae, [target]))])
+    assert torch.allclose(res.target.ablated, full, atol=1e-5)  # resumed at the SAE's block: the full pass's values
     assert "active on the same prompts at a similar activation" in res.summary() and 0 < res.p_value <= 1
     silent = [i for i in range(64) if not fired[i]]
     if silent:
@@ -264,6 +269,11 @@ def test_steering_is_in_units_of_the_feature_and_has_a_control(model):
     sweep = steering_sweep(model, sae, feat, toks, T7, strengths=(0, 1, 4), scale_tokens=toks)
     assert sweep.scale == pytest.approx(scale) and "scale" in sweep.summary() and "random direction" in sweep.summary()
     assert torch.equal(sweep.values[0], sweep.control[0])  # strength 0: both are the plain model
+    from mechscope.techniques.inputs import batched_metric
+
+    full = batched_metric(model, toks, T7, lambda a, b: [(sae.cfg.hook_name, steer_hook(sae, feat, 4.0, scale))])
+    assert torch.allclose(sweep.values[2], full, atol=1e-5)  # resumed at the SAE's block: the full pass's values
+    assert torch.allclose(sweep.values[0], batched_metric(model, toks, T7), atol=1e-6)
     x = torch.zeros(1, 2, 32)
     assert torch.allclose(steer_hook(sae, feat, 2.0, scale=scale)(x, None),
                           steer_hook(sae, feat, 2.0 * scale)(x, None), atol=1e-6)

@@ -62,13 +62,16 @@ def test_a_killed_run_resumes_and_a_new_target_reuses_the_patching(two_hop, tmp_
     assert not list((tmp_path / "stages").glob("*.tmp")) and not list((tmp_path / "stages").glob(".*tmp"))  # none half-written
     monkeypatch.undo()
     rep = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False)
-    assert {"check", "resid", "components", "choice", "eap", "validation", "curve"} <= set(rep.metrics["stages_reused"])
-    assert set(rep.metrics["stages_computed"]) == {"components", "choice", "split_faithfulness"}  # the other splits
+    assert {"check", "resid", "component_pairs", "choice", "eap", "validation", "curve"} <= set(
+        rep.metrics["stages_reused"])  # (this model has too few heads to screen)
+    # the other splits: the pairs split 0 did not patch, their choice and their faithfulness
+    assert set(rep.metrics["stages_computed"]) == {"component_pairs", "choice", "split_faithfulness"}
     reused = {w["name"]: w for w in rep.metrics["work"]["stages"]}["patching: residual stream [split 0]"]
     assert reused["token_layers"] == 0  # read from the store: no work
     again = investigate(two_hop.model, ds, tmp_path, n_random=5, echo=False, target=0.95)
-    assert "choice" in again.metrics["stages_computed"] and "components" not in again.metrics["stages_computed"]
-    assert {"resid", "components", "eap", "check"} <= set(again.metrics["stages_reused"])
+    assert "choice" in again.metrics["stages_computed"]
+    assert not {"screen", "component_pairs"} & set(again.metrics["stages_computed"])
+    assert {"resid", "component_pairs", "eap", "check"} <= set(again.metrics["stages_reused"])
     fresh = investigate(two_hop.model, ds, tmp_path / "fresh", n_random=5, echo=False, resume=False)
     assert not fresh.metrics["stages_reused"] and fresh.metrics["circuit"] == rep.metrics["circuit"]
 

@@ -55,9 +55,14 @@ def test_stages_split_the_work_and_a_nested_stage_is_not_counted_twice(model):
                 add_floor(12 * L)
         with work.stage("after"):
             pass
+        with work.stage("after"):  # the same stage straight after (one run in parts): the same row
+            model(CLEAN[:1])
+            add_floor(6 * L)
+    assert [s.name for s in m.log.stages] == ["inner", "outer", "after"]
     by = {s.name: s for s in m.log.stages}
+    assert by["after"].token_layers == 6 * L and by["after"].floor == 6 * L
     assert by["inner"].token_layers == 12 * L and by["inner"].ratio == 1.0
-    assert by["outer"].token_layers == 48 * L and by["outer"].floor == 0 and by["after"].token_layers == 0
+    assert by["outer"].token_layers == 48 * L and by["outer"].floor == 0
     assert sum(s.token_layers for s in m.log.stages) == m.token_layers
     assert "n/a" in m.log.summary() and "total" in m.log.summary()
     with work.stage("no meter"):  # a stage with no meter open is a no-op

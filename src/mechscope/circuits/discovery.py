@@ -193,6 +193,17 @@ def _reader_node(reader: str, by_layer, n_groups: int = 1) -> str | None:
     return str(heads[0]) if heads else None
 
 
+def _screen(model, pair: PreparedPair, screen: int) -> tuple[list[tuple[int, int]], float]:
+    """The ``screen`` heads ``(layer, head)`` attribution patching ranks highest on ``pair`` (|normalised estimate|),
+    and the smallest of their estimates."""
+    from ..techniques.attribution_patching import attribution_patch
+
+    est = attribution_patch(model, pair, sites=("z",))["z"].normalized().abs()
+    order = est.flatten().argsort(descending=True)[:screen]
+    keep = sorted(tuple(int(i) for i in torch.unravel_index(k, est.shape)) for k in order)
+    return keep, float(est.flatten()[order[-1]]) if len(order) else 0.0
+
+
 def _screened_heads(model, pair: PreparedPair, screen: int) -> PatchResult:
     """Head patching (``z``) run exactly for the ``screen`` heads that attribution patching ranks highest.
 
@@ -200,13 +211,11 @@ def _screened_heads(model, pair: PreparedPair, screen: int) -> PatchResult:
     then runs only for the candidates, and every other head is given no effect (the base run's value).
     ``stats["screened"]`` records how many heads were patched and the smallest candidate estimate.
     """
-    from ..techniques.attribution_patching import attribution_patch
     from ..techniques.patch_engine import plan_patches, run_patches
     from ..techniques.patching import assemble, label_result
 
-    est = attribution_patch(model, pair, sites=("z",))["z"].normalized().abs()
-    order = est.flatten().argsort(descending=True)[:screen]
-    keep = {tuple(int(i) for i in torch.unravel_index(k, est.shape)) for k in order}
+    keep, smallest = _screen(model, pair, screen)
+    keep = set(keep)
     plan = plan_patches(model, pair, None, "z")
     skipped = [j for j in plan.jobs if tuple(j.key) not in keep]
     plan.jobs = [j for j in plan.jobs if tuple(j.key) in keep]
@@ -214,9 +223,121 @@ def _screened_heads(model, pair: PreparedPair, screen: int) -> PatchResult:
     for j in skipped:  # estimated below the candidates: no effect, exactly the base run's value
         values[j.key] = runs.base_value.clone()
     stats["screened"] = {"patched": len(plan.jobs), "of": len(plan.jobs) + len(skipped),
-                         "smallest_candidate_estimate": float(est.flatten()[order[-1]]) if len(order) else 0.0}
+                         "smallest_candidate_estimate": smallest}
     res = assemble(plan, values, runs.clean_value, runs.corr_value, stats)
     return label_result(res, model, pair.clean, pair.corrupted, pair.metric)
+
+
+class PairEffects:
+    """Every head's and MLP's denoising patch (clean into corrupted) on one dataset, kept as the metric per prompt
+    pair and filled as the splits of the dataset ask for them: a split patches only the (component, pair) cells
+    that no earlier split did.
+
+    A split's value is the mean over its pairs, v_S(c) = mean_{p in S} m_p(c), and its normalised effect
+    (v_S - x_S) / (c_S - x_S) with the clean and corrupted runs' means over the same pairs: what patching the split
+    alone gives (to float rounding; tests/test_circuit.py checks 1e-5). Needs a metric with one value per prompt,
+    as every task dataset's has. Pass one to :func:`find_circuit` and :func:`replicate_split` of the same dataset
+    (``investigate`` does).
+    """
+
+    def __init__(self, model: HookedModel, dataset: TaskDataset):
+        L, H, n = model.cfg.n_layers, model.cfg.n_heads, dataset.n_pairs
+        self.model, self.dataset = model, dataset
+        self.heads = torch.full((L, H, n), math.nan)  # [layer, head, pair]: the metric with that head patched
+        self.mlps = torch.full((L, n), math.nan)  # [layer, pair]
+        self.clean = torch.full((n,), math.nan)  # [pair]: the unpatched runs' metric
+        self.corrupted = torch.full((n,), math.nan)
+        self.cells = {"patched": 0, "reused": 0}  # (component, pair) cells patched, and those read from earlier
+
+    def components(self, idx: torch.Tensor, pair: PreparedPair, screen: int | None,
+                   memo: Callable = None) -> tuple[PatchResult, PatchResult]:
+        """:func:`patch_components` on the pairs ``idx`` of the dataset (``pair``: those pairs prepared, for the
+        screening), from the cells already patched plus the missing ones. ``memo`` stores each patched block."""
+        memo = memo or no_memo
+        L, H = self.model.cfg.n_layers, self.model.cfg.n_heads
+        idx = [int(i) for i in idx]
+        screened = None
+        if screen is None or screen >= L * H:
+            keep = [(l, h) for l in range(L) for h in range(H)]
+        else:
+            keep, smallest = memo("screen", {"pairs": idx, "screen": screen}, lambda: _screen(self.model, pair, screen))
+            keep = [tuple(k) for k in keep]
+            screened = {"patched": len(keep), "of": L * H, "smallest_candidate_estimate": smallest}
+        self._fill(idx, keep, memo, pair)
+        return self._result(idx, keep, screened)
+
+    def _fill(self, idx: list[int], keep: list[tuple[int, int]], memo: Callable, pair: PreparedPair) -> None:
+        """Patch the cells of ``keep`` and every MLP on the pairs ``idx`` not patched yet, one block per distinct set
+        of missing pairs (``pair``, the pairs ``idx`` prepared, serves a block of exactly those)."""
+        groups: dict[tuple[int, ...], tuple[list, list]] = {}
+        for kind, comps, table in (("heads", keep, lambda c: self.heads[c[0], c[1]]),
+                                   ("mlps", range(self.model.cfg.n_layers), lambda c: self.mlps[c])):
+            for c in comps:
+                row = table(c)
+                miss = tuple(p for p in idx if math.isnan(float(row[p])))
+                if miss:
+                    groups.setdefault(miss, ([], []))[kind == "mlps"].append(c)
+        needed = len(idx) * (len(keep) + self.model.cfg.n_layers)
+        for miss, (hs, ms) in groups.items():
+            block = memo("component_pairs", {"pairs": list(miss), "heads": hs, "mlps": list(ms)},
+                         lambda _m=miss, _h=hs, _l=ms: self._patch(list(_m), _h, list(_l),
+                                                                    pair if list(_m) == idx else None))
+            m = torch.tensor(miss)
+            for i, (l, h) in enumerate(hs):
+                self.heads[l, h, m] = block["heads"][i]
+            for i, l in enumerate(ms):
+                self.mlps[l, m] = block["mlps"][i]
+            self.clean[m], self.corrupted[m] = block["clean"], block["corrupted"]
+            self.cells["patched"] += len(miss) * (len(hs) + len(ms))
+            needed -= len(miss) * (len(hs) + len(ms))
+        self.cells["reused"] += needed
+
+    def _patch(self, pairs: list[int], heads: list[tuple[int, int]], mlps: list[int],
+               pair: PreparedPair | None) -> dict[str, torch.Tensor]:
+        """The metric per pair ``[component, pair]`` with each of ``heads`` (at ``z``) and ``mlps`` patched on the
+        dataset's pairs ``pairs`` (``pair``: those pairs prepared, or None), and the unpatched runs' ``[pair]``."""
+        from ..techniques.patch_engine import plan_patches, run_patches
+
+        sub = self.dataset.subset(pairs)
+        pair = pair or prepare_task(self.model, sub, circuit_hooks(self.model))
+        out = {}
+        runs = None
+        for kind, site, keys in (("heads", "z", [tuple(h) for h in heads]),
+                                 ("mlps", [m.hook for m in all_mlps(self.model.cfg)], [(l,) for l in mlps])):
+            plan = plan_patches(self.model, pair, None, site)
+            want = set(keys)
+            plan.jobs = [j for j in plan.jobs if tuple(j.key) in want]
+            values, runs, _ = run_patches(self.model, plan, pair.metric) if plan.jobs else ({}, runs, None)
+            rows = [values[k] for k in keys]
+            if any(v.dim() != 1 or v.shape[0] != sub.clean.shape[0] for v in rows):
+                raise InputError("per-pair patching effects need a metric with one value per prompt")
+            out[kind] = sub.per_pair(torch.stack(rows, 1)).T if rows else torch.zeros(0, len(pairs))
+        if runs is None:  # nothing to patch (not reached: a block has at least one component)
+            raise InputError("no component to patch")
+        out["clean"], out["corrupted"] = (sub.per_pair(v.float().flatten().cpu()) for v in (runs.clean_value,
+                                                                                              runs.corr_value))
+        out["heads"], out["mlps"] = out["heads"].float().cpu(), out["mlps"].float().cpu()
+        return out
+
+    def _result(self, idx: list[int], keep: list[tuple[int, int]], screened: dict | None
+                ) -> tuple[PatchResult, PatchResult]:
+        """The split's head and MLP results, as :func:`patch_components` gives them (unscreened heads: no effect):
+        the store read as results over every pair, restricted to the split's (:meth:`PatchResult.restrict`)."""
+        from ..techniques.patching import label_result
+
+        c = self.model.cfg
+        hv = self.corrupted.expand(c.n_layers, c.n_heads, -1).clone()  # no effect: the base run's value
+        for l, h in keep:
+            hv[l, h] = self.heads[l, h]
+        stats = {"per_pair_cells": dict(self.cells), **({"screened": screened} if screened else {})}
+        grids = [("z", ("layer", "head"), {"layer": [str(l) for l in range(c.n_layers)],
+                                           "head": [str(h) for h in range(c.n_heads)]}, hv),
+                 ("hooks", ("hook",), {"hook": [m.hook for m in all_mlps(c)]}, self.mlps)]
+        sub = self.dataset.subset(idx[:1])
+        return tuple(label_result(PatchResult(site, "denoise", v.mean(-1), axes, labels, 0.0, 0.0, v, stats=dict(stats),
+                                              clean_per_prompt=self.clean, corrupted_per_prompt=self.corrupted
+                                              ).restrict(torch.tensor(idx)),
+                                  self.model, sub.clean, sub.corrupted, sub.metric) for site, axes, labels, v in grids)
 
 
 def _window(resid: PatchResult) -> tuple[tuple[int, int], list[int]]:
@@ -327,6 +448,15 @@ def _rankings_curve(model, pair, eap, ranking, ig_steps, curve_ig_steps, abl, n_
                               ablator=abl)  # a mean line per size
 
 
+def _check_effects(effects: PairEffects | None, dataset: TaskDataset, metric: Metric | None) -> None:
+    if effects is None:
+        return
+    if effects.dataset is not dataset:
+        raise InputError("effects (PairEffects) hold another dataset's patching: build them on this dataset")
+    if metric is not None:
+        raise InputError("effects (PairEffects) are the dataset's own metric per pair: pass no other metric")
+
+
 def no_memo(name: str, params: dict, compute: Callable[[], T]) -> T:
     """The default stage store of :func:`find_circuit`: compute every stage (see ``memo`` there)."""
     return compute()
@@ -335,7 +465,8 @@ def no_memo(name: str, params: dict, compute: Callable[[], T]) -> T:
 #: what each stage of :func:`find_circuit` is called in a work log (:mod:`mechscope.core.work`)
 STAGE_WORK_NAMES = {"resid": "patching: residual stream", "components": "patching: heads and MLPs",
                     "choice": "choice: search curve", "eap": "edge attribution", "validation": "validation: held-out",
-                    "curve": "curve: rankings", "split_faithfulness": "validation: held-out"}
+                    "curve": "curve: rankings", "split_faithfulness": "validation: held-out",
+                    "screen": "patching: heads and MLPs", "component_pairs": "patching: heads and MLPs"}
 
 
 def _metered(memo: Callable, seed: int) -> Callable:
@@ -352,7 +483,8 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
                  seed: int = 0, max_nodes: int | None = None, screen_heads: int | None = None, curve: bool = False,
-                 curve_ig_steps: int = 5, memo: Callable = no_memo) -> CircuitResult:
+                 curve_ig_steps: int = 5, memo: Callable = no_memo, effects: PairEffects | None = None
+                 ) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
     Components (every head and, with ``ablate_mlps``, every MLP) are ranked by their signed denoising patching
@@ -374,6 +506,8 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     ``memo(name, params, compute)`` stores the stages ("resid", "components", "choice", "eap", "validation",
     "curve"): :class:`mechscope.workflows.StageCache` keeps them on disk, so that a killed run resumes and a
     rerun with another ``target`` reuses the patching. It is only valid with the dataset's own metric.
+    ``effects`` (a :class:`PairEffects` of ``dataset``) keeps the heads' and MLPs' patching per prompt pair, so
+    that another split of the same dataset (:func:`replicate_split`) patches only the pairs this one did not.
     """
     check_mode(ablation)
     if not 0 < target <= 1.5:
@@ -381,6 +515,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     if metric is not None and memo is not no_memo:
         raise InputError("a stage store (memo) keys its stages by the dataset, so it needs the dataset's own metric")
     search, test = dataset.split(held_out, seed=seed)
+    _check_effects(effects, dataset, metric)
     memo = _metered(memo, seed)
     m_search, m_test = metric or search.metric, metric or test.metric  # a dataset's metric knows its own answers
     key = {"held_out": held_out, "seed": seed}
@@ -389,7 +524,7 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     resid = memo("resid", key, lambda: patch(model, pair, site="resid_pre"))
     how = {**key, "screen_heads": screen_heads, "ablation": ablation, "ablate_mlps": ablate_mlps}
     heads, mlps, scores, (pool, ranking, opposing), (nodes, rule, extra) = _search(
-        model, search, pair, how, target, node_threshold, max_nodes, memo)
+        model, search, pair, how, target, node_threshold, max_nodes, memo, effects, dataset)
     stage(f"find_circuit 3/4: edge attribution{f' (IG, {ig_steps} steps)' if ig_steps else ''} among {len(nodes)} nodes")
     eap = memo("eap", {**key, "ig_steps": ig_steps},
                lambda: edge_attribution(model, pair, ig_steps=ig_steps))
@@ -412,11 +547,15 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
 
 
 def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: float, node_threshold, max_nodes,
-            memo):
+            memo, effects: PairEffects | None, dataset: TaskDataset):
     """Steps 3 and 5 on the search prompts: patch the components, rank them, choose the circuit (stages
-    "components" and "choice" of ``memo``)."""
-    heads, mlps = memo("components", {k: how[k] for k in ("held_out", "seed", "screen_heads")},
-                       lambda: patch_components(model, pair, how["screen_heads"]))
+    "components", or ``effects``' blocks, and "choice" of ``memo``)."""
+    if effects is None:
+        heads, mlps = memo("components", {k: how[k] for k in ("held_out", "seed", "screen_heads")},
+                           lambda: patch_components(model, pair, how["screen_heads"]))
+    else:
+        idx = dataset.split_pairs(how["held_out"], how["seed"])[0]
+        heads, mlps = effects.components(idx, pair, how["screen_heads"], memo)
     scores = component_scores(model, heads, mlps)
     pool, ranking, opposing = ranked = _rank(model, scores, how["ablate_mlps"])
     chosen = memo("choice", {**how, "target": target, "node_threshold": node_threshold, "max_nodes": max_nodes},
@@ -428,17 +567,18 @@ def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: f
 @checked
 def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target: float = 0.8, ablation: str = "cf",
                     ablate_mlps: bool = True, held_out: float = 0.5, screen_heads: int | None = None,
-                    memo: Callable = no_memo) -> tuple[list[str], Estimate]:
+                    memo: Callable = no_memo, effects: PairEffects | None = None) -> tuple[list[str], Estimate]:
     """The circuit :func:`find_circuit` would choose on the split ``seed``, and its faithfulness on that split's
     held-out prompts: whether the circuit depends on which prompts happened to be held out. Shares the
-    "components" and "choice" stages of ``memo`` with :func:`find_circuit`."""
+    "components" and "choice" stages of ``memo``, and ``effects``' patched pairs, with :func:`find_circuit`."""
     check_mode(ablation)
+    _check_effects(effects, dataset, None)
     search, test = dataset.split(held_out, seed=seed)
     memo = _metered(memo, seed)
     how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
            "ablate_mlps": ablate_mlps}
     pair = prepare_task(model, search, circuit_hooks(model))
-    *_, (pool, _, _), (nodes, _, _) = _search(model, search, pair, how, target, None, None, memo)
+    *_, (pool, _, _), (nodes, _, _) = _search(model, search, pair, how, target, None, None, memo, effects, dataset)
     faith = memo("split_faithfulness", {**how, "nodes": nodes},
                  lambda: Ablator(model, test, test.metric, pool, ablation, seed).faithfulness(nodes))
     return nodes, faith

@@ -115,7 +115,8 @@ class WorkMeter:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Count what runs inside the block as the stage ``name`` (a stage read from a store shows 0 work). A stage
-        opened inside another is recorded on its own, and the outer one keeps only the rest."""
+        opened inside another is recorded on its own, and the outer one keeps only the rest; a stage of the same name
+        as the one recorded just before adds to its row."""
         frame = [time.perf_counter(), self.token_layers, self.floor, 0.0, 0, 0]  # t0, work0, floor0, inner s/w/f
         self._open.append(frame)
         try:
@@ -124,7 +125,13 @@ class WorkMeter:
             self._open.pop()
             t0, w0, f0, s_in, w_in, f_in = frame
             s, w, f = time.perf_counter() - t0, self.token_layers - w0, self.floor - f0
-            self.log.stages.append(StageWork(name, s - s_in, w - w_in, f - f_in))
+            last = self.log.stages[-1] if self.log.stages else None
+            if last is not None and last.name == name:  # the same stage again straight after (a stage run in
+                # parts): one row
+                last.seconds, last.token_layers, last.floor = (last.seconds + s - s_in, last.token_layers + w - w_in,
+                                                               last.floor + f - f_in)
+            else:
+                self.log.stages.append(StageWork(name, s - s_in, w - w_in, f - f_in))
             if self._open:
                 parent = self._open[-1]
                 parent[3], parent[4], parent[5] = parent[3] + s, parent[4] + w, parent[5] + f

@@ -36,6 +36,7 @@ from ..core.errors import InputError
 from ..core.model import HookedModel, lm_loss
 from ..core.progress import bar, stage
 from ..core.result import Result
+from ..techniques.inputs import logits_under
 from .data import harvest, harvest_pairs
 from .model import SAE
 
@@ -324,7 +325,7 @@ def _ce_per_sequence(model: HookedModel, tokens: torch.Tensor, hook_sets: list[l
     """``[hook set, sequence]``: each sequence's mean next-token loss under each list of forward hooks."""
     def ce_rows(s: int, e: int) -> torch.Tensor:
         t = tokens[s:e].to(model.device)
-        runs = [model.run_with_hooks(t, fwd_hooks=hs) if hs else model(t) for hs in hook_sets]
+        runs = logits_under(model, t, hook_sets)  # the blocks before the first hooked one: run once
         return torch.stack([lm_loss(lg, t, per_token=True).mean(-1) for lg in runs]).cpu()
 
     elt = torch.finfo(model.dtype).bits // 8

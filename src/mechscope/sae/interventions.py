@@ -28,7 +28,7 @@ from ..core.progress import bar, stage
 from ..core.result import Result
 from ..core.types import Metric, TextOrTokens
 from ..techniques.ablation import AblationResult, BaselineComparison
-from ..techniques.inputs import batched_metric, equal_length_tokens
+from ..techniques.inputs import batched_metric, equal_length_tokens, hook_block, plain_run
 from .data import harvest, token_keep_mask
 from .model import SAE
 
@@ -143,6 +143,7 @@ def steering_sweep(model: HookedModel, sae: SAE, feature: int, tokens: TextOrTok
     rnd = torch.randn(d.shape, generator=g)
     rnd = rnd / rnd.norm() * d.norm()
     hook = sae.cfg.hook_name
+    plain = plain_run(model, toks, metric, [hook_block(hook)], what="steering")  # strength 0, and where runs resume
 
     def run(direction: torch.Tensor, s: float) -> torch.Tensor:
         vec = (s * scale * direction)
@@ -150,8 +151,10 @@ def steering_sweep(model: HookedModel, sae: SAE, feature: int, tokens: TextOrTok
         def add(act, h):
             return act + vec.to(act.device, act.dtype)
 
-        return batched_metric(model, toks, metric, (lambda a, b: [(hook, add)]) if s else None,
-                              what="steering").float().cpu()
+        if not s:  # nothing added: the unhooked run
+            return plain.value.float().cpu()
+        return batched_metric(model, toks, metric, lambda a, b: [(hook, add)], what="steering", plain=plain,
+                              start=hook_block(hook)).float().cpu()
 
     vals, ctrl = [], []
     for s in bar(list(strengths), desc="steering strengths"):
@@ -209,11 +212,13 @@ def compare_features_to_random(model: HookedModel, sae: SAE, tokens: TextOrToken
         raise InputError(f"feature(s) {silent} never fire on these prompts: ablating them changes nothing; test "
                          "features that are active here (sae.encode on the prompts' activations)")
     hook = sae.cfg.hook_name
-    base = batched_metric(model, toks, metric, what="feature ablation").float().cpu()
+    plain = plain_run(model, toks, metric, [hook_block(hook)], what="feature ablation")  # ablations resume there
+    base = plain.value.float().cpu()
 
     def effect(feats: list[int]) -> torch.Tensor:
         h = ablate_features_hook(sae, feats)
-        return batched_metric(model, toks, metric, lambda a, b: [(hook, h)], what="feature ablation").float().cpu() - base
+        return batched_metric(model, toks, metric, lambda a, b: [(hook, h)], what="feature ablation", plain=plain,
+                              start=hook_block(hook)).float().cpu() - base
 
     t_eff = effect(features)
     controls = matched_controls(mass > 0, mass, features, n_random, seed, tolerance)

@@ -37,7 +37,7 @@ from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
 from ..core.types import ComponentSpecs, Metric, TextOrTokens
-from .inputs import batched_metric, equal_length_tokens
+from .inputs import PlainRun, batched_metric, equal_length_tokens, plain_run
 
 __all__ = ["AblationResult", "BaselineComparison", "Component", "ablate", "ablate_each", "ablation_hooks",
            "compare_to_random", "describe_reference", "parse_components", "random_components", "replacement_values"]
@@ -221,7 +221,8 @@ def describe_reference(method: str, n_prompts: int, reference: TextOrTokens | No
 def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
            reference: TextOrTokens | None = None, seed: int = 0,
            n_boot: int = 2000, batch_size: int | None = None, metric_name: str | None = None,
-           _baseline: torch.Tensor | None = None, _values: dict | None = None) -> AblationResult:
+           _baseline: torch.Tensor | None = None, _values: dict | None = None,
+           _plain: PlainRun | None = None) -> AblationResult:
     """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after.
 
     ``reference``: the prompts mean and resample values come from (default: the ablated prompts
@@ -234,13 +235,17 @@ def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components:
     comps = parse_components(model, components)
     state = BatchState()  # one run: later passes start at a size that fit, and it warns once
     values = _values if _values is not None else replacement_values(model, comps, toks, method, reference, seed, state)
-    base = _baseline if _baseline is not None else batched_metric(model, toks, metric, batch_size=batch_size,
-                                                                   what="ablation", state=state)
+    if _plain is not None:  # the unablated run, kept: the ablated one resumes at the first ablated block
+        base = _plain.value
+    else:
+        base = _baseline if _baseline is not None else batched_metric(model, toks, metric, batch_size=batch_size,
+                                                                       what="ablation", state=state)
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
         raise InputError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
                          f"got shape {tuple(base.shape)}")
     abl = batched_metric(model, toks, metric, lambda s, e: ablation_hooks(model, comps, _rows(values, s, e)),
-                         batch_size=batch_size, what="ablation", state=state)
+                         batch_size=batch_size, what="ablation", state=state, plain=_plain,
+                         start=min(c.layer for c in comps))
     return AblationResult([str(c) for c in comps], method, base, abl, bootstrap_ci(abl - base, n_boot=n_boot, seed=seed),
                           metric=metric_name or describe_metric(metric),
                           reference=describe_reference(method, toks.shape[0], reference))
@@ -349,10 +354,12 @@ def compare_to_random(model: HookedModel, tokens: TextOrTokens, metric: Metric, 
     pool = list(dict.fromkeys(comps + [c for st in sets for c in st]))
     toks = equal_length_tokens(model, tokens, "ablation")
     values = replacement_values(model, pool, toks, method, reference, seed)  # one reference pass for every set
+    # one unablated pass keeps the stream entering each set's first ablated block: each set runs from there on
+    plain = plain_run(model, toks, metric, [min(c.layer for c in st) for st in [comps, *sets]], what="ablation")
     target = ablate(model, toks, metric, comps, method, reference, seed, metric_name=metric_name,
-                    _values={c: values[c] for c in comps})
-    rand_res = [ablate(model, toks, metric, st, method, reference, seed, _baseline=target.baseline,
-                       _values={c: values[c] for c in st})
+                    _values={c: values[c] for c in comps}, _plain=plain)
+    rand_res = [ablate(model, toks, metric, st, method, reference, seed, _values={c: values[c] for c in st},
+                       _plain=plain)
                 for st in bar(sets, desc="ablating random components")]
     t_eff = target.ablated - target.baseline
     if not rand_res:

@@ -14,6 +14,7 @@ import torch
 from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
 from ..core.errors import InputError, InputTypeError
+from ..core.hookpoints import act_name, split_name
 from ..core.model import HookedModel
 from ..core.types import Answer, HookList, Metric, TextOrTokens
 from ..core.work import add_floor
@@ -132,26 +133,110 @@ def logits_to_keep(model: HookedModel, tokens: torch.Tensor, metric: Metric) -> 
 
 def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
                    hooks_for: Callable[[int, int], HookList] | None = None, batch_size: int | None = None,
-                   what: str = "forward passes", state: BatchState | None = None) -> torch.Tensor:
+                   what: str = "forward passes", state: BatchState | None = None, plain: PlainRun | None = None,
+                   start: int = 0) -> torch.Tensor:
     """``metric`` per prompt ``[n]`` for ``tokens [n, pos]``, run in memory-sized batches of prompts.
 
     ``hooks_for(start, stop)`` gives the forward hooks for the prompts ``start:stop`` (e.g. ablation
     values sliced to those rows). Only the last position's logits are kept when the metric reads
-    nothing else (detected exactly, see :func:`reads_last_only`).
+    nothing else (detected exactly, see :func:`reads_last_only`). ``plain`` (:func:`plain_run` of the same tokens
+    and metric) with ``start``, the first block any hook sits in: the run resumes from the plain run's stream at
+    the latest block it kept at or before ``start`` (the blocks before compute what they did there).
     """
     n, P = tokens.shape
-    keep = logits_to_keep(model, tokens, metric)
+    keep = plain.keep if plain is not None else logits_to_keep(model, tokens, metric)
+    layer = plain.resume_layer(start) if plain is not None else 0
     elt = torch.finfo(model.dtype).bits // 8
 
-    def run(start: int, stop: int) -> torch.Tensor:
-        hooks = hooks_for(start, stop) if hooks_for is not None else ()
+    def run(s: int, e: int) -> torch.Tensor:
+        hooks = hooks_for(s, e) if hooks_for is not None else ()
         with torch.no_grad(), model.hooks(hooks):
-            logits = model(tokens[start:stop], logits_to_keep=keep)
-        return metric_on_rows(metric, logits, torch.arange(start, stop), n).cpu()
+            if layer:
+                logits = model.run_from(layer, plain.streams[layer][s:e].to(model.device), logits_to_keep=keep)
+            else:
+                logits = model(tokens[s:e], logits_to_keep=keep)
+        return metric_on_rows(metric, logits, torch.arange(s, e), n).cpu()
 
     per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None)
     parts = map_batches(run, n, batch_size, per, model.device, what, state, tokens_per_item=P)
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one batch: the metric's own shape)
+
+
+@torch.no_grad()
+def logits_under(model: HookedModel, tokens: torch.Tensor, hook_sets: Sequence[HookList],
+                 keep: int = 0) -> list[torch.Tensor]:
+    """The logits ``[n, pos, d_vocab]`` of ``tokens`` under each list of forward hooks (an empty list: the unhooked
+    run), the blocks before the first block any hook sits in run once for all of them. ``keep``: as
+    ``logits_to_keep``. Hooks named by a filter, not a name, make every run start from the tokens."""
+    names = [n for hs in hook_sets for n, _ in hs]
+    start = min((hook_block(n) if isinstance(n, str) else 0 for n in names), default=0)
+    stream: dict[str, torch.Tensor] = {}
+    plain = None
+    if any(not hs for hs in hook_sets):
+        cap = [(act_name("resid_pre", start), lambda a, h: stream.__setitem__("x", a.detach()))] if start else []
+        with model.hooks(cap):
+            plain = model(tokens, logits_to_keep=keep)
+    elif start:
+        stream["x"] = model(tokens, stop_at_layer=start)
+    out = []
+    for hs in hook_sets:
+        with model.hooks(hs):
+            out.append(plain if not hs else model.run_from(start, stream["x"], logits_to_keep=keep) if start
+                       else model(tokens, logits_to_keep=keep))
+    return out
+
+
+def hook_block(name: str) -> int:
+    """The block a hook name sits in (``blocks.5.attn.hook_z`` -> 5), 0 for a name outside the blocks (the
+    embeddings, the final norm): where a run with that hook must start, at the latest."""
+    layer, _ = split_name(name)
+    return layer if layer is not None else 0
+
+
+@dataclass(repr=False)
+class PlainRun:
+    """The unhooked run of some tokens, kept for the interventions that follow it: the metric per prompt ``value
+    [n]``, which logits the metric reads (``keep``, as :func:`logits_to_keep`), and the residual stream entering
+    some blocks ``{layer: [n, pos, d_model]}``. An intervention whose hooks all sit in block b or later resumes from
+    the latest kept stream at or before b (:func:`batched_metric`'s ``plain``): same values, fewer blocks run."""
+
+    value: torch.Tensor
+    keep: int
+    streams: dict[int, torch.Tensor]
+
+    def resume_layer(self, start: int) -> int:
+        """The block a run whose first hook sits in block ``start`` resumes at (0: from the tokens)."""
+        return max((l for l in self.streams if l <= start), default=0)
+
+
+@torch.no_grad()
+def plain_run(model: HookedModel, tokens: torch.Tensor, metric: Metric, layers: Iterable[int] = (),
+              state: BatchState | None = None, what: str = "forward passes") -> PlainRun:
+    """One batched unhooked pass over ``tokens [n, pos]``: the metric per prompt and the stream entering each block
+    of ``layers`` (the latest ones first, as many as fit in a quarter of free memory; block 0 needs none)."""
+    from ..compute import free_memory
+
+    n, P = tokens.shape
+    keep = logits_to_keep(model, tokens, metric)
+    elt = torch.finfo(model.dtype).bits // 8
+    one = n * P * model.cfg.d_model * elt
+    want = sorted({int(l) for l in layers if 0 < int(l) < model.cfg.n_layers}, reverse=True)
+    want = want[:int(0.25 * free_memory(model.device) // max(one, 1))]
+    parts: dict[int, list[torch.Tensor]] = {l: [] for l in want}
+
+    def run(s: int, e: int) -> torch.Tensor:
+        got: dict[int, torch.Tensor] = {}
+        hooks = [(act_name("resid_pre", l), (lambda a, h, _l=l: got.__setitem__(_l, a.detach().clone()))) for l in want]
+        with model.hooks(hooks):
+            logits = model(tokens[s:e], logits_to_keep=keep)
+        for l in want:
+            parts[l].append(got[l])
+        return metric_on_rows(metric, logits, torch.arange(s, e), n).cpu()
+
+    per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None) + len(want) * P * model.cfg.d_model * elt
+    values = map_batches(run, n, None, per, model.device, what, state, tokens_per_item=P)
+    value = values[0] if len(values) == 1 else torch.cat(values)
+    return PlainRun(value, keep, {l: torch.cat(p) for l, p in parts.items()})
 
 
 @dataclass(eq=False, repr=False)

@@ -18,6 +18,7 @@ The seed workflow of circuit discovery, in stages, each kept on disk (:mod:`.sta
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
-from ..circuits.discovery import CircuitResult, find_circuit, no_memo, replicate_split
+from ..circuits.discovery import CircuitResult, PairEffects, find_circuit, no_memo, replicate_split
 from ..circuits.heads import detect_heads, head_report
 from ..core import work
 from ..core.components import Component
@@ -41,6 +42,9 @@ from ..techniques.inputs import batched_metric
 from .report import Figures, Report, Section, estimates_table, fmt, reproducibility
 from .stages import StageCache
 
+#: ``MECHSCOPE_SHARE_PAIRS=0`` patches each split's heads and MLPs on its own (the path before per-pair sharing, for
+#: bench/bench_circuit.py's baseline)
+SHARE_PAIRS = os.environ.get("MECHSCOPE_SHARE_PAIRS", "1") != "0"
 MIN_PROMPTS = 20  # each half of the split needs 10 prompts for a bootstrap CI
 NOT_ENOUGH = " [not enough data: too few pairs for this to hold]"
 GRAPH_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -206,13 +210,15 @@ def _circuit_section(rep: Report, res: CircuitResult, out: Path) -> None:
         rep.metrics["cpr_cmd"] = res.extra["curve"].scores
 
 
-def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> list[tuple[int, list[str], Estimate]]:
-    """Step 5, again: the circuit chosen on other random splits, with its held-out faithfulness."""
+def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache, effects: PairEffects | None
+            ) -> list[tuple[int, list[str], Estimate]]:
+    """Step 5, again: the circuit chosen on other random splits, with its held-out faithfulness (the pairs that an
+    earlier split patched are not patched again: ``effects``)."""
     rows = [(0, res.nodes, res.faithfulness)]
     for s in range(1, opts["split_seeds"]):
         stage(f"investigate: choosing the circuit again on split seed {s}")
         rows.append((s, *replicate_split(model, data, s, opts["target"], opts["ablation"], held_out=opts["held_out"],
-                                         screen_heads=opts["screen_heads"], memo=cache)))
+                                         screen_heads=opts["screen_heads"], memo=cache, effects=effects)))
     if len(rows) == 1:
         return rows
     jac = [_overlap(res.nodes, n) for _, n, _ in rows]
@@ -221,6 +227,9 @@ def _splits(rep: Report, model, data, res: CircuitResult, opts: dict, cache) -> 
               f"{j:.2f}" for (s, n, f), j in zip(rows, jac)]
     shared = set.intersection(*(set(n) for _, n, _ in rows))
     lines.append(f"  in every split's circuit: {', '.join(sorted(shared, key=_order)) or 'nothing'}")
+    if effects is not None:
+        lines.append(f"  patching per prompt pair, shared by the splits: {effects.cells['patched']} (component, pair) "
+                     f"cells patched, {effects.cells['reused']} read from an earlier split")
     spread = bootstrap_ci(torch.tensor([f.value for _, _, f in rows]))  # n = splits: fmt shows n, not a CI, below 10
     sec = Section("does the circuit depend on the split?", "\n".join(lines),
                   estimates_table([(f"split seed {s}: {len(n)} components", f) for s, n, f in rows],
@@ -414,12 +423,13 @@ def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechsc
             _patching_only(rep, model, data, out, cache)
         elif does:
             stage("investigate 2/5: patching, the circuit from the curve, its validation")
+            effects = PairEffects(model, data) if SHARE_PAIRS else None  # each pair's patching, shared by the splits
             res = find_circuit(model, data, target=target, ablation=ablation, held_out=held_out, n_random=n_random,
-                               screen_heads=screen_heads, curve=curve, memo=cache)
+                               screen_heads=screen_heads, curve=curve, memo=cache, effects=effects)
             _patching_sections(rep, res, out, Figures())
             _circuit_section(rep, res, out)
             stage(f"investigate 3/5: the circuit on {opts['split_seeds'] - 1} more splits")
-            splits = _splits(rep, model, data, res, opts, cache)
+            splits = _splits(rep, model, data, res, opts, cache, effects)
             stage("investigate 4/5: the winning components")
             with work.stage("reading the components"):
                 _heads_section(rep, model, data, res, out, n_heads)
