@@ -250,7 +250,7 @@ class PairEffects:
         self.cells = {"patched": 0, "reused": 0}  # (component, pair) cells patched, and those read from earlier
 
     def components(self, idx: torch.Tensor, pair: PreparedPair, screen: int | None,
-                   memo: Callable = None) -> tuple[PatchResult, PatchResult]:
+                   memo: Callable | None = None) -> tuple[PatchResult, PatchResult]:
         """:func:`patch_components` on the pairs ``idx`` of the dataset (``pair``: those pairs prepared, for the
         screening), from the cells already patched plus the missing ones. ``memo`` stores each patched block."""
         memo = memo or no_memo
@@ -300,8 +300,7 @@ class PairEffects:
 
         sub = self.dataset.subset(pairs)
         pair = pair or prepare_task(self.model, sub, circuit_hooks(self.model))
-        out = {}
-        runs = None
+        out, runs = {}, None  # (a block has at least one component: some run sets runs)
         for kind, site, keys in (("heads", "z", [tuple(h) for h in heads]),
                                  ("mlps", [m.hook for m in all_mlps(self.model.cfg)], [(l,) for l in mlps])):
             plan = plan_patches(self.model, pair, None, site)
@@ -312,8 +311,6 @@ class PairEffects:
             if any(v.dim() != 1 or v.shape[0] != sub.clean.shape[0] for v in rows):
                 raise InputError("per-pair patching effects need a metric with one value per prompt")
             out[kind] = sub.per_pair(torch.stack(rows, 1)).T if rows else torch.zeros(0, len(pairs))
-        if runs is None:  # nothing to patch (not reached: a block has at least one component)
-            raise InputError("no component to patch")
         out["clean"], out["corrupted"] = (sub.per_pair(v.float().flatten().cpu()) for v in (runs.clean_value,
                                                                                               runs.corr_value))
         out["heads"], out["mlps"] = out["heads"].float().cpu(), out["mlps"].float().cpu()
