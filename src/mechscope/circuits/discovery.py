@@ -445,7 +445,14 @@ def _rankings_curve(model, pair, eap, ranking, ig_steps, curve_ig_steps, abl, n_
                               ablator=abl)  # a mean line per size
 
 
-def _check_effects(effects: PairEffects | None, dataset: TaskDataset, metric: Metric | None) -> None:
+def _check_args(dataset: TaskDataset, metric: Metric | None, memo: Callable, effects: PairEffects | None,
+                ablation: str, target: float) -> None:
+    """find_circuit's and replicate_split's arguments, checked once."""
+    check_mode(ablation)
+    if not 0 < target <= 1.5:
+        raise InputError(f"target faithfulness must be in (0, 1.5], got {target}")
+    if metric is not None and memo is not no_memo:
+        raise InputError("a stage store (memo) keys its stages by the dataset, so it needs the dataset's own metric")
     if effects is None:
         return
     if effects.dataset is not dataset:
@@ -500,19 +507,12 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     patching ranks highest (the rest count as no effect). ``curve=True`` adds ``extra["curve"]``: the
     patching, EAP and EAP-IG (``curve_ig_steps``; 0 leaves it out) rankings over sizes against random circuits.
 
-    ``memo(name, params, compute)`` stores the stages ("resid", "components", "choice", "eap", "validation",
-    "curve"): :class:`mechscope.workflows.StageCache` keeps them on disk, so that a killed run resumes and a
-    rerun with another ``target`` reuses the patching. It is only valid with the dataset's own metric.
-    ``effects`` (a :class:`PairEffects` of ``dataset``) keeps the heads' and MLPs' patching per prompt pair, so
-    that another split of the same dataset (:func:`replicate_split`) patches only the pairs this one did not.
-    """
-    check_mode(ablation)
-    if not 0 < target <= 1.5:
-        raise InputError(f"target faithfulness must be in (0, 1.5], got {target}")
-    if metric is not None and memo is not no_memo:
-        raise InputError("a stage store (memo) keys its stages by the dataset, so it needs the dataset's own metric")
+    ``memo(name, params, compute)`` stores the stages ("resid", "components", "choice", ...): a
+    :class:`mechscope.workflows.StageCache` keeps them on disk, so that a killed run resumes and a rerun with another
+    ``target`` reuses the patching (only with the dataset's own metric). ``effects`` (a :class:`PairEffects` of
+    ``dataset``): the heads' and MLPs' patching per pair, shared with :func:`replicate_split`'s other splits."""
+    _check_args(dataset, metric, memo, effects, ablation, target)
     search, test = dataset.split(held_out, seed=seed)
-    _check_effects(effects, dataset, metric)
     memo = _metered(memo, seed)
     m_search, m_test = metric or search.metric, metric or test.metric  # a dataset's metric knows its own answers
     key = {"held_out": held_out, "seed": seed}
@@ -568,8 +568,7 @@ def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target:
     """The circuit :func:`find_circuit` would choose on the split ``seed``, and its faithfulness on that split's
     held-out prompts: whether the circuit depends on which prompts happened to be held out. Shares the
     "components" and "choice" stages of ``memo``, and ``effects``' patched pairs, with :func:`find_circuit`."""
-    check_mode(ablation)
-    _check_effects(effects, dataset, None)
+    _check_args(dataset, None, memo, effects, ablation, target)
     search, test = dataset.split(held_out, seed=seed)
     memo = _metered(memo, seed)
     how = {"held_out": held_out, "seed": seed, "screen_heads": screen_heads, "ablation": ablation,
