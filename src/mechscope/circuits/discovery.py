@@ -273,8 +273,7 @@ class PairEffects:
         for kind, comps, table in (("heads", keep, lambda c: self.heads[c[0], c[1]]),
                                    ("mlps", range(self.model.cfg.n_layers), lambda c: self.mlps[c])):
             for c in comps:
-                row = table(c)
-                miss = tuple(p for p in idx if math.isnan(float(row[p])))
+                miss = tuple(p for p, gap in zip(idx, table(c)[idx].isnan().tolist()) if gap)
                 if miss:
                     groups.setdefault(miss, ([], []))[kind == "mlps"].append(c)
         needed = len(idx) * (len(keep) + self.model.cfg.n_layers)
@@ -300,20 +299,20 @@ class PairEffects:
 
         sub = self.dataset.subset(pairs)
         pair = pair or prepare_task(self.model, sub, circuit_hooks(self.model))
-        out, runs = {}, None  # (a block has at least one component: some run sets runs)
+        out = {"heads": torch.zeros(0, len(pairs)), "mlps": torch.zeros(0, len(pairs))}
         for kind, site, keys in (("heads", "z", [tuple(h) for h in heads]),
                                  ("mlps", [m.hook for m in all_mlps(self.model.cfg)], [(l,) for l in mlps])):
-            plan = plan_patches(self.model, pair, None, site)
-            want = set(keys)
+            if not keys:  # (a block has heads, MLPs or both)
+                continue
+            plan, want = plan_patches(self.model, pair, None, site), set(keys)
             plan.jobs = [j for j in plan.jobs if tuple(j.key) in want]
-            values, runs, _ = run_patches(self.model, plan, pair.metric) if plan.jobs else ({}, runs, None)
+            values, runs, _ = run_patches(self.model, plan, pair.metric)
             rows = [values[k] for k in keys]
             if any(v.dim() != 1 or v.shape[0] != sub.clean.shape[0] for v in rows):
                 raise InputError("per-pair patching effects need a metric with one value per prompt")
-            out[kind] = sub.per_pair(torch.stack(rows, 1)).T if rows else torch.zeros(0, len(pairs))
-        out["clean"], out["corrupted"] = (sub.per_pair(v.float().flatten().cpu()) for v in (runs.clean_value,
-                                                                                              runs.corr_value))
-        out["heads"], out["mlps"] = out["heads"].float().cpu(), out["mlps"].float().cpu()
+            out[kind] = sub.per_pair(torch.stack(rows, 1)).T.float().cpu()
+            out["clean"], out["corrupted"] = (sub.per_pair(v.float().flatten().cpu()) for v in (runs.clean_value,
+                                                                                                  runs.corr_value))
         return out
 
     def _result(self, idx: list[int], keep: list[tuple[int, int]], screened: dict | None

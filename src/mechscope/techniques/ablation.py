@@ -221,8 +221,7 @@ def describe_reference(method: str, n_prompts: int, reference: TextOrTokens | No
 def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components: ComponentSpecs, method: str = "zero",
            reference: TextOrTokens | None = None, seed: int = 0,
            n_boot: int = 2000, batch_size: int | None = None, metric_name: str | None = None,
-           _baseline: torch.Tensor | None = None, _values: dict | None = None,
-           _plain: PlainRun | None = None) -> AblationResult:
+           _values: dict | None = None, _plain: PlainRun | None = None) -> AblationResult:
     """Ablate ``components`` jointly and measure ``metric`` (one value per prompt) before and after.
 
     ``reference``: the prompts mean and resample values come from (default: the ablated prompts
@@ -235,11 +234,9 @@ def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components:
     comps = parse_components(model, components)
     state = BatchState()  # one run: later passes start at a size that fit, and it warns once
     values = _values if _values is not None else replacement_values(model, comps, toks, method, reference, seed, state)
-    if _plain is not None:  # the unablated run, kept: the ablated one resumes at the first ablated block
-        base = _plain.value
-    else:
-        base = _baseline if _baseline is not None else batched_metric(model, toks, metric, batch_size=batch_size,
-                                                                       what="ablation", state=state)
+    # the unablated run, kept (``_plain``): the ablated one then resumes at the first ablated block
+    base = _plain.value if _plain is not None else batched_metric(model, toks, metric, batch_size=batch_size,
+                                                                   what="ablation", state=state)
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
         raise InputError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
                          f"got shape {tuple(base.shape)}")

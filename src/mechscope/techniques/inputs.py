@@ -180,8 +180,11 @@ def logits_under(model: HookedModel, tokens: torch.Tensor, hook_sets: Sequence[H
         stream["x"] = model(tokens, stop_at_layer=start)
     out = []
     for hs in hook_sets:
+        if not hs:
+            out.append(plain)
+            continue
         with model.hooks(hs):
-            out.append(plain if not hs else model.run_from(start, stream["x"], logits_to_keep=keep) if start
+            out.append(model.run_from(start, stream["x"], logits_to_keep=keep) if start
                        else model(tokens, logits_to_keep=keep))
     return out
 
