@@ -103,18 +103,6 @@ def test_find_circuit_on_tiny_model(tmp_path):
         find_circuit(model, ds, node_threshold=1e6)
 
 
-@pytest.mark.slow
-def test_ioi_circuit_on_real_model(smollm, tmp_path):
-    from mechscope import datasets
-
-    ds = datasets.ioi(smollm, 16, seed=0)
-    res = find_circuit(smollm, ds, node_threshold=0.05, n_random=3)
-    assert res.faithfulness.value > 0.4, res.summary()
-    assert all(res.faithfulness.low > r.high for r in res.random_faithfulness), res.summary()
-    assert res.knockout.high < 0
-    assert any(n.startswith(("L20H0", "L23H3", "L17H4")) for n in res.nodes)
-
-
 @pytest.mark.parametrize("arch", ["gpt_neox", "falcon", "phi", "gptj", "cohere"])
 def test_eap_on_parallel_residual_blocks(arch):
     """Attention and MLP both read resid_pre: the MLP reader is the gradient through the MLP path alone."""
@@ -175,7 +163,7 @@ def test_screened_head_patching_keeps_the_exact_values_of_its_candidates():
     # the candidates are the heads attribution patching ranks highest, and they hold the largest true effect here
     assert float(fv.abs().max()) == pytest.approx(float(pv.abs().max()), abs=1e-6)
     res = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1, screen_heads=8)
-    ref = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1)
+    ref = find_circuit(model, ds, node_threshold=0.0, max_nodes=3, n_random=1, screen_heads=None)
     assert res.nodes == ref.nodes  # the 8 best-estimated of 12 heads hold the 3 components the full search finds
 
 

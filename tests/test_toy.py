@@ -1,8 +1,8 @@
 """The toy model with a known answer: a 2-layer attention-only transformer that learns induction.
 
-The test trains it (about 20 s) and checks that the detectors, the composition scores and an
-ablation recover the circuit that Olsson et al. 2022 predict: a previous-token head in layer 0
-that the layer-1 induction head reads through K-composition.
+The fixture trains it once (about 20 s; later runs read it from ``$MECHSCOPE_CACHE/toys``) and checks that the
+detectors, the composition scores and an ablation recover the circuit that Olsson et al. 2022 predict: a
+previous-token head in layer 0 that the layer-1 induction head reads through K-composition.
 """
 
 import pytest
@@ -90,6 +90,29 @@ def test_saved_toy_loads_with_mechscope(toy, tmp_path):
     toks = m.to_tokens(["t5 t9 t11 t5 t9"])
     assert toks[0, 0].item() == 0
     assert torch.allclose(m(toks), toy.model(toks), atol=1e-5)
+
+
+def test_a_trained_toy_is_cached_and_read_back_as_trained(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path))
+    fresh = train_attn_only(steps=30, cache=False)
+    assert not (tmp_path / "toys").exists()
+    first = train_attn_only(steps=30)  # trains, equal to the uncached run (a seed's training is deterministic)
+    again = train_attn_only(steps=30)  # reads it back
+    assert not first.cached and again.cached and "read from the cache" in again.summary()
+    assert again.losses == first.losses == fresh.losses and again.config == fresh.config
+    toks = again.model.to_tokens(["t5 t9 t11 t5 t9 t11"])
+    assert torch.equal(again.model(toks), fresh.model(toks)) and torch.equal(first.model(toks), fresh.model(toks))
+    assert not any(p.requires_grad for layer in again.model.hf.gpt_neox.layers for p in layer.mlp.parameters())
+    assert not train_attn_only(steps=31).cached  # other settings: another entry
+    (folder,) = [f for f in (tmp_path / "toys").iterdir() if json.loads((f / "toy.json").read_text())["config"]
+                 ["steps"] == 30]
+    saved = json.loads((folder / "toy.json").read_text())
+    saved["config"]["seed"] = 5  # a file that does not match its name
+    (folder / "toy.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings"):
+        train_attn_only(steps=30)
 
 
 def test_bad_settings_are_refused():

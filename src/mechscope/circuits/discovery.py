@@ -465,6 +465,10 @@ def no_memo(name: str, params: dict, compute: Callable[[], T]) -> T:
     return compute()
 
 
+#: the heads patched exactly by default: attribution patching's top 64 (``screen_heads``; the CLI's ``--screen``).
+#: On SmolLM2 IOI this gives the circuit and faithfulness of patching all 270 heads (docs/circuits.md, step 3).
+SCREEN_HEADS = 64
+
 #: what each stage of :func:`find_circuit` is called in a work log (:mod:`mechscope.core.work`)
 STAGE_WORK_NAMES = {"resid": "patching: residual stream", "components": "patching: heads and MLPs",
                     "choice": "choice: search curve", "eap": "edge attribution", "validation": "validation: held-out",
@@ -485,8 +489,8 @@ def _metered(memo: Callable, seed: int) -> Callable:
 def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None = None, target: float = 0.8,
                  ablation: str = "cf", ablate_mlps: bool = True, node_threshold: float | None = None,
                  edge_threshold: float = 0.05, ig_steps: int = 0, held_out: float = 0.5, n_random: int = 20,
-                 seed: int = 0, max_nodes: int | None = None, screen_heads: int | None = None, curve: bool = False,
-                 curve_ig_steps: int = 5, memo: Callable = no_memo, effects: PairEffects | None = None
+                 seed: int = 0, max_nodes: int | None = None, screen_heads: int | None = SCREEN_HEADS,
+                 curve: bool = False, curve_ig_steps: int = 5, memo: Callable = no_memo, effects: PairEffects | None = None
                  ) -> CircuitResult:
     """Find and validate a circuit for ``dataset`` (a :class:`~mechscope.datasets.TaskDataset`).
 
@@ -502,9 +506,10 @@ def find_circuit(model: HookedModel, dataset: TaskDataset, metric: Metric | None
     Edges among the circuit's nodes (from the embedding, into the logits) whose |EAP score| reaches
     ``edge_threshold`` times the largest are kept. Validation on the held-out part (``held_out`` fraction):
     faithfulness, knockout, ``n_random`` random circuits with as many heads and MLPs, and the faithfulness
-    curve of the ranking over sizes. ``screen_heads=K`` patches exactly only the K heads attribution
-    patching ranks highest (the rest count as no effect). ``curve=True`` adds ``extra["curve"]``: the
-    patching, EAP and EAP-IG (``curve_ig_steps``; 0 leaves it out) rankings over sizes against random circuits.
+    curve of the ranking over sizes. ``screen_heads=K`` (default :data:`SCREEN_HEADS`) patches exactly only the
+    K heads attribution patching ranks highest (the rest count as no effect); ``None`` patches every head.
+    ``curve=True`` adds ``extra["curve"]``: the patching, EAP and EAP-IG (``curve_ig_steps``; 0 leaves it out)
+    rankings over sizes against random circuits.
 
     ``memo(name, params, compute)`` stores the stages ("resid", "components", "choice", ...): a
     :class:`mechscope.workflows.StageCache` keeps them on disk, so that a killed run resumes and a rerun with another
@@ -562,7 +567,7 @@ def _search(model, search: TaskDataset, pair: PreparedPair, how: dict, target: f
 
 @checked
 def replicate_split(model: HookedModel, dataset: TaskDataset, seed: int, target: float = 0.8, ablation: str = "cf",
-                    ablate_mlps: bool = True, held_out: float = 0.5, screen_heads: int | None = None,
+                    ablate_mlps: bool = True, held_out: float = 0.5, screen_heads: int | None = SCREEN_HEADS,
                     memo: Callable = no_memo, effects: PairEffects | None = None) -> tuple[list[str], Estimate]:
     """The circuit :func:`find_circuit` would choose on the split ``seed``, and its faithfulness on that split's
     held-out prompts: whether the circuit depends on which prompts happened to be held out. Shares the

@@ -17,6 +17,8 @@ The model stays an ordinary HF model with a word-level tokenizer (``<bos>``, ``<
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,7 @@ class ToyRun(Result):
     losses: list[float]
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+    cached: bool = False  # read back from $MECHSCOPE_CACHE/toys (trained earlier with the same settings)
 
     _skip_in_dict = ("model", "losses")
 
@@ -77,7 +80,8 @@ class ToyRun(Result):
         first, last = sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
         return (f"attention-only toy: {c['n_layers']} layers x {c['n_heads']} heads, d_model {c['d_model']}, "
                 f"vocab {c['d_vocab']}, context {c['n_ctx']}, periods {c['periods'][0]}-{c['periods'][1]}\n"
-                f"  {c['steps']} steps in {self.seconds:.1f} s; loss {first:.3f} -> {last:.3f} "
+                f"  {c['steps']} steps in {self.seconds:.1f} s{' (read from the cache)' if self.cached else ''}; "
+                f"loss {first:.3f} -> {last:.3f} "
                 f"(the first period of each sequence cannot be predicted)")
 
     def _dict_extra(self) -> dict:
@@ -136,7 +140,7 @@ def _fit(hf, steps: int, batch: int, n_ctx: int, d_vocab: int, periods, lr: floa
 def train_attn_only(n_layers: int = 2, n_heads: int = 2, d_model: int = 64, d_vocab: int = 64,
                     n_ctx: int = 48, periods: tuple[int, int] | None = None, steps: int = 800,
                     batch: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0,
-                    progress: bool = False) -> ToyRun:
+                    progress: bool = False, cache: bool = True) -> ToyRun:
     """Train an attention-only transformer on periodic random sequences; see the module docstring.
 
     Loss: mean next-token cross-entropy ``-log p(x_{t+1} | x_{<=t})`` over all positions, AdamW.
@@ -147,6 +151,10 @@ def train_attn_only(n_layers: int = 2, n_heads: int = 2, d_model: int = 64, d_vo
     highest K-composition pair joins the two. With ``n_heads=4`` the work is shared out: two or
     three layer-0 heads attend to the previous token and every layer-1 head is an induction head.
     ``n_layers=1`` cannot form an induction head (there is no earlier head to compose with).
+
+    ``cache``: the trained toy is kept under ``$MECHSCOPE_CACHE/toys`` by its settings (safetensors, with its
+    losses), and a later call with the same settings reads it back instead of training again (``cached`` says so);
+    a seed's training is deterministic, so that is the model this call would train (tested).
     """
     if n_layers < 1 or n_heads < 1 or d_model % n_heads or (d_model // n_heads) % 2:
         raise InputError(f"need n_layers >= 1 and an even d_head = d_model / n_heads; got n_layers={n_layers}, "
@@ -157,13 +165,46 @@ def train_attn_only(n_layers: int = 2, n_heads: int = 2, d_model: int = 64, d_vo
     if not 1 <= periods[0] <= periods[1] or 2 * periods[1] > n_ctx - 1:
         raise InputError(f"periods must satisfy 1 <= low <= high and 2 * high <= n_ctx - 1 = {n_ctx - 1} "
                          f"(each sequence holds at least two periods); got {periods}")
+    config = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx,
+                  periods=list(periods), steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, seed=seed)
+    folder = _cache_folder(config) if cache else None
+    if folder is not None and (folder / TOY_FILE).is_file():
+        return _load_cached(folder, config)
     torch.manual_seed(seed)
     hf = attn_only_neox(n_layers, n_heads, d_model, d_vocab, n_ctx)
     t0 = time.perf_counter()
     losses = _fit(hf, steps, batch, n_ctx, d_vocab, periods, lr, weight_decay, seed, progress)
     seconds = time.perf_counter() - t0
     hf.eval()
-    model = HookedModel(hf, toy_tokenizer(d_vocab), name=f"attn-only-{n_layers}L")
-    config = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx,
-                  periods=periods, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, seed=seed)
-    return ToyRun(model, losses, config, seconds)
+    run = ToyRun(HookedModel(hf, toy_tokenizer(d_vocab), name=f"attn-only-{n_layers}L"), losses, config, seconds)
+    if folder is not None:
+        with atomic_dir(folder, replace=False) as tmp:  # another process may have written it meanwhile: kept
+            run.save(tmp / "model")
+            (tmp / TOY_FILE).write_text(json.dumps({"config": config, "losses": losses, "seconds": seconds}))
+    return run
+
+
+#: the file beside a cached toy's model folder: its settings, losses and training time
+TOY_FILE = "toy.json"
+
+
+def _cache_folder(config: dict) -> Path:
+    """Where :func:`train_attn_only` keeps a toy trained with ``config``: named by a hash of the settings."""
+    from ..loading import cache_dir
+
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "toys" / f"attn-only-{key}"
+
+
+def _load_cached(folder: Path, config: dict) -> ToyRun:
+    """The toy :func:`train_attn_only` saved in ``folder`` (safetensors only), its MLPs zero and frozen again."""
+    from transformers import GPTNeoXForCausalLM
+
+    saved = json.loads((folder / TOY_FILE).read_text())
+    if saved["config"] != config:
+        raise InputError(f"the cached toy in {folder} was trained with other settings: delete the folder")
+    hf = GPTNeoXForCausalLM.from_pretrained(folder / "model", use_safetensors=True).eval()
+    for layer in hf.gpt_neox.layers:
+        layer.mlp.requires_grad_(False)
+    model = HookedModel(hf, toy_tokenizer(config["d_vocab"]), name=f"attn-only-{config['n_layers']}L")
+    return ToyRun(model, saved["losses"], config, saved["seconds"], cached=True)

@@ -61,7 +61,7 @@ def _lens_and_dla(rep: Report, model: HookedModel, out: Path, prompt: str = "The
     rep.metrics["dla_paris_london"] = dla.target
 
 
-def _induction(rep: Report, model: HookedModel, out: Path, figs: Figures, seed: int) -> None:
+def _induction(rep: Report, model: HookedModel, out: Path, figs: Figures, seed: int, n_random: int = 20) -> None:
     ind = induction_scores(model, seed=seed)
     ind.plot(out / "induction.png")
     top = [n for n, _ in ind.top(4)]
@@ -72,7 +72,7 @@ def _induction(rep: Report, model: HookedModel, out: Path, figs: Figures, seed: 
         return compare_to_random(model, toks, labelled(lambda lg: induction_loss(lg, toks, 20),
                                                        "next-token loss on the repeated half", "nats per token",
                                                        "lower is better"),
-                                 top, method="mean", n_random=20, reference=ref, seed=s)
+                                 top, method="mean", n_random=n_random, reference=ref, seed=s)
 
     checks = [check(s) for s in range(3)]
     agg = across_seeds(lambda s: checks[s].difference.value, seeds=range(3), name="loss increase, top - random")
@@ -87,13 +87,17 @@ def _induction(rep: Report, model: HookedModel, out: Path, figs: Figures, seed: 
     rep.add(sec)
     rep.find(f"mean-ablating the 4 top induction heads ({', '.join(top)}) raises the loss on repeated tokens by "
              f"{float(agg.mean):.2f} nats more than random heads (3 seeds)", spread,
-             f"20 random sets of 4 heads per seed; seed 0: effects {min(e.value for e in checks[0].random_effects):+.2f}"
+             f"{n_random} random sets of 4 heads per seed; seed 0: effects "
+             f"{min(e.value for e in checks[0].random_effects):+.2f}"
              f" to {max(e.value for e in checks[0].random_effects):+.2f} (rank p = {checks[0].p_value:.3f})", sec,
              holds=all(c.difference.excludes(0.0) and c.difference.value > 0 for c in checks))
     rep.checklist.add("causal", f"ablating the induction heads vs random heads over 3 seeds: {fmt(spread)}",
                       "#induction")
     rep.checklist.add("edge_cases", "the induction check repeated on 3 seeds of fresh random tokens", "#induction")
-    rep.metrics.update(induction_heads=top, induction_top_minus_random=float(agg.mean))
+    rep.metrics.update(induction_heads=top, induction_top_minus_random=float(agg.mean),
+                       induction_top_score=float(ind.top(1)[0][1]),
+                       induction_seed_differences=[[c.difference.value, c.difference.low, c.difference.high]
+                                                   for c in checks])
 
 
 def _probe(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> None:
@@ -112,7 +116,8 @@ def _probe(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> No
              f"labels per token type) {fmt(probe.control[best])}; selectivity is their difference", sec,
              holds=sel.excludes(0.0) and sel.value > 0)
     rep.checklist.add("alternatives", "the probe's control task (Hewitt & Liang 2019)", "#probe")
-    rep.metrics["probe_best_selectivity"] = sel.value
+    rep.metrics.update(probe_best_selectivity=sel.value, probe_hooks=list(probe.hooks),
+                       probe_selectivity=[[e.value, e.low, e.high] for e in probe.selectivity])
 
 
 def _sae(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> None:
@@ -137,15 +142,17 @@ def _sae(rep: Report, model: HookedModel, out: Path, toks: torch.Tensor) -> None
              f"layer, at L0 {ev.l0:.0f}", ev.ce_recovered,
              f"zero-ablation: CE {ev.ce_zero:.2f} vs clean {ev.ce_clean:.2f} (SAE: {ev.ce_sae:.2f})", sec,
              holds=ev.ce_recovered > 0)
-    rep.metrics.update(sae_l0=ev.l0, sae_explained_variance=ev.explained_variance, sae_ce_recovered=ev.ce_recovered)
+    rep.metrics.update(sae_l0=ev.l0, sae_explained_variance=ev.explained_variance, sae_ce_recovered=ev.ce_recovered,
+                       sae_explained_variance_typical=ev.explained_variance_typical,
+                       sae_ce=[ev.ce_clean, ev.ce_sae, ev.ce_zero])  # nats per token: clean, with the SAE, zeroed
 
 
 def demo_investigation(model: HookedModel, out: str | Path = "mechscope-demo", n_prompts: int = 12, seed: int = 0,
-                       echo: bool = True) -> Report:
+                       echo: bool = True, induction_random: int = 20) -> Report:
     """Run the demo on ``model`` and write ``out/report.html`` with PNGs beside it: the environment, a logit lens
     and DLA, :func:`~mechscope.workflows.investigate` on IOI (``n_prompts`` held-out prompts; the same code
-    path as ``mechscope investigate --task ioi``), induction heads, a probe, a short SAE run and, when
-    transcoders are cached, an attribution graph."""
+    path as ``mechscope investigate --task ioi``), induction heads (against ``induction_random`` random sets of
+    heads on each of 3 seeds), a probe, a short SAE run and, when transcoders are cached, an attribution graph."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(f"mechscope investigation of {model.cfg.model_name}", echo=echo)
@@ -156,7 +163,7 @@ def demo_investigation(model: HookedModel, out: str | Path = "mechscope-demo", n
              "lens and DLA": lambda: _lens_and_dla(rep, model, out),
              "investigate IOI": lambda: investigate(model, D.ioi(model, 2 * n_prompts, seed=seed), out, report=rep,
                                                     echo=echo),
-             "induction heads": lambda: _induction(rep, model, out, figs, seed),
+             "induction heads": lambda: _induction(rep, model, out, figs, seed, induction_random),
              "probe": lambda: _probe(rep, model, out, toks), "SAE": lambda: _sae(rep, model, out, toks),
              "attribution graph": lambda: graph_section(rep, model, out)}
     for i, (name, step) in enumerate(steps.items()):

@@ -27,7 +27,7 @@ import torch
 
 from ..analysis import viz
 from ..analysis.validation import Estimate, bootstrap_ci
-from ..circuits.discovery import CircuitResult, PairEffects, find_circuit, no_memo, replicate_split
+from ..circuits.discovery import SCREEN_HEADS, CircuitResult, PairEffects, find_circuit, no_memo, replicate_split
 from ..circuits.heads import detect_heads, head_report
 from ..core import work
 from ..core.components import Component
@@ -205,7 +205,8 @@ def _circuit_section(rep: Report, res: CircuitResult, out: Path) -> None:
                       "#circuit")
     rep.metrics.update(circuit=res.nodes, faithfulness=res.faithfulness.value, faithfulness_ci=[
         res.faithfulness.low, res.faithfulness.high], rank_p=res.p_value, knockout=res.knockout.value,
-        opposing=list(res.opposing))
+        knockout_ci=[res.knockout.low, res.knockout.high], opposing=list(res.opposing),
+        random_faithfulness_highest=max((e.high for e in res.random_faithfulness), default=None))  # top of any random CI
     if "curve" in res.extra:
         rep.metrics["cpr_cmd"] = res.extra["curve"].scores
 
@@ -392,7 +393,7 @@ def _next_steps(rep: Report, data: TaskDataset, res: CircuitResult | None, split
 
 def investigate(model: HookedModel, data: TaskDataset, out: str | Path = "mechscope-investigation", target: float = 0.8,
                 ablation: str = "cf", held_out: float = 0.5, split_seeds: int = 3, n_random: int = 20,
-                screen_heads: int | None = 64, n_heads: int = 3, curve: bool = True, sae: SAE | None = None,
+                screen_heads: int | None = SCREEN_HEADS, n_heads: int = 3, curve: bool = True, sae: SAE | None = None,
                 transcoders: bool | str = False, resume: bool = True, echo: bool = True,
                 report: Report | None = None) -> Report:
     """Investigate the behaviour in ``data`` (clean/corrupted pairs) end to end and write ``out/report.html``.

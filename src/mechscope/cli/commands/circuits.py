@@ -6,6 +6,7 @@ import argparse
 import re
 
 from ...analysis.viz import page
+from ...circuits.discovery import SCREEN_HEADS
 from ...core.errors import InputError
 from ...core.files import atomic_write
 from ...core.result import Result
@@ -79,7 +80,7 @@ def head_cmd(args: argparse.Namespace) -> Result:
          arg("--ig-steps", type=int, default=0, help="EAP-IG interpolation steps (0: plain EAP)"),
          arg("--n-random", type=int, default=20, help="random circuits of the same size, for the rank p-value (19 or "
                                                       "more can give p < 0.05)"),
-         arg("--screen", type=int, default=64,
+         arg("--screen", type=int, default=SCREEN_HEADS,
              help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
          arg("--curve", default=None, metavar="PNG",
              help="also the faithfulness curve over circuit sizes (patching, EAP and EAP-IG rankings vs random, CPR/CMD), "
@@ -136,7 +137,7 @@ def circuit_cmd(args: argparse.Namespace) -> Result:
          arg("--target", type=float, default=0.8,
              help="choose the smallest circuit whose faithfulness on the search prompts reaches this"),
          arg("--ablation", default="cf", choices=["cf", "mean"], help="how components outside the circuit are ablated"),
-         arg("--screen", type=int, default=64,
+         arg("--screen", type=int, default=SCREEN_HEADS,
              help="patch exactly only the heads attribution patching ranks in the top N (0: every head)"),
          arg("--n-random", type=int, default=20, help="random circuits of the same size"),
          arg("--split-seeds", type=int, default=3, help="random search/held-out splits the circuit is chosen on"),
