@@ -12,6 +12,7 @@ import ast
 import hashlib
 import json
 import math
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,10 @@ def stdlib_code(max_docs: int = 400, min_chars: int = 300) -> list[tuple[str, st
     (file, code): code to set against the docstrings (k-sparse probing's code-vs-prose task)."""
     out: list[tuple[str, str]] = []
     for rel, src, tree in _stdlib_files("all"):
+        lines = _source_lines(src)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                seg = ast.get_source_segment(src, node) or ""
+                seg = _source_segment(lines, node)
                 doc = ast.get_docstring(node, clean=False)
                 if doc:
                     seg = seg.replace(doc, "", 1)
@@ -78,6 +80,27 @@ def stdlib_code(max_docs: int = 400, min_chars: int = 300) -> list[tuple[str, st
         if len(out) >= max_docs:
             break
     return out[:max_docs]
+
+
+_LINE = re.compile(r".*?(?:\r\n|\r|\n)|.+", re.S)
+
+
+def _source_lines(src: str) -> list[str]:
+    """``src``'s lines with their ends, split where the Python parser splits them (``\r\n``, ``\r``, ``\n``; not
+    form feeds): what :func:`ast.get_source_segment` splits the whole source into on every call."""
+    return _LINE.findall(src)
+
+
+def _source_segment(lines: list[str], node: ast.AST) -> str:
+    """:func:`ast.get_source_segment` of ``node`` (``""`` where it gives None) from the source's lines split once
+    (:func:`_source_lines`); offsets are UTF-8 bytes, as the parser counts them."""
+    if getattr(node, "end_lineno", None) is None or getattr(node, "end_col_offset", None) is None:
+        return ""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    return "".join([lines[first].encode()[node.col_offset:].decode(), *lines[first + 1:last],
+                    lines[last].encode()[:node.end_col_offset].decode()])
 
 
 def text_files(paths: Iterable[str | Path], split: str = "all", held_out: float = 0.1) -> Iterator[str]:
