@@ -162,3 +162,26 @@ def test_logits_under_several_hook_sets_run_the_shared_blocks_once_and_equal_ful
             assert torch.allclose(g, w, atol=1e-5) and not torch.allclose(w, want[0], atol=1e-3)
     assert torch.allclose(logits_under(model, TOKENS, sets)[0], want[0], atol=1e-6)
     assert logits_under(model, TOKENS, sets, keep=1)[1].shape[1] == 1
+
+
+def test_bootstrap_resamples_in_batches_give_what_one_call_each_gives():
+    """bootstrap_ci's resamples go through the statistic batched (vmap), in chunks, or one call each where the
+    statistic cannot be batched: the same values either way, for a mean, a median, a ratio of means over columns
+    (normalised faithfulness) and a statistic that reads a Python float."""
+    from mechscope.analysis.validation import resampled
+    from mechscope.circuits.faithfulness import normalised_ci
+
+    g = torch.Generator().manual_seed(0)
+    x, rows = torch.randn(30, dtype=torch.float64, generator=g), torch.randn(30, 3, dtype=torch.float64, generator=g)
+    idx = torch.randint(0, 30, (500, 30), generator=g)
+    ratio = lambda r: (r[:, 0].mean() - r[:, 2].mean()) / (r[:, 1].mean() - r[:, 2].mean())  # noqa: E731
+    as_float = lambda r: torch.tensor(float(r.mean()))  # noqa: E731  (vmap cannot batch float())
+    for stat, v in ((torch.mean, x), (torch.median, x), (ratio, rows), (as_float, x)):
+        one_each = torch.stack([torch.as_tensor(stat(v[i])) for i in idx]).double()
+        for chunk in (1 << 24, 100):  # one batch, and batches of a few resamples
+            assert torch.equal(resampled(stat, v, idx, max_elements=chunk), one_each)
+    est = normalised_ci(rows[:, 0] + 2, rows[:, 1] + 5, rows[:, 2])
+    want = torch.stack([torch.as_tensor(ratio(torch.stack([rows[:, 0] + 2, rows[:, 1] + 5, rows[:, 2]], 1)[i]))
+                        for i in torch.randint(0, 30, (2000, 30), generator=torch.Generator().manual_seed(0))])
+    lo, hi = torch.quantile(want.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert (est.low, est.high) == (float(lo), float(hi))

@@ -78,9 +78,26 @@ def bootstrap_ci(values: torch.Tensor | Sequence[float], stat: Callable[[torch.T
         return Estimate(point, point, point, level, 1)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (n_boot, n), generator=g)
-    boots = torch.stack([torch.as_tensor(stat(v[i])) for i in idx]).double()
+    boots = resampled(stat, v, idx)
     lo, hi = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return Estimate(point, float(lo), float(hi), level, n)
+
+
+def resampled(stat: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, idx: torch.Tensor,
+              max_elements: int = 1 << 24) -> torch.Tensor:
+    """``[n_boot]``: ``stat(v[idx[b]])`` for each row of ``idx [n_boot, n]``. The resamples go through ``stat`` in
+    batches (:func:`torch.func.vmap`, at most ``max_elements`` values a batch), where the statistic allows it (a
+    Python loop of 2,000 calls took 13 of the demo's seconds); a statistic vmap cannot batch (one that reads a
+    value out with ``float()``, say) is called once a resample."""
+    per = max(1, max_elements // max(1, v.numel()))
+    try:
+        batched = torch.func.vmap(stat)
+        out = torch.cat([torch.as_tensor(batched(v[idx[s:s + per]])).double() for s in range(0, len(idx), per)])
+        if out.shape == (len(idx),):
+            return out
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError):
+        pass
+    return torch.stack([torch.as_tensor(stat(v[i])) for i in idx]).double()
 
 
 #: two-sided 97.5 % quantiles of Student's t for 1..10 degrees of freedom (beyond: the normal's 1.96 plus a tail term)
