@@ -265,8 +265,11 @@ def acts_after_prefix(model: HookedModel, hook: str, prefix: torch.Tensor, ids: 
     for s in bar(range(0, ids.numel(), batch), desc="words after the prefix"):
         w = ids[s:s + batch].to(model.device)[:, None]
         box: dict = {}
+        # the stream entering block 0 at position P (learned position embeddings included): the embedding stage
+        # of prefix + token, its last position
+        x = model(torch.cat([prefix.to(model.device).expand(w.shape[0], P), w], 1), stop_at_layer=0)[:, -1:]
         with model.hooks([(hook, lambda a, h, box=box: box.__setitem__("a", a.detach()))]):
-            model.run_from(0, model(w, stop_at_layer=0), position_ids=torch.full_like(w, P),
+            model.run_from(0, x, position_ids=torch.full_like(w, P),
                            past_key_values=prefix_cache(model, cache, P, w.shape[0]), logits_to_keep=1,
                            stop_at_layer=stop)
         out.append(box["a"][:, 0].float().cpu())
