@@ -181,7 +181,7 @@ def test_absorption_sees_absorption_planted_on_real_activations(smollm):
     direction (A is for Absorption's "short" absorbing "starts with S"), fires instead. The whole pipeline (probe,
     main latents by ranking, true positives, scores) must find about 0.3, the same SAE without the absorbed words
     about 0, and both must count their main latents as aligned with the letter probe."""
-    from mechscope.sae.suite import LETTERS, _prompt_prefix, absorption, first_letter_words, single_token_words
+    from mechscope.sae.suite import LETTERS, _prompt_prefix, absorption_many, first_letter_words, single_token_words
 
     hook, tok = "blocks.15.hook_resid_post", smollm.tokenizer
     vocab = single_token_words(tok)
@@ -202,8 +202,10 @@ def test_absorption_sees_absorption_planted_on_real_activations(smollm):
     codes[absorbed, letter[absorbed]] = 0.0
     codes[absorbed, 26 + torch.arange(len(absorbed))] = big
     planted = _PlantedSAE(hook, acts, codes, W_dec)
-    got = absorption(smollm, planted, n_words=3000, reseeds=2)
-    none = absorption(smollm, clean, n_words=3000, reseeds=2)
+    got, none = absorption_many(smollm, [planted, clean], n_words=3000, reseeds=2)  # the words' activations read once
+    with pytest.raises(InputError, match="one hook"):
+        absorption_many(smollm, [planted, SAE(SAEConfig(d_in=576, d_sae=8, architecture="relu",
+                                                             hook_name="blocks.3.hook_resid_post"))])
     assert 0.2 < got.absorption_fraction.value < 0.4 and 0.2 < got.full_absorption.value < 0.4
     assert none.absorption_fraction.value < 0.02 and none.full_absorption.value < 0.02
     assert len(got.aligned_letters) == len([v for v in got.per_letter.values() if v["probe_f1"] >= 0.6]) >= 15

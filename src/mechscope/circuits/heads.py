@@ -48,7 +48,8 @@ def induction_tokens(model: HookedModel, n: int = 20, batch: int = 8, seed: int 
 @torch.no_grad()
 def _patterns(model: HookedModel, tokens) -> torch.Tensor:
     """``[layer, batch, head, q, k]`` attention patterns."""
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"),
+                                    logits_to_keep=1)  # the patterns are all it reads: one position's unembedding
     return stack_on([cache["pattern", l] for l in range(model.cfg.n_layers)]).float()
 
 

@@ -42,7 +42,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -280,7 +280,18 @@ def acts_after_prefix(model: HookedModel, hook: str, prefix: torch.Tensor, ids: 
 def absorption(model: HookedModel, sae: SAE, n_words: int = 12000, reseeds: int = 3,
                seed: int = 0) -> AbsorptionResult:
     """First-letter absorption of ``sae`` at its hook (module docstring); ``reseeds`` re-split the words."""
-    if sae.cfg.is_transcoder:
+    return absorption_many(model, [sae], n_words, reseeds, seed)[0]
+
+
+@torch.no_grad()
+def absorption_many(model: HookedModel, saes: Sequence[SAE], n_words: int = 12000, reseeds: int = 3,
+                    seed: int = 0) -> list[AbsorptionResult]:
+    """:func:`absorption` of each SAE of ``saes``, all at one hook (a sweep's widths or sparsities): the words'
+    activations are read once for all of them (the model's part of the cost)."""
+    hooks = {sae.cfg.hook_name for sae in saes}
+    if len(hooks) != 1:
+        raise InputError(f"absorption_many reads one hook for every SAE; these sit at {sorted(hooks)}: one call a hook")
+    if any(sae.cfg.is_transcoder for sae in saes):
         raise InputError("absorption reads a residual-stream SAE's latents; this is a transcoder")
     if model.tokenizer is None:
         raise InputError("absorption needs the model's tokenizer (to find single-token words)")
@@ -290,15 +301,18 @@ def absorption(model: HookedModel, sae: SAE, n_words: int = 12000, reseeds: int 
         raise InputError(f"the tokenizer has only {len(words)} single-token words; absorption needs 260+ (10 a letter)")
     prefix = _prompt_prefix(model.tokenizer, words, seed=seed, vocab=vocab)
     stage(f"absorption: {len(words)} first-letter prompts after a shared {prefix.numel()}-token prefix")
-    acts = acts_after_prefix(model, sae.cfg.hook_name, prefix, torch.tensor([t for t, _ in words]))
-    f = sae.encode(acts)
+    acts = acts_after_prefix(model, hooks.pop(), prefix, torch.tensor([t for t, _ in words]))
     letter = torch.tensor([LETTERS.index(w.strip()[0].lower()) for _, w in words])
-    W = sae.write_directions(torch.arange(sae.cfg.d_sae)).detach()  # the activation's units, as ``acts``
-    runs = [_absorption_run(acts, f, W, letter, s) for s in range(seed, seed + reseeds)]
-    first = runs[0]
-    return AbsorptionResult(seed_interval([r["fraction"] for r in runs]), seed_interval([r["full"] for r in runs]),
-                            seed_interval([r["splits"] for r in runs]), first["per_letter"], first["letters_used"],
-                            len(words), reseeds, first["probe_f1"])
+    out = []
+    for sae in saes:
+        f = sae.encode(acts)
+        W = sae.write_directions(torch.arange(sae.cfg.d_sae)).detach()  # the activation's units, as ``acts``
+        runs = [_absorption_run(acts, f, W, letter, s) for s in range(seed, seed + reseeds)]
+        first = runs[0]
+        out.append(AbsorptionResult(seed_interval([r["fraction"] for r in runs]),
+                                    seed_interval([r["full"] for r in runs]), seed_interval([r["splits"] for r in runs]),
+                                    first["per_letter"], first["letters_used"], len(words), reseeds, first["probe_f1"]))
+    return out
 
 
 def _absorption_run(acts: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, letter: torch.Tensor, seed: int) -> dict:
