@@ -114,6 +114,20 @@ def test_suite_names_are_checked():
         parse_suite("core,scr")
 
 
+def test_absorption_many_refuses_no_saes_and_saes_at_different_hooks():
+    from mechscope import HookedModel
+    from mechscope.sae.suite import absorption_many
+    from tiny import tiny_hf
+
+    m = HookedModel(tiny_hf("llama"))
+    with pytest.raises(InputError, match="at least one SAE"):
+        absorption_many(m, [])
+    saes = [SAE(SAEConfig(d_in=m.cfg.d_model, d_sae=8, architecture="relu", hook_name=f"blocks.{l}.hook_resid_post"))
+            for l in (0, 1)]
+    with pytest.raises(InputError, match="one hook"):
+        absorption_many(m, saes)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2"])
 def test_words_read_after_a_cached_prefix_equal_full_rows(arch):
     """Learned position embeddings (GPT-2, OPT) included: each word's stream entering block 0 carries position

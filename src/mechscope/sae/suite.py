@@ -288,6 +288,8 @@ def absorption_many(model: HookedModel, saes: Sequence[SAE], n_words: int = 1200
                     seed: int = 0) -> list[AbsorptionResult]:
     """:func:`absorption` of each SAE of ``saes``, all at one hook (a sweep's widths or sparsities): the words'
     activations are read once for all of them (the model's part of the cost)."""
+    if not saes:
+        raise InputError("absorption_many needs at least one SAE; got none")
     hooks = {sae.cfg.hook_name for sae in saes}
     if len(hooks) != 1:
         raise InputError(f"absorption_many reads one hook for every SAE; these sit at {sorted(hooks)}: one call a hook")
