@@ -1,5 +1,7 @@
 """Slow tier: the real default model, SmolLM2-135M-Instruct, loaded offline from its package."""
 
+import os
+
 import pytest
 import torch
 
@@ -80,6 +82,41 @@ def test_gguf_cache_is_reused(smollm, tmp_path):
     toks = smollm.to_tokens("The capital of France is")
     with torch.no_grad():
         assert torch.equal(again(toks), smollm(toks))
+
+
+def test_gguf_parsed_once_reads_what_the_plain_reader_reads():
+    """The conversion's reader (one parse a file, on a plain view of the memory map) gives every metadata field and
+    every tensor of the GGUF exactly as gguf-py's own reader does, and transformers' config and tokenizer loads both
+    go through it."""
+    import gguf
+    import numpy as np
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mechscope.loading import _gguf_parsed_once, alias_gguf
+
+    path = alias_gguf("smollm2-135m")
+    plain_reader = gguf.GGUFReader
+    plain = plain_reader(path)
+    with _gguf_parsed_once() as reader:
+        assert gguf.GGUFReader is reader
+        fast = reader(path)
+        assert reader(str(path)) is fast  # parsed once
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        assert list(reader.parsed) == [(os.path.realpath(path), "r")]
+    assert gguf.GGUFReader is plain_reader  # restored
+    assert list(fast.fields) == list(plain.fields) and len(plain.fields) > 20
+    for name, field in plain.fields.items():
+        other = fast.fields[name]
+        assert (other.offset, other.name, other.data, other.types) == (field.offset, field.name, field.data,
+                                                                       field.types), name
+        assert len(other.parts) == len(field.parts)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(other.parts, field.parts)), name
+    assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors] and len(plain.tensors) == 272
+    for a, b in zip(fast.tensors, plain.tensors):
+        assert (a.tensor_type, list(a.shape), a.n_bytes, a.data_offset) == (b.tensor_type, list(b.shape), b.n_bytes,
+                                                                            b.data_offset)
+        assert np.array_equal(a.data, b.data), a.name
 
 
 def test_gemma3_when_installed():
