@@ -1,7 +1,9 @@
 """What the SAE evaluation suite costs on this machine (issue goals: core+absorption+probing <= 5 min, autointerp
 <= 1 min for 50 features with the local model), on a 4,608-latent TopK SAE at SmolLM2-135M's layer 15.
 
-The SAE is the one in --sae when given, else a freshly initialised one of that shape (the cost does not depend on
+Autointerp's scoring is timed twice on the same explanations: as it runs (the prompts' shared chat template and
+instruction run once, mechscope.techniques.shared_prefix) and with every prompt run in full (the baseline, in the
+same run). The SAE is the one in --sae when given, else a freshly initialised one of that shape (the cost does not depend on
 training; the scores do, and a random SAE's are printed as such). Prints each part's wall time, the ratio to its
 goal, and the scores. Run alone: `make bench-sae-eval` (nothing else on the CPU).
 """
@@ -18,6 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sae", default=None, help="an SAE folder (default: a random 4,608-latent TopK SAE)")
     ap.add_argument("--features", type=int, default=50)
+    ap.add_argument("--autointerp-only", action="store_true", help="skip the core/absorption/probing suite")
     args = ap.parse_args()
     import mechscope
     from mechscope import corpus
@@ -30,17 +33,18 @@ def main() -> None:
     else:
         sae = SAE(SAEConfig(d_in=576, d_sae=4608, architecture="topk", k=32, hook_name="blocks.15.hook_resid_post"))
         what = "a random 4,608-latent TopK SAE (scores are a random SAE's)"
-    held = corpus.pack(model, corpus.default_corpus("test"), 128, n_seqs=32)
     print(f"SAE: {what}; {torch.get_num_threads()} torch threads")
-    t = time.time()
-    ev = evaluate_sae(model, sae, held, suite="core")
-    core = time.time() - t
-    t = time.time()
-    ev = evaluate_sae(model, sae, held, suite="core,absorption,probing")
-    suite = time.time() - t
-    print(ev.summary())
-    print(f"\ncore alone {core:.0f} s; core + absorption + probing {suite:.0f} s = {suite / 300:.2f} x the 5-minute goal "
-          f"({'met' if suite <= 300 else 'NOT met'})")
+    if not args.autointerp_only:
+        held = corpus.pack(model, corpus.default_corpus("test"), 128, n_seqs=32)
+        t = time.time()
+        ev = evaluate_sae(model, sae, held, suite="core")
+        core = time.time() - t
+        t = time.time()
+        ev = evaluate_sae(model, sae, held, suite="core,absorption,probing")
+        suite = time.time() - t
+        print(ev.summary())
+        print(f"\ncore alone {core:.0f} s; core + absorption + probing {suite:.0f} s = {suite / 300:.2f} x the 5-minute "
+              f"goal ({'met' if suite <= 300 else 'NOT met'})")
     toks = corpus.pack(model, corpus.default_corpus("test"), 64, n_seqs=128)
     t = time.time()
     res = explain_features(model, sae, toks, n_features=args.features)
@@ -49,6 +53,19 @@ def main() -> None:
     n = len(res.explanations)
     print(f"\nautointerp: {ai:.0f} s for {n} features explained and scored (+ {len(res.random_explanations)} random "
           f"directions, + the shuffled control) = {ai / 60:.2f} x the 1-minute goal ({'met' if ai <= 60 else 'NOT met'})")
+    # the same explanations scored again, the prefix shared and not (the random directions are explained again)
+    from mechscope.techniques import shared_prefix
+
+    times = {}
+    for name, least in (("shared prefix", shared_prefix.MIN_SHARED), ("every prompt in full", 10**9)):
+        shared_prefix.MIN_SHARED = least
+        t = time.time()
+        again = explain_features(model, sae, toks, features=list(res.explanations), explanations=res.explanations)
+        times[name] = time.time() - t
+        print(f"  scoring {name}: {times[name]:.0f} s (detection AUROC, mean over features: "
+              f"{sum(again.detection.values()) / len(again.detection):.3f})")
+    print(f"scoring with the shared prefix: {times['shared prefix'] / times['every prompt in full']:.2f} x the time "
+          f"of every prompt in full (same run)")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_absorption_many_refuses_no_saes_and_saes_at_different_hooks():
         absorption_many(m, saes)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "falcon", "gpt_bigcode_mha"])
 def test_words_read_after_a_cached_prefix_equal_full_rows(arch):
     """Learned position embeddings (GPT-2, OPT) included: each word's stream entering block 0 carries position
     len(prefix), not 0 (it did, before: activations off by up to 0.06 on GPT-2 and 0.19 on OPT here)."""

@@ -10,7 +10,7 @@ Adding a family means adding one row to :data:`FAMILIES` and a tiny config to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -94,6 +94,7 @@ class Family:
     k: str = "k_proj"
     v: str = "v_proj"
     qkv: str | None = None  # the fused module, when qkv_layout != "separate"
+    mha_qkv_layout: str | None = None  # the fused layout when the config's multi_query is False (GPT-BigCode)
     o: str = "o_proj"
     # relative to the MLP module
     mlp_gate: str | None = "gate_proj"  # None for non-gated MLPs
@@ -136,7 +137,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt_bigcode", ("gpt_bigcode",), layers="transformer.h", embed="transformer.wte",
            pos_embed="transformer.wpe", final_norm="transformer.ln_f", attn="attn", ln1="ln_1", ln2="ln_2",
            qkv_layout="concat", qkv="c_attn", o="c_proj", mlp_gate=None, mlp_in="c_fc", mlp_out="c_proj",
-           norm="layernorm", rotary=False),
+           norm="layernorm", rotary=False, mha_qkv_layout="neox"),  # multi-head: per head [q k v]
     Family("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in",
            final_norm="gpt_neox.final_layer_norm", attn="attention", qkv_layout="neox", qkv="query_key_value",
            o="dense", mlp_gate=None, mlp_in="dense_h_to_4h", mlp_out="dense_4h_to_h", norm="layernorm",
@@ -223,6 +224,8 @@ def family_for(config: HFConfig) -> Family:
             f"mechscope cannot hook architecture {model_type!r}. "
             f"Supported model types: {', '.join(supported_model_types())}."
         )
+    if fam.mha_qkv_layout and getattr(config, "multi_query", True) is False:
+        fam = replace(fam, qkv_layout=fam.mha_qkv_layout)
     return fam
 
 

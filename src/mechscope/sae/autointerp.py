@@ -46,8 +46,9 @@ from ..analysis.metrics import auroc
 from ..analysis.validation import Estimate, bootstrap_ci
 from ..core.errors import InputError
 from ..core.model import HookedModel
-from ..core.progress import bar, stage
+from ..core.progress import stage
 from ..core.result import Result
+from ..techniques.shared_prefix import next_token_logprobs
 from .model import SAE
 
 if TYPE_CHECKING:
@@ -217,11 +218,11 @@ def feature_contexts(tok: "PreTrainedTokenizerBase", tokens: torch.Tensor, act: 
 # -------------------------------------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
 def yes_no_logodds(scorer: HookedModel, prompts: list[str], batch: int = 32) -> torch.Tensor:
     """``[n]``: ``log P(Yes) - log P(No)`` for the token after each prompt (one forward pass, no sampling). A model
     with a chat template reads each prompt as a user turn and answers as the assistant (``Yes``/``No``);
-    otherwise the prompt is continued as text (`` Yes``/`` No``)."""
+    otherwise the prompt is continued as text (`` Yes``/`` No``). The prompts' common beginning (the template and
+    the instruction) runs once (:func:`~mechscope.techniques.shared_prefix.next_token_logprobs`)."""
     tok = scorer.tokenizer
     chat = bool(getattr(tok, "chat_template", None))
     if chat:
@@ -229,13 +230,11 @@ def yes_no_logodds(scorer: HookedModel, prompts: list[str], batch: int = 32) -> 
                    for p in prompts]
     sp = "" if chat else " "
     yes, no = tok(sp + "Yes", add_special_tokens=False)["input_ids"][0], tok(sp + "No", add_special_tokens=False)["input_ids"][0]
-    out = []
-    for s in bar(range(0, len(prompts), batch), desc="scoring explanations"):
-        logits = scorer(prompts[s:s + batch], padding_side="left", logits_to_keep=1,
-                        prepend_bos=False if chat else None)[:, -1].float()
-        lp = logits.log_softmax(-1)
-        out.append(lp[:, yes] - lp[:, no])
-    return torch.cat(out).cpu() if out else torch.zeros(0)
+    if not prompts:
+        return torch.zeros(0)
+    rows = [scorer.tokens.encode(p, False if chat else None) for p in prompts]
+    lp = next_token_logprobs(scorer, rows, [yes, no], batch, desc="scoring explanations")
+    return lp[:, 0] - lp[:, 1]
 
 
 def _prompts(ctx: FeatureContexts, explanation: str) -> list[str]:

@@ -253,26 +253,18 @@ def acts_after_prefix(model: HookedModel, hook: str, prefix: torch.Tensor, ids: 
                       ) -> torch.Tensor:
     """``[n, width]``: the activation at ``hook`` of each token of ``ids`` ``[n]`` placed right after ``prefix``
     ``[P]``. The prefix runs once; each token then runs alone on its keys and values (equal, to float rounding,
-    to running every ``prefix + token`` row in full)."""
+    to running every ``prefix + token`` row in full: :class:`~mechscope.techniques.shared_prefix.SharedPrefix`)."""
     from ..core.hookpoints import split_name
-    from ..techniques.patch_engine import kv_hook_names, prefix_cache
+    from ..techniques.shared_prefix import SharedPrefix
 
     layer = split_name(hook)[0]
     stop = None if layer is None or layer + 1 >= model.cfg.n_layers else layer + 1
-    knames, vnames = kv_hook_names(model)
-    _, cache = model.run_with_cache(prefix[None].to(model.device), names_filter=knames + vnames)
-    P, out = prefix.numel(), []
+    shared, out = SharedPrefix(model, prefix, longest=prefix.numel() + 1), []
     for s in bar(range(0, ids.numel(), batch), desc="words after the prefix"):
-        w = ids[s:s + batch].to(model.device)[:, None]
         box: dict = {}
-        # the stream entering block 0 at position P (learned position embeddings included): the embedding stage
-        # of prefix + token, its last position
-        x = model(torch.cat([prefix.to(model.device).expand(w.shape[0], P), w], 1), stop_at_layer=0)[:, -1:]
-        with model.hooks([(hook, lambda a, h, box=box: box.__setitem__("a", a.detach()))]):
-            model.run_from(0, x, position_ids=torch.full_like(w, P),
-                           past_key_values=prefix_cache(model, cache, P, w.shape[0]), logits_to_keep=1,
-                           stop_at_layer=stop)
-        out.append(box["a"][:, 0].float().cpu())
+        with model.hooks([(hook, lambda a, h, box=box: box.__setitem__("a", a[:, -1].detach()))]):
+            shared.run([[int(w)] for w in ids[s:s + batch]], stop_at_layer=stop)
+        out.append(box["a"].float().cpu())
     return torch.cat(out)
 
 

@@ -142,6 +142,13 @@ class _BaseRuns:
     keep_last: bool
 
 
+def kv_prefix_exact(model: HookedModel) -> bool:
+    """Whether :func:`kv_hook_names` hold what attention caches, so that a prefix's keys and values can stand in for
+    running it: keys after the rotary embedding (a ``hook_rot_k``), or keys of a model without one. Falcon rotates
+    inside its own attention code, past every hook: its prefixes are run again instead."""
+    return model.has_hook(act_name("rot_k", 0)) or model.cfg.positional != "rotary"
+
+
 def kv_hook_names(model: HookedModel) -> tuple[list[str], list[str]]:
     """Per layer, the hooks holding the keys and values attention uses (post-rotary keys where there are any)."""
     k = "attn.hook_rot_k" if model.has_hook(act_name("rot_k", 0)) else "attn.hook_k"
@@ -222,7 +229,7 @@ def run_patches(model: HookedModel, plan: PatchPlan, metric: Metric, fn: Callabl
     N, P = plan.shape
     runs = _base_runs(model, plan, metric, last_position_only)
     per_chunk = max(1, (batch_size * N if batch_size else _rows_budget(model, P, N, not runs.keep_last)) // N)
-    if not reuse_prefix:
+    if not reuse_prefix or not kv_prefix_exact(model):
         for j in plan.jobs:
             j.p0 = 0
     values: dict[tuple, torch.Tensor] = {}
