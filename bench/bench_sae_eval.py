@@ -16,6 +16,11 @@ import time
 import torch
 
 
+def _mean(values) -> float:
+    got = [v for v in values if v == v]  # nan: a feature with no context on one side
+    return sum(got) / len(got) if got else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sae", default=None, help="an SAE folder (default: a random 4,608-latent TopK SAE)")
@@ -63,7 +68,7 @@ def main() -> None:
         again = explain_features(model, sae, toks, features=list(res.explanations), explanations=res.explanations)
         times[name] = time.time() - t
         print(f"  scoring {name}: {times[name]:.0f} s (detection AUROC, mean over features: "
-              f"{sum(again.detection.values()) / len(again.detection):.3f})")
+              f"{_mean(again.detection.values()):.3f})")
     print(f"scoring with the shared prefix: {times['shared prefix'] / times['every prompt in full']:.2f} x the time "
           f"of every prompt in full (same run)")
 
