@@ -7,7 +7,7 @@ import transformers as T
 from mechscope import HookedModel
 from mechscope.core.errors import InputError
 from mechscope.techniques.patch_engine import kv_hook_names, kv_prefix_exact
-from mechscope.techniques.shared_prefix import SharedPrefix, common_prefix_length, next_token_logprobs
+from mechscope.techniques.shared_prefix import SharedPrefix, common_prefix_length, group_rows, next_token_logprobs
 from tiny import ARCHS, SLIDING, V, tiny_hf
 
 G = torch.Generator().manual_seed(0)
@@ -30,6 +30,32 @@ def test_logprobs_after_a_shared_prefix_equal_full_rows(arch):
     torch.testing.assert_close(got, _full(model, ROWS, TARGETS), atol=1e-4, rtol=1e-4)
     shared = SharedPrefix(model, PREFIX, longest=max(map(len, ROWS)))
     assert shared.cached == (not arch.startswith("falcon") and arch not in SLIDING)
+
+
+def _tree_rows():
+    """Autointerp's shape: prefix + text + question + explanation + end, each text asked with two explanations."""
+    g = torch.Generator().manual_seed(1)
+    texts = [torch.randint(3, V, (int(n),), generator=g).tolist() for n in (5, 9, 7, 12, 6)]
+    question, end = [11, 12, 13, 14], [15, 16]
+    explain = [torch.randint(3, V, (n,), generator=g).tolist() for n in (2, 4)]
+    return [PREFIX + t + question + e + end for t in texts for e in explain] + [PREFIX + [20, 21]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "falcon", "qwen3_moe"])
+def test_rows_grouped_by_their_shared_text_equal_full_rows(arch):
+    """Each text's two rows run their text once (a head on the prefix's keys and values), then each its own end."""
+    model = HookedModel(tiny_hf(arch))
+    rows = _tree_rows()
+    after = [r[len(PREFIX):] for r in rows]
+    groups = group_rows(after)
+    assert sorted(len(m) for _, m in groups) == [1] + [2] * 5 and sorted(i for _, m in groups for i in m) == list(
+        range(len(rows)))
+    for head, members in groups:  # a head is what its rows share, each keeping a token of its own
+        assert all(after[i][:head] == after[members[0]][:head] and len(after[i]) > head for i in members)
+        assert len(members) == 1 and head == 0 or head == common_prefix_length([after[i] for i in members])
+    for batch in (3, 4, 64):  # a batch holds whole groups
+        torch.testing.assert_close(next_token_logprobs(model, rows, TARGETS, batch=batch), _full(model, rows, TARGETS),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_a_sliding_window_longer_than_the_rows_shares_the_prefix():

@@ -35,8 +35,24 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return c
 
 
+def _layout(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Rows of segments (token-id lists) as ``ids, mask [rows, width]``: each segment left-padded to its widest
+    row's length (padding masked), the segments side by side; and the segments' widths."""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    ids, mask = torch.zeros(len(rows), sum(widths), dtype=torch.long), torch.zeros(len(rows), sum(widths),
+                                                                                   dtype=torch.long)
+    for i, row in enumerate(rows):
+        end = 0
+        for seg, w in zip(row, widths):
+            end += w
+            if len(seg):
+                ids[i, end - len(seg):end], mask[i, end - len(seg):end] = torch.as_tensor(list(seg)), 1
+    return ids, mask, widths
+
+
 class SharedPrefix:
-    """``prefix`` (token ids ``[P]``) run once on ``model``; :meth:`run` then runs rows of tokens after it.
+    """``prefix`` (token ids ``[P]``) run once on ``model``; :meth:`run` then runs rows of tokens after it, and
+    :meth:`run_groups` rows that share a second segment (each group's own prefix) after it.
 
     ``longest``: the longest ``prefix + row`` to come (a row past a sliding window makes every row run in full)."""
 
@@ -53,42 +69,77 @@ class SharedPrefix:
             _, self.kv = model.run_with_cache(self.prefix[None].to(model.device), names_filter=knames + vnames)
             add_floor(self.prefix.numel() * model.cfg.n_layers)
 
-    @torch.no_grad()
     def run(self, own: Sequence[Sequence[int]], stop_at_layer: int | None = None) -> torch.Tensor:
         """Each row of ``own`` (token ids after the prefix, at least one each) at its last position: logits
         ``[rows, d_vocab]``, or with ``stop_at_layer=L`` the stream entering block L ``[rows, d_model]``. Hooks
         fire on the rows' own positions (all positions, when the rows run in full), left-padded within a batch."""
-        model, P = self.model, self.prefix.numel()
-        if not own or any(len(r) == 0 for r in own):
+        return self.run_groups([[]] * len(own), [[r] for r in own], stop_at_layer)
+
+    @torch.no_grad()
+    def run_groups(self, heads: Sequence[Sequence[int]], tails: Sequence[Sequence[Sequence[int]]],
+                   stop_at_layer: int | None = None) -> torch.Tensor:
+        """Group ``g``'s rows are ``prefix + heads[g] + tails[g][j]``: each head runs once (on the prefix's keys and
+        values), then each tail on the prefix's and its head's. Returns every row's last position, in order, as
+        :meth:`run` does."""
+        model, P, L = self.model, self.prefix.numel(), self.model.cfg.n_layers
+        if not tails or any(not t or any(len(r) == 0 for r in t) for t in tails):
             raise InputError("every row needs at least one token after the prefix")
-        B, S = len(own), max(len(r) for r in own)
-        ids, mask = torch.zeros(B, P + S, dtype=torch.long), torch.zeros(B, P + S, dtype=torch.long)  # pads: masked
-        for i, r in enumerate(own):
-            row = torch.as_tensor(list(r), dtype=torch.long)
-            if self.cached:  # [prefix | padding, own]: the prefix's positions are the cached ones
-                ids[i, :P], ids[i, P + S - len(r):] = self.prefix, row
-                mask[i, :P], mask[i, P + S - len(r):] = 1, 1
-            else:  # [padding, prefix, own]: a plain left-padded row
-                ids[i, S - len(r):] = torch.cat([self.prefix, row])
-                mask[i, S - len(r):] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        add_floor(sum(len(r) + (0 if self.cached else P) for r in own) * model.cfg.n_layers)
-        if not self.cached:
-            out = model(ids, attention_mask=mask, logits_to_keep=1, stop_at_layer=stop_at_layer)
+        prefix = self.prefix.tolist()
+        if not self.cached:  # [padding, prefix, head, tail]: plain left-padded rows
+            ids, mask, _ = _layout([[prefix + list(h) + list(r)] for h, t in zip(heads, tails) for r in t])
+            add_floor(int(mask.sum()) * L)
+            out = model(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1,
+                        stop_at_layer=stop_at_layer)
             return out[:, -1]
+        n_rows = sum(len(t) for t in tails)
+        past = prefix_cache(model, self.kv, P, len(heads) if any(heads) else n_rows)
+        ids, mask, (_, H, _) = _layout([[prefix, h, r] for h, t in zip(heads, tails) for r in t])
+        if H:  # [prefix | padding, head]: the heads once each, into the cache; then one cache row per tail
+            hid, hmask, _ = _layout([[prefix, h] for h in heads])
+            self._after_prefix(hid, hmask, past, None)
+            past.reorder_cache(torch.tensor([g for g, t in enumerate(tails) for _ in t], device=model.device))
+            add_floor(sum(len(h) for h in heads) * L)
+        add_floor(sum(len(r) for t in tails for r in t) * L)
+        return self._after_prefix(ids, mask, past, stop_at_layer, start=P + H)[:, -1]
+
+    def _after_prefix(self, ids: torch.Tensor, mask: torch.Tensor, past: object, stop_at_layer: int | None,
+                      start: int | None = None) -> torch.Tensor:
+        """Run ``ids [rows, width]`` from ``start`` (default: the prefix's end) on the keys and values in ``past``,
+        which HF extends in place; ``mask`` covers every position, cached ones included."""
+        model, start = self.model, self.prefix.numel() if start is None else start
+        ids, mask = ids.to(model.device), mask.to(model.device)
         # the stream entering block 0 at the rows' own positions (learned position embeddings included)
-        x = model(ids, attention_mask=mask, stop_at_layer=0)[:, P:]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
-        out = model.run_from(0, x, position_ids=pos, past_key_values=prefix_cache(model, self.kv, P, B),
-                             attention_mask=mask, logits_to_keep=1, stop_at_layer=stop_at_layer)
-        return out[:, -1]
+        x = model(ids, attention_mask=mask, stop_at_layer=0)[:, start:]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        return model.run_from(0, x, position_ids=pos, past_key_values=past, attention_mask=mask, logits_to_keep=1,
+                              stop_at_layer=stop_at_layer)
+
+
+def group_rows(rows: Sequence[Sequence[int]], least: int = MIN_SHARED) -> list[tuple[int, list[int]]]:
+    """Rows that begin alike, as ``(head length, row indices)`` groups: rows sorted by their tokens; a row joins its
+    neighbour's group when it shares at least ``least`` leading tokens with it and no fewer than the group's head
+    (a row sharing less starts a group of its own, so that heads never shrink to a common word or two). The head
+    is what all of a group's rows share, leaving each at least one token (0 for a row alone)."""
+    order = sorted(range(len(rows)), key=lambda i: list(rows[i]))
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        if groups:
+            head, members = groups[-1]
+            shared = common_prefix_length([rows[members[0]], rows[i]])
+            if shared >= least and (len(members) == 1 or shared >= head):
+                groups[-1] = (shared if len(members) == 1 else head, members + [i])
+                continue
+        groups.append((0, [i]))
+    return groups
 
 
 @torch.no_grad()
 def next_token_logprobs(model: HookedModel, rows: Sequence[Sequence[int]], targets: Sequence[int], batch: int = 32,
                         desc: str = "next-token log-probabilities") -> torch.Tensor:
-    """``[len(rows), len(targets)]``: ``log P(t | row)`` of each target token ``t`` after each row of token ids,
-    the rows' longest common prefix run once (:class:`SharedPrefix`), ``batch`` rows a pass."""
+    """``[len(rows), len(targets)]``: ``log P(t | row)`` of each target token ``t`` after each row of token ids.
+    The rows' longest common prefix runs once (:class:`SharedPrefix`); rows that then share a longer beginning
+    (:func:`group_rows`: a scoring prompt and its control, the same text with another explanation) run it once
+    per group; about ``batch`` rows a pass, groups of similar length together."""
     if not rows:
         return torch.zeros(0, len(targets))
     if any(len(r) == 0 for r in rows):
@@ -99,7 +150,20 @@ def next_token_logprobs(model: HookedModel, rows: Sequence[Sequence[int]], targe
         raise InputError(f"target token ids {bad} are outside the vocabulary (0..{V - 1})")
     c = common_prefix_length(rows)
     shared = SharedPrefix(model, list(rows[0][:c]), longest=max(len(r) for r in rows))
+    after = [list(r[c:]) for r in rows]
+    groups = sorted(group_rows(after), key=lambda g: (g[0], max(len(after[i]) for i in g[1])))
+    batches, cur = [], []
+    for g in groups:
+        if cur and sum(len(m) for _, m in cur) + len(g[1]) > batch:
+            batches.append(cur)
+            cur = []
+        cur.append(g)
+    batches.append(cur)
     idx = torch.tensor([int(t) for t in targets], device=model.device)
-    out = [shared.run([list(r[c:]) for r in rows[s:s + batch]]).float().log_softmax(-1)[:, idx].cpu()
-           for s in bar(range(0, len(rows), batch), desc=desc)]
-    return torch.cat(out)
+    out = torch.empty(len(rows), len(targets))
+    for b in bar(batches, desc=desc):
+        heads = [after[m[0]][:h] for h, m in b]
+        tails = [[after[i][h:] for i in m] for h, m in b]
+        lp = shared.run_groups(heads, tails).float().log_softmax(-1)[:, idx].cpu()
+        out[[i for _, m in b for i in m]] = lp
+    return out
