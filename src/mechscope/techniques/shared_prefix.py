@@ -2,7 +2,8 @@
 
 Autointerp's scoring prompts all open with the same chat template and instruction; absorption's words all follow
 the same in-context examples. The prefix runs once and its keys and values are kept; each batch of rows then runs
-only its own tokens on them. A causal model's states at the prefix's positions do not depend on what follows, so
+only its own tokens on them. Rows may share a second segment too (a scoring prompt and its shuffled control ask
+about the same text): each such head runs once on the prefix, and its rows' tails on both. A causal model's states at the prefix's positions do not depend on what follows, so
 this equals running every ``prefix + row`` in full, to float rounding (``tests/test_shared_prefix.py`` checks it on
 every supported family). Where the hooks do not hold what attention caches (Falcon rotates its keys past every
 hook) or padding could push a row past a sliding window, the rows run in full instead.
