@@ -66,6 +66,12 @@ def test_a_sliding_window_longer_than_the_rows_shares_the_prefix():
     assert SharedPrefix(model, PREFIX, longest=15).cached and not SharedPrefix(model, PREFIX, longest=17).cached
     torch.testing.assert_close(next_token_logprobs(model, ROWS, TARGETS, batch=4), _full(model, ROWS, TARGETS),
                                atol=1e-4, rtol=1e-4)
+    # every row fits the window, but a long head beside a long tail pads the batch past it: those rows run in full
+    heads, tails = [[30, 31, 32, 33, 34], []], [[[35]], [[36, 37, 38, 39, 40, 41]]]
+    rows = [PREFIX + h + r for h, t in zip(heads, tails) for r in t]
+    assert max(map(len, rows)) <= 16 < len(PREFIX) + 5 + 6
+    got = SharedPrefix(model, PREFIX, longest=16).run_groups(heads, tails).float().log_softmax(-1)[:, TARGETS]
+    torch.testing.assert_close(got, _full(model, rows, TARGETS), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

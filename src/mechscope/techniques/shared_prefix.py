@@ -3,10 +3,11 @@
 Autointerp's scoring prompts all open with the same chat template and instruction; absorption's words all follow
 the same in-context examples. The prefix runs once and its keys and values are kept; each batch of rows then runs
 only its own tokens on them. Rows may share a second segment too (a scoring prompt and its shuffled control ask
-about the same text): each such head runs once on the prefix, and its rows' tails on both. A causal model's states at the prefix's positions do not depend on what follows, so
-this equals running every ``prefix + row`` in full, to float rounding (``tests/test_shared_prefix.py`` checks it on
-every supported family). Where the hooks do not hold what attention caches (Falcon rotates its keys past every
-hook) or padding could push a row past a sliding window, the rows run in full instead.
+about the same text): each such head runs once on the prefix, and its rows' tails on both. A causal model's states
+at a position do not depend on what follows it, so this equals running every ``prefix + row`` in full, to float
+rounding (``tests/test_shared_prefix.py`` checks it on every supported family). Where the hooks do not hold what
+attention caches (Falcon rotates its keys past every hook) or padding could push a row past a sliding window, the
+rows run in full instead.
 """
 
 from __future__ import annotations
@@ -81,20 +82,21 @@ class SharedPrefix:
                    stop_at_layer: int | None = None) -> torch.Tensor:
         """Group ``g``'s rows are ``prefix + heads[g] + tails[g][j]``: each head runs once (on the prefix's keys and
         values), then each tail on the prefix's and its head's. Returns every row's last position, in order, as
-        :meth:`run` does."""
+        :meth:`run` does (hooks fire on the heads' pass too)."""
         model, P, L = self.model, self.prefix.numel(), self.model.cfg.n_layers
         if not tails or any(not t or any(len(r) == 0 for r in t) for t in tails):
             raise InputError("every row needs at least one token after the prefix")
         prefix = self.prefix.tolist()
-        if not self.cached:  # [padding, prefix, head, tail]: plain left-padded rows
+        ids, mask, (_, H, _) = _layout([[prefix, h, r] for h, t in zip(heads, tails) for r in t])
+        window = model.cfg.sliding_window  # [prefix | padding, head | padding, tail] may be wider than any row
+        if not self.cached or (window and ids.shape[1] > window):  # [padding, prefix, head, tail]: plain rows
             ids, mask, _ = _layout([[prefix + list(h) + list(r)] for h, t in zip(heads, tails) for r in t])
             add_floor(int(mask.sum()) * L)
             out = model(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1,
                         stop_at_layer=stop_at_layer)
             return out[:, -1]
         n_rows = sum(len(t) for t in tails)
-        past = prefix_cache(model, self.kv, P, len(heads) if any(heads) else n_rows)
-        ids, mask, (_, H, _) = _layout([[prefix, h, r] for h, t in zip(heads, tails) for r in t])
+        past = prefix_cache(model, self.kv, P, len(heads) if H else n_rows)
         if H:  # [prefix | padding, head]: the heads once each, into the cache; then one cache row per tail
             hid, hmask, _ = _layout([[prefix, h] for h in heads])
             self._after_prefix(hid, hmask, past, None)
