@@ -230,8 +230,6 @@ def yes_no_logodds(scorer: HookedModel, prompts: list[str], batch: int = 32) -> 
                    for p in prompts]
     sp = "" if chat else " "
     yes, no = tok(sp + "Yes", add_special_tokens=False)["input_ids"][0], tok(sp + "No", add_special_tokens=False)["input_ids"][0]
-    if not prompts:
-        return torch.zeros(0)
     rows = [scorer.tokens.encode(p, False if chat else None) for p in prompts]
     lp = next_token_logprobs(scorer, rows, [yes, no], batch, desc="scoring explanations")
     return lp[:, 0] - lp[:, 1]

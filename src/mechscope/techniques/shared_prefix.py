@@ -37,9 +37,9 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return c
 
 
-def _layout(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _layout(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of segments (token-id lists) as ``ids, mask [rows, width]``: each segment left-padded to its widest
-    row's length (padding masked), the segments side by side; and the segments' widths."""
+    row's length (padding masked), the segments side by side."""
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     ids, mask = torch.zeros(len(rows), sum(widths), dtype=torch.long), torch.zeros(len(rows), sum(widths),
                                                                                    dtype=torch.long)
@@ -49,7 +49,7 @@ def _layout(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torc
             end += w
             if len(seg):
                 ids[i, end - len(seg):end], mask[i, end - len(seg):end] = torch.as_tensor(list(seg)), 1
-    return ids, mask, widths
+    return ids, mask
 
 
 class SharedPrefix:
@@ -87,18 +87,18 @@ class SharedPrefix:
         if not tails or any(not t or any(len(r) == 0 for r in t) for t in tails):
             raise InputError("every row needs at least one token after the prefix")
         prefix = self.prefix.tolist()
-        ids, mask, (_, H, _) = _layout([[prefix, h, r] for h, t in zip(heads, tails) for r in t])
+        H, T = max(len(h) for h in heads), max(len(r) for t in tails for r in t)
         window = model.cfg.sliding_window  # [prefix | padding, head | padding, tail] may be wider than any row
-        if not self.cached or (window and ids.shape[1] > window):  # [padding, prefix, head, tail]: plain rows
-            ids, mask, _ = _layout([[prefix + list(h) + list(r)] for h, t in zip(heads, tails) for r in t])
+        if not self.cached or (window and P + H + T > window):  # [padding, prefix, head, tail]: plain rows
+            ids, mask = _layout([[prefix + list(h) + list(r)] for h, t in zip(heads, tails) for r in t])
             add_floor(int(mask.sum()) * L)
             out = model(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1,
                         stop_at_layer=stop_at_layer)
             return out[:, -1]
-        n_rows = sum(len(t) for t in tails)
-        past = prefix_cache(model, self.kv, P, len(heads) if H else n_rows)
+        ids, mask = _layout([[prefix, h, r] for h, t in zip(heads, tails) for r in t])
+        past = prefix_cache(model, self.kv, P, len(heads) if H else len(ids))
         if H:  # [prefix | padding, head]: the heads once each, into the cache; then one cache row per tail
-            hid, hmask, _ = _layout([[prefix, h] for h in heads])
+            hid, hmask = _layout([[prefix, h] for h in heads])
             self._after_prefix(hid, hmask, past, None)
             past.reorder_cache(torch.tensor([g for g, t in enumerate(tails) for _ in t], device=model.device))
             add_floor(sum(len(h) for h in heads) * L)
