@@ -259,6 +259,37 @@ def test_feature_controls_are_active_features_of_similar_activation(model):
             compare_features_to_random(model, sae, toks, T7, [silent[0]])
 
 
+def test_feature_ablation_runs_only_the_prompts_its_features_fire_on(model, monkeypatch):
+    from mechscope.sae import SAE, SAEConfig
+    from mechscope.sae.interventions import _feature_acts, ablate_features_hook, compare_features_to_random
+    from mechscope.techniques.inputs import batched_metric, plain_run
+
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=2, hook_name="blocks.1.hook_resid_post"), seed=1)
+    toks = torch.randint(5, 90, (12, 8))
+    _, fires = _feature_acts(model, sae, toks, rows=True)  # [prompt, feature]: fires at some position
+    some = [i for i in range(64) if 0 < int(fires[:, i].sum()) < 6]  # fires on a few prompts only
+    assert some
+    target = some[0]
+    ran = []
+    run_from = model.run_from
+    monkeypatch.setattr(model, "run_from", lambda l, x, **k: (ran.append(x.shape[0]), run_from(l, x, **k))[1])
+    res = compare_features_to_random(model, sae, toks, T7, [target], n_random=6, tolerance=100.0)
+    monkeypatch.undo()
+    assert ran[0] == int(fires[:, target].sum()) < 12  # only the prompts where the target fires were run
+    full = batched_metric(model, toks, T7, lambda a, b: [(sae.cfg.hook_name, ablate_features_hook(sae, [target]))])
+    assert torch.allclose(res.target.ablated, full, atol=1e-5)  # equal to running every prompt
+    quiet = ~fires[:, target]
+    assert torch.equal(res.target.ablated[quiet], res.target.baseline[quiet])  # the hook left them unchanged
+    for (c,), est in zip(res.target.extra["controls"], res.random_effects):
+        each = batched_metric(model, toks, T7, lambda a, b, _c=c: [(sae.cfg.hook_name, ablate_features_hook(sae, [_c]))])
+        assert abs(float((each - res.target.baseline).mean()) - est.value) < 1e-5
+    with pytest.raises(InputError, match="plain run"):
+        batched_metric(model, toks, T7, changed=fires[:, target])
+    plain = plain_run(model, toks, T7, [1])
+    nothing = batched_metric(model, toks, T7, lambda a, b: [], plain=plain, start=1, changed=torch.zeros(12, dtype=bool))
+    assert torch.equal(nothing, plain.value.float())
+
+
 def test_steering_is_in_units_of_the_feature_and_has_a_control(model):
     from mechscope.sae.interventions import feature_scale, steer_hook, steering_sweep
 

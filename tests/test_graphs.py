@@ -196,6 +196,74 @@ def test_rows_come_from_batched_backward_passes():
     together = eng.rows(targets)
     alone = torch.cat([eng.rows([t]) for t in targets])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6 * float(alone.abs().max()))  # float rounding
+    torch.testing.assert_close(eng._rows(targets), alone, rtol=1e-5, atol=1e-6 * float(alone.abs().max()))
+
+
+def test_rows_of_mixed_depth_run_in_groups_of_least_cost(monkeypatch):
+    import itertools
+
+    from mechscope.graphs import attribute as A
+
+    def cost(groups, depths, P):
+        return sum(A.CALL_COST + max(depths[i] for i in g) * (A.BLOCK_COST + len(g) * P) for g in groups)
+
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        depths = torch.randint(1, 7, (int(torch.randint(1, 12, (1,), generator=rng)),), generator=rng).tolist()
+        P = [1, 10, 200][trial % 3]
+        groups = A.depth_groups(depths, P)
+        assert sorted(i for g in groups for i in g) == list(range(len(depths)))
+        levels = sorted(set(depths))  # every split of the sorted depth levels into runs: none is cheaper
+        for cuts in itertools.product([0, 1], repeat=len(levels) - 1):
+            runs, cur = [], [levels[0]]
+            for lv, c in zip(levels[1:], cuts):
+                if c:
+                    runs.append(cur)
+                    cur = []
+                cur.append(lv)
+            split = [[i for i, d in enumerate(depths) if d in r] for r in runs + [cur]]
+            assert cost(groups, depths, P) <= cost(split, depths, P) + 1e-9
+    assert len(A.depth_groups([1] * 50 + [30] * 50, 10)) == 2 and len(A.depth_groups([29, 30], 10)) == 1
+    monkeypatch.setattr(A, "CALL_COST", 0)  # free calls: every depth is a group of its own, the floor
+    model = ms.HookedModel(tiny_hf("llama"))
+    rm = ReplacementModel(model, transcoders(model), prompt())
+    eng = RowEngine(rm, active_features(rm))
+    targets = [("feature", int(a), int(b), int(c)) for a, b, c in eng.src.feats] + [("logit", -1, -1, 5)]
+    from mechscope.core.work import WorkMeter
+
+    with WorkMeter(model) as meter:
+        split = eng.rows(targets)
+    assert meter.backward == meter.backward_floor and len({eng.depth(t) for t in targets}) > 1
+    one = eng._rows(targets)
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
+
+
+def test_a_graph_meters_its_passes_and_its_backward_rows():
+    from mechscope.core.work import WorkMeter
+
+    model = ms.HookedModel(tiny_hf("llama"))
+    L, toks, tcs = model.cfg.n_layers, prompt(), transcoders(model)
+    logs = {}
+    for batch in (1, 64):
+        with WorkMeter(model) as meter:
+            g = attribution_graph(model, tcs, toks, batch_size=batch, certify=8, progress=False)
+        logs[batch] = {s.name: s for s in meter.log.stages}
+    one, many, P = logs[1], logs[64], len(g.token_strs)
+    assert one["graph: the real model's clean pass"].token_layers == P * L  # one pass each, the floor
+    assert one["graph: the replacement model's forward"].ratio == 1.0
+    rows = one["graph: rows (batched backward passes)"]
+    # one row a batch: each runs back from its own target only, so the backward work is its floor
+    assert rows.backward == rows.backward_floor > 0 and rows.token_layers == 0
+    n_rows = len(g.nodes_of(LOGIT)) + g.stats["feature_nodes"]
+    assert P * n_rows <= rows.backward_floor <= P * n_rows * L
+    wide = many["graph: rows (batched backward passes)"]
+    assert wide.backward_floor == rows.backward_floor and wide.backward >= wide.backward_floor
+    cert = one["graph: edge certificate"]
+    assert cert.floor == g.certificate["n"] * P * L and cert.token_layers == cert.floor + P * L  # + the base run
+    text = meter.log.summary()
+    assert "backward" in text and "graph: edge certificate" in text
+    d = meter.log.to_dict()
+    assert any("backward_ratio" in s for s in d["stages"]) and d["backward"] == wide.backward
 
 
 def test_the_picture_is_offline_escaped_and_interactive(tmp_path):
@@ -237,6 +305,7 @@ def test_cli_graph_writes_html_and_json(tmp_path, monkeypatch, capsys):
     d = json.loads(out)
     assert d["n_nodes"] > 10 and d["pruned"]["features_kept"] > 0 and d["certificate"]["worst_rel"] < 1e-5
     assert [t.strip() for t in d["token_labels"]] == ["t9", "t8"] and err == ""
+    assert {s["name"] for s in d["work"]["stages"]} >= {"graph: rows (batched backward passes)"}
     assert "ms-graph" in (tmp_path / "g.html").read_text()
     assert AttributionGraph.load(tmp_path / "g.safetensors").n_nodes == d["n_nodes"]
     assert main(["graph", "t5 t6", "--transcoders", str(tmp_path / "none"), "--quiet"]) == 2

@@ -237,6 +237,40 @@ def test_harvest_stops_early_and_splicing():
     assert 0 < ev.l2_ratio < 2 and "shrinkage" in ev.summary() and ev.token_ci["l0"].low <= ev.l0 <= ev.token_ci["l0"].high
 
 
+def test_evaluate_sae_reads_its_activations_from_the_ce_pass(monkeypatch):
+    """evaluate_sae runs no harvest of its own: the unhooked CE run gives the rows, equal to harvest's."""
+    from mechscope.analysis.metrics import explained_variance
+    from mechscope.core.errors import InputError
+    from mechscope.core.model import lm_loss
+    from mechscope.sae import evaluate as E
+
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (10, 9), generator=torch.Generator().manual_seed(3))
+    a, b = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    for cfg in (SAEConfig(d_in=32, d_sae=64, architecture="topk", k=8, hook_name="blocks.1.hook_resid_post"),
+                SAEConfig(d_in=32, d_sae=64, architecture="topk", k=8, hook_name=a, hook_name_out=b)):
+        sae = SAE(cfg, seed=2)
+        blocks = []
+        hs = [blk.register_forward_hook(lambda *x, _i=i: blocks.append(_i)) for i, blk in enumerate(model.parts.layers)]
+        ev = evaluate_sae(model, sae, toks)
+        for h in hs:
+            h.remove()
+        assert blocks.count(0) == 1  # blocks below the SAE ran once: no harvest pass beside the CE's
+        if cfg.is_transcoder:
+            x, acts = harvest(model, a, toks, max_norm_ratio=None), harvest(model, b, toks, max_norm_ratio=None)
+            recon = sae(x).detach()
+        else:
+            acts = harvest(model, cfg.hook_name, toks, max_norm_ratio=None)
+            recon = sae.decode(sae.encode(acts)).detach()
+        assert ev.explained_variance == pytest.approx(float(explained_variance(acts, recon)), abs=1e-6)
+        assert ev.n_tokens == acts.shape[0] == 10 * 8
+        with torch.no_grad():
+            clean = lm_loss(model(toks), toks, per_token=True).mean()
+        assert ev.ce_clean == pytest.approx(float(clean), abs=1e-5)
+    with pytest.raises(InputError, match="unhooked run"):
+        E._ce_per_sequence(model, toks, [[(a, lambda x, h: x)]], None, E.BatchState(), record=[a])
+
+
 def test_features_dashboards_search_and_interventions(tmp_path):
     import re
 

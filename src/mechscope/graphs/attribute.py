@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import HookedModel, InputError
+from ..core import HookedModel, InputError, work
 from ..core.errors import InputTypeError
 from ..core.progress import bar
 from ..core.types import checked
@@ -104,6 +104,32 @@ def fit_batch(batch_size: int, rm: ReplacementModel, src: Sources, budget: float
     return max(1, min(batch_size, int(budget // per_row)))
 
 
+#: a backward pass's cost apart from its rows, in token-layers (measured on SmolLM2-135M, CPU): about 1,000 a call
+#: and 50 a block it runs through, against one per token a row sends through a block
+CALL_COST, BLOCK_COST = 1000, 50
+
+
+def depth_groups(depths: list[int], n_pos: int) -> list[list[int]]:
+    """The rows (their indices) split into groups of neighbouring depth, one backward pass each: the split whose
+    estimated cost, ``sum over groups of CALL_COST + max depth x (BLOCK_COST + rows x n_pos)`` token-layers, is
+    least (exact over the sorted depths). One group when splitting does not pay."""
+    levels = sorted(set(depths))
+    count = [sum(1 for d in depths if d == lv) for lv in levels]
+    best, cut = [0.0] * (len(levels) + 1), [0] * (len(levels) + 1)  # best[j]: levels[:j] split; cut: its last group
+    for j in range(1, len(levels) + 1):
+        rows, best[j] = 0, float("inf")
+        for i in range(j - 1, -1, -1):  # the last group holds levels[i:j]
+            rows += count[i]
+            cost = best[i] + CALL_COST + levels[j - 1] * (BLOCK_COST + rows * n_pos)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(levels)
+    while j:
+        bounds.append((levels[cut[j]], levels[j - 1]))
+        j = cut[j]
+    return [[i for i, d in enumerate(depths) if lo <= d <= hi] for lo, hi in reversed(bounds)]
+
+
 @checked
 def check_arguments(model: object, transcoders: object, prompt: object) -> None:
     """Clear errors for arguments of the wrong type (swapped ones, say) before any work: ``model`` a HookedModel,
@@ -167,9 +193,24 @@ class RowEngine:
             out.append((rep.targets(layer), pos, idx, self.src.acts[idx], layer, rows))
         return out
 
+    def depth(self, target: tuple[str, int, int, int]) -> int:
+        """The blocks a target's gradient runs back through: a feature read in block l needs blocks 0..l."""
+        return self.rm.model.cfg.n_layers if target[0] == "logit" else target[1] + 1
+
     def rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
         """``[len(targets), n_sources]`` edge rows; a target is ``("feature", layer, pos, feature)`` or
-        ``("logit", -1, -1, token)``."""
+        ``("logit", -1, -1, token)``. The targets run as backward passes of rows of similar depth
+        (:func:`depth_groups`): a batched pass runs every row from its deepest target down."""
+        groups = depth_groups([self.depth(t) for t in targets], self.rm.n_pos)
+        if len(groups) == 1:
+            return self._rows(targets)
+        out = torch.empty(len(targets), self.src.n)
+        for g in groups:
+            out[g] = self._rows([targets[i] for i in g])
+        return out
+
+    def _rows(self, targets: list[tuple[str, int, int, int]]) -> torch.Tensor:
+        """:meth:`rows` in one batched backward pass."""
         B, rm = len(targets), self.rm
         outputs, grads = [], []
         by_layer: dict[int, list[int]] = {}
@@ -185,6 +226,8 @@ class RowEngine:
             outputs.append(x)
             grads.append(G)
         logit_bs = [b for b, t in enumerate(targets) if t[0] == "logit"]
+        depth = [self.depth(t) for t in targets]  # the batched pass runs every row from the deepest target down
+        work.add_backward(B * rm.n_pos * max(depth), rm.n_pos * sum(depth))
         if logit_bs:
             f = self.run.final
             G = torch.zeros(B, *f.shape, dtype=f.dtype, device=f.device)
@@ -339,12 +382,42 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
         raise InputError(f"max_feature_nodes must be >= 0, batch_size and update_every >= 1, edge_tolerance in "
                          f"[0, 1); got {max_feature_nodes}, {batch_size}, {update_every}, {edge_tolerance}")
     tokens, bos = graph_tokens(model, prompt, prepend_bos)
-    rm = ReplacementModel(model, transcoders, tokens, skip_first, sink_errors=sink_errors)
+    one_pass = tokens.numel() * model.cfg.n_layers
+    with work.stage("graph: the real model's clean pass"):
+        work.add_floor(one_pass)  # what the replacement freezes (attention, norms) and the MLP outputs it keeps
+        rm = ReplacementModel(model, transcoders, tokens, skip_first, sink_errors=sink_errors)
     src = active_features(rm)
     toks, probs = choose_logits(rm.logits, target_logits, prob_mass, max_logits)
-    engine = RowEngine(rm, src)
+    with work.stage("graph: the replacement model's forward"):
+        work.add_floor(one_pass)  # the one pass every row's gradient runs back through
+        engine = RowEngine(rm, src)
     batch_size = fit_batch(batch_size, rm, src, batch_bytes)
     rows = SparseRows(src, edge_tolerance)
+    with work.stage("graph: rows (batched backward passes)"):
+        n_batches, dropped_share = _all_rows(engine, rows, src, toks, probs, max_feature_nodes, batch_size,
+                                             update_every, progress)
+    budget = min(max_feature_nodes, src.n_feats)
+    graph = _assemble(model, rm, src, toks, probs, rows, {
+        "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
+        "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
+        "batch_size": batch_size,
+        "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
+        "transcoder_layers": sorted(rm.transcoders.output_layers), "replacement": rm.transcoders.describe(),
+        "prepended_bos": bos, "sink_errors": sink_errors,
+        "model": model.cfg.model_name, "prompt": prompt if isinstance(prompt, str) else "".join(_strs(model, tokens[0])),
+        "skip_first": rm.skip_first})
+    if certify:
+        with work.stage("graph: edge certificate"):  # a check: each perturbed copy is one pass (the base run is extra)
+            graph.certificate = edge_certificate(rm, graph, certify)
+    graph.stats["seconds"] = time.perf_counter() - t0
+    return graph
+
+
+def _all_rows(engine: RowEngine, rows: "SparseRows", src: Sources, toks: torch.Tensor, probs: torch.Tensor,
+              max_feature_nodes: int, batch_size: int, update_every: int, progress: bool) -> tuple[int, float]:
+    """Into ``rows``: the logits' rows, then feature rows, most influential first (re-estimated every
+    ``update_every`` batches), until ``max_feature_nodes``. Returns the number of feature batches and the share of
+    the estimated influence the cap left out."""
     rows.add(engine.rows([("logit", -1, -1, int(t)) for t in toks]), [-1] * len(toks))
     budget = min(max_feature_nodes, src.n_feats)
     n_l = len(toks)
@@ -364,23 +437,10 @@ def attribution_graph(model: HookedModel, transcoders: "TranscoderSet | list[SAE
         rows.add(engine.rows([("feature", int(a), int(b), int(c)) for a, b, c in src.feats[take]]), take.tolist())
         visited[take] = True
         n_batches += 1
-    dropped_share = 0.0
-    if budget < src.n_feats:  # the share of the estimated influence the cap left out
-        final_inf = rows.influence(weights())[:src.n_feats]
-        dropped_share = float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30))
-    graph = _assemble(model, rm, src, toks, probs, rows, {
-        "active_features": src.n_feats, "feature_nodes": budget, "dropped_features": src.n_feats - budget,
-        "dropped_influence": dropped_share, "max_feature_nodes": max_feature_nodes, "batches": n_batches + 1,
-        "batch_size": batch_size,
-        "edge_tolerance": edge_tolerance, "edge_weight_dropped": rows.dropped / max(rows.total, 1e-30),
-        "transcoder_layers": sorted(rm.transcoders.output_layers), "replacement": rm.transcoders.describe(),
-        "prepended_bos": bos, "sink_errors": sink_errors,
-        "model": model.cfg.model_name, "prompt": prompt if isinstance(prompt, str) else "".join(_strs(model, tokens[0])),
-        "skip_first": rm.skip_first})
-    if certify:
-        graph.certificate = edge_certificate(rm, graph, certify)
-    graph.stats["seconds"] = time.perf_counter() - t0
-    return graph
+    if budget == src.n_feats:
+        return n_batches, 0.0
+    final_inf = rows.influence(weights())[:src.n_feats]
+    return n_batches, float(final_inf[~visited].sum() / final_inf.sum().clamp_min(1e-30))
 
 
 def _assemble(model: HookedModel, rm: ReplacementModel, src: Sources, toks: torch.Tensor, probs: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 
 from ..analysis.validation import Estimate
 from ..circuits.faithfulness import FaithfulnessCurve, curve_over_sizes
-from ..core import HookedModel, InputError
+from ..core import HookedModel, InputError, work
 from ..core.hookpoints import act_name
 from ..core.progress import quiet
 from ..core.result import Result
@@ -89,6 +89,7 @@ def perturb_sources(rm: ReplacementModel, graph: AttributionGraph, edges: list[t
     for b, (_, s) in enumerate(edges):
         for site, pos, vec in _source_writes(rm, graph, s):
             add.setdefault(site, torch.zeros(B, rm.n_pos, d))[b, pos] -= vec
+    work.add_floor(B * rm.n_pos * rm.model.cfg.n_layers)  # each perturbed copy (the base run repeats the graph's)
     base, _ = rm.run(1)
     run, _ = rm.run(B, {k: v.to(rm.model.dtype) for k, v in add.items()})
     targets = [t for t, _ in edges]

@@ -98,10 +98,7 @@ def _harvest(model: HookedModel, hooks, tokens: torch.Tensor, batch_size, skip_f
         with model.hooks([(h, grab) for h in wanted]):
             model(tokens[s:e].to(model.device), stop_at_layer=stop)
         add_floor(tokens[s:e].numel() * (model.cfg.n_layers if stop is None else stop))  # up to the last hook read
-        acts = {}
-        for h in wanted:
-            a = got[h][:, skip_first:]
-            acts[h] = a.flatten(2) if a.dim() > 3 else a  # [b, pos, width]
+        acts = {h: positions(got[h], skip_first) for h in wanted}
         keep = {h: token_keep_mask(acts[h], 0, max_norm_ratio)
                 for h in dict.fromkeys(list(hooks) + [a for i, _ in bundles for a in i])}
         out = {h: acts[h][keep[h]].float().cpu() for h in hooks}
@@ -139,6 +136,13 @@ def harvest_partitions(model: HookedModel, tokens: torch.Tensor, partitions: int
                             max_norm_ratio, None, (), [] if bundle is None else [key])
     sizes = [int(counts[key][seqs[p].start - lo:seqs[p].stop - lo].sum()) for p in mine]
     return dict(zip(mine, rows[key].split(sizes)))
+
+
+def positions(act: torch.Tensor, skip_first: int = 1) -> torch.Tensor:
+    """A hook's activation ``[b, pos, ...]`` as ``[b, pos - skip_first, width]``: the first positions dropped, the
+    trailing dimensions (heads x d_head) flattened; what a harvest reads its rows from."""
+    a = act[:, skip_first:]
+    return a.flatten(2) if a.dim() > 3 else a
 
 
 def token_keep_mask(acts: torch.Tensor, skip_first: int = 1, max_norm_ratio: float | None = 10.0) -> torch.Tensor:

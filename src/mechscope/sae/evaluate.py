@@ -37,7 +37,7 @@ from ..core.model import HookedModel, lm_loss
 from ..core.progress import bar, stage
 from ..core.result import Result
 from ..techniques.inputs import logits_under
-from .data import harvest, harvest_pairs
+from .data import positions
 from .model import SAE
 
 if TYPE_CHECKING:
@@ -244,17 +244,21 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     parts = parse_suite(suite)
     state = BatchState()
     if sae.cfg.is_transcoder:
-        rows = harvest_pairs(model, sae.cfg.hook_name, sae.cfg.hook_name_out, tokens, batch_size, max_norm_ratio=None)
-        x, acts = rows[:, :sae.cfg.d_in], rows[:, sae.cfg.d_in:]
+        reads, splice, zero_at = [sae.cfg.hook_name, sae.cfg.hook_name_out], transcoder_hooks([sae]), sae.cfg.hook_name_out
+    else:
+        reads, splice, zero_at = [sae.cfg.hook_name], [(sae.cfg.hook_name, splice_hook(sae))], sae.cfg.hook_name
+    # the CE runs first: its unhooked run also gives the activations the SAE reads (every position but the first,
+    # what harvest(..., max_norm_ratio=None) gives), so there is no separate harvest pass
+    per_seq, rows = _ce_per_sequence(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state,
+                                     record=reads)
+    if sae.cfg.is_transcoder:
+        x, acts = rows[reads[0]], rows[reads[1]]
         f = sae.encode(x)
         recon = sae(x)
-        splice, zero_at = transcoder_hooks([sae]), sae.cfg.hook_name_out
     else:
-        hook = sae.cfg.hook_name
-        acts = harvest(model, hook, tokens, batch_size, max_norm_ratio=None, state=state)
+        acts = rows[reads[0]]
         f = sae.encode(acts)
         recon = sae.decode(f)
-        splice, zero_at = [(hook, splice_hook(sae))], hook
     core = core_metrics(sae, acts, recon, f)
     ev = float(explained_variance(acts, recon))
     norms = acts.norm(dim=-1)
@@ -262,7 +266,6 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     ev_typ = float(explained_variance(acts[typical], recon[typical]))
     mse, l0 = core["token_ci"]["mse"].value, core["token_ci"]["l0"].value
     dead = float(((f > 0).sum(0) == 0).float().mean())
-    per_seq = _ce_per_sequence(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state)
     ce = per_seq.mean(1).tolist()
     recovered_ci = bootstrap_ci(per_seq.T, stat=_recovered) if per_seq.shape[1] > 1 else None
     out = SAEEval(l0, mse, ev, dead, ce[0], ce[1], ce[2], ev_typ, int((~typical).sum()), int(acts.shape[0]),
@@ -321,23 +324,34 @@ def _recovered(v: torch.Tensor) -> torch.Tensor:
 
 
 def _ce_per_sequence(model: HookedModel, tokens: torch.Tensor, hook_sets: list[list], batch_size: int | None,
-                     state: BatchState) -> torch.Tensor:
-    """``[hook set, sequence]``: each sequence's mean next-token loss under each list of forward hooks."""
+                     state: BatchState, record: list[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``[hook set, sequence]``: each sequence's mean next-token loss under each list of forward hooks; and the
+    activations at the hook points ``record`` in the first run (whose hook list must be empty: the model itself),
+    as rows ``[n * (pos - 1), width]`` of every position but the first, sequence by sequence."""
+    if record and hook_sets[0]:
+        raise InputError("_ce_per_sequence records activations in the unhooked run: the first hook list must be empty")
+    got: dict[int, dict[str, torch.Tensor]] = {}  # first row of a batch -> its rows (a batch retried smaller overwrites)
+
     def ce_rows(s: int, e: int) -> torch.Tensor:
         t = tokens[s:e].to(model.device)
-        runs = logits_under(model, t, hook_sets)  # the blocks before the first hooked one: run once
+        seen: dict[str, torch.Tensor] = {}
+        readers = [(n, lambda a, h: seen.__setitem__(h.name, a.detach())) for n in record]  # read, change nothing
+        runs = logits_under(model, t, [readers, *hook_sets[1:]] if record else hook_sets)  # shared blocks: once
+        if record:
+            got[s] = {n: positions(seen[n], 1).flatten(0, 1).float().cpu() for n in record}
         return torch.stack([lm_loss(lg, t, per_token=True).mean(-1) for lg in runs]).cpu()
 
     elt = torch.finfo(model.dtype).bits // 8
     per = forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt)
-    return torch.cat(map_batches(ce_rows, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
-                                 state, tokens_per_item=tokens.shape[1]), dim=1).float()
+    ce = torch.cat(map_batches(ce_rows, tokens.shape[0], batch_size, per, model.device, "SAE evaluation",
+                               state, tokens_per_item=tokens.shape[1]), dim=1).float()
+    return ce, {n: torch.cat([got[s][n] for s in sorted(got)]) for n in record}
 
 
 def _ce(model: HookedModel, tokens: torch.Tensor, hook_sets: list[list], batch_size: int | None,
         state: BatchState) -> list[float]:
     """The mean next-token loss on ``tokens`` under each list of forward hooks."""
-    return _ce_per_sequence(model, tokens, hook_sets, batch_size, state).mean(1).tolist()
+    return _ce_per_sequence(model, tokens, hook_sets, batch_size, state)[0].mean(1).tolist()
 
 
 @dataclass(repr=False)

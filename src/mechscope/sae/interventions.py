@@ -62,11 +62,14 @@ def steer_hook(sae: SAE, feature: int, strength: float, scale: float = 1.0) -> C
 
 
 @torch.no_grad()
-def _feature_acts(model: HookedModel, sae: SAE, tokens: torch.Tensor) -> torch.Tensor:
-    """``[n, pos, d_sae]`` feature activations on ``tokens``; positions the SAE was not trained on are zero."""
+def _feature_acts(model: HookedModel, sae: SAE, tokens: torch.Tensor, rows: bool = False):
+    """``[n, pos, d_sae]`` feature activations on ``tokens``; positions the SAE was not trained on are zero.
+    ``rows=True`` adds ``[n, d_sae]`` bool: the prompts where each feature is nonzero at any position, those
+    included (where :func:`ablate_features_hook`, which encodes every position, changes the stream)."""
     acts = harvest(model, sae.cfg.hook_name, tokens, skip_first=0, max_norm_ratio=None)
     keep = token_keep_mask(acts.reshape(*tokens.shape, -1), 1, 10.0)
-    return sae.encode(acts).reshape(*tokens.shape, -1) * keep[..., None]
+    f = sae.encode(acts).reshape(*tokens.shape, -1)
+    return (f * keep[..., None], (f > 0).any(1)) if rows else f * keep[..., None]
 
 
 @torch.no_grad()
@@ -199,13 +202,15 @@ def compare_features_to_random(model: HookedModel, sae: SAE, tokens: TextOrToken
                                tolerance: float = 2.0) -> BaselineComparison:
     """Ablate ``features`` (error term kept) and ``n_random`` control sets of the same size, each control matched
     to a target by being active on the same prompts at a similar activation mass (within ``tolerance``x); compare
-    per prompt. The feature counterpart of :func:`~mechscope.techniques.ablation.compare_to_random`."""
+    per prompt. The feature counterpart of :func:`~mechscope.techniques.ablation.compare_to_random`.
+    Only the prompts where an ablated feature fires are run: on the others the hook changes nothing, and their
+    effect is 0 (the same values as running every prompt, to float rounding)."""
     features = [int(f) for f in features]
     bad = [f for f in features if not 0 <= f < sae.cfg.d_sae]
     if bad or not features:
         raise InputError(f"features must be in 0..{sae.cfg.d_sae - 1}, got {features}")
     toks = equal_length_tokens(model, tokens, "feature ablation")
-    f = _feature_acts(model, sae, toks)
+    f, fires = _feature_acts(model, sae, toks, rows=True)
     mass = f.float().sum((0, 1))
     silent = [i for i in features if float(mass[i]) == 0]
     if silent:
@@ -218,7 +223,7 @@ def compare_features_to_random(model: HookedModel, sae: SAE, tokens: TextOrToken
     def effect(feats: list[int]) -> torch.Tensor:
         h = ablate_features_hook(sae, feats)
         return batched_metric(model, toks, metric, lambda a, b: [(hook, h)], what="feature ablation", plain=plain,
-                              start=hook_block(hook)).float().cpu() - base
+                              start=hook_block(hook), changed=fires[:, feats].any(-1)).float().cpu() - base
 
     t_eff = effect(features)
     controls = matched_controls(mass > 0, mass, features, n_random, seed, tolerance)

@@ -134,7 +134,7 @@ def logits_to_keep(model: HookedModel, tokens: torch.Tensor, metric: Metric) -> 
 def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
                    hooks_for: Callable[[int, int], HookList] | None = None, batch_size: int | None = None,
                    what: str = "forward passes", state: BatchState | None = None, plain: PlainRun | None = None,
-                   start: int = 0) -> torch.Tensor:
+                   start: int = 0, changed: torch.Tensor | None = None) -> torch.Tensor:
     """``metric`` per prompt ``[n]`` for ``tokens [n, pos]``, run in memory-sized batches of prompts.
 
     ``hooks_for(start, stop)`` gives the forward hooks for the prompts ``start:stop`` (e.g. ablation
@@ -142,23 +142,34 @@ def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
     nothing else (detected exactly, see :func:`reads_last_only`). ``plain`` (:func:`plain_run` of the same tokens
     and metric) with ``start``, the first block any hook sits in: the run resumes from the plain run's stream at
     the latest block it kept at or before ``start`` (the blocks before compute what they did there).
+    ``changed`` (bool ``[n]``, with ``plain``): the only prompts the hooks can change (a prompt's run never reads
+    another's); the others keep ``plain.value`` without running, and ``hooks_for`` must not depend on its rows.
     """
     n, P = tokens.shape
     keep = plain.keep if plain is not None else logits_to_keep(model, tokens, metric)
     layer = plain.resume_layer(start) if plain is not None else 0
     elt = torch.finfo(model.dtype).bits // 8
+    if changed is not None and plain is None:
+        raise InputError("batched_metric: `changed` needs the plain run whose values the unchanged prompts keep")
+    rows = torch.arange(n) if changed is None else changed.cpu().nonzero().flatten()
 
     def run(s: int, e: int) -> torch.Tensor:
         hooks = hooks_for(s, e) if hooks_for is not None else ()
+        r = rows[s:e]
         with torch.no_grad(), model.hooks(hooks):
             if layer:
-                logits = model.run_from(layer, plain.streams[layer][s:e].to(model.device), logits_to_keep=keep)
+                logits = model.run_from(layer, plain.streams[layer][r].to(model.device), logits_to_keep=keep)
             else:
-                logits = model(tokens[s:e], logits_to_keep=keep)
-        return metric_on_rows(metric, logits, torch.arange(s, e), n).cpu()
+                logits = model(tokens[r.to(tokens.device)], logits_to_keep=keep)
+        return metric_on_rows(metric, logits, r, n).cpu()
 
     per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None)
-    parts = map_batches(run, n, batch_size, per, model.device, what, state, tokens_per_item=P)
+    parts = map_batches(run, len(rows), batch_size, per, model.device, what, state, tokens_per_item=P) if len(rows) else []
+    if changed is not None:  # the unchanged prompts' values are the plain run's
+        out = plain.value.clone().float()
+        if parts:
+            out[rows] = torch.cat(parts).float()
+        return out
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one batch: the metric's own shape)
 
 

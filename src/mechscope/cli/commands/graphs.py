@@ -66,6 +66,7 @@ def _scan(args: argparse.Namespace, model: object) -> str:
          arg("--no-bos", action="store_true", help="do not put a BOS-like token in front of a prompt that lacks one"))
 def graph_cmd(args: argparse.Namespace) -> Result:
     from ...core.progress import stage
+    from ...core.work import WorkMeter
     from ...graphs import attribution_graph
     from ...graphs.graph import FEATURE, LOGIT
     from ...graphs.html import graph_html
@@ -74,9 +75,10 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     tcs, folder = _replacement(args, model)
     targets = [_graph_target(model, t) for t in args.target] if args.target else None
     stage(f"attribution graph through {tcs.describe()} from {folder}")
-    g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
-                          batch_size=args.batch, certify=args.certify, sink_errors=args.sink_errors,
-                          prepend_bos=not args.no_bos)
+    with WorkMeter(model) as meter:
+        g = attribution_graph(model, tcs, args.prompt, target_logits=targets, max_feature_nodes=args.max_features,
+                              batch_size=args.batch, certify=args.certify, sink_errors=args.sink_errors,
+                              prepend_bos=not args.no_bos)
     pruned = g.prune(args.node_threshold, args.edge_threshold)
     dashboards = {}
     if args.labels:
@@ -95,7 +97,8 @@ def graph_cmd(args: argparse.Namespace) -> Result:
     top = g.top_edges(10, into=int(g.nodes_of(LOGIT)[0]))
     lines = [g.summary(), pruned.summary(), f"strongest edges into {g.node_name(int(g.nodes_of(LOGIT)[0]))}:"]
     lines += [f"  {s:28s} {w:+.4f}" for s, _, w in top]
-    return Outcome("\n".join(lines), {**g.to_dict(), "pruned": pruned.to_dict(),
+    lines.append(meter.log.summary())
+    return Outcome("\n".join(lines), {**g.to_dict(), "pruned": pruned.to_dict(), "work": meter.log.to_dict(),
                                       "top_edges_into_first_logit": top, "transcoders": str(folder)})
 
 
