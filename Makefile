@@ -85,6 +85,7 @@ bench-synth: $(STAMP) $(SAELENS_STAMP)
 # what sae eval --suite and sae explain cost (run alone)
 bench-sae-eval: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae_eval.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_sae_interventions.py
 
 # circuit-tracer 0.5.0 in its own venv (it pulls transformers 4.57 and TransformerLens 3.2), for
 # bench/bench_circuit_tracer.py only (never a package dependency); about 15 min on 2 cores
