@@ -149,6 +149,33 @@ def test_a_run_resumed_from_the_plain_runs_stream_equals_the_full_pass(model):
         assert e.value == pytest.approx(ablate(model, TOKENS, metric, st, "mean", seed=0).effect.value, abs=1e-5)
 
 
+def test_ablate_resumes_at_its_first_ablated_block_and_its_reference_stops_after_its_last(model):
+    """ablate's reference pass runs only up to the deepest ablated block, and the ablated pass starts at the first
+    one; the values equal full passes (1e-5), for mean, resample and counterfactual values."""
+    from mechscope.techniques.ablation import ablation_hooks
+    from mechscope.techniques.inputs import batched_metric, stop_layer
+
+    assert stop_layer(model, ["blocks.1.attn.hook_z", "blocks.0.hook_mlp_out"]) == 2
+    assert stop_layer(model, ["blocks.2.hook_resid_post"]) == 3  # every block, no unembedding
+    assert stop_layer(model, ["ln_final.hook_normalized"]) is None
+    ref = torch.randint(0, V, (6, 7), generator=torch.Generator().manual_seed(9))
+    comps = parse_components(model, ["L1H2", "L1.mlp"])
+    for method in ("mean", "resample", "counterfactual"):
+        ran = []
+        hs = [blk.register_forward_hook(lambda m, a, k, o, _i=i: ran.append((_i, int(k.get("hidden_states", a[0] if a
+                                                                                           else None).shape[0]))),
+                                        with_kwargs=True) for i, blk in enumerate(model.parts.layers)]
+        res = ablate(model, TOKENS, metric, ["L1H2", "L1.mlp"], method, reference=ref, seed=0)
+        for h in hs:
+            h.remove()
+        full_batch = [i for i, b in ran if b == 6]  # (one prompt's pass checks which logits the metric reads)
+        assert full_batch.count(2) == 2  # the plain run and the ablated run: the reference stopped at block 1
+        assert full_batch.count(0) == 2  # the reference and the plain run: the ablated one started at block 1
+        values = replacement_values(model, comps, TOKENS, method, ref, seed=0)
+        full = batched_metric(model, TOKENS, metric, lambda s, e: ablation_hooks(model, comps, values))
+        assert torch.allclose(res.ablated, full, atol=1e-5) and not torch.allclose(full, res.baseline, atol=1e-4), method
+
+
 def test_logits_under_several_hook_sets_run_the_shared_blocks_once_and_equal_full_passes(model):
     from mechscope.techniques.inputs import logits_under
 

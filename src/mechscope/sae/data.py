@@ -24,10 +24,10 @@ from ..batching import BatchState, map_batches
 from ..compute import forward_bytes
 from ..core.errors import InputError, NotFoundError
 from ..core.files import atomic_write, read_json, read_safetensors
-from ..core.hookpoints import split_name
 from ..core.model import HookedModel
 from ..core.work import add_floor
 from ..distributed import Dist, split
+from ..techniques.inputs import stop_layer
 
 
 @torch.no_grad()
@@ -46,18 +46,6 @@ def harvest(model: HookedModel, hook_name: str, tokens: torch.Tensor, batch_size
     depend on the batch size.
     """
     return harvest_many(model, [hook_name], tokens, batch_size, skip_first, max_norm_ratio, state)[hook_name]
-
-
-def _stop_layer(model: HookedModel, hooks: list[str]) -> int | None:
-    """The block after which no hook of ``hooks`` is read (None: run the whole model)."""
-    stops = []
-    for h in hooks:
-        layer, _ = split_name(h)
-        if layer is None or h.startswith("ln_final"):
-            return None
-        stops.append(layer + 1)
-    stop = max(stops)
-    return None if stop > model.cfg.n_layers else stop
 
 
 @torch.no_grad()
@@ -87,7 +75,7 @@ def _harvest(model: HookedModel, hooks, tokens: torch.Tensor, batch_size, skip_f
         raise InputError("harvest_many needs at least one hook point")
     for h in wanted:
         model.manager.check(h)
-    stop = _stop_layer(model, wanted)
+    stop = stop_layer(model, wanted)
 
     def run(s: int, e: int) -> dict:
         got = {}

@@ -37,7 +37,7 @@ from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
 from ..core.types import ComponentSpecs, Metric, TextOrTokens
-from .inputs import PlainRun, batched_metric, equal_length_tokens, plain_run
+from .inputs import PlainRun, batched_metric, equal_length_tokens, plain_run, stop_layer
 
 __all__ = ["AblationResult", "BaselineComparison", "Component", "ablate", "ablate_each", "ablation_hooks",
            "compare_to_random", "describe_reference", "parse_components", "random_components", "replacement_values"]
@@ -157,9 +157,11 @@ def replacement_values(model: HookedModel, comps: list[Component], tokens: torch
 def _cached(model: HookedModel, tokens: torch.Tensor, names: list[str], batch_size: int | None = None,
             state: BatchState | None = None) -> dict:
     """``{name: [n, ...]}`` activations of ``tokens`` at ``names``, recorded in memory-sized batches of prompts."""
+    last = stop_layer(model, names)  # the blocks after the last recorded one never run
+
     def run(start, stop):
         with torch.no_grad():
-            return model.run_with_cache(tokens[start:stop], names_filter=names)[1]
+            return model.run_with_cache(tokens[start:stop], names_filter=names, stop_at_layer=last)[1]
 
     elt = torch.finfo(model.dtype).bits // 8
     parts = map_batches(run, tokens.shape[0], batch_size, forward_bytes(model.cfg.to_dict(), 1, tokens.shape[1], elt),
@@ -234,15 +236,15 @@ def ablate(model: HookedModel, tokens: TextOrTokens, metric: Metric, components:
     comps = parse_components(model, components)
     state = BatchState()  # one run: later passes start at a size that fit, and it warns once
     values = _values if _values is not None else replacement_values(model, comps, toks, method, reference, seed, state)
-    # the unablated run, kept (``_plain``): the ablated one then resumes at the first ablated block
-    base = _plain.value if _plain is not None else batched_metric(model, toks, metric, batch_size=batch_size,
-                                                                   what="ablation", state=state)
+    start = min(c.layer for c in comps)
+    # the unablated run keeps the stream entering the first ablated block: the ablated run resumes there
+    plain = _plain or plain_run(model, toks, metric, [start], state, "ablation", batch_size)
+    base = plain.value
     if base.dim() != 1 or base.shape[0] != toks.shape[0]:
         raise InputError(f"the metric must return one value per prompt ([{toks.shape[0]}]) for a CI over prompts; "
                          f"got shape {tuple(base.shape)}")
     abl = batched_metric(model, toks, metric, lambda s, e: ablation_hooks(model, comps, _rows(values, s, e)),
-                         batch_size=batch_size, what="ablation", state=state, plain=_plain,
-                         start=min(c.layer for c in comps))
+                         batch_size=batch_size, what="ablation", state=state, plain=plain, start=start)
     return AblationResult([str(c) for c in comps], method, base, abl, bootstrap_ci(abl - base, n_boot=n_boot, seed=seed),
                           metric=metric_name or describe_metric(metric),
                           reference=describe_reference(method, toks.shape[0], reference))

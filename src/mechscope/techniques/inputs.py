@@ -200,6 +200,19 @@ def logits_under(model: HookedModel, tokens: torch.Tensor, hook_sets: Sequence[H
     return out
 
 
+def stop_layer(model: HookedModel, names: Iterable[str]) -> int | None:
+    """The block after which none of the hook points ``names`` is read: ``stop_at_layer`` for a pass that only
+    records them (None: run the whole model, for a name outside the blocks such as the final norm)."""
+    stops = []
+    for h in names:
+        layer, _ = split_name(h)
+        if layer is None or h.startswith("ln_final"):
+            return None
+        stops.append(layer + 1)
+    stop = max(stops, default=None)
+    return None if stop is None or stop > model.cfg.n_layers else stop
+
+
 def hook_block(name: str) -> int:
     """The block a hook name sits in (``blocks.5.attn.hook_z`` -> 5), 0 for a name outside the blocks (the
     embeddings, the final norm): where a run with that hook must start, at the latest."""
@@ -225,7 +238,7 @@ class PlainRun:
 
 @torch.no_grad()
 def plain_run(model: HookedModel, tokens: torch.Tensor, metric: Metric, layers: Iterable[int] = (),
-              state: BatchState | None = None, what: str = "forward passes") -> PlainRun:
+              state: BatchState | None = None, what: str = "forward passes", batch_size: int | None = None) -> PlainRun:
     """One batched unhooked pass over ``tokens [n, pos]``: the metric per prompt and the stream entering each block
     of ``layers`` (the latest ones first, as many as fit in a quarter of free memory; block 0 needs none)."""
     from ..compute import free_memory
@@ -248,7 +261,7 @@ def plain_run(model: HookedModel, tokens: torch.Tensor, metric: Metric, layers: 
         return metric_on_rows(metric, logits, torch.arange(s, e), n).cpu()
 
     per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None) + len(want) * P * model.cfg.d_model * elt
-    values = map_batches(run, n, None, per, model.device, what, state, tokens_per_item=P)
+    values = map_batches(run, n, batch_size, per, model.device, what, state, tokens_per_item=P)
     value = values[0] if len(values) == 1 else torch.cat(values)
     return PlainRun(value, keep, {l: torch.cat(p) for l, p in parts.items()})
 
