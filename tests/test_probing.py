@@ -53,3 +53,23 @@ def test_steering_and_projection_hooks():
     torch.testing.assert_close(seen["x"], cache["resid_post", 1] + 2.0 * d)
 
 
+
+
+def test_probe_activations_stop_after_the_deepest_hook():
+    """The activations a probe reads come from a pass that stops after the deepest hook (no later block, no
+    unembedding), and equal a full pass's."""
+    from mechscope.techniques.probing import _activations
+    from tiny import V
+
+    model = HookedModel(tiny_hf("llama"))
+    toks = torch.randint(0, V, (5, 8), generator=torch.Generator().manual_seed(0))
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    ran = []
+    hs = [b.register_forward_hook(lambda *a, _i=i: ran.append(_i)) for i, b in enumerate(model.parts.layers)]
+    got = _activations(model, toks, hooks, None)
+    for h in hs:
+        h.remove()
+    assert 2 not in ran and 1 in ran
+    _, cache = model.run_with_cache(toks, names_filter=hooks)
+    for h in hooks:
+        torch.testing.assert_close(got[h], cache[h].float())

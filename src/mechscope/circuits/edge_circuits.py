@@ -132,7 +132,8 @@ class EdgeAblator:
         model, n = self.model, self.model.cfg.n_layers
         emb = model.embed_hooks
         names = emb + [act_name(s, l) for l in range(n) for s in ("z", "mlp_out", "resid_pre", "resid_mid")]
-        _, cache = model.run_with_cache(tokens, names_filter=names + [act_name("resid_post", n - 1)])
+        _, cache = model.run_with_cache(tokens, names_filter=names + [act_name("resid_post", n - 1)],
+                                        stop_at_layer=n)  # no unembedding: nothing here reads the logits
         outs = [sum(cache[e] for e in emb).float()]
         for l in range(n):
             res = model.weights.head_results(l, cache["z", l]).float()

@@ -63,7 +63,7 @@ def _routed(model: HookedModel, tokens: torch.Tensor, layer: int, expert: int) -
     """``(routed [n, pos] bool, weight [n, pos], mean output [d_model])`` of the expert on ``tokens``."""
     names = [act_name(s, layer) for s in ("expert_indices", "expert_weights", "expert_out")]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names, device="cpu")
+        _, cache = model.run_with_cache(tokens, names_filter=names, device="cpu", stop_at_layer=layer + 1)
     idx, w, out = (cache[n] for n in names)
     slot = idx == expert  # [n, pos, top_k]
     routed = slot.any(-1)

@@ -26,6 +26,7 @@ from ..core.hookpoints import act_name
 from ..core.model import HookedModel
 from ..core.progress import bar
 from ..core.result import Result
+from .inputs import stop_layer
 
 
 @dataclass
@@ -181,8 +182,11 @@ class ProbeSweep(Result):
 
 def _activations(model: HookedModel, tokens: torch.Tensor, hooks: list[str], batch_size: int | None) -> dict:
     """``{hook: [n, pos, d]}`` (fp32, CPU) for ``tokens [n, pos]``, in memory-sized batches of sequences."""
+    stop = stop_layer(model, hooks)  # the blocks past the deepest hook, and the unembedding, never run
+
     def run(s: int, e: int) -> dict:
-        _, cache = model.run_with_cache(tokens[s:e].to(model.device), names_filter=hooks, device="cpu")
+        _, cache = model.run_with_cache(tokens[s:e].to(model.device), names_filter=hooks, device="cpu",
+                                        stop_at_layer=stop)
         return {h: cache[h].float() for h in hooks}
 
     elt = torch.finfo(model.dtype).bits // 8

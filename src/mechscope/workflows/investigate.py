@@ -38,7 +38,7 @@ from ..core.work import WorkLog, WorkMeter
 from ..datasets import TaskDataset
 from ..sae import SAE
 from ..techniques.attribution import direct_logit_attribution
-from ..techniques.inputs import batched_metric
+from ..techniques.inputs import batched_metric, stop_layer
 from .report import Figures, Report, Section, estimates_table, fmt, reproducibility
 from .stages import StageCache
 
@@ -331,7 +331,7 @@ def _sae_section(rep: Report, model, data: TaskDataset, res: CircuitResult, sae)
     n = min(data.n_pairs, 32)
     first = data.pair_rows(n)
     with torch.no_grad():
-        acts = [model.run_with_cache(t[first], names_filter=[hook])[1][hook][:, pos]
+        acts = [model.run_with_cache(t[first], names_filter=[hook], stop_at_layer=stop_layer(model, [hook]))[1][hook][:, pos]
                 for t in (data.clean, data.corrupted)]
         fc, fx = (sae.encode(a.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu() for a in acts)
     diff = (fc - fx).mean(0)
