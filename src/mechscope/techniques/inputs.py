@@ -156,11 +156,12 @@ def batched_metric(model: HookedModel, tokens: torch.Tensor, metric: Metric,
     def run(s: int, e: int) -> torch.Tensor:
         hooks = hooks_for(s, e) if hooks_for is not None else ()
         r = rows[s:e]
+        pick = slice(s, e) if changed is None else r  # (every prompt: views, not copies)
         with torch.no_grad(), model.hooks(hooks):
             if layer:
-                logits = model.run_from(layer, plain.streams[layer][r].to(model.device), logits_to_keep=keep)
+                logits = model.run_from(layer, plain.streams[layer][pick].to(model.device), logits_to_keep=keep)
             else:
-                logits = model(tokens[r.to(tokens.device)], logits_to_keep=keep)
+                logits = model(tokens[pick], logits_to_keep=keep)
         return metric_on_rows(metric, logits, r, n).cpu()
 
     per = forward_bytes(model.cfg.to_dict(), 1, P, elt, 1 if keep else None)
