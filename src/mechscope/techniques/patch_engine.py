@@ -302,17 +302,21 @@ def _is_noop(job: _Job, base, src, n_resid: int) -> bool:
 
 
 def prefix_cache(model: HookedModel, cache: dict, p0: int, rows: int) -> object:
-    """An HF DynamicCache holding the base run's keys/values for positions < p0, repeated for ``rows``."""
+    """An HF DynamicCache holding the base run's keys/values for positions < p0, repeated for ``rows``. One prompt's
+    (a shared prefix's) is broadcast, not copied: the cache's first extension makes the one copy it needs."""
     from transformers import DynamicCache
 
     knames, vnames = kv_hook_names(model)
     n = cache[knames[0]].shape[0]
     c = DynamicCache(config=model.hf.config)
     reps = rows // n
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:
+        t = t[:, :p0].transpose(1, 2)  # [n, kv heads, p0, d_head]
+        return t.expand(reps, *t.shape[1:]) if n == 1 else t.repeat(reps, 1, 1, 1)
+
     for l, (kn, vn) in enumerate(zip(knames, vnames)):
-        k = cache[kn][:, :p0].transpose(1, 2).repeat(reps, 1, 1, 1)
-        v = cache[vn][:, :p0].transpose(1, 2).repeat(reps, 1, 1, 1)
-        c.update(k, v, l)
+        c.update(rows_of(cache[kn]), rows_of(cache[vn]), l)
     return c
 
 
