@@ -251,14 +251,9 @@ def evaluate_sae(model: HookedModel, sae: SAE, tokens: torch.Tensor, batch_size:
     # what harvest(..., max_norm_ratio=None) gives), so there is no separate harvest pass
     per_seq, rows = _ce_per_sequence(model, tokens, [[], splice, [(zero_at, _zero_after_first)]], batch_size, state,
                                      record=reads)
-    if sae.cfg.is_transcoder:
-        x, acts = rows[reads[0]], rows[reads[1]]
-        f = sae.encode(x)
-        recon = sae(x)
-    else:
-        acts = rows[reads[0]]
-        f = sae.encode(acts)
-        recon = sae.decode(f)
+    x, acts = rows[reads[0]], rows[reads[-1]]  # what it reads, and what it reconstructs (for an SAE, the same)
+    f = sae.encode(x)
+    recon = sae(x) if sae.cfg.is_transcoder else sae.decode(f)
     core = core_metrics(sae, acts, recon, f)
     ev = float(explained_variance(acts, recon))
     norms = acts.norm(dim=-1)
